@@ -1,0 +1,20 @@
+# Every target brings up PostgreSQL and Redis itself (scripts/with-services.sh):
+# the servers at DIMMER_POSTGRES_URL / DIMMER_REDIS_URL when they answer,
+# throwaway ones otherwise.
+SHELL := /bin/bash
+WITH_SERVICES := scripts/with-services.sh
+MODULES = $(shell find . -name go.mod -not -path './.git/*' -exec dirname {} \; | sort)
+TEST_TIMEOUT ?= 12m
+
+.PHONY: test demo bench vet
+test:
+	$(WITH_SERVICES) scripts/test.sh $(MODULES)
+
+demo:
+	$(WITH_SERVICES) go run ./cmd/dimmer-demo
+
+bench:
+	$(WITH_SERVICES) scripts/bench.sh $(MODULES)
+
+vet:
+	for m in $(MODULES); do (cd $$m && go vet ./...) || exit 1; done

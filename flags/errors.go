@@ -1,0 +1,63 @@
+package flags
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+)
+
+var (
+	// ErrUnknownStage: a flag value or argument is not one of the six stages.
+	ErrUnknownStage = errors.New("flags: unknown stage")
+	// ErrRefused: a transition was refused by the transition rules or a guard.
+	ErrRefused = errors.New("flags: transition refused")
+	// ErrConflict: the migration changed between read and write (another
+	// operator won the race).
+	ErrConflict = errors.New("flags: concurrent change")
+	// ErrInvalidName: a migration name is empty or has characters the stores
+	// cannot carry.
+	ErrInvalidName = errors.New("flags: invalid migration name")
+	// ErrFlagUnavailable: the stage could not be evaluated (flag missing,
+	// wrong type, provider not ready or failing) and the fallback was used.
+	ErrFlagUnavailable = errors.New("flags: stage flag unavailable")
+)
+
+// UnknownStageError names the value that is not a stage.
+type UnknownStageError struct{ Value string }
+
+func (e *UnknownStageError) Error() string {
+	return fmt.Sprintf("unknown stage %q (valid stages: %s)", e.Value, ValidStages)
+}
+
+func (e *UnknownStageError) Unwrap() error { return ErrUnknownStage }
+
+// RefusedError is a refused transition with every check that failed.
+type RefusedError struct {
+	Migration string
+	From, To  string
+	Failed    []CheckResult
+}
+
+func (e *RefusedError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: transition %s -> %s refused:", e.Migration, e.From, e.To)
+	for _, c := range e.Failed {
+		fmt.Fprintf(&b, "\n  - %s: %s", c.Name, c.Detail)
+	}
+	return b.String()
+}
+
+func (e *RefusedError) Unwrap() error { return ErrRefused }
+
+// ConflictError says which revision the caller expected and which it found.
+type ConflictError struct {
+	Migration         string
+	Expected, Current int64
+}
+
+func (e *ConflictError) Error() string {
+	return fmt.Sprintf("%s: changed concurrently (expected revision %d, found %d): reload and retry",
+		e.Migration, e.Expected, e.Current)
+}
+
+func (e *ConflictError) Unwrap() error { return ErrConflict }

@@ -1,0 +1,81 @@
+package flags
+
+import (
+	"context"
+	"time"
+)
+
+// Store holds the stage flags, their audit log and the fleet registry. The
+// controller and the CLI write through it; providers read the same data. The
+// Postgres implementation is in package pgflags, the Redis one in redisflags.
+type Store interface {
+	// Load returns the migration's state. A migration never set is not an
+	// error: it reads as State{Migration: name, Stage: Off, Revision: 0}.
+	Load(ctx context.Context, migration string) (State, error)
+	// Swap stores next if the stored revision still equals expectRevision,
+	// setting next.Revision to expectRevision+1, and appends entry to the
+	// audit log in the same atomic step. A different stored revision is a
+	// *ConflictError.
+	Swap(ctx context.Context, expectRevision int64, next State, entry AuditEntry) (State, error)
+	// Migrations lists every migration that was ever set.
+	Migrations(ctx context.Context) ([]State, error)
+	// AppendAudit records an entry that changed nothing (a refusal).
+	AppendAudit(ctx context.Context, entry AuditEntry) error
+	// Audit returns the migration's newest entries first, at most limit
+	// (limit <= 0: all).
+	Audit(ctx context.Context, migration string, limit int) ([]AuditEntry, error)
+}
+
+// Outcome of an audited transition request.
+type Outcome string
+
+const (
+	Applied Outcome = "applied"
+	Refused Outcome = "refused"
+)
+
+// AuditEntry is one transition request: who asked, when, from what to what,
+// why, what the guards said and whether it was applied.
+type AuditEntry struct {
+	Migration string        `json:"migration"`
+	At        time.Time     `json:"at"`
+	Actor     string        `json:"actor"`
+	From      string        `json:"from"`
+	To        string        `json:"to"`
+	Reason    string        `json:"reason"`
+	Forced    bool          `json:"forced,omitempty"`
+	Outcome   Outcome       `json:"outcome"`
+	Revision  int64         `json:"revision"`
+	Checks    []CheckResult `json:"checks,omitempty"`
+}
+
+// CheckResult is one guard's verdict on a transition.
+type CheckResult struct {
+	Name   string `json:"name"`
+	Passed bool   `json:"passed"`
+	Detail string `json:"detail"`
+}
+
+// FleetStore is the fleet registry: live instances heartbeat into it and
+// guards read it.
+type FleetStore interface {
+	// Heartbeat records the instance as alive until now+ttl.
+	Heartbeat(ctx context.Context, inst Instance, ttl time.Duration) error
+	// Instances returns the instances whose last heartbeat has not expired.
+	Instances(ctx context.Context) ([]Instance, error)
+	// Deregister removes an instance at shutdown.
+	Deregister(ctx context.Context, id string) error
+}
+
+// Instance is one running service process as it reports itself.
+type Instance struct {
+	ID    string `json:"id"`
+	Build string `json:"build"`
+	// Applied maps a migration to the flag revision the instance evaluates.
+	Applied map[string]int64 `json:"applied"`
+	// Attributes carry what other packages publish (expandcontract: the
+	// schema stages a build can run with).
+	Attributes map[string]string `json:"attributes,omitempty"`
+	StartedAt  time.Time         `json:"started_at"`
+	SeenAt     time.Time         `json:"seen_at"`
+}
