@@ -1,0 +1,274 @@
+package pgflags
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/open-feature/go-sdk/openfeature"
+
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/internal/snapshot"
+)
+
+// ProviderName is the provider's name in OpenFeature metadata and events.
+const ProviderName = "dimmer-pgflags"
+
+// ListenerApplicationName is the application_name of the connection a
+// provider listens on, so operators (and tests) can find it in
+// pg_stat_activity. PostgreSQL truncates it to 63 bytes.
+func ListenerApplicationName(schema string) string { return "dimmer-flags:" + schema }
+
+// Provider is an OpenFeature provider serving the stage flags of a [Store]'s
+// tables from a local snapshot. Evaluation does no I/O; the snapshot follows
+// LISTEN notifications and is reloaded every resync interval and after every
+// reconnect.
+//
+// Register it with an OpenFeature API (SetProviderAndWait), which calls Init
+// and later Shutdown. A flag whose stored document does not decode is served
+// as an error naming the flag and the problem (the caller gets its fallback);
+// other flags are unaffected.
+type Provider struct {
+	engine *snapshot.Engine
+	be     *backend
+}
+
+var (
+	_ openfeature.FeatureProvider          = (*Provider)(nil)
+	_ openfeature.ContextAwareStateHandler = (*Provider)(nil)
+	_ openfeature.EventHandler             = (*Provider)(nil)
+)
+
+// NewProvider returns a provider over the tables in pool's database. It does no
+// I/O until the OpenFeature API initialises it. Options: [WithSchema],
+// [WithResyncInterval], [WithLogger].
+func NewProvider(pool *pgxpool.Pool, opts ...Option) (*Provider, error) {
+	if pool == nil {
+		return nil, errors.New("pgflags.NewProvider: pool is nil")
+	}
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	be := &backend{pool: pool, t: newTables(cfg.schema), appName: ListenerApplicationName(cfg.schema)}
+	eng, err := snapshot.New(be, snapshot.Config{Name: ProviderName, ResyncInterval: cfg.resync, Logger: cfg.logger})
+	if err != nil {
+		return nil, fmt.Errorf("pgflags.NewProvider: %w", err)
+	}
+	return &Provider{engine: eng, be: be}, nil
+}
+
+// Metadata implements [openfeature.FeatureProvider].
+func (p *Provider) Metadata() openfeature.Metadata { return p.engine.Metadata() }
+
+// Hooks implements [openfeature.FeatureProvider].
+func (p *Provider) Hooks() []openfeature.Hook { return nil }
+
+// Init implements [openfeature.StateHandler]: it loads the snapshot and starts
+// listening.
+func (p *Provider) Init(ec openfeature.EvaluationContext) error { return p.engine.Init(ec) }
+
+// InitWithContext implements [openfeature.ContextAwareStateHandler].
+func (p *Provider) InitWithContext(ctx context.Context, ec openfeature.EvaluationContext) error {
+	return p.engine.InitWithContext(ctx, ec)
+}
+
+// Shutdown implements [openfeature.StateHandler]: it stops listening and
+// waits for the background work to end.
+func (p *Provider) Shutdown() { p.engine.Shutdown() }
+
+// ShutdownWithContext implements [openfeature.ContextAwareStateHandler].
+func (p *Provider) ShutdownWithContext(ctx context.Context) error {
+	return p.engine.ShutdownWithContext(ctx)
+}
+
+// EventChannel implements [openfeature.EventHandler].
+func (p *Provider) EventChannel() <-chan openfeature.Event { return p.engine.EventChannel() }
+
+// Status is READY after a sync, STALE while the subscription is broken (the
+// last known stages are served), ERROR while no load ever succeeded.
+func (p *Provider) Status() openfeature.State { return p.engine.Status() }
+
+// Revisions maps each flag to the revision being evaluated; the fleet
+// heartbeat reports it.
+func (p *Provider) Revisions() map[string]int64 { return p.engine.Revisions() }
+
+// LastSync is when the snapshot was last fully reloaded.
+func (p *Provider) LastSync() time.Time { return p.engine.LastSync() }
+
+// Snapshot returns the state of a migration as the provider currently serves
+// it.
+func (p *Provider) Snapshot(migration string) (flags.State, bool) { return p.engine.Snapshot(migration) }
+
+// StringEvaluation serves the stage of a flag for the evaluation's targeting
+// key, per [flags.State.StageFor].
+func (p *Provider) StringEvaluation(ctx context.Context, flag string, defaultValue string, flatCtx openfeature.FlattenedContext) openfeature.StringResolutionDetail {
+	r := p.engine.StringEvaluation(ctx, flag, defaultValue, flatCtx)
+	if r.Reason == openfeature.ErrorReason {
+		if err := p.be.bad.get(flag); err != nil {
+			r.ResolutionError = openfeature.NewParseErrorResolutionError(err.Error())
+		}
+	}
+	return r
+}
+
+// ObjectEvaluation returns the whole [flags.State] of a flag.
+func (p *Provider) ObjectEvaluation(ctx context.Context, flag string, defaultValue any, flatCtx openfeature.FlattenedContext) openfeature.InterfaceResolutionDetail {
+	r := p.engine.ObjectEvaluation(ctx, flag, defaultValue, flatCtx)
+	if r.Reason == openfeature.ErrorReason {
+		if err := p.be.bad.get(flag); err != nil {
+			r.ResolutionError = openfeature.NewParseErrorResolutionError(err.Error())
+		}
+	}
+	return r
+}
+
+// BooleanEvaluation implements [openfeature.FeatureProvider]; stage flags are
+// strings, so it is a type mismatch.
+func (p *Provider) BooleanEvaluation(ctx context.Context, flag string, defaultValue bool, flatCtx openfeature.FlattenedContext) openfeature.BoolResolutionDetail {
+	return p.engine.BooleanEvaluation(ctx, flag, defaultValue, flatCtx)
+}
+
+// FloatEvaluation implements [openfeature.FeatureProvider] (type mismatch).
+func (p *Provider) FloatEvaluation(ctx context.Context, flag string, defaultValue float64, flatCtx openfeature.FlattenedContext) openfeature.FloatResolutionDetail {
+	return p.engine.FloatEvaluation(ctx, flag, defaultValue, flatCtx)
+}
+
+// IntEvaluation implements [openfeature.FeatureProvider] (type mismatch).
+func (p *Provider) IntEvaluation(ctx context.Context, flag string, defaultValue int64, flatCtx openfeature.FlattenedContext) openfeature.IntResolutionDetail {
+	return p.engine.IntEvaluation(ctx, flag, defaultValue, flatCtx)
+}
+
+// badDocs remembers why stored documents failed to decode, so evaluating
+// such a flag says so instead of "not found".
+type badDocs struct {
+	mu sync.RWMutex
+	m  map[string]error
+}
+
+func (b *badDocs) get(flag string) error {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	return b.m[flag]
+}
+
+func (b *badDocs) replace(m map[string]error) {
+	b.mu.Lock()
+	b.m = m
+	b.mu.Unlock()
+}
+
+func (b *badDocs) set(flag string, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err == nil {
+		delete(b.m, flag)
+		return
+	}
+	if b.m == nil {
+		b.m = map[string]error{}
+	}
+	b.m[flag] = err
+}
+
+// backend is the snapshot.Backend over the store's tables.
+type backend struct {
+	pool    *pgxpool.Pool
+	t       tables
+	appName string
+	bad     badDocs
+}
+
+var _ snapshot.Backend = (*backend)(nil)
+
+func (b *backend) LoadAll(ctx context.Context) ([]flags.State, error) {
+	rows, err := b.pool.Query(ctx, `SELECT migration, doc FROM `+b.t.flags)
+	if err != nil {
+		return nil, fmt.Errorf("pgflags: load flags: %w", hint(err))
+	}
+	var out []flags.State
+	bad := map[string]error{}
+	for rows.Next() {
+		var m string
+		var doc []byte
+		if err := rows.Scan(&m, &doc); err != nil {
+			return nil, fmt.Errorf("pgflags: load flags: %w", err)
+		}
+		st, err := decode(m, doc)
+		if err != nil {
+			bad[m] = err
+			continue
+		}
+		out = append(out, st)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("pgflags: load flags: %w", hint(err))
+	}
+	b.bad.replace(bad)
+	return out, nil
+}
+
+// Load reads one flag. A malformed document is reported as absent (the
+// engine drops it from the snapshot) and remembered for evaluations.
+func (b *backend) Load(ctx context.Context, migration string) (flags.State, bool, error) {
+	var doc []byte
+	err := b.pool.QueryRow(ctx, `SELECT doc FROM `+b.t.flags+` WHERE migration = $1`, migration).Scan(&doc)
+	if errors.Is(err, pgx.ErrNoRows) {
+		b.bad.set(migration, nil)
+		return flags.State{}, false, nil
+	}
+	if err != nil {
+		return flags.State{}, false, fmt.Errorf("pgflags: load %s: %w", migration, hint(err))
+	}
+	st, err := decode(migration, doc)
+	b.bad.set(migration, err)
+	if err != nil {
+		return flags.State{}, false, nil
+	}
+	return st, true, nil
+}
+
+// Listen holds a dedicated connection, taken out of the pool for good, and
+// waits for notifications on it. The connection is closed (never returned to
+// the pool, where it would keep listening) when Listen ends.
+func (b *backend) Listen(ctx context.Context, subscribed func(), changed func(string, []byte)) error {
+	pc, err := b.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("pgflags: listen: %w", err)
+	}
+	conn := pc.Hijack()
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = conn.Close(cctx)
+	}()
+	if _, err := conn.Exec(ctx, `SELECT set_config('application_name', $1, false)`, b.appName); err != nil {
+		return fmt.Errorf("pgflags: listen: %w", err)
+	}
+	if _, err := conn.Exec(ctx, `LISTEN `+pgx.Identifier{b.t.channel}.Sanitize()); err != nil {
+		return fmt.Errorf("pgflags: listen on %s: %w", b.t.channel, err)
+	}
+	subscribed()
+	for {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
+			return fmt.Errorf("pgflags: listen on %s: %w", b.t.channel, err)
+		}
+		m, doc := parsePayload(n.Payload)
+		changed(m, doc)
+	}
+}
+
+// hint adds what to do when the tables are missing.
+func hint(err error) error {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "42P01" {
+		return fmt.Errorf("%w (run Store.Install to create the flag tables)", err)
+	}
+	return err
+}
