@@ -33,6 +33,11 @@ type WatchdogConfig struct {
 	// MaxLatencyP99 is the highest tolerated p99 latency of the new side;
 	// 0 disables the latency rule.
 	MaxLatencyP99 time.Duration
+	// Cooldown is how long after an automatic rollback of a migration (by
+	// any instance's watchdog: the store's last change is consulted) no
+	// further automatic rollback of it is made (default Window). One
+	// incident steps back once; the people it pages decide what follows.
+	Cooldown time.Duration
 	// Actor is the name written to the audit log ("watchdog").
 	Actor string
 }
@@ -56,6 +61,9 @@ func (c *WatchdogConfig) setDefaults() {
 	if c.Actor == "" {
 		c.Actor = "watchdog"
 	}
+	if c.Cooldown == 0 {
+		c.Cooldown = c.Window
+	}
 }
 
 // Validate checks the configuration after defaults are applied.
@@ -72,6 +80,8 @@ func (c WatchdogConfig) Validate() error {
 		return fmt.Errorf("WatchdogConfig.MaxMismatchRate %v: must be in [0, 1]", c.MaxMismatchRate)
 	case c.MaxErrorRate < 0 || c.MaxErrorRate > 1 || math.IsNaN(c.MaxErrorRate):
 		return fmt.Errorf("WatchdogConfig.MaxErrorRate %v: must be in [0, 1]", c.MaxErrorRate)
+	case c.Cooldown < 0:
+		return fmt.Errorf("WatchdogConfig.Cooldown %v: must not be negative", c.Cooldown)
 	case c.MaxLatencyP99 < 0:
 		return fmt.Errorf("WatchdogConfig.MaxLatencyP99 %v: must not be negative", c.MaxLatencyP99)
 	}
@@ -129,8 +139,13 @@ type Watchdog struct {
 	onTrip func(Trip)
 	slot   time.Duration
 
+	states func(migration string) (State, bool)
+
 	mu      sync.Mutex
 	windows map[windowKey]*window
+	// since holds each migration's last change as last seen: observations
+	// older than it belong to an earlier episode and are not judged.
+	since map[string]time.Time
 
 	stop context.CancelFunc
 	done chan struct{}
@@ -157,6 +172,19 @@ func OnTrip(f func(Trip)) WatchdogOption {
 	}
 }
 
+// WithStates lets the watchdog read a migration's current state without I/O
+// (a dimmer provider's Snapshot method fits); without it the watchdog loads
+// the state from the controller's store when it judges.
+func WithStates(f func(migration string) (State, bool)) WatchdogOption {
+	return func(w *Watchdog) error {
+		if f == nil {
+			return errors.New("WithStates: function is nil")
+		}
+		w.states = f
+		return nil
+	}
+}
+
 // WithWatchdogLogger sets the logger (default slog.Default()).
 func WithWatchdogLogger(l *slog.Logger) WatchdogOption {
 	return func(w *Watchdog) error {
@@ -178,7 +206,7 @@ func NewWatchdog(ctrl *Controller, cfg WatchdogConfig, opts ...WatchdogOption) (
 		return nil, fmt.Errorf("flags.NewWatchdog: %w", err)
 	}
 	cfg.setDefaults()
-	w := &Watchdog{ctrl: ctrl, cfg: cfg, logger: slog.Default(), windows: map[windowKey]*window{}, onTrip: func(Trip) {}}
+	w := &Watchdog{ctrl: ctrl, cfg: cfg, logger: slog.Default(), windows: map[windowKey]*window{}, since: map[string]time.Time{}, onTrip: func(Trip) {}}
 	w.slot = max(cfg.Window/60, time.Millisecond)
 	for _, o := range opts {
 		if err := o(w); err != nil {
@@ -212,7 +240,7 @@ func (w *Watchdog) Health(migration string, stage Stage) Health {
 	if win == nil {
 		return Health{}
 	}
-	return win.sum(time.Now())
+	return win.sum(time.Now(), w.since[migration])
 }
 
 // Start judges the windows every Interval until Close.
@@ -253,14 +281,36 @@ func (w *Watchdog) Close(ctx context.Context) error {
 // returns the trips it made. Start calls it every Interval.
 func (w *Watchdog) Judge(ctx context.Context) []Trip {
 	now := time.Now()
+	w.mu.Lock()
+	migrations := map[string]bool{}
+	for k := range w.windows {
+		migrations[k.migration] = true
+	}
+	w.mu.Unlock()
+	current := map[string]State{}
+	for m := range migrations {
+		st, err := w.state(ctx, m)
+		if err != nil {
+			w.logger.Warn("watchdog cannot read the stage; judging skipped", "migration", m, "err", err)
+			continue
+		}
+		current[m] = st
+	}
 	type verdict struct {
 		k      windowKey
 		reason string
 	}
 	var bad []verdict
 	w.mu.Lock()
+	for m, st := range current {
+		w.since[m] = st.UpdatedAt
+	}
 	for k, win := range w.windows {
-		if reason := w.verdict(win.sum(now)); reason != "" {
+		st, ok := current[k.migration]
+		if !ok {
+			continue
+		}
+		if reason := overThreshold(win.sum(now, st.UpdatedAt), w.cfg); reason != "" {
 			bad = append(bad, verdict{k, reason})
 			// Judged once: the next trip needs a fresh sample.
 			win.reset()
@@ -270,6 +320,11 @@ func (w *Watchdog) Judge(ctx context.Context) []Trip {
 	var trips []Trip
 	for _, v := range bad {
 		trip := Trip{Migration: v.k.migration, Stage: v.k.stage, Reason: v.reason, At: now}
+		if cur := current[v.k.migration]; cur.UpdatedBy == w.cfg.Actor && now.Sub(cur.UpdatedAt) < w.cfg.Cooldown {
+			w.logger.Info("watchdog threshold crossed during cooldown; not stepping back again",
+				"migration", trip.Migration, "stage", trip.Stage.String(), "reason", trip.Reason, "last_rollback", cur.UpdatedAt)
+			continue
+		}
 		reason := fmt.Sprintf("automatic rollback from %s: %s", v.k.stage, v.reason)
 		trip.State, trip.Err = w.ctrl.StepBack(ctx, v.k.migration, v.k.stage, w.cfg.Actor, reason)
 		if trip.Err != nil {
@@ -283,9 +338,13 @@ func (w *Watchdog) Judge(ctx context.Context) []Trip {
 	return trips
 }
 
-// verdict returns why h is over a threshold, or "".
-func (w *Watchdog) verdict(h Health) string {
-	return overThreshold(h, w.cfg)
+func (w *Watchdog) state(ctx context.Context, migration string) (State, error) {
+	if w.states != nil {
+		if st, ok := w.states(migration); ok {
+			return st, nil
+		}
+	}
+	return w.ctrl.store.Load(ctx, migration)
 }
 
 func overThreshold(h Health, cfg WatchdogConfig) string {
@@ -317,7 +376,7 @@ func (w *Watchdog) Attributes() map[string]string {
 	defer w.mu.Unlock()
 	out := make(map[string]string, len(w.windows))
 	for k, win := range w.windows {
-		b, err := json.Marshal(win.sum(now))
+		b, err := json.Marshal(win.sum(now, w.since[k.migration]))
 		if err != nil {
 			continue
 		}
@@ -442,9 +501,13 @@ func (w *window) add(now time.Time, o Observation) {
 	}
 }
 
-func (w *window) sum(now time.Time) Health {
+// sum adds the slots inside the window that start after since.
+func (w *window) sum(now, since time.Time) Health {
 	idx := now.UnixNano() / int64(w.slot)
 	oldest := idx - int64(len(w.slots)) + 1
+	if !since.IsZero() {
+		oldest = max(oldest, since.UnixNano()/int64(w.slot)+1)
+	}
 	var h Health
 	var lat [latBuckets]int64
 	for i := range w.slots {
