@@ -1,0 +1,105 @@
+// Package kafkasink publishes outbox records to Kafka through franz-go.
+//
+// The record key is the message key (nil for keyless messages), the value is
+// the payload, and the headers are the message headers plus
+// [outbox.HeaderMessageID] carrying the message ID for consumers'
+// de-duplication (see package inbox). A record counts as published when the
+// client's produce callback reports success; build the client with the
+// franz-go defaults (idempotent producer, acks=all) or [ClientOptions], so
+// that an acknowledgement means the write is durable on the in-sync
+// replicas and a producer retry can never duplicate or reorder it.
+package kafkasink
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/dimmer-dev/dimmer/outbox"
+)
+
+// Publisher is an [outbox.Publisher] over a franz-go client.
+type Publisher struct {
+	client *kgo.Client
+	topic  func(string) string
+}
+
+var _ outbox.Publisher = (*Publisher)(nil)
+
+// Option configures a [Publisher].
+type Option func(*Publisher)
+
+// WithTopicMap maps a message's topic to the Kafka topic (e.g. to add an
+// environment prefix). Default: the message topic unchanged.
+func WithTopicMap(f func(topic string) string) Option {
+	return func(p *Publisher) { p.topic = f }
+}
+
+// ErrNilClient is returned by [New] without a client.
+var ErrNilClient = errors.New("kafkasink: client is nil")
+
+// New returns a publisher producing through client. The client is the
+// caller's: it is not closed by the publisher.
+func New(client *kgo.Client, opts ...Option) (*Publisher, error) {
+	if client == nil {
+		return nil, ErrNilClient
+	}
+	p := &Publisher{client: client, topic: func(t string) string { return t }}
+	for _, o := range opts {
+		o(p)
+	}
+	if p.topic == nil {
+		return nil, errors.New("kafkasink: WithTopicMap: function is nil")
+	}
+	return p, nil
+}
+
+// ClientOptions are the producer settings the outbox relies on, to append
+// to the caller's own (seed brokers, TLS, SASL): acks from all in-sync
+// replicas and the idempotent producer (both franz-go defaults, stated so
+// that no later option silently weakens them), and no linger, since the
+// relay already batches.
+func ClientOptions(brokers ...string) []kgo.Opt {
+	return []kgo.Opt{
+		kgo.SeedBrokers(brokers...),
+		kgo.RequiredAcks(kgo.AllISRAcks()),
+		kgo.ProducerLinger(0),
+		kgo.ProducerBatchMaxBytes(16 << 20),
+	}
+}
+
+// Publish produces the batch and waits for every acknowledgement (or ctx).
+func (p *Publisher) Publish(ctx context.Context, batch []outbox.Record) []error {
+	results := make([]error, len(batch))
+	var wg sync.WaitGroup
+	wg.Add(len(batch))
+	for i := range batch {
+		rec := &batch[i]
+		kr := &kgo.Record{
+			Topic: p.topic(rec.Topic),
+			Value: rec.Payload,
+		}
+		if rec.Key != "" {
+			kr.Key = []byte(rec.Key)
+		}
+		kr.Headers = make([]kgo.RecordHeader, 0, len(rec.Headers)+1)
+		kr.Headers = append(kr.Headers, kgo.RecordHeader{Key: outbox.HeaderMessageID, Value: []byte(rec.ID.String())})
+		names := make([]string, 0, len(rec.Headers))
+		for k := range rec.Headers {
+			names = append(names, k)
+		}
+		slices.Sort(names) // stable header order for consumers
+		for _, k := range names {
+			kr.Headers = append(kr.Headers, kgo.RecordHeader{Key: k, Value: []byte(rec.Headers[k])})
+		}
+		p.client.Produce(ctx, kr, func(_ *kgo.Record, err error) {
+			results[i] = err
+			wg.Done()
+		})
+	}
+	wg.Wait()
+	return results
+}

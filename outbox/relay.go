@@ -1,0 +1,783 @@
+package outbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	mrand "math/rand/v2"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/metric"
+)
+
+// RelayConfig tunes a [Relay]. Zero fields take the documented defaults.
+type RelayConfig struct {
+	// ID names the relay in leases and logs; default host-pid-random. Two
+	// live relays must not share an ID.
+	ID string
+	// BatchSize bounds the messages one cycle publishes (one per key).
+	// Default 500.
+	BatchSize int
+	// PollInterval is the fallback wake-up when no NOTIFY arrives (missed
+	// notifications, retries coming due). Default 1s.
+	PollInterval time.Duration
+	// LeaseTTL is how long a bucket lease lasts without renewal; a relay
+	// that dies holds its buckets this long. Renewed every LeaseTTL/3.
+	// Default 10s.
+	LeaseTTL time.Duration
+	// PublishTimeout bounds one Publish call (it is also cut at the lease's
+	// local deadline). Default 5s; must be below LeaseTTL/2.
+	PublishTimeout time.Duration
+	// MaxAttempts failed publishes make a message a dead letter, which
+	// holds back only its own key. Default 10.
+	MaxAttempts int
+	// BackoffMin and BackoffMax bound the exponential retry delay (with
+	// jitter). Defaults 100ms and 1m.
+	BackoffMin, BackoffMax time.Duration
+	// VacuumEvery runs VACUUM on the table after this many rows deleted by
+	// this relay (one relay at a time), keeping dead tuples bounded between
+	// autovacuum runs. Default 50000; negative disables.
+	VacuumEvery int
+	// StatsInterval is how often backlog and oldest-age gauges refresh.
+	// Default 10s.
+	StatsInterval time.Duration
+	// Logger receives lease changes, dead letters and errors. Default
+	// slog.Default().
+	Logger *slog.Logger
+	// MeterProvider receives metrics. Default: the global provider (a no-op
+	// unless the service set one).
+	MeterProvider metric.MeterProvider
+}
+
+func (c *RelayConfig) withDefaults() {
+	if c.ID == "" {
+		host, _ := os.Hostname()
+		var b [4]byte
+		_, _ = rand.Read(b[:])
+		c.ID = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	if c.BatchSize == 0 {
+		c.BatchSize = 500
+	}
+	def(&c.PollInterval, time.Second)
+	def(&c.LeaseTTL, 10*time.Second)
+	def(&c.PublishTimeout, min(5*time.Second, c.LeaseTTL/3))
+	if c.MaxAttempts == 0 {
+		c.MaxAttempts = 10
+	}
+	def(&c.BackoffMin, 100*time.Millisecond)
+	def(&c.BackoffMax, time.Minute)
+	if c.VacuumEvery == 0 {
+		c.VacuumEvery = 50000
+	}
+	def(&c.StatsInterval, 10*time.Second)
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports the first field out of range.
+func (c RelayConfig) Validate() error {
+	switch {
+	case c.BatchSize < 1 || c.BatchSize > 10000:
+		return badConfig("BatchSize", "must be 1..10000, got %d", c.BatchSize)
+	case c.PollInterval < time.Millisecond:
+		return badConfig("PollInterval", "must be at least 1ms, got %v", c.PollInterval)
+	case c.LeaseTTL < 100*time.Millisecond:
+		return badConfig("LeaseTTL", "must be at least 100ms, got %v", c.LeaseTTL)
+	case c.PublishTimeout <= 0 || c.PublishTimeout > c.LeaseTTL/2:
+		return badConfig("PublishTimeout", "must be in (0, LeaseTTL/2 = %v], got %v", c.LeaseTTL/2, c.PublishTimeout)
+	case c.MaxAttempts < 1:
+		return badConfig("MaxAttempts", "must be at least 1, got %d", c.MaxAttempts)
+	case c.BackoffMin <= 0 || c.BackoffMax < c.BackoffMin:
+		return badConfig("BackoffMin", "must be positive and at most BackoffMax (%v), got %v", c.BackoffMax, c.BackoffMin)
+	case c.StatsInterval <= 0:
+		return badConfig("StatsInterval", "must be positive, got %v", c.StatsInterval)
+	case len(c.ID) > 200:
+		return badConfig("ID", "is longer than 200 bytes")
+	}
+	return nil
+}
+
+type lease struct {
+	epoch    int64
+	deadline time.Time // local clock; strictly before the database expiry
+}
+
+// Relay publishes an outbox's messages. Several relays (in one process or
+// many) share the work by leasing key buckets; see the package doc for the
+// ordering and delivery guarantees.
+type Relay struct {
+	o    *Outbox
+	pool *pgxpool.Pool
+	pub  Publisher
+	cfg  RelayConfig
+	log  *slog.Logger
+	m    *metrics
+
+	fetchSQL, ackSQL, failSQL string
+
+	mu     sync.Mutex // guards held for Buckets()
+	held   map[int]lease
+	cursor map[int]string
+
+	running  atomic.Bool
+	stop     chan struct{}
+	stopOnce sync.Once
+	done     chan struct{}
+	cancel   atomic.Pointer[context.CancelFunc]
+	wake     chan struct{}
+
+	bg        sync.WaitGroup
+	vacuuming atomic.Bool
+	deleted   int
+	noVacuum  bool
+}
+
+// NewRelay returns a relay that publishes o's messages from pool through
+// pub. It does nothing until [Relay.Run].
+func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*Relay, error) {
+	if pool == nil {
+		return nil, badConfig("pool", "is nil")
+	}
+	if pub == nil {
+		return nil, badConfig("Publisher", "is nil")
+	}
+	cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(cfg.MeterProvider, o)
+	if err != nil {
+		return nil, err
+	}
+	r := &Relay{
+		o: o, pool: pool, pub: pub, cfg: cfg, m: m,
+		log:    cfg.Logger.With("outbox", o.cfg.Schema+"."+o.cfg.Table, "relay", cfg.ID),
+		held:   map[int]lease{},
+		cursor: map[int]string{},
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+		wake:   make(chan struct{}, 1),
+	}
+	t, l := o.table, o.leases
+	// A loose index scan: per leased bucket, walk the lanes after the
+	// bucket's round-robin cursor, one index probe per lane, and take each
+	// lane's oldest row (its head). Only heads are ever published, so a lane
+	// whose head is backing off or dead holds back nothing but itself.
+	r.fetchSQL = `WITH RECURSIVE walk(bucket, lane, seq, depth) AS (
+	SELECT h.bucket, h.lane, h.seq, 1
+	FROM unnest($1::int4[], $2::text[]) AS c(bucket, after)
+	CROSS JOIN LATERAL (
+		SELECT t.bucket, t.lane, t.seq FROM ` + t + ` t
+		WHERE t.bucket = c.bucket AND t.lane > c.after COLLATE "C"
+		ORDER BY t.lane, t.seq LIMIT 1) h
+	UNION ALL
+	SELECT n.bucket, n.lane, n.seq, w.depth + 1
+	FROM walk w CROSS JOIN LATERAL (
+		SELECT t.bucket, t.lane, t.seq FROM ` + t + ` t
+		WHERE t.bucket = w.bucket AND t.lane > w.lane
+		ORDER BY t.lane, t.seq LIMIT 1) n
+	WHERE w.depth < $3
+)
+SELECT w.bucket, w.lane, t.seq,
+	t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()),
+	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at
+FROM walk w JOIN ` + t + ` t ON t.seq = w.seq`
+	// The fence: the lease rows are share-locked and their epochs checked
+	// in the very statement that deletes, so a concurrent takeover either
+	// waits for this ack or makes it a no-op.
+	fence := `WITH ok AS (
+	SELECT l.bucket FROM ` + l + ` l, unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
+	WHERE l.bucket = m.bucket AND l.epoch = m.epoch AND l.owner = $4
+	FOR SHARE OF l
+)
+`
+	r.ackSQL = fence + `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND t.bucket IN (SELECT bucket FROM ok)
+RETURNING extract(epoch FROM clock_timestamp() - t.created_at)::float8`
+	r.failSQL = fence + `UPDATE ` + t + ` t SET attempts = t.attempts + 1, last_error = f.err,
+	next_attempt_at = clock_timestamp() + f.delay_ms * interval '1 millisecond',
+	dead_at = CASE WHEN t.attempts + 1 >= $5 THEN clock_timestamp() END
+FROM unnest($1::int8[], $6::text[], $7::float8[]) AS f(seq, err, delay_ms)
+WHERE t.seq = f.seq AND t.bucket IN (SELECT bucket FROM ok)
+RETURNING t.seq, t.id, t.lane, t.dead_at IS NOT NULL, t.last_error`
+	return r, nil
+}
+
+// ID returns the relay's ID.
+func (r *Relay) ID() string { return r.cfg.ID }
+
+// Buckets returns the buckets this relay currently leases, sorted.
+func (r *Relay) Buckets() []int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]int, 0, len(r.held))
+	for b := range r.held {
+		out = append(out, b)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// ErrRelayRunning: Run was called on a relay that runs or has run.
+var ErrRelayRunning = errors.New("outbox: relay already started")
+
+// Run publishes until ctx ends or [Relay.Shutdown] is called. Cancelling ctx
+// stops at once, without releasing leases (the other relays take the
+// buckets over after LeaseTTL, as after a crash); Shutdown hands them over
+// at once. Run returns nil after Shutdown, ctx.Err() after cancellation.
+func (r *Relay) Run(ctx context.Context) error {
+	if !r.running.CompareAndSwap(false, true) {
+		return ErrRelayRunning
+	}
+	defer close(r.done)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	r.cancel.Store(&cancel)
+	defer r.bg.Wait()
+
+	r.bg.Add(1)
+	go func() {
+		defer r.bg.Done()
+		r.listen(ctx)
+	}()
+
+	r.log.Info("outbox relay started")
+	var nextLease, nextStats time.Time
+	errDelay := 50 * time.Millisecond
+	for {
+		select {
+		case <-r.stop:
+			r.release(ctx)
+			r.log.Info("outbox relay stopped; leases released")
+			return nil
+		default:
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		now := time.Now()
+		if !now.Before(nextLease) {
+			if err := r.maintainLeases(ctx); err != nil && ctx.Err() == nil {
+				r.log.Warn("outbox lease maintenance failed", "err", err)
+			}
+			nextLease = now.Add(r.cfg.LeaseTTL / 3)
+		}
+		if !now.Before(nextStats) {
+			r.refreshStats(ctx)
+			nextStats = now.Add(r.cfg.StatsInterval)
+		}
+		n, err := r.cycle(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		var wait time.Duration
+		switch {
+		case err != nil:
+			r.log.Warn("outbox relay cycle failed", "err", err)
+			wait = errDelay
+			errDelay = min(2*errDelay, r.cfg.PollInterval)
+		case n > 0:
+			errDelay = 50 * time.Millisecond
+			continue // the next heads of these lanes may be waiting
+		default:
+			errDelay = 50 * time.Millisecond
+			wait = r.cfg.PollInterval
+		}
+		wait = max(0, min(wait, time.Until(nextLease)))
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+		case <-r.stop:
+		case <-r.wake:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// Shutdown stops the relay gracefully: the batch in flight completes, its
+// leases are released so other relays take over at once, and background
+// work is waited for. If ctx ends first the relay is stopped abruptly and
+// ctx's error returned.
+func (r *Relay) Shutdown(ctx context.Context) error {
+	r.stopOnce.Do(func() { close(r.stop) })
+	if !r.running.Load() {
+		return nil
+	}
+	select {
+	case <-r.done:
+		return nil
+	case <-ctx.Done():
+		if c := r.cancel.Load(); c != nil {
+			(*c)()
+		}
+		<-r.done
+		return ctx.Err()
+	}
+}
+
+// listen wakes the relay on NOTIFY. It holds one connection of the pool and
+// re-listens after a connection failure; polling covers any gap.
+func (r *Relay) listen(ctx context.Context) {
+	delay := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := r.listenOnce(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		r.log.Warn("outbox relay listener lost; polling until it is back", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+func (r *Relay) listenOnce(ctx context.Context) error {
+	c, err := r.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	conn := c.Hijack() // LISTEN state must not go back to the pool
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{r.o.channel}.Sanitize()); err != nil {
+		return err
+	}
+	r.signal() // anything committed before LISTEN took effect
+	for {
+		if _, err := conn.WaitForNotification(ctx); err != nil {
+			return err
+		}
+		r.signal()
+	}
+}
+
+func (r *Relay) signal() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// active returns the leased buckets still safe to publish for, their
+// epochs, and the earliest local lease deadline.
+func (r *Relay) active() (buckets []int32, epochs []int64, deadline time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	for b, l := range r.held {
+		if l.deadline.After(now) {
+			buckets = append(buckets, int32(b))
+			epochs = append(epochs, l.epoch)
+			if deadline.IsZero() || l.deadline.Before(deadline) {
+				deadline = l.deadline
+			}
+		}
+	}
+	return buckets, epochs, deadline
+}
+
+func (r *Relay) drop(buckets ...int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, b := range buckets {
+		delete(r.held, b)
+		delete(r.cursor, b)
+	}
+}
+
+// maintainLeases heartbeats, renews the leases held, and moves toward a fair
+// share (ceil(buckets / live relays)) by releasing surplus or acquiring free
+// and expired buckets. It runs between cycles, so nothing of a released
+// bucket is in flight.
+func (r *Relay) maintainLeases(ctx context.Context) error {
+	start := time.Now()
+	ttl := ms(r.cfg.LeaseTTL)
+	deadline := start.Add(r.cfg.LeaseTTL - r.cfg.LeaseTTL/10)
+	r.mu.Lock()
+	var bs []int32
+	var es []int64
+	for b, l := range r.held {
+		bs = append(bs, int32(b))
+		es = append(es, l.epoch)
+	}
+	r.mu.Unlock()
+
+	batch := &pgx.Batch{}
+	batch.Queue(`INSERT INTO `+r.o.relays+` (id, seen_at) VALUES ($1, now())
+ON CONFLICT (id) DO UPDATE SET seen_at = now()`, r.cfg.ID)
+	var live int
+	batch.Queue(`SELECT count(*) FROM `+r.o.relays+` WHERE seen_at > now() - $1 * interval '1 millisecond'`, ttl).
+		QueryRow(func(row pgx.Row) error { return row.Scan(&live) })
+	renewed := map[int]bool{}
+	batch.Queue(`UPDATE `+r.o.leases+` l SET expires_at = now() + $2 * interval '1 millisecond'
+FROM unnest($3::int4[], $4::int8[]) AS m(bucket, epoch)
+WHERE l.bucket = m.bucket AND l.epoch = m.epoch AND l.owner = $1
+RETURNING l.bucket`, r.cfg.ID, ttl, bs, es).Query(func(rows pgx.Rows) error {
+		var b int32
+		_, err := pgx.ForEachRow(rows, []any{&b}, func() error { renewed[int(b)] = true; return nil })
+		return err
+	})
+	if err := r.pool.SendBatch(ctx, batch).Close(); err != nil {
+		return fmt.Errorf("renew leases: %w", err)
+	}
+	r.mu.Lock()
+	var lost []int
+	for b, l := range r.held {
+		if renewed[b] {
+			l.deadline = deadline
+			r.held[b] = l
+		} else {
+			lost = append(lost, b)
+			delete(r.held, b)
+			delete(r.cursor, b)
+		}
+	}
+	have := len(r.held)
+	r.mu.Unlock()
+	if len(lost) > 0 {
+		r.log.Warn("outbox leases lost", "buckets", lost)
+	}
+
+	fair := int(math.Ceil(float64(r.o.cfg.Buckets) / float64(max(live, 1))))
+	switch {
+	case have > fair:
+		surplus := r.Buckets()[fair:]
+		r.drop(surplus...)
+		if _, err := r.pool.Exec(ctx, `UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity'
+WHERE owner = $1 AND bucket = ANY($2::int4[])`, r.cfg.ID, toInt32(surplus)); err != nil {
+			return fmt.Errorf("release surplus leases: %w", err)
+		}
+		r.log.Info("outbox leases released to balance", "buckets", surplus, "relays", live)
+	case have < fair:
+		rows, err := r.pool.Query(ctx, `UPDATE `+r.o.leases+` l SET owner = $1, epoch = l.epoch + 1,
+	expires_at = now() + $2 * interval '1 millisecond'
+WHERE l.bucket IN (SELECT bucket FROM `+r.o.leases+`
+	WHERE owner IS NULL OR expires_at < now()
+	ORDER BY bucket LIMIT $3 FOR UPDATE SKIP LOCKED)
+RETURNING l.bucket, l.epoch`, r.cfg.ID, ttl, fair-have)
+		if err != nil {
+			return fmt.Errorf("acquire leases: %w", err)
+		}
+		var b int32
+		var e int64
+		var got []int
+		_, err = pgx.ForEachRow(rows, []any{&b, &e}, func() error {
+			got = append(got, int(b))
+			r.mu.Lock()
+			r.held[int(b)] = lease{epoch: e, deadline: deadline}
+			r.mu.Unlock()
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("acquire leases: %w", err)
+		}
+		if len(got) > 0 {
+			r.log.Info("outbox leases acquired", "buckets", got, "relays", live)
+		}
+	}
+	return nil
+}
+
+// release gives back every lease at shutdown.
+func (r *Relay) release(ctx context.Context) {
+	held := r.Buckets()
+	r.drop(held...)
+	if _, err := r.pool.Exec(ctx, `UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID); err != nil {
+		r.log.Warn("outbox lease release failed; they expire after LeaseTTL", "err", err)
+	}
+	if _, err := r.pool.Exec(ctx, `DELETE FROM `+r.o.relays+` WHERE id = $1`, r.cfg.ID); err != nil {
+		r.log.Warn("outbox relay deregistration failed", "err", err)
+	}
+}
+
+func toInt32(bs []int) []int32 {
+	out := make([]int32, len(bs))
+	for i, b := range bs {
+		out[i] = int32(b)
+	}
+	return out
+}
+
+type head struct {
+	bucket int32
+	lane   string
+	ready  bool
+	rec    Record
+}
+
+// cycle publishes one batch: the ready head of each lane found, at most
+// BatchSize. It returns how many heads it published or failed.
+func (r *Relay) cycle(ctx context.Context) (int, error) {
+	buckets, epochs, deadline := r.active()
+	if len(buckets) == 0 {
+		return 0, nil
+	}
+	depth := max(1, (r.cfg.BatchSize+len(buckets)-1)/len(buckets))
+	afters := make([]string, len(buckets))
+	epochOf := make(map[int32]int64, len(buckets))
+	r.mu.Lock()
+	for i, b := range buckets {
+		afters[i] = r.cursor[int(b)]
+		epochOf[b] = epochs[i]
+	}
+	r.mu.Unlock()
+
+	rows, err := r.pool.Query(ctx, r.fetchSQL, buckets, afters, depth)
+	if err != nil {
+		return 0, fmt.Errorf("fetch: %w", err)
+	}
+	var heads []head
+	var h head
+	var key *string
+	var headers map[string]string
+	_, err = pgx.ForEachRow(rows, []any{&h.bucket, &h.lane, &h.rec.Seq, &h.ready, &h.rec.ID, &key, &h.rec.Topic, &h.rec.Payload, &headers, &h.rec.Attempts, &h.rec.CreatedAt}, func() error {
+		h.rec.Key = ""
+		if key != nil {
+			h.rec.Key = *key
+		}
+		h.rec.Headers = headers
+		heads = append(heads, h)
+		h = head{}
+		headers = nil
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("fetch: %w", err)
+	}
+	// Advance each bucket's round-robin cursor; a bucket that had fewer
+	// lanes than the depth was walked to its end and starts over.
+	perBucket := map[int32]int{}
+	last := map[int32]string{}
+	for _, h := range heads {
+		perBucket[h.bucket]++
+		last[h.bucket] = h.lane
+	}
+	r.mu.Lock()
+	for _, b := range buckets {
+		if _, ok := r.held[int(b)]; !ok {
+			continue
+		}
+		if perBucket[b] >= depth {
+			r.cursor[int(b)] = last[b]
+		} else {
+			delete(r.cursor, int(b))
+		}
+	}
+	r.mu.Unlock()
+
+	batch := make([]Record, 0, len(heads))
+	bucketOf := make([]int32, 0, len(heads))
+	for _, h := range heads {
+		if h.ready && len(batch) < r.cfg.BatchSize {
+			batch = append(batch, h.rec)
+			bucketOf = append(bucketOf, h.bucket)
+		}
+	}
+	if len(batch) == 0 {
+		return 0, nil
+	}
+	pctx, cancel := context.WithDeadline(ctx, minTime(deadline, time.Now().Add(r.cfg.PublishTimeout)))
+	results := r.pub.Publish(pctx, batch)
+	cancel()
+	if ctx.Err() != nil {
+		return 0, ctx.Err()
+	}
+	if len(results) != len(batch) {
+		err := fmt.Errorf("publisher returned %d results for %d records", len(results), len(batch))
+		results = make([]error, len(batch))
+		for i := range results {
+			results[i] = err
+		}
+	}
+	var okSeqs, failSeqs []int64
+	var okB, failB []int32
+	var failErrs []string
+	var failDelay []float64
+	for i, err := range results {
+		if err == nil {
+			okSeqs = append(okSeqs, batch[i].Seq)
+			okB = append(okB, bucketOf[i])
+			continue
+		}
+		failSeqs = append(failSeqs, batch[i].Seq)
+		failB = append(failB, bucketOf[i])
+		failErrs = append(failErrs, truncate(err.Error(), 2000))
+		failDelay = append(failDelay, ms(r.backoff(batch[i].Attempts+1)))
+	}
+	if len(okSeqs) > 0 {
+		if err := r.ack(ctx, okSeqs, okB, epochOf); err != nil {
+			return len(batch), err
+		}
+	}
+	if len(failSeqs) > 0 {
+		r.m.publishErrors.Add(ctx, int64(len(failSeqs)), r.m.attrs)
+		if err := r.fail(ctx, failSeqs, failB, epochOf, failErrs, failDelay); err != nil {
+			return len(batch), err
+		}
+	}
+	return len(batch), nil
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+// fenceArgs lists the distinct buckets of a batch with the epochs held.
+func fenceArgs(bs []int32, epochOf map[int32]int64) ([]int32, []int64) {
+	seen := map[int32]bool{}
+	var buckets []int32
+	var epochs []int64
+	for _, b := range bs {
+		if !seen[b] {
+			seen[b] = true
+			buckets = append(buckets, b)
+			epochs = append(epochs, epochOf[b])
+		}
+	}
+	return buckets, epochs
+}
+
+func (r *Relay) ack(ctx context.Context, seqs []int64, bs []int32, epochOf map[int32]int64) error {
+	buckets, epochs := fenceArgs(bs, epochOf)
+	rows, err := r.pool.Query(ctx, r.ackSQL, seqs, buckets, epochs, r.cfg.ID)
+	if err != nil {
+		return fmt.Errorf("ack: %w", err)
+	}
+	var age float64
+	n := 0
+	_, err = pgx.ForEachRow(rows, []any{&age}, func() error {
+		n++
+		r.m.commitToAck.Record(ctx, age, r.m.attrs)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("ack: %w", err)
+	}
+	r.m.published.Add(ctx, int64(n), r.m.attrs)
+	if n < len(seqs) {
+		// Fenced off: some bucket changed hands since fetch. Those rows
+		// stay for the new owner (a duplicate publish, never a loss).
+		r.log.Warn("outbox ack fenced off: lease lost mid-batch", "acked", n, "published", len(seqs))
+		r.forceRenew(ctx)
+	}
+	r.deleted += n
+	r.maybeVacuum(ctx)
+	return nil
+}
+
+// forceRenew re-checks leases right away after a fenced-off write.
+func (r *Relay) forceRenew(ctx context.Context) {
+	if err := r.maintainLeases(ctx); err != nil && ctx.Err() == nil {
+		r.log.Warn("outbox lease maintenance failed", "err", err)
+	}
+}
+
+func (r *Relay) fail(ctx context.Context, seqs []int64, bs []int32, epochOf map[int32]int64, errs []string, delays []float64) error {
+	buckets, epochs := fenceArgs(bs, epochOf)
+	rows, err := r.pool.Query(ctx, r.failSQL, seqs, buckets, epochs, r.cfg.ID, r.cfg.MaxAttempts, errs, delays)
+	if err != nil {
+		return fmt.Errorf("record failure: %w", err)
+	}
+	var seq int64
+	var id uuid.UUID
+	var lane string
+	var dead bool
+	var lastErr string
+	n := 0
+	_, err = pgx.ForEachRow(rows, []any{&seq, &id, &lane, &dead, &lastErr}, func() error {
+		n++
+		if dead {
+			r.m.deadLetters.Add(ctx, 1, r.m.attrs)
+			r.log.Error("outbox message dead-lettered; its key is held until it is retried or skipped",
+				"id", id, "lane", lane, "seq", seq, "attempts", r.cfg.MaxAttempts, "err", lastErr)
+		} else {
+			r.m.retries.Add(ctx, 1, r.m.attrs)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("record failure: %w", err)
+	}
+	if n < len(seqs) {
+		r.forceRenew(ctx)
+	}
+	return nil
+}
+
+// backoff is the delay before attempt n+1: exponential from BackoffMin,
+// capped at BackoffMax, with "equal jitter" (half fixed, half random) so
+// retries of many keys do not synchronise.
+func (r *Relay) backoff(attempt int) time.Duration {
+	d := r.cfg.BackoffMax
+	if attempt < 40 {
+		d = min(r.cfg.BackoffMin<<(attempt-1), r.cfg.BackoffMax)
+	}
+	half := d / 2
+	return half + time.Duration(mrand.Int64N(int64(half)+1))
+}
+
+// maybeVacuum keeps dead tuples of delivered rows bounded: after
+// VacuumEvery deletions it vacuums the table in the background, one relay
+// at a time (a session advisory lock), without blocking publishing.
+func (r *Relay) maybeVacuum(ctx context.Context) {
+	if r.cfg.VacuumEvery < 0 || r.noVacuum || r.deleted < r.cfg.VacuumEvery || !r.vacuuming.CompareAndSwap(false, true) {
+		return
+	}
+	r.deleted = 0
+	r.bg.Add(1)
+	go func() {
+		defer r.bg.Done()
+		defer r.vacuuming.Store(false)
+		if err := r.o.vacuum(ctx, r.pool); err != nil && ctx.Err() == nil {
+			r.log.Warn("outbox vacuum failed; relying on autovacuum", "err", err)
+		}
+	}()
+}
+
+func (o *Outbox) vacuum(ctx context.Context, pool *pgxpool.Pool) error {
+	c, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	var got bool
+	if err := c.QueryRow(ctx, `SELECT pg_try_advisory_lock($1::int4, -2)`, o.lockNS+1).Scan(&got); err != nil {
+		return err
+	}
+	if !got {
+		return nil
+	}
+	defer c.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1::int4, -2)`, o.lockNS+1)
+	_, err = c.Exec(ctx, `VACUUM `+o.table)
+	return err
+}

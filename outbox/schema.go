@@ -1,0 +1,117 @@
+package outbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// SchemaVersion is the newest schema version this code installs.
+const SchemaVersion = 1
+
+// Beginner starts transactions: *pgxpool.Pool and *pgx.Conn are.
+type Beginner interface {
+	Begin(ctx context.Context) (pgx.Tx, error)
+}
+
+// migrations[i] brings the schema from version i to i+1. Never edit an
+// entry once released: append a new one.
+func (o *Outbox) migrations() []string {
+	ident := func(s string) string { return pgx.Identifier{s}.Sanitize() }
+	return []string{
+		// v1
+		`CREATE TABLE ` + o.table + ` (
+	seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	id              uuid NOT NULL,
+	bucket          int NOT NULL,
+	lane            text COLLATE "C" NOT NULL,
+	key             text,
+	topic           text NOT NULL,
+	payload         bytea NOT NULL,
+	headers         jsonb,
+	created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+	attempts        int NOT NULL DEFAULT 0,
+	next_attempt_at timestamptz,
+	last_error      text,
+	dead_at         timestamptz
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000,
+        autovacuum_vacuum_cost_delay = 0);
+CREATE INDEX ` + ident(o.cfg.Table+"_lane_idx") + ` ON ` + o.table + ` (bucket, lane, seq);
+CREATE INDEX ` + ident(o.cfg.Table+"_dead_idx") + ` ON ` + o.table + ` (id) WHERE dead_at IS NOT NULL;
+CREATE TABLE ` + o.leases + ` (
+	bucket     int PRIMARY KEY,
+	owner      text,
+	epoch      bigint NOT NULL DEFAULT 0,
+	expires_at timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO ` + o.leases + ` (bucket) SELECT generate_series(0, ` + fmt.Sprint(o.cfg.Buckets-1) + `);
+CREATE TABLE ` + o.relays + ` (
+	id      text PRIMARY KEY,
+	seen_at timestamptz NOT NULL
+);`,
+	}
+}
+
+// Install creates or upgrades the outbox tables in Config.Schema. It is
+// idempotent and safe to run from every instance at start-up: concurrent
+// installs serialise on an advisory lock, and the version reached is stored
+// in <Table>_meta. It refuses ([ErrSchemaMismatch]) a table installed with
+// another bucket count, or by newer code.
+func (o *Outbox) Install(ctx context.Context, db Beginner) error {
+	tx, err := db.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("outbox: install: %w", err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	steps := []string{
+		`SELECT pg_advisory_xact_lock($1::int4, -1)`,
+		`CREATE SCHEMA IF NOT EXISTS ` + pgx.Identifier{o.cfg.Schema}.Sanitize(),
+		`CREATE TABLE IF NOT EXISTS ` + o.meta + ` (
+	singleton    bool PRIMARY KEY DEFAULT true CHECK (singleton),
+	version      int NOT NULL,
+	buckets      int NOT NULL,
+	installed_at timestamptz NOT NULL DEFAULT now()
+)`,
+	}
+	for i, s := range steps {
+		var args []any
+		if i == 0 {
+			args = []any{o.lockNS + 1}
+		}
+		if _, err := tx.Exec(ctx, s, args...); err != nil {
+			return fmt.Errorf("outbox: install %s: %w", o.table, err)
+		}
+	}
+	var version, buckets int
+	err = tx.QueryRow(ctx, `SELECT version, buckets FROM `+o.meta).Scan(&version, &buckets)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		version, buckets = 0, o.cfg.Buckets
+	case err != nil:
+		return fmt.Errorf("outbox: install: read %s: %w", o.meta, err)
+	}
+	if version > SchemaVersion {
+		return fmt.Errorf("%w: %s is at version %d, this code knows up to %d", ErrSchemaMismatch, o.table, version, SchemaVersion)
+	}
+	if buckets != o.cfg.Buckets {
+		return fmt.Errorf("%w: %s was installed with %d buckets, Config.Buckets is %d (the bucket count cannot change)", ErrSchemaMismatch, o.table, buckets, o.cfg.Buckets)
+	}
+	migs := o.migrations()
+	for v := version; v < SchemaVersion; v++ {
+		if _, err := tx.Exec(ctx, migs[v]); err != nil {
+			return fmt.Errorf("outbox: install %s: migrate to version %d: %w", o.table, v+1, err)
+		}
+	}
+	if version < SchemaVersion {
+		if _, err := tx.Exec(ctx, `INSERT INTO `+o.meta+` (version, buckets) VALUES ($1, $2)
+ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version`, SchemaVersion, o.cfg.Buckets); err != nil {
+			return fmt.Errorf("outbox: install: record version: %w", err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("outbox: install %s: %w", o.table, err)
+	}
+	return nil
+}
