@@ -1,0 +1,144 @@
+package flags_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/open-feature/go-sdk/openfeature"
+	"github.com/open-feature/go-sdk/openfeature/memprovider"
+
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
+)
+
+func postgresURL() string {
+	if u := os.Getenv("DIMMER_POSTGRES_URL"); u != "" {
+		return u
+	}
+	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+}
+
+// exampleStore opens a Postgres flag store in a throwaway schema.
+func exampleStore(ctx context.Context, schema string) (*pgflags.Store, func(), error) {
+	pool, err := pgxpool.New(ctx, postgresURL())
+	if err != nil {
+		return nil, nil, err
+	}
+	drop := func() {
+		_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE")
+	}
+	drop() // a run killed midway may have left it
+	cleanup := func() { drop(); pool.Close() }
+	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	if err == nil {
+		err = store.Install(ctx)
+	}
+	if err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	return store, cleanup, nil
+}
+
+// The routing table: what each stage writes, serves and compares.
+func ExampleStage() {
+	for _, s := range flags.Stages() {
+		fmt.Printf("%-9s writes old=%-5v new=%-5v authoritative=%s reads=%s compared=%s\n",
+			s, s.Writes(flags.Old), s.Writes(flags.New), s.Authoritative(), s.Reads(), s.Compared())
+	}
+	// Output:
+	// off       writes old=true  new=false authoritative=old reads=old compared=none
+	// dualwrite writes old=true  new=true  authoritative=old reads=old compared=none
+	// shadow    writes old=true  new=true  authoritative=old reads=old compared=new
+	// live      writes old=true  new=true  authoritative=new reads=new compared=old
+	// rampdown  writes old=true  new=true  authoritative=new reads=new compared=none
+	// complete  writes old=false new=true  authoritative=new reads=new compared=none
+}
+
+// Evaluating the stage per entity through any OpenFeature provider (here the
+// SDK's in-memory one).
+func ExampleSource() {
+	ctx := context.Background()
+	provider := memprovider.NewInMemoryProvider(map[string]memprovider.InMemoryFlag{
+		"orders": {Key: "orders", State: memprovider.Enabled, DefaultVariant: "on",
+			Variants: map[string]any{"on": "shadow"}},
+	})
+	if err := openfeature.SetProviderAndWait(provider); err != nil {
+		fmt.Println(err)
+		return
+	}
+	source, err := flags.NewSource(openfeature.NewDefaultClient(), flags.Off,
+		flags.WithSourceLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	stage, err := source.Stage(ctx, "orders", "customer-42")
+	fmt.Println(stage, err)
+
+	// A flag that does not exist: the fallback, and an error to count.
+	stage, err = source.Stage(ctx, "invoices", "customer-42")
+	fmt.Println(stage, errors.Is(err, flags.ErrFlagUnavailable))
+	// Output:
+	// shadow <nil>
+	// off true
+}
+
+// Advancing a migration through the guarded controller, a refused jump, and
+// a rollback.
+func ExampleController() {
+	ctx := context.Background()
+	store, cleanup, err := exampleStore(ctx, "dimmer_example_controller")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer cleanup()
+	backfilled := false
+	ctrl, err := flags.NewController(store,
+		flags.WithControllerLogger(slog.New(slog.NewTextHandler(io.Discard, nil))),
+		flags.WithGuards(flags.NewGuard("backfill-verified", flags.Entering(flags.Shadow),
+			func(ctx context.Context, t flags.Transition) error {
+				if !backfilled {
+					return errors.New("run and verify the backfill first")
+				}
+				return nil
+			})))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	st, _ := ctrl.Advance(ctx, "orders", "alice", "start dual writes")
+	fmt.Println("now", st.Stage)
+
+	_, err = ctrl.Advance(ctx, "orders", "alice", "shadow please")
+	fmt.Println(err)
+
+	backfilled = true
+	st, _ = ctrl.Advance(ctx, "orders", "alice", "backfill verified")
+	fmt.Println("now", st.Stage)
+
+	st, _ = ctrl.Set(ctx, flags.Request{Migration: "orders", Stage: flags.Off, Actor: "bob", Reason: "incident 12"})
+	fmt.Println("now", st.Stage, "epoch", st.Epoch)
+
+	entries, _ := store.Audit(ctx, "orders", 0)
+	for _, e := range entries {
+		fmt.Println(e.Outcome, e.From, "->", e.To, "by", e.Actor+":", e.Reason)
+	}
+	// Output:
+	// now dualwrite
+	// orders: transition dualwrite -> shadow refused:
+	//   - backfill-verified: run and verify the backfill first
+	// now shadow
+	// now off epoch 1
+	// applied shadow -> off by bob: incident 12
+	// applied dualwrite -> shadow by alice: backfill verified
+	// refused dualwrite -> shadow by alice: shadow please
+	// applied off -> dualwrite by alice: start dual writes
+}
