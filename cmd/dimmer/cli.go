@@ -1,0 +1,467 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/user"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// Exit codes.
+const (
+	exitOK       = 0
+	exitError    = 1
+	exitUsage    = 2
+	exitRefused  = 3
+	exitConflict = 4
+)
+
+// usageError marks bad usage (exit 2).
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+type cli struct {
+	storeURL string
+	schema   string
+	prefix   string
+	actor    string
+	out      io.Writer
+	logger   *slog.Logger
+	be       *backend
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	// The outcome is printed to stdout and the exit code; logs only say
+	// what went wrong on the way.
+	c := &cli{out: stdout, logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	root := c.rootCmd()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	err := root.ExecuteContext(ctx)
+	if c.be != nil {
+		c.be.close()
+	}
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintln(stderr, "dimmer:", err)
+	return exitCode(err)
+}
+
+// exitCode maps an error to the documented exit codes.
+func exitCode(err error) int {
+	if err == nil {
+		return exitOK
+	}
+	var refused *flags.RefusedError
+	var ue usageError
+	switch {
+	case errors.As(err, &ue), errors.Is(err, flags.ErrUnknownStage), errors.Is(err, flags.ErrInvalidName):
+		return exitUsage
+	case errors.As(err, &refused):
+		return exitRefused
+	case errors.Is(err, flags.ErrConflict):
+		return exitConflict
+	case isCobraUsage(err):
+		return exitUsage
+	}
+	return exitError
+}
+
+// isCobraUsage recognises cobra's own argument and flag errors.
+func isCobraUsage(err error) bool {
+	msg := err.Error()
+	for _, p := range []string{"unknown command", "unknown flag", "unknown shorthand flag", "accepts ", "requires at least", "invalid argument", "flag needs an argument", "required flag"} {
+		if strings.Contains(msg, p) {
+			return true
+		}
+	}
+	return false
+}
+
+func defaultActor() string {
+	name := "unknown"
+	if u, err := user.Current(); err == nil && u.Username != "" {
+		name = u.Username
+	}
+	if h, err := os.Hostname(); err == nil {
+		name += "@" + h
+	}
+	return name
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func (c *cli) rootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "dimmer",
+		Short:         "Operate dimmer migrations: stages, rollouts, go/no-go status and audit",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Long: `dimmer moves migrations between stages (off, dualwrite, shadow, live,
+rampdown, complete) through the guarded controller.
+
+The store is the flag store the services' providers read:
+postgres://... (package pgflags) or redis://... (package redisflags).
+
+Exit codes: 0 done; 2 bad usage or unknown stage; 3 refused by the
+transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
+	}
+	root.PersistentFlags().StringVar(&c.storeURL, "store", os.Getenv("DIMMER_STORE"), "flag store URL: postgres://... or redis://... (env DIMMER_STORE)")
+	root.PersistentFlags().StringVar(&c.schema, "schema", envOr("DIMMER_SCHEMA", "dimmer"), "Postgres schema of the flag store (env DIMMER_SCHEMA)")
+	root.PersistentFlags().StringVar(&c.prefix, "prefix", envOr("DIMMER_PREFIX", "dimmer:"), "Redis key prefix of the flag store (env DIMMER_PREFIX)")
+	root.PersistentFlags().StringVar(&c.actor, "actor", envOr("DIMMER_ACTOR", defaultActor()), "who is acting, for the audit log (env DIMMER_ACTOR)")
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+
+	stage := &cobra.Command{Use: "stage", Short: "Read or set a migration's stage"}
+	stage.AddCommand(c.stageGetCmd(), c.stageSetCmd())
+	root.AddCommand(stage, c.rolloutCmd(), c.statusCmd(), c.auditCmd())
+	return root
+}
+
+func (c *cli) open(ctx context.Context) (*backend, error) {
+	if c.be != nil {
+		return c.be, nil
+	}
+	if c.storeURL == "" {
+		return nil, usagef("no store: pass --store postgres://... or redis://..., or set DIMMER_STORE")
+	}
+	be, err := openBackend(ctx, c.storeURL, c.schema, c.prefix, c.logger)
+	if err != nil {
+		return nil, err
+	}
+	c.be = be
+	return be, nil
+}
+
+func (c *cli) controller(be *backend) (*flags.Controller, error) {
+	return flags.NewController(be.store, flags.WithFleet(be.fleet), flags.WithGuards(defaultGuards(be)...),
+		flags.WithControllerLogger(c.logger))
+}
+
+func exactArgs(n int, names string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usagef("expected %s, got %d argument(s)", names, len(args))
+		}
+		return nil
+	}
+}
+
+func (c *cli) stageGetCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "get MIGRATION",
+		Short: "Print the migration's stage (a migration never set reads as off)",
+		Args:  exactArgs(1, "MIGRATION"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := flags.ValidateName(args[0]); err != nil {
+				return err
+			}
+			be, err := c.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			st, err := be.store.Load(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.out, st.String())
+			return nil
+		},
+	}
+}
+
+func (c *cli) stageSetCmd() *cobra.Command {
+	var reason string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "set MIGRATION STAGE --reason TEXT [--force]",
+		Short: "Move every key of the migration to STAGE (one step forward, or back)",
+		Long: `Move every key of the migration to STAGE.
+
+Forward: one step at a time, after every guard passes. Back: any earlier
+stage before complete. Leaving complete needs proof that old was reconciled,
+or --force with a reason. --force overrides failed guards too (never a
+skipped stage); it is written to the audit log.
+
+Valid stages: ` + flags.ValidStages,
+		Args: exactArgs(2, "MIGRATION STAGE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := flags.ValidateName(args[0]); err != nil {
+				return err
+			}
+			to, err := flags.ParseStage(args[1])
+			if err != nil {
+				return err
+			}
+			if reason == "" {
+				return usagef("--reason is required: say why, it goes to the audit log")
+			}
+			be, err := c.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			ctrl, err := c.controller(be)
+			if err != nil {
+				return err
+			}
+			st, err := ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Actor: c.actor, Reason: reason, Force: force})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "%s: %s (revision %d)\n", st.Migration, st, st.Revision)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&reason, "reason", "", "why the change is made (required; audited)")
+	cmd.Flags().BoolVar(&force, "force", false, "override failed guards and the leaving-complete rule (audited)")
+	return cmd
+}
+
+func (c *cli) rolloutCmd() *cobra.Command {
+	var reason string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "rollout MIGRATION STAGE PERCENT [--reason TEXT]",
+		Short: "Serve STAGE to PERCENT % of keys and the current stage to the rest (guarded like an advance)",
+		Long: `Serve STAGE to PERCENT % of keys, chosen by the sticky hash of
+(migration, entity key), and the current base stage to the rest. Growing the
+percentage keeps the keys already moved. 0 ends the rollout; 100 moves every
+key. Guarded like an advance.
+
+Valid stages: ` + flags.ValidStages,
+		Args: exactArgs(3, "MIGRATION STAGE PERCENT"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := flags.ValidateName(args[0]); err != nil {
+				return err
+			}
+			to, err := flags.ParseStage(args[1])
+			if err != nil {
+				return err
+			}
+			pct, err := strconv.ParseFloat(strings.TrimSuffix(args[2], "%"), 64)
+			if err != nil || pct < 0 || pct > 100 {
+				return usagef("PERCENT %q: want a number from 0 to 100", args[2])
+			}
+			if reason == "" {
+				reason = fmt.Sprintf("rollout %s to %s%%", to, args[2])
+			}
+			be, err := c.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			ctrl, err := c.controller(be)
+			if err != nil {
+				return err
+			}
+			var st flags.State
+			if force {
+				st, err = ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Percent: pct, Actor: c.actor, Reason: reason, Force: true})
+			} else {
+				st, err = ctrl.Rollout(cmd.Context(), args[0], to, pct, c.actor, reason)
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "%s: %s (revision %d)\n", st.Migration, st, st.Revision)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&reason, "reason", "", "why (audited; default describes the rollout)")
+	cmd.Flags().BoolVar(&force, "force", false, "override failed guards (audited; never a skipped stage)")
+	return cmd
+}
+
+func (c *cli) statusCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "status [MIGRATION]",
+		Short: "Show the go/no-go checklist for the next step of one migration, or a line per migration",
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usagef("expected at most one MIGRATION, got %d arguments", len(args))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			be, err := c.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			ctrl, err := c.controller(be)
+			if err != nil {
+				return err
+			}
+			if len(args) == 1 {
+				if err := flags.ValidateName(args[0]); err != nil {
+					return err
+				}
+				st, err := ctrl.Status(cmd.Context(), args[0], be.fleet)
+				if err != nil {
+					return err
+				}
+				printStatus(c.out, st, time.Now())
+				return nil
+			}
+			all, err := be.store.Migrations(cmd.Context())
+			if err != nil {
+				return err
+			}
+			insts, ferr := be.fleet.Instances(cmd.Context())
+			printFleetSummary(c.out, insts, ferr)
+			if len(all) == 0 {
+				fmt.Fprintln(c.out, "no migration has been set yet")
+				return nil
+			}
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "MIGRATION\tSTAGE\tREVISION\tNEXT\tVERDICT")
+			for _, m := range all {
+				st, err := ctrl.Status(cmd.Context(), m.Migration, be.fleet)
+				if err != nil {
+					return err
+				}
+				verdict := "GO"
+				if !st.Ready {
+					verdict = fmt.Sprintf("NO-GO (%d failing)", failing(st.Checks))
+				}
+				next := st.Next.String()
+				if st.State.Stage == flags.Complete {
+					next, verdict = "-", "complete"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", m.Migration, st.State, st.State.Revision, next, verdict)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func failing(checks []flags.CheckResult) int {
+	n := 0
+	for _, c := range checks {
+		if !c.Passed {
+			n++
+		}
+	}
+	return n
+}
+
+func printFleetSummary(w io.Writer, insts []flags.Instance, err error) {
+	switch {
+	case err != nil:
+		fmt.Fprintf(w, "fleet: registry unreachable: %v\n", err)
+	case len(insts) == 0:
+		fmt.Fprintln(w, "fleet: no live instance is registered")
+	default:
+		fmt.Fprintf(w, "fleet: %d live instance(s)\n", len(insts))
+	}
+}
+
+func printStatus(w io.Writer, st flags.Status, now time.Time) {
+	s := st.State
+	fmt.Fprintf(w, "migration %s: %s  revision %d  epoch %d", s.Migration, s, s.Revision, s.Epoch)
+	if s.Revision == 0 {
+		fmt.Fprint(w, "  (never set)")
+	} else {
+		fmt.Fprintf(w, "  updated %s by %s", s.UpdatedAt.Format(time.RFC3339), s.UpdatedBy)
+	}
+	fmt.Fprintln(w)
+	printFleetSummary(w, st.Instances, st.FleetErr)
+	sort.Slice(st.Instances, func(i, j int) bool { return st.Instances[i].ID < st.Instances[j].ID })
+	for _, in := range st.Instances {
+		rev, ok := in.Applied[s.Migration]
+		ack := "acknowledged"
+		switch {
+		case !ok:
+			ack = "has not seen this migration"
+		case rev < s.Revision:
+			ack = fmt.Sprintf("behind (revision %d)", rev)
+		}
+		fmt.Fprintf(w, "  %s  build %s  revision %d  %s  seen %s ago\n", in.ID, in.Build, rev, ack, now.Sub(in.SeenAt).Round(time.Millisecond))
+	}
+	if s.Stage == flags.Complete {
+		fmt.Fprintln(w, "complete: nothing left to advance")
+		return
+	}
+	fmt.Fprintf(w, "next step: %s -> %s\n", s.Stage, st.Next)
+	for _, ch := range st.Checks {
+		mark := "PASS"
+		if !ch.Passed {
+			mark = "FAIL"
+		}
+		fmt.Fprintf(w, "  [%s] %s: %s\n", mark, ch.Name, ch.Detail)
+	}
+	if st.Ready {
+		fmt.Fprintln(w, "verdict: GO")
+	} else {
+		fmt.Fprintf(w, "verdict: NO-GO (%d check(s) failing)\n", failing(st.Checks))
+	}
+}
+
+func (c *cli) auditCmd() *cobra.Command {
+	var limit int
+	cmd := &cobra.Command{
+		Use:   "audit MIGRATION [--limit N]",
+		Short: "Print the migration's audit log, newest first",
+		Args:  exactArgs(1, "MIGRATION"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := flags.ValidateName(args[0]); err != nil {
+				return err
+			}
+			if limit < 0 {
+				return usagef("--limit %d: must not be negative", limit)
+			}
+			be, err := c.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			entries, err := be.store.Audit(cmd.Context(), args[0], limit)
+			if err != nil {
+				return err
+			}
+			if len(entries) == 0 {
+				fmt.Fprintf(c.out, "%s: no audit entries\n", args[0])
+				return nil
+			}
+			for _, e := range entries {
+				printAudit(c.out, e)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&limit, "limit", 0, "newest N entries (0: all)")
+	return cmd
+}
+
+func printAudit(w io.Writer, e flags.AuditEntry) {
+	forced := ""
+	if e.Forced {
+		forced = " FORCED"
+	}
+	fmt.Fprintf(w, "%s  %-7s%s  %s -> %s  by %s: %s\n", e.At.Format(time.RFC3339), e.Outcome, forced, e.From, e.To, e.Actor, e.Reason)
+	for _, ch := range e.Checks {
+		if !ch.Passed {
+			fmt.Fprintf(w, "    failed %s: %s\n", ch.Name, ch.Detail)
+		}
+	}
+}

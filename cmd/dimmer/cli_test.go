@@ -1,0 +1,203 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
+	"github.com/dimmer-dev/dimmer/flags/redisflags"
+	"github.com/dimmer-dev/dimmer/internal/testenv"
+)
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func dimmer(t *testing.T, store []string, args ...string) result {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	code := run(ctx, append(append([]string{"--actor", "tester"}, store...), args...), &out, &errOut)
+	return result{code, out.String(), errOut.String()}
+}
+
+// stores returns CLI store arguments for a fresh Postgres schema and a fresh
+// Redis prefix, with a fleet store for each to register instances in.
+func stores(t *testing.T) map[string]struct {
+	args  []string
+	fleet flags.FleetStore
+} {
+	pool, schema := testenv.Schema(t)
+	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, pg.Install(context.Background()))
+	client, prefix := testenv.Redis(t)
+	rs, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix))
+	require.NoError(t, err)
+	return map[string]struct {
+		args  []string
+		fleet flags.FleetStore
+	}{
+		"postgres": {[]string{"--store", testenv.PostgresURL(), "--schema", schema}, pg},
+		"redis":    {[]string{"--store", testenv.RedisURL(), "--prefix", prefix}, rs},
+	}
+}
+
+// register heartbeats one instance that has applied revision rev of orders.
+func register(t *testing.T, fleet flags.FleetStore, id string, rev int64) {
+	t.Helper()
+	require.NoError(t, fleet.Heartbeat(context.Background(), flags.Instance{
+		ID: id, Build: "v1", Applied: map[string]int64{"orders": rev}, SeenAt: time.Now(),
+	}, time.Minute))
+}
+
+func TestCLIWalk(t *testing.T) {
+	t.Parallel()
+	for name, s := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			r := dimmer(t, s.args, "stage", "get", "orders")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "off\n", r.stdout, "a migration never set reads as off")
+
+			r = dimmer(t, s.args, "status", "orders")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Contains(t, r.stdout, "no live instance is registered")
+			assert.Contains(t, r.stdout, "verdict: NO-GO")
+
+			register(t, s.fleet, "api-1", 0)
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "start")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "orders: dualwrite (revision 1)\n", r.stdout)
+
+			// api-1 has not applied revision 1 yet.
+			r = dimmer(t, s.args, "rollout", "orders", "shadow", "5")
+			assert.Equal(t, exitRefused, r.code)
+			assert.Contains(t, r.stderr, "fleet-acknowledged: 1 of 1 instances have not applied revision 1: api-1 at revision 0")
+
+			register(t, s.fleet, "api-1", 1)
+			r = dimmer(t, s.args, "rollout", "orders", "shadow", "5%")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "orders: dualwrite (shadow 5%) (revision 2)\n", r.stdout)
+
+			r = dimmer(t, s.args, "status")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Contains(t, r.stdout, "fleet: 1 live instance(s)")
+			assert.Regexp(t, `orders\s+dualwrite \(shadow 5%\)\s+2\s+shadow\s+NO-GO`, r.stdout)
+
+			r = dimmer(t, s.args, "status", "orders")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Contains(t, r.stdout, "api-1  build v1  revision 1  behind (revision 1)")
+			assert.Contains(t, r.stdout, "[FAIL] fleet-acknowledged")
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "off", "--reason", "incident 9")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "orders: off (revision 3)\n", r.stdout)
+
+			r = dimmer(t, s.args, "audit", "orders", "--limit", "2")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+			require.GreaterOrEqual(t, len(lines), 2)
+			assert.Contains(t, lines[0], "applied  dualwrite (shadow 5%) -> off  by tester: incident 9")
+			assert.Contains(t, r.stdout, "applied  dualwrite -> dualwrite (shadow 5%)")
+			assert.NotContains(t, r.stdout, "refused", "limit 2 shows the newest two")
+		})
+	}
+}
+
+func TestCLIExitCodes(t *testing.T) {
+	t.Parallel()
+	for name, s := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			r := dimmer(t, s.args, "stage", "set", "orders", "sideways", "--reason", "x")
+			assert.Equal(t, exitUsage, r.code)
+			assert.Contains(t, r.stderr, `unknown stage "sideways" (valid stages: off, dualwrite, shadow, live, rampdown, complete)`)
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "live", "--reason", "hurry")
+			assert.Equal(t, exitRefused, r.code)
+			lines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+			assert.Contains(t, lines[0], "transition off -> live refused:")
+			assert.Contains(t, r.stderr, "\n  - one-step-forward: skips a stage: off -> live")
+			assert.Contains(t, r.stderr, "\n  - fleet-acknowledged: no live instance is registered")
+			assert.Contains(t, r.stderr, "\n  - health: only 0 comparisons in shadow")
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite")
+			assert.Equal(t, exitUsage, r.code)
+			assert.Contains(t, r.stderr, "--reason is required")
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "no fleet yet", "--force")
+			assert.Equal(t, exitOK, r.code, r.stderr)
+
+			for _, args := range [][]string{
+				{"stage", "get"},
+				{"stage", "get", "a", "b"},
+				{"stage", "get", "Not A Name"},
+				{"rollout", "orders", "live", "150"},
+				{"rollout", "orders", "live", "lots"},
+				{"audit", "orders", "--limit", "-1"},
+				{"stage", "get", "orders", "--bogus"},
+				{"frobnicate"},
+			} {
+				r := dimmer(t, s.args, args...)
+				assert.Equal(t, exitUsage, r.code, "%v: %s", args, r.stderr)
+				assert.NotEmpty(t, r.stderr, "%v", args)
+			}
+			st, err := func() (string, error) {
+				r := dimmer(t, s.args, "stage", "get", "orders")
+				if r.code != exitOK {
+					return "", fmt.Errorf("%s", r.stderr)
+				}
+				return r.stdout, nil
+			}()
+			require.NoError(t, err)
+			assert.Equal(t, "dualwrite\n", st, "bad input changed nothing")
+		})
+	}
+}
+
+func TestCLIStoreProblems(t *testing.T) {
+	t.Parallel()
+	r := dimmer(t, nil, "--store", "", "stage", "get", "orders")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "no store")
+
+	r = dimmer(t, nil, "--store", "mysql://x", "stage", "get", "orders")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "want a postgres:// or redis:// URL")
+
+	r = dimmer(t, nil, "--store", "postgres://postgres:secret@127.0.0.1:1/postgres?connect_timeout=2", "stage", "get", "orders")
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stderr, "postgres:***@127.0.0.1:1")
+	assert.NotContains(t, r.stderr, "secret")
+}
+
+func TestCLIHelpOnEveryCommand(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{
+		{"--help"}, {"stage", "--help"}, {"stage", "get", "--help"}, {"stage", "set", "--help"},
+		{"rollout", "--help"}, {"status", "--help"}, {"audit", "--help"},
+	} {
+		r := dimmer(t, nil, args...)
+		assert.Equal(t, exitOK, r.code, "%v", args)
+		assert.Contains(t, r.stdout, "Usage:", "%v", args)
+	}
+	r := dimmer(t, nil, "stage", "set", "--help")
+	assert.Contains(t, r.stdout, "Valid stages: off, dualwrite, shadow, live, rampdown, complete")
+}
+
+func TestExitCodeMapping(t *testing.T) {
+	assert.Equal(t, exitOK, exitCode(nil))
+	assert.Equal(t, exitConflict, exitCode(fmt.Errorf("set: %w", &flags.ConflictError{Migration: "orders", Expected: 1, Current: 2})))
+	assert.Equal(t, exitRefused, exitCode(&flags.RefusedError{Migration: "orders"}))
+	assert.Equal(t, exitUsage, exitCode(&flags.UnknownStageError{Value: "x"}))
+	assert.Equal(t, exitError, exitCode(fmt.Errorf("connection refused")))
+}
