@@ -259,3 +259,33 @@ func TestSwapAuditEntryMustMatch(t *testing.T) {
 	_, err = s.Load(ctx, "a")
 	assert.False(t, errors.Is(err, flags.ErrConflict))
 }
+
+// A document too large for a notification payload is announced by name and
+// loaded by the listener.
+func TestLargeDocumentReachesProvider(t *testing.T) {
+	t.Parallel()
+	s, pool, schema := newStore(t)
+	flagstest.Set(t, s, "orders", flags.DualWrite, nil)
+	p, err := pgflags.NewProvider(pool, pgflags.WithSchema(schema), pgflags.WithResyncInterval(time.Hour))
+	require.NoError(t, err)
+	_, client := flagstest.Client(t, p)
+	src, err := flags.NewSource(client, flags.Off)
+	require.NoError(t, err)
+	// Flip once so the listener is known to be subscribed.
+	flagstest.Set(t, s, "orders", flags.Shadow, nil)
+	require.Eventually(t, func() bool { st, _ := src.Stage(t.Context(), "orders", "k"); return st == flags.Shadow },
+		5*time.Second, 5*time.Millisecond)
+
+	ctx := flagstest.Context(t)
+	cur, err := s.Load(ctx, "orders")
+	require.NoError(t, err)
+	next := cur
+	next.Stage, next.UpdatedBy = flags.Live, strings.Repeat("x", 10_000)
+	_, err = s.Swap(ctx, cur.Revision, next, flagstest.Entry("orders", cur.Stage, flags.Live, "big"))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { st, _ := src.Stage(t.Context(), "orders", "k"); return st == flags.Live },
+		5*time.Second, 5*time.Millisecond, "a large document must still be pushed")
+	got, ok := p.Snapshot("orders")
+	require.True(t, ok)
+	assert.Len(t, got.UpdatedBy, 10_000)
+}
