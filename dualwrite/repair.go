@@ -98,8 +98,7 @@ func (r *Repair) UnmarshalJSON(b []byte) error {
 }
 
 // RepairLog is where repairs go: durable, because a repair that is lost is a
-// silent divergence. The outbox package provides the durable
-// durable implementation.
+// silent divergence. The outbox package provides the durable implementation.
 type RepairLog interface {
 	Record(ctx context.Context, r Repair) error
 }
