@@ -2,6 +2,7 @@ package outbox_test
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
@@ -127,4 +128,13 @@ func waitDrained(t testing.TB, pool *pgxpool.Pool, o *outbox.Outbox, within time
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+type tlog struct{ t testing.TB }
+
+func (w tlog) Write(p []byte) (int, error) { w.t.Log(strings.TrimSpace(string(p))); return len(p), nil }
+
+// quiet logs warnings and errors through t.Log.
+func quiet(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tlog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }

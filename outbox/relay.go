@@ -248,9 +248,11 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	defer close(r.done)
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	r.cancel.Store(&cancel)
-	defer r.bg.Wait()
+	defer func() {
+		cancel() // stops the listener and any vacuum
+		r.bg.Wait()
+	}()
 
 	r.bg.Add(1)
 	go func() {

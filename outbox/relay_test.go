@@ -1,0 +1,329 @@
+package outbox_test
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/outbox"
+)
+
+// killable is a relay with everything a crash takes down with it.
+type killable struct {
+	relay  *outbox.Relay
+	cancel context.CancelFunc
+	pool   *pgxpool.Pool
+	done   chan struct{}
+}
+
+// TestPerKeyOrderUnderChaos commits randomized, interleaved transactions from
+// many goroutines while 4 relays publish to Kafka and are killed abruptly
+// (context cancelled right after a batch was published and before it was
+// acknowledged, pool and producer closed, no lease released) and replaced.
+// The published stream must hold every committed message, none of the
+// rolled-back ones, and per key the first deliveries in commit order.
+func TestPerKeyOrderUnderChaos(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 16})
+	ctx := tctx(t, 90*time.Second)
+	seeds := brokers(t)
+	topic := testenv.Name("orders_")
+	createTopic(t, seeds, topic, 8)
+
+	// Ground truth, written in the same transactions: a per-key counter
+	// row (its lock makes n the commit order per key) and the message id
+	// it numbered.
+	_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0);
+CREATE TABLE expected (key text, n int, id uuid, PRIMARY KEY (key, n))`)
+	require.NoError(t, err)
+	const nkeys = 30
+	keys := make([]string, nkeys)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("acct-%02d", i)
+		_, err := pool.Exec(ctx, `INSERT INTO counters (key) VALUES ($1)`, keys[i])
+		require.NoError(t, err)
+	}
+
+	var kills atomic.Int64
+	var mu sync.Mutex
+	relays := map[int]*killable{}
+	start := func(slot int) {
+		rp := relayPool(t)
+		cl, pub := producer(t, seeds)
+		k := &killable{pool: rp, done: make(chan struct{})}
+		rctx, cancel := context.WithCancel(ctx)
+		k.cancel = cancel
+		// Kill mid-batch: after the broker acknowledged, before the ack.
+		crashy := outbox.PublisherFunc(func(c context.Context, b []outbox.Record) []error {
+			res := pub.Publish(c, b)
+			if rand.IntN(8) == 0 {
+				kills.Add(1)
+				cancel()
+			}
+			return res
+		})
+		r, err := o.NewRelay(rp, crashy, outbox.RelayConfig{
+			ID: fmt.Sprintf("relay-%d-%d", slot, rand.Int()), LeaseTTL: 400 * time.Millisecond,
+			PollInterval: 50 * time.Millisecond, BatchSize: 64, Logger: quiet(t),
+		})
+		require.NoError(t, err)
+		k.relay = r
+		go func() {
+			defer close(k.done)
+			_ = r.Run(rctx)
+			rp.Close() // a crash takes its connections and producer with it
+			cl.Close()
+		}()
+		mu.Lock()
+		relays[slot] = k
+		mu.Unlock()
+	}
+	for slot := range 4 {
+		start(slot)
+	}
+	// The supervisor restarts crashed relays and crashes some more.
+	stopSup := make(chan struct{})
+	supDone := make(chan struct{})
+	go func() {
+		defer close(supDone)
+		tick := time.NewTicker(30 * time.Millisecond)
+		defer tick.Stop()
+		n := 0
+		for {
+			select {
+			case <-stopSup:
+				return
+			case <-tick.C:
+			}
+			n++
+			for slot := range 4 {
+				mu.Lock()
+				k := relays[slot]
+				mu.Unlock()
+				select {
+				case <-k.done:
+					start(slot)
+				default:
+					if n%10 == 0 && rand.IntN(4) == 0 {
+						kills.Add(1)
+						k.cancel() // killed at a random point
+					}
+				}
+			}
+		}
+	}()
+
+	began := time.Now()
+	var committed, rolledBack atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(g), 7))
+			for range 40 {
+				pick := rng.Perm(nkeys)[:1+rng.IntN(3)]
+				slices.Sort(pick) // a consistent lock order: no deadlocks
+				err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+					for _, i := range pick {
+						for range 1 + rng.IntN(2) {
+							id, err := o.Enqueue(ctx, tx, outbox.Message{Topic: topic, Key: keys[i], Payload: []byte(keys[i])})
+							if err != nil {
+								return err
+							}
+							if rng.IntN(3) == 0 {
+								time.Sleep(time.Duration(rng.IntN(1500)) * time.Microsecond)
+							}
+							var n int
+							if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, keys[i]).Scan(&n); err != nil {
+								return err
+							}
+							if _, err := tx.Exec(ctx, `INSERT INTO expected VALUES ($1, $2, $3)`, keys[i], n, id); err != nil {
+								return err
+							}
+						}
+					}
+					if rng.IntN(10) == 0 {
+						return errRollback
+					}
+					return nil
+				})
+				switch err {
+				case nil:
+					committed.Add(1)
+				case errRollback:
+					rolledBack.Add(1)
+				default:
+					t.Errorf("writer: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("writers done after %v", time.Since(began))
+	waitDrained(t, pool, o, 45*time.Second)
+	t.Logf("drained after %v", time.Since(began))
+	close(stopSup)
+	<-supDone
+	mu.Lock()
+	for _, k := range relays {
+		_ = k.relay.Shutdown(ctx)
+		<-k.done
+	}
+	mu.Unlock()
+	t.Logf("relays stopped after %v", time.Since(began))
+
+	want := map[string][]string{}
+	rows, err := pool.Query(ctx, `SELECT key, id::text FROM expected ORDER BY key, n`)
+	require.NoError(t, err)
+	var key, id string
+	total := 0
+	_, err = pgx.ForEachRow(rows, []any{&key, &id}, func() error { want[key] = append(want[key], id); total++; return nil })
+	require.NoError(t, err)
+
+	got := map[string][]string{}
+	recs := consumeAll(t, seeds, topic)
+	for _, r := range recs {
+		got[string(r.Key)] = append(got[string(r.Key)], header(r, outbox.HeaderMessageID))
+	}
+	dups := 0
+	for _, k := range keys {
+		seen := map[string]bool{}
+		var first []string
+		for _, id := range got[k] {
+			if seen[id] {
+				dups++
+				continue
+			}
+			seen[id] = true
+			first = append(first, id)
+		}
+		require.Equal(t, want[k], first, "key %s: first deliveries must be every committed message, in commit order", k)
+	}
+	t.Logf("%d transactions committed, %d rolled back, %d messages, %d published records, %d duplicates, %d relay kills",
+		committed.Load(), rolledBack.Load(), total, len(recs), dups, kills.Load())
+	assert.Equal(t, total+dups, len(recs))
+	assert.Greater(t, kills.Load(), int64(3), "the test must actually kill relays")
+	assert.Greater(t, rolledBack.Load(), int64(0))
+}
+
+var errRollback = fmt.Errorf("test rollback")
+
+// TestLeasesSplitAndFence: relays share the buckets fairly; a relay whose
+// lease was taken over cannot acknowledge (its rows stay for the owner).
+func TestLeasesSplitAndFence(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 8})
+	ctx := tctx(t, 30*time.Second)
+	var published atomic.Int64
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		published.Add(int64(len(b)))
+		return make([]error, len(b))
+	})
+	var rs []*outbox.Relay
+	var wg sync.WaitGroup
+	for i := range 3 {
+		r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: fmt.Sprint("r", i), LeaseTTL: 300 * time.Millisecond, PollInterval: 20 * time.Millisecond, Logger: quiet(t)})
+		require.NoError(t, err)
+		rs = append(rs, r)
+		wg.Add(1)
+		go func() { defer wg.Done(); _ = r.Run(ctx) }()
+	}
+	require.Eventually(t, func() bool {
+		all := map[int]int{}
+		for _, r := range rs {
+			bs := r.Buckets()
+			if len(bs) < 2 || len(bs) > 3 {
+				return false
+			}
+			for _, b := range bs {
+				all[b]++
+			}
+		}
+		return len(all) == 8
+	}, 10*time.Second, 20*time.Millisecond, "8 buckets split 3/3/2 without overlap")
+
+	// Graceful shutdown hands buckets over at once (well under a TTL).
+	require.NoError(t, rs[0].Shutdown(ctx))
+	require.Eventually(t, func() bool { return len(rs[1].Buckets())+len(rs[2].Buckets()) == 8 }, 5*time.Second, 10*time.Millisecond)
+
+	for i := range 50 {
+		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i)})
+		require.NoError(t, err)
+	}
+	waitDrained(t, pool, o, 10*time.Second)
+	assert.GreaterOrEqual(t, published.Load(), int64(50))
+	for _, r := range rs[1:] {
+		require.NoError(t, r.Shutdown(ctx))
+	}
+	wg.Wait()
+	var owned int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+o.Config().Schema+`.outbox_leases WHERE owner IS NOT NULL`).Scan(&owned))
+	assert.Zero(t, owned, "shutdown releases every lease")
+}
+
+// TestFencedAck: a relay stalled in Publish past its lease is fenced off.
+// Another relay takes the bucket over (and fails to publish, so the row
+// stays); the stalled relay's acknowledgement must then delete nothing.
+func TestFencedAck(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 1})
+	ctx := tctx(t, 30*time.Second)
+	_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: "k"})
+	require.NoError(t, err)
+	table := o.Config().Schema + ".outbox"
+
+	stalled := make(chan struct{})
+	release := make(chan struct{})
+	slow := outbox.PublisherFunc(func(c context.Context, b []outbox.Record) []error {
+		close(stalled)
+		<-release // ignores its deadline, like a wedged client
+		return make([]error, len(b))
+	})
+	r1, err := o.NewRelay(pool, slow, outbox.RelayConfig{ID: "slow", LeaseTTL: 300 * time.Millisecond, PollInterval: 20 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	d1 := make(chan struct{})
+	go func() { defer close(d1); _ = r1.Run(ctx) }()
+	<-stalled
+	require.Equal(t, []int{0}, r1.Buckets())
+
+	r2, err := o.NewRelay(pool, outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		errs := make([]error, len(b))
+		for i := range errs {
+			errs[i] = fmt.Errorf("broker says no")
+		}
+		return errs
+	}), outbox.RelayConfig{ID: "owner", LeaseTTL: 300 * time.Millisecond, PollInterval: 20 * time.Millisecond, BackoffMin: time.Minute, BackoffMax: time.Minute, Logger: quiet(t)})
+	require.NoError(t, err)
+	d2 := make(chan struct{})
+	go func() { defer close(d2); _ = r2.Run(ctx) }()
+	attempts := func() int {
+		var n int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT attempts FROM `+table).Scan(&n))
+		return n
+	}
+	require.Eventually(t, func() bool { return attempts() == 1 }, 10*time.Second, 10*time.Millisecond,
+		"the lease expires and the new owner tries (and fails) to publish")
+
+	close(release) // the stale relay now acknowledges its batch
+	require.Eventually(t, func() bool { return len(r1.Buckets()) == 0 }, 10*time.Second, 10*time.Millisecond,
+		"the fenced-off relay learns it lost the lease")
+	assert.Equal(t, 1, pending(t, pool, o), "the stale acknowledgement must not delete the new owner's row")
+	assert.Equal(t, []int{0}, r2.Buckets())
+	require.NoError(t, r1.Shutdown(ctx))
+	require.NoError(t, r2.Shutdown(ctx))
+	<-d1
+	<-d2
+}
