@@ -41,7 +41,8 @@
 // [TxRepairLog], so the intent commits exactly with the authoritative write.
 // No secondary write runs before the commit; the [Repairer] brings the
 // secondary up to date from the committed state when the intent is
-// delivered. The durable log is the outbox package.
+// delivered. The durable log is the outbox: [NewOutboxRepairLog] writes
+// each repair as an outbox message ([DecodeRepair] reads it back).
 //
 // # Repairs
 //

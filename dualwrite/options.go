@@ -39,7 +39,7 @@ func defaultConfig() config {
 type Option func(*config) error
 
 // WithRepairLog sets where failed secondary writes go. Required. Give a
-// [TxRepairLog] to use [Writer.WriteTx].
+// [TxRepairLog] (such as [OutboxRepairLog]) to use [Writer.WriteTx].
 func WithRepairLog(l RepairLog) Option {
 	return func(c *config) error {
 		if l == nil {

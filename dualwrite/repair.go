@@ -98,7 +98,7 @@ func (r *Repair) UnmarshalJSON(b []byte) error {
 }
 
 // RepairLog is where repairs go: durable, because a repair that is lost is a
-// silent divergence. The outbox package provides the durable implementation.
+// silent divergence. [OutboxRepairLog] is the durable implementation.
 type RepairLog interface {
 	Record(ctx context.Context, r Repair) error
 }
