@@ -26,13 +26,19 @@ func TestNewValidates(t *testing.T) {
 	log := dualwrite.RepairLogFunc(func(context.Context, dualwrite.Repair) error { return nil })
 	src := stageOf(flags.Off)
 	cases := map[string]func() error{
-		"migration":   func() error { _, err := dualwrite.New("", src, w, w, k, dualwrite.WithRepairLog(log)); return err },
-		"source":      func() error { _, err := dualwrite.New[int, int]("m", nil, w, w, k, dualwrite.WithRepairLog(log)); return err },
-		"old write":   func() error { _, err := dualwrite.New("m", src, nil, w, k, dualwrite.WithRepairLog(log)); return err },
-		"new write":   func() error { _, err := dualwrite.New("m", src, w, nil, k, dualwrite.WithRepairLog(log)); return err },
-		"key":         func() error { _, err := dualwrite.New("m", src, w, w, nil, dualwrite.WithRepairLog(log)); return err },
-		"repair log":  func() error { _, err := dualwrite.New("m", src, w, w, k); return err },
-		"WithAsync":   func() error { _, err := dualwrite.New("m", src, w, w, k, dualwrite.WithRepairLog(log), dualwrite.WithAsync(0, 1)); return err },
+		"migration": func() error { _, err := dualwrite.New("", src, w, w, k, dualwrite.WithRepairLog(log)); return err },
+		"source": func() error {
+			_, err := dualwrite.New[int, int]("m", nil, w, w, k, dualwrite.WithRepairLog(log))
+			return err
+		},
+		"old write":  func() error { _, err := dualwrite.New("m", src, nil, w, k, dualwrite.WithRepairLog(log)); return err },
+		"new write":  func() error { _, err := dualwrite.New("m", src, w, nil, k, dualwrite.WithRepairLog(log)); return err },
+		"key":        func() error { _, err := dualwrite.New("m", src, w, w, nil, dualwrite.WithRepairLog(log)); return err },
+		"repair log": func() error { _, err := dualwrite.New("m", src, w, w, k); return err },
+		"WithAsync": func() error {
+			_, err := dualwrite.New("m", src, w, w, k, dualwrite.WithRepairLog(log), dualwrite.WithAsync(0, 1))
+			return err
+		},
 		"WithSecondaryTimeout": func() error {
 			_, err := dualwrite.New("m", src, w, w, k, dualwrite.WithRepairLog(log), dualwrite.WithSecondaryTimeout(0))
 			return err
