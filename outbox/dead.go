@@ -1,0 +1,117 @@
+package outbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// Querier runs queries: *pgxpool.Pool, *pgx.Conn and pgx.Tx all are.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// DeadLetter is a message that failed Config.MaxAttempts times. It holds
+// back the later messages of its key until it is retried or skipped.
+type DeadLetter struct {
+	Record
+	LastError string
+	DeadAt    time.Time
+	// Waiting counts the later messages of the same key held back by it.
+	Waiting int
+}
+
+// DeadLetters lists up to limit dead letters, oldest first, optionally only
+// of one topic ("" for all).
+func (o *Outbox) DeadLetters(ctx context.Context, db Querier, topic string, limit int) ([]DeadLetter, error) {
+	if limit <= 0 {
+		limit = 100
+	}
+	rows, err := db.Query(ctx, `SELECT d.seq, d.id, d.key, d.topic, d.payload, d.headers, d.attempts, d.created_at,
+	coalesce(d.last_error, ''), d.dead_at,
+	(SELECT count(*) FROM `+o.table+` w WHERE w.bucket = d.bucket AND w.lane = d.lane AND w.seq > d.seq)
+FROM `+o.table+` d WHERE d.dead_at IS NOT NULL AND ($1 = '' OR d.topic = $1)
+ORDER BY d.dead_at, d.seq LIMIT $2`, topic, limit)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: list dead letters: %w", err)
+	}
+	var out []DeadLetter
+	var d DeadLetter
+	var key *string
+	var headers map[string]string
+	_, err = pgx.ForEachRow(rows, []any{&d.Seq, &d.ID, &key, &d.Topic, &d.Payload, &headers, &d.Attempts, &d.CreatedAt, &d.LastError, &d.DeadAt, &d.Waiting}, func() error {
+		if key != nil {
+			d.Key = *key
+		}
+		d.Headers = headers
+		out = append(out, d)
+		d, key, headers = DeadLetter{}, nil, nil
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("outbox: list dead letters: %w", err)
+	}
+	return out, nil
+}
+
+// RetryDead makes a dead letter pending again with a fresh attempt budget;
+// the relay publishes it next, then the messages it held back.
+func (o *Outbox) RetryDead(ctx context.Context, db Execer, id uuid.UUID) error {
+	tag, err := db.Exec(ctx, `UPDATE `+o.table+` SET dead_at = NULL, attempts = 0, next_attempt_at = NULL
+WHERE id = $1 AND dead_at IS NOT NULL`, id)
+	if err != nil {
+		return fmt.Errorf("outbox: retry dead letter %s: %w", id, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("%w: %s", ErrNotDead, id)
+	}
+	return nil
+}
+
+// SkipDead deletes a dead letter without publishing it and returns it (for
+// the operator's record); the messages it held back then flow.
+func (o *Outbox) SkipDead(ctx context.Context, db Querier, id uuid.UUID) (Record, error) {
+	var r Record
+	var key *string
+	err := db.QueryRow(ctx, `DELETE FROM `+o.table+` WHERE id = $1 AND dead_at IS NOT NULL
+RETURNING seq, id, key, topic, payload, headers, attempts, created_at`, id).
+		Scan(&r.Seq, &r.ID, &key, &r.Topic, &r.Payload, &r.Headers, &r.Attempts, &r.CreatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Record{}, fmt.Errorf("%w: %s", ErrNotDead, id)
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("outbox: skip dead letter %s: %w", id, err)
+	}
+	if key != nil {
+		r.Key = *key
+	}
+	return r, nil
+}
+
+// Stats describes the whole outbox.
+type Stats struct {
+	Pending int64         // undelivered messages, dead letters included
+	Dead    int64         // dead letters
+	Oldest  time.Duration // age of the oldest undelivered message
+}
+
+// Stats counts undelivered messages, optionally of topics starting with
+// topicPrefix ("" for all): dualwrite's "no pending repairs" guard asks
+// Stats(ctx, db, "dimmer.repair.<migration>").
+func (o *Outbox) Stats(ctx context.Context, db Querier, topicPrefix string) (Stats, error) {
+	var s Stats
+	var age float64
+	err := db.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE dead_at IS NOT NULL),
+	coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
+FROM `+o.table+` WHERE starts_with(topic, $1)`, topicPrefix).Scan(&s.Pending, &s.Dead, &age)
+	if err != nil {
+		return Stats{}, fmt.Errorf("outbox: stats: %w", err)
+	}
+	s.Oldest = time.Duration(age * float64(time.Second))
+	return s, nil
+}

@@ -1,0 +1,110 @@
+package outbox_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/outbox"
+)
+
+// TestPoisonBlocksOnlyItsKey: a message the broker keeps refusing is retried
+// with backoff, becomes a dead letter after MaxAttempts and holds back only
+// the later messages of its own key; retry and skip release them in order.
+func TestPoisonBlocksOnlyItsKey(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 4})
+	ctx := tctx(t, 30*time.Second)
+	var mu sync.Mutex
+	var got []string
+	poisonOK := false
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		errs := make([]error, len(b))
+		for i, r := range b {
+			if string(r.Payload) == "poison" && !poisonOK {
+				errs[i] = errors.New("schema registry rejects the payload")
+				continue
+			}
+			got = append(got, r.Key+":"+string(r.Payload))
+		}
+		return errs
+	})
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: 10 * time.Millisecond, MaxAttempts: 3,
+		BackoffMin: 5 * time.Millisecond, BackoffMax: 20 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	defer func() { require.NoError(t, r.Shutdown(ctx)); <-done }()
+
+	enq := func(key, payload string) uuid.UUID {
+		id, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: key, Payload: []byte(payload)})
+		require.NoError(t, err)
+		return id
+	}
+	enq("bad", "1")
+	poison := enq("bad", "poison")
+	enq("bad", "3")
+	for i := range 20 {
+		enq(fmt.Sprint("good", i%4), fmt.Sprint(i))
+	}
+	var dead []outbox.DeadLetter
+	require.Eventually(t, func() bool {
+		dead, err = o.DeadLetters(ctx, pool, "", 10)
+		require.NoError(t, err)
+		return len(dead) == 1
+	}, 10*time.Second, 10*time.Millisecond)
+	assert.Equal(t, poison, dead[0].ID)
+	assert.Equal(t, 3, dead[0].Attempts)
+	assert.Equal(t, 1, dead[0].Waiting, "bad:3 waits behind it")
+	assert.Contains(t, dead[0].LastError, "schema registry")
+	require.Eventually(t, func() bool {
+		s, err := o.Stats(ctx, pool, "")
+		require.NoError(t, err)
+		return s.Pending == 2 && s.Dead == 1
+	}, 10*time.Second, 10*time.Millisecond, "every other key drained")
+	mu.Lock()
+	assert.Len(t, got, 21)
+	assert.Equal(t, "bad:1", got[0][:5])
+	assert.NotContains(t, got, "bad:3")
+	mu.Unlock()
+
+	require.ErrorIs(t, o.RetryDead(ctx, pool, uuid.New()), outbox.ErrNotDead)
+	_, err = o.SkipDead(ctx, pool, uuid.New())
+	require.ErrorIs(t, err, outbox.ErrNotDead)
+
+	// Retry: published now, then what it held back, in order.
+	mu.Lock()
+	poisonOK = true
+	mu.Unlock()
+	require.NoError(t, o.RetryDead(ctx, pool, poison))
+	waitDrained(t, pool, o, 10*time.Second)
+	mu.Lock()
+	assert.Equal(t, []string{"bad:poison", "bad:3"}, got[len(got)-2:])
+	poisonOK = false
+	mu.Unlock()
+
+	// Skip: the next poison is dropped on the operator's word, the rest flows.
+	p2 := enq("bad", "poison")
+	enq("bad", "5")
+	require.Eventually(t, func() bool {
+		d, err := o.DeadLetters(ctx, pool, "t", 10)
+		require.NoError(t, err)
+		return len(d) == 1
+	}, 10*time.Second, 10*time.Millisecond)
+	rec, err := o.SkipDead(ctx, pool, p2)
+	require.NoError(t, err)
+	assert.Equal(t, "poison", string(rec.Payload))
+	waitDrained(t, pool, o, 10*time.Second)
+	mu.Lock()
+	assert.Equal(t, "bad:5", got[len(got)-1])
+	mu.Unlock()
+}
