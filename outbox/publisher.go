@@ -39,4 +39,3 @@ var _ Publisher = PublisherFunc(nil)
 // HeaderMessageID is the header (Kafka) or field (Redis Streams) the shipped
 // publishers put the message ID in, for consumers' de-duplication.
 const HeaderMessageID = "dimmer-message-id"
-
