@@ -1,0 +1,80 @@
+// Package outbox is a transactional outbox for Postgres (pgx v5) with a
+// relay that runs on several instances at once and still publishes each
+// key's messages in commit order, to Kafka (package kafkasink) or Redis
+// Streams (package redissink) or any [Publisher]. It is also the durable
+// repair log of package dualwrite.
+//
+// # Writing
+//
+// [Outbox.Install] creates the tables (idempotent, versioned in
+// <table>_meta, any schema and table name, identifiers quoted).
+// [Outbox.Enqueue] writes a [Message] in the caller's pgx.Tx in one
+// statement; [Outbox.EnqueuePool] writes one outside a caller transaction.
+// Bad input is a [*FieldError] wrapping [ErrInvalidMessage] and writes
+// nothing.
+//
+// # The ordering guarantee
+//
+// For one non-empty key, messages are first published in the order their
+// transactions committed (within a transaction, in Enqueue order). How:
+//
+//   - Enqueue takes a transaction-scoped advisory lock on the key (class:
+//     the table, object: a hash of the key) before the row draws its seq
+//     from the table's identity, in the same statement. The lock is held to
+//     commit, so a second writer of the key draws its seq only after the
+//     first has committed (or rolled back): per key, seq order is commit
+//     order, and when a row is visible every earlier-seq row of its key is
+//     too. Unrelated keys never wait on each other (a hash collision only
+//     makes two keys wait); a long transaction holds back writers of its
+//     own keys only. Transactions writing several keys should enqueue them
+//     in a consistent order, or retry a deadlock error.
+//   - No cursor and no snapshot fence: the relay publishes, per key, the
+//     oldest remaining row (its head), so a transaction that commits late
+//     is simply picked up when it commits, and a transaction left idle
+//     elsewhere in the database holds back nothing but its own keys.
+//
+// Delivery is at least once: a relay that dies between the broker's
+// acknowledgement and its own may cause a message to be published again;
+// consumers de-duplicate with package inbox on the message ID carried in
+// [HeaderMessageID]. A repeat is always of a message already published, so
+// the first deliveries per key keep commit order.
+//
+// # The relay
+//
+// Keys are hashed into Config.Buckets buckets ([Outbox.Bucket]: XXH64 of the
+// key mod buckets). Each [Relay] leases a fair share of the buckets
+// (ceil(buckets / live relays)) in <table>_leases, renews every LeaseTTL/3,
+// and takes over expired ones; a lease carries an epoch bumped on every
+// takeover. Fencing: a relay publishes only before its lease's local
+// deadline (taken before the renewal was sent, minus a margin, so it ends
+// before the database expiry), and the statement that deletes published
+// rows share-locks the lease rows and checks owner and epoch, so a relay
+// that lost its lease can neither publish after its deadline nor
+// acknowledge; its rows stay for the new owner.
+//
+// Each cycle walks the leased buckets' lanes (a loose index scan with a
+// round-robin cursor per bucket), takes each lane's head, publishes them
+// all at once (one message in flight per key, pipelined across keys) and
+// deletes the acknowledged rows in one statement. A failed publish is
+// retried with exponential backoff and jitter (BackoffMin..BackoffMax);
+// after MaxAttempts it becomes a dead letter that holds back only its own
+// key until [Outbox.RetryDead] or [Outbox.SkipDead] ([Outbox.DeadLetters]
+// lists them). Relays wake on LISTEN/NOTIFY (Enqueue notifies) and poll
+// every PollInterval as a fallback.
+//
+// Retention: delivered rows are deleted in bulk by the acknowledging
+// statement; the relay runs VACUUM on the table every VacuumEvery deletions
+// (one relay at a time) and the table is installed with a low autovacuum
+// threshold, so dead tuples and the heap stay bounded under steady load.
+// Dead letters stay until handled.
+//
+// Metrics (OpenTelemetry, no-op unless a provider is set):
+// dimmer.outbox.published, publish_errors, retries, dead_letters,
+// commit_to_ack (seconds, row insert to broker acknowledgement), and the
+// gauges backlog, oldest_age and dead for the buckets each relay leases.
+// Logs go to log/slog.
+//
+// [Relay.Run] runs until its context ends (an abrupt stop: the leases lapse
+// after LeaseTTL) or [Relay.Shutdown] (the batch in flight completes and the
+// leases are handed back at once).
+package outbox
