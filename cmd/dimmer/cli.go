@@ -138,8 +138,16 @@ transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 	stage := &cobra.Command{Use: "stage", Short: "Read or set a migration's stage"}
 	stage.AddCommand(c.stageGetCmd(), c.stageSetCmd())
 	root.AddCommand(stage, c.rolloutCmd(), c.statusCmd(), c.auditCmd())
+	for _, add := range commandGroups {
+		root.AddCommand(add(c))
+	}
 	return root
 }
+
+// commandGroups are the top-level commands other files of this package add
+// (outbox, schema, backfill), each registering itself in an init function,
+// so each package's commands live beside each other and not in this file.
+var commandGroups []func(*cli) *cobra.Command
 
 func (c *cli) open(ctx context.Context) (*backend, error) {
 	if c.be != nil {
