@@ -102,8 +102,8 @@ func TestStateStageForSplit(t *testing.T) {
 
 func TestDecodeStateRejectsBadDocuments(t *testing.T) {
 	for doc, want := range map[string]string{
-		`{"migration":"orders","stage":"sideways"}`:                                       `unknown stage "sideways"`,
-		`{"migration":"Orders!","stage":"off"}`:                                           `invalid migration name "Orders!"`,
+		`{"migration":"orders","stage":"sideways"}`:                                     `unknown stage "sideways"`,
+		`{"migration":"Orders!","stage":"off"}`:                                         `invalid migration name "Orders!"`,
 		`{"migration":"orders","stage":"off","rollout":{"stage":"live","percent":120}}`: "percent 120",
 		`not json`: "decode stage flag document",
 	} {

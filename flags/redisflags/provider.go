@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/open-feature/go-sdk/openfeature"
@@ -99,29 +98,19 @@ func (p *Provider) LastSync() time.Time { return p.engine.LastSync() }
 
 // Snapshot returns the state of a migration as the provider currently serves
 // it.
-func (p *Provider) Snapshot(migration string) (flags.State, bool) { return p.engine.Snapshot(migration) }
+func (p *Provider) Snapshot(migration string) (flags.State, bool) {
+	return p.engine.Snapshot(migration)
+}
 
 // StringEvaluation serves the stage of a flag for the evaluation's targeting
 // key, per [flags.State.StageFor].
 func (p *Provider) StringEvaluation(ctx context.Context, flag string, defaultValue string, flatCtx openfeature.FlattenedContext) openfeature.StringResolutionDetail {
-	r := p.engine.StringEvaluation(ctx, flag, defaultValue, flatCtx)
-	if r.Reason == openfeature.ErrorReason {
-		if err := p.be.bad.get(flag); err != nil {
-			r.ResolutionError = openfeature.NewParseErrorResolutionError(err.Error())
-		}
-	}
-	return r
+	return p.engine.StringEvaluation(ctx, flag, defaultValue, flatCtx)
 }
 
 // ObjectEvaluation returns the whole [flags.State] of a flag.
 func (p *Provider) ObjectEvaluation(ctx context.Context, flag string, defaultValue any, flatCtx openfeature.FlattenedContext) openfeature.InterfaceResolutionDetail {
-	r := p.engine.ObjectEvaluation(ctx, flag, defaultValue, flatCtx)
-	if r.Reason == openfeature.ErrorReason {
-		if err := p.be.bad.get(flag); err != nil {
-			r.ResolutionError = openfeature.NewParseErrorResolutionError(err.Error())
-		}
-	}
-	return r
+	return p.engine.ObjectEvaluation(ctx, flag, defaultValue, flatCtx)
 }
 
 // BooleanEvaluation implements [openfeature.FeatureProvider]; stage flags are
@@ -140,83 +129,35 @@ func (p *Provider) IntEvaluation(ctx context.Context, flag string, defaultValue 
 	return p.engine.IntEvaluation(ctx, flag, defaultValue, flatCtx)
 }
 
-// badDocs remembers why stored documents failed to decode, so evaluating
-// such a flag says so instead of "not found".
-type badDocs struct {
-	mu sync.RWMutex
-	m  map[string]error
-}
-
-func (b *badDocs) get(flag string) error {
-	b.mu.RLock()
-	defer b.mu.RUnlock()
-	return b.m[flag]
-}
-
-func (b *badDocs) replace(m map[string]error) {
-	b.mu.Lock()
-	b.m = m
-	b.mu.Unlock()
-}
-
-func (b *badDocs) set(flag string, err error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if err == nil {
-		delete(b.m, flag)
-		return
-	}
-	if b.m == nil {
-		b.m = map[string]error{}
-	}
-	b.m[flag] = err
-}
-
 // backend is the snapshot.Backend over the store's keys.
 type backend struct {
 	client redis.UniversalClient
 	k      keys
-	bad    badDocs
 }
 
 var _ snapshot.Backend = (*backend)(nil)
 
-func (b *backend) LoadAll(ctx context.Context) ([]flags.State, error) {
+func (b *backend) LoadAll(ctx context.Context) ([]snapshot.Doc, error) {
 	all, err := b.client.HGetAll(ctx, b.k.flags).Result()
 	if err != nil {
 		return nil, fmt.Errorf("redisflags: load flags: %w", err)
 	}
-	out := make([]flags.State, 0, len(all))
-	bad := map[string]error{}
+	out := make([]snapshot.Doc, 0, len(all))
 	for m, doc := range all {
-		st, err := decode(m, doc)
-		if err != nil {
-			bad[m] = err
-			continue
-		}
-		out = append(out, st)
+		out = append(out, snapshot.Doc{Migration: m, Raw: []byte(doc)})
 	}
-	b.bad.replace(bad)
 	return out, nil
 }
 
-// Load reads one flag. A malformed document is reported as absent (the
-// engine drops it from the snapshot) and remembered for evaluations.
-func (b *backend) Load(ctx context.Context, migration string) (flags.State, bool, error) {
+func (b *backend) Load(ctx context.Context, migration string) ([]byte, bool, error) {
 	doc, err := b.client.HGet(ctx, b.k.flags, migration).Result()
 	if errors.Is(err, redis.Nil) {
-		b.bad.set(migration, nil)
-		return flags.State{}, false, nil
+		return nil, false, nil
 	}
 	if err != nil {
-		return flags.State{}, false, fmt.Errorf("redisflags: load %s: %w", migration, err)
+		return nil, false, fmt.Errorf("redisflags: load %s: %w", migration, err)
 	}
-	st, err := decode(migration, doc)
-	b.bad.set(migration, err)
-	if err != nil {
-		return flags.State{}, false, nil
-	}
-	return st, true, nil
+	return []byte(doc), true, nil
 }
 
 // Listen subscribes to the channel and delivers messages until ctx ends or

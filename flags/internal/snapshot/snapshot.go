@@ -22,16 +22,24 @@ import (
 
 // Backend is what a store must provide to back a provider.
 type Backend interface {
-	// LoadAll reads every stored flag.
-	LoadAll(ctx context.Context) ([]flags.State, error)
-	// Load reads one flag; a flag never set is (State{}, false, nil).
-	Load(ctx context.Context, migration string) (flags.State, bool, error)
+	// LoadAll reads every stored flag document, undecoded: the engine
+	// decodes them, so a malformed one is reported the same way by every
+	// backend and never hides the others.
+	LoadAll(ctx context.Context) ([]Doc, error)
+	// Load reads one flag document; a flag never set is (nil, false, nil).
+	Load(ctx context.Context, migration string) ([]byte, bool, error)
 	// Listen subscribes to change notifications and blocks until ctx ends
 	// or the subscription breaks (returning the error). It calls subscribed
 	// once the subscription is in place, then changed for every
 	// notification: doc is the flag document when the notification carries
 	// one, nil when it carries only the migration name.
 	Listen(ctx context.Context, subscribed func(), changed func(migration string, doc []byte)) error
+}
+
+// Doc is a stored flag document as a backend read it.
+type Doc struct {
+	Migration string
+	Raw       []byte
 }
 
 // Config tunes an Engine.
@@ -53,8 +61,11 @@ type Engine struct {
 	cfg     Config
 	backend Backend
 
-	snap   atomic.Pointer[map[string]*flags.State]
-	mu     sync.Mutex // serialises snapshot updates
+	snap atomic.Pointer[map[string]*flags.State]
+	mu   sync.Mutex // serialises snapshot updates and guards bad
+	// bad holds why stored documents failed to decode, so evaluating such a
+	// flag says what is wrong instead of "not found".
+	bad    map[string]error
 	events chan openfeature.Event
 	status atomic.Value // openfeature.State
 	synced atomic.Int64 // unix nanos of the last full sync
@@ -88,7 +99,7 @@ func New(backend Backend, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	e := &Engine{cfg: cfg, backend: backend, events: make(chan openfeature.Event, 128)}
+	e := &Engine{cfg: cfg, backend: backend, events: make(chan openfeature.Event, 128), bad: map[string]error{}}
 	empty := map[string]*flags.State{}
 	e.snap.Store(&empty)
 	e.status.Store(openfeature.NotReadyState)
@@ -249,12 +260,23 @@ func (e *Engine) resync(ctx context.Context) error {
 		}
 		return err
 	}
+	decoded := make([]flags.State, 0, len(all))
+	bad := map[string]error{}
+	for _, d := range all {
+		st, err := e.decode(d.Migration, d.Raw)
+		if err != nil {
+			bad[d.Migration] = err
+			continue
+		}
+		decoded = append(decoded, st)
+	}
 	e.mu.Lock()
+	e.bad = bad
 	old := *e.snap.Load()
-	next := make(map[string]*flags.State, len(all))
+	next := make(map[string]*flags.State, len(decoded))
 	var changed []string
-	for i := range all {
-		st := all[i]
+	for i := range decoded {
+		st := decoded[i]
 		if prev, ok := old[st.Migration]; ok && prev.Revision > st.Revision {
 			// A notification already delivered something newer than
 			// this read saw.
@@ -290,17 +312,32 @@ func (e *Engine) apply(ctx context.Context, migration string, doc []byte) {
 	var err error
 	found := true
 	if doc != nil {
-		st, err = flags.DecodeState(doc)
+		st, err = e.decode(migration, doc)
 	}
-	if doc == nil || err != nil || st.Migration != migration {
+	if doc == nil || err != nil {
 		if err != nil {
 			e.cfg.Logger.Warn("bad flag notification; reloading the flag", "provider", e.cfg.Name, "migration", migration, "err", err)
 		}
-		st, found, err = e.backend.Load(ctx, migration)
+		var raw []byte
+		raw, found, err = e.backend.Load(ctx, migration)
 		if err != nil {
 			e.cfg.Logger.Warn("flag load after notification failed; the next resync heals it", "provider", e.cfg.Name, "migration", migration, "err", err)
 			return
 		}
+		var derr error
+		if found {
+			st, derr = e.decode(migration, raw)
+		}
+		e.mu.Lock()
+		if derr != nil {
+			// Malformed: drop it from the snapshot (the fallback is
+			// served, with the reason) rather than serve a stale stage.
+			e.bad[migration] = derr
+			found = false
+		} else {
+			delete(e.bad, migration)
+		}
+		e.mu.Unlock()
 	}
 	e.mu.Lock()
 	old := *e.snap.Load()
@@ -325,6 +362,32 @@ func (e *Engine) apply(ctx context.Context, migration string, doc []byte) {
 	e.snap.Store(&next)
 	e.mu.Unlock()
 	e.emit(openfeature.ProviderConfigChange, "notification", []string{migration})
+}
+
+// decode parses a stored document and checks it is the migration's own.
+func (e *Engine) decode(migration string, raw []byte) (flags.State, error) {
+	st, err := flags.DecodeState(raw)
+	if err != nil {
+		return flags.State{}, fmt.Errorf("%s: flag %s: %w", e.cfg.Name, migration, err)
+	}
+	if st.Migration != migration {
+		return flags.State{}, fmt.Errorf("%s: flag %s: stored document names migration %q", e.cfg.Name, migration, st.Migration)
+	}
+	return st, nil
+}
+
+// missing explains why a flag is not in the snapshot.
+func (e *Engine) missing(flag string) openfeature.ResolutionError {
+	if e.Status() == openfeature.ErrorState {
+		return openfeature.NewProviderNotReadyResolutionError(e.cfg.Name + ": flag store not reached yet")
+	}
+	e.mu.Lock()
+	bad := e.bad[flag]
+	e.mu.Unlock()
+	if bad != nil {
+		return openfeature.NewParseErrorResolutionError(bad.Error())
+	}
+	return openfeature.NewFlagNotFoundResolutionError(fmt.Sprintf("%s: no stage flag %q", e.cfg.Name, flag))
 }
 
 func (e *Engine) setStatus(s openfeature.State, ev openfeature.EventType, msg string) {
@@ -354,15 +417,8 @@ func (e *Engine) emit(t openfeature.EventType, msg string, changes []string) {
 func (e *Engine) StringEvaluation(_ context.Context, flag string, defaultValue string, flatCtx openfeature.FlattenedContext) openfeature.StringResolutionDetail {
 	st, ok := (*e.snap.Load())[flag]
 	if !ok {
-		reason := openfeature.ErrorReason
-		var rerr openfeature.ResolutionError
-		if e.Status() == openfeature.ErrorState {
-			rerr = openfeature.NewProviderNotReadyResolutionError(e.cfg.Name + ": flag store not reached yet")
-		} else {
-			rerr = openfeature.NewFlagNotFoundResolutionError(fmt.Sprintf("%s: no stage flag %q", e.cfg.Name, flag))
-		}
 		return openfeature.StringResolutionDetail{Value: defaultValue, ProviderResolutionDetail: openfeature.ProviderResolutionDetail{
-			ResolutionError: rerr, Reason: reason,
+			ResolutionError: e.missing(flag), Reason: openfeature.ErrorReason,
 		}}
 	}
 	key, _ := flatCtx[openfeature.TargetingKey].(string)
@@ -412,7 +468,7 @@ func (e *Engine) ObjectEvaluation(_ context.Context, flag string, defaultValue a
 	st, ok := (*e.snap.Load())[flag]
 	if !ok {
 		return openfeature.InterfaceResolutionDetail{Value: defaultValue, ProviderResolutionDetail: openfeature.ProviderResolutionDetail{
-			ResolutionError: openfeature.NewFlagNotFoundResolutionError(fmt.Sprintf("%s: no stage flag %q", e.cfg.Name, flag)),
+			ResolutionError: e.missing(flag),
 			Reason:          openfeature.ErrorReason,
 		}}
 	}
