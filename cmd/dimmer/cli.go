@@ -164,6 +164,17 @@ func (c *cli) open(ctx context.Context) (*backend, error) {
 	return be, nil
 }
 
+// openController opens the store and a controller over it with the fleet
+// barrier and the built-in guards.
+func (c *cli) openController(ctx context.Context) (*backend, *flags.Controller, error) {
+	be, err := c.open(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	ctrl, err := c.controller(be)
+	return be, ctrl, err
+}
+
 func (c *cli) controller(be *backend) (*flags.Controller, error) {
 	return flags.NewController(be.store, flags.WithFleet(be.fleet), flags.WithGuards(defaultGuards(be)...),
 		flags.WithControllerLogger(c.logger))
@@ -227,11 +238,7 @@ Valid stages: ` + flags.ValidStages,
 			if reason == "" {
 				return usagef("--reason is required: say why, it goes to the audit log")
 			}
-			be, err := c.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			ctrl, err := c.controller(be)
+			_, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -276,11 +283,7 @@ Valid stages: ` + flags.ValidStages,
 			if reason == "" {
 				reason = fmt.Sprintf("rollout %s to %s%%", to, args[2])
 			}
-			be, err := c.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			ctrl, err := c.controller(be)
+			_, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -313,11 +316,7 @@ func (c *cli) statusCmd() *cobra.Command {
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			be, err := c.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			ctrl, err := c.controller(be)
+			be, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
 			}
