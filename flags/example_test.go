@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -141,4 +142,81 @@ func ExampleController() {
 	// applied dualwrite -> shadow by alice: backfill verified
 	// refused dualwrite -> shadow by alice: shadow please
 	// applied off -> dualwrite by alice: start dual writes
+}
+
+// An instance joins the fleet; the fleet barrier holds the next step until
+// it has applied the current revision.
+func ExampleHeartbeater() {
+	ctx := context.Background()
+	store, cleanup, err := exampleStore(ctx, "dimmer_example_heartbeater")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer cleanup()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctrl, _ := flags.NewController(store, flags.WithFleet(store), flags.WithControllerLogger(quiet))
+
+	applied := map[string]int64{} // a provider's Revisions method in a service
+	hb, err := flags.NewHeartbeater(store, "api-1", "v1.4.2", func() map[string]int64 { return applied })
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	if err := hb.Start(ctx); err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer hb.Close(ctx)
+
+	st, _ := ctrl.Advance(ctx, "orders", "alice", "start dual writes")
+	_, err = ctrl.Advance(ctx, "orders", "alice", "too soon")
+	fmt.Println(err)
+
+	applied["orders"] = st.Revision // the provider saw the flip
+	_ = hb.Beat(ctx)
+	st, _ = ctrl.Advance(ctx, "orders", "alice", "fleet caught up")
+	fmt.Println("now", st.Stage)
+	// Output:
+	// orders: transition dualwrite -> shadow refused:
+	//   - fleet-acknowledged: 1 of 1 instances have not applied revision 1: api-1 at revision 0
+	// now shadow
+}
+
+// The watchdog steps a migration back when lasting mismatches cross the
+// threshold, and audits why.
+func ExampleWatchdog() {
+	ctx := context.Background()
+	store, cleanup, err := exampleStore(ctx, "dimmer_example_watchdog")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer cleanup()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctrl, _ := flags.NewController(store, flags.WithControllerLogger(quiet))
+	for range 3 {
+		_, _ = ctrl.Advance(ctx, "orders", "alice", "step")
+	}
+	wd, err := flags.NewWatchdog(ctrl, flags.WatchdogConfig{MinSamples: 100, MaxMismatchRate: 0.01},
+		flags.WithWatchdogLogger(quiet))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	time.Sleep(time.Second) // observations start after the last change's slot
+
+	// What shadowread reports in live: old compared with new, 5 % differ.
+	for i := range 200 {
+		wd.Observe(flags.Observation{Migration: "orders", Stage: flags.Live, Op: flags.Read, Side: flags.Old,
+			Compared: true, Mismatch: i%20 == 0, Lasting: i%20 == 0})
+	}
+	for _, trip := range wd.Judge(ctx) { // Start runs Judge every Interval
+		fmt.Println(trip.Stage, "->", trip.State.Stage, ":", trip.Reason)
+	}
+	entries, _ := store.Audit(ctx, "orders", 1)
+	fmt.Println(entries[0].Actor, entries[0].From, "->", entries[0].To)
+	// Output:
+	// live -> shadow : lasting mismatch rate 5.00% over 200 comparisons > 1.00%
+	// watchdog live -> shadow
 }
