@@ -55,6 +55,31 @@
 // Where the stage now writes one side only (off, complete) the repair is
 // [Skipped]. [Repairer.RepairAll] reports each repair it could not do.
 //
+// # The repair loop
+//
+// Repairs are outbox messages on [RepairTopic] ("dimmer.repair.<migration>"),
+// keyed by migration and entity key. The loop that replays them is an
+// outbox relay whose publisher is a [RepairPublisher]: delivering a message
+// means handing it to the migration's [Repairer]. One call builds it:
+//
+//	relay, err := dualwrite.NewRepairRelay(ob, pool, outbox.RelayConfig{}, repairer)
+//	go relay.Run(ctx) // and relay.Shutdown(ctx) on the way out
+//
+// A relay rather than a loop of this package's own, because the relay already
+// has what a repair loop needs: the repairs of one key are delivered one at
+// a time in the order they were recorded, several instances share the work
+// (leased buckets, fencing), a failed repair is retried with exponential
+// backoff, and after RelayConfig.MaxAttempts it becomes a dead letter that
+// holds back its own key only, until an operator retries or skips it. Keep
+// the repair log in an outbox table of its own (outbox.Config{Table:
+// "repairs"}), or forward business topics to their broker with
+// [WithOtherTopics].
+//
+// [NoPendingRepairsGuard] is the controller's go/no-go check "no pending
+// repairs before complete": entering complete stops writing old for good,
+// so it is refused while the migration's repair topic holds undelivered or
+// dead messages, with their counts.
+//
 // # Observations and metrics
 //
 // Every side's write is reported to a [flags.Observer] ([WithObserver]; the

@@ -81,9 +81,12 @@ func (l *OutboxRepairLog) RecordTx(ctx context.Context, tx pgx.Tx, r Repair) err
 	return nil
 }
 
-// DecodeRepair reads a repair from an outbox payload.
+// DecodeRepair reads a repair from an outbox payload; a bad payload is an
+// error naming what is wrong with it.
 func DecodeRepair(payload []byte) (Repair, error) {
 	var r Repair
-	err := json.Unmarshal(payload, &r)
+	// Called directly so malformed JSON gets the same "decode repair" prefix
+	// as a bad field.
+	err := r.UnmarshalJSON(payload)
 	return r, err
 }

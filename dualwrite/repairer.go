@@ -137,6 +137,9 @@ func NewRepairer[S any](migration string, source StageSource, load LoadFunc[S], 
 		timeout: cfg.timeout, m: m, logger: cfg.logger}, nil
 }
 
+// Migration is the migration whose repairs r handles.
+func (r *Repairer[S]) Migration() string { return r.migration }
+
 // RepairError says which repair failed and why.
 type RepairError struct {
 	Repair Repair
