@@ -1,0 +1,392 @@
+package expandcontract
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// Request is who asks for a phase and why, for the audit trail. Force
+// overrides failed guards of a contract or rollback (it needs a Reason and
+// is audited); it never allows a rollback after contract.
+type Request struct {
+	Actor  string
+	Reason string
+	Force  bool
+}
+
+// ApplicationName is the application_name of the connection applying a
+// plan's steps, so an operator sees it in pg_stat_activity.
+func ApplicationName(plan string) string { return "dimmer-schema:" + plan }
+
+// Expand runs the plan's expand steps and moves it to [Expanded]. Steps
+// already applied (by an earlier, interrupted run) are skipped; a plan at or
+// past expanded is left as it is, so a service may call Expand at every
+// start. A plan that was rolled back can be expanded again.
+func (r *Registry) Expand(ctx context.Context, plan string, req Request) (Status, error) {
+	return r.apply(ctx, plan, PhaseExpand, req)
+}
+
+// Migrate records that the data move has begun (dual writes and the
+// backfill under the linked dimmer migration): [Expanded] -> [Migrating].
+// It runs no DDL.
+func (r *Registry) Migrate(ctx context.Context, plan string, req Request) (Status, error) {
+	return r.apply(ctx, plan, "migrate", req)
+}
+
+// Contract runs the plan's contract steps and moves it to [Contracted],
+// after the contract guards pass (see [Registry.ContractChecks]); a refusal
+// is a *flags.RefusedError listing every failed check, and is audited.
+// Contract starts from [Migrating]; an interrupted contract resumes without
+// judging the guards again, since part of the old shape may already be gone.
+func (r *Registry) Contract(ctx context.Context, plan string, req Request) (Status, error) {
+	return r.apply(ctx, plan, PhaseContract, req)
+}
+
+// Rollback runs the plan's rollback steps, undoing the expand, and moves it
+// to [RolledBack]. It is offered before contract only: once a contract step
+// has been applied the old shape is gone and rollback is refused with
+// [ErrWrongStage] (even forced). Its guards: no live instance declares a
+// range that needs the expanded shape, and the linked migration is off.
+func (r *Registry) Rollback(ctx context.Context, plan string, req Request) (Status, error) {
+	return r.apply(ctx, plan, PhaseRollback, req)
+}
+
+// target returns the stage the action ends in, whether it is already
+// there (a no-op), or why it is not possible from st.
+func target(action string, st Status) (to Stage, done bool, err error) {
+	wrong := func(format string, args ...any) (Stage, bool, error) {
+		return 0, false, fmt.Errorf("%w: plan %s is %s: %s", ErrWrongStage, st.Plan.Name, st.Stage, fmt.Sprintf(format, args...))
+	}
+	if st.Running != "" && st.Running != action {
+		return wrong("its %s was interrupted: run %s again to finish it first", st.Running, st.Running)
+	}
+	switch action {
+	case PhaseExpand:
+		switch st.Stage {
+		case Pending, RolledBack:
+			return Expanded, false, nil
+		}
+		return Expanded, true, nil
+	case "migrate":
+		switch st.Stage {
+		case Expanded:
+			return Migrating, false, nil
+		case Migrating, Contracted:
+			return Migrating, true, nil
+		}
+		return wrong("expand it first")
+	case PhaseContract:
+		switch st.Stage {
+		case Migrating:
+			return Contracted, false, nil
+		case Contracted:
+			return Contracted, true, nil
+		case Expanded:
+			return wrong("run migrate first: the data move (dual writes, backfill) must be under way before the old shape can go")
+		}
+		return wrong("expand and migrate it first")
+	case PhaseRollback:
+		if st.Stage == Contracted || len(st.applied(PhaseContract)) > 0 {
+			return wrong("rollback is refused after contract: the contract removed the old shape, so it cannot be restored by undoing the expand; write a new plan")
+		}
+		switch st.Stage {
+		case RolledBack:
+			return RolledBack, true, nil
+		case Pending:
+			if st.Running == "" && len(st.applied(PhaseExpand)) == 0 {
+				return wrong("nothing was expanded, nothing to roll back")
+			}
+		}
+		return RolledBack, false, nil
+	}
+	return wrong("unknown action %q", action)
+}
+
+func (r *Registry) apply(ctx context.Context, plan, action string, req Request) (Status, error) {
+	if err := ValidateName(plan); err != nil {
+		return Status{}, err
+	}
+	if req.Force && strings.TrimSpace(req.Reason) == "" {
+		return Status{}, errors.New("expandcontract: a forced request needs a reason (it goes to the audit trail)")
+	}
+	if req.Actor == "" {
+		req.Actor = "unknown"
+	}
+	// A cheap look first, so a no-op needs no dedicated connection.
+	st, err := r.Status(ctx, plan)
+	if err != nil {
+		return st, err
+	}
+	if _, done, err := target(action, st); err != nil || done {
+		return st, err
+	}
+	conn, err := r.connect(ctx, plan)
+	if err != nil {
+		return st, err
+	}
+	defer conn.Close(context.Background())
+	if err := r.lock(ctx, conn, plan); err != nil {
+		return st, err
+	}
+	// Under the lock, the stored state is the truth.
+	if st, err = r.status(ctx, conn, plan); err != nil {
+		return st, err
+	}
+	to, done, err := target(action, st)
+	if err != nil || done {
+		return st, err
+	}
+	entry := AuditEntry{Plan: plan, Actor: req.Actor, Action: action, From: st.Stage.String(), To: to.String(), Reason: req.Reason}
+	if st.Running == "" && (action == PhaseContract || action == PhaseRollback) {
+		checks, err := r.checks(ctx, action, st.Plan)
+		if err != nil {
+			return st, err
+		}
+		entry.Checks = checks
+		if failed := failedChecks(checks); len(failed) > 0 {
+			if !req.Force {
+				entry.Outcome = OutcomeRefused
+				if err := r.appendAudit(ctx, r.pool, entry); err != nil {
+					r.logger.Warn("expandcontract: audit of a refusal failed", "plan", plan, "err", err)
+				}
+				return st, &flags.RefusedError{Migration: plan, From: st.Stage.String(), To: to.String(), Failed: failed}
+			}
+			entry.Forced = true
+		}
+	}
+	if action == "migrate" {
+		return r.finish(ctx, conn, st, to, entry, nil)
+	}
+	// Mark the phase as running before its first step, so Check knows the
+	// shape may be anywhere between the stage and the target from now on.
+	if st.Running == "" {
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if action == PhaseExpand && st.Stage == RolledBack {
+				if _, err := tx.Exec(ctx, `DELETE FROM `+r.t.steps+` WHERE plan = $1 AND phase = $2`, plan, PhaseRollback); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, `UPDATE `+r.t.plans+` SET running = $2, updated_at = now(), updated_by = $3 WHERE plan = $1`,
+				plan, action, req.Actor)
+			return err
+		})
+		if err != nil {
+			return st, fmt.Errorf("expandcontract: plan %s: start %s: %w", plan, action, err)
+		}
+		st.Running = action
+	}
+	applied := st.applied(action)
+	for _, step := range st.Plan.Steps(action) {
+		if applied[step.Name] {
+			continue
+		}
+		if err := r.runStep(ctx, conn, plan, action, step); err != nil {
+			entry.Outcome, entry.Detail = OutcomeFailed, err.Error()
+			if aerr := r.appendAudit(context.WithoutCancel(ctx), r.pool, entry); aerr != nil {
+				r.logger.Warn("expandcontract: audit of a failure failed", "plan", plan, "err", aerr)
+			}
+			st, serr := r.Status(context.WithoutCancel(ctx), plan)
+			if serr != nil {
+				r.logger.Warn("expandcontract: status after a failure", "plan", plan, "err", serr)
+			}
+			return st, err
+		}
+	}
+	var cleanup []string
+	if action == PhaseRollback {
+		// The expand is undone: its records go, so a new expand runs
+		// every step again.
+		cleanup = []string{PhaseExpand, PhaseContract}
+	}
+	return r.finish(ctx, conn, st, to, entry, cleanup)
+}
+
+func (r *Registry) finish(ctx context.Context, conn *pgx.Conn, st Status, to Stage, entry AuditEntry, clear []string) (Status, error) {
+	entry.Outcome = OutcomeApplied
+	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		for _, ph := range clear {
+			if _, err := tx.Exec(ctx, `DELETE FROM `+r.t.steps+` WHERE plan = $1 AND phase = $2`, st.Plan.Name, ph); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.Exec(ctx, `UPDATE `+r.t.plans+` SET stage = $2, running = NULL, revision = revision + 1, updated_at = now(), updated_by = $3 WHERE plan = $1`,
+			st.Plan.Name, to.String(), entry.Actor); err != nil {
+			return err
+		}
+		return r.appendAudit(ctx, tx, entry)
+	})
+	if err != nil {
+		return st, fmt.Errorf("expandcontract: plan %s: record %s: %w", st.Plan.Name, to, err)
+	}
+	r.logger.Info("expandcontract: plan moved", "plan", st.Plan.Name, "from", entry.From, "to", to.String(), "actor", entry.Actor, "forced", entry.Forced)
+	return r.status(ctx, conn, st.Plan.Name)
+}
+
+// connect opens the dedicated connection a phase runs on: its session holds
+// the plan's advisory lock, and a dead runner is noticed by the server
+// (client_connection_check_interval) so its DDL does not keep its locks.
+func (r *Registry) connect(ctx context.Context, plan string) (*pgx.Conn, error) {
+	cfg := r.pool.Config().ConnConfig.Copy()
+	cfg.RuntimeParams["application_name"] = ApplicationName(plan)
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("expandcontract: plan %s: connect: %w", plan, err)
+	}
+	if _, err := conn.Exec(ctx, `SET client_connection_check_interval = '1s'`); err != nil && !isCode(err, "42704") {
+		conn.Close(context.Background())
+		return nil, fmt.Errorf("expandcontract: plan %s: %w", plan, err)
+	}
+	return conn, nil
+}
+
+func (r *Registry) lockKey(plan string) string { return "dimmer/expandcontract/" + r.schema + "/" + plan }
+
+func (r *Registry) lock(ctx context.Context, conn *pgx.Conn, plan string) error {
+	var ok bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, r.lockKey(plan)).Scan(&ok); err != nil {
+		return fmt.Errorf("expandcontract: plan %s: lock: %w", plan, err)
+	}
+	if ok {
+		return nil
+	}
+	// Say who holds it, so an operator can tell a live run from a stuck one.
+	holder := "unknown session"
+	var pid int32
+	var app, state string
+	var since time.Time
+	err := conn.QueryRow(ctx, `
+SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''), coalesce(a.backend_start, now())
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)
+LIMIT 1`, r.lockKey(plan)).Scan(&pid, &app, &state, &since)
+	if err == nil {
+		holder = fmt.Sprintf("pid %d (%s, %s, connected %s)", pid, app, state, since.UTC().Format(time.RFC3339))
+	}
+	return fmt.Errorf("%w: plan %s is held by %s", ErrBusy, plan, holder)
+}
+
+// runStep applies one step with retries on lock timeouts and deadlocks.
+func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase string, s Step) error {
+	start := time.Now()
+	lt := fmt.Sprintf("%dms", r.lockTimeout.Milliseconds())
+	for attempt := 1; ; attempt++ {
+		var err error
+		if s.Concurrently {
+			err = r.runConcurrent(ctx, conn, plan, phase, s, lt)
+		} else {
+			err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+				if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, lt); err != nil {
+					return err
+				}
+				if _, err := tx.Exec(ctx, s.SQL); err != nil {
+					return err
+				}
+				return r.record(ctx, tx, plan, phase, s.Name, stateApplied, "")
+			})
+		}
+		if err == nil {
+			r.logger.Info("expandcontract: step applied", "plan", plan, "phase", phase, "step", s.Name, "attempts", attempt, "elapsed", time.Since(start))
+			return nil
+		}
+		retry := isCode(err, "55P03") || isCode(err, "40P01")
+		if retry && attempt < r.attempts && ctx.Err() == nil && !conn.IsClosed() {
+			r.logger.Warn("expandcontract: step waited too long for a lock, retrying", "plan", plan, "phase", phase, "step", s.Name, "attempt", attempt, "err", err)
+			_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
+			if werr := sleep(ctx, r.pause(attempt)); werr == nil {
+				continue
+			}
+		}
+		if isCode(err, "55P03") {
+			err = fmt.Errorf("%w: %w", ErrLockTimeout, err)
+		}
+		_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
+		return &StepError{Plan: plan, Phase: phase, Step: s.Name, Attempts: attempt, Elapsed: time.Since(start), Err: err}
+	}
+}
+
+func (r *Registry) runConcurrent(ctx context.Context, conn *pgx.Conn, plan, phase string, s Step, lt string) error {
+	if _, err := conn.Exec(ctx, `SELECT set_config('lock_timeout', $1, false)`, lt); err != nil {
+		return err
+	}
+	defer conn.Exec(context.WithoutCancel(ctx), `RESET lock_timeout`) //nolint:errcheck // the connection is closed after the phase anyway
+	if idx := s.builtIndex(); idx != "" {
+		var valid *bool
+		err := conn.QueryRow(ctx, `SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)`, idx).Scan(&valid)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+		case err != nil:
+			return err
+		case valid != nil && *valid:
+			// A previous run built it and died before recording it.
+			r.logger.Info("expandcontract: index of an interrupted step is valid; recording it", "plan", plan, "step", s.Name, "index", idx)
+			return r.record(ctx, conn, plan, phase, s.Name, stateApplied, "")
+		default:
+			r.logger.Warn("expandcontract: dropping the invalid index an interrupted build left", "plan", plan, "step", s.Name, "index", idx)
+			if _, err := conn.Exec(ctx, `DROP INDEX CONCURRENTLY IF EXISTS `+idx); err != nil {
+				return fmt.Errorf("drop invalid index %s: %w", idx, err)
+			}
+		}
+	}
+	if err := r.record(ctx, conn, plan, phase, s.Name, stateRunning, ""); err != nil {
+		return err
+	}
+	if _, err := conn.Exec(ctx, s.SQL); err != nil {
+		return err
+	}
+	return r.record(ctx, conn, plan, phase, s.Name, stateApplied, "")
+}
+
+// record notes a step's state; attempts counts every try over all runs.
+func (r *Registry) record(ctx context.Context, db DB, plan, phase, step, state string, lastErr string) error {
+	_, err := db.Exec(ctx, `INSERT INTO `+r.t.steps+` (plan, phase, step, state, attempts, last_error, updated_at)
+VALUES ($1, $2, $3, $4, 1, $5, now())
+ON CONFLICT (plan, phase, step) DO UPDATE SET state = $4, last_error = $5, updated_at = now(),
+	attempts = `+r.t.steps+`.attempts + CASE WHEN $4 IN ('applied', 'failed') AND `+r.t.steps+`.state = 'running' THEN 0 ELSE 1 END`,
+		plan, phase, step, state, lastErr)
+	return err
+}
+
+func (r *Registry) pause(attempt int) time.Duration {
+	d := r.backoff << min(attempt-1, 20)
+	if d > r.maxBackoff || d <= 0 {
+		d = r.maxBackoff
+	}
+	// Full jitter in [d/2, d): runners of several plans do not retry in step.
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+func isCode(err error, code string) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == code
+}
+
+func failedChecks(cs []flags.CheckResult) []flags.CheckResult {
+	var out []flags.CheckResult
+	for _, c := range cs {
+		if !c.Passed {
+			out = append(out, c)
+		}
+	}
+	return out
+}
