@@ -1,0 +1,87 @@
+package backfill_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
+	"github.com/dimmer-dev/dimmer/internal/testenv"
+)
+
+func tctx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func exec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
+	t.Helper()
+	_, err := pool.Exec(tctx(t), sql, args...)
+	require.NoError(t, err, sql)
+}
+
+type env struct {
+	pool   *pgxpool.Pool
+	schema string
+	store  *pgflags.Store
+	bf     *backfill.Backfiller
+}
+
+// newEnv gives a test its own schema holding the tables, the flag store
+// (the migration "orders" set to dualwrite) and the backfill tables.
+func newEnv(t testing.TB, opts ...backfill.Option) *env {
+	t.Helper()
+	pool, schema := testenv.Schema(t)
+	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, store.Install(tctx(t)))
+	ctl, err := flags.NewController(store)
+	require.NoError(t, err)
+	_, err = ctl.Set(tctx(t), flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "test", Reason: "backfill"})
+	require.NoError(t, err)
+	bf, err := backfill.New(pool, append([]backfill.Option{backfill.WithSchema(schema), backfill.WithFlagStore(store)}, opts...)...)
+	require.NoError(t, err)
+	require.NoError(t, bf.Install(tctx(t)))
+	return &env{pool: pool, schema: schema, store: store, bf: bf}
+}
+
+// ordersTables creates old and new tables keyed by keyDDL with n rows.
+func (e *env) orders(t testing.TB, keyDDL, pk, gen string) {
+	t.Helper()
+	exec(t, e.pool, `CREATE TABLE old_orders (`+keyDDL+`, amount numeric, note text, version bigint NOT NULL DEFAULT 1, PRIMARY KEY (`+pk+`))`)
+	exec(t, e.pool, `CREATE TABLE new_orders (`+keyDDL+`, amount numeric, note text, version bigint NOT NULL DEFAULT 1, PRIMARY KEY (`+pk+`))`)
+	exec(t, e.pool, `INSERT INTO old_orders `+gen)
+}
+
+// diff counts rows present on one side only (NULL-safe, by whole row).
+func (e *env) diff(t testing.TB) int {
+	t.Helper()
+	var n int
+	require.NoError(t, e.pool.QueryRow(tctx(t), `SELECT (SELECT count(*) FROM (SELECT * FROM old_orders EXCEPT ALL SELECT * FROM new_orders) a)
+	+ (SELECT count(*) FROM (SELECT * FROM new_orders EXCEPT ALL SELECT * FROM old_orders) b)`).Scan(&n))
+	return n
+}
+
+func count(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) int64 {
+	t.Helper()
+	var n int64
+	require.NoError(t, pool.QueryRow(tctx(t), sql, args...).Scan(&n), sql)
+	return n
+}
+
+func ordersJob(name string) backfill.Job {
+	return backfill.Job{
+		Name: name, Migration: "orders",
+		Spec: backfill.Spec{
+			Source: backfill.Table{Name: "old_orders"}, Target: backfill.Table{Name: "new_orders"},
+			Key: []string{"id"}, VersionColumn: "version",
+		},
+		Config: backfill.Config{InitialChunk: 50, MinChunk: 10, MaxChunk: 200, PollInterval: 50 * time.Millisecond},
+	}
+}

@@ -1,0 +1,199 @@
+package backfill
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// querier is what the SQL helpers need: a pool, a connection or a tx.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func ident(s string) string { return pgx.Identifier{s}.Sanitize() }
+
+// columnTypes returns the table's columns and their SQL types, in order.
+func columnTypes(ctx context.Context, q querier, t Table) ([]string, map[string]string, error) {
+	rows, err := q.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum`, t.sql())
+	if err != nil {
+		return nil, nil, fmt.Errorf("backfill: read columns of %s: %w", t, err)
+	}
+	defer rows.Close()
+	var names []string
+	types := map[string]string{}
+	for rows.Next() {
+		var n, ty string
+		if err := rows.Scan(&n, &ty); err != nil {
+			return nil, nil, err
+		}
+		names = append(names, n)
+		types[n] = ty
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("backfill: read columns of %s: %w", t, err)
+	}
+	if len(names) == 0 {
+		return nil, nil, fieldErr("table", "%s does not exist (or has no columns)", t)
+	}
+	return names, types, nil
+}
+
+// shape is a job resolved against the catalog: the SQL it runs.
+type shape struct {
+	spec     Spec
+	keyTypes []string
+	cols     []string // target columns written
+	selects  string   // source select list producing target-named columns
+	keyList  string   // "k1", "k2"
+	keyDesc  string   // "k1" DESC, "k2" DESC
+	cursor   string   // ARRAY["k1"::text, ...]
+}
+
+func resolve(ctx context.Context, src querier, j *Job) (*shape, error) {
+	s := j.Spec
+	srcCols, srcTypes, err := columnTypes(ctx, src, s.Source)
+	if err != nil {
+		return nil, fmt.Errorf("%w (Spec.Source)", err)
+	}
+	sh := &shape{spec: s}
+	for _, k := range s.Key {
+		ty, ok := srcTypes[k]
+		if !ok {
+			return nil, fieldErr("Spec.Key", "column %q is not in %s (columns: %s)", k, s.Source, strings.Join(srcCols, ", "))
+		}
+		sh.keyTypes = append(sh.keyTypes, ty)
+	}
+	sh.cols = s.Columns
+	if len(sh.cols) == 0 {
+		sh.cols = srcCols
+		for _, c := range slices.Sorted(maps.Keys(s.Exprs)) {
+			if !slices.Contains(sh.cols, c) {
+				sh.cols = append(sh.cols, c)
+			}
+		}
+	}
+	for _, need := range append(slices.Clone(s.Key), s.VersionColumn) {
+		if !slices.Contains(sh.cols, need) {
+			return nil, fieldErr("Spec.Columns", "must include %q (key and version columns are written)", need)
+		}
+	}
+	var sel []string
+	for _, c := range sh.cols {
+		if e, ok := s.Exprs[c]; ok {
+			sel = append(sel, "("+e+") AS "+ident(c))
+			continue
+		}
+		if _, ok := srcTypes[c]; !ok {
+			return nil, fieldErr("Spec.Columns", "column %q is not in %s and has no entry in Exprs", c, s.Source)
+		}
+		sel = append(sel, ident(c))
+	}
+	sh.selects = strings.Join(sel, ", ")
+	var kl, kd, kc []string
+	for _, k := range s.Key {
+		kl = append(kl, ident(k))
+		kd = append(kd, ident(k)+" DESC")
+		kc = append(kc, ident(k)+"::text")
+	}
+	sh.keyList, sh.keyDesc, sh.cursor = strings.Join(kl, ", "), strings.Join(kd, ", "), "ARRAY["+strings.Join(kc, ", ")+"]"
+	return sh, nil
+}
+
+// bound renders "(keys) op (params)" for a key tuple given as text, cast back
+// to the key types, appending the values to args.
+func (sh *shape) bound(op string, key []string, args *[]any, prefix string) string {
+	var ps []string
+	for i, v := range key {
+		*args = append(*args, v)
+		ps = append(ps, fmt.Sprintf("$%d::%s", len(*args), sh.keyTypes[i]))
+	}
+	if len(key) == 1 {
+		return prefix + ident(sh.spec.Key[0]) + " " + op + " " + ps[0]
+	}
+	var cols []string
+	for _, k := range sh.spec.Key {
+		cols = append(cols, prefix+ident(k))
+	}
+	return "(" + strings.Join(cols, ", ") + ") " + op + " (" + strings.Join(ps, ", ") + ")"
+}
+
+// where renders lo < key <= hi (a nil bound is open).
+func (sh *shape) where(lo, hi []string, args *[]any, prefix string) string {
+	var conds []string
+	if lo != nil {
+		conds = append(conds, sh.bound(">", lo, args, prefix))
+	}
+	if hi != nil {
+		conds = append(conds, sh.bound("<=", hi, args, prefix))
+	}
+	if len(conds) == 0 {
+		return "true"
+	}
+	return strings.Join(conds, " AND ")
+}
+
+// upsert is the version-guarded conflict clause: a target row with a newer
+// version than the incoming one is left alone.
+func upsertClause(target string, key, cols []string, version string) string {
+	var sets []string
+	for _, c := range cols {
+		if !slices.Contains(key, c) {
+			sets = append(sets, ident(c)+" = EXCLUDED."+ident(c))
+		}
+	}
+	var kl []string
+	for _, k := range key {
+		kl = append(kl, ident(k))
+	}
+	v := ident(version)
+	return " ON CONFLICT (" + strings.Join(kl, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
+		" WHERE " + target + "." + v + " IS NULL OR " + target + "." + v + " <= EXCLUDED." + v
+}
+
+func quoteList(cols []string) string {
+	var q []string
+	for _, c := range cols {
+		q = append(q, ident(c))
+	}
+	return strings.Join(q, ", ")
+}
+
+// copySQL is the fast path: one statement reads a chunk of the source in key
+// order, upserts it into the target and returns the count and the last key.
+func (sh *shape) copySQL(lo, hi []string, limit int, lockSource bool) (string, []any) {
+	var args []any
+	w := sh.where(lo, hi, &args, "")
+	lim := ""
+	if limit > 0 {
+		args = append(args, limit)
+		lim = fmt.Sprintf(" LIMIT $%d", len(args))
+	}
+	lock := ""
+	if lockSource {
+		lock = " FOR KEY SHARE"
+	}
+	tgt := sh.spec.Target.sql()
+	cl := quoteList(sh.cols)
+	sql := `WITH c AS MATERIALIZED (SELECT ` + sh.selects + ` FROM ` + sh.spec.Source.sql() + ` WHERE ` + w +
+		` ORDER BY ` + sh.keyList + lim + lock + `), w AS (INSERT INTO ` + tgt + ` AS t (` + cl + `) SELECT ` + cl + ` FROM c` +
+		upsertClause("t", sh.spec.Key, sh.cols, sh.spec.VersionColumn) + `)
+SELECT (SELECT count(*) FROM c), ` + sh.cursor + ` FROM c ORDER BY ` + sh.keyDesc + ` LIMIT 1`
+	return sql, args
+}
+
+// readSQL reads a chunk for the Go path: target-shaped rows plus the cursor.
+func (sh *shape) readSQL(lo, hi []string, limit int) (string, []any) {
+	var args []any
+	w := sh.where(lo, hi, &args, "")
+	args = append(args, limit)
+	return `SELECT ` + sh.selects + `, ` + sh.cursor + ` AS "__dimmer_cursor" FROM ` + sh.spec.Source.sql() +
+		` WHERE ` + w + ` ORDER BY ` + sh.keyList + fmt.Sprintf(` LIMIT $%d`, len(args)), args
+}

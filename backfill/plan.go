@@ -1,0 +1,166 @@
+package backfill
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// keyspace is the job's fixed work: the upper bound taken at start and the
+// split points of its ranges.
+type keyspace struct {
+	upper    []string // nil: the source was empty
+	splits   [][]string
+	estimate int64
+}
+
+// planKeyspace fixes the upper bound (rows created after it are the dual
+// writes' job) and splits [start, upper] into at most n ranges of about
+// equal row counts: exactly by ntile over the key index on small tables, by
+// a TABLESAMPLE of ~50,000 rows on big ones (a billion-row table is never
+// scanned to plan).
+func planKeyspace(ctx context.Context, q querier, sh *shape, n int) (keyspace, error) {
+	var ks keyspace
+	src := sh.spec.Source.sql()
+	err := q.QueryRow(ctx, `SELECT `+sh.cursor+` FROM `+src+` ORDER BY `+sh.keyDesc+` LIMIT 1`).Scan(&ks.upper)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return keyspace{}, nil
+	}
+	if err != nil {
+		return ks, fmt.Errorf("backfill: upper bound of %s: %w", sh.spec.Source, err)
+	}
+	var reltuples float64
+	var relpages int64
+	if err := q.QueryRow(ctx, `SELECT reltuples::float8, relpages::int8 FROM pg_class WHERE oid = to_regclass($1)`, src).Scan(&reltuples, &relpages); err != nil {
+		return ks, fmt.Errorf("backfill: size of %s: %w", sh.spec.Source, err)
+	}
+	ks.estimate = int64(reltuples)
+	if reltuples < 0 && relpages < 100000 {
+		// Never analysed and not big: count.
+		if err := q.QueryRow(ctx, `SELECT count(*) FROM `+src).Scan(&ks.estimate); err != nil {
+			return ks, fmt.Errorf("backfill: count %s: %w", sh.spec.Source, err)
+		}
+	}
+	if n <= 1 {
+		return ks, nil
+	}
+	var args []any
+	w := sh.where(nil, ks.upper, &args, "")
+	var rows pgx.Rows
+	if ks.estimate <= 200000 {
+		rows, err = q.Query(ctx, `SELECT DISTINCT ON (b) `+sh.cursor+` FROM (SELECT `+sh.keyList+`, ntile(`+fmt.Sprint(n)+
+			`) OVER (ORDER BY `+sh.keyList+`) AS b FROM `+src+` WHERE `+w+`) s ORDER BY b, `+sh.keyDesc, args...)
+	} else {
+		pct := min(100, 100*50000/float64(ks.estimate))
+		args = append(args, pct)
+		rows, err = q.Query(ctx, `SELECT `+sh.cursor+` FROM `+src+fmt.Sprintf(` TABLESAMPLE SYSTEM ($%d)`, len(args))+
+			` WHERE `+w+` ORDER BY `+sh.keyList, args...)
+	}
+	if err != nil {
+		return ks, fmt.Errorf("backfill: split %s: %w", sh.spec.Source, err)
+	}
+	keys, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
+	if err != nil {
+		return ks, fmt.Errorf("backfill: split %s: %w", sh.spec.Source, err)
+	}
+	var picks [][]string
+	if ks.estimate <= 200000 {
+		picks = keys // the last key of each tile
+	} else {
+		for i := 1; i <= n; i++ {
+			if k := i*len(keys)/n - 1; k >= 0 {
+				picks = append(picks, keys[k])
+			}
+		}
+	}
+	for _, p := range picks {
+		if len(ks.splits) > 0 && slices.Equal(ks.splits[len(ks.splits)-1], p) {
+			continue
+		}
+		ks.splits = append(ks.splits, p)
+	}
+	// The last range ends at the upper bound itself.
+	if len(ks.splits) > 0 && slices.Equal(ks.splits[len(ks.splits)-1], ks.upper) {
+		ks.splits = ks.splits[:len(ks.splits)-1]
+	}
+	return ks, nil
+}
+
+// Plan is what a dry run reports: what the job would copy, written nowhere.
+type Plan struct {
+	Job       string
+	Migration string
+	// Fingerprint of the definition; Stored tells whether a job of this
+	// name exists and StoredMatches whether it has this definition.
+	Fingerprint   string
+	Stored        bool
+	StoredMatches bool
+	// UpperBound is the last key that would be copied (text form per key
+	// column); nil when the source is empty.
+	UpperBound    []string
+	EstimatedRows int64
+	// Ranges are the (exclusive lo, inclusive hi] key ranges.
+	Ranges []KeyRange
+	// CopySQL is the statement of one chunk on the fast path, or the read
+	// statement on the Go path.
+	CopySQL string
+	// Sample holds up to 5 rows as they would reach the sink (after Exprs
+	// and Transform).
+	Sample []Row
+}
+
+// KeyRange is a range of keys: Lo exclusive (nil: from the start), Hi inclusive.
+type KeyRange struct{ Lo, Hi []string }
+
+// DryRun plans the job and shows a sample of transformed rows; it writes
+// nothing, neither to the sink nor to the backfill tables.
+func (b *Backfiller) DryRun(ctx context.Context, j Job) (Plan, error) {
+	r, err := b.open(ctx, &j)
+	if err != nil {
+		return Plan{}, err
+	}
+	cfg := j.Config.withDefaults()
+	ks, err := planKeyspace(ctx, r.src, r.sh, cfg.Ranges)
+	if err != nil {
+		return Plan{}, err
+	}
+	p := Plan{Job: j.Name, Migration: j.Migration, Fingerprint: r.fp, UpperBound: ks.upper, EstimatedRows: ks.estimate}
+	var stored string
+	err = b.pool.QueryRow(ctx, `SELECT definition FROM `+b.t.jobs+` WHERE name = $1`, j.Name).Scan(&stored)
+	switch {
+	case err == nil:
+		p.Stored, p.StoredMatches = true, stored == r.fp
+	case !errors.Is(err, pgx.ErrNoRows):
+		return p, fmt.Errorf("backfill: dry run: %w", err)
+	}
+	p.Ranges = rangesOf(ks)
+	if r.fast {
+		p.CopySQL, _ = r.sh.copySQL(nil, ks.upper, cfg.InitialChunk, cfg.LockSourceRows)
+	} else {
+		p.CopySQL, _ = r.sh.readSQL(nil, ks.upper, cfg.InitialChunk)
+	}
+	if ks.upper != nil {
+		rows, _, err := r.read(ctx, r.src, nil, ks.upper, 5)
+		if err != nil {
+			return p, err
+		}
+		p.Sample = rows
+	}
+	return p, nil
+}
+
+func rangesOf(ks keyspace) []KeyRange {
+	if ks.upper == nil {
+		return nil
+	}
+	var out []KeyRange
+	var lo []string
+	for _, s := range ks.splits {
+		out = append(out, KeyRange{Lo: lo, Hi: s})
+		lo = s
+	}
+	return append(out, KeyRange{Lo: lo, Hi: ks.upper})
+}

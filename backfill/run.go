@@ -1,0 +1,579 @@
+package backfill
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// Result is what one Run did.
+type Result struct {
+	Job string
+	// Rows copied by this process in this run, and in how many chunks.
+	Rows, Chunks int64
+	// AlreadyDone: the job had finished at this epoch before; nothing ran.
+	AlreadyDone bool
+	Epoch       int64
+	Elapsed     time.Duration
+}
+
+// runner is a job resolved for running.
+type runner struct {
+	b     *Backfiller
+	j     *Job
+	cfg   Config
+	src   querier
+	sh    *shape
+	fp    string
+	doc   string
+	fast  bool
+	txPG  *PGSink // written in the checkpoint's transaction
+	sink  Sink    // committed on its own, checkpoint right after
+	pace  *pacer
+	track *tracker
+	epoch int64
+}
+
+func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
+	if err := j.Validate(); err != nil {
+		return nil, err
+	}
+	r := &runner{b: b, j: j, cfg: j.Config.withDefaults(), src: b.pool}
+	if j.SourcePool != nil {
+		r.src = j.SourcePool
+	}
+	sh, err := resolve(ctx, r.src, j)
+	if err != nil {
+		return nil, err
+	}
+	r.sh = sh
+	spec := SinkSpec{Key: j.Spec.Key, Columns: sh.cols, VersionColumn: j.Spec.VersionColumn}
+	sink := j.Sink
+	if sink == nil {
+		if sink, err = NewPGSink(b.pool, j.Spec.Target); err != nil {
+			return nil, err
+		}
+	}
+	if err := sink.Open(ctx, spec); err != nil {
+		return nil, err
+	}
+	if pg, ok := sink.(*PGSink); ok && pg.pool == b.pool {
+		r.txPG = pg
+		r.fast = j.Transform == nil && r.src == querier(b.pool)
+	} else {
+		r.sink = sink
+	}
+	r.fp, r.doc = j.fingerprint(sink.Describe())
+	return r, nil
+}
+
+// stageOf reads the migration's stage and epoch (off and 0 without a store).
+func (b *Backfiller) stageOf(ctx context.Context, migration string) (flags.State, error) {
+	if b.store == nil {
+		return flags.State{Migration: migration, Stage: flags.DualWrite}, nil
+	}
+	st, err := b.store.Load(ctx, migration)
+	if err != nil {
+		return st, fmt.Errorf("backfill: read stage of %s: %w", migration, err)
+	}
+	return st, nil
+}
+
+// Run copies the job to completion (or until ctx ends, an error, or the
+// migration's epoch changes), resuming from its checkpoints. Several
+// processes may Run the same job at once: they share its ranges by lease.
+func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
+	start := time.Now()
+	r, err := b.open(ctx, &j)
+	if err != nil {
+		return Result{}, err
+	}
+	st, err := b.stageOf(ctx, j.Migration)
+	if err != nil {
+		return Result{}, err
+	}
+	if (st.Stage == flags.Off && !r.cfg.AllowStageOff) || st.Stage == flags.Complete {
+		return Result{}, fmt.Errorf("%w: %s is %s; run the backfill in %s (every instance then writes new, so the rows created after the upper bound are covered)",
+			ErrStageNotReady, j.Migration, st.Stage, flags.DualWrite)
+	}
+	r.epoch = st.Epoch
+	res := Result{Job: j.Name, Epoch: st.Epoch}
+	done, err := r.prepare(ctx)
+	if err != nil {
+		return res, err
+	}
+	if done {
+		res.AlreadyDone = true
+		res.Elapsed = time.Since(start)
+		return res, nil
+	}
+	if r.cfg.RowsPerSecond > 0 {
+		r.pace = &pacer{rate: r.cfg.RowsPerSecond}
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	var mu sync.Mutex
+	finished := make(chan struct{})
+	var workers sync.WaitGroup
+	for i := range r.cfg.Workers {
+		workers.Add(1)
+		id := fmt.Sprintf("%s/%d", b.workerID, i)
+		g.Go(func() error {
+			defer workers.Done()
+			rows, chunks, err := r.work(gctx, id)
+			mu.Lock()
+			res.Rows += rows
+			res.Chunks += chunks
+			mu.Unlock()
+			return err
+		})
+	}
+	g.Go(func() error { workers.Wait(); close(finished); return nil })
+	if b.store != nil {
+		g.Go(func() error { return r.watchEpoch(gctx, finished) })
+	}
+	if err := g.Wait(); err != nil {
+		res.Elapsed = time.Since(start)
+		return res, err
+	}
+	if _, err := b.pool.Exec(ctx, `UPDATE `+b.t.jobs+` SET done = true, finished_at = now(), updated_at = now()
+WHERE name = $1 AND NOT done AND NOT EXISTS (SELECT 1 FROM `+b.t.ranges+` WHERE job = $1 AND NOT done)`, j.Name); err != nil {
+		return res, fmt.Errorf("backfill: %s: mark done: %w", j.Name, err)
+	}
+	res.Elapsed = time.Since(start)
+	b.logger.Info("backfill done", "job", j.Name, "rows", res.Rows, "elapsed", res.Elapsed)
+	return res, nil
+}
+
+// watchEpoch stops the job when the migration goes back to off: new is
+// stale from then on and the job must start over.
+func (r *runner) watchEpoch(ctx context.Context, finished <-chan struct{}) error {
+	t := time.NewTicker(r.cfg.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-finished:
+			return nil
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		st, err := r.b.stageOf(ctx, r.j.Migration)
+		if err != nil {
+			r.b.logger.Warn("backfill: cannot read the stage flag", "job", r.j.Name, "err", err)
+			continue
+		}
+		if st.Epoch != r.epoch {
+			return fmt.Errorf("%w: %s went back to off (epoch %d -> %d): the new side is stale; run the job again",
+				ErrEpochChanged, r.j.Migration, r.epoch, st.Epoch)
+		}
+	}
+}
+
+// prepare registers the job or checks that the stored one is the same, and
+// plans the ranges when none are current. It reports whether the job is
+// already done at this epoch.
+func (r *runner) prepare(ctx context.Context) (bool, error) {
+	b := r.b
+	tx, err := b.pool.Begin(ctx)
+	if err != nil {
+		return false, fmt.Errorf("backfill: %s: %w", r.j.Name, err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('dimmer.backfill.job/' || $1, 0))`, b.schema+"/"+r.j.Name); err != nil {
+		return false, fmt.Errorf("backfill: %s: %w", r.j.Name, err)
+	}
+	var def, spec string
+	var epoch, est int64
+	var done bool
+	var nranges int
+	err = tx.QueryRow(ctx, `SELECT definition, spec::text, epoch, done, ranges, estimated_rows FROM `+b.t.jobs+` WHERE name = $1`, r.j.Name).
+		Scan(&def, &spec, &epoch, &done, &nranges, &est)
+	fresh := errors.Is(err, pgx.ErrNoRows)
+	if err != nil && !fresh {
+		return false, fmt.Errorf("backfill: %s: read job: %w", r.j.Name, err)
+	}
+	if !fresh {
+		if def != r.fp {
+			return false, &DefinitionChangedError{Job: r.j.Name, Stored: def, Given: r.fp, StoredSpec: spec, GivenSpec: r.doc}
+		}
+		if epoch == r.epoch {
+			var rowsDone int64
+			var rangesDone int
+			if err := tx.QueryRow(ctx, `SELECT coalesce(sum(rows_done), 0)::int8, count(*) FILTER (WHERE done)::int FROM `+b.t.ranges+` WHERE job = $1`, r.j.Name).
+				Scan(&rowsDone, &rangesDone); err != nil {
+				return false, fmt.Errorf("backfill: %s: read ranges: %w", r.j.Name, err)
+			}
+			r.track = newTracker(r.j.Name, rowsDone, est, nranges, rangesDone, r.cfg.Progress, b.m)
+			return done, tx.Commit(ctx)
+		}
+		b.logger.Warn("backfill: the migration went back to off since this job ran: starting over", "job", r.j.Name,
+			"stored_epoch", epoch, "epoch", r.epoch)
+		if _, err := tx.Exec(ctx, `DELETE FROM `+b.t.ranges+` WHERE job = $1`, r.j.Name); err != nil {
+			return false, fmt.Errorf("backfill: %s: reset: %w", r.j.Name, err)
+		}
+	}
+	ks, err := planKeyspace(ctx, r.src, r.sh, r.cfg.Ranges)
+	if err != nil {
+		return false, err
+	}
+	rs := rangesOf(ks)
+	if _, err := tx.Exec(ctx, `INSERT INTO `+b.t.jobs+` (name, migration, definition, spec, epoch, upper_bound, ranges, estimated_rows)
+VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)
+ON CONFLICT (name) DO UPDATE SET epoch = EXCLUDED.epoch, upper_bound = EXCLUDED.upper_bound, ranges = EXCLUDED.ranges,
+	estimated_rows = EXCLUDED.estimated_rows, done = false, started_at = now(), finished_at = NULL, updated_at = now()`,
+		r.j.Name, r.j.Migration, r.fp, r.doc, r.epoch, ks.upper, len(rs), ks.estimate); err != nil {
+		return false, fmt.Errorf("backfill: %s: register job: %w", r.j.Name, err)
+	}
+	for i, kr := range rs {
+		if _, err := tx.Exec(ctx, `INSERT INTO `+b.t.ranges+` (job, id, lo, hi, cursor) VALUES ($1, $2, $3, $4, $3)`,
+			r.j.Name, i, kr.Lo, kr.Hi); err != nil {
+			return false, fmt.Errorf("backfill: %s: register ranges: %w", r.j.Name, err)
+		}
+	}
+	r.track = newTracker(r.j.Name, 0, ks.estimate, len(rs), 0, r.cfg.Progress, b.m)
+	return false, tx.Commit(ctx)
+}
+
+// lease is a range held by one worker; token fences it against a worker
+// that took it over.
+type lease struct {
+	id     int
+	hi     []string
+	cursor []string
+	token  int64
+}
+
+var errPaused = errors.New("backfill: paused")
+
+// work claims ranges until none is left anywhere.
+func (r *runner) work(ctx context.Context, worker string) (rows, chunks int64, err error) {
+	sz := newSizer(r.cfg)
+	for {
+		l, paused, remaining, err := r.claim(ctx, worker)
+		if err != nil {
+			return rows, chunks, err
+		}
+		switch {
+		case l != nil:
+		case remaining == 0:
+			return rows, chunks, nil
+		case paused != "":
+			r.track.hold(ctx, "paused: "+paused, r.cfg.PollInterval)
+			if err := sleep(ctx, r.cfg.PollInterval); err != nil {
+				return rows, chunks, err
+			}
+			continue
+		default:
+			// Every remaining range is leased by a worker that may be dead:
+			// wait for the leases to expire and take over.
+			if err := sleep(ctx, r.cfg.PollInterval); err != nil {
+				return rows, chunks, err
+			}
+			continue
+		}
+		n, c, err := r.copyRange(ctx, worker, l, sz)
+		rows, chunks = rows+n, chunks+c
+		switch {
+		case errors.Is(err, ErrLeaseLost):
+			r.b.logger.Warn("backfill: range taken over by another worker", "job", r.j.Name, "range", l.id, "worker", worker)
+		case errors.Is(err, errPaused):
+			r.release(ctx, l)
+		case err != nil:
+			r.release(context.WithoutCancel(ctx), l)
+			return rows, chunks, err
+		}
+	}
+}
+
+func (r *runner) claim(ctx context.Context, worker string) (*lease, string, int, error) {
+	b := r.b
+	var l lease
+	err := b.pool.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET owner = $2, token = token + 1,
+	lease_until = clock_timestamp() + make_interval(secs => $3), updated_at = now()
+WHERE (job, id) = (SELECT job, id FROM `+b.t.ranges+` WHERE job = $1 AND NOT done AND lease_until < clock_timestamp()
+	AND NOT (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)
+	ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id, hi, cursor, token`, r.j.Name, worker, r.cfg.LeaseTTL.Seconds()).Scan(&l.id, &l.hi, &l.cursor, &l.token)
+	if err == nil {
+		return &l, "", 1, nil
+	}
+	if !errors.Is(err, pgx.ErrNoRows) {
+		return nil, "", 0, fmt.Errorf("backfill: %s: claim a range: %w", r.j.Name, err)
+	}
+	var paused bool
+	var reason string
+	var remaining int
+	if err := b.pool.QueryRow(ctx, `SELECT j.paused, j.pause_reason, (SELECT count(*) FROM `+b.t.ranges+` WHERE job = $1 AND NOT done)::int
+FROM `+b.t.jobs+` j WHERE j.name = $1`, r.j.Name).Scan(&paused, &reason, &remaining); err != nil {
+		return nil, "", 0, fmt.Errorf("backfill: %s: read job: %w", r.j.Name, err)
+	}
+	if paused && reason == "" {
+		reason = "no reason given"
+	}
+	if !paused {
+		reason = ""
+	}
+	return nil, reason, remaining, nil
+}
+
+func (r *runner) release(ctx context.Context, l *lease) {
+	if _, err := r.b.pool.Exec(ctx, `UPDATE `+r.b.t.ranges+` SET owner = NULL, lease_until = '-infinity'
+WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token); err != nil {
+		r.b.logger.Warn("backfill: release range", "job", r.j.Name, "range", l.id, "err", err)
+	}
+}
+
+// copyRange copies chunks of one leased range until it is done.
+func (r *runner) copyRange(ctx context.Context, worker string, l *lease, sz *sizer) (rows, chunks int64, err error) {
+	for {
+		if err := r.holdForSignals(ctx, sz); err != nil {
+			return rows, chunks, err
+		}
+		size := sz.size
+		started := time.Now()
+		var n int
+		var done bool
+		for attempt := 0; ; attempt++ {
+			n, done, err = r.chunk(ctx, l, size)
+			if err == nil || !transient(ctx, err) || attempt >= r.cfg.MaxRetries {
+				break
+			}
+			r.b.m.retries.Add(ctx, 1, r.track.attrs)
+			wait := min(100*time.Millisecond<<attempt, 5*time.Second)
+			r.b.logger.Warn("backfill: chunk failed, retrying", "job", r.j.Name, "range", l.id, "attempt", attempt+1, "wait", wait, "err", err)
+			if err := sleep(ctx, wait); err != nil {
+				return rows, chunks, err
+			}
+		}
+		if err != nil {
+			return rows, chunks, err
+		}
+		took := time.Since(started)
+		rows, chunks = rows+int64(n), chunks+1
+		sz.observe(n, took)
+		r.track.chunk(ctx, worker, l.id, n, size, took)
+		if done {
+			r.track.rangeDone()
+			return rows, chunks, nil
+		}
+		if d := r.pace.take(n, started); d > 0 {
+			r.track.hold(ctx, fmt.Sprintf("rate limit %.0f rows/s", r.cfg.RowsPerSecond), d)
+			if err := sleep(ctx, d); err != nil {
+				return rows, chunks, err
+			}
+		}
+	}
+}
+
+func (r *runner) holdForSignals(ctx context.Context, sz *sizer) error {
+	for _, s := range r.cfg.Signals {
+		for {
+			d, why, err := s.Hold(ctx)
+			if err != nil {
+				d, why = r.cfg.PollInterval, fmt.Sprintf("%s unreadable: %v", s.Name(), err)
+			}
+			if d <= 0 {
+				break
+			}
+			sz.backoff()
+			r.track.hold(ctx, s.Name()+": "+why, d)
+			if err := sleep(ctx, d); err != nil {
+				return err
+			}
+		}
+	}
+	return ctx.Err()
+}
+
+// chunk copies up to size rows after the range's cursor and moves the
+// cursor. With the sink in this database both commit in one transaction
+// (no chunk repeated or skipped across a crash); otherwise the sink commits
+// first and the cursor right after (a crash between redoes one chunk, which
+// the idempotent, version-guarded sink absorbs).
+func (r *runner) chunk(ctx context.Context, l *lease, size int) (n int, done bool, err error) {
+	b := r.b
+	tx, err := b.pool.Begin(ctx)
+	if err != nil {
+		return 0, false, err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	// Renew the lease and lock the range row for the chunk: a worker taking
+	// the range over waits for this chunk, and a stale token aborts it.
+	var paused bool
+	err = tx.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET lease_until = clock_timestamp() + make_interval(secs => $4)
+WHERE job = $1 AND id = $2 AND token = $3 RETURNING (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)`,
+		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds()).Scan(&paused)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, false, ErrLeaseLost
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	if paused {
+		return 0, false, errPaused
+	}
+	var last []string
+	switch {
+	case r.fast:
+		sql, args := r.sh.copySQL(l.cursor, l.hi, size, r.cfg.LockSourceRows)
+		var cnt int64
+		err = tx.QueryRow(ctx, sql, args...).Scan(&cnt, &last)
+		if errors.Is(err, pgx.ErrNoRows) {
+			err = nil
+		}
+		n = int(cnt)
+	case r.txPG != nil:
+		var src querier = tx
+		if r.src != querier(b.pool) {
+			src = r.src
+		}
+		var rows []Row
+		rows, last, err = r.read(ctx, src, l.cursor, l.hi, size)
+		if err == nil {
+			n = len(rows)
+			if rows, err = r.transform(ctx, rows); err == nil {
+				err = r.txPG.writeTx(ctx, tx, rows)
+			}
+		}
+	default:
+		// The sink commits on its own: end this transaction first so the
+		// range lock is not held across the sink's I/O.
+		if err := tx.Commit(ctx); err != nil {
+			return 0, false, err
+		}
+		var rows []Row
+		rows, last, err = r.read(ctx, r.src, l.cursor, l.hi, size)
+		if err != nil {
+			return 0, false, err
+		}
+		n = len(rows)
+		if rows, err = r.transform(ctx, rows); err != nil {
+			return 0, false, err
+		}
+		if err := r.sink.Write(ctx, rows); err != nil {
+			return 0, false, err
+		}
+		tx, err = b.pool.Begin(ctx)
+		if err != nil {
+			return 0, false, err
+		}
+		defer tx.Rollback(context.WithoutCancel(ctx))
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	done = n < size
+	cursor := l.cursor
+	if n > 0 {
+		cursor = last
+	}
+	tag, err := tx.Exec(ctx, `UPDATE `+b.t.ranges+` SET cursor = $4, rows_done = rows_done + $5, chunks = chunks + 1, done = $6,
+	updated_at = now(), lease_until = clock_timestamp() + make_interval(secs => $7)
+WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token, cursor, n, done, r.cfg.LeaseTTL.Seconds())
+	if err != nil {
+		return 0, false, err
+	}
+	if tag.RowsAffected() == 0 {
+		return 0, false, ErrLeaseLost
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return 0, false, err
+	}
+	l.cursor = cursor
+	return n, done, nil
+}
+
+// read returns up to limit target-shaped rows after lo up to hi, and the
+// last key read.
+func (r *runner) read(ctx context.Context, q querier, lo, hi []string, limit int) ([]Row, []string, error) {
+	sql, args := r.sh.readSQL(lo, hi, limit)
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("backfill: read %s: %w", r.j.Spec.Source, err)
+	}
+	defer rows.Close()
+	fds := rows.FieldDescriptions()
+	var out []Row
+	var last []string
+	for rows.Next() {
+		vals, err := rows.Values()
+		if err != nil {
+			return nil, nil, fmt.Errorf("backfill: read %s: %w", r.j.Spec.Source, err)
+		}
+		row := make(Row, len(vals)-1)
+		for i, v := range vals[:len(vals)-1] {
+			row[fds[i].Name] = v
+		}
+		last = toStrings(vals[len(vals)-1])
+		out = append(out, row)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("backfill: read %s: %w", r.j.Spec.Source, err)
+	}
+	return out, last, nil
+}
+
+func toStrings(v any) []string {
+	a, _ := v.([]any)
+	out := make([]string, len(a))
+	for i, x := range a {
+		out[i], _ = x.(string)
+	}
+	return out
+}
+
+func (r *runner) transform(ctx context.Context, rows []Row) ([]Row, error) {
+	if r.j.Transform == nil {
+		return rows, nil
+	}
+	out := rows[:0]
+	for _, row := range rows {
+		t, err := r.j.Transform(ctx, row)
+		if err != nil {
+			return nil, fmt.Errorf("backfill: %s: transform: %w", r.j.Name, err)
+		}
+		if t != nil {
+			out = append(out, t)
+		}
+	}
+	return out, nil
+}
+
+// transient reports whether a failed chunk is worth retrying: lost
+// connections, a terminated backend, serialisation failures, deadlocks.
+func transient(ctx context.Context, err error) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch {
+		case pgErr.Code == "40001", pgErr.Code == "40P01", pgErr.Code == "55P03",
+			strings.HasPrefix(pgErr.Code, "08"), strings.HasPrefix(pgErr.Code, "53"), strings.HasPrefix(pgErr.Code, "57P"):
+			return true
+		}
+		return false
+	}
+	var ne net.Error
+	if errors.As(err, &ne) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.SafeToRetry(err) || pgconn.Timeout(err) {
+		return true
+	}
+	msg := err.Error()
+	for _, s := range []string{"conn closed", "connection reset", "broken pipe", "unexpected EOF", "connection refused"} {
+		if strings.Contains(msg, s) {
+			return true
+		}
+	}
+	return false
+}

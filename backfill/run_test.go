@@ -1,0 +1,87 @@
+package backfill_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+)
+
+func TestKeyTypes(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name, keyDDL, pk, gen string
+		key                   []string
+	}{
+		{"int-negative-and-zero", "id bigint", "id",
+			`(id, amount, note) SELECT g, g * 1.5, CASE WHEN g % 7 = 0 THEN NULL ELSE 'n' || g END FROM generate_series(-600, 400) g`, []string{"id"}},
+		{"int-min-max", "id bigint", "id",
+			`(id, amount) VALUES (-9223372036854775808, 1), (9223372036854775807, 2), (0, 3), (-1, 4)`, []string{"id"}},
+		{"composite", "tenant int, seq text", "tenant, seq",
+			`(tenant, seq, amount) SELECT t, 's' || s, s FROM generate_series(-3, 3) t, generate_series(1, 150) s`, []string{"tenant", "seq"}},
+		{"text", "code text COLLATE \"en_US\"", "code",
+			`(code, amount) SELECT md5(g::text) || CASE WHEN g % 3 = 0 THEN ' É' WHEN g % 3 = 1 THEN 'a,b"''' ELSE '' END, g FROM generate_series(1, 900) g`, []string{"code"}},
+		{"uuid", "id uuid", "id",
+			`(id, amount) SELECT gen_random_uuid(), g FROM generate_series(1, 900) g`, []string{"id"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			if tc.name == "text" {
+				// en_US may be missing on a minimal server: C collation is still text.
+				if _, err := e.pool.Exec(tctx(t), `SELECT 'a' COLLATE "en_US"`); err != nil {
+					tc.keyDDL = "code text"
+				}
+			}
+			e.orders(t, tc.keyDDL, tc.pk, tc.gen)
+			j := ordersJob("copy")
+			j.Spec.Key = tc.key
+			j.Config.Workers, j.Config.Ranges = 3, 5
+			res, err := e.bf.Run(tctx(t), j)
+			require.NoError(t, err)
+			want := count(t, e.pool, `SELECT count(*) FROM old_orders`)
+			assert.Equal(t, want, res.Rows, "every source row copied once")
+			assert.Zero(t, e.diff(t), "new equals old")
+			assert.Equal(t, want, count(t, e.pool, `SELECT sum(rows_done)::int8 FROM `+e.schema+`.backfill_ranges`))
+
+			again, err := e.bf.Run(tctx(t), j)
+			require.NoError(t, err)
+			assert.True(t, again.AlreadyDone)
+		})
+	}
+}
+
+func TestDefinitionChangedRefused(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 100)`)
+	j := ordersJob("copy")
+	ctx, cancel := context.WithCancel(tctx(t))
+	j.Config.Progress = func(p backfill.Progress) {
+		if p.RowsDone > 0 {
+			cancel()
+		}
+	}
+	_, err := e.bf.Run(ctx, j)
+	require.ErrorIs(t, err, context.Canceled)
+
+	j.Config.Progress = nil
+	j.Spec.Exprs = map[string]string{"note": "upper(note)"}
+	_, err = e.bf.Run(tctx(t), j)
+	require.ErrorIs(t, err, backfill.ErrDefinitionChanged)
+	var dc *backfill.DefinitionChangedError
+	require.True(t, errors.As(err, &dc))
+	assert.Contains(t, err.Error(), `job "copy" was started with another definition`)
+	assert.Contains(t, dc.GivenSpec, "upper(note)")
+
+	j.Spec.Exprs = nil
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err, "the original definition resumes")
+	assert.Less(t, res.Rows, int64(100), "resumed, not restarted")
+	assert.Zero(t, e.diff(t))
+}

@@ -1,0 +1,140 @@
+package backfill
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Signal is a live reason to slow down, consulted before every chunk.
+type Signal interface {
+	// Name identifies the signal in progress reports and logs.
+	Name() string
+	// Hold returns how long to wait before the next chunk (0: go on) and
+	// what was seen. An error holds the job for a poll interval: a signal
+	// that cannot be read is not taken as "all clear".
+	Hold(ctx context.Context) (time.Duration, string, error)
+}
+
+type signalFunc struct {
+	name string
+	f    func(context.Context) (time.Duration, string, error)
+}
+
+func (s signalFunc) Name() string { return s.name }
+func (s signalFunc) Hold(ctx context.Context) (time.Duration, string, error) {
+	return s.f(ctx)
+}
+
+// SignalFunc makes a Signal from a function.
+func SignalFunc(name string, hold func(context.Context) (time.Duration, string, error)) Signal {
+	return signalFunc{name, hold}
+}
+
+// ReplicationLag holds the job while any replica of the pool's server is more
+// than maxLag behind in replay (pg_stat_replication.replay_lag), for as long
+// as the excess, at least 100ms. With no replica attached it never holds.
+func ReplicationLag(pool *pgxpool.Pool, maxLag time.Duration) Signal {
+	return SignalFunc("replication-lag", func(ctx context.Context) (time.Duration, string, error) {
+		var secs float64
+		var name string
+		err := pool.QueryRow(ctx, `SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8,
+	coalesce((SELECT application_name FROM pg_stat_replication ORDER BY replay_lag DESC NULLS LAST LIMIT 1), '')
+FROM pg_stat_replication`).Scan(&secs, &name)
+		if err != nil {
+			return 0, "", fmt.Errorf("read pg_stat_replication: %w", err)
+		}
+		lag := time.Duration(secs * float64(time.Second))
+		if lag <= maxLag {
+			return 0, "", nil
+		}
+		return max(lag-maxLag, 100*time.Millisecond), fmt.Sprintf("replica %q replays %s behind (limit %s)", name, lag.Round(time.Millisecond), maxLag), nil
+	})
+}
+
+// Latency holds the job while the service's own latency signal (its p99 of
+// the operations the backfill must not hurt, say) is above limit; the hold
+// grows with the excess. current is called before every chunk.
+func Latency(name string, current func() time.Duration, limit time.Duration) Signal {
+	return SignalFunc(name, func(context.Context) (time.Duration, string, error) {
+		l := current()
+		if l <= limit {
+			return 0, "", nil
+		}
+		return min(max(l-limit, 50*time.Millisecond)*4, 5*time.Second), fmt.Sprintf("%s at %s (limit %s)", name, l.Round(time.Microsecond), limit), nil
+	})
+}
+
+// sizer adapts the chunk size to the target chunk time: an EWMA of the time
+// per row, the size that would take the target at that pace, bounded, and
+// never more than doubling per chunk (a sudden fast chunk is not trusted).
+type sizer struct {
+	target   time.Duration
+	min, max int
+	size     int
+	perRow   float64 // ns, EWMA
+}
+
+const ewmaAlpha = 0.3
+
+func newSizer(c Config) *sizer {
+	return &sizer{target: c.TargetChunkTime, min: c.MinChunk, max: c.MaxChunk, size: c.InitialChunk}
+}
+
+func (s *sizer) observe(rows int, took time.Duration) {
+	if rows <= 0 {
+		return
+	}
+	pr := float64(took) / float64(rows)
+	if s.perRow == 0 {
+		s.perRow = pr
+	} else {
+		s.perRow = ewmaAlpha*pr + (1-ewmaAlpha)*s.perRow
+	}
+	next := int(float64(s.target) / max(s.perRow, 1))
+	next = min(next, 2*s.size)
+	s.size = min(max(next, s.min), s.max)
+}
+
+// backoff halves the chunk when a signal holds the job: smaller chunks hold
+// locks and I/O for less time.
+func (s *sizer) backoff() { s.size = max(s.min, s.size/2) }
+
+// pacer spaces chunks so the job stays under a rows/s limit across workers.
+type pacer struct {
+	mu   sync.Mutex
+	rate float64
+	next time.Time
+}
+
+// take accounts a chunk of rows that started at started and returns how long
+// the caller must wait before its next chunk. Idle time earns no credit.
+func (p *pacer) take(rows int, started time.Time) time.Duration {
+	if p == nil || p.rate <= 0 || rows <= 0 {
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.next.Before(started) {
+		p.next = started
+	}
+	p.next = p.next.Add(time.Duration(float64(rows) / p.rate * float64(time.Second)))
+	return time.Until(p.next)
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
