@@ -1,0 +1,296 @@
+package expandcontract_test
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/expandcontract"
+	"github.com/dimmer-dev/dimmer/flags/flagstest"
+	"github.com/dimmer-dev/dimmer/internal/testenv"
+)
+
+func stepOf(t *testing.T, st expandcontract.Status, phase, name string) expandcontract.StepStatus {
+	t.Helper()
+	for _, s := range st.Steps {
+		if s.Phase == phase && s.Name == name {
+			return s
+		}
+	}
+	t.Fatalf("no step %s/%s in %+v", phase, name, st.Steps)
+	return expandcontract.StepStatus{}
+}
+
+// TestLockTimeoutBehindBlockingTransaction: an ALTER TABLE behind a long
+// transaction gives up its place in the lock queue after lock_timeout, so
+// the table's other queries are never stalled for longer; out of attempts it
+// fails naming the step, with nothing applied; once the blocker is gone it
+// succeeds on a later attempt.
+func TestLockTimeoutBehindBlockingTransaction(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := flagstest.Context(t)
+	e.exec(t, `CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)`)
+	e.exec(t, `INSERT INTO accounts SELECT g, g FROM generate_series(1, 100) g`)
+	reg := e.registry(t, expandcontract.WithLockTimeout(100*time.Millisecond), expandcontract.WithAttempts(4),
+		expandcontract.WithBackoff(20*time.Millisecond, 40*time.Millisecond))
+	plan := expandcontract.Plan{Name: "accounts-currency",
+		Expand:   []expandcontract.Step{{Name: "add-currency", SQL: `ALTER TABLE accounts ADD COLUMN currency text`}},
+		Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
+	require.NoError(t, reg.Register(ctx, "test", plan))
+
+	blocker, err := e.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer blocker.Rollback(context.Background())
+	_, err = blocker.Exec(ctx, `SELECT count(*) FROM accounts`) // holds AccessShareLock
+	require.NoError(t, err)
+
+	// Readers keep going while the DDL waits and retries.
+	reads := runTraffic(2, func(ctx context.Context, _, _ int) error {
+		start := time.Now()
+		var n int
+		if err := e.pool.QueryRow(ctx, `SELECT count(*) FROM accounts`).Scan(&n); err != nil {
+			return err
+		}
+		if d := time.Since(start); d > time.Second {
+			return &slowError{d}
+		}
+		return nil
+	})
+	start := time.Now()
+	_, err = reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+	elapsed := time.Since(start)
+	var se *expandcontract.StepError
+	require.ErrorAs(t, err, &se)
+	require.ErrorIs(t, err, expandcontract.ErrLockTimeout)
+	assert.Equal(t, "add-currency", se.Step)
+	assert.Equal(t, 4, se.Attempts)
+	assert.Less(t, elapsed, 5*time.Second)
+	n, errs := reads.stop()
+	assert.Empty(t, errs, "a reader was stalled behind the waiting DDL")
+	assert.Positive(t, n)
+
+	st, err := reg.Status(ctx, plan.Name)
+	require.NoError(t, err)
+	assert.Equal(t, expandcontract.Pending, st.Stage)
+	assert.Equal(t, expandcontract.PhaseExpand, st.Running)
+	s := stepOf(t, st, expandcontract.PhaseExpand, "add-currency")
+	assert.Equal(t, "failed", s.State)
+	assert.Equal(t, 4, s.Attempts)
+	assert.Contains(t, s.LastError, "lock timeout")
+	assert.NotContains(t, e.columns(t, "accounts"), "currency")
+
+	// Run again; the blocker ends during the retries.
+	released := make(chan error, 1)
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		released <- blocker.Commit(context.Background())
+	}()
+	reg2 := e.registry(t, expandcontract.WithLockTimeout(100*time.Millisecond), expandcontract.WithAttempts(50),
+		expandcontract.WithBackoff(20*time.Millisecond, 40*time.Millisecond))
+	st, err = reg2.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+	require.NoError(t, <-released)
+	require.NoError(t, err)
+	assert.Equal(t, expandcontract.Expanded, st.Stage)
+	assert.Empty(t, st.Running)
+	s = stepOf(t, st, expandcontract.PhaseExpand, "add-currency")
+	assert.Equal(t, "applied", s.State)
+	assert.Greater(t, s.Attempts, 5, "the second run retried too")
+	assert.Contains(t, e.columns(t, "accounts"), "currency")
+}
+
+type slowError struct{ d time.Duration }
+
+func (e *slowError) Error() string { return "read took " + e.d.String() }
+
+const (
+	helperSchemaEnv = "DIMMER_EC_HELPER_SCHEMA"
+	helperPlanEnv   = "DIMMER_EC_HELPER_PLAN"
+)
+
+// waitForRunner waits until the plan's runner session is waiting on a lock
+// and returns its backend pid.
+func waitForRunner(t *testing.T, pool *pgxpool.Pool, plan string) int32 {
+	t.Helper()
+	var pid int32
+	require.Eventually(t, func() bool {
+		err := pool.QueryRow(context.Background(), `SELECT pid FROM pg_stat_activity
+WHERE application_name = $1 AND wait_event_type = 'Lock'`, expandcontract.ApplicationName(plan)).Scan(&pid)
+		return err == nil
+	}, 20*time.Second, 10*time.Millisecond, "the runner never waited on its lock")
+	return pid
+}
+
+func runnerGone(t *testing.T, pool *pgxpool.Pool, plan string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		var n int
+		err := pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity WHERE application_name = $1`,
+			expandcontract.ApplicationName(plan)).Scan(&n)
+		return err == nil && n == 0
+	}, 20*time.Second, 20*time.Millisecond, "the dead runner's session stayed")
+}
+
+// TestCrashMidStepThenResume kills the process applying a plan (SIGKILL)
+// while its second step waits for a lock. The server notices the dead
+// client and rolls the step back; the first step stays applied; running the
+// phase again applies only what is missing.
+func TestCrashMidStepThenResume(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := flagstest.Context(t)
+	e.exec(t, `CREATE TABLE orders (id int PRIMARY KEY)`)
+	reg := e.registry(t)
+	// Neither CREATE TABLE is idempotent: running one twice fails, which
+	// proves a resumed phase skips what was applied.
+	plan := expandcontract.Plan{Name: "orders-audit",
+		Expand: []expandcontract.Step{
+			{Name: "create-a", SQL: `CREATE TABLE crash_a (id int)`},
+			{Name: "add-note", SQL: `ALTER TABLE orders ADD COLUMN note text; CREATE TABLE crash_half (id int)`},
+			{Name: "create-b", SQL: `CREATE TABLE crash_b (id int)`},
+		},
+		Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
+	require.NoError(t, reg.Register(ctx, "test", plan))
+
+	blocker, err := e.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer blocker.Rollback(context.Background())
+	_, err = blocker.Exec(ctx, `LOCK TABLE orders IN ACCESS SHARE MODE`)
+	require.NoError(t, err)
+
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestHelperExpandProcess$", "-test.count=1")
+	cmd.Env = append(os.Environ(), helperSchemaEnv+"="+e.schema, helperPlanEnv+"="+plan.Name)
+	require.NoError(t, cmd.Start())
+	waitForRunner(t, e.pool, plan.Name)
+	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+	_ = cmd.Wait()
+	runnerGone(t, e.pool, plan.Name)
+
+	st, err := reg.Status(ctx, plan.Name)
+	require.NoError(t, err)
+	assert.Equal(t, expandcontract.Pending, st.Stage)
+	assert.Equal(t, expandcontract.PhaseExpand, st.Running, "the interrupted phase is visible")
+	assert.Equal(t, "applied", stepOf(t, st, expandcontract.PhaseExpand, "create-a").State)
+	assert.Empty(t, stepOf(t, st, expandcontract.PhaseExpand, "add-note").State, "a crashed transactional step leaves no record")
+	assert.NotContains(t, e.columns(t, "orders"), "note")
+	assert.Empty(t, e.columns(t, "crash_half"), "nothing of the crashed step is left")
+
+	// While the expand is half done, only builds that run with both shapes start.
+	require.NoError(t, reg.Check(ctx, expandcontract.Range{Plan: plan.Name, Min: expandcontract.Pending, Max: expandcontract.Migrating}))
+	err = reg.Check(ctx, expandcontract.Range{Plan: plan.Name, Min: expandcontract.Expanded, Max: expandcontract.Contracted})
+	require.ErrorIs(t, err, expandcontract.ErrIncompatible)
+	assert.Contains(t, err.Error(), "pending with expand in progress")
+	// Nor can the interrupted expand be skipped.
+	_, err = reg.Migrate(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+	require.ErrorIs(t, err, expandcontract.ErrWrongStage)
+
+	require.NoError(t, blocker.Commit(ctx))
+	st, err = reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+	require.NoError(t, err)
+	assert.Equal(t, expandcontract.Expanded, st.Stage)
+	assert.Contains(t, e.columns(t, "orders"), "note")
+	assert.NotEmpty(t, e.columns(t, "crash_b"))
+	assert.Equal(t, 1, stepOf(t, st, expandcontract.PhaseExpand, "create-a").Attempts)
+}
+
+// TestHelperExpandProcess is the process TestCrashMidStepThenResume kills;
+// it does nothing when run directly.
+func TestHelperExpandProcess(t *testing.T) {
+	schema, plan := os.Getenv(helperSchemaEnv), os.Getenv(helperPlanEnv)
+	if schema == "" {
+		t.Skip("helper process for TestCrashMidStepThenResume")
+	}
+	cfg, err := pgxpool.ParseConfig(testenv.PostgresURL())
+	require.NoError(t, err)
+	cfg.ConnConfig.RuntimeParams["search_path"] = schema
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	require.NoError(t, err)
+	defer pool.Close()
+	reg, err := expandcontract.NewRegistry(pool, expandcontract.WithSchema(schema), expandcontract.WithLockTimeout(time.Minute))
+	require.NoError(t, err)
+	_, err = reg.Expand(context.Background(), plan, expandcontract.Request{Actor: "helper"})
+	t.Fatalf("the helper should have been killed, Expand returned %v", err)
+}
+
+func indexValid(t *testing.T, pool *pgxpool.Pool, name string) (exists, valid bool) {
+	t.Helper()
+	var v *bool
+	err := pool.QueryRow(context.Background(), `SELECT (SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1))`, name).Scan(&v)
+	require.NoError(t, err)
+	if v == nil {
+		return false, false
+	}
+	return true, *v
+}
+
+// TestInterruptedConcurrentIndexIsRebuilt: CREATE INDEX CONCURRENTLY
+// behind an open writing transaction leaves an invalid index when it times
+// out on its lock and when its backend is terminated; the next run detects
+// it, drops it and builds a valid one.
+func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
+	t.Parallel()
+	for _, how := range []string{"lock-timeout", "terminated"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			ctx := flagstest.Context(t)
+			e.exec(t, `CREATE TABLE events (id int PRIMARY KEY, kind text)`)
+			e.exec(t, `INSERT INTO events SELECT g, 'k' || (g % 7) FROM generate_series(1, 1000) g`)
+			plan := expandcontract.Plan{Name: "events-kind-index",
+				Expand: []expandcontract.Step{{Name: "index-kind", Concurrently: true,
+					SQL: `CREATE INDEX CONCURRENTLY IF NOT EXISTS events_kind ON events (kind)`}},
+				Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
+			opts := []expandcontract.Option{expandcontract.WithLockTimeout(time.Minute)}
+			if how == "lock-timeout" {
+				opts = []expandcontract.Option{expandcontract.WithLockTimeout(100 * time.Millisecond), expandcontract.WithAttempts(2)}
+			}
+			reg := e.registry(t, opts...)
+			require.NoError(t, reg.Register(ctx, "test", plan))
+
+			blocker, err := e.pool.Begin(ctx)
+			require.NoError(t, err)
+			defer blocker.Rollback(context.Background())
+			_, err = blocker.Exec(ctx, `INSERT INTO events VALUES (0, 'open')`)
+			require.NoError(t, err)
+
+			done := make(chan error, 1)
+			go func() {
+				_, err := reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+				done <- err
+			}()
+			if how == "terminated" {
+				pid := waitForRunner(t, e.pool, plan.Name)
+				_, err := e.pool.Exec(ctx, `SELECT pg_terminate_backend($1)`, pid)
+				require.NoError(t, err)
+			}
+			err = <-done
+			var se *expandcontract.StepError
+			require.ErrorAs(t, err, &se)
+			assert.Equal(t, "index-kind", se.Step)
+			if how == "lock-timeout" {
+				require.ErrorIs(t, err, expandcontract.ErrLockTimeout)
+			}
+			exists, valid := indexValid(t, e.pool, "events_kind")
+			require.True(t, exists, "an interrupted concurrent build leaves its index behind")
+			require.False(t, valid)
+
+			require.NoError(t, blocker.Commit(ctx))
+			st, err := reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+			require.NoError(t, err)
+			assert.Equal(t, expandcontract.Expanded, st.Stage)
+			exists, valid = indexValid(t, e.pool, "events_kind")
+			assert.True(t, exists)
+			assert.True(t, valid, "IF NOT EXISTS alone would have kept the invalid index")
+			var uses int
+			require.NoError(t, e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = 'events'`, e.schema).Scan(&uses))
+			assert.Equal(t, 2, uses, "primary key and events_kind, no leftovers")
+		})
+	}
+}
