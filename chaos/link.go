@@ -35,6 +35,19 @@ const (
 
 var linkSeq atomic.Uint64
 
+// quietOnce raises zerolog's global level to Info once: toxiproxy's
+// bandwidth toxic logs every interruption at Trace level through zerolog's
+// global logger, which would otherwise spray JSON over test output.
+var quietOnce sync.Once
+
+func quiet() {
+	quietOnce.Do(func() {
+		if zerolog.GlobalLevel() < zerolog.InfoLevel {
+			zerolog.SetGlobalLevel(zerolog.InfoLevel)
+		}
+	})
+}
+
 // Link is a TCP proxy on 127.0.0.1 in front of one upstream address (a
 // Postgres, Redis or Kafka server), whose faults are switched at run time.
 // Clients connect to [Link.Addr] instead of the upstream; with no fault
@@ -65,6 +78,7 @@ func NewLink(ctx context.Context, upstream string) (*Link, error) {
 	if err != nil || host == "" || port == "" {
 		return nil, fmt.Errorf("chaos: upstream %q is not host:port: %v", upstream, err)
 	}
+	quiet()
 	// The proxy logs every accepted connection; tests and services have their
 	// own logs, so the embedded server stays quiet.
 	server := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
