@@ -33,10 +33,10 @@ var (
 // DefinitionChangedError says what changed between the stored job and the
 // one asked to resume.
 type DefinitionChangedError struct {
-	Job            string
-	Stored, Given  string // definition fingerprints
-	StoredSpec     string
-	GivenSpec      string
+	Job           string
+	Stored, Given string // definition fingerprints
+	StoredSpec    string
+	GivenSpec     string
 }
 
 func (e *DefinitionChangedError) Error() string {
@@ -53,7 +53,9 @@ type FieldError struct {
 	Reason string
 }
 
-func (e *FieldError) Error() string { return fmt.Sprintf("backfill: invalid %s: %s", e.Field, e.Reason) }
+func (e *FieldError) Error() string {
+	return fmt.Sprintf("backfill: invalid %s: %s", e.Field, e.Reason)
+}
 func (e *FieldError) Unwrap() error { return ErrInvalidJob }
 
 func fieldErr(field, format string, args ...any) error {

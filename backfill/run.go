@@ -74,7 +74,13 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 	} else {
 		r.sink = sink
 	}
-	r.fp, r.doc = j.fingerprint(sink.Describe())
+	desc := sink.Describe()
+	if r.txPG != nil {
+		// Whatever address each process reaches it by, this is the database
+		// the checkpoints are in.
+		desc = localSinkDesc(j.Spec.Target)
+	}
+	r.fp, r.doc = j.fingerprint(desc)
 	return r, nil
 }
 
@@ -577,3 +583,5 @@ func transient(ctx context.Context, err error) bool {
 	}
 	return false
 }
+
+func localSinkDesc(t Table) string { return "postgres#" + t.String() }

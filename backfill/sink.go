@@ -209,4 +209,3 @@ func RedisValue(v any) string {
 	}
 	return fmt.Sprint(v)
 }
-
