@@ -108,3 +108,67 @@ func TestPoisonBlocksOnlyItsKey(t *testing.T) {
 	assert.Equal(t, "bad:5", got[len(got)-1])
 	mu.Unlock()
 }
+
+// TestCrowdedPrefixStillFlows: a dead letter with a long backlog behind it
+// and a hot key fill the front of the queue many times over the batch
+// size; every other key is still delivered, each in its order.
+func TestCrowdedPrefixStillFlows(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 2})
+	ctx := tctx(t, 30*time.Second)
+	var mu sync.Mutex
+	got := map[string][]string{}
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		errs := make([]error, len(b))
+		seen := map[string]bool{}
+		for i, r := range b {
+			if seen[r.Key] {
+				t.Errorf("two messages of key %q in one batch", r.Key)
+			}
+			seen[r.Key] = true
+			if r.Key == "bad" {
+				errs[i] = errors.New("rejected")
+				continue
+			}
+			got[r.Key] = append(got[r.Key], string(r.Payload))
+		}
+		return errs
+	})
+	want := map[string][]string{}
+	send := func(key string, n int) {
+		tx, err := pool.Begin(ctx)
+		require.NoError(t, err)
+		for i := range n {
+			_, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: key, Payload: []byte(fmt.Sprint(i))})
+			require.NoError(t, err)
+			if key != "bad" {
+				want[key] = append(want[key], fmt.Sprint(i))
+			}
+		}
+		require.NoError(t, tx.Commit(ctx))
+	}
+	send("bad", 200) // its head dies at once; 199 wait behind it
+	send("hot", 100)
+	for i := range 30 {
+		send(fmt.Sprint("cold", i), 2)
+	}
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{BatchSize: 8, PollInterval: 10 * time.Millisecond, MaxAttempts: 1, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	defer func() { require.NoError(t, r.Shutdown(ctx)); <-done }()
+	require.Eventually(t, func() bool {
+		s, err := o.Stats(ctx, pool, "")
+		require.NoError(t, err)
+		return s.Pending == 200
+	}, 20*time.Second, 10*time.Millisecond, "everything but the dead key drains")
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, want, got, "every other key delivered once, in order")
+	dead, err := o.DeadLetters(ctx, pool, "", 10)
+	require.NoError(t, err)
+	require.Len(t, dead, 1)
+	assert.Equal(t, 199, dead[0].Waiting)
+}

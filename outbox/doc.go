@@ -48,14 +48,23 @@
 // takeover. Fencing: a relay publishes only before its lease's local
 // deadline (taken before the renewal was sent, minus a margin, so it ends
 // before the database expiry), and the statement that deletes published
-// rows share-locks the lease rows and checks owner and epoch, so a relay
-// that lost its lease can neither publish after its deadline nor
-// acknowledge; its rows stay for the new owner.
+// rows (or records a failure) checks in its own snapshot that the relay
+// still owns each bucket at the epoch it published under, so once a
+// takeover has committed the stale relay can neither publish nor
+// acknowledge; its rows stay for the new owner. No lease row is locked: an
+// acknowledgement racing a takeover deletes only rows the broker already
+// acknowledged, which at worst the new owner publishes again.
 //
-// Each cycle walks the leased buckets' lanes (a loose index scan with a
-// round-robin cursor per bucket), takes each lane's head, publishes them
-// all at once (one message in flight per key, pipelined across keys) and
-// deletes the acknowledged rows in one statement. A failed publish is
+// Each cycle reads the first BatchSize rows of the leased buckets in seq
+// order (one walk of the primary key, like a hand-written relay loop).
+// Within one snapshot, per key, the first row of a lane in that prefix is
+// its head, so the relay publishes the ready heads all at once (one
+// message in flight per key, pipelined across keys) and deletes the
+// acknowledged rows in one statement. When a few lanes crowd the prefix (a
+// hot key, or a backlog held behind a backing-off or dead message) the
+// relay also walks the buckets' lanes (a loose index scan with a
+// round-robin cursor per bucket, one index probe per lane) to find the
+// other lanes' heads. A failed publish is
 // retried with exponential backoff and jitter (BackoffMin..BackoffMax);
 // after MaxAttempts it becomes a dead letter that holds back only its own
 // key until [Outbox.RetryDead] or [Outbox.SkipDead] ([Outbox.DeadLetters]

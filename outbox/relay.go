@@ -131,7 +131,7 @@ type Relay struct {
 	log  *slog.Logger
 	m    *metrics
 
-	fetchSQL, ackSQL, failSQL string
+	fastSQL, walkSQL, ackSQL, failSQL string
 
 	mu     sync.Mutex // guards held for Buckets()
 	held   map[int]lease
@@ -177,11 +177,22 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 		wake:   make(chan struct{}, 1),
 	}
 	t, l := o.table, o.leases
-	// A loose index scan: per leased bucket, walk the lanes after the
+	// The fast path. Per key, seq order is commit order and a visible row's
+	// earlier rows are visible too (see doc.go), so in any prefix of the
+	// leased buckets' rows in seq order, read in one snapshot, the first row
+	// of each lane is that lane's head. One walk of the primary key gives
+	// the heads of every lane present in the first $2 rows; only those are
+	// read in full, ready ones first.
+	r.fastSQL = `SELECT t.bucket, t.lane, t.seq, ` + readyExpr + `,
+	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at, 0::int8
+FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) ORDER BY t.seq LIMIT $2`
+	// The slow path, for when the prefix is crowded by a few lanes (a hot
+	// key, a dead letter or a backing-off message holding many successors):
+	// a loose index scan. Per leased bucket, walk the lanes after the
 	// bucket's round-robin cursor, one index probe per lane, and take each
-	// lane's oldest row (its head). Only heads are ever published, so a lane
-	// whose head is backing off or dead holds back nothing but itself.
-	r.fetchSQL = `WITH RECURSIVE walk(bucket, lane, seq, depth) AS (
+	// lane's oldest row, so a long blocked lane costs one probe, not a scan
+	// of its backlog.
+	r.walkSQL = `WITH RECURSIVE walk(bucket, lane, seq, depth) AS (
 	SELECT h.bucket, h.lane, h.seq, 1
 	FROM unnest($1::int4[], $2::text[]) AS c(bucket, after)
 	CROSS JOIN LATERAL (
@@ -196,26 +207,27 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 		ORDER BY t.lane, t.seq LIMIT 1) n
 	WHERE w.depth < $3
 )
-SELECT w.bucket, w.lane, t.seq,
-	t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()),
-	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at
-FROM walk w JOIN ` + t + ` t ON t.seq = w.seq`
-	// The fence: the lease rows are share-locked and their epochs checked
-	// in the very statement that deletes, so a concurrent takeover either
-	// waits for this ack or makes it a no-op.
-	fence := `WITH ok AS (
-	SELECT l.bucket FROM ` + l + ` l, unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
-	WHERE l.bucket = m.bucket AND l.epoch = m.epoch AND l.owner = $4
-	FOR SHARE OF l
-)
-`
-	r.ackSQL = fence + `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND t.bucket IN (SELECT bucket FROM ok)
-RETURNING extract(epoch FROM clock_timestamp() - t.created_at)::float8`
-	r.failSQL = fence + `UPDATE ` + t + ` t SET attempts = t.attempts + 1, last_error = f.err,
+SELECT w.bucket, w.lane, t.seq, ` + readyExpr + `,
+	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at, 0::int8
+FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t`
+	// The fence: the statement that deletes (or records a failure) checks,
+	// in its own snapshot, that this relay still holds each bucket at the
+	// epoch it published under. No lease row is locked: an acknowledgement
+	// racing a takeover can only delete rows this relay published and the
+	// broker acknowledged, so the worst case is a duplicate publish by the
+	// new owner, never a loss or a reordered first delivery; once the
+	// takeover has committed, the stale relay's statements match nothing.
+	fence := `t.bucket = ANY(ARRAY(
+	SELECT l.bucket FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
+	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4))`
+	r.ackSQL = `WITH d AS (DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence + `
+	RETURNING t.created_at)
+SELECT count(*), clock_timestamp() FROM d`
+	r.failSQL = `UPDATE ` + t + ` t SET attempts = t.attempts + 1, last_error = f.err,
 	next_attempt_at = clock_timestamp() + f.delay_ms * interval '1 millisecond',
 	dead_at = CASE WHEN t.attempts + 1 >= $5 THEN clock_timestamp() END
 FROM unnest($1::int8[], $6::text[], $7::float8[]) AS f(seq, err, delay_ms)
-WHERE t.seq = f.seq AND t.bucket IN (SELECT bucket FROM ok)
+WHERE t.seq = f.seq AND ` + fence + `
 RETURNING t.seq, t.id, t.lane, t.dead_at IS NOT NULL, t.last_error`
 	return r, nil
 }
@@ -527,47 +539,49 @@ type head struct {
 	rec    Record
 }
 
-// cycle publishes one batch: the ready head of each lane found, at most
-// BatchSize. It returns how many heads it published or failed.
-func (r *Relay) cycle(ctx context.Context) (int, error) {
-	buckets, epochs, deadline := r.active()
-	if len(buckets) == 0 {
-		return 0, nil
-	}
-	depth := max(1, (r.cfg.BatchSize+len(buckets)-1)/len(buckets))
-	afters := make([]string, len(buckets))
-	epochOf := make(map[int32]int64, len(buckets))
-	r.mu.Lock()
-	for i, b := range buckets {
-		afters[i] = r.cursor[int(b)]
-		epochOf[b] = epochs[i]
-	}
-	r.mu.Unlock()
+// readyExpr: a row may be published now (not dead, not backing off).
+const readyExpr = `(t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()))`
 
-	rows, err := r.pool.Query(ctx, r.fetchSQL, buckets, afters, depth)
+// queryHeads runs a head query; its last column is the fast path's window
+// count (0 from the walk).
+func (r *Relay) queryHeads(ctx context.Context, sql string, args ...any) ([]head, int64, error) {
+	rows, err := r.pool.Query(ctx, sql, args...)
 	if err != nil {
-		return 0, fmt.Errorf("fetch: %w", err)
+		return nil, 0, err
 	}
 	var heads []head
 	var h head
 	var key *string
 	var headers map[string]string
-	_, err = pgx.ForEachRow(rows, []any{&h.bucket, &h.lane, &h.rec.Seq, &h.ready, &h.rec.ID, &key, &h.rec.Topic, &h.rec.Payload, &headers, &h.rec.Attempts, &h.rec.CreatedAt}, func() error {
-		h.rec.Key = ""
+	var scanned int64
+	_, err = pgx.ForEachRow(rows, []any{&h.bucket, &h.lane, &h.rec.Seq, &h.ready, &h.rec.ID, &key, &h.rec.Topic, &h.rec.Payload, &headers, &h.rec.Attempts, &h.rec.CreatedAt, &scanned}, func() error {
 		if key != nil {
 			h.rec.Key = *key
 		}
 		h.rec.Headers = headers
 		heads = append(heads, h)
-		h = head{}
-		headers = nil
+		h, key, headers = head{}, nil, nil
 		return nil
 	})
-	if err != nil {
-		return 0, fmt.Errorf("fetch: %w", err)
+	return heads, scanned, err
+}
+
+// walk runs the slow path over the leased buckets, advancing each
+// bucket's round-robin cursor.
+func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
+	depth := max(1, (r.cfg.BatchSize+len(buckets)-1)/len(buckets))
+	afters := make([]string, len(buckets))
+	r.mu.Lock()
+	for i, b := range buckets {
+		afters[i] = r.cursor[int(b)]
 	}
-	// Advance each bucket's round-robin cursor; a bucket that had fewer
-	// lanes than the depth was walked to its end and starts over.
+	r.mu.Unlock()
+	heads, _, err := r.queryHeads(ctx, r.walkSQL, buckets, afters, depth)
+	if err != nil {
+		return nil, err
+	}
+	// Advance each bucket's cursor; a bucket that had fewer lanes than the
+	// depth was walked to its end and starts over.
 	perBucket := map[int32]int{}
 	last := map[int32]string{}
 	for _, h := range heads {
@@ -586,14 +600,50 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 		}
 	}
 	r.mu.Unlock()
+	return heads, nil
+}
 
-	batch := make([]Record, 0, len(heads))
-	bucketOf := make([]int32, 0, len(heads))
-	for _, h := range heads {
-		if h.ready && len(batch) < r.cfg.BatchSize {
-			batch = append(batch, h.rec)
-			bucketOf = append(bucketOf, h.bucket)
+// cycle publishes one batch: the ready head of each lane found, at most
+// BatchSize. It returns how many heads it published or failed.
+func (r *Relay) cycle(ctx context.Context) (int, error) {
+	buckets, epochs, deadline := r.active()
+	if len(buckets) == 0 {
+		return 0, nil
+	}
+	epochOf := make(map[int32]int64, len(buckets))
+	for i, b := range buckets {
+		epochOf[b] = epochs[i]
+	}
+	window := r.cfg.BatchSize
+	heads, _, err := r.queryHeads(ctx, r.fastSQL, buckets, window)
+	scanned := len(heads)
+	if err != nil {
+		return 0, fmt.Errorf("fetch: %w", err)
+	}
+	batch := make([]Record, 0, min(len(heads), r.cfg.BatchSize))
+	bucketOf := make([]int32, 0, cap(batch))
+	seen := make(map[string]bool, len(heads))
+	take := func(heads []head) {
+		for _, h := range heads {
+			if seen[h.lane] {
+				continue
+			}
+			seen[h.lane] = true
+			if h.ready && len(batch) < r.cfg.BatchSize {
+				batch = append(batch, h.rec)
+				bucketOf = append(bucketOf, h.bucket)
+			}
 		}
+	}
+	take(heads)
+	if scanned >= window && len(batch) < max(1, r.cfg.BatchSize/4) {
+		// The window was full but yielded few heads: a few lanes crowd the
+		// front of the queue. Find the other lanes' heads past them.
+		more, err := r.walk(ctx, buckets)
+		if err != nil {
+			return 0, fmt.Errorf("fetch: %w", err)
+		}
+		take(more)
 	}
 	if len(batch) == 0 {
 		return 0, nil
@@ -612,12 +662,14 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 		}
 	}
 	var okSeqs, failSeqs []int64
+	var okCreated []time.Time
 	var okB, failB []int32
 	var failErrs []string
 	var failDelay []float64
 	for i, err := range results {
 		if err == nil {
 			okSeqs = append(okSeqs, batch[i].Seq)
+			okCreated = append(okCreated, batch[i].CreatedAt)
 			okB = append(okB, bucketOf[i])
 			continue
 		}
@@ -627,7 +679,7 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 		failDelay = append(failDelay, ms(r.backoff(batch[i].Attempts+1)))
 	}
 	if len(okSeqs) > 0 {
-		if err := r.ack(ctx, okSeqs, okB, epochOf); err != nil {
+		if err := r.ack(ctx, okSeqs, okCreated, okB, epochOf); err != nil {
 			return len(batch), err
 		}
 	}
@@ -669,21 +721,18 @@ func fenceArgs(bs []int32, epochOf map[int32]int64) ([]int32, []int64) {
 	return buckets, epochs
 }
 
-func (r *Relay) ack(ctx context.Context, seqs []int64, bs []int32, epochOf map[int32]int64) error {
+func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs []int32, epochOf map[int32]int64) error {
 	buckets, epochs := fenceArgs(bs, epochOf)
-	rows, err := r.pool.Query(ctx, r.ackSQL, seqs, buckets, epochs, r.cfg.ID)
-	if err != nil {
+	var n int
+	var now time.Time
+	if err := r.pool.QueryRow(ctx, r.ackSQL, seqs, buckets, epochs, r.cfg.ID).Scan(&n, &now); err != nil {
 		return fmt.Errorf("ack: %w", err)
 	}
-	var age float64
-	n := 0
-	_, err = pgx.ForEachRow(rows, []any{&age}, func() error {
-		n++
-		r.m.commitToAck.Record(ctx, age, r.m.attrs)
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("ack: %w", err)
+	if n == len(seqs) {
+		// Commit-to-ack on the database clock, as the rows' created_at.
+		for _, c := range created {
+			r.m.commitToAck.Record(ctx, now.Sub(c).Seconds(), r.m.attrs)
+		}
 	}
 	r.m.published.Add(ctx, int64(n), r.m.attrs)
 	if n < len(seqs) {
