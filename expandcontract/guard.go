@@ -121,22 +121,22 @@ func (r *Registry) migrationCheck(ctx context.Context, p Plan, name string, want
 
 func (r *Registry) backfillCheck(ctx context.Context, p Plan) flags.CheckResult {
 	res := flags.CheckResult{Name: CheckBackfillVerified}
-	if p.Backfill == "" {
+	if !p.Backfill {
 		res.Passed, res.Detail = true, "the plan has no backfill"
 		return res
 	}
 	if r.verifier == nil {
-		res.Detail = fmt.Sprintf("no verifier configured: nothing says backfill %s was verified", p.Backfill)
+		res.Detail = fmt.Sprintf("no verifier configured: nothing says the backfill of %s was verified", p.Migration)
 		return res
 	}
-	ok, detail, err := r.verifier.Verified(ctx, p.Backfill)
+	ok, detail, err := r.verifier.Verified(ctx, p.Migration)
 	switch {
 	case err != nil:
-		res.Detail = fmt.Sprintf("backfill %s: verification unknown: %v", p.Backfill, err)
+		res.Detail = fmt.Sprintf("backfill of %s: verification unknown: %v", p.Migration, err)
 	case !ok:
-		res.Detail = fmt.Sprintf("backfill %s is not verified: %s", p.Backfill, detail)
+		res.Detail = fmt.Sprintf("backfill of %s is not verified: %s", p.Migration, detail)
 	default:
-		res.Passed, res.Detail = true, fmt.Sprintf("backfill %s verified: %s", p.Backfill, detail)
+		res.Passed, res.Detail = true, fmt.Sprintf("backfill of %s verified: %s", p.Migration, detail)
 	}
 	return res
 }

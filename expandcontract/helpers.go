@@ -13,8 +13,8 @@ type Column struct {
 }
 
 // The helpers below build the plans of the common changes. Each returns a
-// plan linked to the dimmer migration and backfill named like the plan
-// (change Migration and Backfill if yours are named otherwise) and its
+// plan linked to the dimmer migration named like the plan (change
+// Migration if yours is named otherwise), with a backfill, and its
 // [Transform]. The helpers only change the schema and say how rows are
 // copied; the service's reads and writes go through packages dualwrite and
 // shadowread under the migration's stage, and the backfill runs the
@@ -71,7 +71,7 @@ func replaceColumns(plan, table, key string, old []string, cols []Column) (Plan,
 		return Plan{}, fmt.Errorf("%w %q: %w", ErrInvalidPlan, plan, errors.Join(errs...))
 	}
 	t := ident(table)
-	p := Plan{Name: plan, Migration: plan, Backfill: plan, Transform: &Transform{Source: table, Key: key}}
+	p := Plan{Name: plan, Migration: plan, Backfill: true, Transform: &Transform{Source: table, Key: key}}
 	var adds, drops, undo []string
 	for _, c := range cols {
 		adds = append(adds, fmt.Sprintf("ADD COLUMN IF NOT EXISTS %s %s", quoteCol(c.Name), c.Type))
@@ -116,7 +116,7 @@ func AddNotNull(plan, table, key, column, def string) (Plan, error) {
 	}
 	qc := quoteCol(cons)
 	p := Plan{
-		Name: plan, Migration: plan, Backfill: plan,
+		Name: plan, Migration: plan, Backfill: true,
 		Description: fmt.Sprintf("%s.%s: NOT NULL, default %s", table, column, def),
 		Expand:      []Step{{Name: "set-default", SQL: fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s SET DEFAULT %s", t, c, def)}},
 		Contract: []Step{
@@ -154,7 +154,7 @@ func ExtractTable(plan, table, key, newTable, newKey, keyType string, cols ...Co
 		tr.Set = append(tr.Set, Assignment{Column: c.Name, Expr: c.Expr})
 	}
 	p := Plan{
-		Name: plan, Migration: plan, Backfill: plan,
+		Name: plan, Migration: plan, Backfill: true,
 		Description: fmt.Sprintf("move %s of %s into %s", colNames(cols), table, newTable),
 		Expand:      []Step{{Name: "create-table", SQL: fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s (%s)", ident(newTable), strings.Join(defs, ", "))}},
 		Contract:    []Step{{Name: "drop-moved-columns", SQL: fmt.Sprintf("ALTER TABLE %s %s", ident(table), strings.Join(drops, ", "))}},

@@ -71,9 +71,10 @@ type Plan struct {
 	// contract waits for it to be complete, a rollback for it to be off.
 	// Empty for a plan that moves no data (an index swap).
 	Migration string `json:"migration,omitempty"`
-	// Backfill names the backfill whose verification the contract waits
-	// for (asked through [VerificationChecker]). Empty: none.
-	Backfill string `json:"backfill,omitempty"`
+	// Backfill says the linked migration's rows are copied by a backfill:
+	// the contract waits until it is verified (asked through
+	// [VerificationChecker]).
+	Backfill bool `json:"backfill,omitempty"`
 	Expand   []Step `json:"expand"`
 	Contract []Step `json:"contract"`
 	Rollback []Step `json:"rollback,omitempty"`
@@ -105,6 +106,8 @@ func (p Plan) Validate() error {
 		if err := flags.ValidateName(p.Migration); err != nil {
 			errs = append(errs, fmt.Errorf("Migration: %w", err))
 		}
+	} else if p.Backfill {
+		errs = append(errs, errors.New("Backfill is set but Migration is empty: a backfill belongs to a migration"))
 	}
 	if len(p.Expand) == 0 && len(p.Contract) == 0 {
 		errs = append(errs, errors.New("Expand and Contract are both empty: nothing to do"))

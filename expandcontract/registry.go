@@ -24,19 +24,36 @@ const DefaultSchema = "dimmer"
 // SchemaVersion is the version of the registry tables this build installs.
 const SchemaVersion = 1
 
-// VerificationChecker reports whether a backfill has been verified (old and
-// new compared and found equal). The contract waits for it. Package
-// backfill provides one; [VerifierFunc] adapts a function.
+// VerificationChecker reports whether the backfill of a migration has been
+// verified (old and new compared and found equal). The contract waits for
+// it. [VerifierFunc] adapts a function; [GuardVerifier] adapts a flags
+// guard such as package backfill's VerifiedGuard.
 type VerificationChecker interface {
-	Verified(ctx context.Context, backfill string) (ok bool, detail string, err error)
+	Verified(ctx context.Context, migration string) (ok bool, detail string, err error)
 }
 
 // VerifierFunc adapts a function to [VerificationChecker].
-type VerifierFunc func(ctx context.Context, backfill string) (bool, string, error)
+type VerifierFunc func(ctx context.Context, migration string) (bool, string, error)
 
 // Verified calls f.
-func (f VerifierFunc) Verified(ctx context.Context, backfill string) (bool, string, error) {
-	return f(ctx, backfill)
+func (f VerifierFunc) Verified(ctx context.Context, migration string) (bool, string, error) {
+	return f(ctx, migration)
+}
+
+// GuardVerifier asks a flags guard that judges a migration's backfill (for
+// example backfill.VerifiedGuard) whether it is verified at the migration's
+// current state, loaded from store: the guard's error text is the detail.
+func GuardVerifier(g flags.Guard, store flags.Store) VerificationChecker {
+	return VerifierFunc(func(ctx context.Context, migration string) (bool, string, error) {
+		st, err := store.Load(ctx, migration)
+		if err != nil {
+			return false, "", err
+		}
+		if err := g.Check(ctx, flags.Transition{Migration: migration, From: st, To: st}); err != nil {
+			return false, err.Error(), nil
+		}
+		return true, g.Name() + " passed", nil
+	})
 }
 
 // Option configures a [Registry].

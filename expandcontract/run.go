@@ -248,7 +248,9 @@ func (r *Registry) connect(ctx context.Context, plan string) (*pgx.Conn, error) 
 	return conn, nil
 }
 
-func (r *Registry) lockKey(plan string) string { return "dimmer/expandcontract/" + r.schema + "/" + plan }
+func (r *Registry) lockKey(plan string) string {
+	return "dimmer/expandcontract/" + r.schema + "/" + plan
+}
 
 func (r *Registry) lock(ctx context.Context, conn *pgx.Conn, plan string) error {
 	var ok bool

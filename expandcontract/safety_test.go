@@ -90,7 +90,14 @@ func TestLockTimeoutBehindBlockingTransaction(t *testing.T) {
 	// Run again; the blocker ends during the retries.
 	released := make(chan error, 1)
 	go func() {
-		time.Sleep(300 * time.Millisecond)
+		// Release only once the second run has timed out at least once.
+		for {
+			st, err := reg.Status(context.Background(), plan.Name)
+			if err != nil || st.Steps[0].Attempts > 5 {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 		released <- blocker.Commit(context.Background())
 	}()
 	reg2 := e.registry(t, expandcontract.WithLockTimeout(100*time.Millisecond), expandcontract.WithAttempts(50),
