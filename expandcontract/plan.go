@@ -74,7 +74,7 @@ type Plan struct {
 	// Backfill says the linked migration's rows are copied by a backfill:
 	// the contract waits until it is verified (asked through
 	// [VerificationChecker]).
-	Backfill bool `json:"backfill,omitempty"`
+	Backfill bool   `json:"backfill,omitempty"`
 	Expand   []Step `json:"expand"`
 	Contract []Step `json:"contract"`
 	Rollback []Step `json:"rollback,omitempty"`

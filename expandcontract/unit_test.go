@@ -38,7 +38,9 @@ func TestRangesRoundTripThroughAttributes(t *testing.T) {
 	st, err := expandcontract.ParseStage("rolled_back")
 	require.NoError(t, err)
 	assert.Equal(t, "rolled back", st.String())
-	assert.Panics(t, func() { expandcontract.Attributes(expandcontract.Range{Plan: "x", Min: expandcontract.RolledBack, Max: expandcontract.RolledBack}) })
+	assert.Panics(t, func() {
+		expandcontract.Attributes(expandcontract.Range{Plan: "x", Min: expandcontract.RolledBack, Max: expandcontract.RolledBack})
+	})
 }
 
 func TestBadInputNamesWhatIsWrong(t *testing.T) {
