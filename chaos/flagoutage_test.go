@@ -160,4 +160,3 @@ func TestFlagStoreOutage(t *testing.T) {
 		})
 	}
 }
-
