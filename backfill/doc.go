@@ -1,0 +1,90 @@
+// Package backfill copies the rows of an old table into the new side of a
+// migration: keyset-chunked, checkpointed, resumable after a kill -9,
+// idempotent, safe against live dual writes, throttled, spread over workers
+// and processes, and verified.
+//
+// # A job
+//
+// A [Job] is a source (a Postgres table read in the order of its key: one or
+// more columns of any ordered type — integers including ≤ 0 and the extremes,
+// text in its collation, UUIDs), a transform ([Spec.Exprs], SQL run in the
+// server, and/or a Go [Transform]) and a [Sink]. Without a Go transform and
+// with the target in the same database, each chunk is one statement in the
+// server (INSERT … SELECT … ON CONFLICT), which is what makes a backfill
+// nearly as fast as a hand-written INSERT INTO … SELECT. [PGSink] writes to
+// another database and [RedisSink] to Redis hashes; any other store
+// implements the three-method [Sink].
+//
+// # Checkpoints, exactly once
+//
+// The key space up to an upper bound taken when the job starts is split
+// into ranges (Config.Ranges), each with its cursor in the backfill tables
+// ([Backfiller.Install], in a schema of the caller's choosing). When the
+// sink is a table of the database holding the checkpoints, a chunk's writes
+// and its cursor commit in one transaction: a resume repeats no chunk and
+// skips none, whenever the process died. Elsewhere the sink commits first
+// and the cursor right after: a crash in between redoes one chunk, which
+// the idempotent, version-guarded sink absorbs. A job resumed with another
+// definition (its [Spec], sink or TransformVersion) is refused with a
+// [*DefinitionChangedError]; transient errors (lost connections, a
+// terminated backend, deadlocks) retry the chunk with backoff.
+//
+// # The contract with dualwrite
+//
+// A backfill runs while the migration's stage is dualwrite (Run refuses off
+// and complete, [ErrStageNotReady]): from then on every instance writes new
+// as well as old, so the rows created or changed after the upper bound are
+// the dual writes' responsibility and the backfill terminates even under a
+// high insert rate. Both write paths compare [Spec.VersionColumn] (a
+// version number or timestamp) inside their upsert: the backfill's
+//
+//	ON CONFLICT (key) DO UPDATE … WHERE new.version <= EXCLUDED.version
+//
+// never replaces a newer dual write with an older copy, and the dual
+// writer's own guard never replaces a newer row with its older one. A row
+// deleted by a dual write while its chunk is being copied may come back;
+// Config.LockSourceRows prevents it (the delete waits for the chunk), and
+// verification finds and repairs it otherwise. Going back to off bumps the
+// migration's epoch: new is stale, a running job stops ([ErrEpochChanged])
+// and the next Run starts over.
+//
+// # Verification and the guard
+//
+// [Backfiller.Verify] compares old and new in key ranges by row count and a
+// NULL-safe hash over the compared columns (each row as a JSON array, so
+// NULL, the string "null" and the empty string all differ), rechecks a
+// differing range once (a dual write may have been in flight), recopies it
+// with VerifyOptions.Repair, and runs [BusinessCheck] aggregate queries on
+// both sides with a tolerance. The result is stored at the migration's
+// epoch; [VerifiedGuard] (a flags.Guard applying when keys enter shadow)
+// passes only when every job of the migration finished and was verified
+// successfully at the current epoch.
+//
+// # Speed control, pause, scale out
+//
+// Chunk sizes follow Config.TargetChunkTime by an EWMA of the time per row,
+// within bounds; Config.RowsPerSecond caps the rate; [Signal]s hold the job
+// back — [ReplicationLag] (pg_stat_replication.replay_lag) and [Latency]
+// (the service's own latency) are built in. [Backfiller.Pause] and
+// [Backfiller.Resume] (and `dimmer backfill pause|resume`) flip a flag on
+// the job's row in the backfill tables, which every worker reads in the
+// transaction of each chunk: the pause reaches every process within one
+// chunk, costs no extra query, works whichever flag store (Postgres or
+// Redis) serves the stage, and does not bump the stage flag's revision
+// (which would trip the fleet barrier for nothing).
+//
+// Config.Workers copy disjoint ranges in one process; any number of
+// processes running the same job share its ranges through leases in
+// Postgres, renewed by every chunk and fenced by a token checked in the
+// chunk's transaction, so a dead worker's range is taken over once its
+// lease expires and a worker presumed dead cannot commit over its
+// successor.
+//
+// # Progress
+//
+// Config.Progress receives a [Progress] after each chunk (rows, rows/s,
+// ETA, per worker, why the job is held); OpenTelemetry metrics
+// dimmer.backfill.rows, .chunk.duration, .held and .retries; and
+// [Backfiller.Status] reads any job's state as every process sees it.
+// [Backfiller.DryRun] shows what would be copied and writes nothing.
+package backfill

@@ -1,0 +1,141 @@
+package backfill_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/internal/testenv"
+)
+
+func TestOtherDatabaseWithGoTransform(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id, amount, note) SELECT g, g, CASE WHEN g % 4 = 0 THEN NULL ELSE 'n' || g END FROM generate_series(-50, 449) g`)
+	other := testenv.Pool(t, testenv.Database(t))
+	exec(t, other, `CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric, note text, version bigint NOT NULL)`)
+	// A newer dual write already in new: the copy must leave it alone.
+	exec(t, other, `INSERT INTO orders VALUES (7, 700, 'dual', 5)`)
+	sink, err := backfill.NewPGSink(other, backfill.Table{Name: "orders"})
+	require.NoError(t, err)
+	j := ordersJob("cross")
+	j.Sink = sink
+	j.Spec.Target = backfill.Table{Name: "orders"}
+	j.Spec.TransformVersion = "upper-notes-v1"
+	j.Spec.VerifyIgnore = []string{"note"}
+	j.Transform = func(_ context.Context, r backfill.Row) (backfill.Row, error) {
+		if n, ok := r["note"].(string); ok {
+			r["note"] = strings.ToUpper(n)
+		}
+		return r, nil
+	}
+	j.Config.Workers = 2
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, int64(500), res.Rows)
+	assert.Equal(t, int64(500), count(t, other, `SELECT count(*) FROM orders`))
+	assert.Equal(t, int64(125), count(t, other, `SELECT count(*) FROM orders WHERE note IS NULL`), "NULLs stay NULL")
+	assert.Equal(t, int64(1), count(t, other, `SELECT count(*) FROM orders WHERE note = 'N1'`))
+	assert.Equal(t, int64(5), count(t, other, `SELECT version FROM orders WHERE id = 7`), "the newer dual write survived")
+
+	exec(t, e.pool, `UPDATE old_orders SET amount = 700, note = 'dual', version = 5 WHERE id = 7`)
+	exec(t, other, `DELETE FROM orders WHERE id = 100; INSERT INTO orders VALUES (5000, 1, 'x', 1)`)
+	v, err := e.bf.Verify(tctx(t), j, backfill.VerifyOptions{ChunkRows: 100, Repair: true, RecheckDelay: time.Millisecond})
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+	assert.Equal(t, int64(2), v.Repaired)
+	assert.Equal(t, int64(500), count(t, other, `SELECT count(*) FROM orders`))
+	assert.Equal(t, int64(0), count(t, other, `SELECT count(*) FROM orders WHERE id = 5000`))
+}
+
+func TestRedisSink(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id uuid", "id", `(id, amount, note) SELECT gen_random_uuid(), g, CASE WHEN g % 2 = 0 THEN 'n' END FROM generate_series(1, 300) g`)
+	client, prefix := testenv.Redis(t)
+	var newer string
+	require.NoError(t, e.pool.QueryRow(tctx(t), `SELECT id::text FROM old_orders ORDER BY id LIMIT 1`).Scan(&newer))
+	require.NoError(t, client.HSet(tctx(t), prefix+"order:"+newer, "version", "9", "amount", "dual").Err())
+	sink, err := backfill.NewRedisSink(client, "order:{id}", func(r backfill.Row) string {
+		return prefix + "order:" + backfill.RedisValue(r["id"])
+	})
+	require.NoError(t, err)
+	j := ordersJob("to-redis")
+	j.Sink = sink
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, int64(300), res.Rows)
+	keys, err := client.Keys(tctx(t), prefix+"order:*").Result()
+	require.NoError(t, err)
+	assert.Len(t, keys, 300)
+	var id string
+	require.NoError(t, e.pool.QueryRow(tctx(t), `SELECT id::text FROM old_orders WHERE amount = 2`).Scan(&id))
+	h, err := client.HGetAll(tctx(t), prefix+"order:"+id).Result()
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{"id": id, "amount": "2", "note": "n", "version": "1"}, h)
+	assert.Equal(t, "dual", client.HGet(tctx(t), prefix+"order:"+newer, "amount").Val(), "a newer version is not overwritten")
+
+	_, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{})
+	require.ErrorIs(t, err, backfill.ErrNotVerifiable)
+}
+
+func TestDryRunWritesNothing(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "tenant int, id bigint", "tenant, id", `(tenant, id, amount) SELECT g % 3, g, g FROM generate_series(-100, 899) g`)
+	j := ordersJob("dry")
+	j.Spec.Key = []string{"tenant", "id"}
+	j.Spec.Exprs = map[string]string{"note": "'t' || tenant"}
+	j.Config.Ranges = 4
+	p, err := e.bf.DryRun(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"2", "899"}, p.UpperBound)
+	assert.Equal(t, int64(1000), p.EstimatedRows)
+	require.Len(t, p.Ranges, 4)
+	assert.Nil(t, p.Ranges[0].Lo)
+	assert.Equal(t, p.Ranges[0].Hi, p.Ranges[1].Lo)
+	require.Len(t, p.Sample, 5)
+	assert.Equal(t, "t-2", p.Sample[0]["note"], "the lowest tenant first: -2 (from -98 % 3)")
+	assert.Contains(t, p.CopySQL, "ON CONFLICT")
+	assert.False(t, p.Stored)
+	assert.Zero(t, count(t, e.pool, `SELECT count(*) FROM new_orders`))
+	assert.Zero(t, count(t, e.pool, `SELECT count(*) FROM `+e.schema+`.backfill_jobs`))
+}
+
+func TestSignalsHoldTheJob(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 500)`)
+	j := ordersJob("held")
+	holds := 0
+	j.Config.Signals = []backfill.Signal{
+		backfill.ReplicationLag(e.pool, time.Second), // no replica here: never holds
+		backfill.SignalFunc("busy", func(context.Context) (time.Duration, string, error) {
+			if holds < 3 {
+				holds++
+				return 20 * time.Millisecond, fmt.Sprintf("busy %d", holds), nil
+			}
+			return 0, "", nil
+		}),
+	}
+	var seen []string
+	j.Config.Progress = func(p backfill.Progress) {
+		if p.Held != "" {
+			seen = append(seen, p.Held)
+		}
+	}
+	_, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"busy: busy 1", "busy: busy 2", "busy: busy 3"}, seen)
+	assert.Zero(t, e.diff(t))
+	_, err = e.bf.Run(tctx(t), backfill.Job{Name: "x", Migration: "orders"})
+	var fe *backfill.FieldError
+	require.ErrorAs(t, err, &fe)
+	assert.Equal(t, "Spec.Source.Name", fe.Field)
+}

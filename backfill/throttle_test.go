@@ -1,0 +1,57 @@
+package backfill
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+)
+
+func TestSizerFollowsTargetChunkTime(t *testing.T) {
+	s := newSizer(Config{TargetChunkTime: 500 * time.Millisecond, InitialChunk: 1000, MinChunk: 100, MaxChunk: 100000})
+	// 10µs a row: 50,000 rows make 500ms, reached by doubling, never jumping.
+	var sizes []int
+	for range 10 {
+		s.observe(s.size, time.Duration(s.size)*10*time.Microsecond)
+		sizes = append(sizes, s.size)
+	}
+	assert.Equal(t, []int{2000, 4000, 8000, 16000, 32000, 50000, 50000, 50000, 50000, 50000}, sizes)
+	// The server slows down tenfold: the EWMA brings the chunk down.
+	for range 15 {
+		s.observe(s.size, time.Duration(s.size)*100*time.Microsecond)
+	}
+	assert.InDelta(t, 5000, s.size, 100)
+	s.backoff()
+	assert.InDelta(t, 2500, s.size, 50)
+	for range 20 {
+		s.observe(s.size, time.Duration(s.size)*time.Second)
+	}
+	assert.Equal(t, 100, s.size, "bounded below")
+}
+
+func TestPacerHoldsRate(t *testing.T) {
+	p := &pacer{rate: 1000}
+	start := time.Now()
+	for range 5 {
+		// Instant chunks of 100 rows.
+		time.Sleep(p.take(100, time.Now()))
+	}
+	assert.InDelta(t, float64(500*time.Millisecond), float64(time.Since(start)), float64(60*time.Millisecond), "500 rows at 1000/s")
+	var nilPacer *pacer
+	assert.Zero(t, nilPacer.take(1000, time.Now()))
+}
+
+func TestLatencySignal(t *testing.T) {
+	cur := 5 * time.Millisecond
+	s := Latency("p99", func() time.Duration { return cur }, 10*time.Millisecond)
+	d, why, err := s.Hold(context.Background())
+	assert.NoError(t, err)
+	assert.Zero(t, d)
+	assert.Empty(t, why)
+	cur = 30 * time.Millisecond
+	d, why, err = s.Hold(context.Background())
+	assert.NoError(t, err)
+	assert.Equal(t, 200*time.Millisecond, d, "4x the excess, at least 4x50ms")
+	assert.Equal(t, "p99 at 30ms (limit 10ms)", why)
+}
