@@ -2,7 +2,6 @@ package expandcontract_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -296,5 +295,3 @@ func TestTrafficThroughExpandAndContract(t *testing.T) {
 	}
 	assert.Equal(t, []string{"contract:applied", "contract:refused", "migrate:applied", "expand:applied", "register:registered"}, actions)
 }
-
-var _ = errors.New

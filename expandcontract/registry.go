@@ -230,6 +230,7 @@ CREATE TABLE IF NOT EXISTS `+r.t.plans+` (
 	definition jsonb NOT NULL,
 	stage      text NOT NULL DEFAULT 'pending',
 	running    text,
+	search_path text NOT NULL DEFAULT '',
 	revision   bigint NOT NULL DEFAULT 0,
 	updated_at timestamptz NOT NULL DEFAULT now(),
 	updated_by text NOT NULL DEFAULT ''
@@ -355,7 +356,7 @@ func (r *Registry) register(ctx context.Context, actor string, p Plan) error {
 		var stored []byte
 		err := tx.QueryRow(ctx, `SELECT definition FROM `+r.t.plans+` WHERE plan = $1 FOR UPDATE`, p.Name).Scan(&stored)
 		if errors.Is(err, pgx.ErrNoRows) {
-			tag, err := tx.Exec(ctx, `INSERT INTO `+r.t.plans+` (plan, definition, updated_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING`,
+			tag, err := tx.Exec(ctx, `INSERT INTO `+r.t.plans+` (plan, definition, updated_by, search_path) VALUES ($1, $2, $3, current_setting('search_path')) ON CONFLICT DO NOTHING`,
 				p.Name, def, actor)
 			if err != nil {
 				return fmt.Errorf("expandcontract: register %s: %w", p.Name, err)
@@ -375,6 +376,8 @@ func (r *Registry) register(ctx context.Context, actor string, p Plan) error {
 		if samePlan(old, p) {
 			return nil
 		}
+		// search_path is kept from the first registration: steps that ran
+		// must keep resolving the same tables.
 		ran := map[string]bool{}
 		rows, err := tx.Query(ctx, `SELECT DISTINCT phase FROM `+r.t.steps+` WHERE plan = $1`, p.Name)
 		if err != nil {
@@ -442,7 +445,11 @@ type Status struct {
 	Revision  int64
 	UpdatedAt time.Time
 	UpdatedBy string
-	Steps     []StepStatus
+	// SearchPath is the search_path of the session that first registered
+	// the plan; its steps run with it wherever they are applied from, so
+	// the CLI resolves unqualified names as the service does.
+	SearchPath string
+	Steps      []StepStatus
 }
 
 // Shapes is the span of stages the schema may be in: the stage itself, or
@@ -498,8 +505,8 @@ func (r *Registry) status(ctx context.Context, db interface {
 		stage   string
 		running *string
 	)
-	err := db.QueryRow(ctx, `SELECT definition, stage, running, revision, updated_at, updated_by FROM `+r.t.plans+` WHERE plan = $1`, name).
-		Scan(&def, &stage, &running, &st.Revision, &st.UpdatedAt, &st.UpdatedBy)
+	err := db.QueryRow(ctx, `SELECT definition, stage, running, revision, updated_at, updated_by, search_path FROM `+r.t.plans+` WHERE plan = $1`, name).
+		Scan(&def, &stage, &running, &st.Revision, &st.UpdatedAt, &st.UpdatedBy, &st.SearchPath)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return st, fmt.Errorf("%w %q: register it first (a service registers its plans at start-up)", ErrUnknownPlan, name)
 	}

@@ -145,6 +145,11 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 	if err != nil || done {
 		return st, err
 	}
+	if st.SearchPath != "" {
+		if _, err := conn.Exec(ctx, `SELECT set_config('search_path', $1, false)`, st.SearchPath); err != nil {
+			return st, fmt.Errorf("expandcontract: plan %s: search_path %q: %w", plan, st.SearchPath, err)
+		}
+	}
 	entry := AuditEntry{Plan: plan, Actor: req.Actor, Action: action, From: st.Stage.String(), To: to.String(), Reason: req.Reason}
 	if st.Running == "" && (action == PhaseContract || action == PhaseRollback) {
 		checks, err := r.checks(ctx, action, st.Plan)

@@ -1,0 +1,354 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/spf13/cobra"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/expandcontract"
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+func init() {
+	commandGroups = append(commandGroups, func(c *cli) *cobra.Command { return c.schemaCmd() })
+}
+
+type schemaOpts struct {
+	db             string
+	backfillSchema string
+	lockTimeout    time.Duration
+	attempts       int
+}
+
+func (c *cli) schemaCmd() *cobra.Command {
+	o := &schemaOpts{}
+	cmd := &cobra.Command{
+		Use:   "schema",
+		Short: "Apply expand/contract schema plans: status, expand, migrate, contract, rollback",
+		Long: `Apply the expand/contract plans a service registered (package
+expandcontract): the service calls Registry.Register at start-up, which
+stores each plan with its SQL in the registry, so these commands apply a
+plan by name. Steps run with the search_path of the session that registered
+the plan.
+
+The database is --db (default: --store when it is a postgres:// URL). The
+registry lives in --schema (default "dimmer"), beside the flag store.
+--store also gives the contract and rollback guards the fleet registry and
+the linked migrations' stages; without it those guards fail.
+
+Exit codes: 0 done (or nothing to do); 2 bad usage or unknown plan;
+3 refused by a guard or not possible at the plan's stage; 4 the plan is
+being applied by another process; 1 other (a failed step: run the
+command again to resume at it).`,
+	}
+	cmd.PersistentFlags().StringVar(&o.db, "db", os.Getenv("DIMMER_SCHEMA_DB"), "Postgres URL of the database the plans change (env DIMMER_SCHEMA_DB; default --store)")
+	cmd.PersistentFlags().StringVar(&o.backfillSchema, "backfill-schema", backfill.DefaultSchema, "schema of the backfill tables, for the backfill-verified check")
+	cmd.PersistentFlags().DurationVar(&o.lockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each attempt of a step")
+	cmd.PersistentFlags().IntVar(&o.attempts, "attempts", 10, "attempts per step on lock timeouts and deadlocks")
+	cmd.AddCommand(c.schemaStatusCmd(o), c.schemaAuditCmd(o),
+		c.schemaActionCmd(o, "expand", "Run the plan's expand steps (resumes an interrupted expand)"),
+		c.schemaActionCmd(o, "migrate", "Record that the data move (dual writes, backfill) is under way"),
+		c.schemaActionCmd(o, "contract", "Run the plan's contract steps once every guard passes"),
+		c.schemaActionCmd(o, "rollback", "Undo the expand (before contract only)"))
+	return cmd
+}
+
+// registry opens the plans' database and a registry over it, with the
+// fleet, flag store and backfill verifier when --store is given.
+func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Registry, func(), error) {
+	url := o.db
+	if url == "" && (strings.HasPrefix(c.storeURL, "postgres://") || strings.HasPrefix(c.storeURL, "postgresql://")) {
+		url = c.storeURL
+	}
+	if url == "" {
+		return nil, nil, usagef("no database: pass --db postgres://... (or a postgres --store), or set DIMMER_SCHEMA_DB")
+	}
+	if o.lockTimeout < time.Millisecond {
+		return nil, nil, usagef("--lock-timeout %v: must be at least 1ms", o.lockTimeout)
+	}
+	if o.attempts < 1 {
+		return nil, nil, usagef("--attempts %d: must be at least 1", o.attempts)
+	}
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return nil, nil, usagef("--db: %v", err)
+	}
+	opts := []expandcontract.Option{
+		expandcontract.WithSchema(c.schema), expandcontract.WithLockTimeout(o.lockTimeout),
+		expandcontract.WithAttempts(o.attempts), expandcontract.WithLogger(c.logger),
+	}
+	if c.storeURL != "" {
+		be, err := c.open(ctx)
+		if err != nil {
+			pool.Close()
+			return nil, nil, err
+		}
+		opts = append(opts, expandcontract.WithFleet(be.fleet), expandcontract.WithFlagStore(be.store),
+			expandcontract.WithVerifier(expandcontract.GuardVerifier(backfill.VerifiedGuard(pool, o.backfillSchema), be.store)))
+	}
+	reg, err := expandcontract.NewRegistry(pool, opts...)
+	if err == nil {
+		err = reg.Install(ctx)
+	}
+	if err != nil {
+		pool.Close()
+		return nil, nil, fmt.Errorf("schema registry %s: %w", redactURL(url), err)
+	}
+	return reg, pool.Close, nil
+}
+
+// schemaErr maps the package's errors to the CLI's exit codes.
+func schemaErr(plan, action string, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, expandcontract.ErrUnknownPlan), errors.Is(err, expandcontract.ErrInvalidName):
+		return usageError{err}
+	case errors.Is(err, expandcontract.ErrWrongStage):
+		return &flags.RefusedError{Migration: plan, From: "-", To: action, Failed: []flags.CheckResult{{Name: "stage", Detail: err.Error()}}}
+	case errors.Is(err, expandcontract.ErrBusy):
+		return fmt.Errorf("%w: %w", flags.ErrConflict, err)
+	}
+	return err
+}
+
+func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Command {
+	var reason string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   action + " PLAN",
+		Short: short,
+		Args:  exactArgs(1, "PLAN"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			plan := args[0]
+			if err := expandcontract.ValidateName(plan); err != nil {
+				return usageError{err}
+			}
+			if force && reason == "" {
+				return usagef("--force needs --reason: say why, it goes to the audit trail")
+			}
+			reg, closeDB, err := c.registry(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer closeDB()
+			req := expandcontract.Request{Actor: c.actor, Reason: reason, Force: force}
+			before, err := reg.Status(cmd.Context(), plan)
+			if err != nil {
+				return schemaErr(plan, action, err)
+			}
+			var st expandcontract.Status
+			switch action {
+			case "expand":
+				st, err = reg.Expand(cmd.Context(), plan, req)
+			case "migrate":
+				st, err = reg.Migrate(cmd.Context(), plan, req)
+			case "contract":
+				st, err = reg.Contract(cmd.Context(), plan, req)
+			case "rollback":
+				st, err = reg.Rollback(cmd.Context(), plan, req)
+			}
+			if err != nil {
+				return schemaErr(plan, action, err)
+			}
+			if st.Revision == before.Revision {
+				fmt.Fprintf(c.out, "%s: %s (nothing to do)\n", plan, st.Stage)
+				return nil
+			}
+			fmt.Fprintf(c.out, "%s: %s -> %s\n", plan, before.Stage, st.Stage)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&reason, "reason", "", "why (audited)")
+	if action == "contract" || action == "rollback" {
+		cmd.Flags().BoolVar(&force, "force", false, "override failed guards (needs --reason; audited; never a rollback after contract)")
+	}
+	return cmd
+}
+
+func (c *cli) schemaStatusCmd(o *schemaOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status [PLAN]",
+		Short: "Show one plan's steps and go/no-go checks, or a line per plan",
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usagef("expected at most one PLAN, got %d arguments", len(args))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			reg, closeDB, err := c.registry(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer closeDB()
+			if len(args) == 1 {
+				st, err := reg.Status(cmd.Context(), args[0])
+				if err != nil {
+					return schemaErr(args[0], "status", err)
+				}
+				return printPlanStatus(cmd.Context(), c.out, reg, st)
+			}
+			all, err := reg.Plans(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if len(all) == 0 {
+				fmt.Fprintln(c.out, "no plan has been registered yet")
+				return nil
+			}
+			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "PLAN\tSTAGE\tRUNNING\tSTEPS APPLIED\tUPDATED")
+			for _, st := range all {
+				applied, total := 0, 0
+				for _, s := range st.Steps {
+					if s.Phase == expandcontract.PhaseRollback {
+						continue
+					}
+					total++
+					if s.State == "applied" {
+						applied++
+					}
+				}
+				running := "-"
+				if st.Running != "" {
+					running = st.Running + " (interrupted or in progress)"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s by %s\n", st.Plan.Name, st.Stage, running, applied, total,
+					st.UpdatedAt.UTC().Format(time.RFC3339), st.UpdatedBy)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func printPlanStatus(ctx context.Context, w io.Writer, reg *expandcontract.Registry, st expandcontract.Status) error {
+	p := st.Plan
+	fmt.Fprintf(w, "plan %s: %s  revision %d", p.Name, st.Stage, st.Revision)
+	if st.Running != "" {
+		fmt.Fprintf(w, "  %s in progress or interrupted", st.Running)
+	}
+	fmt.Fprintln(w)
+	if p.Description != "" {
+		fmt.Fprintf(w, "  %s\n", p.Description)
+	}
+	if p.Migration != "" {
+		fmt.Fprintf(w, "  migration %s", p.Migration)
+		if p.Backfill {
+			fmt.Fprint(w, " (with a backfill)")
+		}
+		fmt.Fprintln(w)
+	}
+	for _, s := range st.Steps {
+		state := s.State
+		if state == "" {
+			state = "-"
+		}
+		fmt.Fprintf(w, "  %-8s %-24s %-8s", s.Phase, s.Name, state)
+		if s.Attempts > 0 {
+			fmt.Fprintf(w, " attempts %d", s.Attempts)
+		}
+		if s.State != "applied" && s.LastError != "" {
+			fmt.Fprintf(w, "  last error: %s", s.LastError)
+		}
+		fmt.Fprintln(w)
+	}
+	var next string
+	var checks []flags.CheckResult
+	var err error
+	switch {
+	case st.Running != "":
+		fmt.Fprintf(w, "next: run `dimmer schema %s %s` again to resume\n", st.Running, p.Name)
+		return nil
+	case st.Stage == expandcontract.Pending || st.Stage == expandcontract.RolledBack:
+		fmt.Fprintf(w, "next: expand\n")
+		return nil
+	case st.Stage == expandcontract.Expanded:
+		fmt.Fprintf(w, "next: migrate (or rollback)\n")
+		next = "rollback"
+		checks, err = reg.RollbackChecks(ctx, p.Name)
+	case st.Stage == expandcontract.Migrating:
+		next = "contract"
+		checks, err = reg.ContractChecks(ctx, p.Name)
+	default:
+		fmt.Fprintln(w, "contracted: nothing left to do")
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "%s checks:\n", next)
+	sort.SliceStable(checks, func(i, j int) bool { return !checks[i].Passed && checks[j].Passed })
+	ready := true
+	for _, ch := range checks {
+		mark := "PASS"
+		if !ch.Passed {
+			mark, ready = "FAIL", false
+		}
+		fmt.Fprintf(w, "  [%s] %s: %s\n", mark, ch.Name, ch.Detail)
+	}
+	if ready {
+		fmt.Fprintf(w, "verdict: GO for %s\n", next)
+	} else {
+		fmt.Fprintf(w, "verdict: NO-GO for %s (%d check(s) failing)\n", next, failing(checks))
+	}
+	return nil
+}
+
+func (c *cli) schemaAuditCmd(o *schemaOpts) *cobra.Command {
+	var limit int
+	cmd := &cobra.Command{
+		Use:   "audit PLAN [--limit N]",
+		Short: "Print the plan's audit trail, newest first",
+		Args:  exactArgs(1, "PLAN"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if limit < 0 {
+				return usagef("--limit %d: must not be negative", limit)
+			}
+			reg, closeDB, err := c.registry(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer closeDB()
+			entries, err := reg.Audit(cmd.Context(), args[0], limit)
+			if err != nil {
+				return err
+			}
+			if len(entries) == 0 {
+				fmt.Fprintf(c.out, "%s: no audit entries\n", args[0])
+			}
+			for _, e := range entries {
+				forced := ""
+				if e.Forced {
+					forced = " FORCED"
+				}
+				fmt.Fprintf(c.out, "%s  %-10s%s  %s %s -> %s  by %s", e.At.Format(time.RFC3339), e.Outcome, forced, e.Action, e.From, e.To, e.Actor)
+				if e.Reason != "" {
+					fmt.Fprintf(c.out, ": %s", e.Reason)
+				}
+				fmt.Fprintln(c.out)
+				for _, ch := range e.Checks {
+					if !ch.Passed {
+						fmt.Fprintf(c.out, "    failed %s: %s\n", ch.Name, ch.Detail)
+					}
+				}
+				if e.Detail != "" {
+					fmt.Fprintf(c.out, "    %s\n", e.Detail)
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&limit, "limit", 0, "newest N entries (0: all)")
+	return cmd
+}

@@ -1,0 +1,105 @@
+package main
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/expandcontract"
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/flagstest"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
+	"github.com/dimmer-dev/dimmer/internal/testenv"
+)
+
+// TestSchemaCLI applies a plan a service registered, by name, through every
+// command, with the guards' refusals as exit code 3.
+func TestSchemaCLI(t *testing.T) {
+	t.Parallel()
+	ctx := flagstest.Context(t)
+	pool, schema := testenv.Schema(t)
+	fs, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, fs.Install(ctx))
+	_, err = pool.Exec(ctx, `CREATE TABLE widgets (id int PRIMARY KEY, colour text)`)
+	require.NoError(t, err)
+
+	// What the service does at start-up: its pool's search_path is the
+	// test schema, which the CLI's connection does not have.
+	reg, err := expandcontract.NewRegistry(pool, expandcontract.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, reg.Install(ctx))
+	plan := expandcontract.Plan{Name: "widgets-color", Migration: "widgets-color",
+		Expand:   []expandcontract.Step{{Name: "add-color", SQL: `ALTER TABLE widgets ADD COLUMN IF NOT EXISTS color text`}},
+		Contract: []expandcontract.Step{{Name: "drop-colour", SQL: `ALTER TABLE widgets DROP COLUMN IF EXISTS colour`}},
+		Rollback: []expandcontract.Step{{Name: "drop-color", SQL: `ALTER TABLE widgets DROP COLUMN IF EXISTS color`}}}
+	require.NoError(t, reg.Register(ctx, "service", plan))
+	store := []string{"--store", testenv.PostgresURL(), "--schema", schema}
+	columns := func() []string {
+		var cols []string
+		require.NoError(t, pool.QueryRow(ctx, `SELECT array_agg(column_name::text ORDER BY ordinal_position) FROM information_schema.columns
+WHERE table_schema = $1 AND table_name = 'widgets'`, schema).Scan(&cols))
+		return cols
+	}
+
+	r := dimmer(t, store, "schema", "status")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Regexp(t, `widgets-color\s+pending\s+-\s+0/2`, r.stdout)
+
+	r = dimmer(t, store, "schema", "expand", "widgets-color", "--reason", "color column")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "widgets-color: pending -> expanded\n", r.stdout)
+	assert.Equal(t, []string{"id", "colour", "color"}, columns())
+	r = dimmer(t, store, "schema", "expand", "widgets-color")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "widgets-color: expanded (nothing to do)\n", r.stdout)
+
+	r = dimmer(t, store, "schema", "contract", "widgets-color")
+	assert.Equal(t, exitRefused, r.code, r.stdout)
+	assert.Contains(t, r.stderr, "run migrate first")
+	r = dimmer(t, store, "schema", "migrate", "widgets-color")
+	require.Equal(t, exitOK, r.code, r.stderr)
+
+	require.NoError(t, fs.Heartbeat(ctx, flags.Instance{ID: "api-1", Build: "v1", SeenAt: time.Now(),
+		Attributes: expandcontract.Attributes(expandcontract.Range{Plan: plan.Name, Min: expandcontract.Pending, Max: expandcontract.Migrating})()}, time.Minute))
+	flagstest.Set(t, fs, plan.Migration, flags.DualWrite, nil)
+	r = dimmer(t, store, "schema", "status", "widgets-color")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "[FAIL] no-instance-needs-old-shape: 1 of 1 live instance(s) cannot run once widgets-color is contracted: api-1 (build v1) runs with pending..migrating")
+	assert.Contains(t, r.stdout, "[FAIL] migration-complete: migration widgets-color is dualwrite")
+	assert.Contains(t, r.stdout, "[PASS] backfill-verified")
+	assert.Contains(t, r.stdout, "verdict: NO-GO for contract (2 check(s) failing)")
+	r = dimmer(t, store, "schema", "contract", "widgets-color")
+	assert.Equal(t, exitRefused, r.code)
+	assert.Contains(t, r.stderr, "no-instance-needs-old-shape")
+	assert.Contains(t, r.stderr, "migration-complete")
+	assert.Contains(t, columns(), "colour")
+
+	require.NoError(t, fs.Deregister(ctx, "api-1"))
+	for _, s := range []flags.Stage{flags.Shadow, flags.Live, flags.RampDown, flags.Complete} {
+		flagstest.Set(t, fs, plan.Migration, s, nil)
+	}
+	r = dimmer(t, store, "schema", "contract", "widgets-color", "--reason", "old build retired")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "widgets-color: migrating -> contracted\n", r.stdout)
+	assert.Equal(t, []string{"id", "color"}, columns())
+
+	r = dimmer(t, store, "schema", "rollback", "widgets-color", "--force", "--reason", "regret")
+	assert.Equal(t, exitRefused, r.code)
+	assert.Contains(t, r.stderr, "rollback is refused after contract")
+
+	r = dimmer(t, store, "schema", "audit", "widgets-color")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Regexp(t, `(?s)applied\s+contract migrating -> contracted\s+by tester: old build retired.*refused\s+contract.*failed no-instance-needs-old-shape`, r.stdout)
+
+	r = dimmer(t, store, "schema", "expand", "no-such-plan")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "unknown plan")
+	r = dimmer(t, nil, "schema", "status")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "no database")
+	r = dimmer(t, store, "schema", "contract", "widgets-color", "--force")
+	assert.Equal(t, exitUsage, r.code)
+}
