@@ -133,6 +133,8 @@ type Relay struct {
 
 	fastSQL, walkSQL, ackSQL, failSQL string
 
+	next []head // fetched while the previous batch was published
+
 	mu     sync.Mutex // guards held for Buckets()
 	held   map[int]lease
 	cursor map[int]string
@@ -185,7 +187,7 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	// read in full, ready ones first.
 	r.fastSQL = `SELECT t.bucket, t.lane, t.seq, ` + readyExpr + `,
 	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at, 0::int8
-FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) ORDER BY t.seq LIMIT $2`
+FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) AND NOT t.seq = ANY($3::int8[]) ORDER BY t.seq LIMIT $2`
 	// The slow path, for when the prefix is crowded by a few lanes (a hot
 	// key, a dead letter or a backing-off message holding many successors):
 	// a loose index scan. Per leased bucket, walk the lanes after the
@@ -533,6 +535,7 @@ func toInt32(bs []int) []int32 {
 }
 
 type head struct {
+	epoch  int64 // of the bucket's lease when fetched
 	bucket int32
 	lane   string
 	ready  bool
@@ -603,26 +606,24 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
 	return heads, nil
 }
 
-// cycle publishes one batch: the ready head of each lane found, at most
-// BatchSize. It returns how many heads it published or failed.
-func (r *Relay) cycle(ctx context.Context) (int, error) {
-	buckets, epochs, deadline := r.active()
-	if len(buckets) == 0 {
-		return 0, nil
-	}
-	epochOf := make(map[int32]int64, len(buckets))
-	for i, b := range buckets {
-		epochOf[b] = epochs[i]
-	}
+// fetch returns up to BatchSize ready heads of the leased buckets, in seq
+// order, skipping the rows in inflight and every lane in busy (the batch
+// being published while this one is fetched).
+func (r *Relay) fetch(ctx context.Context, buckets []int32, epochOf map[int32]int64, inflight []int64, busy map[string]bool) ([]head, error) {
 	window := r.cfg.BatchSize
-	heads, _, err := r.queryHeads(ctx, r.fastSQL, buckets, window)
-	scanned := len(heads)
-	if err != nil {
-		return 0, fmt.Errorf("fetch: %w", err)
+	if inflight == nil {
+		inflight = []int64{} // not NULL: NOT seq = ANY(NULL) matches nothing
 	}
-	batch := make([]Record, 0, min(len(heads), r.cfg.BatchSize))
-	bucketOf := make([]int32, 0, cap(batch))
-	seen := make(map[string]bool, len(heads))
+	heads, _, err := r.queryHeads(ctx, r.fastSQL, buckets, window, inflight)
+	if err != nil {
+		return nil, fmt.Errorf("fetch: %w", err)
+	}
+	scanned := len(heads)
+	var batch []head
+	seen := make(map[string]bool, len(heads)+len(busy))
+	for l := range busy {
+		seen[l] = true
+	}
 	take := func(heads []head) {
 		for _, h := range heads {
 			if seen[h.lane] {
@@ -630,8 +631,8 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 			}
 			seen[h.lane] = true
 			if h.ready && len(batch) < r.cfg.BatchSize {
-				batch = append(batch, h.rec)
-				bucketOf = append(bucketOf, h.bucket)
+				h.epoch = epochOf[h.bucket]
+				batch = append(batch, h)
 			}
 		}
 	}
@@ -641,13 +642,67 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 		// front of the queue. Find the other lanes' heads past them.
 		more, err := r.walk(ctx, buckets)
 		if err != nil {
-			return 0, fmt.Errorf("fetch: %w", err)
+			return nil, fmt.Errorf("fetch: %w", err)
 		}
 		take(more)
 	}
-	if len(batch) == 0 {
+	return batch, nil
+}
+
+// cycle publishes one batch: the ready head of each lane found, at most
+// BatchSize, and meanwhile fetches the next one (its lanes excluded, so a
+// key still has at most one message in flight). It returns how many heads
+// it published or failed.
+func (r *Relay) cycle(ctx context.Context) (int, error) {
+	buckets, epochs, deadline := r.active()
+	next := r.next
+	r.next = nil
+	if len(buckets) == 0 {
 		return 0, nil
 	}
+	epochOf := make(map[int32]int64, len(buckets))
+	for i, b := range buckets {
+		epochOf[b] = epochs[i]
+	}
+	var heads []head
+	for _, h := range next {
+		// Prefetched under a lease that has not changed hands since.
+		if e, ok := epochOf[h.bucket]; ok && e == h.epoch {
+			heads = append(heads, h)
+		}
+	}
+	if len(heads) == 0 {
+		var err error
+		if heads, err = r.fetch(ctx, buckets, epochOf, nil, nil); err != nil {
+			return 0, err
+		}
+	}
+	if len(heads) == 0 {
+		return 0, nil
+	}
+	batch := make([]Record, len(heads))
+	bucketOf := make([]int32, len(heads))
+	inflight := make([]int64, len(heads))
+	busy := make(map[string]bool, len(heads))
+	for i, h := range heads {
+		batch[i], bucketOf[i], inflight[i] = h.rec, h.bucket, h.rec.Seq
+		busy[h.lane] = true
+	}
+	var prefetched []head
+	var prefetchErr error
+	var wg sync.WaitGroup
+	wg.Go(func() { prefetched, prefetchErr = r.fetch(ctx, buckets, epochOf, inflight, busy) })
+	n, err := r.deliver(ctx, batch, bucketOf, epochOf, deadline)
+	wg.Wait()
+	if err == nil && prefetchErr == nil {
+		r.next = prefetched
+	}
+	return n, err
+}
+
+// deliver publishes a batch and acknowledges or records the failure of
+// each record, fenced by the leases' epochs.
+func (r *Relay) deliver(ctx context.Context, batch []Record, bucketOf []int32, epochOf map[int32]int64, deadline time.Time) (int, error) {
 	pctx, cancel := context.WithDeadline(ctx, minTime(deadline, time.Now().Add(r.cfg.PublishTimeout)))
 	results := r.pub.Publish(pctx, batch)
 	cancel()
