@@ -3,6 +3,7 @@ package shadowread_test
 import (
 	"context"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,8 +16,25 @@ import (
 
 // BenchmarkSlowShadowP99 compares the caller's p99 latency of a real
 // Postgres primary-key read served through a Reader in shadow whose shadow
-// side is 100 ms slower, with the same read done directly (no dimmer, no
-// shadow), interleaved read by read.
+// side (a Redis read) is 100 ms slower, with the same read done directly (no
+// dimmer, no shadow).
+//
+// How it is kept fair on a small shared machine:
+//   - Every shadow read really runs and is compared: the pool is sized for
+//     the offered rate (about 2,500 reads/s x 100 ms in flight), and the
+//     benchmark fails if any comparison is missing. With a small pool most
+//     shadow reads would be shed and their cost never paid.
+//   - The arms are interleaved read by read, in rotating order, so a burst
+//     of load from a neighbour hits all of them alike; a warm-up first
+//     brings the shadow pipeline to its steady state (reads in flight).
+//   - p99 is taken over all measured reads of an arm (tens of thousands),
+//     not per short round, where it would rest on a handful of samples.
+//   - An A/A control (the direct read against itself, interleaved the same
+//     way) is logged: it is the noise floor the goal is judged against.
+//
+// The shadow's background work (timers, the Redis read, the comparison)
+// runs during both arms alike, so this measures what the caller's path
+// pays, not a machine saturated by shadow reads.
 func BenchmarkSlowShadowP99(b *testing.B) {
 	s := newStores(b)
 	ctx := context.Background()
@@ -33,51 +51,80 @@ func BenchmarkSlowShadowP99(b *testing.B) {
 		}
 		return s.readNew(ctx, id)
 	}
-	r, err := shadowread.New("bench", stageOf(benchStage), s.readOld, slowNew, idKey)
-	require.NoError(b, err)
-	defer r.Close()
-	// Nine rounds of 1,000 interleaved pairs; the reported ratio is the
-	// median of the rounds' p99 ratios, so one burst of load from a
-	// neighbour on the shared machine does not decide the verdict.
-	const rounds, n = 9, 1000
-	var ratios []float64
-	for range rounds {
-		base, cand := make([]time.Duration, 0, n), make([]time.Duration, 0, n)
-		for i := range n + 100 {
-			id := string(rune('a' + i%10))
-			runBase := func() time.Duration {
-				start := time.Now()
-				_, err := s.readOld(ctx, id)
-				require.NoError(b, err)
-				return time.Since(start)
-			}
-			runCand := func() time.Duration {
-				start := time.Now()
-				_, err := r.Read(ctx, id)
-				require.NoError(b, err)
-				return time.Since(start)
-			}
-			var d1, d2 time.Duration
-			if i%2 == 0 {
-				d1, d2 = runBase(), runCand()
+	var compared, shadowErrs atomic.Int64
+	obs := flags.ObserverFunc(func(o flags.Observation) {
+		if o.Side == flags.New {
+			if o.Compared {
+				compared.Add(1)
 			} else {
-				d2, d1 = runCand(), runBase()
-			}
-			if i >= 100 {
-				base, cand = append(base, d1), append(cand, d2)
+				shadowErrs.Add(1)
 			}
 		}
-		ratios = append(ratios, float64(p99(cand))/float64(p99(base)))
+	})
+	r, err := shadowread.New("bench", stageOf(benchStage), s.readOld, slowNew, idKey,
+		shadowread.WithPool(1024, 4096), shadowread.WithObserver(obs))
+	require.NoError(b, err)
+
+	timed := func(f func(context.Context, string) (user, error)) func(string) time.Duration {
+		return func(id string) time.Duration {
+			start := time.Now()
+			_, err := f(ctx, id)
+			d := time.Since(start)
+			require.NoError(b, err)
+			return d
+		}
 	}
-	slices.Sort(ratios)
-	b.Logf("p99 ratios per round: %v", ratios)
-	benchgoal.Report(b, "shadowread_slow_shadow_p99_ratio", ratios[len(ratios)/2], "x", benchgoal.AtMost, 1.05)
+	arms := []func(string) time.Duration{timed(s.readOld), timed(r.Read), timed(s.readOld)}
+	const base, cand, control = 0, 1, 2
+	const warmup, rounds, n = 2000, 8, 2500
+	var samples [3][]time.Duration
+	var roundRatios []float64
+	var candReads int64
+	for round := -1; round < rounds; round++ {
+		count := n
+		if round < 0 {
+			count = warmup
+		}
+		var rs [3][]time.Duration
+		for i := range count {
+			id := string(rune('a' + i%10))
+			for j := range 3 {
+				arm := (i + j) % 3
+				d := arms[arm](id)
+				if arm == cand {
+					candReads++
+				}
+				rs[arm] = append(rs[arm], d)
+			}
+		}
+		if round < 0 {
+			continue // warm-up: not measured
+		}
+		for a := range rs {
+			samples[a] = append(samples[a], rs[a]...)
+		}
+		roundRatios = append(roundRatios, float64(p99(rs[cand]))/float64(p99(rs[base])))
+	}
+	require.NoError(b, r.Close())
+	require.Zero(b, shadowErrs.Load(), "shadow reads failed or timed out")
+	require.Equal(b, candReads, compared.Load(), "every shadow read ran and was compared (none shed)")
+
+	ratio := float64(p99(samples[cand])) / float64(p99(samples[base]))
+	aa := float64(p99(samples[control])) / float64(p99(samples[base]))
+	slices.Sort(roundRatios)
+	b.Logf("p99 direct %v, through the reader %v, direct again %v (A/A control ratio %.3f); p50 %v / %v; per-round ratios %.3f",
+		p99(samples[base]), p99(samples[cand]), p99(samples[control]), aa,
+		quantile(samples[base], 0.5), quantile(samples[cand], 0.5), roundRatios)
+	benchgoal.Report(b, "shadowread_slow_shadow_p99_ratio", ratio, "x", benchgoal.AtMost, 1.05)
 }
 
-func p99(ds []time.Duration) time.Duration {
+func p99(ds []time.Duration) time.Duration { return quantile(ds, 0.99) }
+
+func quantile(ds []time.Duration, q float64) time.Duration {
 	s := slices.Clone(ds)
 	slices.Sort(s)
-	return s[len(s)*99/100]
+	return s[int(float64(len(s)-1)*q)]
 }
+
 // benchStage is the candidate's stage: shadow, where every read is compared.
 var benchStage = flags.Shadow

@@ -121,12 +121,19 @@ func New[In, Out any](migration string, source StageSource, old, new Func[In, Ou
 		return nil, fmt.Errorf("shadowread.New: metrics: %w", err)
 	}
 	if !cfg.wait {
-		if r.pool, err = workpool.New(cfg.workers, cfg.queue); err != nil {
+		// Batched: handing a shadow read to an idle worker directly would
+		// make the caller wake an OS thread right before its own read;
+		// measured on 2 cores that alone cost the caller ~10% at p99.
+		if r.pool, err = workpool.NewBatched(cfg.workers, cfg.queue, handoffInterval); err != nil {
 			return nil, fmt.Errorf("shadowread.New: %w", err)
 		}
 	}
 	return r, nil
 }
+
+// handoffInterval is how often queued shadow reads are handed to the
+// workers: how late at most a shadow read starts after its served read.
+const handoffInterval = time.Millisecond
 
 // Migration is the migration's name.
 func (r *Reader[In, Out]) Migration() string { return r.migration }

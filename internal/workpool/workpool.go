@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 )
 
 // ErrClosed: the pool is shut down and takes no more tasks.
@@ -23,6 +24,17 @@ type Pool struct {
 	tasks  chan func()
 	wg     sync.WaitGroup
 	done   chan struct{}
+
+	// Batched hand-off (NewBatched): submitters append to pending and
+	// never wake a goroutine while the dispatcher is armed.
+	every   time.Duration
+	limit   int
+	pmu     sync.Mutex
+	pending []func()
+	waiting int // pending plus those the dispatcher holds: bounded by limit
+	armed   bool
+	bell    chan struct{}
+	quit    chan struct{}
 }
 
 // New starts workers goroutines fed by a queue of queue pending tasks.
@@ -58,6 +70,9 @@ func (p *Pool) TrySubmit(task func()) (bool, error) {
 	if p.closed {
 		return false, ErrClosed
 	}
+	if p.every > 0 {
+		return p.enqueue(task), nil
+	}
 	select {
 	case p.tasks <- task:
 		return true, nil
@@ -67,7 +82,14 @@ func (p *Pool) TrySubmit(task func()) (bool, error) {
 }
 
 // Len is the number of queued tasks not yet picked up by a worker.
-func (p *Pool) Len() int { return len(p.tasks) }
+func (p *Pool) Len() int {
+	if p.every > 0 {
+		p.pmu.Lock()
+		defer p.pmu.Unlock()
+		return p.waiting
+	}
+	return len(p.tasks)
+}
 
 // Shutdown stops intake, lets the workers finish every queued task and waits
 // for them until ctx ends. It is safe to call more than once; a later call
@@ -76,13 +98,122 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
 	if !p.closed {
 		p.closed = true
-		close(p.tasks)
+		if p.every > 0 {
+			close(p.quit) // the dispatcher hands out what is pending, then closes tasks
+		} else {
+			close(p.tasks)
+		}
 	}
 	p.mu.Unlock()
 	select {
 	case <-p.done:
 		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("workpool: shutdown: %d tasks still queued: %w", len(p.tasks), ctx.Err())
+		return fmt.Errorf("workpool: shutdown: %d tasks still queued: %w", p.Len(), ctx.Err())
+	}
+}
+
+// NewBatched is New with a batched hand-off, for callers whose latency
+// matters more than how soon the task starts. A plain submit to an idle
+// worker readies it at once, and on a small machine the caller pays for
+// that: waking another OS thread (a futex call) and competing for a core
+// with the very I/O it is about to wait on. Here a submit only appends to a
+// list under a mutex; a dispatcher goroutine hands the list to the workers
+// every interval (tasks start up to one interval late). While tasks keep
+// coming the dispatcher stays armed and submitters wake nothing; after an
+// interval without tasks it sleeps, and the next submit wakes it once.
+// queue bounds the tasks waiting for a worker, as in New.
+func NewBatched(workers, queue int, every time.Duration) (*Pool, error) {
+	if every <= 0 {
+		return nil, fmt.Errorf("workpool.NewBatched: interval must be positive, got %s", every)
+	}
+	if workers < 1 {
+		return nil, fmt.Errorf("workpool.NewBatched: workers must be at least 1, got %d", workers)
+	}
+	if queue < 0 {
+		return nil, fmt.Errorf("workpool.NewBatched: queue must not be negative, got %d", queue)
+	}
+	// Unbuffered: the only waiting room is pending, so queue is the bound.
+	p := &Pool{tasks: make(chan func()), done: make(chan struct{}), every: every, limit: queue,
+		bell: make(chan struct{}, 1), quit: make(chan struct{})}
+	p.wg.Add(workers + 1)
+	for range workers {
+		go p.work()
+	}
+	go p.dispatch()
+	go func() { p.wg.Wait(); close(p.done) }()
+	return p, nil
+}
+
+// enqueue appends task to pending; false when pending is full (shed).
+func (p *Pool) enqueue(task func()) bool {
+	p.pmu.Lock()
+	if p.waiting >= p.limit {
+		p.pmu.Unlock()
+		return false
+	}
+	p.waiting++
+	p.pending = append(p.pending, task)
+	ring := !p.armed
+	p.armed = true
+	p.pmu.Unlock()
+	if ring {
+		select {
+		case p.bell <- struct{}{}:
+		default:
+		}
+	}
+	return true
+}
+
+func (p *Pool) dispatch() {
+	defer p.wg.Done()
+	defer close(p.tasks)
+	t := time.NewTimer(p.every)
+	t.Stop()
+	for {
+		select {
+		case <-p.bell:
+		case <-p.quit:
+			p.handOut(p.take())
+			return
+		}
+		for {
+			t.Reset(p.every)
+			select {
+			case <-t.C:
+			case <-p.quit:
+				t.Stop()
+				p.handOut(p.take())
+				return
+			}
+			batch := p.take()
+			if len(batch) == 0 {
+				break // disarmed by take
+			}
+			p.handOut(batch)
+		}
+	}
+}
+
+// take empties pending; when it was already empty it disarms, so the next
+// submit rings the bell.
+func (p *Pool) take() []func() {
+	p.pmu.Lock()
+	defer p.pmu.Unlock()
+	batch := p.pending
+	p.pending = nil
+	if len(batch) == 0 {
+		p.armed = false
+	}
+	return batch
+}
+
+func (p *Pool) handOut(batch []func()) {
+	for _, task := range batch {
+		p.tasks <- task
+		p.pmu.Lock()
+		p.waiting--
+		p.pmu.Unlock()
 	}
 }

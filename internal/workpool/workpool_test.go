@@ -16,11 +16,30 @@ func TestNewValidates(t *testing.T) {
 	require.ErrorContains(t, err, "workers")
 	_, err = workpool.New(1, -1)
 	require.ErrorContains(t, err, "queue")
+	_, err = workpool.NewBatched(1, 1, 0)
+	require.ErrorContains(t, err, "interval")
+	_, err = workpool.NewBatched(0, 1, time.Millisecond)
+	require.ErrorContains(t, err, "workers")
+}
+
+// constructors runs a test against both hand-offs.
+var constructors = map[string]func(workers, queue int) (*workpool.Pool, error){
+	"direct":  workpool.New,
+	"batched": func(w, q int) (*workpool.Pool, error) { return workpool.NewBatched(w, q, time.Millisecond) },
 }
 
 func TestShedsWhenFullAndDrainsOnShutdown(t *testing.T) {
 	t.Parallel()
-	p, err := workpool.New(1, 2)
+	for name, newPool := range constructors {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			shedsWhenFullAndDrainsOnShutdown(t, newPool)
+		})
+	}
+}
+
+func shedsWhenFullAndDrainsOnShutdown(t *testing.T, newPool func(int, int) (*workpool.Pool, error)) {
+	p, err := newPool(1, 2)
 	require.NoError(t, err)
 	release := make(chan struct{})
 	started := make(chan struct{})
@@ -51,7 +70,16 @@ func TestShedsWhenFullAndDrainsOnShutdown(t *testing.T) {
 
 func TestConcurrentSubmitAndShutdown(t *testing.T) {
 	t.Parallel()
-	p, err := workpool.New(4, 16)
+	for name, newPool := range constructors {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			concurrentSubmitAndShutdown(t, newPool)
+		})
+	}
+}
+
+func concurrentSubmitAndShutdown(t *testing.T, newPool func(int, int) (*workpool.Pool, error)) {
+	p, err := newPool(4, 16)
 	require.NoError(t, err)
 	var submitted, ran atomic.Int64
 	stop := make(chan struct{})
@@ -80,4 +108,27 @@ func TestConcurrentSubmitAndShutdown(t *testing.T) {
 		<-done
 	}
 	require.Equal(t, submitted.Load(), ran.Load(), "every accepted task runs")
+}
+
+// TestBatchedStartsWithinTheInterval: tasks submitted to an idle batched
+// pool start within a few intervals, including after it went idle and
+// disarmed.
+func TestBatchedStartsWithinTheInterval(t *testing.T) {
+	t.Parallel()
+	p, err := workpool.NewBatched(2, 8, 2*time.Millisecond)
+	require.NoError(t, err)
+	defer p.Shutdown(context.Background())
+	for range 3 {
+		ran := make(chan struct{})
+		ok, err := p.TrySubmit(func() { close(ran) })
+		require.NoError(t, err)
+		require.True(t, ok)
+		select {
+		case <-ran:
+		case <-time.After(5 * time.Second):
+			t.Fatal("task never started")
+		}
+		time.Sleep(10 * time.Millisecond) // idle: the dispatcher disarms
+	}
+	require.Zero(t, p.Len())
 }
