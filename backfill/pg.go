@@ -166,27 +166,35 @@ func quoteList(cols []string) string {
 	return strings.Join(q, ", ")
 }
 
-// copySQL is the fast path: one statement reads a chunk of the source in key
-// order, upserts it into the target and returns the count and the last key.
-func (sh *shape) copySQL(lo, hi []string, limit int, lockSource bool) (string, []any) {
+// boundarySQL finds the key closing a chunk of limit rows after lo (an
+// index-only scan, no sort): the chunk is then copied as a plain key range.
+func (sh *shape) boundarySQL(lo, hi []string, limit int) (string, []any) {
 	var args []any
 	w := sh.where(lo, hi, &args, "")
-	lim := ""
-	if limit > 0 {
-		args = append(args, limit)
-		lim = fmt.Sprintf(" LIMIT $%d", len(args))
-	}
+	args = append(args, limit-1)
+	return `SELECT ` + sh.cursor + ` FROM ` + sh.spec.Source.sql() + ` WHERE ` + w + ` ORDER BY ` + sh.keyList +
+		fmt.Sprintf(` OFFSET $%d LIMIT 1`, len(args)), args
+}
+
+// countSQL counts the source rows in (lo, hi].
+func (sh *shape) countSQL(lo, hi []string) (string, []any) {
+	var args []any
+	w := sh.where(lo, hi, &args, "")
+	return `SELECT count(*) FROM ` + sh.spec.Source.sql() + ` WHERE ` + w, args
+}
+
+// copySQL is the fast path: one statement upserts the source rows of the key
+// range (lo, hi] into the target, version-guarded, inside the server.
+func (sh *shape) copySQL(lo, hi []string, lockSource bool) (string, []any) {
+	var args []any
+	w := sh.where(lo, hi, &args, "")
 	lock := ""
 	if lockSource {
 		lock = " FOR KEY SHARE"
 	}
-	tgt := sh.spec.Target.sql()
 	cl := quoteList(sh.cols)
-	sql := `WITH c AS MATERIALIZED (SELECT ` + sh.selects + ` FROM ` + sh.spec.Source.sql() + ` WHERE ` + w +
-		` ORDER BY ` + sh.keyList + lim + lock + `), w AS (INSERT INTO ` + tgt + ` AS t (` + cl + `) SELECT ` + cl + ` FROM c` +
-		upsertClause("t", sh.spec.Key, sh.cols, sh.spec.VersionColumn) + `)
-SELECT (SELECT count(*) FROM c), ` + sh.cursor + ` FROM c ORDER BY ` + sh.keyDesc + ` LIMIT 1`
-	return sql, args
+	return `INSERT INTO ` + sh.spec.Target.sql() + ` AS t (` + cl + `) SELECT ` + sh.selects + ` FROM ` + sh.spec.Source.sql() +
+		` WHERE ` + w + lock + upsertClause("t", sh.spec.Key, sh.cols, sh.spec.VersionColumn), args
 }
 
 // readSQL reads a chunk for the Go path: target-shaped rows plus the cursor.

@@ -138,7 +138,7 @@ func (b *Backfiller) DryRun(ctx context.Context, j Job) (Plan, error) {
 	}
 	p.Ranges = rangesOf(ks)
 	if r.fast {
-		p.CopySQL, _ = r.sh.copySQL(nil, ks.upper, cfg.InitialChunk, cfg.LockSourceRows)
+		p.CopySQL, _ = r.sh.copySQL(nil, ks.upper, cfg.LockSourceRows)
 	} else {
 		p.CopySQL, _ = r.sh.readSQL(nil, ks.upper, cfg.InitialChunk)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -430,15 +431,10 @@ WHERE job = $1 AND id = $2 AND token = $3 RETURNING (SELECT paused FROM `+b.t.jo
 		return 0, false, errPaused
 	}
 	var last []string
+	fixed := r.fast
 	switch {
 	case r.fast:
-		sql, args := r.sh.copySQL(l.cursor, l.hi, size, r.cfg.LockSourceRows)
-		var cnt int64
-		err = tx.QueryRow(ctx, sql, args...).Scan(&cnt, &last)
-		if errors.Is(err, pgx.ErrNoRows) {
-			err = nil
-		}
-		n = int(cnt)
+		n, last, done, err = r.fastChunk(ctx, tx, l, size)
 	case r.txPG != nil:
 		var src querier = tx
 		if r.src != querier(b.pool) {
@@ -479,7 +475,9 @@ WHERE job = $1 AND id = $2 AND token = $3 RETURNING (SELECT paused FROM `+b.t.jo
 	if err != nil {
 		return 0, false, err
 	}
-	done = n < size
+	if !fixed {
+		done = n < size
+	}
 	cursor := l.cursor
 	if n > 0 {
 		cursor = last
@@ -498,6 +496,33 @@ WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token, cursor, n, 
 	}
 	l.cursor = cursor
 	return n, done, nil
+}
+
+// fastChunk finds the chunk's closing key, then copies the key range in one
+// statement.
+func (r *runner) fastChunk(ctx context.Context, tx pgx.Tx, l *lease, size int) (n int, last []string, done bool, err error) {
+	sql, args := r.sh.boundarySQL(l.cursor, l.hi, size)
+	err = tx.QueryRow(ctx, sql, args...).Scan(&last)
+	switch {
+	case err == nil:
+		n, done = size, slices.Equal(last, l.hi)
+	case errors.Is(err, pgx.ErrNoRows):
+		// The range's last chunk: fewer than size rows are left.
+		last, done = l.hi, true
+		sql, args := r.sh.countSQL(l.cursor, l.hi)
+		var cnt int64
+		if err := tx.QueryRow(ctx, sql, args...).Scan(&cnt); err != nil {
+			return 0, nil, false, err
+		}
+		n = int(cnt)
+	default:
+		return 0, nil, false, err
+	}
+	sql, args = r.sh.copySQL(l.cursor, last, r.cfg.LockSourceRows)
+	if _, err := tx.Exec(ctx, sql, args...); err != nil {
+		return 0, nil, false, err
+	}
+	return n, last, done, nil
 }
 
 // read returns up to limit target-shaped rows after lo up to hi, and the

@@ -273,10 +273,8 @@ func (r *runner) recopy(ctx context.Context, lo, hi []string) error {
 			}
 		}
 		if r.fast {
-			sql, args := r.sh.copySQL(lo, hi, 0, false)
-			var n int64
-			var last []string
-			if err := tx.QueryRow(ctx, sql, args...).Scan(&n, &last); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			sql, args := r.sh.copySQL(lo, hi, false)
+			if _, err := tx.Exec(ctx, sql, args...); err != nil {
 				return fmt.Errorf("backfill: repair %s: %w", pg.table, err)
 			}
 			return nil

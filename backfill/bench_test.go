@@ -1,0 +1,160 @@
+package backfill_test
+
+import (
+	"context"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/internal/benchgoal"
+)
+
+const benchRows = 1_000_000
+
+func benchEnv(b *testing.B) *env {
+	e := newEnv(b)
+	exec(b, e.pool, `CREATE TABLE old_orders (id bigint PRIMARY KEY, customer bigint NOT NULL, amount numeric(12,2), note text,
+	created_at timestamptz NOT NULL, version bigint NOT NULL)`)
+	exec(b, e.pool, `CREATE TABLE new_orders (LIKE old_orders INCLUDING ALL)`)
+	exec(b, e.pool, `INSERT INTO old_orders SELECT g, g % 5000, (g % 100000) / 100.0, CASE WHEN g % 10 = 0 THEN NULL ELSE 'order ' || g END,
+	timestamptz '2024-01-01' + g * interval '1 second', 1 FROM generate_series(1, $1) g`, benchRows)
+	exec(b, e.pool, `VACUUM ANALYZE old_orders`)
+	return e
+}
+
+func (e *env) reset(b *testing.B) {
+	exec(b, e.pool, `TRUNCATE new_orders; DELETE FROM `+e.schema+`.backfill_jobs`)
+	exec(b, e.pool, `VACUUM ANALYZE new_orders`)
+}
+
+func timeIt(b *testing.B, f func()) time.Duration {
+	start := time.Now()
+	f()
+	return time.Since(start)
+}
+
+// BenchmarkBackfillVsInsertSelect copies 1,000,000 rows three ways in one
+// process, interleaved: one hand-written INSERT INTO … SELECT (the
+// baseline), the backfill with one worker, and with two, checkpoints and
+// version checks on.
+func BenchmarkBackfillVsInsertSelect(b *testing.B) {
+	e := benchEnv(b)
+	job := func(name string, workers int) backfill.Job {
+		return backfill.Job{Name: name, Migration: "orders",
+			Spec:   backfill.Spec{Source: backfill.Table{Name: "old_orders"}, Target: backfill.Table{Name: "new_orders"}, Key: []string{"id"}, VersionColumn: "version"},
+			Config: backfill.Config{Workers: workers}}
+	}
+	var base, one, two []time.Duration
+	for round := range 2 {
+		e.reset(b)
+		base = append(base, timeIt(b, func() { exec(b, e.pool, `INSERT INTO new_orders SELECT * FROM old_orders`) }))
+		for _, w := range []int{1, 2} {
+			e.reset(b)
+			d := timeIt(b, func() {
+				res, err := e.bf.Run(context.Background(), job(testName(round, w), w))
+				require.NoError(b, err)
+				require.Equal(b, int64(benchRows), res.Rows)
+			})
+			if w == 1 {
+				one = append(one, d)
+			} else {
+				two = append(two, d)
+			}
+		}
+	}
+	require.Zero(b, e.diff(b))
+	best := func(ds []time.Duration) float64 { return float64(benchRows) / slices.Min(ds).Seconds() }
+	b.Logf("rows/s: INSERT … SELECT %.0f, backfill 1 worker %.0f, 2 workers %.0f", best(base), best(one), best(two))
+	benchgoal.Report(b, "backfill_rows_per_s_vs_insert_select", best(one)/best(base), "x", benchgoal.AtLeast, 0.5)
+	benchgoal.Report(b, "backfill_rows_per_s", best(one), "rows/s", benchgoal.AtLeast, 100000)
+	benchgoal.Report(b, "backfill_two_workers_vs_one", best(two)/best(one), "x", benchgoal.AtLeast, 1.2)
+}
+
+func testName(round, workers int) string {
+	return "bench-" + string(rune('a'+round)) + "-" + string(rune('0'+workers))
+}
+
+// latencies keeps the recent OLTP latencies, for the p99 signal.
+type latencies struct {
+	mu  sync.Mutex
+	all []time.Duration
+}
+
+func (l *latencies) add(d time.Duration) {
+	l.mu.Lock()
+	l.all = append(l.all, d)
+	l.mu.Unlock()
+}
+
+func (l *latencies) p99(last int) time.Duration {
+	l.mu.Lock()
+	s := slices.Clone(l.all[max(0, len(l.all)-last):])
+	l.mu.Unlock()
+	if len(s) == 0 {
+		return 0
+	}
+	slices.Sort(s)
+	return s[len(s)*99/100]
+}
+
+// oltp runs 4 workers × 100 single-row updates/s on old for d.
+func oltp(e *env, d time.Duration, l *latencies) {
+	var wg sync.WaitGroup
+	end := time.Now().Add(d)
+	for w := range 4 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 1))
+			tick := time.NewTicker(10 * time.Millisecond)
+			defer tick.Stop()
+			for time.Now().Before(end) {
+				<-tick.C
+				start := time.Now()
+				if _, err := e.pool.Exec(context.Background(), `UPDATE old_orders SET amount = amount + 1, version = version + 1 WHERE id = $1`,
+					1+rng.Int64N(benchRows)); err == nil {
+					l.add(time.Since(start))
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// BenchmarkBackfillOLTPP99 measures the p99 of a concurrent OLTP write load
+// with and without a throttled backfill running (interleaved), and the rate
+// the backfill still reaches.
+func BenchmarkBackfillOLTPP99(b *testing.B) {
+	e := benchEnv(b)
+	const window = 4 * time.Second
+	var quiet, busy []time.Duration
+	var rates []float64
+	for round := range 2 {
+		var q latencies
+		oltp(e, window, &q)
+		quiet = append(quiet, q.p99(len(q.all)))
+
+		e.reset(b)
+		var l latencies
+		limit := q.p99(len(q.all)) * 12 / 10
+		j := backfill.Job{Name: testName(round, 9), Migration: "orders",
+			Spec: backfill.Spec{Source: backfill.Table{Name: "old_orders"}, Target: backfill.Table{Name: "new_orders"}, Key: []string{"id"}, VersionColumn: "version"},
+			Config: backfill.Config{TargetChunkTime: 50 * time.Millisecond, Signals: []backfill.Signal{
+				backfill.Latency("oltp-p99", func() time.Duration { return l.p99(200) }, limit)}}}
+		ctx, cancel := context.WithCancel(context.Background())
+		var res backfill.Result
+		done := make(chan struct{})
+		go func() { res, _ = e.bf.Run(ctx, j); close(done) }()
+		oltp(e, window, &l)
+		cancel()
+		<-done
+		busy = append(busy, l.p99(len(l.all)))
+		rates = append(rates, float64(res.Rows)/window.Seconds())
+	}
+	ratio := float64(slices.Min(busy)) / float64(slices.Min(quiet))
+	b.Logf("OLTP p99 without backfill %v, with %v; backfill reached %.0f rows/s", quiet, busy, slices.Max(rates))
+	benchgoal.Report(b, "backfill_oltp_p99_ratio", ratio, "x", benchgoal.AtMost, 1.5)
+}
