@@ -115,3 +115,38 @@ ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version`, SchemaVersion
 	}
 	return nil
 }
+
+// ErrNotInstalled: no outbox is installed under the schema and table named.
+var ErrNotInstalled = errors.New("outbox: not installed")
+
+// Installed returns the configuration of the outbox installed as
+// schema.table (Buckets as installed, other fields defaulted), for tools
+// that operate an outbox a service installed, such as the dimmer CLI. It
+// returns [ErrNotInstalled] when there is none.
+func Installed(ctx context.Context, db Querier, schema, table string) (Config, error) {
+	cfg := Config{Schema: schema, Table: table, Buckets: 1}
+	probe, err := New(cfg)
+	if err != nil {
+		return Config{}, err
+	}
+	var exists bool
+	if err := db.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, probe.meta).Scan(&exists); err != nil {
+		return Config{}, fmt.Errorf("outbox: read %s: %w", probe.meta, err)
+	}
+	if !exists {
+		return Config{}, fmt.Errorf("%w: no %s", ErrNotInstalled, probe.meta)
+	}
+	var version int
+	err = db.QueryRow(ctx, `SELECT version, buckets FROM `+probe.meta).Scan(&version, &cfg.Buckets)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return Config{}, fmt.Errorf("%w: %s is empty", ErrNotInstalled, probe.meta)
+	case err != nil:
+		return Config{}, fmt.Errorf("outbox: read %s: %w", probe.meta, err)
+	}
+	if version > SchemaVersion {
+		return Config{}, fmt.Errorf("%w: %s is at version %d, this code knows up to %d", ErrSchemaMismatch, probe.table, version, SchemaVersion)
+	}
+	cfg.withDefaults()
+	return cfg, nil
+}

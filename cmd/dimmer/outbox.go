@@ -1,0 +1,427 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
+	"github.com/spf13/cobra"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/dimmer-dev/dimmer/outbox"
+	"github.com/dimmer-dev/dimmer/outbox/kafkasink"
+	"github.com/dimmer-dev/dimmer/outbox/redissink"
+)
+
+func init() {
+	commandGroups = append(commandGroups, func(c *cli) *cobra.Command { return c.outboxCmd() })
+}
+
+type outboxOpts struct {
+	db      string
+	table   string
+	buckets int
+}
+
+func (c *cli) outboxCmd() *cobra.Command {
+	o := &outboxOpts{}
+	cmd := &cobra.Command{
+		Use:   "outbox",
+		Short: "Run an outbox relay, inspect the backlog, handle dead letters",
+		Long: `Operate a transactional outbox (package outbox) a service installed.
+
+The database is --db (default: --store when it is a postgres:// URL); the
+outbox is the table --table in --schema (defaults "outbox" in "dimmer"),
+with the bucket count it was installed with.
+
+Exit codes: 0 done; 2 bad usage; 1 other (an unknown dead letter, an
+unreachable database or broker).`,
+	}
+	cmd.PersistentFlags().StringVar(&o.db, "db", os.Getenv("DIMMER_OUTBOX_DB"), "Postgres URL of the outbox's database (env DIMMER_OUTBOX_DB; default --store)")
+	cmd.PersistentFlags().StringVar(&o.table, "table", outbox.DefaultTable, "outbox table name (in --schema)")
+	cmd.PersistentFlags().IntVar(&o.buckets, "buckets", 0, "install the outbox with this many buckets if it is missing (default: use the installed outbox, never install)")
+	dead := &cobra.Command{Use: "dead", Short: "List, retry or skip dead letters (messages that failed every attempt)"}
+	dead.AddCommand(c.outboxDeadListCmd(o), c.outboxDeadRetryCmd(o), c.outboxDeadSkipCmd(o))
+	cmd.AddCommand(c.outboxRelayCmd(o), c.outboxStatusCmd(o), dead)
+	return cmd
+}
+
+// openOutbox connects to the outbox's database and returns a handle on the
+// installed outbox (installing it first when --buckets is given).
+func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *outbox.Outbox, error) {
+	url := o.db
+	if url == "" && (strings.HasPrefix(c.storeURL, "postgres://") || strings.HasPrefix(c.storeURL, "postgresql://")) {
+		url = c.storeURL
+	}
+	if url == "" {
+		return nil, nil, usagef("no database: pass --db postgres://... (or a postgres --store), or set DIMMER_OUTBOX_DB")
+	}
+	if o.buckets < 0 || o.buckets > outbox.MaxBuckets {
+		return nil, nil, usagef("--buckets %d: must be 1..%d", o.buckets, outbox.MaxBuckets)
+	}
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return nil, nil, usagef("--db: %v", err)
+	}
+	ob, err := c.installedOutbox(ctx, pool, o)
+	if err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
+	return pool, ob, nil
+}
+
+func (c *cli) installedOutbox(ctx context.Context, pool *pgxpool.Pool, o *outboxOpts) (*outbox.Outbox, error) {
+	if o.buckets > 0 {
+		ob, err := outbox.New(outbox.Config{Schema: c.schema, Table: o.table, Buckets: o.buckets})
+		if err != nil {
+			return nil, usageError{err}
+		}
+		if err := ob.Install(ctx, pool); err != nil {
+			return nil, err
+		}
+		return ob, nil
+	}
+	cfg, err := outbox.Installed(ctx, pool, c.schema, o.table)
+	if errors.Is(err, outbox.ErrNotInstalled) {
+		return nil, usagef("%v (the service installs it at start-up; or pass --buckets N to install it here)", err)
+	}
+	if err != nil {
+		if errors.Is(err, outbox.ErrInvalidConfig) {
+			return nil, usageError{err}
+		}
+		return nil, err
+	}
+	return outbox.New(cfg)
+}
+
+type relayOpts struct {
+	publisher    string
+	brokers      string
+	redisURL     string
+	streamPrefix string
+	maxLen       int64
+	cfg          outbox.RelayConfig
+	drain        time.Duration
+}
+
+func (c *cli) outboxRelayCmd(o *outboxOpts) *cobra.Command {
+	ro := &relayOpts{}
+	cmd := &cobra.Command{
+		Use:   "relay",
+		Short: "Run a relay as a standalone process until SIGTERM or SIGINT",
+		Long: `Run an outbox relay: publish the outbox's messages to Kafka or Redis
+Streams, sharing the key buckets with every other relay of the outbox (in
+services or in other sidecars) and keeping each key's commit order.
+
+On SIGTERM or SIGINT the batch in flight completes, the bucket leases are
+handed back at once (the other relays take over without waiting for them to
+expire) and the command exits 0; past --drain-timeout it stops abruptly and
+the leases lapse after --lease-ttl, as after a crash.
+
+Kafka: --brokers (env DIMMER_KAFKA_BROKERS), idempotent producer, acks from
+all in-sync replicas. Redis: --redis URL (env DIMMER_REDIS_URL), one stream
+per topic named --stream-prefix + topic, trimmed to about --maxlen entries.`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return c.runRelay(cmd, o, ro)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&ro.publisher, "publisher", "kafka", "where to publish: kafka or redis")
+	f.StringVar(&ro.brokers, "brokers", os.Getenv("DIMMER_KAFKA_BROKERS"), "Kafka seed brokers, comma-separated (env DIMMER_KAFKA_BROKERS)")
+	f.StringVar(&ro.redisURL, "redis", os.Getenv("DIMMER_REDIS_URL"), "Redis URL for --publisher redis (env DIMMER_REDIS_URL)")
+	f.StringVar(&ro.streamPrefix, "stream-prefix", "", "prefix of the Redis stream names")
+	f.Int64Var(&ro.maxLen, "maxlen", 0, "trim each Redis stream to about this many entries (0: no trim)")
+	f.StringVar(&ro.cfg.ID, "id", "", "relay ID in the leases and logs (default host-pid-random)")
+	f.IntVar(&ro.cfg.BatchSize, "batch-size", 0, "messages per batch, one per key (default 500)")
+	f.DurationVar(&ro.cfg.PollInterval, "poll", 0, "fallback poll interval when no NOTIFY arrives (default 1s)")
+	f.DurationVar(&ro.cfg.LeaseTTL, "lease-ttl", 0, "bucket lease lifetime without renewal (default 10s)")
+	f.IntVar(&ro.cfg.MaxAttempts, "max-attempts", 0, "failed attempts before a message becomes a dead letter (default 10)")
+	f.DurationVar(&ro.drain, "drain-timeout", 30*time.Second, "how long a graceful stop may take")
+	return cmd
+}
+
+func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
+	ctx := cmd.Context()
+	pub, closePub, err := ro.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer closePub()
+	pool, ob, err := c.openOutbox(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	cfg := ro.cfg
+	cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelInfo}))
+	relay, err := ob.NewRelay(pool, pub, cfg)
+	if err != nil {
+		if errors.Is(err, outbox.ErrInvalidConfig) {
+			return usageError{err}
+		}
+		return err
+	}
+	// The relay runs on a context of its own: the signal (ctx) asks for a
+	// graceful stop, which cancelling Run's context would not be.
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- relay.Run(runCtx) }()
+	fmt.Fprintf(c.out, "relay %s publishing %s.%s to %s\n", relay.ID(), c.schema, o.table, ro.publisher)
+	select {
+	case err := <-done:
+		return fmt.Errorf("relay stopped: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), ro.drain)
+	defer scancel()
+	serr := relay.Shutdown(sctx)
+	if err := <-done; err != nil && serr == nil {
+		serr = err
+	}
+	if serr != nil {
+		return fmt.Errorf("relay stopped abruptly (its leases lapse after the lease TTL): %w", serr)
+	}
+	fmt.Fprintf(c.out, "relay %s stopped; leases released\n", relay.ID())
+	return nil
+}
+
+// open builds the publisher the flags ask for.
+func (ro *relayOpts) open(ctx context.Context) (outbox.Publisher, func(), error) {
+	switch ro.publisher {
+	case "kafka":
+		var seeds []string
+		for _, b := range strings.Split(ro.brokers, ",") {
+			if b = strings.TrimSpace(b); b != "" {
+				seeds = append(seeds, b)
+			}
+		}
+		if len(seeds) == 0 {
+			return nil, nil, usagef("--publisher kafka needs --brokers host:port[,...] or DIMMER_KAFKA_BROKERS")
+		}
+		cl, err := kgo.NewClient(kafkasink.ClientOptions(seeds...)...)
+		if err != nil {
+			return nil, nil, usagef("--brokers: %v", err)
+		}
+		if err := cl.Ping(ctx); err != nil {
+			cl.Close()
+			return nil, nil, fmt.Errorf("kafka %s: %w", ro.brokers, err)
+		}
+		p, err := kafkasink.New(cl)
+		if err != nil {
+			cl.Close()
+			return nil, nil, err
+		}
+		return p, cl.Close, nil
+	case "redis":
+		if ro.redisURL == "" {
+			return nil, nil, usagef("--publisher redis needs --redis redis://... or DIMMER_REDIS_URL")
+		}
+		opts, err := redis.ParseURL(ro.redisURL)
+		if err != nil {
+			return nil, nil, usagef("--redis: %v", err)
+		}
+		rdb := redis.NewClient(opts)
+		if err := rdb.Ping(ctx).Err(); err != nil {
+			rdb.Close()
+			return nil, nil, fmt.Errorf("redis %s: %w", redactURL(ro.redisURL), err)
+		}
+		var sinkOpts []redissink.Option
+		if ro.streamPrefix != "" {
+			sinkOpts = append(sinkOpts, redissink.WithStreamPrefix(ro.streamPrefix))
+		}
+		if ro.maxLen < 0 {
+			rdb.Close()
+			return nil, nil, usagef("--maxlen %d: must not be negative", ro.maxLen)
+		}
+		if ro.maxLen > 0 {
+			sinkOpts = append(sinkOpts, redissink.WithMaxLen(ro.maxLen))
+		}
+		p, err := redissink.New(rdb, sinkOpts...)
+		if err != nil {
+			rdb.Close()
+			return nil, nil, usageError{err}
+		}
+		return p, func() { rdb.Close() }, nil
+	}
+	return nil, nil, usagef("--publisher %q: want kafka or redis", ro.publisher)
+}
+
+func (c *cli) outboxStatusCmd(o *outboxOpts) *cobra.Command {
+	var topic string
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Print the backlog: pending messages, dead letters, age of the oldest",
+		Args:  exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			pool, ob, err := c.openOutbox(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			s, err := ob.Stats(cmd.Context(), pool, topic)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.out, "pending %d\ndead %d\noldest %s\n", s.Pending, s.Dead, s.Oldest.Round(time.Millisecond))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&topic, "topic-prefix", "", "count only topics starting with this")
+	return cmd
+}
+
+func (c *cli) outboxDeadListCmd(o *outboxOpts) *cobra.Command {
+	var topic string
+	var limit int
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List dead letters, oldest first, with how many later messages of their key wait",
+		Args:  exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if limit < 1 {
+				return usagef("--limit %d: must be positive", limit)
+			}
+			pool, ob, err := c.openOutbox(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			dead, err := ob.DeadLetters(cmd.Context(), pool, topic, limit)
+			if err != nil {
+				return err
+			}
+			if len(dead) == 0 {
+				fmt.Fprintln(c.out, "no dead letters")
+				return nil
+			}
+			w := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "ID\tTOPIC\tKEY\tATTEMPTS\tDEAD AT\tWAITING\tLAST ERROR")
+			for _, d := range dead {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%s\n", d.ID, d.Topic, printable(d.Key), d.Attempts,
+					d.DeadAt.UTC().Format(time.RFC3339), d.Waiting, printable(oneLine(d.LastError, 120)))
+			}
+			return w.Flush()
+		},
+	}
+	cmd.Flags().StringVar(&topic, "topic", "", "only this topic")
+	cmd.Flags().IntVar(&limit, "limit", 100, "at most this many")
+	return cmd
+}
+
+func parseIDs(args []string) ([]uuid.UUID, error) {
+	ids := make([]uuid.UUID, len(args))
+	for i, a := range args {
+		id, err := uuid.Parse(a)
+		if err != nil {
+			return nil, usagef("%q is not a message ID (a UUID): %v", a, err)
+		}
+		ids[i] = id
+	}
+	return ids, nil
+}
+
+func (c *cli) outboxDeadRetryCmd(o *outboxOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "retry ID...",
+		Short: "Make dead letters pending again with a fresh attempt budget (then their key flows again)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ids, err := parseIDs(args)
+			if err != nil {
+				return err
+			}
+			pool, ob, err := c.openOutbox(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			var failed []error
+			for _, id := range ids {
+				if err := ob.RetryDead(cmd.Context(), pool, id); err != nil {
+					failed = append(failed, err)
+					continue
+				}
+				fmt.Fprintf(c.out, "%s: pending again\n", id)
+			}
+			return errors.Join(failed...)
+		},
+	}
+}
+
+// skipped is what dead skip prints of each message it drops, so the
+// operator keeps a record of it (payload as base64).
+type skipped struct {
+	ID        uuid.UUID         `json:"id"`
+	Topic     string            `json:"topic"`
+	Key       string            `json:"key,omitempty"`
+	Headers   map[string]string `json:"headers,omitempty"`
+	Payload   []byte            `json:"payload"`
+	Attempts  int               `json:"attempts"`
+	CreatedAt time.Time         `json:"created_at"`
+}
+
+func (c *cli) outboxDeadSkipCmd(o *outboxOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "skip ID...",
+		Short: "Drop dead letters without publishing them (prints each as JSON for the record)",
+		Long: `Drop dead letters without publishing them: the later messages of their key
+then flow. Each dropped message is printed to stdout as one JSON line (the
+payload base64-encoded), so the operator keeps a record of what was skipped.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ids, err := parseIDs(args)
+			if err != nil {
+				return err
+			}
+			pool, ob, err := c.openOutbox(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer pool.Close()
+			enc := json.NewEncoder(c.out)
+			var failed []error
+			for _, id := range ids {
+				r, err := ob.SkipDead(cmd.Context(), pool, id)
+				if err != nil {
+					failed = append(failed, err)
+					continue
+				}
+				if err := enc.Encode(skipped{ID: r.ID, Topic: r.Topic, Key: r.Key, Headers: r.Headers, Payload: r.Payload, Attempts: r.Attempts, CreatedAt: r.CreatedAt}); err != nil {
+					failed = append(failed, err)
+				}
+			}
+			return errors.Join(failed...)
+		},
+	}
+}
+
+// printable quotes a string that would break the table (control
+// characters, e.g. a keyless message's lane marker).
+func printable(s string) string {
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			return fmt.Sprintf("%q", s)
+		}
+	}
+	return s
+}
+
+func oneLine(s string, n int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
