@@ -99,7 +99,13 @@ FROM `+b.t.jobs+` j LEFT JOIN `+b.t.ranges+` r ON r.job = j.name WHERE j.name = 
 	if err != nil {
 		return s, fmt.Errorf("backfill: status of %s: %w", job, err)
 	}
-	_ = jsonUnmarshal(spec, &s.Spec)
+	var doc struct {
+		Spec Spec `json:"spec"`
+	}
+	if err := jsonUnmarshal(spec, &doc); err != nil {
+		return s, fmt.Errorf("backfill: status of %s: stored spec: %w", job, err)
+	}
+	s.Spec = doc.Spec
 	end := last
 	if s.FinishedAt != nil {
 		end = *s.FinishedAt

@@ -1,0 +1,366 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/spf13/cobra"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+)
+
+func init() {
+	commandGroups = append(commandGroups, func(c *cli) *cobra.Command { return (&backfillCLI{cli: c}).cmd() })
+}
+
+// backfillCLI operates the jobs stored in the backfill tables: the ones a
+// service registered by running them, and table copies defined here.
+type backfillCLI struct {
+	*cli
+	db     string
+	schema string
+}
+
+func (b *backfillCLI) cmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "backfill",
+		Short: "Run, watch, verify, pause and resume backfill jobs",
+		Long: `Operate the backfill jobs stored in the backfill tables (package backfill).
+
+Any stored job can be watched (status), paused and resumed, from any
+machine: workers of every process read the pause flag before each chunk.
+Jobs copying a table into a table of the same database (with SQL
+transforms only) can also be run and verified from here; jobs with a Go
+transform or another sink are run and verified by the service that defines
+them.
+
+--db is the database holding the backfill tables (default: --store when it
+is a postgres:// URL).`,
+	}
+	cmd.PersistentFlags().StringVar(&b.db, "db", envOr("DIMMER_BACKFILL_DB", ""), "Postgres URL of the backfill tables (env DIMMER_BACKFILL_DB; default --store)")
+	cmd.PersistentFlags().StringVar(&b.schema, "backfill-schema", envOr("DIMMER_BACKFILL_SCHEMA", backfill.DefaultSchema), "schema of the backfill tables (env DIMMER_BACKFILL_SCHEMA)")
+	cmd.AddCommand(b.runCmd(), b.statusCmd(), b.verifyCmd(), b.pauseCmd(true), b.pauseCmd(false))
+	return cmd
+}
+
+// backfiller opens the backfill tables; with a flag store it reads stages and
+// epochs (needed to run and verify).
+func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill.Backfiller, error) {
+	url := b.db
+	if url == "" && (strings.HasPrefix(b.storeURL, "postgres://") || strings.HasPrefix(b.storeURL, "postgresql://")) {
+		url = b.storeURL
+	}
+	if url == "" {
+		return nil, usagef("no database for the backfill tables: pass --db postgres://... (or a postgres:// --store)")
+	}
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return nil, usagef("--db: %v", err)
+	}
+	prev := func() {}
+	if b.be != nil {
+		prev = b.be.close
+	}
+	opts := []backfill.Option{backfill.WithSchema(b.schema), backfill.WithLogger(b.logger)}
+	if needFlags || b.storeURL != "" {
+		be, err := b.open(ctx)
+		if err != nil {
+			pool.Close()
+			return nil, err
+		}
+		prev = be.close
+		opts = append(opts, backfill.WithFlagStore(be.store))
+		be.close = func() { pool.Close(); prev() }
+	} else {
+		b.be = &backend{close: pool.Close}
+	}
+	bf, err := backfill.New(pool, opts...)
+	if err != nil {
+		return nil, err
+	}
+	if err := bf.Install(ctx); err != nil {
+		return nil, fmt.Errorf("backfill tables at %s: %w", redactURL(url), err)
+	}
+	return bf, nil
+}
+
+func (b *backfillCLI) runCmd() *cobra.Command {
+	var spec backfill.Spec
+	var source, target, key, migration string
+	var cfg backfill.Config
+	var dry bool
+	cmd := &cobra.Command{
+		Use:   "run JOB [--migration M --source TABLE --target TABLE --key COLS --version-column COL]",
+		Short: "Run (or resume) a job to completion with a live progress display",
+		Long: `Run JOB to completion, resuming from its checkpoints. A stored job is
+resumed as it was defined; --source/--target/--key/--version-column define a
+new table copy (in the database of --db) the first time. Several runs of
+the same job, on any machines, share its ranges. Interrupt to stop: the
+next run resumes. --dry-run shows what would be copied and writes nothing.`,
+		Args: exactArgs(1, "JOB"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			bf, err := b.backfiller(ctx, true)
+			if err != nil {
+				return err
+			}
+			j, err := bf.StoredJob(ctx, args[0])
+			switch {
+			case errors.Is(err, backfill.ErrUnknownJob):
+				if source == "" || target == "" || key == "" || spec.VersionColumn == "" || migration == "" {
+					return usagef("job %s is not stored: define it with --migration, --source, --target, --key and --version-column", args[0])
+				}
+				spec.Source, spec.Target = parseTable(source), parseTable(target)
+				spec.Key = strings.Split(key, ",")
+				j = backfill.Job{Name: args[0], Migration: migration, Spec: spec}
+			case err != nil:
+				return err
+			case source != "" || target != "" || key != "":
+				return usagef("job %s is stored already: run it without a definition (or give the new definition another JOB name)", args[0])
+			}
+			j.Config = cfg
+			if dry {
+				p, err := bf.DryRun(ctx, j)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(b.out, "job %s (%s), definition %s, stored: %v\n", p.Job, p.Migration, p.Fingerprint, p.Stored)
+				fmt.Fprintf(b.out, "would copy ~%d rows up to key %v in %d ranges\n%s\n", p.EstimatedRows, p.UpperBound, len(p.Ranges), p.CopySQL)
+				for _, r := range p.Sample {
+					fmt.Fprintf(b.out, "  sample: %v\n", r)
+				}
+				return nil
+			}
+			pr := &progressLine{out: b.out}
+			j.Config.Progress = pr.update
+			res, err := bf.Run(ctx, j)
+			pr.flush()
+			if err != nil {
+				return err
+			}
+			if res.AlreadyDone {
+				fmt.Fprintf(b.out, "%s: already done at epoch %d\n", j.Name, res.Epoch)
+				return nil
+			}
+			fmt.Fprintf(b.out, "%s: done, %d rows in %d chunks in %s\n", j.Name, res.Rows, res.Chunks, res.Elapsed.Round(time.Millisecond))
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&migration, "migration", "", "the migration (stage flag) the job belongs to")
+	f.StringVar(&source, "source", "", "source table ([schema.]name)")
+	f.StringVar(&target, "target", "", "target table ([schema.]name)")
+	f.StringVar(&key, "key", "", "key columns, comma separated")
+	f.StringVar(&spec.VersionColumn, "version-column", "", "version or timestamp column compared in the upsert")
+	f.IntVar(&cfg.Workers, "workers", 1, "workers in this process")
+	f.Float64Var(&cfg.RowsPerSecond, "rows-per-second", 0, "rate limit of this process (0: none)")
+	f.DurationVar(&cfg.TargetChunkTime, "chunk-time", 500*time.Millisecond, "target time of a chunk")
+	f.BoolVar(&dry, "dry-run", false, "show what would be copied; write nothing")
+	return cmd
+}
+
+func parseTable(s string) backfill.Table {
+	if schema, name, ok := strings.Cut(s, "."); ok {
+		return backfill.Table{Schema: schema, Name: name}
+	}
+	return backfill.Table{Name: s}
+}
+
+// progressLine prints at most one progress line a second.
+type progressLine struct {
+	mu   sync.Mutex
+	out  interface{ Write([]byte) (int, error) }
+	last time.Time
+	p    *backfill.Progress
+}
+
+func (l *progressLine) update(p backfill.Progress) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.p = &p
+	if time.Since(l.last) >= time.Second {
+		l.print()
+	}
+}
+
+func (l *progressLine) flush() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.p != nil {
+		l.print()
+	}
+}
+
+func (l *progressLine) print() {
+	p := l.p
+	l.last = time.Now()
+	pct := 0.0
+	if p.RowsTotal > 0 {
+		pct = 100 * float64(p.RowsDone) / float64(p.RowsTotal)
+	}
+	line := fmt.Sprintf("%s: %d/~%d rows (%.1f%%), %.0f rows/s, ranges %d/%d", p.Job, p.RowsDone, p.RowsTotal, min(pct, 100), p.RowsPerSecond, p.RangesDone, p.Ranges)
+	if p.ETA > 0 {
+		line += ", ETA " + p.ETA.Round(time.Second).String()
+	}
+	for _, w := range p.Workers {
+		line += fmt.Sprintf(" [%s range %d chunk %d]", w.ID, w.Range, w.ChunkSize)
+	}
+	if p.Held != "" {
+		line += " held: " + p.Held
+	}
+	fmt.Fprintln(l.out, line)
+}
+
+func (b *backfillCLI) statusCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "status [JOB]",
+		Short: "Show one job's progress, leases and last verification, or a line per job",
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usagef("expected at most one JOB, got %d arguments", len(args))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			bf, err := b.backfiller(cmd.Context(), false)
+			if err != nil {
+				return err
+			}
+			if len(args) == 0 {
+				jobs, err := bf.Jobs(cmd.Context())
+				if err != nil {
+					return err
+				}
+				if len(jobs) == 0 {
+					fmt.Fprintln(b.out, "no backfill jobs")
+				}
+				for _, s := range jobs {
+					fmt.Fprintf(b.out, "%s\t%s\t%s\t%d/~%d rows\tverified: %s\n", s.Name, s.Migration, state(s), s.RowsDone, s.EstimatedRows, verified(s))
+				}
+				return nil
+			}
+			s, err := bf.Status(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(b.out, "job %s (migration %s, epoch %d): %s\n", s.Name, s.Migration, s.Epoch, state(s))
+			fmt.Fprintf(b.out, "  %s -> %s, key %s, version %s\n", s.Spec.Source, s.Spec.Target, strings.Join(s.Spec.Key, ","), s.Spec.VersionColumn)
+			fmt.Fprintf(b.out, "  rows %d of ~%d, ranges %d/%d done, %.0f rows/s", s.RowsDone, s.EstimatedRows, s.RangesDone, s.Ranges, s.RowsPerSecond)
+			if s.ETA > 0 {
+				fmt.Fprintf(b.out, ", ETA %s", s.ETA.Round(time.Second))
+			}
+			fmt.Fprintln(b.out)
+			for _, l := range s.Leases {
+				fmt.Fprintf(b.out, "  range %d: %s until %s, %d rows, at key %v\n", l.Range, l.Owner, l.Until.Format(time.RFC3339), l.RowsDone, l.Cursor)
+			}
+			fmt.Fprintf(b.out, "  verified: %s\n", verified(s))
+			return nil
+		},
+	}
+}
+
+func state(s backfill.JobStatus) string {
+	switch {
+	case s.Done:
+		return "done"
+	case s.Paused:
+		return "paused (" + s.PauseReason + ")"
+	case len(s.Leases) > 0:
+		return fmt.Sprintf("running (%d workers)", len(s.Leases))
+	}
+	return "stopped"
+}
+
+func verified(s backfill.JobStatus) string {
+	v := s.LastVerification
+	switch {
+	case v == nil:
+		return "never"
+	case v.OK:
+		return fmt.Sprintf("ok at epoch %d (%s)", v.Epoch, v.FinishedAt.Format(time.RFC3339))
+	}
+	return fmt.Sprintf("FAILED at epoch %d: %s", v.Epoch, strings.Join(v.Problems, "; "))
+}
+
+func (b *backfillCLI) verifyCmd() *cobra.Command {
+	var o backfill.VerifyOptions
+	cmd := &cobra.Command{
+		Use:   "verify JOB [--repair]",
+		Short: "Compare old and new by chunk checksums; store the result for the backfill-verified guard",
+		Long: `Compare the job's source and target chunk by chunk (row count and a
+NULL-safe row hash on both sides) and store the result at the migration's
+epoch, where the backfill-verified guard reads it before shadow. --repair
+recopies differing ranges. Exit 1 when they differ.`,
+		Args: exactArgs(1, "JOB"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			bf, err := b.backfiller(cmd.Context(), true)
+			if err != nil {
+				return err
+			}
+			j, err := bf.StoredJob(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			v, err := bf.Verify(cmd.Context(), j, o)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(b.out, "%s: %d chunks, %d source rows, %d target rows, %d differing, %d repaired\n",
+				j.Name, v.Chunks, v.RowsSource, v.RowsTarget, v.Differing, v.Repaired)
+			for _, r := range v.Ranges {
+				fmt.Fprintf(b.out, "  range (%v, %v]: %d source rows, %d target rows, repaired: %v\n", r.Lo, r.Hi, r.SourceRows, r.TargetRows, r.Repaired)
+			}
+			if !v.OK {
+				return fmt.Errorf("%s differs: %s", j.Name, strings.Join(v.Problems, "; "))
+			}
+			fmt.Fprintf(b.out, "%s: verified at epoch %d\n", j.Name, v.Epoch)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&o.Repair, "repair", false, "recopy differing ranges and check them again")
+	cmd.Flags().IntVar(&o.ChunkRows, "chunk-rows", 10000, "rows per checksum")
+	return cmd
+}
+
+func (b *backfillCLI) pauseCmd(pause bool) *cobra.Command {
+	var reason string
+	use, short := "resume JOB", "Let a paused job's workers go on from their checkpoints"
+	if pause {
+		use, short = "pause JOB --reason TEXT", "Hold every worker of the job, in every process, before its next chunk"
+	}
+	cmd := &cobra.Command{
+		Use: use, Short: short,
+		Args: exactArgs(1, "JOB"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if pause && reason == "" {
+				return usagef("--reason is required: say why the job is held")
+			}
+			bf, err := b.backfiller(cmd.Context(), false)
+			if err != nil {
+				return err
+			}
+			if pause {
+				err = bf.Pause(cmd.Context(), args[0], reason+" ("+b.actor+")")
+			} else {
+				err = bf.Resume(cmd.Context(), args[0])
+			}
+			if errors.Is(err, backfill.ErrUnknownJob) {
+				return usageError{err}
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(b.out, "%s: %s\n", args[0], map[bool]string{true: "paused", false: "resumed"}[pause])
+			return nil
+		},
+	}
+	if pause {
+		cmd.Flags().StringVar(&reason, "reason", "", "why the job is held (required)")
+	}
+	return cmd
+}
