@@ -21,7 +21,10 @@
 //     ([WithSync]) or on a bounded worker pool ([WithAsync], the default:
 //     8 workers, 1024 queued), detached from the caller's cancellation by
 //     context.WithoutCancel and bounded by its own timeout
-//     ([WithSecondaryTimeout]). Each side's secondary writes go through a
+//     ([WithSecondaryTimeout]). A key's async writes run on one worker, in
+//     the order of their authoritative writes: out of order, a later write
+//     could be overwritten by an earlier one on the secondary, a divergence
+//     no repair would record. Each side's secondary writes go through a
 //     circuit breaker (github.com/sony/gobreaker), one per side;
 //   - turns every secondary write that did not happen into a [Repair] in the
 //     [RepairLog]: an error, a timeout, a recovered panic, a shed write (full

@@ -51,8 +51,11 @@ func WithRepairLog(l RepairLog) Option {
 }
 
 // WithAsync runs secondary writes on workers goroutines behind a queue of
-// queue writes (the default: 8 workers, 1024 queued). A write arriving at a
-// full queue is shed and becomes a repair.
+// queue writes (the default: 8 workers, 1024 queued). A key always goes to
+// the same worker, whose queue holds queue/workers writes, so the writes of
+// one key reach the secondary in the order of their authoritative writes
+// (a slow write holds back the keys sharing its worker, up to the secondary
+// timeout). A write arriving at a full queue is shed and becomes a repair.
 func WithAsync(workers, queue int) Option {
 	return func(c *config) error {
 		if workers < 1 {

@@ -46,7 +46,7 @@ type Writer[In, Out any] struct {
 	fns       [3]Func[In, Out] // indexed by flags.Side
 	key       func(In) string
 	breakers  [3]*gobreaker.CircuitBreaker[Out]
-	pool      *workpool.Pool
+	pool      *workpool.Keyed
 	cfg       config
 	m         *metrics
 	txlog     TxRepairLog
@@ -102,7 +102,10 @@ func New[In, Out any](migration string, source StageSource, old, new Func[In, Ou
 		w.breakers[side] = gobreaker.NewCircuitBreaker[Out](st)
 	}
 	if cfg.workers > 0 {
-		if w.pool, err = workpool.New(cfg.workers, cfg.queue); err != nil {
+		// Keyed: a key's secondary writes run in the order of their
+		// authoritative writes, so a blind upsert on the secondary never
+		// ends with an older value than the authoritative side.
+		if w.pool, err = workpool.NewKeyed(cfg.workers, cfg.queue); err != nil {
 			return nil, fmt.Errorf("dualwrite.New: %w", err)
 		}
 	}
@@ -221,7 +224,7 @@ func (w *Writer[In, Out]) secondary(ctx context.Context, stage flags.Stage, side
 	// Detached: the caller returning (and cancelling) must not abort a
 	// write the stores are already half way through agreeing on.
 	dctx := context.WithoutCancel(ctx)
-	ok, err := w.pool.TrySubmit(func() { w.runSecondary(dctx, stage, side, key, in) })
+	ok, err := w.pool.TrySubmit(key, func() { w.runSecondary(dctx, stage, side, key, in) })
 	switch {
 	case err != nil:
 		w.repair(dctx, Repair{Migration: w.migration, Key: key, Stage: stage, Side: side, Reason: ReasonClosed, Err: err.Error()})

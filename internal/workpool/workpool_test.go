@@ -2,6 +2,8 @@ package workpool_test
 
 import (
 	"context"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -131,4 +133,53 @@ func TestBatchedStartsWithinTheInterval(t *testing.T) {
 		time.Sleep(10 * time.Millisecond) // idle: the dispatcher disarms
 	}
 	require.Zero(t, p.Len())
+}
+
+func TestKeyedRunsOneKeyInOrder(t *testing.T) {
+	t.Parallel()
+	_, err := workpool.NewKeyed(0, 1)
+	require.ErrorContains(t, err, "workers")
+	_, err = workpool.NewKeyed(1, -1)
+	require.ErrorContains(t, err, "queue")
+
+	k, err := workpool.NewKeyed(8, 8*200)
+	require.NoError(t, err)
+	var mu sync.Mutex
+	seen := map[string][]int{}
+	for i := range 50 {
+		for _, key := range []string{"a", "b", "c"} {
+			ok, err := k.TrySubmit(key, func() {
+				time.Sleep(time.Duration(i%3) * 100 * time.Microsecond)
+				mu.Lock()
+				seen[key] = append(seen[key], i)
+				mu.Unlock()
+			})
+			require.NoError(t, err)
+			require.True(t, ok)
+		}
+	}
+	require.NoError(t, k.Shutdown(context.Background()))
+	for _, key := range []string{"a", "b", "c"} {
+		require.Len(t, seen[key], 50)
+		require.True(t, slices.IsSorted(seen[key]), "key %s ran out of order: %v", key, seen[key])
+	}
+	_, err = k.TrySubmit("a", func() {})
+	require.ErrorIs(t, err, workpool.ErrClosed)
+}
+
+func TestKeyedShedsWhenItsQueueIsFull(t *testing.T) {
+	t.Parallel()
+	k, err := workpool.NewKeyed(1, 1)
+	require.NoError(t, err)
+	release, started := make(chan struct{}), make(chan struct{})
+	ok, _ := k.TrySubmit("x", func() { close(started); <-release })
+	require.True(t, ok)
+	<-started
+	ok, _ = k.TrySubmit("x", func() {})
+	require.True(t, ok, "one waits in the queue")
+	ok, err = k.TrySubmit("y", func() {})
+	require.NoError(t, err)
+	require.False(t, ok, "the full queue sheds")
+	close(release)
+	require.NoError(t, k.Shutdown(context.Background()))
 }
