@@ -54,7 +54,7 @@ func NewProvider(pool *pgxpool.Pool, opts ...Option) (*Provider, error) {
 	if err != nil {
 		return nil, err
 	}
-	be := &backend{pool: pool, t: newTables(cfg.schema), appName: ListenerApplicationName(cfg.schema)}
+	be := &backend{pool: pool, t: newTables(cfg.schema), appName: ListenerApplicationName(cfg.schema), resync: cfg.resync}
 	eng, err := snapshot.New(be, snapshot.Config{Name: ProviderName, ResyncInterval: cfg.resync, Logger: cfg.logger})
 	if err != nil {
 		return nil, fmt.Errorf("pgflags.NewProvider: %w", err)
@@ -138,6 +138,7 @@ type backend struct {
 	pool    *pgxpool.Pool
 	t       tables
 	appName string
+	resync  time.Duration
 }
 
 var _ snapshot.Backend = (*backend)(nil)
@@ -194,8 +195,23 @@ func (b *backend) Listen(ctx context.Context, subscribed func(), changed func(st
 		return fmt.Errorf("pgflags: listen on %s: %w", b.t.channel, err)
 	}
 	subscribed()
+	idle := snapshot.IdleCheck(b.resync)
 	for {
-		n, err := conn.WaitForNotification(ctx)
+		wctx, cancel := context.WithTimeout(ctx, idle)
+		n, err := conn.WaitForNotification(wctx)
+		cancel()
+		if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+			// Silent for a while: make sure the connection still
+			// answers, or give it up so the engine reconnects (and goes
+			// STALE meanwhile).
+			pctx, cancel := context.WithTimeout(ctx, idle)
+			err = conn.Ping(pctx)
+			cancel()
+			if err == nil {
+				continue
+			}
+			return fmt.Errorf("pgflags: listen on %s: connection silent for %v and not answering: %w", b.t.channel, idle, err)
+		}
 		if err != nil {
 			return fmt.Errorf("pgflags: listen on %s: %w", b.t.channel, err)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"time"
 
 	"github.com/open-feature/go-sdk/openfeature"
@@ -50,7 +51,7 @@ func NewProvider(client redis.UniversalClient, opts ...Option) (*Provider, error
 	if err != nil {
 		return nil, err
 	}
-	be := &backend{client: client, k: newKeys(cfg.prefix)}
+	be := &backend{client: client, k: newKeys(cfg.prefix), resync: cfg.resync}
 	eng, err := snapshot.New(be, snapshot.Config{Name: ProviderName, ResyncInterval: cfg.resync, Logger: cfg.logger})
 	if err != nil {
 		return nil, fmt.Errorf("redisflags.NewProvider: %w", err)
@@ -133,6 +134,7 @@ func (p *Provider) IntEvaluation(ctx context.Context, flag string, defaultValue 
 type backend struct {
 	client redis.UniversalClient
 	k      keys
+	resync time.Duration
 }
 
 var _ snapshot.Backend = (*backend)(nil)
@@ -178,15 +180,31 @@ func (b *backend) Listen(ctx context.Context, subscribed func(), changed func(st
 		return fmt.Errorf("redisflags: subscribe %s: unexpected reply %T", b.k.channel, msg)
 	}
 	subscribed()
+	idle := snapshot.IdleCheck(b.resync)
+	pinged := false
 	for {
-		m, err := ps.ReceiveMessage(ctx)
+		msg, err := ps.ReceiveTimeout(ctx, idle)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
+			var nerr net.Error
+			if errors.As(err, &nerr) && nerr.Timeout() && !pinged {
+				// Silent for a while: a PING must come back within the
+				// next idle period, or the link is dead (the engine
+				// reconnects and goes STALE meanwhile).
+				if err := ps.Ping(ctx); err != nil {
+					return fmt.Errorf("redisflags: subscription %s: ping: %w", b.k.channel, err)
+				}
+				pinged = true
+				continue
+			}
 			return fmt.Errorf("redisflags: subscription %s: %w", b.k.channel, err)
 		}
-		name, doc := parsePayload(m.Payload)
-		changed(name, doc)
+		pinged = false
+		if m, ok := msg.(*redis.Message); ok {
+			name, doc := parsePayload(m.Payload)
+			changed(name, doc)
+		}
 	}
 }

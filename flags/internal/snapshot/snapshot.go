@@ -120,6 +120,19 @@ func (e *Engine) EventChannel() <-chan openfeature.Event { return e.events }
 // snapshot), ERROR when no sync ever succeeded.
 func (e *Engine) Status() openfeature.State { return e.status.Load().(openfeature.State) }
 
+// LoadTimeout bounds each load from the store: the resync interval, at
+// least 1s and at most 10s.
+func (e *Engine) LoadTimeout() time.Duration {
+	return min(max(e.cfg.ResyncInterval, time.Second), 10*time.Second)
+}
+
+// IdleCheck is how long a subscription may stay silent before a backend
+// checks it is still alive: three resync intervals, at least 5s and at most
+// a minute. A silent link and a dead one look alike until then.
+func IdleCheck(resync time.Duration) time.Duration {
+	return min(max(3*resync, 5*time.Second), time.Minute)
+}
+
 // LastSync is when the snapshot was last fully reloaded.
 func (e *Engine) LastSync() time.Time {
 	n := e.synced.Load()
@@ -253,6 +266,11 @@ func (e *Engine) resyncLoop(ctx context.Context) {
 
 // resync reloads every flag and merges it into the snapshot.
 func (e *Engine) resync(ctx context.Context) error {
+	// A connection that hangs (a blackholed link: the client has no read
+	// timeout of its own) must not stop the healing: each load is bounded
+	// and the next one dials afresh.
+	ctx, cancel := context.WithTimeout(ctx, e.LoadTimeout())
+	defer cancel()
 	all, err := e.backend.LoadAll(ctx)
 	if err != nil {
 		if e.Status() == openfeature.ReadyState {
@@ -319,7 +337,9 @@ func (e *Engine) apply(ctx context.Context, migration string, doc []byte) {
 			e.cfg.Logger.Warn("bad flag notification; reloading the flag", "provider", e.cfg.Name, "migration", migration, "err", err)
 		}
 		var raw []byte
-		raw, found, err = e.backend.Load(ctx, migration)
+		lctx, cancel := context.WithTimeout(ctx, e.LoadTimeout())
+		raw, found, err = e.backend.Load(lctx, migration)
+		cancel()
 		if err != nil {
 			e.cfg.Logger.Warn("flag load after notification failed; the next resync heals it", "provider", e.cfg.Name, "migration", migration, "err", err)
 			return
