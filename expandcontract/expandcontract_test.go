@@ -34,11 +34,27 @@ func newEnv(t *testing.T) env {
 	return env{pool: pool, schema: schema, flags: fs}
 }
 
+// newEnvDB is newEnv in a database of the test's own, for tests whose DDL
+// waits on every older transaction of the database (CREATE INDEX
+// CONCURRENTLY), which other tests' open transactions would otherwise hold up.
+func newEnvDB(t *testing.T) env {
+	t.Helper()
+	pool := testenv.Pool(t, testenv.Database(t))
+	fs, err := pgflags.NewStore(pool)
+	require.NoError(t, err)
+	require.NoError(t, fs.Install(flagstest.Context(t)))
+	return env{pool: pool, schema: "public", flags: fs}
+}
+
 // registry returns a registry over the env with fast retries.
 func (e env) registry(t *testing.T, opts ...expandcontract.Option) *expandcontract.Registry {
 	t.Helper()
+	regSchema := e.schema
+	if regSchema == "public" {
+		regSchema = expandcontract.DefaultSchema
+	}
 	base := []expandcontract.Option{
-		expandcontract.WithSchema(e.schema), expandcontract.WithFleet(e.flags), expandcontract.WithFlagStore(e.flags),
+		expandcontract.WithSchema(regSchema), expandcontract.WithFleet(e.flags), expandcontract.WithFlagStore(e.flags),
 		expandcontract.WithLockTimeout(50 * time.Millisecond), expandcontract.WithAttempts(100),
 		expandcontract.WithBackoff(5*time.Millisecond, 50*time.Millisecond),
 	}

@@ -23,7 +23,8 @@ const (
 // check: (a) no live instance declares a range that needs the pre-contract
 // shape (an instance that declares no range for the plan counts as needing
 // it: a build older than the plan reads the old shape), (b) the linked
-// migration is complete on every key, (c) the backfill is verified.
+// migration is complete on every key, (c) the backfill is verified. An
+// empty fleet fails (a): it is more often the wrong registry than intent.
 func (r *Registry) ContractChecks(ctx context.Context, plan string) ([]flags.CheckResult, error) {
 	st, err := r.Status(ctx, plan)
 	if err != nil {
@@ -68,6 +69,12 @@ func (r *Registry) fleetCheck(ctx context.Context, plan, name string, next Stage
 	insts, err := r.fleet.Instances(ctx)
 	if err != nil {
 		res.Detail = fmt.Sprintf("fleet registry unreachable: %v", err)
+		return res
+	}
+	if len(insts) == 0 {
+		// As flags.FleetGuard: an empty fleet is more often the wrong
+		// registry or a service down than a fleet that needs nothing.
+		res.Detail = "no live instance is registered: nothing proves what the running builds need (wrong fleet registry, or the service is down?)"
 		return res
 	}
 	var blocking []string

@@ -477,6 +477,16 @@ func (s Status) applied(phase string) map[string]bool {
 	return m
 }
 
+// tried reports whether any step of the phase has a record.
+func (s Status) tried(phase string) bool {
+	for _, st := range s.Steps {
+		if st.Phase == phase && st.State != "" {
+			return true
+		}
+	}
+	return false
+}
+
 const (
 	stateApplied = "applied"
 	stateFailed  = "failed"

@@ -45,8 +45,11 @@ func (r *Registry) Migrate(ctx context.Context, plan string, req Request) (Statu
 // Contract runs the plan's contract steps and moves it to [Contracted],
 // after the contract guards pass (see [Registry.ContractChecks]); a refusal
 // is a *flags.RefusedError listing every failed check, and is audited.
-// Contract starts from [Migrating]; an interrupted contract resumes without
-// judging the guards again, since part of the old shape may already be gone.
+// Contract starts from [Migrating]. The phase is marked running before the
+// guards are judged, so no build that needs the old shape passes
+// [Registry.Check] between the fleet check and the DDL; a contract
+// interrupted after a step was tried resumes without judging the guards
+// again, since part of the old shape may already be gone.
 func (r *Registry) Contract(ctx context.Context, plan string, req Request) (Status, error) {
 	return r.apply(ctx, plan, PhaseContract, req)
 }
@@ -151,29 +154,14 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 		}
 	}
 	entry := AuditEntry{Plan: plan, Actor: req.Actor, Action: action, From: st.Stage.String(), To: to.String(), Reason: req.Reason}
-	if st.Running == "" && (action == PhaseContract || action == PhaseRollback) {
-		checks, err := r.checks(ctx, action, st.Plan)
-		if err != nil {
-			return st, err
-		}
-		entry.Checks = checks
-		if failed := failedChecks(checks); len(failed) > 0 {
-			if !req.Force {
-				entry.Outcome = OutcomeRefused
-				if err := r.appendAudit(ctx, r.pool, entry); err != nil {
-					r.logger.Warn("expandcontract: audit of a refusal failed", "plan", plan, "err", err)
-				}
-				return st, &flags.RefusedError{Migration: plan, From: st.Stage.String(), To: to.String(), Failed: failed}
-			}
-			entry.Forced = true
-		}
-	}
-	if action == "migrate" {
-		return r.finish(ctx, conn, st, to, entry, nil)
-	}
-	// Mark the phase as running before its first step, so Check knows the
-	// shape may be anywhere between the stage and the target from now on.
-	if st.Running == "" {
+	// Mark the phase as running before judging the guards and running the
+	// first step: from now on Check refuses builds that cannot run with the
+	// target shape, so none can start between the fleet check and the DDL.
+	// The guards are judged until a step of the phase has been tried (also
+	// after a crash right after the mark); once one has, the shape is
+	// already changing and the phase may only go forward.
+	judge := (action == PhaseContract || action == PhaseRollback) && !st.tried(action)
+	if st.Running == "" && action != "migrate" {
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			if action == PhaseExpand && st.Stage == RolledBack {
 				if _, err := tx.Exec(ctx, `DELETE FROM `+r.t.steps+` WHERE plan = $1 AND phase = $2`, plan, PhaseRollback); err != nil {
@@ -188,6 +176,30 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 			return st, fmt.Errorf("expandcontract: plan %s: start %s: %w", plan, action, err)
 		}
 		st.Running = action
+	}
+	if judge {
+		checks, err := r.checks(ctx, action, st.Plan)
+		if err != nil {
+			return st, err
+		}
+		entry.Checks = checks
+		if failed := failedChecks(checks); len(failed) > 0 {
+			if !req.Force {
+				if _, err := conn.Exec(context.WithoutCancel(ctx), `UPDATE `+r.t.plans+` SET running = NULL WHERE plan = $1`, plan); err != nil {
+					return st, fmt.Errorf("expandcontract: plan %s: %s refused, and clearing its start failed: %w", plan, action, err)
+				}
+				st.Running = ""
+				entry.Outcome = OutcomeRefused
+				if err := r.appendAudit(ctx, r.pool, entry); err != nil {
+					r.logger.Warn("expandcontract: audit of a refusal failed", "plan", plan, "err", err)
+				}
+				return st, &flags.RefusedError{Migration: plan, From: st.Stage.String(), To: to.String(), Failed: failed}
+			}
+			entry.Forced = true
+		}
+	}
+	if action == "migrate" {
+		return r.finish(ctx, conn, st, to, entry, nil)
 	}
 	applied := st.applied(action)
 	for _, step := range st.Plan.Steps(action) {

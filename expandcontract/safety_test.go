@@ -124,12 +124,14 @@ const (
 
 // waitForRunner waits until the plan's runner session is waiting on a lock
 // and returns its backend pid.
+// Tests in other databases may run a plan of the same name: only this
+// database's sessions count.
 func waitForRunner(t *testing.T, pool *pgxpool.Pool, plan string) int32 {
 	t.Helper()
 	var pid int32
 	require.Eventually(t, func() bool {
 		err := pool.QueryRow(context.Background(), `SELECT pid FROM pg_stat_activity
-WHERE application_name = $1 AND wait_event_type = 'Lock'`, expandcontract.ApplicationName(plan)).Scan(&pid)
+WHERE application_name = $1 AND wait_event_type = 'Lock' AND datname = current_database()`, expandcontract.ApplicationName(plan)).Scan(&pid)
 		return err == nil
 	}, 20*time.Second, 10*time.Millisecond, "the runner never waited on its lock")
 	return pid
@@ -139,7 +141,7 @@ func runnerGone(t *testing.T, pool *pgxpool.Pool, plan string) {
 	t.Helper()
 	require.Eventually(t, func() bool {
 		var n int
-		err := pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity WHERE application_name = $1`,
+		err := pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()`,
 			expandcontract.ApplicationName(plan)).Scan(&n)
 		return err == nil && n == 0
 	}, 20*time.Second, 20*time.Millisecond, "the dead runner's session stayed")
@@ -246,7 +248,7 @@ func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 	for _, how := range []string{"lock-timeout", "terminated"} {
 		t.Run(how, func(t *testing.T) {
 			t.Parallel()
-			e := newEnv(t)
+			e := newEnvDB(t)
 			ctx := flagstest.Context(t)
 			e.exec(t, `CREATE TABLE events (id int PRIMARY KEY, kind text)`)
 			e.exec(t, `INSERT INTO events SELECT g, 'k' || (g % 7) FROM generate_series(1, 1000) g`)
@@ -289,7 +291,7 @@ func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 			require.False(t, valid)
 
 			require.NoError(t, blocker.Commit(ctx))
-			st, err := reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+			st, err := e.registry(t, expandcontract.WithLockTimeout(time.Minute)).Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
 			require.NoError(t, err)
 			assert.Equal(t, expandcontract.Expanded, st.Stage)
 			exists, valid = indexValid(t, e.pool, "events_kind")

@@ -78,6 +78,8 @@ WHERE table_schema = $1 AND table_name = 'widgets'`, schema).Scan(&cols))
 	assert.Contains(t, columns(), "colour")
 
 	require.NoError(t, fs.Deregister(ctx, "api-1"))
+	require.NoError(t, fs.Heartbeat(ctx, flags.Instance{ID: "api-2", Build: "v2", SeenAt: time.Now(),
+		Attributes: expandcontract.Attributes(expandcontract.Range{Plan: plan.Name, Min: expandcontract.Expanded, Max: expandcontract.Contracted})()}, time.Minute))
 	for _, s := range []flags.Stage{flags.Shadow, flags.Live, flags.RampDown, flags.Complete} {
 		flagstest.Set(t, fs, plan.Migration, s, nil)
 	}
