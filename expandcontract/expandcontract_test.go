@@ -248,6 +248,18 @@ func TestTrafficThroughExpandAndContract(t *testing.T) {
 	require.Len(t, audit, 1)
 	assert.Equal(t, expandcontract.OutcomeRefused, audit[0].Outcome)
 	assert.Equal(t, "ops", audit[0].Actor)
+	st, err = reg.Status(ctx, plan.Name)
+	require.NoError(t, err)
+	assert.Empty(t, st.Running, "a refused contract leaves no phase running")
+	require.NoError(t, reg.Check(ctx, oldBuild))
+	// A runner that died right after marking the contract started, before
+	// any step: old builds are refused meanwhile, and the next contract
+	// judges the guards again instead of resuming blindly.
+	e.exec(t, `UPDATE `+e.schema+`.schema_plans SET running = 'contract' WHERE plan = $1`, plan.Name)
+	require.ErrorIs(t, reg.Check(ctx, oldBuild), expandcontract.ErrIncompatible)
+	_, err = reg.Contract(ctx, plan.Name, expandcontract.Request{Actor: "ops", Reason: "finish"})
+	requireRefused(t, err, expandcontract.CheckOldShapeUnused, expandcontract.CheckMigrationDone, expandcontract.CheckBackfillVerified)
+	require.NoError(t, reg.Check(ctx, oldBuild))
 
 	// The old build leaves; the migration completes; the new build now
 	// writes and reads only the new column.
@@ -309,5 +321,5 @@ func TestTrafficThroughExpandAndContract(t *testing.T) {
 	for _, a := range audit {
 		actions = append(actions, a.Action+":"+a.Outcome)
 	}
-	assert.Equal(t, []string{"contract:applied", "contract:refused", "migrate:applied", "expand:applied", "register:registered"}, actions)
+	assert.Equal(t, []string{"contract:applied", "contract:refused", "contract:refused", "migrate:applied", "expand:applied", "register:registered"}, actions)
 }
