@@ -20,8 +20,17 @@
 // A service calls [Registry.Register] at start-up with the plans its code
 // carries; the definition, SQL included, is stored, so any process — the
 // `dimmer schema` CLI in particular — applies a plan by name without the
-// service's code. A registered plan cannot be edited in a phase that has run
+// service's code. The session's search_path is stored with the plan and set
+// wherever its steps run, so unqualified table names resolve as they do in
+// the service. A registered plan cannot be edited in a phase that has run
 // ([ErrPlanChanged]).
+//
+// The stages move pending -> expanded ([Registry.Expand]) -> migrating
+// ([Registry.Migrate], which runs no DDL: it records that dual writes and
+// the backfill are under way) -> contracted ([Registry.Contract]), or back
+// to rolled back ([Registry.Rollback]) before contract. Every call is
+// idempotent: a plan already there is left as it is, so a service may call
+// Expand at every start.
 //
 // Plans are independent: each is applied under its own advisory lock
 // ([ErrBusy] names the session holding it), so several are in flight at
