@@ -19,6 +19,7 @@ import (
 
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
 	"github.com/dimmer-dev/dimmer/internal/testenv"
 	"github.com/dimmer-dev/dimmer/outbox"
@@ -459,4 +460,72 @@ func TestRepairPublisher(t *testing.T) {
 	res = pub.Publish(ctx(t), batch[:2])
 	assert.Equal(t, []error{nil, nil}, res)
 	assert.Equal(t, []string{"orders o1"}, forwarded)
+}
+
+// TestWatchdogStepsBackOnSecondaryWriteErrors: in shadow, writes to new
+// fail for real (its CHECK constraint) for 10% of keys, over the watchdog's
+// 5% limit: the watchdog steps the flag back to dualwrite through the
+// Postgres flag store, audits why, the writer's stage source sees the flip,
+// and every failed write left a repair.
+func TestWatchdogStepsBackOnSecondaryWriteErrors(t *testing.T) {
+	t.Parallel()
+	p := newPgPair(t)
+	store, err := pgflags.NewStore(p.old, pgflags.WithSchema(p.schema))
+	require.NoError(t, err)
+	require.NoError(t, store.Install(ctx(t)))
+	ctrl, err := flags.NewController(store)
+	require.NoError(t, err)
+	for range 2 {
+		_, err := ctrl.Advance(ctx(t), pairMigration, "alice", "up")
+		require.NoError(t, err)
+	}
+	provider, err := pgflags.NewProvider(p.old, pgflags.WithSchema(p.schema))
+	require.NoError(t, err)
+	_, client := flagstest.Client(t, provider)
+	source, err := flags.NewSource(client, flags.Off)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		st, _ := source.Stage(ctx(t), pairMigration, "k")
+		return st == flags.Shadow
+	}, 5*time.Second, 10*time.Millisecond)
+	wd, err := flags.NewWatchdog(ctrl, flags.WatchdogConfig{Window: 6 * time.Second, MinSamples: 200, MaxErrorRate: 0.05},
+		flags.WithWatchdogLogger(slog.New(slog.DiscardHandler)))
+	require.NoError(t, err)
+	time.Sleep(300 * time.Millisecond) // observations from the slot (100ms) of the last change are not judged
+
+	log, err := dualwrite.NewOutboxRepairLog(p.ob, p.old, dualwrite.RepairTopic(pairMigration))
+	require.NoError(t, err)
+	w, err := dualwrite.New(pairMigration, source, p.writeOld, p.writeNew, accountKey,
+		dualwrite.WithRepairLog(log), dualwrite.WithSync(), dualwrite.WithObserver(wd), dualwrite.WithBreakerTrip(1000, time.Second))
+	require.NoError(t, err)
+	const n = 200
+	for i := range n {
+		name := "ok"
+		if i%10 == 0 {
+			name = "reject"
+		}
+		_, err := w.Write(ctx(t), account{ID: fmt.Sprintf("w%d", i), Name: name, Version: 1})
+		require.NoError(t, err, "the secondary's failure is not the caller's")
+	}
+	h := wd.Health(pairMigration, flags.Shadow)
+	assert.EqualValues(t, n, h.Ops)
+	assert.EqualValues(t, n/10, h.Errors)
+
+	trips := wd.Judge(ctx(t))
+	require.Len(t, trips, 1)
+	require.NoError(t, trips[0].Err)
+	assert.Equal(t, flags.DualWrite, trips[0].State.Stage)
+	audit, err := store.Audit(ctx(t), pairMigration, 1)
+	require.NoError(t, err)
+	assert.Equal(t, "watchdog", audit[0].Actor)
+	assert.Equal(t, "dualwrite", audit[0].To)
+	assert.Contains(t, audit[0].Reason, "error rate")
+	require.Eventually(t, func() bool {
+		st, _ := source.Stage(ctx(t), pairMigration, "w0")
+		return st == flags.DualWrite
+	}, 5*time.Second, 10*time.Millisecond, "the flip reaches the writer's stage source")
+
+	st, err := p.ob.Stats(ctx(t), p.old, dualwrite.RepairTopic(pairMigration))
+	require.NoError(t, err)
+	assert.EqualValues(t, n/10, st.Pending, "every failed secondary write left a repair")
 }
