@@ -13,6 +13,7 @@ package kafkasink
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 
@@ -41,11 +42,28 @@ func WithTopicMap(f func(topic string) string) Option {
 // ErrNilClient is returned by [New] without a client.
 var ErrNilClient = errors.New("kafkasink: client is nil")
 
+// ErrWeakProducer is returned by [New] for a client whose settings would
+// let an acknowledged record be lost or a retry duplicate or reorder it.
+var ErrWeakProducer = errors.New("kafkasink: producer must use acks=all and the idempotent producer")
+
 // New returns a publisher producing through client. The client is the
-// caller's: it is not closed by the publisher.
+// caller's: it is not closed by the publisher. A client configured with
+// fewer than all in-sync replicas' acks, or with idempotent writes
+// disabled, is refused ([ErrWeakProducer]): the outbox deletes a row once
+// its record is acknowledged, so the acknowledgement must be durable.
 func New(client *kgo.Client, opts ...Option) (*Publisher, error) {
 	if client == nil {
 		return nil, ErrNilClient
+	}
+	if acks, ok := client.OptValue(kgo.RequiredAcks).(kgo.Acks); ok && acks != kgo.AllISRAcks() {
+		name := "LeaderAck"
+		if acks == kgo.NoAck() {
+			name = "NoAck"
+		}
+		return nil, fmt.Errorf("%w: RequiredAcks is %s", ErrWeakProducer, name)
+	}
+	if off, ok := client.OptValue(kgo.DisableIdempotentWrite).(bool); ok && off {
+		return nil, fmt.Errorf("%w: DisableIdempotentWrite is set", ErrWeakProducer)
 	}
 	p := &Publisher{client: client, topic: func(t string) string { return t }}
 	for _, o := range opts {
