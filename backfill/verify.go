@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/jackc/pgx/v5/pgconn"
 	"math"
 	"slices"
 	"strings"
@@ -428,6 +429,10 @@ func checkVerified(ctx context.Context, pool *pgxpool.Pool, jobs, vers, migratio
 	var problems []string
 	rows, err := pool.Query(ctx, `SELECT name, epoch, done FROM `+jobs+` WHERE migration = $1 ORDER BY name`, migration)
 	if err != nil {
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "42P01" {
+			return fmt.Errorf("no backfill has been installed (%s is missing): run and verify one for %s, or force with a reason if new was filled by other means", jobs, migration)
+		}
 		return fmt.Errorf("backfill tables unreadable: %v", err)
 	}
 	type job struct {

@@ -4,20 +4,29 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
 	"github.com/dimmer-dev/dimmer/flags/redisflags"
+	"github.com/dimmer-dev/dimmer/outbox"
 )
 
 type backend struct {
 	store flags.Store
 	fleet flags.FleetStore
-	close func()
+	// pool is the Postgres database of the data guards (backfill
+	// verification, pending repairs): the store's own when it is Postgres,
+	// DIMMER_GUARDS_DB otherwise; nil when there is none.
+	pool   *pgxpool.Pool
+	schema string
+	close  func()
 }
 
 func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
@@ -36,7 +45,7 @@ func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.L
 			pool.Close()
 			return nil, fmt.Errorf("flag store %s: %w", redactURL(url), err)
 		}
-		return &backend{store: s, fleet: s, close: pool.Close}, nil
+		return &backend{store: s, fleet: s, pool: pool, schema: schema, close: pool.Close}, nil
 	case strings.HasPrefix(url, "redis://"), strings.HasPrefix(url, "rediss://"):
 		opts, err := redis.ParseURL(url)
 		if err != nil {
@@ -52,7 +61,17 @@ func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.L
 			client.Close()
 			return nil, err
 		}
-		return &backend{store: s, fleet: s, close: func() { client.Close() }}, nil
+		be := &backend{store: s, fleet: s, schema: "dimmer", close: func() { client.Close() }}
+		if u := os.Getenv("DIMMER_GUARDS_DB"); u != "" {
+			pool, err := pgxpool.New(ctx, u)
+			if err != nil {
+				client.Close()
+				return nil, fmt.Errorf("DIMMER_GUARDS_DB: %w", err)
+			}
+			be.pool = pool
+			be.close = func() { client.Close(); pool.Close() }
+		}
+		return be, nil
 	}
 	return nil, usagef("--store %q: want a postgres:// or redis:// URL", redactURL(url))
 }
@@ -72,7 +91,23 @@ func redactURL(u string) string {
 }
 
 // defaultGuards are the built-in checks every controller of the CLI runs
-// besides the fleet barrier.
-func defaultGuards(be *backend) []flags.Guard {
-	return []flags.Guard{flags.HealthGuard(be.fleet, flags.WatchdogConfig{})}
+// besides the fleet barrier: the fleet's health before live and rampdown,
+// and, where a Postgres database holds them, a verified backfill before
+// shadow (package backfill, schema DIMMER_BACKFILL_SCHEMA) and no pending
+// repairs before complete (package dualwrite's repair log in the outbox,
+// table DIMMER_OUTBOX_TABLE of the store's schema). A team that verifies or
+// repairs by other means overrides them with --force and a reason.
+func defaultGuards(be *backend) ([]flags.Guard, error) {
+	guards := []flags.Guard{flags.HealthGuard(be.fleet, flags.WatchdogConfig{})}
+	if be.pool == nil {
+		return guards, nil
+	}
+	ob, err := outbox.New(outbox.Config{Schema: be.schema, Table: envOr("DIMMER_OUTBOX_TABLE", outbox.DefaultTable)})
+	if err != nil {
+		return nil, fmt.Errorf("repair log: %w", err)
+	}
+	return append(guards,
+		backfill.VerifiedGuard(be.pool, envOr("DIMMER_BACKFILL_SCHEMA", backfill.DefaultSchema)),
+		dualwrite.NoPendingRepairsGuard(ob, be.pool),
+	), nil
 }

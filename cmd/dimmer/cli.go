@@ -176,7 +176,11 @@ func (c *cli) openController(ctx context.Context) (*backend, *flags.Controller, 
 }
 
 func (c *cli) controller(be *backend) (*flags.Controller, error) {
-	return flags.NewController(be.store, flags.WithFleet(be.fleet), flags.WithGuards(defaultGuards(be)...),
+	guards, err := defaultGuards(be)
+	if err != nil {
+		return nil, err
+	}
+	return flags.NewController(be.store, flags.WithFleet(be.fleet), flags.WithGuards(guards...),
 		flags.WithControllerLogger(c.logger))
 }
 
