@@ -126,6 +126,13 @@ rampdown, complete) through the guarded controller.
 The store is the flag store the services' providers read:
 postgres://... (package pgflags) or redis://... (package redisflags).
 
+Guards of forward steps: every live instance applied the current revision;
+the fleet's mismatch and error rates before live and rampdown; a verified
+backfill (package backfill, schema DIMMER_BACKFILL_SCHEMA) before shadow and
+no pending repairs (the outbox table DIMMER_OUTBOX_TABLE of --schema) before
+complete, read from the Postgres store's database, or from DIMMER_GUARDS_DB
+with a Redis store. --force with a reason overrides a failed guard.
+
 Exit codes: 0 done; 2 bad usage or unknown stage; 3 refused by the
 transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 	}
