@@ -56,7 +56,9 @@
 // StoreFunc must be an upsert that does not overwrite a newer version (a
 // live dual write can land between the repairer's read and its write).
 // Where the stage now writes one side only (off, complete) the repair is
-// [Skipped]. [Repairer.RepairAll] reports each repair it could not do.
+// [Skipped]. While the stage cannot be evaluated (the source's fallback
+// comes with an error) the repair fails and is retried: the fallback is a
+// guess, and skipping on it would drop a repair still needed. [Repairer.RepairAll] reports each repair it could not do.
 //
 // # The repair loop
 //

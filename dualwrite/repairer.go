@@ -176,7 +176,12 @@ func (r *Repairer[S]) repair(ctx context.Context, rep Repair) (Outcome, error) {
 	defer cancel()
 	// The stage now, not the stage of the failed write: the flag may have
 	// moved since, and the authoritative side now is the truth now.
-	stage, _ := r.source.Stage(ctx, r.migration, rep.Key)
+	stage, err := r.source.Stage(ctx, r.migration, rep.Key)
+	if err != nil {
+		// The fallback stage is a guess: acting on it could skip (and so
+		// drop) a repair that is still needed, or copy the wrong way.
+		return Failed, fmt.Errorf("stage unavailable, repair deferred: %w", err)
+	}
 	from, to := stage.Authoritative(), stage.Secondary()
 	if to == flags.NoSide {
 		return Skipped, nil

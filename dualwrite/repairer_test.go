@@ -2,6 +2,7 @@ package dualwrite_test
 
 import (
 	"context"
+	"fmt"
 	"encoding/json"
 	"strconv"
 	"testing"
@@ -113,6 +114,27 @@ func TestRepairerFollowsTheStageInForceNow(t *testing.T) {
 	out, err = r.Repair(ctx(t), dualwrite.Repair{Migration: "accounts_to_redis", Key: "k2", Side: flags.Old})
 	require.NoError(t, err)
 	assert.Equal(t, dualwrite.Skipped, out, "complete writes one side only")
+}
+
+// TestRepairerDefersWhileTheStageIsUnavailable: with the flag unavailable
+// the source serves its fallback (off) with an error; acting on it would
+// skip, and so drop, a repair that is still needed. The repair fails (the
+// loop retries it) and nothing is written.
+func TestRepairerDefersWhileTheStageIsUnavailable(t *testing.T) {
+	t.Parallel()
+	s := newStores(t)
+	down := dualwrite.StageFunc(func(context.Context, string, string) (flags.Stage, error) {
+		return flags.Off, fmt.Errorf("%w: provider not ready", flags.ErrFlagUnavailable)
+	})
+	r := newRepairer(t, s, down)
+	_, err := s.writeOld(ctx(t), account{ID: "k", Name: "x", Version: 1})
+	require.NoError(t, err)
+	out, err := r.Repair(ctx(t), dualwrite.Repair{Migration: "accounts_to_redis", Key: "k", Stage: flags.DualWrite, Side: flags.New})
+	assert.Equal(t, dualwrite.Failed, out)
+	require.ErrorIs(t, err, flags.ErrFlagUnavailable)
+	assert.ErrorContains(t, err, "stage unavailable")
+	_, ok := s.readNew(t, "k")
+	assert.False(t, ok)
 }
 
 func TestRepairerReportsWhatItCouldNotRepair(t *testing.T) {
