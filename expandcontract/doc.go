@@ -34,7 +34,7 @@
 //
 // Plans are independent: each is applied under its own advisory lock
 // ([ErrBusy] names the session holding it), so several are in flight at
-// once, and the registry does not depend on search_path.
+// once; the registry's own tables are always named with their schema.
 //
 // # DDL safety
 //
