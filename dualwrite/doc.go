@@ -13,7 +13,9 @@
 // [Writer.Write]:
 //
 //   - evaluates the stage for the input's entity key ([StageSource]; an
-//     evaluation error is counted and the returned fallback stage is used);
+//     evaluation error is counted and the returned fallback stage is used,
+//     and when that stage writes one side only a repair for the other side
+//     is recorded ([ReasonStageUnavailable]): the real stage may write both);
 //   - writes the authoritative side under the caller's context. Its result
 //     and error are the caller's. When it fails the secondary is not
 //     written: it would hold what the authoritative store refused;

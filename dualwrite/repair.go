@@ -32,6 +32,11 @@ const (
 	// recorded in the caller's transaction and the secondary side is brought
 	// up to date by the [Repairer] after commit.
 	ReasonTx Reason = "tx"
+	// ReasonStageUnavailable: the stage could not be evaluated and the
+	// write was routed by the fallback stage, which writes one side only.
+	// The real stage may write both: the [Repairer] finds out once the flag
+	// is back (and skips the repair if it writes one side indeed).
+	ReasonStageUnavailable Reason = "stage_unavailable"
 )
 
 // Repair says that one key of one migration may differ between the sides and

@@ -2,9 +2,10 @@ package dualwrite_test
 
 import (
 	"context"
-	"fmt"
 	"encoding/json"
+	"fmt"
 	"strconv"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -180,4 +181,42 @@ func TestRepairJSONRoundTrip(t *testing.T) {
 	assert.ErrorIs(t, err, flags.ErrUnknownStage)
 	err = json.Unmarshal([]byte(`{"migration":"m","key":"k","stage":"off","side":"left"}`), &out)
 	assert.ErrorContains(t, err, `side "left"`)
+}
+
+// TestWriteRoutedByFallbackLeavesARepair: while the flag is unavailable the
+// writer routes by the fallback stage (off: old only) and records a repair
+// for new, because the real stage may write both; once the flag is back the
+// repairer brings new in line (or skips, if the stage is off indeed).
+func TestWriteRoutedByFallbackLeavesARepair(t *testing.T) {
+	t.Parallel()
+	s := newStores(t)
+	var up atomic.Bool
+	src := dualwrite.StageFunc(func(context.Context, string, string) (flags.Stage, error) {
+		if up.Load() {
+			return flags.DualWrite, nil
+		}
+		return flags.Off, fmt.Errorf("%w: provider not ready", flags.ErrFlagUnavailable)
+	})
+	log := newRepairs()
+	w := newWriter(t, s, src, log, dualwrite.WithSync())
+	_, err := w.Write(ctx(t), account{ID: "f1", Name: "x", Version: 1})
+	require.NoError(t, err)
+	rep := log.next(t)
+	assert.Equal(t, dualwrite.ReasonStageUnavailable, rep.Reason)
+	assert.Equal(t, flags.New, rep.Side)
+	_, ok := s.readNew(t, "f1")
+	require.False(t, ok, "the fallback wrote old only")
+
+	// A flag that answers without error routes normally: no repair.
+	up.Store(true)
+	_, err = w.Write(ctx(t), account{ID: "f2", Name: "x", Version: 1})
+	require.NoError(t, err)
+	assert.Len(t, log.all(), 1)
+
+	out, err := newRepairer(t, s, src).Repair(ctx(t), rep)
+	require.NoError(t, err)
+	assert.Equal(t, dualwrite.Repaired, out)
+	got, ok := s.readNew(t, "f1")
+	require.True(t, ok)
+	assert.Equal(t, account{ID: "f1", Name: "x", Version: 1}, got)
 }

@@ -129,7 +129,7 @@ func (w *Writer[In, Out]) BreakerState(side flags.Side) gobreaker.State {
 // sides, the secondary, in the call or on the pool. A secondary failure never
 // reaches the caller: it becomes a [Repair] in the repair log.
 func (w *Writer[In, Out]) Write(ctx context.Context, in In) (Out, error) {
-	key, stage := w.route(ctx, in)
+	key, stage, guessed := w.route(ctx, in)
 	out, err := w.call(ctx, stage, stage.Authoritative(), roleAuthoritative, in)
 	if err != nil {
 		// The secondary is not written: it would hold what the
@@ -138,6 +138,8 @@ func (w *Writer[In, Out]) Write(ctx context.Context, in In) (Out, error) {
 	}
 	if sec := stage.Secondary(); sec != flags.NoSide {
 		w.secondary(ctx, stage, sec, key, in)
+	} else if guessed {
+		w.repair(ctx, w.unrouted(key, stage))
 	}
 	return out, nil
 }
@@ -162,21 +164,27 @@ func (w *Writer[In, Out]) WriteTx(ctx context.Context, tx pgx.Tx, in In) (Out, e
 		return zero, fmt.Errorf("dualwrite.WriteTx: %s: %w", w.migration, ErrNoTxRepairLog)
 	}
 	ctx = context.WithValue(ctx, txKey{}, tx)
-	key, stage := w.route(ctx, in)
+	key, stage, guessed := w.route(ctx, in)
 	out, err := w.call(ctx, stage, stage.Authoritative(), roleAuthoritative, in)
 	if err != nil {
 		return out, err
 	}
 	sec := stage.Secondary()
-	if sec == flags.NoSide {
+	var r Repair
+	switch {
+	case sec != flags.NoSide:
+		r = Repair{Migration: w.migration, Key: key, Stage: stage, Side: sec, Reason: ReasonTx}
+	case guessed:
+		r = w.unrouted(key, stage)
+	default:
 		return out, nil
 	}
-	r := Repair{Migration: w.migration, Key: key, Stage: stage, Side: sec, Reason: ReasonTx, At: time.Now().UTC()}
+	r.At = time.Now().UTC()
 	if err := w.txlog.RecordTx(ctx, tx, r); err != nil {
-		w.m.repair(ctx, "record_failed", ReasonTx)
+		w.m.repair(ctx, "record_failed", r.Reason)
 		return out, fmt.Errorf("dualwrite: %s: record repair intent for %q in the transaction: %w", w.migration, key, err)
 	}
-	w.m.repair(ctx, "queued", ReasonTx)
+	w.m.repair(ctx, "queued", r.Reason)
 	return out, nil
 }
 
@@ -189,13 +197,25 @@ func TxFrom(ctx context.Context) (pgx.Tx, bool) {
 	return tx, ok
 }
 
-func (w *Writer[In, Out]) route(ctx context.Context, in In) (string, flags.Stage) {
-	key := w.key(in)
+// route evaluates the stage of in's key; guessed is true when the source
+// could not and returned its fallback.
+func (w *Writer[In, Out]) route(ctx context.Context, in In) (key string, stage flags.Stage, guessed bool) {
+	key = w.key(in)
 	stage, err := w.source.Stage(ctx, w.migration, key)
 	if err != nil {
 		w.m.stageErrors.Add(ctx, 1, w.m.migOpts...)
 	}
-	return key, stage
+	return key, stage, err != nil
+}
+
+// unrouted is the repair for a write routed by a fallback stage that
+// writes one side: the other side may have needed it too.
+func (w *Writer[In, Out]) unrouted(key string, stage flags.Stage) Repair {
+	side := flags.New
+	if stage.Authoritative() == flags.New {
+		side = flags.Old
+	}
+	return Repair{Migration: w.migration, Key: key, Stage: stage, Side: side, Reason: ReasonStageUnavailable}
 }
 
 // call runs one side's function, recovering a panic into a *PanicError, and
