@@ -77,7 +77,7 @@ func TestDeadTuplesStayBounded(t *testing.T) {
 	pool, o := ownDatabase(t, outbox.Config{NoNotify: true})
 	ctx := tctx(t, 60*time.Second)
 	var n atomic.Int64
-	r, err := o.NewRelay(pool, counting(&n), outbox.RelayConfig{PollInterval: 10 * time.Millisecond, VacuumEvery: 1000, Logger: quiet(t)})
+	r, err := o.NewRelay(pool, counting(&n), outbox.RelayConfig{PollInterval: 10 * time.Millisecond, VacuumEvery: 500, Logger: quiet(t)})
 	require.NoError(t, err)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = r.Run(ctx) }()
@@ -88,7 +88,7 @@ func TestDeadTuplesStayBounded(t *testing.T) {
 		require.NoError(t, pool.QueryRow(ctx, `SELECT pg_relation_size('dimmer.outbox')`).Scan(&s))
 		return s
 	}
-	const perRound = 2000
+	const perRound = 1000
 	var sizes []int64
 	for round := range 8 {
 		_, err := pool.Exec(ctx, `SELECT 1`) // keep the pool warm
@@ -96,7 +96,7 @@ func TestDeadTuplesStayBounded(t *testing.T) {
 		tx, err := pool.Begin(ctx)
 		require.NoError(t, err)
 		for i := range perRound {
-			_, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%97), Payload: make([]byte, 200)})
+			_, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%197), Payload: make([]byte, 200)})
 			require.NoError(t, err)
 		}
 		require.NoError(t, tx.Commit(ctx))

@@ -688,6 +688,11 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 		batch[i], bucketOf[i], inflight[i] = h.rec, h.bucket, h.rec.Seq
 		busy[h.lane] = true
 	}
+	if len(heads) < r.cfg.BatchSize {
+		// A partial batch: the next one would mostly be these lanes'
+		// successors, which only their acknowledgement releases.
+		return r.deliver(ctx, batch, bucketOf, epochOf, deadline)
+	}
 	var prefetched []head
 	var prefetchErr error
 	var wg sync.WaitGroup
