@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -31,7 +32,9 @@ type Pool struct {
 	limit   int
 	pmu     sync.Mutex
 	pending []func()
-	waiting int // pending plus those the dispatcher holds: bounded by limit
+	waiting int // pending plus those the dispatcher holds
+	workers int
+	busy    atomic.Int64 // workers running a task
 	armed   bool
 	bell    chan struct{}
 	quit    chan struct{}
@@ -57,7 +60,9 @@ func New(workers, queue int) (*Pool, error) {
 func (p *Pool) work() {
 	defer p.wg.Done()
 	for task := range p.tasks {
+		p.busy.Add(1)
 		task()
+		p.busy.Add(-1)
 	}
 }
 
@@ -122,7 +127,8 @@ func (p *Pool) Shutdown(ctx context.Context) error {
 // every interval (tasks start up to one interval late). While tasks keep
 // coming the dispatcher stays armed and submitters wake nothing; after an
 // interval without tasks it sleeps, and the next submit wakes it once.
-// queue bounds the tasks waiting for a worker, as in New.
+// As in New, a submit is accepted while a worker is idle or fewer than
+// queue tasks wait.
 func NewBatched(workers, queue int, every time.Duration) (*Pool, error) {
 	if every <= 0 {
 		return nil, fmt.Errorf("workpool.NewBatched: interval must be positive, got %s", every)
@@ -134,7 +140,7 @@ func NewBatched(workers, queue int, every time.Duration) (*Pool, error) {
 		return nil, fmt.Errorf("workpool.NewBatched: queue must not be negative, got %d", queue)
 	}
 	// Unbuffered: the only waiting room is pending, so queue is the bound.
-	p := &Pool{tasks: make(chan func()), done: make(chan struct{}), every: every, limit: queue,
+	p := &Pool{tasks: make(chan func()), done: make(chan struct{}), every: every, limit: queue, workers: workers,
 		bell: make(chan struct{}, 1), quit: make(chan struct{})}
 	p.wg.Add(workers + 1)
 	for range workers {
@@ -148,7 +154,9 @@ func NewBatched(workers, queue int, every time.Duration) (*Pool, error) {
 // enqueue appends task to pending; false when pending is full (shed).
 func (p *Pool) enqueue(task func()) bool {
 	p.pmu.Lock()
-	if p.waiting >= p.limit {
+	// As in New, a task is accepted when a worker is idle or the queue has
+	// room: here both wait for the next hand-out.
+	if p.waiting >= p.limit+p.workers-int(p.busy.Load()) {
 		p.pmu.Unlock()
 		return false
 	}

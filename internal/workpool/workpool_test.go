@@ -183,3 +183,21 @@ func TestKeyedShedsWhenItsQueueIsFull(t *testing.T) {
 	close(release)
 	require.NoError(t, k.Shutdown(context.Background()))
 }
+
+// TestBatchedWithoutQueueTakesWhatIdleWorkersCan: queue 0 means, as for New,
+// a task is accepted only while a worker is idle.
+func TestBatchedWithoutQueueTakesWhatIdleWorkersCan(t *testing.T) {
+	t.Parallel()
+	p, err := workpool.NewBatched(1, 0, time.Millisecond)
+	require.NoError(t, err)
+	release, started := make(chan struct{}), make(chan struct{})
+	ok, err := p.TrySubmit(func() { close(started); <-release })
+	require.NoError(t, err)
+	require.True(t, ok, "the idle worker takes it")
+	<-started
+	ok, err = p.TrySubmit(func() {})
+	require.NoError(t, err)
+	require.False(t, ok, "no idle worker, no queue: shed")
+	close(release)
+	require.NoError(t, p.Shutdown(context.Background()))
+}
