@@ -4,6 +4,12 @@
 // full the task is refused (shed) and the caller decides what shedding means
 // (a repair record, a counted skipped comparison). Shutdown stops intake,
 // drains what was queued and waits for every worker.
+//
+// Three shapes: [New] hands a task to a worker at once; [NewBatched] hands
+// queued tasks out every interval so the submitter never wakes a thread
+// (shadowread: the caller's latency comes first); [NewKeyed] runs the tasks
+// of one key in order on one worker (dualwrite: a key's secondary writes
+// must not overtake each other).
 package workpool
 
 import (
