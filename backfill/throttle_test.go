@@ -37,7 +37,11 @@ func TestPacerHoldsRate(t *testing.T) {
 		// Instant chunks of 100 rows.
 		time.Sleep(p.take(100, time.Now()))
 	}
-	assert.InDelta(t, float64(500*time.Millisecond), float64(time.Since(start)), float64(60*time.Millisecond), "500 rows at 1000/s")
+	// A limit must never be exceeded; a loaded machine may oversleep, which
+	// only lowers the rate, so the upper bound is loose.
+	elapsed := time.Since(start)
+	assert.GreaterOrEqual(t, elapsed, 490*time.Millisecond, "500 rows at 1000/s went faster than the limit")
+	assert.Less(t, elapsed, 1500*time.Millisecond, "500 rows at 1000/s")
 	var nilPacer *pacer
 	assert.Zero(t, nilPacer.take(1000, time.Now()))
 }
