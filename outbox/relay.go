@@ -185,9 +185,19 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	// of each lane is that lane's head. One walk of the primary key gives
 	// the heads of every lane present in the first $2 rows; only those are
 	// read in full, ready ones first.
-	r.fastSQL = `SELECT t.bucket, t.lane, t.seq, ` + readyExpr + `,
-	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at, 0::int8
-FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) AND NOT t.seq = ANY($3::int8[]) ORDER BY t.seq LIMIT $2`
+	cols := `t.bucket, t.lane, t.seq, ` + readyExpr + ` AS ready,
+	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at, 0::int8 AS n`
+	// The rows in flight ($3, between $4 and $5) are skipped by index
+	// range, not read and filtered: below them, above them, and (only when
+	// they are not contiguous, $6) the gaps between them; the three ranges
+	// merge in seq order.
+	r.fastSQL = `(SELECT ` + cols + ` FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) AND t.seq < $4 ORDER BY t.seq LIMIT $2)
+UNION ALL
+(SELECT ` + cols + ` FROM ` + t + ` t WHERE $6 AND t.bucket = ANY($1::int4[]) AND t.seq > $4 AND t.seq < $5
+	AND NOT t.seq = ANY($3::int8[]) ORDER BY t.seq LIMIT $2)
+UNION ALL
+(SELECT ` + cols + ` FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) AND t.seq > $5 ORDER BY t.seq LIMIT $2)
+ORDER BY seq LIMIT $2`
 	// The slow path, for when the prefix is crowded by a few lanes (a hot
 	// key, a dead letter or a backing-off message holding many successors):
 	// a loose index scan. Per leased bucket, walk the lanes after the
@@ -611,10 +621,14 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
 // being published while this one is fetched).
 func (r *Relay) fetch(ctx context.Context, buckets []int32, epochOf map[int32]int64, inflight []int64, busy map[string]bool) ([]head, error) {
 	window := r.cfg.BatchSize
-	if inflight == nil {
+	lo, hi := int64(math.MaxInt64), int64(math.MaxInt64)
+	if len(inflight) > 0 {
+		lo, hi = slices.Min(inflight), slices.Max(inflight)
+	} else {
 		inflight = []int64{} // not NULL: NOT seq = ANY(NULL) matches nothing
 	}
-	heads, _, err := r.queryHeads(ctx, r.fastSQL, buckets, window, inflight)
+	gaps := hi-lo+1 > int64(len(inflight))
+	heads, _, err := r.queryHeads(ctx, r.fastSQL, buckets, window, inflight, lo, hi, gaps)
 	if err != nil {
 		return nil, fmt.Errorf("fetch: %w", err)
 	}

@@ -327,3 +327,100 @@ func TestFencedAck(t *testing.T) {
 	<-d1
 	<-d2
 }
+
+// TestPipelinedBatchesKeepOrder: with far more keys than the batch size the
+// relay fetches each next batch while the current one is published, and
+// failed publishes are retried; per key, the acknowledged messages must
+// still be exactly the committed ones in commit order, and no batch may
+// carry a key twice or a key still in flight.
+func TestPipelinedBatchesKeepOrder(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 8})
+	ctx := tctx(t, 60*time.Second)
+	_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0)`)
+	require.NoError(t, err)
+	const nkeys = 300
+	for i := range nkeys {
+		_, err := pool.Exec(ctx, `INSERT INTO counters (key) VALUES ($1)`, fmt.Sprint("k", i))
+		require.NoError(t, err)
+	}
+
+	var mu sync.Mutex
+	got := map[string][]int{}
+	inFlight := map[string]bool{}
+	full, batches := 0, 0
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		batches++
+		if len(b) == 16 {
+			full++
+		}
+		for _, r := range b {
+			if inFlight[r.Key] {
+				t.Errorf("key %s published while a message of it is in flight", r.Key)
+			}
+			inFlight[r.Key] = true
+		}
+		mu.Unlock()
+		time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond) // the broker's round trip
+		errs := make([]error, len(b))
+		mu.Lock()
+		defer mu.Unlock()
+		for i, r := range b {
+			delete(inFlight, r.Key)
+			if rand.IntN(10) == 0 {
+				errs[i] = fmt.Errorf("leader not available")
+				continue
+			}
+			var n int
+			fmt.Sscan(string(r.Payload), &n)
+			got[r.Key] = append(got[r.Key], n)
+		}
+		return errs
+	})
+	// Writers first, so a backlog builds up across many keys.
+	var wg sync.WaitGroup
+	for g := range 6 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(g), 11))
+			for range 150 {
+				key := fmt.Sprint("k", rng.IntN(nkeys))
+				require.NoError(t, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+					var n int
+					if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, key).Scan(&n); err != nil {
+						return err
+					}
+					_, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: key, Payload: []byte(fmt.Sprint(n))})
+					return err
+				}))
+			}
+		})
+	}
+	wg.Wait()
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{BatchSize: 16, PollInterval: 10 * time.Millisecond,
+		BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	waitDrained(t, pool, o, 40*time.Second)
+	require.NoError(t, r.Shutdown(ctx))
+	<-done
+
+	rows, err := pool.Query(ctx, `SELECT key, n FROM counters WHERE n > 0`)
+	require.NoError(t, err)
+	var key string
+	var n int
+	want := map[string][]int{}
+	_, err = pgx.ForEachRow(rows, []any{&key, &n}, func() error {
+		for i := 1; i <= n; i++ {
+			want[key] = append(want[key], i)
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, want, got, "per key: every committed message once, in commit order")
+	t.Logf("%d batches, %d of them full", batches, full)
+	assert.Greater(t, full, 10, "the backlog must give full batches, which are pipelined")
+}
