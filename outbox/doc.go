@@ -64,10 +64,13 @@
 // hot key, or a backlog held behind a backing-off or dead message) the
 // relay also walks the buckets' lanes (a loose index scan with a
 // round-robin cursor per bucket, one index probe per lane) to find the
-// other lanes' heads. A failed publish is
-// retried with exponential backoff and jitter (BackoffMin..BackoffMax);
-// after MaxAttempts it becomes a dead letter that holds back only its own
-// key until [Outbox.RetryDead] or [Outbox.SkipDead] ([Outbox.DeadLetters]
+// other lanes' heads. After a full batch, the next one is fetched while
+// the current one is published and acknowledged: its rows are skipped by
+// index range and its lanes left out, so a key still has one message in
+// flight at a time. A failed publish is retried with exponential backoff
+// and jitter (BackoffMin..BackoffMax); after MaxAttempts it becomes a dead
+// letter that holds back only its own key until [Outbox.RetryDead] or
+// [Outbox.SkipDead] ([Outbox.DeadLetters]
 // lists them). Relays wake on LISTEN/NOTIFY (Enqueue notifies) and poll
 // every PollInterval as a fallback.
 //
@@ -82,6 +85,10 @@
 // commit_to_ack (seconds, row insert to broker acknowledgement), and the
 // gauges backlog, oldest_age and dead for the buckets each relay leases.
 // Logs go to log/slog.
+//
+// Operating an outbox a service installed, from a tool: [Installed] reads
+// its configuration; the dimmer CLI's "outbox" commands (relay, status,
+// dead list|retry|skip) are built on it.
 //
 // [Relay.Run] runs until its context ends (an abrupt stop: the leases lapse
 // after LeaseTTL) or [Relay.Shutdown] (the batch in flight completes and the

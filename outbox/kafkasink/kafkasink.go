@@ -7,7 +7,8 @@
 // client's produce callback reports success; build the client with the
 // franz-go defaults (idempotent producer, acks=all) or [ClientOptions], so
 // that an acknowledgement means the write is durable on the in-sync
-// replicas and a producer retry can never duplicate or reorder it.
+// replicas and a producer retry can never duplicate or reorder it. [New]
+// refuses a client configured otherwise ([ErrWeakProducer]).
 package kafkasink
 
 import (
