@@ -185,8 +185,9 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	// of each lane is that lane's head. One walk of the primary key gives
 	// the heads of every lane present in the first $2 rows; only those are
 	// read in full, ready ones first.
-	cols := `t.bucket, t.lane, t.seq, ` + readyExpr + ` AS ready,
-	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at, 0::int8 AS n`
+	// A keyed row's lane is its key: read it once.
+	cols := `t.bucket, CASE WHEN t.key IS NULL THEN t.lane END AS lane, t.seq, ` + readyExpr + ` AS ready,
+	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at`
 	// The rows in flight ($3, between $4 and $5) are skipped by index
 	// range, not read and filtered: below them, above them, and (only when
 	// they are not contiguous, $6) the gaps between them; the three ranges
@@ -219,8 +220,8 @@ ORDER BY seq LIMIT $2`
 		ORDER BY t.lane, t.seq LIMIT 1) n
 	WHERE w.depth < $3
 )
-SELECT w.bucket, w.lane, t.seq, ` + readyExpr + `,
-	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at, 0::int8
+SELECT w.bucket, CASE WHEN t.key IS NULL THEN t.lane END, t.seq, ` + readyExpr + `,
+	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at
 FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t`
 	// The fence: the statement that deletes (or records a failure) checks,
 	// in its own snapshot, that this relay still holds each bucket at the
@@ -555,28 +556,28 @@ type head struct {
 // readyExpr: a row may be published now (not dead, not backing off).
 const readyExpr = `(t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()))`
 
-// queryHeads runs a head query; its last column is the fast path's window
-// count (0 from the walk).
-func (r *Relay) queryHeads(ctx context.Context, sql string, args ...any) ([]head, int64, error) {
+// queryHeads runs a head query.
+func (r *Relay) queryHeads(ctx context.Context, sql string, args ...any) ([]head, error) {
 	rows, err := r.pool.Query(ctx, sql, args...)
 	if err != nil {
-		return nil, 0, err
+		return nil, err
 	}
 	var heads []head
 	var h head
-	var key *string
+	var lane, key *string
 	var headers map[string]string
-	var scanned int64
-	_, err = pgx.ForEachRow(rows, []any{&h.bucket, &h.lane, &h.rec.Seq, &h.ready, &h.rec.ID, &key, &h.rec.Topic, &h.rec.Payload, &headers, &h.rec.Attempts, &h.rec.CreatedAt, &scanned}, func() error {
+	_, err = pgx.ForEachRow(rows, []any{&h.bucket, &lane, &h.rec.Seq, &h.ready, &h.rec.ID, &key, &h.rec.Topic, &h.rec.Payload, &headers, &h.rec.Attempts, &h.rec.CreatedAt}, func() error {
 		if key != nil {
-			h.rec.Key = *key
+			h.rec.Key, h.lane = *key, *key
+		} else if lane != nil {
+			h.lane = *lane
 		}
 		h.rec.Headers = headers
 		heads = append(heads, h)
-		h, key, headers = head{}, nil, nil
+		h, lane, key, headers = head{}, nil, nil, nil
 		return nil
 	})
-	return heads, scanned, err
+	return heads, err
 }
 
 // walk runs the slow path over the leased buckets, advancing each
@@ -589,7 +590,7 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
 		afters[i] = r.cursor[int(b)]
 	}
 	r.mu.Unlock()
-	heads, _, err := r.queryHeads(ctx, r.walkSQL, buckets, afters, depth)
+	heads, err := r.queryHeads(ctx, r.walkSQL, buckets, afters, depth)
 	if err != nil {
 		return nil, err
 	}
@@ -628,7 +629,7 @@ func (r *Relay) fetch(ctx context.Context, buckets []int32, epochOf map[int32]in
 		inflight = []int64{} // not NULL: NOT seq = ANY(NULL) matches nothing
 	}
 	gaps := hi-lo+1 > int64(len(inflight))
-	heads, _, err := r.queryHeads(ctx, r.fastSQL, buckets, window, inflight, lo, hi, gaps)
+	heads, err := r.queryHeads(ctx, r.fastSQL, buckets, window, inflight, lo, hi, gaps)
 	if err != nil {
 		return nil, fmt.Errorf("fetch: %w", err)
 	}
