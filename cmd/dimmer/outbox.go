@@ -153,6 +153,9 @@ per topic named --stream-prefix + topic, trimmed to about --maxlen entries.`,
 
 func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 	ctx := cmd.Context()
+	if ro.drain <= 0 {
+		return usagef("--drain-timeout %v: must be positive", ro.drain)
+	}
 	pub, closePub, err := ro.open(ctx)
 	if err != nil {
 		return err

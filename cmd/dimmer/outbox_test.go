@@ -128,6 +128,7 @@ func TestOutboxRelayCommandUsage(t *testing.T) {
 		"no database":         {"outbox", "status"},
 		"not installed":       {"outbox", "status", "--db", testenv.PostgresURL(), "--schema", testenv.Name("nothing_here_")},
 		"argument to relay":   append([]string{"outbox", "relay", "extra"}, db...),
+		"bad drain timeout":   append([]string{"outbox", "relay", "--drain-timeout", "0s"}, db...),
 		"not a message ID":    append([]string{"outbox", "dead", "retry", "not-a-uuid"}, db...),
 		"retry without an ID": append([]string{"outbox", "dead", "retry"}, db...),
 	} {
