@@ -108,9 +108,11 @@ func TestSlowFailingPanickingShadowNeverReachesTheCaller(t *testing.T) {
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
 	var mode atomic.Int32
 	release := make(chan struct{})
+	entered := make(chan struct{}, 1)
 	shadow := func(ctx context.Context, id string) (user, error) {
 		switch mode.Load() {
 		case 1:
+			entered <- struct{}{}
 			<-release
 		case 2:
 			return user{}, errors.New("redis down")
@@ -129,7 +131,15 @@ func TestSlowFailingPanickingShadowNeverReachesTheCaller(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "same", got.Name)
 	assert.Less(t, time.Since(start), 200*time.Millisecond, "a blocked shadow does not hold the caller")
+	// The shadow runs on a worker some time after Read returns: let it see
+	// its mode before the next one is set.
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the shadow read never ran")
+	}
 	close(release)
+	require.Eventually(t, func() bool { return comparisons(t, reader)["match"] == 1 }, 5*time.Second, 5*time.Millisecond)
 
 	mode.Store(2)
 	_, err = r.Read(ctx(t), "u")
