@@ -11,7 +11,7 @@ test:
 	$(WITH_SERVICES) scripts/test.sh $(MODULES)
 
 demo:
-	$(WITH_SERVICES) go run ./examples/walkthrough
+	$(WITH_SERVICES) go run ./examples/demo
 
 bench:
 	$(WITH_SERVICES) scripts/bench.sh $(MODULES)

@@ -56,13 +56,12 @@ func (in *Instance) Create(ctx context.Context, customer string, lines []Line) (
 	}
 	o.TotalCents = o.total()
 	applied, err := in.writer.Write(ctx, o)
-	if err != nil {
-		return Order{}, err
+	if err == nil && !applied {
+		err = ErrConflict
 	}
-	if !applied {
-		return Order{}, ErrConflict
-	}
-	return o, nil
+	// The order is returned with an error too: its ID is the key the
+	// request was routed by.
+	return o, err
 }
 
 // AddLine appends a line: read the order where it is served, write the next
@@ -118,8 +117,11 @@ func (in *Instance) List(ctx context.Context, customer string) ([]Order, error) 
 
 // Header names of the API's responses.
 const (
-	// HeaderStage is the stage the request's key was served in.
-	HeaderStage = "X-Dimmer-Stage"
+	// HeaderStage is the stage of the request's key when the request
+	// started, HeaderStageEnd when it ended (they differ when the flag
+	// changed under the request).
+	HeaderStage    = "X-Dimmer-Stage"
+	HeaderStageEnd = "X-Dimmer-Stage-End"
 	// HeaderFailedSide names the store side whose failure failed the request.
 	HeaderFailedSide = "X-Dimmer-Failed-Side"
 )
@@ -159,8 +161,21 @@ func (in *Instance) Handler() http.Handler {
 		list, err := in.List(r.Context(), r.PathValue("id"))
 		in.reply(w, r, r.PathValue("id"), http.StatusOK, list, err)
 	})
-	return mux
+	// The flag's state at the start of the request, for the reply's
+	// headers: the key of a new order is known only once it is made.
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		state, known := in.provider.Snapshot(Migration)
+		stageOf := func(key string) string {
+			if !known {
+				return in.Stage(r.Context(), key).String()
+			}
+			return state.StageFor(key).String()
+		}
+		mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), startStage{}, stageOf)))
+	})
 }
+
+type startStage struct{}
 
 func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20))
@@ -174,7 +189,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 
 func (in *Instance) reply(w http.ResponseWriter, r *http.Request, key string, status int, body any, err error) {
 	if key != "" {
-		w.Header().Set(HeaderStage, in.Stage(r.Context(), key).String())
+		if st, ok := r.Context().Value(startStage{}).(func(string) string); ok {
+			w.Header().Set(HeaderStage, st(key))
+		}
+		w.Header().Set(HeaderStageEnd, in.Stage(r.Context(), key).String())
 	}
 	var bad *BadRequestError
 	var side *SideError
