@@ -1,0 +1,82 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// The demo's scenario as a test, on the real servers: every stage under
+// load, a fault on the new store during live, the watchdog's rollback,
+// replayed repairs, complete and contract — and the invariants of the
+// validation report asserted one by one.
+func TestMigrationUnderLoadWithFaultAndRollback(t *testing.T) {
+	t.Parallel()
+	url := os.Getenv("DIMMER_POSTGRES_URL")
+	if url == "" {
+		url = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	}
+	probe, err := pgx.Connect(context.Background(), url)
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("Postgres unavailable at %s: %v", url, err)
+		}
+		t.Skipf("Postgres unavailable at %s: %v", url, err)
+	}
+	probe.Close(context.Background())
+
+	p := params{Orders: 1500, Customers: 150, Instances: 3, Workers: 6, Pause: 30 * time.Millisecond,
+		MaxRequests: 100000, Window: 3 * time.Second, MinSamples: 40, Timeout: 120 * time.Second}
+	var out bytes.Buffer
+	rep, err := run(t.Context(), p, &out)
+	t.Log("\n" + out.String())
+	require.NoError(t, err)
+	rep.print(&out)
+
+	assert.Empty(t, rep.Failures, "every invariant of the report holds")
+	assert.True(t, rep.ChecksumsEqual)
+	assert.Positive(t, rep.RowsCompared)
+	assert.Zero(t, rep.NonAuthErrors, "client-visible errors caused by the non-authoritative side")
+	assert.Zero(t, rep.Unexpected)
+	assert.Zero(t, rep.StaleReads)
+	assert.Positive(t, rep.AckedWrites)
+	assert.Zero(t, rep.Lost, "acknowledged writes lost")
+	assert.Zero(t, rep.EventsMissing)
+	assert.Equal(t, flags.Shadow, rep.RolledBackTo, "the watchdog stepped live back to shadow")
+	assert.Positive(t, rep.FaultToRollback)
+	assert.Less(t, rep.FaultToRollback, 20*time.Second)
+	assert.Positive(t, rep.RepairsRecorded, "the fault must leave repairs, or replay is not tested")
+	assert.Zero(t, rep.RepairsPending)
+	assert.Zero(t, rep.RepairsDead)
+	assert.True(t, rep.Contracted)
+	assert.Contains(t, out.String(), "ROLLBACK to shadow")
+	assert.Contains(t, out.String(), "CONTRACT")
+
+	// Nothing is left behind.
+	conn, err := pgx.Connect(context.Background(), url)
+	require.NoError(t, err)
+	defer conn.Close(context.Background())
+	schema := between(out.String(), "schema ", ":")
+	require.NotEmpty(t, schema)
+	var n int
+	require.NoError(t, conn.QueryRow(context.Background(), `SELECT count(*) FROM pg_namespace WHERE nspname = $1`, schema).Scan(&n))
+	assert.Zero(t, n, "schema %s dropped", schema)
+}
+
+func between(s, from, to string) string {
+	_, rest, ok := strings.Cut(s, "» "+from)
+	if !ok {
+		return ""
+	}
+	v, _, _ := strings.Cut(rest, to)
+	return v
+}
