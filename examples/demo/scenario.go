@@ -112,6 +112,8 @@ func (d *demo) say(format string, args ...any) {
 func run(ctx context.Context, p params, out io.Writer) (*report, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.Timeout)
 	defer cancel()
+	// The timeline and the events write lines from two goroutines.
+	out = &lockedWriter{w: out}
 	d := &demo{p: p, out: out, start: time.Now(), obs: &counter{}, events: map[string]bool{}}
 	quiet := slog.New(slog.DiscardHandler)
 
@@ -277,6 +279,9 @@ func (d *demo) migrate(ctx context.Context, rep *report) error {
 	if _, err := d.verify(ctx, jobs); err != nil {
 		return err
 	}
+	d.mu.Lock()
+	d.progress = "backfill verified"
+	d.mu.Unlock()
 	if err := d.advance(ctx, flags.Shadow, "backfill verified"); err != nil {
 		return err
 	}
@@ -541,4 +546,15 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	_, _ = crand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
