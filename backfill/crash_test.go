@@ -12,8 +12,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 const crashSchemaEnv = "DIMMER_BACKFILL_CRASH_SCHEMA"
@@ -32,7 +32,7 @@ func TestCrashChild(t *testing.T) {
 	if schema == "" {
 		t.Skip("run by TestKillDashNineResumesExactlyOnce")
 	}
-	cfg, err := pgxpool.ParseConfig(testenv.PostgresURL())
+	cfg, err := pgxpool.ParseConfig(dimmertest.PostgresURL())
 	require.NoError(t, err)
 	cfg.ConnConfig.RuntimeParams["search_path"] = schema
 	pool, err := pgxpool.NewWithConfig(tctx(t), cfg)

@@ -9,9 +9,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 func tctx(t testing.TB) context.Context {
@@ -37,7 +37,7 @@ type env struct {
 // (the migration "orders" set to dualwrite) and the backfill tables.
 func newEnv(t testing.TB, opts ...backfill.Option) *env {
 	t.Helper()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, store.Install(tctx(t)))

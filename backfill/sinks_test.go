@@ -11,14 +11,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/backfill"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 )
 
 func TestOtherDatabaseWithGoTransform(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.orders(t, "id bigint", "id", `(id, amount, note) SELECT g, g, CASE WHEN g % 4 = 0 THEN NULL ELSE 'n' || g END FROM generate_series(-50, 449) g`)
-	other := testenv.Pool(t, testenv.Database(t))
+	other := dimmertest.Pool(t, dimmertest.Database(t))
 	exec(t, other, `CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric, note text, version bigint NOT NULL)`)
 	// A newer dual write already in new: the copy must leave it alone.
 	exec(t, other, `INSERT INTO orders VALUES (7, 700, 'dual', 5)`)
@@ -58,7 +58,7 @@ func TestRedisSink(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.orders(t, "id uuid", "id", `(id, amount, note) SELECT gen_random_uuid(), g, CASE WHEN g % 2 = 0 THEN 'n' END FROM generate_series(1, 300) g`)
-	client, prefix := testenv.Redis(t)
+	client, prefix := dimmertest.Redis(t)
 	var newer string
 	require.NoError(t, e.pool.QueryRow(tctx(t), `SELECT id::text FROM old_orders ORDER BY id LIMIT 1`).Scan(&newer))
 	require.NoError(t, client.HSet(tctx(t), prefix+"order:"+newer, "version", "9", "amount", "dual").Err())

@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/chaos"
-	"github.com/dimmer-dev/dimmer/chaos/internal/chaostest"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -56,16 +56,16 @@ func TestDualWriteSurvivesResetConnections(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	oldDB, schema := chaostest.Schema(t)
+	oldDB, schema := dimmertest.Schema(t)
 	for _, table := range []string{"balances_old", "balances_new"} {
 		_, err := oldDB.Exec(ctx, `CREATE TABLE `+table+` (id text PRIMARY KEY, amount bigint NOT NULL, version bigint NOT NULL)`)
 		require.NoError(t, err)
 	}
 
-	up, err := chaos.UpstreamOf(chaostest.PostgresURL())
+	up, err := chaos.UpstreamOf(dimmertest.PostgresURL())
 	require.NoError(t, err)
 	link := newLink(t, up)
-	u, err := chaos.ThroughLink(chaostest.PostgresURL(), link)
+	u, err := chaos.ThroughLink(dimmertest.PostgresURL(), link)
 	require.NoError(t, err)
 	cfg, err := pgxpool.ParseConfig(u)
 	require.NoError(t, err)

@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/chaos"
-	"github.com/dimmer-dev/dimmer/chaos/internal/chaostest"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
@@ -37,15 +37,15 @@ type flagSide struct {
 }
 
 func pgFlagSide(t *testing.T) flagSide {
-	pool, schema := chaostest.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, store.Install(flagstest.Context(t)))
 
-	up, err := chaos.UpstreamOf(chaostest.PostgresURL())
+	up, err := chaos.UpstreamOf(dimmertest.PostgresURL())
 	require.NoError(t, err)
 	link := newLink(t, up)
-	u, err := chaos.ThroughLink(chaostest.PostgresURL(), link)
+	u, err := chaos.ThroughLink(dimmertest.PostgresURL(), link)
 	require.NoError(t, err)
 	cfg, err := pgxpool.ParseConfig(u)
 	require.NoError(t, err)
@@ -59,14 +59,14 @@ func pgFlagSide(t *testing.T) flagSide {
 }
 
 func redisFlagSide(t *testing.T) flagSide {
-	client, prefix := chaostest.Redis(t)
+	client, prefix := dimmertest.Redis(t)
 	store, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix))
 	require.NoError(t, err)
 
-	up, err := chaos.UpstreamOf(chaostest.RedisURL())
+	up, err := chaos.UpstreamOf(dimmertest.RedisURL())
 	require.NoError(t, err)
 	link := newLink(t, up)
-	opts, err := redis.ParseURL(chaostest.RedisURL())
+	opts, err := redis.ParseURL(dimmertest.RedisURL())
 	require.NoError(t, err)
 	opts.Dialer = link.Dial
 	// A blackholed server is noticed when a read times out: keep it short

@@ -16,7 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/chaos"
-	"github.com/dimmer-dev/dimmer/chaos/internal/chaostest"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 )
 
 // echoServer is a real TCP server on loopback that writes back what it reads.
@@ -246,14 +246,14 @@ func TestLinkCarriesPostgresAndRedis(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
-	pgUp, err := chaos.UpstreamOf(chaostest.PostgresURL())
+	pgUp, err := chaos.UpstreamOf(dimmertest.PostgresURL())
 	require.NoError(t, err)
 	pl := newLink(t, pgUp)
-	pgURL, err := chaos.ThroughLink(chaostest.PostgresURL(), pl)
+	pgURL, err := chaos.ThroughLink(dimmertest.PostgresURL(), pl)
 	require.NoError(t, err)
 	conn, err := pgx.Connect(ctx, pgURL)
 	if err != nil {
-		chaostest.Unavailable(t, "PostgreSQL through a link", err)
+		dimmertest.Unavailable(t, "PostgreSQL through a link", err)
 	}
 	defer conn.Close(context.Background())
 	var one int
@@ -262,12 +262,12 @@ func TestLinkCarriesPostgresAndRedis(t *testing.T) {
 	err = conn.QueryRow(ctx, "SELECT 1").Scan(&one)
 	require.Error(t, err, "the backend connection was reset under pgx")
 
-	client, _ := chaostest.Redis(t) // skips when Redis is down
+	client, _ := dimmertest.Redis(t) // skips when Redis is down
 	_ = client
-	rUp, err := chaos.UpstreamOf(chaostest.RedisURL())
+	rUp, err := chaos.UpstreamOf(dimmertest.RedisURL())
 	require.NoError(t, err)
 	rl := newLink(t, rUp)
-	opts, err := redis.ParseURL(chaostest.RedisURL())
+	opts, err := redis.ParseURL(dimmertest.RedisURL())
 	require.NoError(t, err)
 	opts.Dialer = rl.Dial // the dial seam, instead of a rewritten URL
 	opts.MaxRetries = -1

@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/chaos"
-	"github.com/dimmer-dev/dimmer/chaos/internal/chaostest"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/shadowread"
 )
@@ -29,10 +29,10 @@ func TestShadowReadWithRedisDown(t *testing.T) {
 			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			oldDB, _ := chaostest.Schema(t)
+			oldDB, _ := dimmertest.Schema(t)
 			_, err := oldDB.Exec(ctx, `CREATE TABLE profiles (id text PRIMARY KEY, name text NOT NULL)`)
 			require.NoError(t, err)
-			seed, prefix := chaostest.Redis(t)
+			seed, prefix := dimmertest.Redis(t)
 			const keys = 20
 			for i := range keys {
 				id, name := fmt.Sprintf("p%d", i), fmt.Sprintf("name-%d", i)
@@ -41,10 +41,10 @@ func TestShadowReadWithRedisDown(t *testing.T) {
 				require.NoError(t, seed.Set(ctx, prefix+id, name, 0).Err())
 			}
 
-			up, err := chaos.UpstreamOf(chaostest.RedisURL())
+			up, err := chaos.UpstreamOf(dimmertest.RedisURL())
 			require.NoError(t, err)
 			link := newLink(t, up)
-			opts, err := redis.ParseURL(chaostest.RedisURL())
+			opts, err := redis.ParseURL(dimmertest.RedisURL())
 			require.NoError(t, err)
 			opts.Dialer = link.Dial
 			opts.ContextTimeoutEnabled = true // the shadow deadline bounds each command

@@ -8,10 +8,10 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/internal/benchgoal"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 type memIn struct {
@@ -63,8 +63,8 @@ func BenchmarkOverhead(b *testing.B) {
 // write (Postgres authoritative, Redis secondary on the pool) with a plain
 // single-row Postgres write, interleaved op by op; medians.
 func BenchmarkAsyncVsSingleWrite(b *testing.B) {
-	pool, _ := testenv.Schema(b)
-	rdb, prefix := testenv.Redis(b)
+	pool, _ := dimmertest.Schema(b)
+	rdb, prefix := dimmertest.Redis(b)
 	ctx := context.Background()
 	_, err := pool.Exec(ctx, `CREATE TABLE accounts (id text PRIMARY KEY, name text NOT NULL, version bigint NOT NULL)`)
 	require.NoError(b, err)

@@ -14,9 +14,9 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 // account is the entity migrated from a Postgres table (old) to Redis
@@ -36,8 +36,8 @@ type stores struct {
 
 func newStores(t *testing.T) *stores {
 	t.Helper()
-	pool, _ := testenv.Schema(t)
-	rdb, prefix := testenv.Redis(t)
+	pool, _ := dimmertest.Schema(t)
+	rdb, prefix := dimmertest.Redis(t)
 	_, err := pool.Exec(ctx(t), `CREATE TABLE accounts (
 		id text PRIMARY KEY,
 		name text NOT NULL CHECK (name <> 'reject'),

@@ -17,11 +17,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -40,15 +40,15 @@ type pgPair struct {
 
 func newPgPair(t *testing.T) *pgPair {
 	t.Helper()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	_, err := pool.Exec(ctx(t), `
 CREATE TABLE accounts_old (id text PRIMARY KEY, name text NOT NULL, version bigint NOT NULL);
 CREATE TABLE accounts_new (id text PRIMARY KEY, name text NOT NULL, version bigint NOT NULL,
 	CONSTRAINT c_reject CHECK (name <> 'reject'), CONSTRAINT c_poison CHECK (id <> 'poison'))`)
 	require.NoError(t, err)
-	cfg, err := pgxpool.ParseConfig(testenv.PostgresURL())
+	cfg, err := pgxpool.ParseConfig(dimmertest.PostgresURL())
 	require.NoError(t, err)
-	p := &pgPair{old: pool, schema: schema, appName: testenv.Name("dw_new_")}
+	p := &pgPair{old: pool, schema: schema, appName: dimmertest.Name("dw_new_")}
 	cfg.ConnConfig.RuntimeParams["search_path"] = schema
 	cfg.ConnConfig.RuntimeParams["application_name"] = p.appName
 	cfg.MaxConns = 4

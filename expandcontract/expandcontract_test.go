@@ -12,11 +12,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 type env struct {
@@ -27,7 +27,7 @@ type env struct {
 
 func newEnv(t *testing.T) env {
 	t.Helper()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	fs, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, fs.Install(flagstest.Context(t)))
@@ -39,7 +39,7 @@ func newEnv(t *testing.T) env {
 // CONCURRENTLY), which other tests' open transactions would otherwise hold up.
 func newEnvDB(t *testing.T) env {
 	t.Helper()
-	pool := testenv.Pool(t, testenv.Database(t))
+	pool := dimmertest.Pool(t, dimmertest.Database(t))
 	fs, err := pgflags.NewStore(pool)
 	require.NoError(t, err)
 	require.NoError(t, fs.Install(flagstest.Context(t)))

@@ -12,9 +12,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 func stepOf(t *testing.T, st expandcontract.Status, phase, name string) expandcontract.StepStatus {
@@ -216,7 +216,7 @@ func TestHelperExpandProcess(t *testing.T) {
 	if schema == "" {
 		t.Skip("helper process for TestCrashMidStepThenResume")
 	}
-	cfg, err := pgxpool.ParseConfig(testenv.PostgresURL())
+	cfg, err := pgxpool.ParseConfig(dimmertest.PostgresURL())
 	require.NoError(t, err)
 	cfg.ConnConfig.RuntimeParams["search_path"] = schema
 	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)

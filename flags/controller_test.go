@@ -11,15 +11,15 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 // newStore returns a Postgres flag store in a schema of the test's own.
 func newStore(t *testing.T) *pgflags.Store {
 	t.Helper()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	s, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, s.Install(ctx(t)))

@@ -14,7 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 	"github.com/dimmer-dev/dimmer/outbox/kafkasink"
 )
@@ -90,7 +90,7 @@ func header(r *kgo.Record, name string) string {
 
 // setup installs an outbox in a fresh schema.
 func setup(t testing.TB, cfg outbox.Config) (*pgxpool.Pool, *outbox.Outbox) {
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	cfg.Schema = schema
 	o, err := outbox.New(cfg)
 	require.NoError(t, err)
@@ -100,7 +100,7 @@ func setup(t testing.TB, cfg outbox.Config) (*pgxpool.Pool, *outbox.Outbox) {
 
 // relayPool opens a pool of the relay's own (to kill it abruptly).
 func relayPool(t testing.TB) *pgxpool.Pool {
-	cfg, err := pgxpool.ParseConfig(testenv.PostgresURL())
+	cfg, err := pgxpool.ParseConfig(dimmertest.PostgresURL())
 	require.NoError(t, err)
 	cfg.MaxConns = 4
 	p, err := pgxpool.NewWithConfig(tctx(t, 10*time.Second), cfg)

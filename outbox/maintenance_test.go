@@ -12,14 +12,14 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
 // ownDatabase installs an outbox in a database of its own, for tests whose
 // subject (the xmin horizon, vacuum) is database-wide.
 func ownDatabase(t *testing.T, cfg outbox.Config) (*pgxpool.Pool, *outbox.Outbox) {
-	pool := testenv.Pool(t, testenv.Database(t))
+	pool := dimmertest.Pool(t, dimmertest.Database(t))
 	o, err := outbox.New(cfg)
 	require.NoError(t, err)
 	require.NoError(t, o.Install(tctx(t, 30*time.Second), pool))

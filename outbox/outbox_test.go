@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -35,7 +35,7 @@ func TestConfigValidation(t *testing.T) {
 
 func TestInstallIdempotentAndQuoted(t *testing.T) {
 	t.Parallel()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	ctx := tctx(t, 30*time.Second)
 	// A name that needs quoting must still work and must not inject.
 	cfg := outbox.Config{Schema: schema, Table: `Out"box; DROP TABLE x`, Buckets: 8}

@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -38,7 +38,7 @@ func TestPerKeyOrderUnderChaos(t *testing.T) {
 	pool, o := setup(t, outbox.Config{Buckets: 16})
 	ctx := tctx(t, 90*time.Second)
 	seeds := brokers(t)
-	topic := testenv.Name("orders_")
+	topic := dimmertest.Name("orders_")
 	createTopic(t, seeds, topic, 8)
 
 	// Ground truth, written in the same transactions: a per-key counter

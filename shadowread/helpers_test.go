@@ -13,8 +13,8 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 var errNotFound = errors.New("not found")
@@ -33,8 +33,8 @@ type stores struct {
 
 func newStores(t testing.TB) *stores {
 	t.Helper()
-	pool, _ := testenv.Schema(t)
-	rdb, prefix := testenv.Redis(t)
+	pool, _ := dimmertest.Schema(t)
+	rdb, prefix := dimmertest.Redis(t)
 	_, err := pool.Exec(ctx(t), `CREATE TABLE users (id text PRIMARY KEY, name text NOT NULL, version bigint NOT NULL)`)
 	require.NoError(t, err)
 	return &stores{pg: pool, rdb: rdb, prefix: prefix}

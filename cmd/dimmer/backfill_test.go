@@ -7,15 +7,15 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 func TestCLIBackfill(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, pg.Install(ctx))
@@ -23,7 +23,7 @@ func TestCLIBackfill(t *testing.T) {
 CREATE TABLE new_orders (LIKE old_orders INCLUDING ALL);
 INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g`)
 	require.NoError(t, err)
-	store := []string{"--store", testenv.PostgresURL(), "--schema", schema, "backfill", "--backfill-schema", schema}
+	store := []string{"--store", dimmertest.PostgresURL(), "--schema", schema, "backfill", "--backfill-schema", schema}
 	def := []string{"--migration", "orders", "--source", schema + ".old_orders", "--target", schema + ".new_orders", "--key", "id", "--version-column", "version"}
 
 	r := dimmer(t, store, "run", "copy")

@@ -11,10 +11,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
 	"github.com/dimmer-dev/dimmer/flags/redisflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 type result struct {
@@ -37,19 +37,19 @@ func stores(t *testing.T) map[string]struct {
 	args  []string
 	fleet flags.FleetStore
 } {
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, pg.Install(context.Background()))
-	client, prefix := testenv.Redis(t)
+	client, prefix := dimmertest.Redis(t)
 	rs, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix))
 	require.NoError(t, err)
 	return map[string]struct {
 		args  []string
 		fleet flags.FleetStore
 	}{
-		"postgres": {[]string{"--store", testenv.PostgresURL(), "--schema", schema}, pg},
-		"redis":    {[]string{"--store", testenv.RedisURL(), "--prefix", prefix}, rs},
+		"postgres": {[]string{"--store", dimmertest.PostgresURL(), "--schema", schema}, pg},
+		"redis":    {[]string{"--store", dimmertest.RedisURL(), "--prefix", prefix}, rs},
 	}
 }
 

@@ -19,17 +19,17 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
 func installOutbox(t *testing.T, buckets int) (*pgxpool.Pool, *outbox.Outbox, []string) {
 	t.Helper()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	ob, err := outbox.New(outbox.Config{Schema: schema, Buckets: buckets})
 	require.NoError(t, err)
 	require.NoError(t, ob.Install(context.Background(), pool))
-	return pool, ob, []string{"--db", testenv.PostgresURL(), "--schema", schema}
+	return pool, ob, []string{"--db", dimmertest.PostgresURL(), "--schema", schema}
 }
 
 func pendingRows(t *testing.T, pool *pgxpool.Pool, ob *outbox.Outbox) int64 {
@@ -124,9 +124,9 @@ func TestOutboxRelayCommandUsage(t *testing.T) {
 		"unknown publisher":   append([]string{"outbox", "relay", "--publisher", "nats"}, db...),
 		"kafka, no brokers":   append([]string{"outbox", "relay", "--brokers", ""}, db...),
 		"redis, no URL":       append([]string{"outbox", "relay", "--publisher", "redis", "--redis", ""}, db...),
-		"bad relay config":    append([]string{"outbox", "relay", "--publisher", "redis", "--redis", testenv.RedisURL(), "--batch-size", "-1"}, db...),
+		"bad relay config":    append([]string{"outbox", "relay", "--publisher", "redis", "--redis", dimmertest.RedisURL(), "--batch-size", "-1"}, db...),
 		"no database":         {"outbox", "status"},
-		"not installed":       {"outbox", "status", "--db", testenv.PostgresURL(), "--schema", testenv.Name("nothing_here_")},
+		"not installed":       {"outbox", "status", "--db", dimmertest.PostgresURL(), "--schema", dimmertest.Name("nothing_here_")},
 		"argument to relay":   append([]string{"outbox", "relay", "extra"}, db...),
 		"bad drain timeout":   append([]string{"outbox", "relay", "--drain-timeout", "0s"}, db...),
 		"not a message ID":    append([]string{"outbox", "dead", "retry", "not-a-uuid"}, db...),
@@ -138,7 +138,7 @@ func TestOutboxRelayCommandUsage(t *testing.T) {
 			assert.NotEmpty(t, r.stderr)
 		})
 	}
-	r := dimmer(t, nil, "outbox", "status", "--db", testenv.PostgresURL(), "--schema", testenv.Name("nothing_here_"))
+	r := dimmer(t, nil, "outbox", "status", "--db", dimmertest.PostgresURL(), "--schema", dimmertest.Name("nothing_here_"))
 	assert.Contains(t, r.stderr, "pass --buckets N to install it here")
 }
 

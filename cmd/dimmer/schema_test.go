@@ -7,11 +7,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 // TestSchemaCLI applies a plan a service registered, by name, through every
@@ -19,7 +19,7 @@ import (
 func TestSchemaCLI(t *testing.T) {
 	t.Parallel()
 	ctx := flagstest.Context(t)
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	fs, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, fs.Install(ctx))
@@ -36,7 +36,7 @@ func TestSchemaCLI(t *testing.T) {
 		Contract: []expandcontract.Step{{Name: "drop-colour", SQL: `ALTER TABLE widgets DROP COLUMN IF EXISTS colour`}},
 		Rollback: []expandcontract.Step{{Name: "drop-color", SQL: `ALTER TABLE widgets DROP COLUMN IF EXISTS color`}}}
 	require.NoError(t, reg.Register(ctx, "service", plan))
-	store := []string{"--store", testenv.PostgresURL(), "--schema", schema}
+	store := []string{"--store", dimmertest.PostgresURL(), "--schema", schema}
 	columns := func() []string {
 		var cols []string
 		require.NoError(t, pool.QueryRow(ctx, `SELECT array_agg(column_name::text ORDER BY ordinal_position) FROM information_schema.columns

@@ -7,7 +7,6 @@ import (
 	"slices"
 	"time"
 
-
 	"github.com/dimmer-dev/dimmer/examples/orders/ordersvc"
 )
 

@@ -5,7 +5,7 @@
 //
 // The suites run against whatever the factory returns, so an implementation's
 // tests point them at a real server with an isolated namespace per test (see
-// internal/testenv) and add only what is specific to their backend:
+// package dimmertest) and add only what is specific to their backend:
 //
 //	func TestStore(t *testing.T) {
 //		flagstest.RunStore(t, func(t *testing.T) flags.Store { return newStore(t) })

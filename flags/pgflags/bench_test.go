@@ -6,15 +6,15 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
 	"github.com/dimmer-dev/dimmer/internal/benchgoal"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 func benchStore(b *testing.B) (*pgflags.Store, *pgflags.Provider, func() *pgflags.Provider) {
-	pool, schema := testenv.Schema(b)
+	pool, schema := dimmertest.Schema(b)
 	s, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(b, err)
 	require.NoError(b, s.Install(flagstest.Context(b)))

@@ -19,16 +19,16 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 // newStore installs a store in a schema of its own.
 func newStore(t *testing.T) (*pgflags.Store, *pgxpool.Pool, string) {
 	t.Helper()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	s, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	require.NoError(t, s.Install(flagstest.Context(t)))
@@ -90,7 +90,7 @@ func TestProvider(t *testing.T) {
 
 func TestInstallConcurrentIdempotentVersioned(t *testing.T) {
 	t.Parallel()
-	pool := testenv.Pool(t, testenv.Database(t))
+	pool := dimmertest.Pool(t, dimmertest.Database(t))
 	ctx := flagstest.Context(t)
 	var wg sync.WaitGroup
 	errs := make([]error, 6)
@@ -130,7 +130,7 @@ func TestOptionsValidated(t *testing.T) {
 	t.Parallel()
 	_, err := pgflags.NewStore(nil)
 	assert.ErrorContains(t, err, "pool is nil")
-	pool, _ := testenv.Schema(t)
+	pool, _ := dimmertest.Schema(t)
 	_, err = pgflags.NewStore(pool, pgflags.WithSchema(""))
 	assert.ErrorContains(t, err, "WithSchema")
 	_, err = pgflags.NewStore(pool, pgflags.WithSchema(strings.Repeat("s", 60)))
@@ -148,7 +148,7 @@ func TestOptionsValidated(t *testing.T) {
 // fallbacks, and becomes READY once the store is installed.
 func TestProviderBeforeInstall(t *testing.T) {
 	t.Parallel()
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	p, err := pgflags.NewProvider(pool, pgflags.WithSchema(schema), pgflags.WithResyncInterval(200*time.Millisecond))
 	require.NoError(t, err)
 	api := isolated.NewAPI()
@@ -237,7 +237,7 @@ func TestHelperSplitProcess(t *testing.T) {
 	if schema == "" {
 		t.Skip("helper process for TestSplitIdenticalAcrossProcesses")
 	}
-	pool := testenv.Pool(t, testenv.PostgresURL())
+	pool := dimmertest.Pool(t, dimmertest.PostgresURL())
 	p, err := pgflags.NewProvider(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
 	_, client := flagstest.Client(t, p)

@@ -16,16 +16,16 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/redisflags"
-	"github.com/dimmer-dev/dimmer/internal/testenv"
 )
 
 // newStore returns a store under a key prefix of its own.
 func newStore(t testing.TB) (*redisflags.Store, *redis.Client, string) {
 	t.Helper()
-	client, prefix := testenv.Redis(t)
+	client, prefix := dimmertest.Redis(t)
 	s, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix))
 	require.NoError(t, err)
 	return s, client, prefix
@@ -34,7 +34,7 @@ func newStore(t testing.TB) (*redisflags.Store, *redis.Client, string) {
 // namedClient is a client of its own whose connections carry name, so a test
 // can find them in CLIENT LIST.
 func namedClient(t testing.TB, name string) *redis.Client {
-	opts, err := redis.ParseURL(testenv.RedisURL())
+	opts, err := redis.ParseURL(dimmertest.RedisURL())
 	require.NoError(t, err)
 	opts.ClientName = name
 	c := redis.NewClient(opts)
@@ -84,7 +84,7 @@ func TestFleet(t *testing.T) {
 
 func env(t *testing.T) flagstest.ProviderEnv {
 	s, admin, prefix := newStore(t)
-	name := testenv.Name("dimmer-flags-")
+	name := dimmertest.Name("dimmer-flags-")
 	client := namedClient(t, name)
 	flagsKey := prefix + "{stage}:flags"
 	return flagstest.ProviderEnv{
@@ -120,7 +120,7 @@ func TestOptionsValidated(t *testing.T) {
 	t.Parallel()
 	_, err := redisflags.NewStore(nil)
 	assert.ErrorContains(t, err, "client is nil")
-	client, _ := testenv.Redis(t)
+	client, _ := dimmertest.Redis(t)
 	_, err = redisflags.NewStore(client, redisflags.WithPrefix(""))
 	assert.ErrorContains(t, err, "WithPrefix")
 	_, err = redisflags.NewStore(client, redisflags.WithPrefix("a{b}"))
@@ -213,7 +213,7 @@ func TestHelperSplitProcess(t *testing.T) {
 	if prefix == "" {
 		t.Skip("helper process for TestSplitIdenticalAcrossProcesses")
 	}
-	opts, err := redis.ParseURL(testenv.RedisURL())
+	opts, err := redis.ParseURL(dimmertest.RedisURL())
 	require.NoError(t, err)
 	client := redis.NewClient(opts)
 	defer client.Close()

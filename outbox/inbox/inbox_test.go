@@ -16,7 +16,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 	"github.com/dimmer-dev/dimmer/outbox/inbox"
 	"github.com/dimmer-dev/dimmer/outbox/kafkasink"
@@ -33,7 +33,7 @@ func tctx(t *testing.T) context.Context {
 // consumer's effect goes to.
 func fixture(t *testing.T, pub outbox.Publisher, topic string, n int) (*pgxpool.Pool, *inbox.Inbox) {
 	ctx := tctx(t)
-	pool, schema := testenv.Schema(t)
+	pool, schema := dimmertest.Schema(t)
 	o, err := outbox.New(outbox.Config{Schema: schema, Buckets: 4})
 	require.NoError(t, err)
 	require.NoError(t, o.Install(ctx, pool))
@@ -103,7 +103,7 @@ func TestKafkaConsumerCrash(t *testing.T) {
 		defer c.Close()
 		seeds = c.ListenAddrs()
 	}
-	topic := testenv.Name("inbox_")
+	topic := dimmertest.Name("inbox_")
 	prod, err := kgo.NewClient(append(kafkasink.ClientOptions(seeds...), kgo.AllowAutoTopicCreation())...)
 	require.NoError(t, err)
 	defer prod.Close()
@@ -155,7 +155,7 @@ func TestKafkaConsumerCrash(t *testing.T) {
 func TestRedisGroupCrash(t *testing.T) {
 	t.Parallel()
 	ctx := tctx(t)
-	rdb, prefix := testenv.Redis(t)
+	rdb, prefix := dimmertest.Redis(t)
 	pub, err := redissink.New(rdb, redissink.WithStreamPrefix(prefix), redissink.WithMaxLen(10000))
 	require.NoError(t, err)
 	const n = 20

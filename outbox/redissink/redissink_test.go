@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/dimmer-dev/dimmer/internal/testenv"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 	"github.com/dimmer-dev/dimmer/outbox/redissink"
 )
@@ -24,7 +24,7 @@ func rec(topic, key, payload string, headers map[string]string) outbox.Record {
 // order; a record whose XADD fails gets its own error, the others succeed.
 func TestPublishStreamPerTopic(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := testenv.Redis(t)
+	rdb, prefix := dimmertest.Redis(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	p, err := redissink.New(rdb, redissink.WithStreamPrefix(prefix))
@@ -60,7 +60,7 @@ func TestPublishStreamPerTopic(t *testing.T) {
 // much is published (approximate trimming: whole stream nodes go at once).
 func TestMaxLenTrims(t *testing.T) {
 	t.Parallel()
-	rdb, prefix := testenv.Redis(t)
+	rdb, prefix := dimmertest.Redis(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	p, err := redissink.New(rdb, redissink.WithStreamPrefix(prefix), redissink.WithMaxLen(50))
@@ -95,7 +95,7 @@ func TestNewValidates(t *testing.T) {
 	t.Parallel()
 	_, err := redissink.New(nil)
 	assert.ErrorContains(t, err, "client is nil")
-	rdb, _ := testenv.Redis(t)
+	rdb, _ := dimmertest.Redis(t)
 	_, err = redissink.New(rdb, redissink.WithMaxLen(0))
 	assert.ErrorContains(t, err, "WithMaxLen: must be positive")
 }

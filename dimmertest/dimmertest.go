@@ -1,12 +1,14 @@
-// Package testenv gives each test its own slice of the real PostgreSQL and
-// Redis servers named by DIMMER_POSTGRES_URL and DIMMER_REDIS_URL: a fresh
-// database or schema, or a Redis key prefix, removed when the test ends, so
-// tests run in parallel and leave nothing behind.
+// Package dimmertest gives each test its own slice of the real PostgreSQL
+// and Redis servers named by DIMMER_POSTGRES_URL and DIMMER_REDIS_URL: a
+// fresh database or schema, or a Redis key prefix, removed when the test
+// ends, so tests run in parallel and leave nothing behind. dimmer's own
+// modules test with it, and so can a service testing its migration against
+// real stores.
 //
 // When a server does not answer, the test is skipped, unless CI=true, where it
 // fails: `make test` always starts the servers, so a skip there would hide a
 // broken set-up.
-package testenv
+package dimmertest
 
 import (
 	"context"
@@ -43,7 +45,9 @@ func RedisURL() string {
 	return defaultRedisURL
 }
 
-func unavailable(t testing.TB, what string, err error) {
+// Unavailable skips the test, or fails it under CI=true, because a server
+// does not answer.
+func Unavailable(t testing.TB, what string, err error) {
 	t.Helper()
 	if os.Getenv("CI") == "true" {
 		t.Fatalf("%s is not reachable (CI=true makes this a failure): %v", what, err)
@@ -73,7 +77,7 @@ func Database(t testing.TB) string {
 	t.Helper()
 	admin, err := pgx.Connect(ctx(t), PostgresURL())
 	if err != nil {
-		unavailable(t, "PostgreSQL at "+PostgresURL(), err)
+		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
 	}
 	defer admin.Close(context.Background())
 	name := Name("dimmer_t_")
@@ -110,7 +114,7 @@ func Pool(t testing.TB, url string) *pgxpool.Pool {
 	}
 	t.Cleanup(pool.Close)
 	if err := pool.Ping(ctx(t)); err != nil {
-		unavailable(t, "PostgreSQL", err)
+		Unavailable(t, "PostgreSQL", err)
 	}
 	return pool
 }
@@ -125,7 +129,7 @@ func Schema(t testing.TB) (*pgxpool.Pool, string) {
 	name := Name("dimmer_s_")
 	admin, err := pgx.Connect(ctx(t), PostgresURL())
 	if err != nil {
-		unavailable(t, "PostgreSQL at "+PostgresURL(), err)
+		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
 	}
 	defer admin.Close(context.Background())
 	if _, err := admin.Exec(ctx(t), "CREATE SCHEMA "+name); err != nil {
@@ -170,7 +174,7 @@ func Redis(t testing.TB) (*redis.Client, string) {
 	client := redis.NewClient(opts)
 	if err := client.Ping(ctx(t)).Err(); err != nil {
 		client.Close()
-		unavailable(t, "Redis at "+RedisURL(), err)
+		Unavailable(t, "Redis at "+RedisURL(), err)
 	}
 	prefix := "dimmer:" + Name("t") + ":"
 	t.Cleanup(func() {
