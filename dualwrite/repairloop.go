@@ -212,7 +212,7 @@ func NewRepairRelay(ob *outbox.Outbox, pool *pgxpool.Pool, cfg outbox.RelayConfi
 
 // RepairStats is the part of [*outbox.Outbox] [NoPendingRepairsGuard] reads.
 type RepairStats interface {
-	Stats(ctx context.Context, db outbox.Querier, topicPrefix string) (outbox.Stats, error)
+	TopicStats(ctx context.Context, db outbox.Querier, topic string) (outbox.Stats, error)
 }
 
 var _ RepairStats = (*outbox.Outbox)(nil)
@@ -223,19 +223,16 @@ var _ RepairStats = (*outbox.Outbox)(nil)
 // transition that moves keys into complete and fails while ob holds any
 // undelivered repair message of the migration ([RepairTopic]), naming how
 // many are pending, how many of them are dead letters, and the oldest's age.
-// db is where the outbox lives (a pool).
-//
-// The count is by topic prefix ([outbox.Outbox.Stats]), so the repairs of
-// a migration whose name extends this one's ("accounts" and
-// "accounts.v2") count too: the guard can refuse too often, never too
-// rarely.
+// db is where the outbox lives (a pool). The count is by exact topic
+// ([outbox.Outbox.TopicStats]): the repairs of "accounts.v2" do not hold
+// back "accounts".
 func NoPendingRepairsGuard(ob RepairStats, db outbox.Querier) flags.Guard {
 	return flags.NewGuard("no-pending-repairs", flags.Entering(flags.Complete), func(ctx context.Context, t flags.Transition) error {
 		if ob == nil || db == nil {
 			return errors.New("no repair log configured: pending repairs cannot be ruled out")
 		}
 		topic := RepairTopic(t.Migration)
-		st, err := ob.Stats(ctx, db, topic)
+		st, err := ob.TopicStats(ctx, db, topic)
 		if err != nil {
 			return fmt.Errorf("repair log unreachable: %v", err)
 		}

@@ -274,7 +274,7 @@ func TestRepairRelayConverges(t *testing.T) {
 	assert.Equal(t, 1, dead[0].Waiting, "the second repair of poison waits behind its dead letter")
 	var st outbox.Stats
 	require.Eventually(t, func() bool { // once the relay has acknowledged late's repair
-		st, err = p.ob.Stats(ctx(t), p.old, topic)
+		st, err = p.ob.TopicStats(ctx(t), p.old, topic)
 		require.NoError(t, err)
 		return st.Pending == 2 && st.Dead == 1
 	}, 10*time.Second, 10*time.Millisecond, "only the dead letter and the repair behind it are left: %+v", st)
@@ -284,7 +284,7 @@ func TestRepairRelayConverges(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, p.ob.RetryDead(ctx(t), p.old, dead[0].ID))
 	require.Eventually(t, func() bool {
-		st, err = p.ob.Stats(ctx(t), p.old, topic)
+		st, err = p.ob.TopicStats(ctx(t), p.old, topic)
 		require.NoError(t, err)
 		return st.Pending == 0 && len(p.differing(t)) == 0
 	}, 10*time.Second, 10*time.Millisecond, "differing: %v, stats %+v", p.differing(t), st)
@@ -337,6 +337,12 @@ func TestNoPendingRepairsGuard(t *testing.T) {
 	otherLog, err := dualwrite.NewOutboxRepairLog(p.ob, p.old, dualwrite.RepairTopic("billing"))
 	require.NoError(t, err)
 	require.NoError(t, otherLog.Record(ctx(t), dualwrite.Repair{Migration: "billing", Key: "b1", Stage: flags.DualWrite, Side: flags.New, Reason: dualwrite.ReasonError}))
+	// Nor does one of a migration whose name extends this one's (its topic
+	// starts with this one's).
+	longer := pairMigration + ".next"
+	longerLog, err := dualwrite.NewOutboxRepairLog(p.ob, p.old, dualwrite.RepairTopic(longer))
+	require.NoError(t, err)
+	require.NoError(t, longerLog.Record(ctx(t), dualwrite.Repair{Migration: longer, Key: "n1", Stage: flags.DualWrite, Side: flags.New, Reason: dualwrite.ReasonError}))
 
 	// Pending repairs do not hold back the steps before complete.
 	for range 4 {
@@ -381,7 +387,7 @@ func TestNoPendingRepairsGuard(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, p.ob.RetryDead(ctx(t), p.old, dead[0].ID))
 	require.Eventually(t, func() bool {
-		st, err := p.ob.Stats(ctx(t), p.old, topic)
+		st, err := p.ob.TopicStats(ctx(t), p.old, topic)
 		require.NoError(t, err)
 		return st.Pending == 0
 	}, 10*time.Second, 10*time.Millisecond)

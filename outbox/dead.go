@@ -101,14 +101,24 @@ type Stats struct {
 }
 
 // Stats counts undelivered messages, optionally of topics starting with
-// topicPrefix ("" for all): dualwrite's "no pending repairs" guard asks
-// Stats(ctx, db, "dimmer.repair.<migration>").
+// topicPrefix ("" for all).
 func (o *Outbox) Stats(ctx context.Context, db Querier, topicPrefix string) (Stats, error) {
+	return o.stats(ctx, db, `starts_with(topic, $1)`, topicPrefix)
+}
+
+// TopicStats counts the undelivered messages of exactly one topic: dualwrite's
+// "no pending repairs" guard asks TopicStats(ctx, db, "dimmer.repair.<migration>"),
+// which a prefix would confuse with the repairs of "<migration>.v2".
+func (o *Outbox) TopicStats(ctx context.Context, db Querier, topic string) (Stats, error) {
+	return o.stats(ctx, db, `topic = $1`, topic)
+}
+
+func (o *Outbox) stats(ctx context.Context, db Querier, where, arg string) (Stats, error) {
 	var s Stats
 	var age float64
 	err := db.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE dead_at IS NOT NULL),
 	coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8
-FROM `+o.table+` WHERE starts_with(topic, $1)`, topicPrefix).Scan(&s.Pending, &s.Dead, &age)
+FROM `+o.table+` WHERE `+where, arg).Scan(&s.Pending, &s.Dead, &age)
 	if err != nil {
 		return Stats{}, fmt.Errorf("outbox: stats: %w", err)
 	}
