@@ -5,6 +5,7 @@ SHELL := /bin/bash
 WITH_SERVICES := scripts/with-services.sh
 MODULES = $(shell find . -name go.mod -not -path './.git/*' -exec dirname {} \; | sort)
 TEST_TIMEOUT ?= 12m
+export TEST_TIMEOUT
 
 .PHONY: test demo bench vet
 test:
