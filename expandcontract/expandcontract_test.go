@@ -90,7 +90,11 @@ WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position`, e.schema
 func (e env) heartbeat(t *testing.T, id, build string, ranges ...expandcontract.Range) func() {
 	t.Helper()
 	h, err := flags.NewHeartbeater(e.flags, id, build, func() map[string]int64 { return nil },
-		flags.WithHeartbeatInterval(100*time.Millisecond), flags.WithAttributes(expandcontract.Attributes(ranges...)))
+		flags.WithHeartbeatInterval(100*time.Millisecond),
+		// Stopped instances deregister; the TTL only has to outlast a late
+		// beat on a loaded machine.
+		flags.WithTTL(10*time.Second),
+		flags.WithAttributes(expandcontract.Attributes(ranges...)))
 	require.NoError(t, err)
 	require.NoError(t, h.Start(flagstest.Context(t)))
 	var once sync.Once

@@ -311,7 +311,7 @@ func TestFleetGuard(t *testing.T) {
 			mu.Lock()
 			defer mu.Unlock()
 			return revs[id]
-		}, flags.WithHeartbeatInterval(50*time.Millisecond))
+		}, flags.WithHeartbeatInterval(50*time.Millisecond), flags.WithTTL(10*time.Second))
 		require.NoError(t, err)
 		require.NoError(t, hb.Start(ctx(t)))
 		beaters[id] = hb

@@ -464,7 +464,7 @@ func startInstance(ctx context.Context, pool *pgxpool.Pool, schema string, store
 		return nil, err
 	}
 	hb, err := flags.NewHeartbeater(store, id, "walkthrough", provider.Revisions,
-		flags.WithHeartbeatInterval(200*time.Millisecond), flags.WithAttributes(wd.Attributes), flags.WithHeartbeatLogger(logger))
+		flags.WithHeartbeatInterval(200*time.Millisecond), flags.WithTTL(5*time.Second), flags.WithAttributes(wd.Attributes), flags.WithHeartbeatLogger(logger))
 	if err != nil {
 		return nil, err
 	}

@@ -66,7 +66,17 @@ func New(workers, queue int) (*Pool, error) {
 func (p *Pool) work() {
 	defer p.wg.Done()
 	for task := range p.tasks {
-		p.busy.Add(1)
+		if p.every > 0 {
+			// Leaving the waiting room and becoming busy is one step for
+			// enqueue's capacity check, which holds pmu: counted apart,
+			// a task that already runs would still take a queue slot.
+			p.pmu.Lock()
+			p.waiting--
+			p.busy.Add(1)
+			p.pmu.Unlock()
+		} else {
+			p.busy.Add(1)
+		}
 		task()
 		p.busy.Add(-1)
 	}
@@ -225,9 +235,6 @@ func (p *Pool) take() []func() {
 
 func (p *Pool) handOut(batch []func()) {
 	for _, task := range batch {
-		p.tasks <- task
-		p.pmu.Lock()
-		p.waiting--
-		p.pmu.Unlock()
+		p.tasks <- task // the worker that takes it leaves the waiting room
 	}
 }
