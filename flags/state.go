@@ -146,6 +146,19 @@ func DecodeState(b []byte) (State, error) {
 	return s, nil
 }
 
+// DecodeStateOf parses the stored document of migration and checks it is
+// that migration's own.
+func DecodeStateOf(migration string, doc []byte) (State, error) {
+	st, err := DecodeState(doc)
+	if err != nil {
+		return State{}, fmt.Errorf("flag %s: %w", migration, err)
+	}
+	if st.Migration != migration {
+		return State{}, fmt.Errorf("flag %s: stored document names migration %q", migration, st.Migration)
+	}
+	return st, nil
+}
+
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,99}$`)
 
 // ValidateName checks a migration name: 1–100 characters of a–z, 0–9, '_',

@@ -2,6 +2,8 @@ package flags
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"time"
 )
 
@@ -78,4 +80,51 @@ type Instance struct {
 	Attributes map[string]string `json:"attributes,omitempty"`
 	StartedAt  time.Time         `json:"started_at"`
 	SeenAt     time.Time         `json:"seen_at"`
+}
+
+// Swapped is what a [Store] implementation writes for one Swap: the next
+// state with its revision and time filled in, and both documents encoded.
+type Swapped struct {
+	State    State
+	Doc      []byte // the flag document
+	EntryDoc []byte // the audit entry
+}
+
+// PrepareSwap does the part of Swap every store shares: it validates next,
+// sets its revision to expectRevision+1 and its time when unset, completes
+// the audit entry (migration, time, outcome, revision) and refuses an entry
+// that names another migration.
+func PrepareSwap(expectRevision int64, next State, entry AuditEntry) (Swapped, error) {
+	if err := next.Validate(); err != nil {
+		return Swapped{}, err
+	}
+	m := next.Migration
+	if entry.Migration == "" {
+		entry.Migration = m
+	}
+	if entry.Migration != m {
+		return Swapped{}, fmt.Errorf("%s: audit entry is for migration %q", m, entry.Migration)
+	}
+	next.Revision = expectRevision + 1
+	if next.UpdatedAt.IsZero() {
+		next.UpdatedAt = time.Now().UTC()
+	}
+	if entry.At.IsZero() {
+		entry.At = next.UpdatedAt
+	}
+	if entry.Outcome == "" {
+		entry.Outcome = Applied
+	}
+	if entry.Revision == 0 {
+		entry.Revision = next.Revision
+	}
+	doc, err := next.Encode()
+	if err != nil {
+		return Swapped{}, err
+	}
+	entryDoc, err := json.Marshal(entry)
+	if err != nil {
+		return Swapped{}, fmt.Errorf("%s: encode audit entry: %w", m, err)
+	}
+	return Swapped{State: next, Doc: doc, EntryDoc: entryDoc}, nil
 }

@@ -230,12 +230,9 @@ func (s *Store) Load(ctx context.Context, migration string) (flags.State, error)
 
 // decode parses a stored document and checks it belongs to migration.
 func decode(migration string, doc []byte) (flags.State, error) {
-	st, err := flags.DecodeState(doc)
+	st, err := flags.DecodeStateOf(migration, doc)
 	if err != nil {
-		return flags.State{}, fmt.Errorf("pgflags: flag %s: %w", migration, err)
-	}
-	if st.Migration != migration {
-		return flags.State{}, fmt.Errorf("pgflags: flag %s: stored document names migration %q", migration, st.Migration)
+		return flags.State{}, fmt.Errorf("pgflags: %w", err)
 	}
 	return st, nil
 }
@@ -245,37 +242,11 @@ func decode(migration string, doc []byte) (flags.State, error) {
 // audit entry and queues the notification, which PostgreSQL delivers exactly
 // when the transaction commits.
 func (s *Store) Swap(ctx context.Context, expectRevision int64, next flags.State, entry flags.AuditEntry) (flags.State, error) {
-	if err := next.Validate(); err != nil {
-		return flags.State{}, fmt.Errorf("pgflags: swap: %w", err)
-	}
-	m := next.Migration
-	if entry.Migration == "" {
-		entry.Migration = m
-	}
-	if entry.Migration != m {
-		return flags.State{}, fmt.Errorf("pgflags: swap %s: audit entry is for migration %q", m, entry.Migration)
-	}
-	next.Revision = expectRevision + 1
-	if next.UpdatedAt.IsZero() {
-		next.UpdatedAt = time.Now().UTC()
-	}
-	if entry.At.IsZero() {
-		entry.At = next.UpdatedAt
-	}
-	if entry.Outcome == "" {
-		entry.Outcome = flags.Applied
-	}
-	if entry.Revision == 0 {
-		entry.Revision = next.Revision
-	}
-	doc, err := next.Encode()
+	sw, err := flags.PrepareSwap(expectRevision, next, entry)
 	if err != nil {
 		return flags.State{}, fmt.Errorf("pgflags: swap: %w", err)
 	}
-	entryDoc, err := json.Marshal(entry)
-	if err != nil {
-		return flags.State{}, fmt.Errorf("pgflags: swap %s: encode audit entry: %w", m, err)
-	}
+	m, next, doc, entryDoc := sw.State.Migration, sw.State, sw.Doc, sw.EntryDoc
 	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var tag interface{ RowsAffected() int64 }
 		var err error

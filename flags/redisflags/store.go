@@ -133,12 +133,9 @@ func (s *Store) Channel() string { return s.k.channel }
 
 // decode parses a stored document and checks it belongs to migration.
 func decode(migration string, doc string) (flags.State, error) {
-	st, err := flags.DecodeState([]byte(doc))
+	st, err := flags.DecodeStateOf(migration, []byte(doc))
 	if err != nil {
-		return flags.State{}, fmt.Errorf("redisflags: flag %s: %w", migration, err)
-	}
-	if st.Migration != migration {
-		return flags.State{}, fmt.Errorf("redisflags: flag %s: stored document names migration %q", migration, st.Migration)
+		return flags.State{}, fmt.Errorf("redisflags: %w", err)
 	}
 	return st, nil
 }
@@ -174,37 +171,11 @@ return -1
 // Swap implements [flags.Store] with one Lua script, so the revision check,
 // the write, the audit entry and the published message are one atomic step.
 func (s *Store) Swap(ctx context.Context, expectRevision int64, next flags.State, entry flags.AuditEntry) (flags.State, error) {
-	if err := next.Validate(); err != nil {
-		return flags.State{}, fmt.Errorf("redisflags: swap: %w", err)
-	}
-	m := next.Migration
-	if entry.Migration == "" {
-		entry.Migration = m
-	}
-	if entry.Migration != m {
-		return flags.State{}, fmt.Errorf("redisflags: swap %s: audit entry is for migration %q", m, entry.Migration)
-	}
-	next.Revision = expectRevision + 1
-	if next.UpdatedAt.IsZero() {
-		next.UpdatedAt = time.Now().UTC()
-	}
-	if entry.At.IsZero() {
-		entry.At = next.UpdatedAt
-	}
-	if entry.Outcome == "" {
-		entry.Outcome = flags.Applied
-	}
-	if entry.Revision == 0 {
-		entry.Revision = next.Revision
-	}
-	doc, err := next.Encode()
+	sw, err := flags.PrepareSwap(expectRevision, next, entry)
 	if err != nil {
 		return flags.State{}, fmt.Errorf("redisflags: swap: %w", err)
 	}
-	entryDoc, err := json.Marshal(entry)
-	if err != nil {
-		return flags.State{}, fmt.Errorf("redisflags: swap %s: encode audit entry: %w", m, err)
-	}
+	m, next, doc, entryDoc := sw.State.Migration, sw.State, sw.Doc, sw.EntryDoc
 	cur, err := swapScript.Run(ctx, s.client,
 		[]string{s.k.flags, s.k.revisions, s.k.auditPrefix + m},
 		m, expectRevision, doc, entryDoc, s.k.channel, payload(m, doc), next.Revision).Int64()

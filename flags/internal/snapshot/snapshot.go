@@ -386,12 +386,9 @@ func (e *Engine) apply(ctx context.Context, migration string, doc []byte) {
 
 // decode parses a stored document and checks it is the migration's own.
 func (e *Engine) decode(migration string, raw []byte) (flags.State, error) {
-	st, err := flags.DecodeState(raw)
+	st, err := flags.DecodeStateOf(migration, raw)
 	if err != nil {
-		return flags.State{}, fmt.Errorf("%s: flag %s: %w", e.cfg.Name, migration, err)
-	}
-	if st.Migration != migration {
-		return flags.State{}, fmt.Errorf("%s: flag %s: stored document names migration %q", e.cfg.Name, migration, st.Migration)
+		return flags.State{}, fmt.Errorf("%s: %w", e.cfg.Name, err)
 	}
 	return st, nil
 }
