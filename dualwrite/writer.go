@@ -26,12 +26,7 @@ type StageSource interface {
 }
 
 // StageFunc adapts a function to StageSource.
-type StageFunc func(ctx context.Context, migration, entityKey string) (flags.Stage, error)
-
-// Stage calls f.
-func (f StageFunc) Stage(ctx context.Context, migration, entityKey string) (flags.Stage, error) {
-	return f(ctx, migration, entityKey)
-}
+type StageFunc = flags.StageFunc
 
 var _ StageSource = (*flags.Source)(nil)
 

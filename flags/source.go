@@ -142,3 +142,12 @@ func (s *Source) fail(ctx context.Context, migration string, fb Stage, code stri
 	}
 	return err
 }
+
+// StageFunc adapts a function to the stage-source interfaces the routing
+// packages consume (a constant stage in tests, a custom resolver).
+type StageFunc func(ctx context.Context, migration, entityKey string) (Stage, error)
+
+// Stage calls f.
+func (f StageFunc) Stage(ctx context.Context, migration, entityKey string) (Stage, error) {
+	return f(ctx, migration, entityKey)
+}
