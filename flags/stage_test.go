@@ -6,6 +6,7 @@ import (
 	"math"
 	"testing"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -62,7 +63,13 @@ func TestRoutingTable(t *testing.T) {
 func TestBucketIsStableAndUniform(t *testing.T) {
 	// Pinned values: the hash is a documented contract other processes and
 	// languages reproduce, so it must never change silently.
-	assert.Equal(t, flags.Bucket("orders", "customer-42"), flags.Bucket("orders", "customer-42"))
+	assert.Equal(t, uint32(9632), flags.Bucket("orders", "customer-42"))
+	assert.Equal(t, uint32(3761), flags.Bucket("orders", "customer-43"))
+	assert.Equal(t, uint32(3355), flags.Bucket("users-email", "1"))
+	// And it is the documented formula.
+	for _, k := range []string{"", "a", "customer-42", "ключ"} {
+		assert.Equal(t, uint32(xxhash.Sum64String("orders/"+k)%flags.BucketCount), flags.Bucket("orders", k))
+	}
 	counts := make([]int, 10)
 	const n = 100_000
 	for i := range n {
