@@ -37,7 +37,10 @@
 // 100ms): when the re-read matches, the mismatch was transient (the row
 // changed between the two reads, a dual write in flight) and is counted
 // apart from a lasting one. A re-read that cannot decide keeps the mismatch
-// lasting.
+// lasting. The delay runs on a timer, not on a pool worker, so mismatches do
+// not make a busy pool shed; the re-read keeps the stage of the first read,
+// and pending re-reads are bounded (past the bound a mismatch stays lasting,
+// counted in dimmer.shadowread.rechecks_skipped).
 //
 // # Sampling
 //
@@ -55,8 +58,8 @@
 // dimmer.shadowread.calls {migration, origin, role, outcome},
 // dimmer.shadowread.latency in microseconds {migration, origin, role},
 // dimmer.shadowread.comparisons {migration, result: match, mismatch (lasting),
-// transient, shadow_error, shed, panic}, dimmer.shadowread.stage_errors and
-// dimmer.shadowread.reports_dropped. Mismatch [Report]s go, at most one per
+// transient, shadow_error, shed, panic}, dimmer.shadowread.stage_errors,
+// dimmer.shadowread.rechecks_skipped and dimmer.shadowread.reports_dropped. Mismatch [Report]s go, at most one per
 // interval and through a user cleaner, to a [ReportSink] ([SlogSink] by
 // default; [WithReports]).
 //

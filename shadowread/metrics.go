@@ -49,10 +49,13 @@ type metrics struct {
 	comparisons    metric.Int64Counter
 	stageErrors    metric.Int64Counter
 	reportsDropped metric.Int64Counter
-	callOpts       [3][2][2][]metric.AddOption
-	latOpts        [3][2][]metric.RecordOption
-	resOpts        [numResults][]metric.AddOption
-	migOpts        []metric.AddOption
+	// rechecksSkipped counts mismatches left lasting because too many
+	// re-reads were pending or the reader was shutting down.
+	rechecksSkipped metric.Int64Counter
+	callOpts        [3][2][2][]metric.AddOption
+	latOpts         [3][2][]metric.RecordOption
+	resOpts         [numResults][]metric.AddOption
+	migOpts         []metric.AddOption
 }
 
 func newMetrics(mp metric.MeterProvider, migration string) (*metrics, error) {
@@ -78,6 +81,10 @@ func newMetrics(mp metric.MeterProvider, migration string) (*metrics, error) {
 	}
 	if m.reportsDropped, err = meter.Int64Counter("dimmer.shadowread.reports_dropped",
 		metric.WithDescription("mismatch reports not sent because of the report interval")); err != nil {
+		return nil, err
+	}
+	if m.rechecksSkipped, err = meter.Int64Counter("dimmer.shadowread.rechecks_skipped",
+		metric.WithDescription("mismatches counted lasting without a re-read: too many re-reads pending, or shutting down")); err != nil {
 		return nil, err
 	}
 	mig := attribute.String("migration", migration)

@@ -69,6 +69,12 @@ type Reader[In, Out any] struct {
 	lastAt    time.Time
 	stop      chan struct{} // closed by Shutdown: cuts recheck delays short
 	stopOnce  sync.Once
+	rechecks  struct {
+		mu      sync.Mutex
+		pending int
+		closed  bool // set by Shutdown once the pool drained: no new re-reads
+		wg      sync.WaitGroup
+	}
 }
 
 // New returns a Reader for migration. old and new read one input from each
@@ -243,9 +249,10 @@ func (r *Reader[In, Out]) runShadow(ctx context.Context, t *shadowTask[Out], in 
 	defer cancel()
 	sOut, sLat, sErr := r.call(sctx, t.stage, t.shadow, roleShadow, in)
 	obs := flags.Observation{Migration: r.migration, Stage: t.stage, Op: flags.Read, Side: t.shadow, Latency: sLat, Err: sErr != nil}
+	scheduled := false
 	defer func() {
-		if r.cfg.observer != nil {
-			r.cfg.observer.Observe(obs)
+		if !scheduled {
+			r.observe(obs)
 		}
 	}()
 	select {
@@ -274,9 +281,25 @@ func (r *Reader[In, Out]) runShadow(ctx context.Context, t *shadowTask[Out], in 
 		return
 	}
 	obs.Compared, obs.Mismatch, obs.Lasting = true, true, true
+	if r.cfg.recheck > 0 && !r.cfg.wait {
+		// The re-read waits on a timer, not on this worker: a worker held
+		// for the delay would leave a busy pool shedding comparisons.
+		scheduled = true
+		r.scheduleRecheck(ctx, t, in, func(lasting bool) {
+			obs.Lasting = lasting
+			r.mismatch(ctx, t, diff, obs)
+			r.observe(obs)
+		})
+		return
+	}
 	if r.cfg.recheck > 0 {
 		obs.Lasting = r.recheck(ctx, t, in)
 	}
+	r.mismatch(ctx, t, diff, obs)
+}
+
+// mismatch counts and reports a decided mismatch.
+func (r *Reader[In, Out]) mismatch(ctx context.Context, t *shadowTask[Out], diff Diff, obs flags.Observation) {
 	if obs.Lasting {
 		r.m.compared(ctx, resMismatch)
 	} else {
@@ -284,6 +307,48 @@ func (r *Reader[In, Out]) runShadow(ctx context.Context, t *shadowTask[Out], in 
 	}
 	r.report(ctx, Report{Migration: r.migration, Key: t.key, Stage: t.stage, Served: t.served, Shadow: t.shadow,
 		Diff: diff, Lasting: obs.Lasting, At: time.Now().UTC()})
+}
+
+// scheduleRecheck re-reads both sides after the recheck delay on a goroutine
+// of its own and hands the verdict to decide. Pending re-reads are bounded
+// (workers + queue of the pool): past the bound, or once the reader shuts
+// down, the mismatch cannot be shown transient and stays lasting, the
+// conservative verdict for the watchdog. The re-read keeps the stage of the
+// first read, so a verdict that lands after a stage change is still counted
+// under the stage that produced it.
+func (r *Reader[In, Out]) scheduleRecheck(ctx context.Context, t *shadowTask[Out], in In, decide func(lasting bool)) {
+	r.rechecks.mu.Lock()
+	if r.rechecks.closed || r.rechecks.pending >= r.cfg.workers+r.cfg.queue {
+		r.rechecks.mu.Unlock()
+		r.m.rechecksSkipped.Add(ctx, 1, r.m.migOpts...)
+		decide(true)
+		return
+	}
+	r.rechecks.pending++
+	r.rechecks.wg.Add(1)
+	r.rechecks.mu.Unlock()
+	go func() {
+		defer func() {
+			r.rechecks.mu.Lock()
+			r.rechecks.pending--
+			r.rechecks.mu.Unlock()
+			r.rechecks.wg.Done()
+		}()
+		decide(r.recheck(ctx, t, in))
+	}()
+}
+
+// PendingRechecks is the number of mismatches waiting for their re-read.
+func (r *Reader[In, Out]) PendingRechecks() int {
+	r.rechecks.mu.Lock()
+	defer r.rechecks.mu.Unlock()
+	return r.rechecks.pending
+}
+
+func (r *Reader[In, Out]) observe(o flags.Observation) {
+	if r.cfg.observer != nil {
+		r.cfg.observer.Observe(o)
+	}
 }
 
 // verdict applies the error policy, then the comparator; ok is false when
@@ -368,8 +433,8 @@ func (r *Reader[In, Out]) report(ctx context.Context, rep Report) {
 }
 
 // Shutdown stops taking shadow reads (later ones are counted as shed),
-// cuts the recheck delays short and waits for running comparisons, until ctx
-// ends.
+// cuts the recheck delays short and waits for running comparisons and
+// re-reads, until ctx ends.
 func (r *Reader[In, Out]) Shutdown(ctx context.Context) error {
 	r.stopOnce.Do(func() { close(r.stop) })
 	if r.pool == nil {
@@ -378,7 +443,17 @@ func (r *Reader[In, Out]) Shutdown(ctx context.Context) error {
 	if err := r.pool.Shutdown(ctx); err != nil {
 		return fmt.Errorf("shadowread: %s: %w", r.migration, err)
 	}
-	return nil
+	r.rechecks.mu.Lock()
+	r.rechecks.closed = true
+	r.rechecks.mu.Unlock()
+	done := make(chan struct{})
+	go func() { r.rechecks.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("shadowread: %s: waiting for re-reads: %w", r.migration, ctx.Err())
+	}
 }
 
 // Close is Shutdown without a deadline.

@@ -270,6 +270,81 @@ func TestTransientVersusLastingMismatch(t *testing.T) {
 	assert.Equal(t, "<redacted>", last.Diff[0].Served, "reports pass through the cleaner")
 }
 
+// TestRecheckDoesNotHoldAWorker: the re-read of a mismatch waits on a timer,
+// not on the pool. With one worker, five mismatching keys read one after
+// another are all compared (none shed) and all decided about one delay after
+// the first read; a worker held for each delay would take five delays. Each
+// verdict carries the stage of its first read, though the stage moved on
+// before the re-reads.
+func TestRecheckDoesNotHoldAWorker(t *testing.T) {
+	t.Parallel()
+	s := newStores(t)
+	ids := []string{"m0", "m1", "m2", "m3", "m4"}
+	for _, id := range ids {
+		s.put(t, id, "right", "wrong")
+	}
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	shadowDone := make(chan struct{}, len(ids)*2)
+	newSide := func(ctx context.Context, id string) (user, error) {
+		defer func() { shadowDone <- struct{}{} }()
+		return s.readNew(ctx, id)
+	}
+	const delay = time.Second
+	src := stageOf(flags.Shadow)
+	obs := make(observations, 64)
+	r := newReaderFns(t, s, src, s.readOld, newSide, shadowread.WithMeterProvider(mp),
+		shadowread.WithPool(1, 1), shadowread.WithRecheck(delay), shadowread.WithObserver(obs))
+	start := time.Now()
+	for _, id := range ids {
+		_, err := r.Read(ctx(t), id)
+		require.NoError(t, err)
+		select {
+		case <-shadowDone: // the shadow read ran before the next Read
+		case <-time.After(10 * time.Second):
+			t.Fatal("shadow read did not run")
+		}
+	}
+	src.set(flags.Live) // the stage moves on while the re-reads wait
+	for range ids {
+		o := obs.nextShadow(t, flags.Old)
+		assert.True(t, o.Mismatch)
+		assert.True(t, o.Lasting)
+		assert.Equal(t, flags.Shadow, o.Stage, "the verdict keeps the first read's stage")
+	}
+	elapsed := time.Since(start)
+	assert.Less(t, elapsed, 3*delay+delay/2, "the re-reads waited side by side, not one worker after another")
+	require.NoError(t, r.Shutdown(ctx(t)))
+	c := comparisons(t, reader)
+	assert.Zero(t, c["shed"])
+	assert.EqualValues(t, len(ids), c["mismatch"])
+}
+
+// TestShutdownCutsPendingRechecksShort: a mismatch whose re-read is still
+// waiting when the reader shuts down is decided at once (lasting) and
+// Shutdown waits for it.
+func TestShutdownCutsPendingRechecksShort(t *testing.T) {
+	t.Parallel()
+	s := newStores(t)
+	s.put(t, "m", "right", "wrong")
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	obs := make(observations, 16)
+	r := newReaderFns(t, s, stageOf(flags.Shadow), s.readOld, s.readNew, shadowread.WithMeterProvider(mp),
+		shadowread.WithRecheck(time.Hour), shadowread.WithObserver(obs))
+	_, err := r.Read(ctx(t), "m")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return r.PendingRechecks() == 1 }, 10*time.Second, time.Millisecond)
+	start := time.Now()
+	require.NoError(t, r.Shutdown(ctx(t)))
+	assert.Less(t, time.Since(start), 10*time.Second)
+	assert.Zero(t, r.PendingRechecks())
+	o := obs.nextShadow(t, flags.Old)
+	assert.True(t, o.Mismatch)
+	assert.True(t, o.Lasting, "a re-read cut short cannot show the mismatch transient")
+	assert.EqualValues(t, 1, comparisons(t, reader)["mismatch"])
+}
+
 func TestFullQueueShedsAndCounts(t *testing.T) {
 	t.Parallel()
 	s := newStores(t)
