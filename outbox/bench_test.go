@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/internal/benchgoal"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
@@ -81,12 +82,12 @@ const (
 // the buckets Enqueue would compute.
 func fill(b *testing.B, ctx context.Context, o *outbox.Outbox, pool interface {
 	CopyFrom(context.Context, pgx.Identifier, []string, pgx.CopyFromSource) (int64, error)
-}, payload []byte) {
+}, topic string, payload []byte) {
 	c := o.Config()
 	rows := make([][]any, drainMessages)
 	for i := range rows {
 		key := fmt.Sprint("k", i%drainKeys)
-		rows[i] = []any{uuid.Must(uuid.NewV7()), int32(o.Bucket(key)), key, key, "drain", payload}
+		rows[i] = []any{uuid.Must(uuid.NewV7()), int32(o.Bucket(key)), key, key, topic, payload}
 	}
 	_, err := pool.CopyFrom(ctx, pgx.Identifier{c.Schema, c.Table}, []string{"id", "bucket", "lane", "key", "topic", "payload"}, pgx.CopyFromRows(rows))
 	require.NoError(b, err)
@@ -97,7 +98,8 @@ func fill(b *testing.B, ctx context.Context, o *outbox.Outbox, pool interface {
 // delete; no order, no leases) as the upper bound, in the same run.
 func BenchmarkRelayThroughput(b *testing.B) {
 	seeds := brokers(b)
-	createTopic(b, seeds, "drain", 16)
+	drain := dimmertest.Name("drain_")
+	createTopic(b, seeds, drain, 16)
 	ctx := tctx(b, 20*time.Minute)
 	payload := make([]byte, 100)
 
@@ -123,7 +125,7 @@ func BenchmarkRelayThroughput(b *testing.B) {
 			var p []byte
 			_, err = pgx.ForEachRow(rs, []any{&seq, &key, &p}, func() error {
 				seqs = append(seqs, seq)
-				recs = append(recs, &kgo.Record{Topic: "drain", Key: []byte(key), Value: slices.Clone(p)})
+				recs = append(recs, &kgo.Record{Topic: drain, Key: []byte(key), Value: slices.Clone(p)})
 				return nil
 			})
 			require.NoError(b, err)
@@ -178,7 +180,7 @@ func BenchmarkRelayThroughput(b *testing.B) {
 			}
 			return true
 		}, 30*time.Second, 10*time.Millisecond)
-		fill(b, ctx, o, pool, payload)
+		fill(b, ctx, o, pool, drain, payload)
 		_, err := pool.Exec(ctx, `ANALYZE `+o.Config().Schema+`.outbox`)
 		require.NoError(b, err)
 		start := time.Now()
@@ -216,7 +218,8 @@ func BenchmarkRelayThroughput(b *testing.B) {
 // left at 1s, so polling cannot be what delivers).
 func BenchmarkLatency(b *testing.B) {
 	seeds := brokers(b)
-	createTopic(b, seeds, "lat", 8)
+	lat := dimmertest.Name("lat_")
+	createTopic(b, seeds, lat, 8)
 	ctx := tctx(b, 5*time.Minute)
 	pool, o := setup(b, outbox.Config{})
 	_, kp := producer(b, seeds)
@@ -245,7 +248,7 @@ func BenchmarkLatency(b *testing.B) {
 	send := func(i int) {
 		id := uuid.Must(uuid.NewV7())
 		require.NoError(b, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-			_, err := o.Enqueue(ctx, tx, outbox.Message{ID: id, Topic: "lat", Key: fmt.Sprint("k", i%500), Payload: []byte("x")})
+			_, err := o.Enqueue(ctx, tx, outbox.Message{ID: id, Topic: lat, Key: fmt.Sprint("k", i%500), Payload: []byte("x")})
 			return err
 		}))
 		mu.Lock()

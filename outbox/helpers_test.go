@@ -44,6 +44,18 @@ func createTopic(t testing.TB, seeds []string, topic string, partitions int32) {
 	resp, err := kadm.NewClient(cl).CreateTopic(tctx(t, 10*time.Second), partitions, 1, nil, topic)
 	require.NoError(t, err)
 	require.NoError(t, resp.Err)
+	// On a real cluster (DIMMER_KAFKA_BROKERS) the topic would outlive the
+	// test; on kfake this is harmless.
+	t.Cleanup(func() {
+		cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...))
+		if err != nil {
+			return
+		}
+		defer cl.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, _ = kadm.NewClient(cl).DeleteTopic(ctx, topic)
+	})
 }
 
 func producer(t testing.TB, seeds []string) (*kgo.Client, *kafkasink.Publisher) {
