@@ -68,5 +68,20 @@
 // new side loses its Postgres connections give callers no error and turn
 // every missed write into a repair that converges on replay; shadow reads
 // whose Redis side is blackholed leave the caller's results and latency
-// alone.
+// alone; an outbox relay killed mid-batch (its Postgres link blackholed
+// after the broker acknowledged a batch, then its Run cancelled and its
+// connections reset) loses nothing: a second relay takes its buckets over,
+// each key's messages reach Kafka in commit order, and only the killed
+// batches repeat; an outbox relay behind a blackholed Kafka link keeps the
+// messages committed meanwhile, dead-letters none of them in an outage
+// shorter than its attempts allow, and delivers them all in order once the
+// link heals.
+//
+// A finding those tests pin down: with the idempotent producer's defaults
+// (kafkasink.ClientOptions), franz-go will not fail a record it has sent
+// without an answer, so while Kafka is unreachable the relay's Publish
+// waits out the outage (no failed attempt is counted and the relay holds
+// its place in one call). Adding kgo.AllowIdempotentProduceCancellation and
+// a short kgo.RequestTimeoutOverhead makes RelayConfig.PublishTimeout bound
+// each attempt, at the price of an occasional repeat.
 package chaos
