@@ -9,11 +9,25 @@
 // more columns of any ordered type — integers including ≤ 0 and the extremes,
 // text in its collation, UUIDs), a transform ([Spec.Exprs], SQL run in the
 // server, and/or a Go [Transform]) and a [Sink]. Without a Go transform and
-// with the target in the same database, each chunk is one statement in the
-// server (INSERT … SELECT … ON CONFLICT), which is what makes a backfill
-// nearly as fast as a hand-written INSERT INTO … SELECT. [PGSink] writes to
-// another database and [RedisSink] to Redis hashes; any other store
-// implements the three-method [Sink].
+// with the target in the same database, each chunk is copied inside the
+// server, which is what makes a backfill nearly as fast as a hand-written
+// INSERT INTO … SELECT. [PGSink] writes to another database and [RedisSink]
+// to Redis hashes; any other store implements the three-method [Sink].
+//
+// # The fast path: plain inserts where nothing can be overwritten
+//
+// The version-guarded upsert costs about twice a plain INSERT (its
+// speculative insertion), so a chunk lists the keys of its range the target
+// already holds (an index probe), upserts those rows and inserts the others
+// with a plain INSERT … SELECT inside a savepoint. A plain INSERT never
+// overwrites anything: a dual write landing in the range meanwhile makes it
+// fail with unique_violation, the chunk rolls back to the savepoint and is
+// redone by the upsert alone ([Result.Fallbacks], metric
+// dimmer.backfill.fallbacks); after a fallback a worker upserts its next
+// chunks directly (4, doubling up to 64 while fallbacks keep coming), so a
+// range the dual writes keep filling does not pay for two statements. When
+// Spec.Exprs computes a key column the target's keys are not the source's,
+// and every chunk is upserted.
 //
 // # Checkpoints, exactly once
 //
@@ -22,7 +36,10 @@
 // ([Backfiller.Install], in a schema of the caller's choosing). When the
 // sink is a table of the database holding the checkpoints, a chunk's writes
 // and its cursor commit in one transaction: a resume repeats no chunk and
-// skips none, whenever the process died. Elsewhere the sink commits first
+// skips none, whenever the process died; such a transaction commits with
+// synchronous_commit off, since a server crash loses chunk and cursor
+// together and a resume redoes them, which keeps the backfill's WAL flushes
+// out of the way of the service's commits. Elsewhere the sink commits first
 // and the cursor right after: a crash in between redoes one chunk, which
 // the idempotent, version-guarded sink absorbs. A job resumed with another
 // definition (its [Spec], sink or TransformVersion) is refused with a
@@ -79,6 +96,17 @@
 // chunk's transaction, so a dead worker's range is taken over once its
 // lease expires and a worker presumed dead cannot commit over its
 // successor.
+//
+// A worker that finds no free range steals: it splits the leased range with
+// the most rows left (counted from the holder's cursor, up to 64 chunks)
+// and leases the upper half as a new range, so no worker of any process
+// sits idle while another has a long range to go (planned ranges hold about
+// equal row counts, but rows differ in cost and processes join late). The
+// split takes the range row's lock that every chunk takes first and checks
+// that the holder has not passed the split key; the holder reads its
+// range's end again at the start of every chunk, so a chunk runs wholly
+// before or wholly after a split, and no row is copied by both or by
+// neither.
 //
 // # Progress
 //

@@ -168,12 +168,14 @@ func quoteList(cols []string) string {
 
 // boundarySQL finds the key closing a chunk of limit rows after lo (an
 // index-only scan, no sort): the chunk is then copied as a plain key range.
+// The key is rendered as text outside the OFFSET: inside, every skipped row
+// would be rendered too.
 func (sh *shape) boundarySQL(lo, hi []string, limit int) (string, []any) {
 	var args []any
 	w := sh.where(lo, hi, &args, "")
 	args = append(args, limit-1)
-	return `SELECT ` + sh.cursor + ` FROM ` + sh.spec.Source.sql() + ` WHERE ` + w + ` ORDER BY ` + sh.keyList +
-		fmt.Sprintf(` OFFSET $%d LIMIT 1`, len(args)), args
+	return `SELECT ` + sh.cursor + ` FROM (SELECT ` + sh.keyList + ` FROM ` + sh.spec.Source.sql() + ` WHERE ` + w +
+		` ORDER BY ` + sh.keyList + fmt.Sprintf(` OFFSET $%d LIMIT 1) b`, len(args)), args
 }
 
 // countSQL counts the source rows in (lo, hi].
@@ -186,15 +188,71 @@ func (sh *shape) countSQL(lo, hi []string) (string, []any) {
 // copySQL is the fast path: one statement upserts the source rows of the key
 // range (lo, hi] into the target, version-guarded, inside the server.
 func (sh *shape) copySQL(lo, hi []string, lockSource bool) (string, []any) {
+	return sh.copyKeysSQL(lo, hi, nil, keysAll, lockSource)
+}
+
+// keyFilter restricts a chunk's copy to some of its keys.
+type keyFilter int
+
+const (
+	keysAll   keyFilter = iota
+	keysIn              // only the listed keys (they are in the target)
+	keysNotIn           // all but the listed keys, by a plain INSERT
+)
+
+// copyKeysSQL copies the source rows of (lo, hi]: keysAll and keysIn by the
+// version-guarded upsert, keysNotIn by a plain INSERT, which never
+// overwrites anything: a row that is in the target after all makes it fail
+// with unique_violation.
+func (sh *shape) copyKeysSQL(lo, hi []string, keys [][]string, f keyFilter, lockSource bool) (string, []any) {
 	var args []any
-	w := sh.where(lo, hi, &args, "")
+	src := sh.spec.Source.sql()
+	w := sh.where(lo, hi, &args, src+".")
+	if f != keysAll && len(keys) > 0 {
+		// The listed keys as one text array per key column, matched cast back
+		// to the key types (the source's collation applies: the column's).
+		var us, match []string
+		for i, k := range sh.spec.Key {
+			col := make([]string, len(keys))
+			for j, key := range keys {
+				col[j] = key[i]
+			}
+			args = append(args, col)
+			us = append(us, fmt.Sprintf("$%d::text[]", len(args)))
+			u := ident(fmt.Sprintf("__dimmer_k%d", i))
+			match = append(match, src+"."+ident(k)+" = u."+u+"::"+sh.keyTypes[i])
+		}
+		var names []string
+		for i := range sh.spec.Key {
+			names = append(names, ident(fmt.Sprintf("__dimmer_k%d", i)))
+		}
+		sub := `EXISTS (SELECT 1 FROM unnest(` + strings.Join(us, ", ") + `) AS u(` + strings.Join(names, ", ") + `) WHERE ` +
+			strings.Join(match, " AND ") + `)`
+		if f == keysNotIn {
+			sub = "NOT " + sub
+		}
+		w += " AND " + sub
+	}
 	lock := ""
 	if lockSource {
-		lock = " FOR KEY SHARE"
+		lock = " FOR KEY SHARE OF " + src
 	}
 	cl := quoteList(sh.cols)
-	return `INSERT INTO ` + sh.spec.Target.sql() + ` AS t (` + cl + `) SELECT ` + sh.selects + ` FROM ` + sh.spec.Source.sql() +
-		` WHERE ` + w + lock + upsertClause("t", sh.spec.Key, sh.cols, sh.spec.VersionColumn), args
+	q := `INSERT INTO ` + sh.spec.Target.sql() + ` AS t (` + cl + `) SELECT ` + sh.selects + ` FROM ` + src +
+		` WHERE ` + w + lock
+	if f != keysNotIn {
+		q += upsertClause("t", sh.spec.Key, sh.cols, sh.spec.VersionColumn)
+	}
+	return q, args
+}
+
+// presentSQL lists up to limit keys of the target in (lo, hi]: the rows a
+// chunk must upsert; the others are inserted plainly.
+func (sh *shape) presentSQL(lo, hi []string, limit int) (string, []any) {
+	var args []any
+	w := sh.where(lo, hi, &args, "")
+	args = append(args, limit)
+	return `SELECT ` + sh.cursor + ` FROM ` + sh.spec.Target.sql() + ` WHERE ` + w + fmt.Sprintf(` LIMIT $%d`, len(args)), args
 }
 
 // readSQL reads a chunk for the Go path: target-shaped rows plus the cursor.

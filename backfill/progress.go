@@ -37,10 +37,11 @@ type WorkerProgress struct {
 }
 
 type instruments struct {
-	rows    metric.Int64Counter
-	chunks  metric.Float64Histogram
-	held    metric.Float64Counter
-	retries metric.Int64Counter
+	rows      metric.Int64Counter
+	chunks    metric.Float64Histogram
+	held      metric.Float64Counter
+	retries   metric.Int64Counter
+	fallbacks metric.Int64Counter
 }
 
 func newInstruments(m metric.Meter) (*instruments, error) {
@@ -56,6 +57,9 @@ func newInstruments(m metric.Meter) (*instruments, error) {
 		return nil, err
 	}
 	if i.retries, err = m.Int64Counter("dimmer.backfill.retries", metric.WithDescription("chunks retried after a transient error")); err != nil {
+		return nil, err
+	}
+	if i.fallbacks, err = m.Int64Counter("dimmer.backfill.fallbacks", metric.WithDescription("chunks whose plain insert met a dual write and were redone by the upsert")); err != nil {
 		return nil, err
 	}
 	return &i, nil
@@ -106,6 +110,13 @@ func (t *tracker) rangeDone() {
 	defer t.mu.Unlock()
 	t.rangesDone++
 	t.report()
+}
+
+// split counts a range this process split off a busy one.
+func (t *tracker) split() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.ranges++
 }
 
 func (t *tracker) hold(ctx context.Context, why string, d time.Duration) {

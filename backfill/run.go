@@ -23,6 +23,10 @@ type Result struct {
 	Job string
 	// Rows copied by this process in this run, and in how many chunks.
 	Rows, Chunks int64
+	// Fallbacks counts chunks whose plain insert met a row written into the
+	// target meanwhile (a dual write) and were redone by the version-guarded
+	// upsert.
+	Fallbacks int64
 	// AlreadyDone: the job had finished at this epoch before; nothing ran.
 	AlreadyDone bool
 	Epoch       int64
@@ -31,14 +35,17 @@ type Result struct {
 
 // runner is a job resolved for running.
 type runner struct {
-	b     *Backfiller
-	j     *Job
-	cfg   Config
-	src   querier
-	sh    *shape
-	fp    string
-	doc   string
-	fast  bool
+	b    *Backfiller
+	j    *Job
+	cfg  Config
+	src  querier
+	sh   *shape
+	fp   string
+	doc  string
+	fast bool
+	// plain: the fast path may insert the rows the target lacks without
+	// ON CONFLICT (the target's keys are the source's, no Exprs on them).
+	plain bool
 	txPG  *PGSink // written in the checkpoint's transaction
 	sink  Sink    // committed on its own, checkpoint right after
 	pace  *pacer
@@ -72,6 +79,12 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 	if pg, ok := sink.(*PGSink); ok && pg.pool == b.pool {
 		r.txPG = pg
 		r.fast = j.Transform == nil && r.src == querier(b.pool)
+		r.plain = r.fast
+		for _, k := range j.Spec.Key {
+			if _, ok := j.Spec.Exprs[k]; ok {
+				r.plain = false
+			}
+		}
 	} else {
 		r.sink = sink
 	}
@@ -137,10 +150,12 @@ func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
 		id := fmt.Sprintf("%s/%d", b.workerID, i)
 		g.Go(func() error {
 			defer workers.Done()
-			rows, chunks, err := r.work(gctx, id)
+			w := &worker{id: id, sz: newSizer(r.cfg)}
+			err := r.work(gctx, w)
 			mu.Lock()
-			res.Rows += rows
-			res.Chunks += chunks
+			res.Rows += w.rows
+			res.Chunks += w.chunks
+			res.Fallbacks += w.fallbacks
 			mu.Unlock()
 			return err
 		})
@@ -243,8 +258,8 @@ ON CONFLICT (name) DO UPDATE SET epoch = EXCLUDED.epoch, upper_bound = EXCLUDED.
 		return false, fmt.Errorf("backfill: %s: register job: %w", r.j.Name, err)
 	}
 	for i, kr := range rs {
-		if _, err := tx.Exec(ctx, `INSERT INTO `+b.t.ranges+` (job, id, lo, hi, cursor) VALUES ($1, $2, $3, $4, $3)`,
-			r.j.Name, i, kr.Lo, kr.Hi); err != nil {
+		if _, err := tx.Exec(ctx, `INSERT INTO `+b.t.ranges+` (job, id, lo, hi, cursor, est_rows) VALUES ($1, $2, $3, $4, $3, $5)`,
+			r.j.Name, i, kr.Lo, kr.Hi, ks.estimate/int64(len(rs))); err != nil {
 			return false, fmt.Errorf("backfill: %s: register ranges: %w", r.j.Name, err)
 		}
 	}
@@ -263,42 +278,63 @@ type lease struct {
 
 var errPaused = errors.New("backfill: paused")
 
+// worker is one copying goroutine's state.
+type worker struct {
+	id                      string
+	sz                      *sizer
+	rows, chunks, fallbacks int64
+	// upsertLeft chunks go straight to the upsert after a plain insert met
+	// a dual write; upsertRun is how many the next fallback will skip, doubled
+	// by every fallback in a row, so a range that dual writes keep filling
+	// does not pay for two statements per chunk.
+	upsertLeft, upsertRun int
+}
+
+const (
+	minUpsertRun = 4
+	maxUpsertRun = 64
+)
+
 // work claims ranges until none is left anywhere.
-func (r *runner) work(ctx context.Context, worker string) (rows, chunks int64, err error) {
-	sz := newSizer(r.cfg)
+func (r *runner) work(ctx context.Context, w *worker) error {
 	for {
-		l, paused, remaining, err := r.claim(ctx, worker)
+		l, paused, remaining, err := r.claim(ctx, w.id)
 		if err != nil {
-			return rows, chunks, err
+			return err
 		}
 		switch {
 		case l != nil:
 		case remaining == 0:
-			return rows, chunks, nil
+			return nil
 		case paused != "":
 			r.track.hold(ctx, "paused: "+paused, r.cfg.PollInterval)
 			if err := sleep(ctx, r.cfg.PollInterval); err != nil {
-				return rows, chunks, err
+				return err
 			}
 			continue
 		default:
-			// Every remaining range is leased by a worker that may be dead:
-			// wait for the leases to expire and take over.
-			if err := sleep(ctx, r.cfg.PollInterval); err != nil {
-				return rows, chunks, err
+			// Every remaining range is leased: split the one with the most
+			// left, or, when none is worth splitting, wait for the others to
+			// finish (or for the lease of a dead one to expire).
+			if l, err = r.steal(ctx, w); err != nil {
+				return err
 			}
-			continue
+			if l == nil {
+				if err := sleep(ctx, r.cfg.PollInterval); err != nil {
+					return err
+				}
+				continue
+			}
 		}
-		n, c, err := r.copyRange(ctx, worker, l, sz)
-		rows, chunks = rows+n, chunks+c
+		err = r.copyRange(ctx, w, l)
 		switch {
 		case errors.Is(err, ErrLeaseLost):
-			r.b.logger.Warn("backfill: range taken over by another worker", "job", r.j.Name, "range", l.id, "worker", worker)
+			r.b.logger.Warn("backfill: range taken over by another worker", "job", r.j.Name, "range", l.id, "worker", w.id)
 		case errors.Is(err, errPaused):
 			r.release(ctx, l)
 		case err != nil:
 			r.release(context.WithoutCancel(ctx), l)
-			return rows, chunks, err
+			return err
 		}
 	}
 }
@@ -342,17 +378,18 @@ WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token); err != nil
 }
 
 // copyRange copies chunks of one leased range until it is done.
-func (r *runner) copyRange(ctx context.Context, worker string, l *lease, sz *sizer) (rows, chunks int64, err error) {
+func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error) {
+	sz := w.sz
 	for {
 		if err := r.holdForSignals(ctx, sz); err != nil {
-			return rows, chunks, err
+			return err
 		}
 		size := sz.size
 		started := time.Now()
 		var n int
 		var done bool
 		for attempt := 0; ; attempt++ {
-			n, done, err = r.chunk(ctx, l, size)
+			n, done, err = r.chunk(ctx, w, l, size)
 			if err == nil || !transient(ctx, err) || attempt >= r.cfg.MaxRetries {
 				break
 			}
@@ -360,24 +397,24 @@ func (r *runner) copyRange(ctx context.Context, worker string, l *lease, sz *siz
 			wait := min(100*time.Millisecond<<attempt, 5*time.Second)
 			r.b.logger.Warn("backfill: chunk failed, retrying", "job", r.j.Name, "range", l.id, "attempt", attempt+1, "wait", wait, "err", err)
 			if err := sleep(ctx, wait); err != nil {
-				return rows, chunks, err
+				return err
 			}
 		}
 		if err != nil {
-			return rows, chunks, err
+			return err
 		}
 		took := time.Since(started)
-		rows, chunks = rows+int64(n), chunks+1
+		w.rows, w.chunks = w.rows+int64(n), w.chunks+1
 		sz.observe(n, took)
-		r.track.chunk(ctx, worker, l.id, n, size, took)
+		r.track.chunk(ctx, w.id, l.id, n, size, took)
 		if done {
 			r.track.rangeDone()
-			return rows, chunks, nil
+			return nil
 		}
 		if d := r.pace.take(n, started); d > 0 {
 			r.track.hold(ctx, fmt.Sprintf("rate limit %.0f rows/s", r.cfg.RowsPerSecond), d)
 			if err := sleep(ctx, d); err != nil {
-				return rows, chunks, err
+				return err
 			}
 		}
 	}
@@ -408,7 +445,7 @@ func (r *runner) holdForSignals(ctx context.Context, sz *sizer) error {
 // (no chunk repeated or skipped across a crash); otherwise the sink commits
 // first and the cursor right after (a crash between redoes one chunk, which
 // the idempotent, version-guarded sink absorbs).
-func (r *runner) chunk(ctx context.Context, l *lease, size int) (n int, done bool, err error) {
+func (r *runner) chunk(ctx context.Context, w *worker, l *lease, size int) (n int, done bool, err error) {
 	b := r.b
 	tx, err := b.pool.Begin(ctx)
 	if err != nil {
@@ -417,10 +454,12 @@ func (r *runner) chunk(ctx context.Context, l *lease, size int) (n int, done boo
 	defer tx.Rollback(context.WithoutCancel(ctx))
 	// Renew the lease and lock the range row for the chunk: a worker taking
 	// the range over waits for this chunk, and a stale token aborts it.
+	// The range's end is read again: a stealer may have split it (under
+	// this same row lock) since the last chunk.
 	var paused bool
 	err = tx.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET lease_until = clock_timestamp() + make_interval(secs => $4)
-WHERE job = $1 AND id = $2 AND token = $3 RETURNING (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)`,
-		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds()).Scan(&paused)
+WHERE job = $1 AND id = $2 AND token = $3 RETURNING hi, (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)`,
+		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds()).Scan(&l.hi, &paused)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, false, ErrLeaseLost
 	}
@@ -430,11 +469,20 @@ WHERE job = $1 AND id = $2 AND token = $3 RETURNING (SELECT paused FROM `+b.t.jo
 	if paused {
 		return 0, false, errPaused
 	}
+	if r.txPG != nil {
+		// The chunk and its cursor commit together: a server crash loses
+		// both and a resume redoes the chunk, so the commit need not wait for
+		// the WAL flush, and the backfill's flushes stay out of the way of
+		// the service's commits. (Never where the sink commits on its own.)
+		if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+			return 0, false, err
+		}
+	}
 	var last []string
 	fixed := r.fast
 	switch {
 	case r.fast:
-		n, last, done, err = r.fastChunk(ctx, tx, l, size)
+		n, last, done, err = r.fastChunk(ctx, tx, w, l, size)
 	case r.txPG != nil:
 		var src querier = tx
 		if r.src != querier(b.pool) {
@@ -482,14 +530,28 @@ WHERE job = $1 AND id = $2 AND token = $3 RETURNING (SELECT paused FROM `+b.t.jo
 	if n > 0 {
 		cursor = last
 	}
+	// hi = $8: where the sink commits on its own, the range lock was let go
+	// during the write and a stealer may have split the range meanwhile.
 	tag, err := tx.Exec(ctx, `UPDATE `+b.t.ranges+` SET cursor = $4, rows_done = rows_done + $5, chunks = chunks + 1, done = $6,
 	updated_at = now(), lease_until = clock_timestamp() + make_interval(secs => $7)
-WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token, cursor, n, done, r.cfg.LeaseTTL.Seconds())
+WHERE job = $1 AND id = $2 AND token = $3 AND hi = $8`, r.j.Name, l.id, l.token, cursor, n, done, r.cfg.LeaseTTL.Seconds(), l.hi)
 	if err != nil {
 		return 0, false, err
 	}
 	if tag.RowsAffected() == 0 {
-		return 0, false, ErrLeaseLost
+		var hi []string
+		err := tx.QueryRow(ctx, `SELECT hi FROM `+b.t.ranges+` WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token).Scan(&hi)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return 0, false, ErrLeaseLost
+		}
+		if err != nil {
+			return 0, false, err
+		}
+		// Split while the sink wrote: the rows written past the new end are
+		// the stealer's too (the sink is idempotent); this chunk is redone
+		// up to the new end.
+		l.hi = hi
+		return 0, false, nil
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return 0, false, err
@@ -498,9 +560,9 @@ WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token, cursor, n, 
 	return n, done, nil
 }
 
-// fastChunk finds the chunk's closing key, then copies the key range in one
-// statement.
-func (r *runner) fastChunk(ctx context.Context, tx pgx.Tx, l *lease, size int) (n int, last []string, done bool, err error) {
+// fastChunk finds the chunk's closing key, then copies the key range inside
+// the server.
+func (r *runner) fastChunk(ctx context.Context, tx pgx.Tx, w *worker, l *lease, size int) (n int, last []string, done bool, err error) {
 	sql, args := r.sh.boundarySQL(l.cursor, l.hi, size)
 	err = tx.QueryRow(ctx, sql, args...).Scan(&last)
 	switch {
@@ -518,11 +580,77 @@ func (r *runner) fastChunk(ctx context.Context, tx pgx.Tx, l *lease, size int) (
 	default:
 		return 0, nil, false, err
 	}
-	sql, args = r.sh.copySQL(l.cursor, last, r.cfg.LockSourceRows)
-	if _, err := tx.Exec(ctx, sql, args...); err != nil {
+	if err := r.copyKeys(ctx, tx, w, l.cursor, last, n); err != nil {
 		return 0, nil, false, err
 	}
 	return n, last, done, nil
+}
+
+// copyKeys copies the source rows of (lo, hi], about n of them. The
+// version-guarded upsert (ON CONFLICT … DO UPDATE … WHERE version <=) costs
+// about twice a plain INSERT because of its speculative insertion, so only
+// the rows whose keys are already in the target go through it; the others
+// are inserted plainly, inside a savepoint. A plain INSERT never
+// overwrites: a dual write that lands a row in the range meanwhile makes it
+// fail with unique_violation, and the chunk is redone by the upsert alone.
+func (r *runner) copyKeys(ctx context.Context, tx pgx.Tx, w *worker, lo, hi []string, n int) error {
+	lock := r.cfg.LockSourceRows
+	upsertAll := func() error {
+		sql, args := r.sh.copySQL(lo, hi, lock)
+		_, err := tx.Exec(ctx, sql, args...)
+		return err
+	}
+	if !r.plain {
+		return upsertAll()
+	}
+	if w.upsertLeft > 0 {
+		w.upsertLeft--
+		return upsertAll()
+	}
+	// Up to a quarter of the chunk may be upserted by key; beyond, one
+	// upsert of the whole range is cheaper than shipping the keys.
+	limit := max(n/4, 16)
+	sql, args := r.sh.presentSQL(lo, hi, limit+1)
+	rows, err := tx.Query(ctx, sql, args...)
+	if err != nil {
+		return err
+	}
+	present, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
+	if err != nil {
+		return err
+	}
+	if len(present) > limit {
+		return upsertAll()
+	}
+	if _, err := tx.Exec(ctx, `SAVEPOINT dimmer_plain`); err != nil {
+		return err
+	}
+	sql, args = r.sh.copyKeysSQL(lo, hi, present, keysNotIn, lock)
+	_, err = tx.Exec(ctx, sql, args...)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "23505" {
+		if _, err := tx.Exec(ctx, `ROLLBACK TO SAVEPOINT dimmer_plain`); err != nil {
+			return err
+		}
+		w.fallbacks++
+		r.b.m.fallbacks.Add(ctx, 1, r.track.attrs)
+		w.upsertRun = min(max(2*w.upsertRun, minUpsertRun), maxUpsertRun)
+		w.upsertLeft = w.upsertRun
+		return upsertAll()
+	}
+	if err != nil {
+		return err
+	}
+	w.upsertRun = 0
+	if _, err := tx.Exec(ctx, `RELEASE SAVEPOINT dimmer_plain`); err != nil {
+		return err
+	}
+	if len(present) == 0 {
+		return nil
+	}
+	sql, args = r.sh.copyKeysSQL(lo, hi, present, keysIn, lock)
+	_, err = tx.Exec(ctx, sql, args...)
+	return err
 }
 
 // read returns up to limit target-shaped rows after lo up to hi, and the

@@ -10,7 +10,7 @@ import (
 
 // SchemaVersion is the newest version of the backfill tables this code
 // installs.
-const SchemaVersion = 1
+const SchemaVersion = 2
 
 // migrations[i] brings the tables from version i to i+1. Never edit a
 // released entry: append one.
@@ -65,6 +65,10 @@ CREATE TABLE ` + b.t.verifications + ` (
 	detail        jsonb NOT NULL
 );
 CREATE INDEX ON ` + b.t.verifications + ` (migration, job, id DESC);`,
+		// v2: the rows a range is expected to hold, which steers work
+		// stealing to the range with the most left (corrected by the counts
+		// a stealer takes).
+		`ALTER TABLE ` + b.t.ranges + ` ADD COLUMN est_rows bigint NOT NULL DEFAULT 0;`,
 	}
 }
 
