@@ -83,11 +83,13 @@ func testName(round, workers int) string {
 type latencies struct {
 	mu  sync.Mutex
 	all []time.Duration
+	at  []time.Time
 }
 
 func (l *latencies) add(d time.Duration) {
 	l.mu.Lock()
 	l.all = append(l.all, d)
+	l.at = append(l.at, time.Now())
 	l.mu.Unlock()
 }
 
@@ -125,36 +127,73 @@ func oltp(e *env, d time.Duration, l *latencies) {
 }
 
 // BenchmarkBackfillOLTPP99 measures the p99 of a concurrent OLTP write load
-// with and without a throttled backfill running (interleaved), and the rate
-// the backfill still reaches.
+// (4 workers × 100 single-row updates/s) with and without a throttled
+// backfill running, and the rate the backfill still reaches. The machine is
+// shared and its quiet p99 drifts from one window to the next, so windows
+// are compared like with like: each round measures a quiet and a busy
+// window back to back (alternating which comes first), each after the same
+// reset and settling pause, and the goal is the median of the rounds'
+// busy/quiet ratios. The throttle's limit is 1.2 × the latest quiet p99, as
+// an operator would set it from the service's normal p99.
 func BenchmarkBackfillOLTPP99(b *testing.B) {
 	e := benchEnv(b)
-	const window = 4 * time.Second
+	const (
+		window = 4 * time.Second
+		rounds = 4
+		settle = time.Second
+	)
 	var quiet, busy []time.Duration
-	var rates []float64
-	for round := range 2 {
-		var q latencies
-		oltp(e, window, &q)
-		quiet = append(quiet, q.p99(len(q.all)))
-
-		e.reset(b)
-		var l latencies
-		limit := q.p99(len(q.all)) * 12 / 10
-		j := backfill.Job{Name: testName(round, 9), Migration: "orders",
-			Spec: backfill.Spec{Source: backfill.Table{Name: "old_orders"}, Target: backfill.Table{Name: "new_orders"}, Key: []string{"id"}, VersionColumn: "version"},
-			Config: backfill.Config{TargetChunkTime: 50 * time.Millisecond, Signals: []backfill.Signal{
-				backfill.Latency("oltp-p99", func() time.Duration { return l.p99(200) }, limit)}}}
-		ctx, cancel := context.WithCancel(context.Background())
-		var res backfill.Result
-		done := make(chan struct{})
-		go func() { res, _ = e.bf.Run(ctx, j); close(done) }()
-		oltp(e, window, &l)
-		cancel()
-		<-done
-		busy = append(busy, l.p99(len(l.all)))
-		rates = append(rates, float64(res.Rows)/window.Seconds())
+	var ratios, rates []float64
+	var calib latencies
+	oltp(e, 2*time.Second, &calib) // warm-up, sets the first limit
+	limit := calib.p99(len(calib.all)) * 12 / 10
+	for round := range rounds {
+		quietWindow := func() {
+			e.reset(b)
+			time.Sleep(settle)
+			var q latencies
+			oltp(e, window, &q)
+			quiet = append(quiet, q.p99(len(q.all)))
+			limit = q.p99(len(q.all)) * 12 / 10
+		}
+		busyWindow := func() {
+			e.reset(b)
+			time.Sleep(settle)
+			var l latencies
+			j := backfill.Job{Name: testName(round, 9), Migration: "orders",
+				Spec: backfill.Spec{Source: backfill.Table{Name: "old_orders"}, Target: backfill.Table{Name: "new_orders"}, Key: []string{"id"}, VersionColumn: "version"},
+				Config: backfill.Config{TargetChunkTime: 50 * time.Millisecond, Signals: []backfill.Signal{
+					backfill.Latency("oltp-p99", func() time.Duration { return l.p99(200) }, limit)}}}
+			ctx, cancel := context.WithCancel(context.Background())
+			var res backfill.Result
+			done := make(chan struct{})
+			go func() { res, _ = e.bf.Run(ctx, j); close(done) }()
+			oltp(e, window, &l)
+			cancel()
+			<-done
+			busy = append(busy, l.p99(len(l.all)))
+			rates = append(rates, float64(res.Rows)/window.Seconds())
+		}
+		if round%2 == 0 {
+			quietWindow()
+			busyWindow()
+		} else {
+			busyWindow()
+			quietWindow()
+		}
+		ratios = append(ratios, float64(busy[round])/float64(quiet[round]))
 	}
-	ratio := float64(slices.Min(busy)) / float64(slices.Min(quiet))
-	b.Logf("OLTP p99 without backfill %v, with %v; backfill reached %.0f rows/s", quiet, busy, slices.Max(rates))
-	benchgoal.Report(b, "backfill_oltp_p99_ratio", ratio, "x", benchgoal.AtMost, 1.5)
+	b.Logf("OLTP p99 without backfill %v, with %v; ratios %.2f; backfill reached %.0f rows/s (median %.0f)",
+		quiet, busy, ratios, slices.Max(rates), median(rates))
+	benchgoal.Report(b, "backfill_oltp_p99_ratio", median(ratios), "x", benchgoal.AtMost, 1.5)
+	b.ReportMetric(median(rates), "backfill_rows/s")
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }

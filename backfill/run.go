@@ -49,6 +49,7 @@ type runner struct {
 	txPG  *PGSink // written in the checkpoint's transaction
 	sink  Sink    // committed on its own, checkpoint right after
 	pace  *pacer
+	duty  *duty
 	track *tracker
 	epoch int64
 }
@@ -140,6 +141,9 @@ func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
 	}
 	if r.cfg.RowsPerSecond > 0 {
 		r.pace = &pacer{rate: r.cfg.RowsPerSecond}
+	}
+	if len(r.cfg.Signals) > 0 {
+		r.duty = newDuty()
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	var mu sync.Mutex
@@ -381,7 +385,8 @@ WHERE job = $1 AND id = $2 AND token = $3`, r.j.Name, l.id, l.token); err != nil
 func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error) {
 	sz := w.sz
 	for {
-		if err := r.holdForSignals(ctx, sz); err != nil {
+		held, err := r.holdForSignals(ctx, sz)
+		if err != nil {
 			return err
 		}
 		size := sz.size
@@ -411,6 +416,14 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 			r.track.rangeDone()
 			return nil
 		}
+		if r.duty != nil {
+			if d, share := r.duty.ran(took, held); d > 0 {
+				r.track.hold(ctx, fmt.Sprintf("duty cycle %.0f%% (signals)", share*100), d)
+				if err := sleep(ctx, d); err != nil {
+					return err
+				}
+			}
+		}
 		if d := r.pace.take(n, started); d > 0 {
 			r.track.hold(ctx, fmt.Sprintf("rate limit %.0f rows/s", r.cfg.RowsPerSecond), d)
 			if err := sleep(ctx, d); err != nil {
@@ -420,7 +433,9 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 	}
 }
 
-func (r *runner) holdForSignals(ctx context.Context, sz *sizer) error {
+// holdForSignals waits while any signal holds the job; each hold halves
+// the chunk size and the duty cycle. It reports whether it held.
+func (r *runner) holdForSignals(ctx context.Context, sz *sizer) (held bool, err error) {
 	for _, s := range r.cfg.Signals {
 		for {
 			d, why, err := s.Hold(ctx)
@@ -430,14 +445,16 @@ func (r *runner) holdForSignals(ctx context.Context, sz *sizer) error {
 			if d <= 0 {
 				break
 			}
+			held = true
 			sz.backoff()
+			r.duty.cut()
 			r.track.hold(ctx, s.Name()+": "+why, d)
 			if err := sleep(ctx, d); err != nil {
-				return err
+				return held, err
 			}
 		}
 	}
-	return ctx.Err()
+	return held, ctx.Err()
 }
 
 // chunk copies up to size rows after the range's cursor and moves the

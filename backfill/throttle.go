@@ -103,6 +103,44 @@ func (s *sizer) observe(rows int, took time.Duration) {
 // locks and I/O for less time.
 func (s *sizer) backoff() { s.size = max(s.min, s.size/2) }
 
+// duty is the share of time this process's workers copy while signals are
+// configured: halved whenever a signal holds the job, won back a step by
+// every chunk that started without a hold (additive increase,
+// multiplicative decrease), so the rate settles where the signals stop
+// complaining instead of swinging between full speed and a hold. Each
+// chunk is followed by a rest in proportion.
+type duty struct {
+	mu    sync.Mutex
+	share float64
+}
+
+const (
+	minDuty  = 1.0 / 32
+	dutyStep = 1.0 / 16
+)
+
+func newDuty() *duty { return &duty{share: 1} }
+
+func (d *duty) cut() {
+	d.mu.Lock()
+	d.share = max(d.share/2, minDuty)
+	d.mu.Unlock()
+}
+
+// ran accounts a chunk that took took; held tells whether a signal held it
+// back before it started. It returns the rest due after it, and the share.
+func (d *duty) ran(took time.Duration, held bool) (time.Duration, float64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !held {
+		d.share = min(1, d.share+dutyStep)
+	}
+	if d.share >= 1 {
+		return 0, 1
+	}
+	return time.Duration(float64(took) * (1 - d.share) / d.share), d.share
+}
+
 // pacer spaces chunks so the job stays under a rows/s limit across workers.
 type pacer struct {
 	mu   sync.Mutex

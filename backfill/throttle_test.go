@@ -59,3 +59,23 @@ func TestLatencySignal(t *testing.T) {
 	assert.Equal(t, 200*time.Millisecond, d, "4x the excess, at least 4x50ms")
 	assert.Equal(t, "p99 at 30ms (limit 10ms)", why)
 }
+
+func TestDutyCycleAIMD(t *testing.T) {
+	d := newDuty()
+	rest, share := d.ran(50*time.Millisecond, false)
+	assert.Zero(t, rest, "no signal complained: no rest")
+	assert.Equal(t, 1.0, share)
+	d.cut()
+	d.cut()
+	rest, share = d.ran(50*time.Millisecond, true)
+	assert.Equal(t, 0.25, share, "halved by each hold, not won back by a held chunk")
+	assert.Equal(t, 150*time.Millisecond, rest, "works a quarter of the time")
+	rest, share = d.ran(50*time.Millisecond, false)
+	assert.Equal(t, 0.25+1.0/16, share, "a clean chunk wins back a step")
+	assert.InDelta(t, float64(50*time.Millisecond)*(1-share)/share, float64(rest), float64(time.Microsecond))
+	for range 10 {
+		d.cut()
+	}
+	_, share = d.ran(time.Millisecond, true)
+	assert.Equal(t, minDuty, share, "bounded below")
+}
