@@ -79,16 +79,34 @@ WHERE (n.amount, n.note, n.version) IS NOT DISTINCT FROM (o.amount, o.note, o.ve
 }
 
 // Rows of old whose older copy is already in new (the target holds them at
-// a lower version) are brought up to date by the upsert half of a chunk.
+// a lower version) are brought up to date by the upsert half of a chunk;
+// with a composite key too.
 func TestPlainInsertUpdatesOlderRows(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	e.orders(t, "id bigint", "id", `(id, amount, note, version) SELECT g, g, 'n' || g, 3 FROM generate_series(-500, 499) g`)
-	exec(t, e.pool, `INSERT INTO new_orders (id, amount, note, version) SELECT g, 0, 'stale', 2 FROM generate_series(-500, 499, 37) g`)
-	j := ordersJob("older")
-	res, err := e.bf.Run(tctx(t), j)
-	require.NoError(t, err)
-	assert.Equal(t, int64(1000), res.Rows)
-	assert.Zero(t, res.Fallbacks)
-	assert.Zero(t, e.diff(t), "new equals old: stale copies replaced")
+	cases := []struct {
+		name, keyDDL, pk, gen, stale string
+		key                          []string
+	}{
+		{"bigint", "id bigint", "id", `(id, amount, note, version) SELECT g, g, 'n' || g, 3 FROM generate_series(-500, 499) g`,
+			`INSERT INTO new_orders (id, amount, note, version) SELECT g, 0, 'stale', 2 FROM generate_series(-500, 499, 37) g`, []string{"id"}},
+		{"composite", "tenant int, seq text", "tenant, seq",
+			`(tenant, seq, amount, note, version) SELECT t, 's' || s, s, 'n', 3 FROM generate_series(-2, 2) t, generate_series(1, 200) s`,
+			`INSERT INTO new_orders (tenant, seq, amount, note, version) SELECT t, 's' || s, 0, 'stale', 2 FROM generate_series(-2, 2) t, generate_series(1, 200, 29) s`,
+			[]string{"tenant", "seq"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			e.orders(t, tc.keyDDL, tc.pk, tc.gen)
+			exec(t, e.pool, tc.stale)
+			j := ordersJob("older")
+			j.Spec.Key = tc.key
+			res, err := e.bf.Run(tctx(t), j)
+			require.NoError(t, err)
+			assert.Equal(t, int64(1000), res.Rows)
+			assert.Zero(t, res.Fallbacks)
+			assert.Zero(t, e.diff(t), "new equals old: stale copies replaced")
+		})
+	}
 }
