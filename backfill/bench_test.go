@@ -104,10 +104,13 @@ func (l *latencies) p99(last int) time.Duration {
 	return s[len(s)*99/100]
 }
 
-// oltp runs 4 workers × 100 single-row updates/s on old for d.
-func oltp(e *env, d time.Duration, l *latencies) {
+// oltp runs 4 workers × 100 single-row updates/s on old for warm + d and
+// records the latencies of the updates started after warm (the first
+// updates after a pause are slow whatever else runs), calling atWarm then.
+func oltp(e *env, warm, d time.Duration, l *latencies, atWarm func()) {
 	var wg sync.WaitGroup
-	end := time.Now().Add(d)
+	start := time.Now()
+	measureFrom, end := start.Add(warm), start.Add(warm+d)
 	for w := range 4 {
 		wg.Go(func() {
 			rng := rand.New(rand.NewPCG(uint64(w), 1))
@@ -117,11 +120,15 @@ func oltp(e *env, d time.Duration, l *latencies) {
 				<-tick.C
 				start := time.Now()
 				if _, err := e.pool.Exec(context.Background(), `UPDATE old_orders SET amount = amount + 1, version = version + 1 WHERE id = $1`,
-					1+rng.Int64N(benchRows)); err == nil {
+					1+rng.Int64N(benchRows)); err == nil && !start.Before(measureFrom) {
 					l.add(time.Since(start))
 				}
 			}
 		})
+	}
+	if atWarm != nil {
+		time.Sleep(time.Until(measureFrom))
+		atWarm()
 	}
 	wg.Wait()
 }
@@ -133,7 +140,9 @@ func oltp(e *env, d time.Duration, l *latencies) {
 // are compared like with like: each round measures a quiet and a busy
 // window back to back (alternating which comes first), each after the same
 // reset and settling pause, and the goal is the median of the rounds'
-// busy/quiet ratios. The throttle's limit is 1.2 × the latest quiet p99, as
+// busy/quiet ratios. Each window's load runs half a second before it is
+// measured (and before the backfill starts): the first updates after a
+// pause are slow, quiet or not. The throttle's limit is 1.2 × the latest quiet p99, as
 // an operator would set it from the service's normal p99.
 func BenchmarkBackfillOLTPP99(b *testing.B) {
 	e := benchEnv(b)
@@ -141,18 +150,19 @@ func BenchmarkBackfillOLTPP99(b *testing.B) {
 		window = 4 * time.Second
 		rounds = 4
 		settle = time.Second
+		warm   = 500 * time.Millisecond
 	)
 	var quiet, busy []time.Duration
 	var ratios, rates []float64
 	var calib latencies
-	oltp(e, 2*time.Second, &calib) // warm-up, sets the first limit
+	oltp(e, warm, 2*time.Second, &calib, nil) // sets the first limit
 	limit := calib.p99(len(calib.all)) * 12 / 10
 	for round := range rounds {
 		quietWindow := func() {
 			e.reset(b)
 			time.Sleep(settle)
 			var q latencies
-			oltp(e, window, &q)
+			oltp(e, warm, window, &q, nil)
 			quiet = append(quiet, q.p99(len(q.all)))
 			limit = q.p99(len(q.all)) * 12 / 10
 		}
@@ -167,8 +177,9 @@ func BenchmarkBackfillOLTPP99(b *testing.B) {
 			ctx, cancel := context.WithCancel(context.Background())
 			var res backfill.Result
 			done := make(chan struct{})
-			go func() { res, _ = e.bf.Run(ctx, j); close(done) }()
-			oltp(e, window, &l)
+			oltp(e, warm, window, &l, func() {
+				go func() { res, _ = e.bf.Run(ctx, j); close(done) }()
+			})
 			cancel()
 			<-done
 			busy = append(busy, l.p99(len(l.all)))

@@ -85,10 +85,10 @@
 // (the service's own latency) are built in. Signals are read before every
 // chunk; a hold halves the chunk size and the job's duty cycle (the share
 // of time its workers copy: each chunk is followed by a rest in
-// proportion), and every chunk that starts without a hold wins back 1/16
-// of it (additive increase, multiplicative decrease), so the rate settles
-// where the signals stop complaining instead of swinging between full
-// speed and a hold. [Backfiller.Pause] and
+// proportion; it starts at 1/8), and every chunk that starts without a
+// hold wins back 1/16 (additive increase, multiplicative decrease), so the
+// rate settles where the signals stop complaining instead of swinging
+// between full speed and a hold. [Backfiller.Pause] and
 // [Backfiller.Resume] (and `dimmer backfill pause|resume`) flip a flag on
 // the job's row in the backfill tables, which every worker reads in the
 // transaction of each chunk: the pause reaches every process within one

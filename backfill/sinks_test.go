@@ -134,9 +134,10 @@ func TestSignalsHoldTheJob(t *testing.T) {
 	require.NoError(t, err)
 	require.GreaterOrEqual(t, len(seen), 4)
 	assert.Equal(t, []string{"busy: busy 1", "busy: busy 2", "busy: busy 3"}, seen[:3])
-	// Three holds cut the duty cycle to 1/8: the chunks after rest in
-	// proportion, the share growing by 1/16 per chunk run without a hold.
-	assert.Equal(t, "duty cycle 12% (signals)", seen[3])
+	// Three holds cut the duty cycle from its slow start (1/8) to its floor
+	// (1/32): the chunks after rest in proportion, the share growing by 1/16
+	// per chunk run without a hold.
+	assert.Equal(t, "duty cycle 3% (signals)", seen[3])
 	prev := 0
 	for _, h := range seen[3:] {
 		var pct int

@@ -108,18 +108,21 @@ func (s *sizer) backoff() { s.size = max(s.min, s.size/2) }
 // every chunk that started without a hold (additive increase,
 // multiplicative decrease), so the rate settles where the signals stop
 // complaining instead of swinging between full speed and a hold. Each
-// chunk is followed by a rest in proportion.
+// chunk is followed by a rest in proportion. It starts low (slow start):
+// a job guarded by signals is there not to hurt something, and a signal
+// only sees harm after it is done.
 type duty struct {
 	mu    sync.Mutex
 	share float64
 }
 
 const (
-	minDuty  = 1.0 / 32
-	dutyStep = 1.0 / 16
+	minDuty   = 1.0 / 32
+	startDuty = 1.0 / 8
+	dutyStep  = 1.0 / 16
 )
 
-func newDuty() *duty { return &duty{share: 1} }
+func newDuty() *duty { return &duty{share: startDuty} }
 
 func (d *duty) cut() {
 	d.mu.Lock()

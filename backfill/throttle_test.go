@@ -63,7 +63,12 @@ func TestLatencySignal(t *testing.T) {
 func TestDutyCycleAIMD(t *testing.T) {
 	d := newDuty()
 	rest, share := d.ran(50*time.Millisecond, false)
-	assert.Zero(t, rest, "no signal complained: no rest")
+	assert.Equal(t, startDuty+dutyStep, share, "slow start, a step won by a clean chunk")
+	assert.InDelta(t, float64(50*time.Millisecond)*(1-share)/share, float64(rest), float64(time.Microsecond))
+	for range 16 {
+		rest, share = d.ran(50*time.Millisecond, false)
+	}
+	assert.Zero(t, rest, "no signal complained for long: no rest")
 	assert.Equal(t, 1.0, share)
 	d.cut()
 	d.cut()
