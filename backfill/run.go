@@ -50,6 +50,10 @@ type runner struct {
 	sink  Sink    // committed on its own, checkpoint right after
 	pace  *pacer
 	duty  *duty
+	// idle wakes this process's idle workers when one of its ranges ends:
+	// the last range of the job may have ended, or an idle worker may
+	// find one to split. Other processes' ranges are polled.
+	idle *broadcast
 	track *tracker
 	epoch int64
 }
@@ -58,7 +62,7 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 	if err := j.Validate(); err != nil {
 		return nil, err
 	}
-	r := &runner{b: b, j: j, cfg: j.Config.withDefaults(), src: b.pool}
+	r := &runner{b: b, j: j, cfg: j.Config.withDefaults(), src: b.pool, idle: newBroadcast()}
 	if j.SourcePool != nil {
 		r.src = j.SourcePool
 	}
@@ -302,6 +306,7 @@ const (
 // work claims ranges until none is left anywhere.
 func (r *runner) work(ctx context.Context, w *worker) error {
 	for {
+		wake := r.idle.ch()
 		l, paused, remaining, err := r.claim(ctx, w.id)
 		if err != nil {
 			return err
@@ -324,7 +329,7 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 				return err
 			}
 			if l == nil {
-				if err := sleep(ctx, r.cfg.PollInterval); err != nil {
+				if err := r.idle.wait(ctx, wake, r.cfg.PollInterval); err != nil {
 					return err
 				}
 				continue
@@ -414,6 +419,7 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 		r.track.chunk(ctx, w.id, l.id, n, size, took)
 		if done {
 			r.track.rangeDone()
+			r.idle.signal()
 			return nil
 		}
 		if r.duty != nil {

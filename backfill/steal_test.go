@@ -121,3 +121,20 @@ func TestSplitsSlowRangeAcrossProcesses(t *testing.T) {
 		"the slow range was split")
 	assertExactlyOnce(t, e, 2000)
 }
+
+// A worker with nothing to claim or split waits for the poll interval, or
+// until a range of its process ends: the job ends with its last range, not
+// a poll later.
+func TestIdleWorkerWokenWhenLastRangeEnds(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 100)`)
+	j := ordersJob("tail")
+	j.Config.Workers, j.Config.Ranges = 2, 1 // one worker idles: 100 rows are not worth a split
+	j.Config.InitialChunk, j.Config.MinChunk, j.Config.MaxChunk = 50, 50, 50
+	j.Config.PollInterval = time.Minute
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, int64(100), res.Rows)
+	assert.Less(t, res.Elapsed, 30*time.Second, "the idle worker was woken, not left to poll")
+}

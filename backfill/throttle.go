@@ -166,6 +166,42 @@ func (p *pacer) take(rows int, started time.Time) time.Duration {
 	return time.Until(p.next)
 }
 
+// broadcast wakes every waiter at once: ch is taken before looking, so a
+// signal between the look and the wait is not missed.
+type broadcast struct {
+	mu sync.Mutex
+	c  chan struct{}
+}
+
+func newBroadcast() *broadcast { return &broadcast{c: make(chan struct{})} }
+
+func (b *broadcast) ch() <-chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.c
+}
+
+func (b *broadcast) signal() {
+	b.mu.Lock()
+	close(b.c)
+	b.c = make(chan struct{})
+	b.mu.Unlock()
+}
+
+// wait returns when c is signalled, after d, or when ctx ends.
+func (b *broadcast) wait(ctx context.Context, c <-chan struct{}, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c:
+		return nil
+	case <-t.C:
+		return nil
+	}
+}
+
 func sleep(ctx context.Context, d time.Duration) error {
 	if d <= 0 {
 		return ctx.Err()
