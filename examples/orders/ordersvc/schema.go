@@ -32,6 +32,13 @@ CREATE INDEX IF NOT EXISTS orders_legacy_customer_idx ON orders_legacy (customer
 // Plan is the expand/contract plan of the normalisation: expand adds the
 // normalised tables (and a view exposing the legacy lines row by row, the
 // source of the lines backfill), contract drops the legacy table.
+//
+// The view shows only the lines of orders already in the new orders table:
+// an order created during dualwrite is in old a moment before it is in new
+// (or, if its new-side write failed, until its repair runs), and copying
+// its lines then would break order_lines' foreign key. Its lines reach new
+// with its own write or repair, which writes them whole; the orders job's
+// verification catches an order missing from new.
 func Plan() expandcontract.Plan {
 	return expandcontract.Plan{
 		Name:        Migration,
@@ -59,7 +66,8 @@ CREATE INDEX orders_customer_idx ON orders (customer_id, created_at, id)`},
 			{Name: "create-legacy-lines-view", SQL: `CREATE VIEW orders_legacy_lines AS
 SELECT o.id AS order_id, l.n::int AS line_no, l.e->>'sku' AS sku, (l.e->>'qty')::int AS qty,
        (l.e->>'price_cents')::bigint AS price_cents, o.version
-FROM orders_legacy o CROSS JOIN LATERAL jsonb_array_elements(o.lines) WITH ORDINALITY AS l(e, n)`},
+FROM orders_legacy o CROSS JOIN LATERAL jsonb_array_elements(o.lines) WITH ORDINALITY AS l(e, n)
+WHERE EXISTS (SELECT 1 FROM orders n WHERE n.id = o.id)`},
 		},
 		Contract: []expandcontract.Step{
 			{Name: "drop-legacy", SQL: `DROP VIEW orders_legacy_lines; DROP TABLE orders_legacy`},
