@@ -35,7 +35,7 @@ func TestMigrationUnderLoadWithFaultAndRollback(t *testing.T) {
 	probe.Close(context.Background())
 
 	p := params{Orders: 1500, Customers: 150, Instances: 3, Workers: 6, Pause: 30 * time.Millisecond,
-		MaxRequests: 100000, Window: 3 * time.Second, MinSamples: 40, Timeout: 120 * time.Second}
+		MaxRequests: 100000, Window: 3 * time.Second, MinSamples: 40, CanaryHold: 2500 * time.Millisecond, Timeout: 120 * time.Second}
 	var out bytes.Buffer
 	rep, err := run(t.Context(), p, &out)
 	t.Log("\n" + out.String())
@@ -58,6 +58,16 @@ func TestMigrationUnderLoadWithFaultAndRollback(t *testing.T) {
 	assert.Zero(t, rep.RepairsPending)
 	assert.Zero(t, rep.RepairsDead)
 	assert.True(t, rep.Contracted)
+	require.Len(t, rep.Canaries, 2, "a canary before each step to live (before and after the incident)")
+	for _, c := range rep.Canaries {
+		assert.Equal(t, flags.Live, c.Stage)
+		assert.Equal(t, float64(canaryPercent), c.Percent)
+		assert.GreaterOrEqual(t, c.Health.Ops, int64(p.MinSamples), "the canary's keys gave the watchdogs their minimum sample")
+		assert.Zero(t, c.Health.Errors, "the canary ran clean (the fault comes later)")
+	}
+	assert.Zero(t, rep.LiveWithoutCanary, "the audit log shows a canary before every step to live")
+	assert.Regexp(t, `(?m)^\s+[0-9.]+s  shadow \(live 25%\)\s+[0-9]+ req/s`, out.String(), "the canary shows in the timeline")
+	assert.Contains(t, out.String(), "CANARY")
 	assert.Contains(t, out.String(), "ROLLBACK to shadow")
 	assert.Contains(t, out.String(), "CONTRACT")
 

@@ -28,6 +28,9 @@ type load struct {
 	pause   time.Duration
 	max     int64
 
+	// holdWrites turns every worker's writes into reads while it is set.
+	holdWrites atomic.Bool
+
 	requests, failures atomic.Int64
 	nonAuth, staleRead atomic.Int64
 	unexpected         atomic.Int64
@@ -78,7 +81,11 @@ func (l *load) worker(ctx context.Context, w int, owned []string, customers int)
 			return
 		}
 		url := l.urls[(w+n)%len(l.urls)]
-		switch p := rng.IntN(100); {
+		p := rng.IntN(100)
+		if l.holdWrites.Load() && len(owned) > 0 {
+			p = 50 + p/2 // reads only
+		}
+		switch {
 		case p < 20 || len(owned) == 0:
 			cust := fmt.Sprintf("cust-%d", rng.IntN(customers))
 			body := map[string]any{"customer_id": cust, "lines": []ordersvc.Line{{SKU: fmt.Sprintf("sku-%d", rng.IntN(97)), Qty: 1 + rng.IntN(3), PriceCents: int64(100 + rng.IntN(900))}}}

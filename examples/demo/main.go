@@ -7,8 +7,9 @@
 // one Postgres schema (created and dropped by the run) and an in-process
 // Kafka cluster (or DIMMER_KAFKA_BROKERS). A load generator on loopback
 // creates orders, adds lines and reads them back. The controller advances
-// the stage flag only when its guards pass on their own merits; during
-// live the new store starts failing (a chaos.Injector), the watchdogs roll
+// the stage flag only when its guards pass on their own merits; live is
+// entered through a canary (a quarter of the orders first, the rest once the
+// watchdogs judged it clean); during live the new store starts failing (a chaos.Injector), the watchdogs roll
 // back to shadow by themselves, the fault clears, the repairs replay, and
 // the migration goes on to complete and contracts the schema.
 package main
