@@ -77,11 +77,13 @@
 // shorter than its attempts allow, and delivers them all in order once the
 // link heals.
 //
-// A finding those tests pin down: with the idempotent producer's defaults
-// (kafkasink.ClientOptions), franz-go will not fail a record it has sent
-// without an answer, so while Kafka is unreachable the relay's Publish
-// waits out the outage (no failed attempt is counted and the relay holds
-// its place in one call). Adding kgo.AllowIdempotentProduceCancellation and
-// a short kgo.RequestTimeoutOverhead makes RelayConfig.PublishTimeout bound
-// each attempt, at the price of an occasional repeat.
+// A finding those tests pin down: franz-go's idempotent producer (the
+// defaults, kafkasink.ClientOptions) never fails a record it has sent
+// without an answer, so kafkasink's Publish stops waiting at the relay's
+// PublishTimeout instead: failed attempts are counted and retried, the
+// relay keeps its leases, and the records left with the client are
+// delivered once Kafka is back (repeats, never reorders). With
+// kgo.AllowIdempotentProduceCancellation and a short
+// kgo.RequestTimeoutOverhead the client gives such records up itself and
+// the repeats mostly vanish.
 package chaos

@@ -90,35 +90,85 @@ func ClientOptions(brokers ...string) []kgo.Opt {
 	}
 }
 
-// Publish produces the batch and waits for every acknowledgement (or ctx).
+// ErrNotAcknowledged is wrapped by the result of a record the broker had not
+// acknowledged when Publish's context ended. The record stays with the
+// client, which may still deliver it: the relay's retry can then make a
+// duplicate (at-least-once), never a reorder, since the client keeps a
+// partition's records in the order they were produced.
+var ErrNotAcknowledged = errors.New("kafkasink: not acknowledged before the context ended")
+
+// Publish produces the batch and waits for every acknowledgement, or for
+// ctx: then the records not yet acknowledged fail with [ErrNotAcknowledged].
+// Returning at ctx matters because the idempotent producer never fails a
+// record it has sent without an answer: behind an unreachable broker,
+// waiting for the callbacks would hold the relay (its leases, its gauges)
+// for as long as the outage lasts.
 func (p *Publisher) Publish(ctx context.Context, batch []outbox.Record) []error {
-	results := make([]error, len(batch))
-	var wg sync.WaitGroup
-	wg.Add(len(batch))
-	for i := range batch {
-		rec := &batch[i]
-		kr := &kgo.Record{
-			Topic: p.topic(rec.Topic),
-			Value: rec.Payload,
-		}
-		if rec.Key != "" {
-			kr.Key = []byte(rec.Key)
-		}
-		kr.Headers = make([]kgo.RecordHeader, 0, len(rec.Headers)+1)
-		kr.Headers = append(kr.Headers, kgo.RecordHeader{Key: outbox.HeaderMessageID, Value: []byte(rec.ID.String())})
-		names := make([]string, 0, len(rec.Headers))
-		for k := range rec.Headers {
-			names = append(names, k)
-		}
-		slices.Sort(names) // stable header order for consumers
-		for _, k := range names {
-			kr.Headers = append(kr.Headers, kgo.RecordHeader{Key: k, Value: []byte(rec.Headers[k])})
-		}
-		p.client.Produce(ctx, kr, func(_ *kgo.Record, err error) {
-			results[i] = err
-			wg.Done()
-		})
+	w := &waiter{results: make([]error, len(batch)), acked: make([]bool, len(batch)), left: len(batch), done: make(chan struct{})}
+	if len(batch) == 0 {
+		return w.results
 	}
-	wg.Wait()
-	return results
+	for i := range batch {
+		p.client.Produce(ctx, p.record(&batch[i]), func(_ *kgo.Record, err error) { w.finish(i, err) })
+	}
+	select {
+	case <-w.done:
+	case <-ctx.Done():
+	}
+	return w.collect(ctx)
+}
+
+func (p *Publisher) record(rec *outbox.Record) *kgo.Record {
+	kr := &kgo.Record{
+		Topic: p.topic(rec.Topic),
+		Value: rec.Payload,
+	}
+	if rec.Key != "" {
+		kr.Key = []byte(rec.Key)
+	}
+	kr.Headers = make([]kgo.RecordHeader, 0, len(rec.Headers)+1)
+	kr.Headers = append(kr.Headers, kgo.RecordHeader{Key: outbox.HeaderMessageID, Value: []byte(rec.ID.String())})
+	names := make([]string, 0, len(rec.Headers))
+	for k := range rec.Headers {
+		names = append(names, k)
+	}
+	slices.Sort(names) // stable header order for consumers
+	for _, k := range names {
+		kr.Headers = append(kr.Headers, kgo.RecordHeader{Key: k, Value: []byte(rec.Headers[k])})
+	}
+	return kr
+}
+
+// waiter gathers a batch's produce callbacks, some of which may come after
+// Publish has returned.
+type waiter struct {
+	mu       sync.Mutex
+	results  []error
+	acked    []bool // a callback came (results alone cannot tell: nil is success)
+	left     int
+	done     chan struct{}
+	returned bool
+}
+
+func (w *waiter) finish(i int, err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.returned {
+		w.results[i], w.acked[i] = err, true
+	}
+	if w.left--; w.left == 0 {
+		close(w.done)
+	}
+}
+
+func (w *waiter) collect(ctx context.Context) []error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.returned = true
+	for i, ok := range w.acked {
+		if !ok {
+			w.results[i] = fmt.Errorf("%w: %w", ErrNotAcknowledged, context.Cause(ctx))
+		}
+	}
+	return w.results
 }

@@ -2,6 +2,7 @@ package kafkasink_test
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/dimmer-dev/dimmer/outbox"
 	"github.com/dimmer-dev/dimmer/outbox/kafkasink"
@@ -122,4 +124,72 @@ func TestPublish(t *testing.T) {
 	require.Len(t, res, 2)
 	assert.Error(t, res[0])
 	assert.Error(t, res[1])
+}
+
+// TestPublishReturnsAtTheDeadlineBehindAnUnresponsiveBroker: the broker
+// holds every produce request unanswered. The idempotent producer never
+// fails a record it has sent, so Publish must stop waiting at its context:
+// every record fails with ErrNotAcknowledged and the relay can retry it.
+// Once the broker answers, the records left with the client are delivered
+// and a retry produced later lands after them, so per key the first copy
+// comes first.
+func TestPublishReturnsAtTheDeadlineBehindAnUnresponsiveBroker(t *testing.T) {
+	t.Parallel()
+	c, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.SeedTopics(1, "orders"))
+	require.NoError(t, err)
+	defer c.Close()
+	release := make(chan struct{})
+	var held atomic.Int32
+	c.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
+		c.KeepControl()
+		select {
+		case <-release:
+			return nil, nil, false // answered normally from now on
+		default:
+		}
+		held.Add(1)
+		c.SleepControl(func() { <-release })
+		return nil, nil, false
+	})
+	cl, err := kgo.NewClient(kafkasink.ClientOptions(c.ListenAddrs()...)...)
+	require.NoError(t, err)
+	defer cl.Close()
+	p, err := kafkasink.New(cl)
+	require.NoError(t, err)
+
+	first := outbox.Record{Message: outbox.Message{ID: uuid.Must(uuid.NewV7()), Topic: "orders", Key: "order-1", Payload: []byte("created")}}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	start := time.Now()
+	errs := p.Publish(ctx, []outbox.Record{first})
+	cancel()
+	assert.Less(t, time.Since(start), 5*time.Second, "Publish returned at its deadline, not when the broker answered")
+	require.Len(t, errs, 1)
+	require.ErrorIs(t, errs[0], kafkasink.ErrNotAcknowledged)
+	assert.ErrorIs(t, errs[0], context.DeadlineExceeded)
+	assert.Positive(t, held.Load(), "the produce request reached the broker and was held")
+
+	// The relay's retry of the same message, then the key's next one.
+	retryCtx, cancelRetry := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancelRetry()
+	next := outbox.Record{Message: outbox.Message{ID: uuid.Must(uuid.NewV7()), Topic: "orders", Key: "order-1", Payload: []byte("paid")}}
+	go func() { time.Sleep(200 * time.Millisecond); close(release) }()
+	for _, err := range p.Publish(retryCtx, []outbox.Record{first}) {
+		require.NoError(t, err)
+	}
+	for _, err := range p.Publish(retryCtx, []outbox.Record{next}) {
+		require.NoError(t, err)
+	}
+
+	consumer, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...), kgo.ConsumeTopics("orders"),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	require.NoError(t, err)
+	defer consumer.Close()
+	var got []string
+	for len(got) < 3 {
+		fs := consumer.PollFetches(retryCtx)
+		require.NoError(t, retryCtx.Err(), "consumed %v", got)
+		fs.EachRecord(func(r *kgo.Record) { got = append(got, string(r.Value)) })
+	}
+	assert.Equal(t, []string{"created", "created", "paid"}, got,
+		"the held record was delivered after all (a duplicate of the retry), both before the key's next message")
 }
