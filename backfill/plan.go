@@ -20,8 +20,8 @@ type keyspace struct {
 // planKeyspace fixes the upper bound (rows created after it are the dual
 // writes' job) and splits [start, upper] into at most n ranges of about
 // equal row counts: exactly by ntile over the key index on small tables, by
-// a TABLESAMPLE of ~50,000 rows on big ones (a billion-row table is never
-// scanned to plan).
+// ntile over a block sample (TABLESAMPLE SYSTEM) of about 300 rows per
+// range on big ones (a billion-row table is never scanned to plan).
 func planKeyspace(ctx context.Context, q querier, sh *shape, n int) (keyspace, error) {
 	var ks keyspace
 	src := sh.spec.Source.sql()
@@ -47,34 +47,28 @@ func planKeyspace(ctx context.Context, q querier, sh *shape, n int) (keyspace, e
 	if n <= 1 {
 		return ks, nil
 	}
+	// The last key of each of n tiles of the key order: over the whole
+	// table when small, over a block sample of it when big (about 300 keys
+	// per range, at most 50,000: enough for even ranges, and work stealing
+	// evens out the rest). Only the n keys leave the server, and only the
+	// key columns are sorted: a big sort or a burst of rows decoded in the
+	// caller's process would stall what else runs there.
 	var args []any
 	w := sh.where(nil, ks.upper, &args, "")
-	var rows pgx.Rows
-	if ks.estimate <= 200000 {
-		rows, err = q.Query(ctx, `SELECT DISTINCT ON (b) `+sh.cursor+` FROM (SELECT `+sh.keyList+`, ntile(`+fmt.Sprint(n)+
-			`) OVER (ORDER BY `+sh.keyList+`) AS b FROM `+src+` WHERE `+w+`) s ORDER BY b, `+sh.keyDesc, args...)
-	} else {
-		pct := min(100, 100*50000/float64(ks.estimate))
+	from := src
+	if ks.estimate > 200000 {
+		pct := min(100, 100*float64(min(50000, 300*n))/float64(ks.estimate))
 		args = append(args, pct)
-		rows, err = q.Query(ctx, `SELECT `+sh.cursor+` FROM `+src+fmt.Sprintf(` TABLESAMPLE SYSTEM ($%d)`, len(args))+
-			` WHERE `+w+` ORDER BY `+sh.keyList, args...)
+		from = src + fmt.Sprintf(` TABLESAMPLE SYSTEM ($%d)`, len(args))
 	}
+	rows, err := q.Query(ctx, `SELECT DISTINCT ON (b) `+sh.cursor+` FROM (SELECT `+sh.keyList+`, ntile(`+fmt.Sprint(n)+
+		`) OVER (ORDER BY `+sh.keyList+`) AS b FROM `+from+` WHERE `+w+`) s ORDER BY b, `+sh.keyDesc, args...)
 	if err != nil {
 		return ks, fmt.Errorf("backfill: split %s: %w", sh.spec.Source, err)
 	}
-	keys, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
+	picks, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
 	if err != nil {
 		return ks, fmt.Errorf("backfill: split %s: %w", sh.spec.Source, err)
-	}
-	var picks [][]string
-	if ks.estimate <= 200000 {
-		picks = keys // the last key of each tile
-	} else {
-		for i := 1; i <= n; i++ {
-			if k := i*len(keys)/n - 1; k >= 0 {
-				picks = append(picks, keys[k])
-			}
-		}
 	}
 	for _, p := range picks {
 		if len(ks.splits) > 0 && slices.Equal(ks.splits[len(ks.splits)-1], p) {
