@@ -85,12 +85,16 @@
 // (the service's own latency) are built in. Signals are read before every
 // chunk; a hold halves the chunk size and the job's duty cycle (the share
 // of time its workers copy: each chunk is followed by a rest in
-// proportion; it starts at 1/8), and every chunk that starts without a
-// hold wins back 1/16 (additive increase, multiplicative decrease), so the
-// rate settles where the signals stop complaining instead of swinging
-// between full speed and a hold. [Backfiller.Pause] and
-// [Backfiller.Resume] (and `dimmer backfill pause|resume`) flip a flag on
-// the job's row in the backfill tables, which every worker reads in the
+// proportion, and the target chunk time shrinks with it, since a chunk's
+// WAL reaches the disk in one burst that the service's commits queue
+// behind). The duty cycle starts at 1/8 and doubles every second until the
+// first hold; after, every second without a hold wins back 1/16 (additive
+// increase, multiplicative decrease, by time since a signal reports the
+// harm of the last second or so), so the rate settles where the signals
+// stop complaining instead of swinging between full speed and a hold.
+// [Backfiller.Pause] and [Backfiller.Resume] (and `dimmer backfill
+// pause|resume`) flip a flag on the job's row in the backfill tables,
+// which every worker reads in the
 // transaction of each chunk: the pause reaches every process within one
 // chunk, costs no extra query, works whichever flag store (Postgres or
 // Redis) serves the stage, and does not bump the stage flag's revision

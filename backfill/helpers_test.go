@@ -31,6 +31,9 @@ type env struct {
 	schema string
 	store  *pgflags.Store
 	bf     *backfill.Backfiller
+	// load is the pool of a service's load in the benchmarks (its own
+	// connections, as a service's pool would be).
+	load *pgxpool.Pool
 }
 
 // newEnv gives a test its own schema holding the tables, the flag store

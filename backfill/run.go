@@ -53,7 +53,7 @@ type runner struct {
 	// idle wakes this process's idle workers when one of its ranges ends:
 	// the last range of the job may have ended, or an idle worker may
 	// find one to split. Other processes' ranges are polled.
-	idle *broadcast
+	idle  *broadcast
 	track *tracker
 	epoch int64
 }
@@ -415,20 +415,26 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 		}
 		took := time.Since(started)
 		w.rows, w.chunks = w.rows+int64(n), w.chunks+1
+		var rest time.Duration
+		if r.duty != nil {
+			// Below full duty the chunks shrink with the share too: a
+			// chunk's writes reach the disk in one burst (its WAL), which the
+			// service's commits queue behind; many small bursts hurt them
+			// less than a few big ones.
+			rest, sz.scale = r.duty.ran(took, held)
+		}
 		sz.observe(n, took)
 		r.track.chunk(ctx, w.id, l.id, n, size, took)
+		if rest > 0 {
+			r.track.hold(ctx, fmt.Sprintf("duty cycle %.0f%% (signals)", sz.scale*100), rest)
+			if err := sleep(ctx, rest); err != nil {
+				return err
+			}
+		}
 		if done {
 			r.track.rangeDone()
 			r.idle.signal()
 			return nil
-		}
-		if r.duty != nil {
-			if d, share := r.duty.ran(took, held); d > 0 {
-				r.track.hold(ctx, fmt.Sprintf("duty cycle %.0f%% (signals)", share*100), d)
-				if err := sleep(ctx, d); err != nil {
-					return err
-				}
-			}
 		}
 		if d := r.pace.take(n, started); d > 0 {
 			r.track.hold(ctx, fmt.Sprintf("rate limit %.0f rows/s", r.cfg.RowsPerSecond), d)

@@ -136,14 +136,14 @@ func TestSignalsHoldTheJob(t *testing.T) {
 	assert.Equal(t, []string{"busy: busy 1", "busy: busy 2", "busy: busy 3"}, seen[:3])
 	// Three holds cut the duty cycle from its slow start (1/8) to its floor
 	// (1/32): the chunks after rest in proportion, the share growing by 1/16
-	// per chunk run without a hold.
+	// per second without a hold.
 	assert.Equal(t, "duty cycle 3% (signals)", seen[3])
 	prev := 0
 	for _, h := range seen[3:] {
 		var pct int
 		_, err := fmt.Sscanf(h, "duty cycle %d%% (signals)", &pct)
 		require.NoError(t, err, h)
-		assert.Greater(t, pct, prev, "the share grows back")
+		assert.GreaterOrEqual(t, pct, prev, "the share grows back")
 		prev = pct
 	}
 	assert.Zero(t, e.diff(t))

@@ -3,6 +3,7 @@ package backfill
 import (
 	"context"
 	"fmt"
+	"math"
 	"sync"
 	"time"
 
@@ -76,12 +77,14 @@ type sizer struct {
 	min, max int
 	size     int
 	perRow   float64 // ns, EWMA
+	// scale shrinks the target below full duty (1 otherwise).
+	scale float64
 }
 
 const ewmaAlpha = 0.3
 
 func newSizer(c Config) *sizer {
-	return &sizer{target: c.TargetChunkTime, min: c.MinChunk, max: c.MaxChunk, size: c.InitialChunk}
+	return &sizer{target: c.TargetChunkTime, min: c.MinChunk, max: c.MaxChunk, size: c.InitialChunk, scale: 1}
 }
 
 func (s *sizer) observe(rows int, took time.Duration) {
@@ -94,7 +97,7 @@ func (s *sizer) observe(rows int, took time.Duration) {
 	} else {
 		s.perRow = ewmaAlpha*pr + (1-ewmaAlpha)*s.perRow
 	}
-	next := int(float64(s.target) / max(s.perRow, 1))
+	next := int(float64(s.target) * s.scale / max(s.perRow, 1))
 	next = min(next, 2*s.size)
 	s.size = min(max(next, s.min), s.max)
 }
@@ -104,29 +107,38 @@ func (s *sizer) observe(rows int, took time.Duration) {
 func (s *sizer) backoff() { s.size = max(s.min, s.size/2) }
 
 // duty is the share of time this process's workers copy while signals are
-// configured: halved whenever a signal holds the job, won back a step by
-// every chunk that started without a hold (additive increase,
-// multiplicative decrease), so the rate settles where the signals stop
-// complaining instead of swinging between full speed and a hold. Each
-// chunk is followed by a rest in proportion. It starts low (slow start):
-// a job guarded by signals is there not to hurt something, and a signal
-// only sees harm after it is done.
+// configured: halved whenever a signal holds the job, won back by 1/16 per
+// second without a hold (additive increase, multiplicative decrease), so
+// the rate settles where the signals stop complaining instead of swinging
+// between full speed and a hold. Each chunk is followed by a rest in
+// proportion. The increase goes by time, not by chunk: a signal reports
+// the harm of the last second or so, and a job probing faster than that
+// overshoots whatever its chunk size. It starts low and, until the first
+// hold, doubles every second (slow start): a job guarded by signals is
+// there not to hurt something, and a signal only sees harm after it is
+// done.
 type duty struct {
 	mu    sync.Mutex
 	share float64
+	since time.Time // of the last hold or increase
+	held  bool      // ever: slow start is over
+	now   func() time.Time
 }
 
 const (
-	minDuty   = 1.0 / 32
-	startDuty = 1.0 / 8
-	dutyStep  = 1.0 / 16
+	minDuty    = 1.0 / 32
+	startDuty  = 1.0 / 8
+	dutyStep   = 1.0 / 16
+	dutyPeriod = time.Second
 )
 
-func newDuty() *duty { return &duty{share: startDuty} }
+func newDuty() *duty { return &duty{share: startDuty, since: time.Now(), now: time.Now} }
 
 func (d *duty) cut() {
 	d.mu.Lock()
 	d.share = max(d.share/2, minDuty)
+	d.since = d.now()
+	d.held = true
 	d.mu.Unlock()
 }
 
@@ -135,9 +147,15 @@ func (d *duty) cut() {
 func (d *duty) ran(took time.Duration, held bool) (time.Duration, float64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if !held {
-		d.share = min(1, d.share+dutyStep)
+	now := d.now()
+	switch dt := float64(now.Sub(d.since)) / float64(dutyPeriod); {
+	case held:
+	case !d.held:
+		d.share = min(1, d.share*math.Pow(2, dt))
+	default:
+		d.share = min(1, d.share+dutyStep*dt)
 	}
+	d.since = now
 	if d.share >= 1 {
 		return 0, 1
 	}

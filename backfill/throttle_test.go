@@ -62,22 +62,32 @@ func TestLatencySignal(t *testing.T) {
 
 func TestDutyCycleAIMD(t *testing.T) {
 	d := newDuty()
+	clock := d.since
+	d.now = func() time.Time { return clock }
+	tick := func(dt time.Duration) { clock = clock.Add(dt) }
+
+	tick(time.Second)
 	rest, share := d.ran(50*time.Millisecond, false)
-	assert.Equal(t, startDuty+dutyStep, share, "slow start, a step won by a clean chunk")
+	assert.InDelta(t, 2*startDuty, share, 1e-9, "slow start: doubles every second until a signal holds")
 	assert.InDelta(t, float64(50*time.Millisecond)*(1-share)/share, float64(rest), float64(time.Microsecond))
-	for range 16 {
-		rest, share = d.ran(50*time.Millisecond, false)
-	}
-	assert.Zero(t, rest, "no signal complained for long: no rest")
-	assert.Equal(t, 1.0, share)
-	d.cut()
-	d.cut()
-	rest, share = d.ran(50*time.Millisecond, true)
-	assert.Equal(t, 0.25, share, "halved by each hold, not won back by a held chunk")
-	assert.Equal(t, 150*time.Millisecond, rest, "works a quarter of the time")
+	tick(2 * time.Second)
 	rest, share = d.ran(50*time.Millisecond, false)
-	assert.Equal(t, 0.25+1.0/16, share, "a clean chunk wins back a step")
-	assert.InDelta(t, float64(50*time.Millisecond)*(1-share)/share, float64(rest), float64(time.Microsecond))
+	assert.Zero(t, rest, "no signal complained: full speed, no rest")
+	assert.Equal(t, 1.0, share)
+
+	d.cut()
+	d.cut()
+	tick(time.Second)
+	rest, share = d.ran(50*time.Millisecond, true)
+	assert.Equal(t, 0.25, share, "halved by each hold, nothing won while held")
+	assert.Equal(t, 150*time.Millisecond, rest, "works a quarter of the time")
+	tick(time.Second)
+	_, share = d.ran(50*time.Millisecond, false)
+	assert.InDelta(t, 0.25+dutyStep, share, 1e-9, "after a hold: a step per second without one")
+	tick(100 * time.Millisecond)
+	_, share = d.ran(50*time.Millisecond, false)
+	assert.InDelta(t, 0.25+dutyStep*1.1, share, 1e-9, "won by time, not by chunk")
+	d.cut()
 	for range 10 {
 		d.cut()
 	}
