@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 )
 
 // logApplies records every row the sink applies to new: a row copied twice
@@ -137,4 +138,48 @@ func TestIdleWorkerWokenWhenLastRangeEnds(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, int64(100), res.Rows)
 	assert.Less(t, res.Elapsed, 30*time.Second, "the idle worker was woken, not left to poll")
+}
+
+// slowSink writes through a PGSink of another database, slowly, and counts
+// the writes of each key.
+type slowSink struct {
+	*backfill.PGSink
+	mu     sync.Mutex
+	writes map[int64]int
+}
+
+func (s *slowSink) Write(ctx context.Context, rows []backfill.Row) error {
+	time.Sleep(15 * time.Millisecond) // splits land while the sink writes
+	s.mu.Lock()
+	for _, r := range rows {
+		s.writes[r["id"].(int64)]++
+	}
+	s.mu.Unlock()
+	return s.PGSink.Write(ctx, rows)
+}
+
+// Where the sink commits on its own the range lock is let go while it
+// writes: a split meanwhile must neither skip rows nor count them twice.
+func TestSplitWhileSinkWritesElsewhere(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id, amount) SELECT g, g FROM generate_series(1, 600) g`)
+	other := dimmertest.Pool(t, dimmertest.Database(t))
+	exec(t, other, `CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric, note text, version bigint NOT NULL)`)
+	pg, err := backfill.NewPGSink(other, backfill.Table{Name: "orders"})
+	require.NoError(t, err)
+	sink := &slowSink{PGSink: pg, writes: map[int64]int{}}
+	j := ordersJob("elsewhere")
+	j.Sink = sink
+	j.Spec.Target = backfill.Table{Name: "orders"}
+	j.Config.Workers, j.Config.Ranges = 3, 1
+	j.Config.InitialChunk, j.Config.MinChunk, j.Config.MaxChunk = 20, 20, 20
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, int64(600), res.Rows, "each row counted once")
+	assert.Equal(t, int64(600), count(t, e.pool, `SELECT sum(rows_done)::int8 FROM backfill_ranges`))
+	assert.Greater(t, count(t, e.pool, `SELECT count(*) FROM backfill_ranges`), int64(1), "the range was split")
+	assert.Len(t, sink.writes, 600, "no row skipped")
+	assert.Equal(t, int64(600), count(t, other, `SELECT count(*) FROM orders`))
+	assert.Equal(t, int64(600*601/2), count(t, other, `SELECT sum(amount)::int8 FROM orders`))
 }
