@@ -94,11 +94,11 @@
 // stop complaining instead of swinging between full speed and a hold.
 // [Backfiller.Pause] and [Backfiller.Resume] (and `dimmer backfill
 // pause|resume`) flip a flag on the job's row in the backfill tables,
-// which every worker reads in the
-// transaction of each chunk: the pause reaches every process within one
-// chunk, costs no extra query, works whichever flag store (Postgres or
-// Redis) serves the stage, and does not bump the stage flag's revision
-// (which would trip the fleet barrier for nothing).
+// which every worker reads in the transaction of each chunk: the pause
+// reaches every process within one chunk, costs no extra query, works
+// whichever flag store (Postgres or Redis) serves the stage, and does not
+// bump the stage flag's revision (which would trip the fleet barrier for
+// nothing).
 //
 // Config.Workers copy disjoint ranges in one process; any number of
 // processes running the same job share its ranges through leases in
