@@ -151,8 +151,9 @@ func oltp(e *env, warm, d time.Duration, l *latencies, atWarm func()) {
 // reset and settling pause, and the goal is the median of the rounds'
 // busy/quiet ratios. Each window's load runs half a second before it is
 // measured (and before the backfill starts): the first updates after a
-// pause are slow, quiet or not. The throttle's limit is 1.2 × the latest quiet p99, as
-// an operator would set it from the service's normal p99.
+// pause are slow, quiet or not. The throttle's limit is 1.2 × the best
+// quiet p99 seen so far, as an operator would set it from the service's
+// normal p99 (not from its latest noisy minute).
 func BenchmarkBackfillOLTPP99(b *testing.B) {
 	e := benchEnv(b)
 	const (
