@@ -5,13 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/jackc/pgx/v5/pgconn"
 	"math"
+	"math/big"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/dimmer-dev/dimmer/flags"
@@ -39,19 +41,32 @@ type VerifyOptions struct {
 	// Repair recopies differing ranges (and deletes target rows the source
 	// does not have) and checks them again.
 	Repair bool
-	// RecheckDelay: a differing range is checked again after it before it
-	// counts, since a dual write may have been in flight (200ms).
+	// RecheckDelay separates the looks at a differing range's keys (200ms):
+	// a dual write in flight at one look has landed on both sides by the
+	// next. A dual write whose second side lags its first by more than this
+	// is taken for a lasting difference.
 	RecheckDelay time.Duration
 	Checks       []BusinessCheck
 }
 
 // Verification is the outcome of one verify, stored for [VerifiedGuard].
 type Verification struct {
-	Job, Migration         string
-	Epoch                  int64
-	OK                     bool
-	Chunks                 int64
-	Differing, Repaired    int64
+	Job, Migration string
+	Epoch          int64
+	OK             bool
+	Chunks         int64
+	// Differing counts the ranges holding a lasting difference, Repaired
+	// those of them made equal again by Repair; DifferingKeys counts their
+	// differing keys. Any Differing range not Repaired fails the
+	// verification.
+	Differing, Repaired, DifferingKeys int64
+	// InFlight counts keys that differed while dual writes were landing on
+	// them and then settled: equal at a later look, or, still being
+	// written, with the target holding at least the version the source had
+	// at the look before. They are not a failure: the dual write is
+	// responsible for them. A key whose source row did not change between
+	// two looks is never in flight.
+	InFlight               int64
 	RowsSource, RowsTarget int64
 	Ranges                 []RangeDiff    `json:"ranges,omitempty"`
 	Checks                 []CheckOutcome `json:"checks,omitempty"`
@@ -59,11 +74,17 @@ type Verification struct {
 	StartedAt, FinishedAt  time.Time
 }
 
-// RangeDiff is a key range whose checksums differed.
+// RangeDiff is a key range holding a lasting difference.
 type RangeDiff struct {
 	Lo, Hi                 []string
 	SourceRows, TargetRows int64
-	Repaired               bool
+	// DifferingKeys counts the keys that differ with their source row
+	// unchanged; Keys shows the first ten of them (as text).
+	DifferingKeys int64
+	Keys          [][]string `json:"keys,omitempty"`
+	// InFlight counts the range's keys that differed only while written.
+	InFlight int64
+	Repaired bool
 }
 
 // CheckOutcome is one business check's verdict.
@@ -79,27 +100,303 @@ type sum struct {
 	hash string
 }
 
-// checksum counts the rows of one side in (lo, hi] and sums a hash of each
-// row's compared columns as a JSON array: NULL stays null (not the string
-// "null", not empty), and the sum does not depend on row order.
-func checksum(ctx context.Context, q querier, table Table, sh *shape, cols []string, lo, hi []string) (sum, error) {
-	var args []any
-	w := sh.where(lo, hi, &args, "")
-	var s sum
-	err := q.QueryRow(ctx, `SELECT count(*), coalesce(sum(hashtextextended(jsonb_build_array(`+strings.Join(cols, ", ")+
-		`)::text, 0)::numeric), 0)::text FROM `+table.sql()+` WHERE `+w, args...).Scan(&s.rows, &s.hash)
-	if err != nil {
-		return s, fmt.Errorf("backfill: checksum %s: %w", table, err)
+// verifier is one Verify's view of the two sides.
+type verifier struct {
+	r   *runner
+	o   VerifyOptions
+	tgt *pgxpool.Pool
+	// sameDB: source and target are read through one pool, so one
+	// statement, and so one snapshot, sees both sides.
+	sameDB bool
+	// targetFirst: in two statements the side the dual writes write second
+	// (new in dualwrite and shadow, old from live on) is read first. A
+	// write seen there was made on the other side before, so the second
+	// read sees it too: the sides differ by writes landing between the two
+	// reads, never by half a write seen the wrong way round.
+	targetFirst bool
+	src, dst    side
+}
+
+// side is what is compared on one side of a job.
+type side struct {
+	table Table
+	// row is a hash of the compared columns as a JSON array: NULL stays
+	// null (not the string "null", not empty).
+	row     string
+	version string
+}
+
+func newVerifier(r *runner, st flags.State, o VerifyOptions) *verifier {
+	v := &verifier{r: r, o: o, tgt: r.txPG.pool, sameDB: r.sameDB(), targetFirst: st.Stage.Authoritative() == flags.Old}
+	var srcCols, tgtCols []string
+	for _, c := range r.sh.cols {
+		if slices.Contains(r.j.Spec.VerifyIgnore, c) {
+			continue
+		}
+		tgtCols = append(tgtCols, ident(c))
+		srcCols = append(srcCols, r.sh.srcExpr(c))
 	}
-	return s, nil
+	hash := func(cols []string) string {
+		return `hashtextextended(jsonb_build_array(` + strings.Join(cols, ", ") + `)::text, 0)`
+	}
+	ver := r.j.Spec.VersionColumn
+	v.src = side{table: r.j.Spec.Source, row: hash(srcCols), version: r.sh.srcExpr(ver)}
+	v.dst = side{table: r.txPG.table, row: hash(tgtCols), version: ident(ver)}
+	return v
+}
+
+// srcExpr is the source expression of target column c.
+func (sh *shape) srcExpr(c string) string {
+	if e, ok := sh.spec.Exprs[c]; ok {
+		return "(" + e + ")"
+	}
+	return ident(c)
+}
+
+// checksumSQL counts one side's rows in (lo, hi] and sums their hashes
+// (the sum does not depend on row order).
+func (v *verifier) checksumSQL(s side, lo, hi []string, args *[]any) string {
+	return `SELECT count(*) AS n, coalesce(sum(` + s.row + `::numeric), 0)::text AS h FROM ` + s.table.sql() +
+		` WHERE ` + v.r.sh.where(lo, hi, args, "")
+}
+
+// checksums of both sides of (lo, hi]: in one statement where they are in
+// one database, so no write can land between the two.
+func (v *verifier) checksums(ctx context.Context, lo, hi []string) (sum, sum, error) {
+	var s, t sum
+	if v.sameDB {
+		var args []any
+		q := `SELECT s.n, s.h, t.n, t.h FROM (` + v.checksumSQL(v.src, lo, hi, &args) + `) s, (` + v.checksumSQL(v.dst, lo, hi, &args) + `) t`
+		if err := v.r.src.QueryRow(ctx, q, args...).Scan(&s.rows, &s.hash, &t.rows, &t.hash); err != nil {
+			return s, t, fmt.Errorf("backfill: checksum %s and %s: %w", v.src.table, v.dst.table, err)
+		}
+		return s, t, nil
+	}
+	one := func(q querier, sd side, out *sum) error {
+		var args []any
+		if err := q.QueryRow(ctx, v.checksumSQL(sd, lo, hi, &args), args...).Scan(&out.rows, &out.hash); err != nil {
+			return fmt.Errorf("backfill: checksum %s: %w", sd.table, err)
+		}
+		return nil
+	}
+	if v.targetFirst {
+		if err := one(v.tgt, v.dst, &t); err != nil {
+			return s, t, err
+		}
+		return s, t, one(v.r.src, v.src, &s)
+	}
+	if err := one(v.r.src, v.src, &s); err != nil {
+		return s, t, err
+	}
+	return s, t, one(v.tgt, v.dst, &t)
+}
+
+// rowLook is one side's row of a key at one look.
+type rowLook struct {
+	present bool
+	hash    int64
+	version any
+}
+
+func (a rowLook) changed(b rowLook) bool {
+	return a.present != b.present || a.hash != b.hash || !sameVersion(a.version, b.version)
+}
+
+// keyLook is both sides of a key at one look.
+type keyLook struct {
+	key      []string
+	src, tgt rowLook
+}
+
+func (k keyLook) equal() bool {
+	return k.src.present == k.tgt.present && k.src.hash == k.tgt.hash
+}
+
+// sideSQL lists one side's key, row hash and version in (lo, hi],
+// restricted to keys when given.
+func (v *verifier) sideSQL(s side, lo, hi []string, keys [][]string, args *[]any) string {
+	sh := v.r.sh
+	w := sh.where(lo, hi, args, "")
+	if keys != nil {
+		w += " AND " + sh.keyIn(keys, args)
+	}
+	return `SELECT ` + sh.cursor + ` AS k, ` + s.row + ` AS h, ` + s.version + ` AS v FROM ` + s.table.sql() + ` WHERE ` + w
+}
+
+// look reads both sides of (lo, hi]: every key of keys (in their order,
+// absent ones as absent on both sides), or without keys the keys whose
+// rows differ. In one database it is one statement comparing the sides by
+// a full join on the key; otherwise each side is listed (the range is one
+// chunk) and they are compared here.
+func (v *verifier) look(ctx context.Context, lo, hi []string, keys [][]string) ([]keyLook, error) {
+	scanSide := func(ns *int64, vs any) rowLook {
+		if ns == nil {
+			return rowLook{}
+		}
+		return rowLook{present: true, hash: *ns, version: vs}
+	}
+	var got []keyLook
+	if v.sameDB {
+		var args []any
+		q := `SELECT coalesce(s.k, t.k), s.h, s.v, t.h, t.v FROM (` + v.sideSQL(v.src, lo, hi, keys, &args) + `) s FULL JOIN (` +
+			v.sideSQL(v.dst, lo, hi, keys, &args) + `) t ON s.k = t.k`
+		if keys == nil {
+			q += ` WHERE s.h IS DISTINCT FROM t.h`
+		}
+		rows, err := v.r.src.Query(ctx, q, args...)
+		if err != nil {
+			return nil, fmt.Errorf("backfill: compare %s and %s by key: %w", v.src.table, v.dst.table, err)
+		}
+		got, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (keyLook, error) {
+			var k keyLook
+			var sh, th *int64
+			var sv, tv any
+			if err := row.Scan(&k.key, &sh, &sv, &th, &tv); err != nil {
+				return k, err
+			}
+			k.src, k.tgt = scanSide(sh, sv), scanSide(th, tv)
+			return k, nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("backfill: compare %s and %s by key: %w", v.src.table, v.dst.table, err)
+		}
+	} else {
+		list := func(q querier, s side) (map[string]rowLook, [][]string, error) {
+			var args []any
+			rows, err := q.Query(ctx, v.sideSQL(s, lo, hi, keys, &args), args...)
+			if err != nil {
+				return nil, nil, fmt.Errorf("backfill: list %s by key: %w", s.table, err)
+			}
+			m := map[string]rowLook{}
+			var order [][]string
+			var k []string
+			var h *int64
+			var ver any
+			_, err = pgx.ForEachRow(rows, []any{&k, &h, &ver}, func() error {
+				m[strings.Join(k, "\x00")] = scanSide(h, ver)
+				order = append(order, k)
+				return nil
+			})
+			if err != nil {
+				return nil, nil, fmt.Errorf("backfill: list %s by key: %w", s.table, err)
+			}
+			return m, order, nil
+		}
+		var sm, tm map[string]rowLook
+		var sk, tk [][]string
+		var err error
+		if v.targetFirst {
+			if tm, tk, err = list(v.tgt, v.dst); err == nil {
+				sm, sk, err = list(v.r.src, v.src)
+			}
+		} else if sm, sk, err = list(v.r.src, v.src); err == nil {
+			tm, tk, err = list(v.tgt, v.dst)
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, ks := range [][][]string{sk, tk} {
+			for _, k := range ks {
+				id := strings.Join(k, "\x00")
+				s, inS := sm[id]
+				t, inT := tm[id]
+				if !inS && !inT {
+					continue // listed already
+				}
+				delete(sm, id)
+				delete(tm, id)
+				if kl := (keyLook{key: k, src: s, tgt: t}); keys != nil || !kl.equal() {
+					got = append(got, kl)
+				}
+			}
+		}
+	}
+	if keys == nil {
+		return got, nil
+	}
+	byKey := make(map[string]keyLook, len(got))
+	for _, k := range got {
+		byKey[strings.Join(k.key, "\x00")] = k
+	}
+	out := make([]keyLook, len(keys))
+	for i, k := range keys {
+		out[i] = byKey[strings.Join(k, "\x00")]
+		out[i].key = k
+	}
+	return out, nil
+}
+
+func keysOf(ks []keyLook) [][]string {
+	out := make([][]string, len(ks))
+	for i, k := range ks {
+		out[i] = k.key
+	}
+	return out
+}
+
+// settle follows the keys that differed at a first look and tells those
+// being written (the dual write is in flight: the source row changed
+// between the looks and the target then caught up or holds a version at
+// least as new) from those that stay different. A key whose source row did
+// not change between two looks RecheckDelay apart and whose target still
+// differs is a lasting difference, whatever the target did meanwhile.
+func (v *verifier) settle(ctx context.Context, lo, hi []string, first []keyLook) (inFlight int64, lasting []keyLook, err error) {
+	if len(first) == 0 {
+		return 0, nil, nil
+	}
+	if err := sleep(ctx, v.o.RecheckDelay); err != nil {
+		return 0, nil, err
+	}
+	second, err := v.look(ctx, lo, hi, keysOf(first))
+	if err != nil {
+		return 0, nil, err
+	}
+	var moving []keyLook
+	for i, k := range second {
+		switch {
+		case k.equal():
+			inFlight++
+		case !first[i].src.changed(k.src):
+			lasting = append(lasting, k)
+		default:
+			moving = append(moving, k)
+		}
+	}
+	if len(moving) == 0 {
+		return inFlight, lasting, nil
+	}
+	// The last look: a key still being written has its source changing
+	// and its target following it.
+	if err := sleep(ctx, v.o.RecheckDelay); err != nil {
+		return 0, nil, err
+	}
+	third, err := v.look(ctx, lo, hi, keysOf(moving))
+	if err != nil {
+		return 0, nil, err
+	}
+	for i, k := range third {
+		was := moving[i].src
+		switch {
+		case k.equal():
+			inFlight++
+		case was.changed(k.src) && was.present && k.tgt.present && versionAtLeast(k.tgt.version, was.version):
+			inFlight++
+		default:
+			lasting = append(lasting, k)
+		}
+	}
+	return inFlight, lasting, nil
 }
 
 // Verify compares old and new chunk by chunk (row count and a NULL-safe
 // hash over the compared columns, both sides), over the whole key space
-// including rows added since the copy, then runs the business checks. With
-// Repair, differing ranges are recopied and checked again. The result is
-// stored at the migration's current epoch, where [VerifiedGuard] reads it.
-// Verify needs no prior Run: it verifies a table copied by any means.
+// including rows added since the copy, then runs the business checks. A
+// range whose checksums differ is compared key by key and its differing
+// keys followed over two more looks (see [Verification.InFlight]); with
+// Repair, a range with a lasting difference is recopied and its keys
+// checked again. The result is stored at the migration's current epoch,
+// where [VerifiedGuard] reads it. Verify needs no prior Run: it verifies a
+// table copied by any means.
 func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verification, error) {
 	r, err := b.open(ctx, &j)
 	if err != nil {
@@ -124,20 +421,9 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		return Verification{}, err
 	}
 	v := Verification{Job: j.Name, Migration: j.Migration, Epoch: st.Epoch, StartedAt: time.Now().UTC()}
-	var srcCols, tgtCols []string
-	for _, c := range r.sh.cols {
-		if slices.Contains(j.Spec.VerifyIgnore, c) {
-			continue
-		}
-		tgtCols = append(tgtCols, ident(c))
-		if e, ok := j.Spec.Exprs[c]; ok {
-			srcCols = append(srcCols, "("+e+")")
-		} else {
-			srcCols = append(srcCols, ident(c))
-		}
-	}
-	tgtPool := r.txPG.pool
+	vf := newVerifier(r, st, o)
 	var lo []string
+	var examples []string
 	for {
 		var hi []string
 		var args []any
@@ -150,17 +436,25 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		}
 		// hi nil: the last chunk is open-ended on both sides, so target rows
 		// beyond the source's last key are counted too.
-		d, err := r.compareRange(ctx, tgtPool, srcCols, tgtCols, lo, hi, o)
+		d, err := vf.compareRange(ctx, lo, hi)
 		if err != nil {
 			return v, err
 		}
 		v.Chunks++
 		v.RowsSource += d.SourceRows
 		v.RowsTarget += d.TargetRows
+		v.InFlight += d.InFlight
 		if d.differs {
 			v.Differing++
+			v.DifferingKeys += d.DifferingKeys
 			if d.Repaired {
 				v.Repaired++
+			} else {
+				for _, k := range d.Keys {
+					if len(examples) < 5 {
+						examples = append(examples, "("+strings.Join(k, ", ")+")")
+					}
+				}
 			}
 			if len(v.Ranges) < 100 {
 				v.Ranges = append(v.Ranges, d.RangeDiff)
@@ -172,7 +466,7 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		lo = hi
 	}
 	for _, c := range o.Checks {
-		co, err := runCheck(ctx, r.src, tgtPool, c)
+		co, err := runCheck(ctx, r.src, vf.tgt, c)
 		if err != nil {
 			return v, err
 		}
@@ -182,7 +476,7 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		}
 	}
 	if n := v.Differing - v.Repaired; n > 0 {
-		v.Problems = append(v.Problems, fmt.Sprintf("%d of %d ranges differ", n, v.Chunks))
+		v.Problems = append(v.Problems, fmt.Sprintf("%d of %d ranges differ (keys such as %s)", n, v.Chunks, strings.Join(examples, " ")))
 	}
 	if end, err := b.stageOf(ctx, j.Migration); err == nil && end.Epoch != v.Epoch {
 		v.Problems = append(v.Problems, fmt.Sprintf("the migration went back to off during the verification (epoch %d -> %d)", v.Epoch, end.Epoch))
@@ -203,16 +497,11 @@ type rangeResult struct {
 	differs bool
 }
 
-func (r *runner) compareRange(ctx context.Context, tgt *pgxpool.Pool, srcCols, tgtCols []string, lo, hi []string, o VerifyOptions) (rangeResult, error) {
-	cmp := func() (sum, sum, error) {
-		s, err := checksum(ctx, r.src, r.j.Spec.Source, r.sh, srcCols, lo, hi)
-		if err != nil {
-			return s, sum{}, err
-		}
-		t, err := checksum(ctx, tgt, r.txPG.table, r.sh, tgtCols, lo, hi)
-		return s, t, err
-	}
-	s, t, err := cmp()
+// maxKeysShown per differing range in [RangeDiff.Keys].
+const maxKeysShown = 10
+
+func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResult, error) {
+	s, t, err := v.checksums(ctx, lo, hi)
 	if err != nil {
 		return rangeResult{}, err
 	}
@@ -220,35 +509,150 @@ func (r *runner) compareRange(ctx context.Context, tgt *pgxpool.Pool, srcCols, t
 	if s == t {
 		return res, nil
 	}
-	if err := sleep(ctx, o.RecheckDelay); err != nil {
+	first, err := v.look(ctx, lo, hi, nil)
+	if err != nil {
 		return res, err
 	}
-	if s, t, err = cmp(); err != nil {
+	inFlight, lasting, err := v.settle(ctx, lo, hi, first)
+	if err != nil {
 		return res, err
 	}
-	res.SourceRows, res.TargetRows = s.rows, t.rows
-	if s == t {
+	res.InFlight = inFlight
+	if len(lasting) == 0 {
 		return res, nil
 	}
 	res.differs = true
-	if !o.Repair {
+	res.DifferingKeys = int64(len(lasting))
+	for _, k := range lasting[:min(len(lasting), maxKeysShown)] {
+		res.Keys = append(res.Keys, k.key)
+	}
+	if !v.o.Repair {
 		return res, nil
 	}
-	if err := r.recopy(ctx, lo, hi); err != nil {
+	if err := v.r.recopy(ctx, lo, hi); err != nil {
 		return res, err
 	}
-	if s, t, err = cmp(); err != nil {
+	after, err := v.look(ctx, lo, hi, keysOf(lasting))
+	if err != nil {
 		return res, err
 	}
-	res.Repaired = s == t
+	var still []keyLook
+	for _, k := range after {
+		if !k.equal() {
+			still = append(still, k)
+		}
+	}
+	n, still, err := v.settle(ctx, lo, hi, still)
+	if err != nil {
+		return res, err
+	}
+	res.InFlight += n
+	res.Repaired = len(still) == 0
 	return res, nil
 }
+
+// versionAtLeast reports whether version a is at least b. Numbers compare
+// as numbers and times as times; anything else is not comparable and
+// reports false (the key then counts as differing).
+func versionAtLeast(a, b any) bool {
+	c, ok := versionCmp(a, b)
+	return ok && c >= 0
+}
+
+func sameVersion(a, b any) bool {
+	if a == nil || b == nil {
+		return a == nil && b == nil
+	}
+	if c, ok := versionCmp(a, b); ok {
+		return c == 0
+	}
+	return fmt.Sprint(a) == fmt.Sprint(b)
+}
+
+func versionCmp(a, b any) (int, bool) {
+	if ta, ok := a.(time.Time); ok {
+		tb, ok := b.(time.Time)
+		if !ok {
+			return 0, false
+		}
+		return ta.Compare(tb), true
+	}
+	ra, ok := toRat(a)
+	if !ok {
+		return 0, false
+	}
+	rb, ok := toRat(b)
+	if !ok {
+		return 0, false
+	}
+	return ra.Cmp(rb), true
+}
+
+func toRat(x any) (*big.Rat, bool) {
+	switch n := x.(type) {
+	case int64:
+		return new(big.Rat).SetInt64(n), true
+	case int32:
+		return new(big.Rat).SetInt64(int64(n)), true
+	case int16:
+		return new(big.Rat).SetInt64(int64(n)), true
+	case int:
+		return new(big.Rat).SetInt64(int64(n)), true
+	case float64:
+		if math.IsNaN(n) || math.IsInf(n, 0) {
+			return nil, false
+		}
+		return new(big.Rat).SetFloat64(n), true
+	case float32:
+		return toRat(float64(n))
+	case pgtype.Numeric:
+		if !n.Valid || n.NaN || n.InfinityModifier != pgtype.Finite || n.Int == nil {
+			return nil, false
+		}
+		r := new(big.Rat).SetInt(n.Int)
+		p := new(big.Rat).SetInt(new(big.Int).Exp(big.NewInt(10), big.NewInt(int64(abs(n.Exp))), nil))
+		if n.Exp >= 0 {
+			return r.Mul(r, p), true
+		}
+		return r.Quo(r, p), true
+	}
+	return nil, false
+}
+
+func abs(x int32) int32 {
+	if x < 0 {
+		return -x
+	}
+	return x
+}
+
+// keyIn renders "(keys) IN (the listed keys)", the keys given as text and
+// passed as one text array per key column, cast back to the key types.
+func (sh *shape) keyIn(keys [][]string, args *[]any) string {
+	var arrays, names, casts []string
+	for i := range sh.spec.Key {
+		col := make([]string, len(keys))
+		for j, k := range keys {
+			col[j] = k[i]
+		}
+		*args = append(*args, col)
+		arrays = append(arrays, fmt.Sprintf("$%d::text[]", len(*args)))
+		n := ident(fmt.Sprintf("__dimmer_k%d", i))
+		names = append(names, n)
+		casts = append(casts, "u."+n+"::"+sh.keyTypes[i])
+	}
+	return "(" + sh.keyList + ") IN (SELECT " + strings.Join(casts, ", ") + " FROM unnest(" + strings.Join(arrays, ", ") +
+		") AS u(" + strings.Join(names, ", ") + "))"
+}
+
+// sameDB: the source and the target are read through the same pool.
+func (r *runner) sameDB() bool { return r.txPG != nil && r.src == querier(r.txPG.pool) }
 
 // recopy makes the target's range (lo, hi] equal to the source's: rows the
 // source lacks are deleted, the rest copied again.
 func (r *runner) recopy(ctx context.Context, lo, hi []string) error {
 	pg := r.txPG
-	sameDB := pg.pool == r.b.pool && r.src == querier(r.b.pool)
+	sameDB := r.sameDB()
 	return pgx.BeginFunc(ctx, pg.pool, func(tx pgx.Tx) error {
 		if sameDB {
 			var args []any

@@ -1,12 +1,19 @@
 package backfill_test
 
 import (
+	"context"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -44,6 +51,13 @@ func TestVerifyRepairAndGuard(t *testing.T) {
 	require.NoError(t, err)
 	assert.False(t, v.OK)
 	assert.Equal(t, int64(4), v.Differing, "the ranges holding -300, 10..15, 1200 and the open last one (99999): %+v", v.Ranges)
+	assert.Equal(t, int64(6), v.DifferingKeys)
+	assert.Zero(t, v.InFlight, "nothing writes")
+	if assert.Len(t, v.Ranges, 4) {
+		assert.Equal(t, [][]string{{"-300"}}, v.Ranges[0].Keys)
+		assert.ElementsMatch(t, [][]string{{"10"}, {"11"}, {"15"}}, v.Ranges[1].Keys)
+		assert.Equal(t, [][]string{{"99999"}}, v.Ranges[3].Keys, "a row only the target has")
+	}
 	assert.Equal(t, int64(2000), v.RowsSource)
 	assert.Equal(t, int64(2000), v.RowsTarget, "one lost, one extra")
 	_, err = ctl.Advance(tctx(t), "orders", "test", "damaged")
@@ -108,4 +122,144 @@ func TestBusinessChecks(t *testing.T) {
 	assert.Contains(t, v.Checks[0].Detail, "groups differ")
 	assert.False(t, v.Checks[1].OK)
 	assert.Contains(t, v.Checks[1].Detail, "0: source 250, target 249")
+}
+
+// hammer dual-writes the hot keys over and over as a service in dualwrite
+// does: old first, then new in a transaction of its own a moment later,
+// under the dual writer's version guard (an older write never replaces a
+// newer one). Several writers share the keys. stop waits for the writers;
+// writes counts the dual writes made.
+func hammer(t *testing.T, oldPool, newPool *pgxpool.Pool, hot []int64, writers int) (writes *atomic.Int64, stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(tctx(t))
+	writes = new(atomic.Int64)
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 11))
+			// Writers stop between dual writes, never inside one: an
+			// interrupted dual write is the repair log's business.
+			wctx := context.WithoutCancel(ctx)
+			for ctx.Err() == nil {
+				id := hot[rng.IntN(len(hot))]
+				var amount string
+				var note *string
+				var version int64
+				if err := oldPool.QueryRow(wctx, `UPDATE old_orders SET amount = amount + 1, version = version + 1 WHERE id = $1
+RETURNING amount::text, note, version`, id).Scan(&amount, &note, &version); err != nil {
+					t.Errorf("dual write old: %v", err)
+					return
+				}
+				time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
+				if _, err := newPool.Exec(wctx, `INSERT INTO new_orders AS t (id, amount, note, version) VALUES ($1, $2::numeric, $3, $4)
+ON CONFLICT (id) DO UPDATE SET amount = EXCLUDED.amount, note = EXCLUDED.note, version = EXCLUDED.version
+WHERE t.version < EXCLUDED.version`, id, amount, note, version); err != nil {
+					t.Errorf("dual write new: %v", err)
+					return
+				}
+				writes.Add(1)
+				time.Sleep(time.Duration(rng.IntN(2000)) * time.Microsecond)
+			}
+		})
+	}
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
+	t.Cleanup(stop)
+	return writes, stop
+}
+
+// TestVerifyUnderDualWrites verifies while writers hammer a few hot keys
+// the way dual writes do (old, then new a moment later): the verification
+// passes without pausing them, and a key corrupted in new (which nothing
+// writes) is still found and repaired. Once with new in the same database
+// (both sides checksummed in one statement), once in another database.
+func TestVerifyUnderDualWrites(t *testing.T) {
+	t.Parallel()
+	for _, other := range []bool{false, true} {
+		name := "same database"
+		if other {
+			name = "other database"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			e.orders(t, "id bigint", "id", `(id, amount, note) SELECT g, g, CASE WHEN g % 7 = 0 THEN NULL ELSE 'n' || g END FROM generate_series(1, 3000) g`)
+			j := ordersJob("hammered")
+			tgt := e.pool
+			if other {
+				tgt = dimmertest.Pool(t, dimmertest.Database(t))
+				exec(t, tgt, `CREATE TABLE new_orders (id bigint PRIMARY KEY, amount numeric, note text, version bigint NOT NULL)`)
+				sink, err := backfill.NewPGSink(tgt, backfill.Table{Name: "new_orders"})
+				require.NoError(t, err)
+				j.Sink = sink
+			}
+			_, err := e.bf.Run(tctx(t), j)
+			require.NoError(t, err)
+
+			// Two hot keys in every range of 300 keys.
+			var hot []int64
+			for id := int64(7); id <= 3000; id += 150 {
+				hot = append(hot, id)
+			}
+			writes, stop := hammer(t, e.pool, tgt, hot, 6)
+			require.Eventually(t, func() bool { return writes.Load() > 50 }, 30*time.Second, 10*time.Millisecond)
+			opts := backfill.VerifyOptions{ChunkRows: 300}
+			// At least two verifications, and until one caught a key with a
+			// dual write in flight (the writers' lag is a few milliseconds,
+			// so most checksums meet none).
+			var inFlight int64
+			for i := 0; i < 2 || (inFlight == 0 && i < 10); i++ {
+				before := writes.Load()
+				v, err := e.bf.Verify(tctx(t), j, opts)
+				require.NoError(t, err)
+				assert.Greater(t, writes.Load()-before, int64(20), "the writers kept writing during the verification")
+				assert.True(t, v.OK, "%v %+v", v.Problems, v.Ranges)
+				assert.Zero(t, v.Differing)
+				assert.Equal(t, int64(3000), v.RowsSource)
+				inFlight += v.InFlight
+			}
+			assert.Positive(t, inFlight, "keys were caught with a dual write in flight")
+
+			// A key nothing writes, corrupted in new, and a key whose dual
+			// writes never reach new: its source keeps changing, its target
+			// does not follow.
+			exec(t, tgt, `UPDATE new_orders SET note = 'corrupt' WHERE id = 2000`)
+			bctx, stopBroken := context.WithCancel(tctx(t))
+			broken := make(chan struct{})
+			go func() {
+				defer close(broken)
+				for bctx.Err() == nil {
+					_, _ = e.pool.Exec(bctx, `UPDATE old_orders SET amount = amount + 1, version = version + 1 WHERE id = 2600`)
+					time.Sleep(5 * time.Millisecond)
+				}
+			}()
+			v, err := e.bf.Verify(tctx(t), j, opts)
+			stopBroken()
+			<-broken
+			require.NoError(t, err)
+			assert.False(t, v.OK)
+			assert.Equal(t, int64(2), v.Differing, "%+v", v.Ranges)
+			assert.Equal(t, int64(2), v.DifferingKeys)
+			if assert.Len(t, v.Ranges, 2) {
+				assert.Equal(t, [][]string{{"2000"}}, v.Ranges[0].Keys)
+				assert.Equal(t, [][]string{{"2600"}}, v.Ranges[1].Keys)
+			}
+			require.NotEmpty(t, v.Problems)
+			assert.Contains(t, v.Problems[0], "2 of 11 ranges differ (keys such as (2000) (2600))")
+
+			opts.Repair = true
+			v, err = e.bf.Verify(tctx(t), j, opts)
+			require.NoError(t, err)
+			assert.True(t, v.OK, "%v", v.Problems)
+			assert.Equal(t, int64(2), v.Repaired, "%+v", v.Ranges)
+			stop()
+			var note string
+			require.NoError(t, tgt.QueryRow(tctx(t), `SELECT note FROM new_orders WHERE id = 2000`).Scan(&note))
+			assert.Equal(t, "n2000", note, "repaired by recopy")
+			assert.Equal(t, count(t, e.pool, `SELECT version FROM old_orders WHERE id = 2600`), count(t, tgt, `SELECT version FROM new_orders WHERE id = 2600`))
+			v, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{ChunkRows: 300})
+			require.NoError(t, err)
+			assert.True(t, v.OK, "the writers stopped: old and new are equal")
+		})
+	}
 }
