@@ -69,13 +69,36 @@
 //
 // [Backfiller.Verify] compares old and new in key ranges by row count and a
 // NULL-safe hash over the compared columns (each row as a JSON array, so
-// NULL, the string "null" and the empty string all differ), rechecks a
-// differing range once (a dual write may have been in flight), recopies it
-// with VerifyOptions.Repair, and runs [BusinessCheck] aggregate queries on
-// both sides with a tolerance. The result is stored at the migration's
-// epoch; [VerifiedGuard] (a flags.Guard applying when keys enter shadow)
-// passes only when every job of the migration finished and was verified
-// successfully at the current epoch.
+// NULL, the string "null" and the empty string all differ). Where source
+// and target are read through the same pool, both sides of a range are
+// summed in one statement, so one snapshot sees them; in different
+// databases they take two statements, the side the dual writes write
+// second read first.
+//
+// Verification runs under live dual writes, which update old and new in
+// separate transactions: even in one snapshot a key written a moment ago
+// differs. So a range whose sums differ is compared key by key (in one
+// database one statement joining the sides on the key; otherwise both
+// sides of the range are listed), and each differing key is looked at
+// again after VerifyOptions.RecheckDelay, and once more if its source row
+// changed in between. A key equal at a later look, or whose source keeps
+// changing while its target holds at least the version the source had at
+// the look before, had a dual write in flight: it counts in
+// [Verification.InFlight] and fails nothing. A key whose source row did not
+// change between two looks and whose target still differs is a lasting
+// difference ([Verification.DifferingKeys], its range in
+// [Verification.Differing]): it fails the verification, and with
+// VerifyOptions.Repair its range is recopied and its keys checked again.
+// The rule errs on the safe side: a dual write whose second side lags its
+// first by more than RecheckDelay is reported as a lasting difference,
+// while a target that differs from a source row nothing is writing never
+// passes. (A key written throughout the check is judged by its versions;
+// its content is compared by the next verification that meets it at rest.)
+//
+// [BusinessCheck] aggregate queries run on both sides with a tolerance. The
+// result is stored at the migration's epoch; [VerifiedGuard] (a flags.Guard
+// applying when keys enter shadow) passes only when every job of the
+// migration finished and was verified successfully at the current epoch.
 //
 // # Speed control, pause, scale out
 //
