@@ -365,10 +365,10 @@ func (d *demo) migrate(ctx context.Context, rep *report) error {
 		return err
 	}
 	if !v.OK {
-		// The verifier checksums a range of old and of new in two
-		// statements, so a write landing between them makes the range
-		// differ; rechecks usually pass, but a busy range can keep
-		// changing. The writes pause (reads go on) and it runs once more.
+		// The verifier follows the keys of a differing range until their
+		// dual writes land, so the writes in flight do not fail it; should
+		// a key's second write lag more than the recheck delay (a stalled
+		// instance), the writes pause (reads go on) and it runs once more.
 		d.load.holdWrites.Store(true)
 		d.say("ranges kept changing under load: writes held (reads go on) for the final verification")
 		time.Sleep(500 * time.Millisecond) // the writes in flight land
@@ -402,9 +402,10 @@ func (d *demo) verify(ctx context.Context, jobs []backfill.Job) (backfill.Verifi
 	sum := backfill.Verification{OK: true}
 	for _, j := range jobs {
 		var v backfill.Verification
-		// Under live writes a range can change between its two checks;
-		// Repair recopies such a range (version-guarded) and checks it
-		// again, and a verification that still differs is run again.
+		// Keys whose dual write is in flight are followed until it lands
+		// (v.InFlight); a lasting difference is recopied by Repair
+		// (version-guarded) and checked again, and a verification that
+		// still differs is run again.
 		for attempt := 1; ; attempt++ {
 			var err error
 			v, err = d.shared.Backfill.Verify(ctx, j, backfill.VerifyOptions{ChunkRows: 1000, Repair: true, RecheckDelay: 100 * time.Millisecond})
@@ -416,7 +417,8 @@ func (d *demo) verify(ctx context.Context, jobs []backfill.Job) (backfill.Verifi
 			}
 			d.say("verify %s: %s; again", j.Name, strings.Join(v.Problems, "; "))
 		}
-		d.say("verify %s: %d rows vs %d, %d chunks, checksums equal: %v (ranges recopied: %d) %s", j.Name, v.RowsSource, v.RowsTarget, v.Chunks, v.OK, v.Repaired, strings.Join(v.Problems, "; "))
+		d.say("verify %s: %d rows vs %d, %d chunks, checksums equal: %v (keys with a dual write in flight: %d, ranges recopied: %d) %s",
+			j.Name, v.RowsSource, v.RowsTarget, v.Chunks, v.OK, v.InFlight, v.Repaired, strings.Join(v.Problems, "; "))
 		sum.OK = sum.OK && v.OK
 		sum.RowsSource += v.RowsSource
 		sum.RowsTarget += v.RowsTarget
