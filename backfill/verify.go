@@ -218,7 +218,7 @@ func (v *verifier) sideSQL(s side, lo, hi []string, keys [][]string, args *[]any
 	sh := v.r.sh
 	w := sh.where(lo, hi, args, "")
 	if keys != nil {
-		w += " AND " + sh.keyIn(keys, args)
+		w += " AND " + sh.keyIn(keys, args, "")
 	}
 	return `SELECT ` + sh.cursor + ` AS k, ` + s.row + ` AS h, ` + s.version + ` AS v FROM ` + s.table.sql() + ` WHERE ` + w
 }
@@ -529,7 +529,7 @@ func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResu
 	if !v.o.Repair {
 		return res, nil
 	}
-	if err := v.r.recopy(ctx, lo, hi); err != nil {
+	if err := v.r.recopy(ctx, lo, hi, keysOf(lasting)); err != nil {
 		return res, err
 	}
 	after, err := v.look(ctx, lo, hi, keysOf(lasting))
@@ -628,9 +628,10 @@ func abs(x int32) int32 {
 
 // keyIn renders "(keys) IN (the listed keys)", the keys given as text and
 // passed as one text array per key column, cast back to the key types.
-func (sh *shape) keyIn(keys [][]string, args *[]any) string {
-	var arrays, names, casts []string
-	for i := range sh.spec.Key {
+func (sh *shape) keyIn(keys [][]string, args *[]any, prefix string) string {
+	var arrays, names, casts, cols []string
+	for i, k := range sh.spec.Key {
+		cols = append(cols, prefix+ident(k))
 		col := make([]string, len(keys))
 		for j, k := range keys {
 			col[j] = k[i]
@@ -641,22 +642,25 @@ func (sh *shape) keyIn(keys [][]string, args *[]any) string {
 		names = append(names, n)
 		casts = append(casts, "u."+n+"::"+sh.keyTypes[i])
 	}
-	return "(" + sh.keyList + ") IN (SELECT " + strings.Join(casts, ", ") + " FROM unnest(" + strings.Join(arrays, ", ") +
+	return "(" + strings.Join(cols, ", ") + ") IN (SELECT " + strings.Join(casts, ", ") + " FROM unnest(" + strings.Join(arrays, ", ") +
 		") AS u(" + strings.Join(names, ", ") + "))"
 }
 
 // sameDB: the source and the target are read through the same pool.
 func (r *runner) sameDB() bool { return r.txPG != nil && r.src == querier(r.txPG.pool) }
 
-// recopy makes the target's range (lo, hi] equal to the source's: rows the
-// source lacks are deleted, the rest copied again.
-func (r *runner) recopy(ctx context.Context, lo, hi []string) error {
+// recopy makes the target's range (lo, hi] equal to the source's: of the
+// keys found differing, those the source lacks are deleted, and the
+// range's rows are copied again under the version guard. Only those keys
+// are deleted: another target row the source lacks may be a create in
+// flight where new is written first, which the delete would lose.
+func (r *runner) recopy(ctx context.Context, lo, hi []string, differing [][]string) error {
 	pg := r.txPG
 	sameDB := r.sameDB()
 	return pgx.BeginFunc(ctx, pg.pool, func(tx pgx.Tx) error {
 		if sameDB {
 			var args []any
-			w := r.sh.where(lo, hi, &args, "t.")
+			w := r.sh.where(lo, hi, &args, "t.") + " AND " + r.sh.keyIn(differing, &args, "t.")
 			var match []string
 			for _, k := range r.j.Spec.Key {
 				match = append(match, "s."+ident(k)+" = t."+ident(k))
@@ -670,7 +674,14 @@ func (r *runner) recopy(ctx context.Context, lo, hi []string) error {
 			if err != nil {
 				return err
 			}
+			only := make(map[string]bool, len(differing))
+			for _, k := range differing {
+				only[strings.Join(k, "\x00")] = true
+			}
 			for _, k := range keys {
+				if !only[strings.Join(k, "\x00")] {
+					continue
+				}
 				var args []any
 				if _, err := tx.Exec(ctx, `DELETE FROM `+pg.table.sql()+` WHERE `+r.sh.bound("=", k, &args, ""), args...); err != nil {
 					return fmt.Errorf("backfill: repair %s: %w", pg.table, err)

@@ -263,3 +263,46 @@ func TestVerifyUnderDualWrites(t *testing.T) {
 		})
 	}
 }
+
+// TestRepairKeepsCreatesInFlight repairs a range while orders are created
+// in it new side first (as from live on, when new is authoritative): the
+// repair deletes the target-only row that is a lasting difference, and
+// none of the created rows whose old side has not landed yet.
+func TestRepairKeepsCreatesInFlight(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id, amount, note) SELECT g, g, 'n' FROM generate_series(1, 1000) g`)
+	j := ordersJob("creates")
+	_, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	exec(t, e.pool, `INSERT INTO new_orders (id, amount) VALUES (99999, 1)`) // in the last, open-ended range
+
+	ctx, stop := context.WithCancel(tctx(t))
+	var created atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for id := int64(5000); ctx.Err() == nil; id++ {
+			wctx := context.WithoutCancel(ctx) // never stop inside a dual write
+			if _, err := e.pool.Exec(wctx, `INSERT INTO new_orders (id, amount, note) VALUES ($1, 1, 'new first')`, id); err != nil {
+				t.Errorf("create new: %v", err)
+				return
+			}
+			time.Sleep(3 * time.Millisecond)
+			if _, err := e.pool.Exec(wctx, `INSERT INTO old_orders (id, amount, note) VALUES ($1, 1, 'new first')`, id); err != nil {
+				t.Errorf("create old: %v", err)
+				return
+			}
+			created.Add(1)
+		}
+	}()
+	require.Eventually(t, func() bool { return created.Load() > 10 }, 30*time.Second, 5*time.Millisecond)
+	v, err := e.bf.Verify(tctx(t), j, backfill.VerifyOptions{ChunkRows: 300, Repair: true})
+	stop()
+	<-done
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+	assert.Equal(t, int64(1), v.Repaired, "%+v", v.Ranges)
+	assert.Zero(t, count(t, e.pool, `SELECT count(*) FROM new_orders WHERE id = 99999`))
+	assert.Zero(t, e.diff(t), "every order created during the repair is in new")
+}
