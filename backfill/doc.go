@@ -88,7 +88,9 @@
 // change between two looks and whose target still differs is a lasting
 // difference ([Verification.DifferingKeys], its range in
 // [Verification.Differing]): it fails the verification, and with
-// VerifyOptions.Repair its range is recopied and its keys checked again.
+// VerifyOptions.Repair its range is recopied (of the target rows the
+// source lacks, only the differing keys' are deleted: another may be a
+// create in flight, new side first) and its keys checked again.
 // The rule errs on the safe side: a dual write whose second side lags its
 // first by more than RecheckDelay is reported as a lasting difference,
 // while a target that differs from a source row nothing is writing never

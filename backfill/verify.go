@@ -38,8 +38,9 @@ type BusinessCheck struct {
 type VerifyOptions struct {
 	// ChunkRows per checksum (10,000).
 	ChunkRows int
-	// Repair recopies differing ranges (and deletes target rows the source
-	// does not have) and checks them again.
+	// Repair recopies the ranges holding a lasting difference (and deletes
+	// the target rows of their differing keys the source does not have)
+	// and checks those keys again.
 	Repair bool
 	// RecheckDelay separates the looks at a differing range's keys (200ms):
 	// a dual write in flight at one look has landed on both sides by the

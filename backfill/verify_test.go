@@ -306,3 +306,31 @@ func TestRepairKeepsCreatesInFlight(t *testing.T) {
 	assert.Zero(t, count(t, e.pool, `SELECT count(*) FROM new_orders WHERE id = 99999`))
 	assert.Zero(t, e.diff(t), "every order created during the repair is in new")
 }
+
+func TestVerifyCompositeKey(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "tenant text, id bigint", "tenant, id", `(tenant, id, amount) SELECT 't' || (g % 3), g, g FROM generate_series(1, 900) g`)
+	j := ordersJob("composite")
+	j.Spec.Key = []string{"tenant", "id"}
+	_, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	exec(t, e.pool, `UPDATE new_orders SET amount = -1 WHERE tenant = 't1' AND id = 100`)
+	exec(t, e.pool, `DELETE FROM new_orders WHERE tenant = 't2' AND id = 500`)
+	exec(t, e.pool, `INSERT INTO new_orders (tenant, id, amount) VALUES ('t2', 100000, 1)`)
+	v, err := e.bf.Verify(tctx(t), j, backfill.VerifyOptions{ChunkRows: 200})
+	require.NoError(t, err)
+	assert.False(t, v.OK)
+	assert.Equal(t, int64(3), v.DifferingKeys)
+	var keys [][]string
+	for _, r := range v.Ranges {
+		keys = append(keys, r.Keys...)
+	}
+	assert.ElementsMatch(t, [][]string{{"t1", "100"}, {"t2", "500"}, {"t2", "100000"}}, keys)
+
+	v, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{ChunkRows: 200, Repair: true})
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+	assert.Equal(t, v.Differing, v.Repaired)
+	assert.Zero(t, e.diff(t))
+}
