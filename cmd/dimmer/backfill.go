@@ -310,10 +310,11 @@ recopies differing ranges. Exit 1 when they differ.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(b.out, "%s: %d chunks, %d source rows, %d target rows, %d differing, %d repaired\n",
-				j.Name, v.Chunks, v.RowsSource, v.RowsTarget, v.Differing, v.Repaired)
+			fmt.Fprintf(b.out, "%s: %d chunks, %d source rows, %d target rows, differing: %d ranges / %d keys, repaired: %d, keys with a write in flight: %d\n",
+				j.Name, v.Chunks, v.RowsSource, v.RowsTarget, v.Differing, v.DifferingKeys, v.Repaired, v.InFlight)
 			for _, r := range v.Ranges {
-				fmt.Fprintf(b.out, "  range (%v, %v]: %d source rows, %d target rows, repaired: %v\n", r.Lo, r.Hi, r.SourceRows, r.TargetRows, r.Repaired)
+				fmt.Fprintf(b.out, "  range (%v, %v]: %d source rows, %d target rows, differing keys: %d %v, repaired: %v\n",
+					r.Lo, r.Hi, r.SourceRows, r.TargetRows, r.DifferingKeys, r.Keys, r.Repaired)
 			}
 			if !v.OK {
 				return fmt.Errorf("%s differs: %s", j.Name, strings.Join(v.Problems, "; "))
