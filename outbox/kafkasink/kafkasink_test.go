@@ -2,6 +2,8 @@ package kafkasink_test
 
 import (
 	"context"
+	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,19 +16,28 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
 
+	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 	"github.com/dimmer-dev/dimmer/outbox/kafkasink"
 )
 
+// cluster returns DIMMER_KAFKA_BROKERS when set, else an in-process kfake
+// cluster, with topics created (and deleted after the test, which matters
+// on a real cluster).
 func cluster(t *testing.T, topics ...string) []string {
 	t.Helper()
-	c, err := kfake.NewCluster(kfake.NumBrokers(1))
-	require.NoError(t, err)
-	t.Cleanup(c.Close)
-	seeds := c.ListenAddrs()
+	var seeds []string
+	if b := os.Getenv("DIMMER_KAFKA_BROKERS"); b != "" {
+		seeds = strings.Split(b, ",")
+	} else {
+		c, err := kfake.NewCluster(kfake.NumBrokers(1))
+		require.NoError(t, err)
+		t.Cleanup(c.Close)
+		seeds = c.ListenAddrs()
+	}
 	cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...))
 	require.NoError(t, err)
-	defer cl.Close()
+	t.Cleanup(cl.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, topic := range topics {
@@ -34,6 +45,11 @@ func cluster(t *testing.T, topics ...string) []string {
 		require.NoError(t, err)
 		require.NoError(t, resp.Err)
 	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, _ = kadm.NewClient(cl).DeleteTopics(ctx, topics...)
+	})
 	return seeds
 }
 
@@ -74,11 +90,12 @@ func TestNewRefusesWeakProducers(t *testing.T) {
 // topics mapped; each record's own outcome is reported.
 func TestPublish(t *testing.T) {
 	t.Parallel()
-	seeds := cluster(t, "prod.orders", "prod.audit")
+	env := dimmertest.Name("prod_") + "."
+	seeds := cluster(t, env+"orders", env+"audit")
 	cl, err := kgo.NewClient(kafkasink.ClientOptions(seeds...)...)
 	require.NoError(t, err)
 	defer cl.Close()
-	p, err := kafkasink.New(cl, kafkasink.WithTopicMap(func(t string) string { return "prod." + t }))
+	p, err := kafkasink.New(cl, kafkasink.WithTopicMap(func(t string) string { return env + t }))
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -94,7 +111,7 @@ func TestPublish(t *testing.T) {
 	require.NoError(t, res[0])
 	require.NoError(t, res[1])
 
-	consumer, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.ConsumeTopics("prod.orders", "prod.audit"),
+	consumer, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.ConsumeTopics(env+"orders", env+"audit"),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
 	require.NoError(t, err)
 	defer consumer.Close()
@@ -104,7 +121,7 @@ func TestPublish(t *testing.T) {
 		require.NoError(t, ctx.Err())
 		fs.EachRecord(func(r *kgo.Record) { got[r.Topic] = r })
 	}
-	o := got["prod.orders"]
+	o := got[env+"orders"]
 	assert.Equal(t, []byte("order-7"), o.Key)
 	assert.Equal(t, []byte(`{"total":3}`), o.Value)
 	assert.Equal(t, []kgo.RecordHeader{
@@ -112,7 +129,7 @@ func TestPublish(t *testing.T) {
 		{Key: "a-type", Value: []byte("created")},
 		{Key: "z-trace", Value: []byte("t1")},
 	}, o.Headers)
-	a := got["prod.audit"]
+	a := got[env+"audit"]
 	assert.Nil(t, a.Key, "a keyless message has no record key")
 	assert.Equal(t, []kgo.RecordHeader{{Key: outbox.HeaderMessageID, Value: []byte(ids[1].String())}}, a.Headers)
 
