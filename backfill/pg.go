@@ -209,29 +209,11 @@ func (sh *shape) copyKeysSQL(lo, hi []string, keys [][]string, f keyFilter, lock
 	src := sh.spec.Source.sql()
 	w := sh.where(lo, hi, &args, src+".")
 	if f != keysAll && len(keys) > 0 {
-		// The listed keys as one text array per key column, matched cast back
-		// to the key types (the source's collation applies: the column's).
-		var us, match []string
-		for i, k := range sh.spec.Key {
-			col := make([]string, len(keys))
-			for j, key := range keys {
-				col[j] = key[i]
-			}
-			args = append(args, col)
-			us = append(us, fmt.Sprintf("$%d::text[]", len(args)))
-			u := ident(fmt.Sprintf("__dimmer_k%d", i))
-			match = append(match, src+"."+ident(k)+" = u."+u+"::"+sh.keyTypes[i])
-		}
-		var names []string
-		for i := range sh.spec.Key {
-			names = append(names, ident(fmt.Sprintf("__dimmer_k%d", i)))
-		}
-		sub := `EXISTS (SELECT 1 FROM unnest(` + strings.Join(us, ", ") + `) AS u(` + strings.Join(names, ", ") + `) WHERE ` +
-			strings.Join(match, " AND ") + `)`
+		not := ""
 		if f == keysNotIn {
-			sub = "NOT " + sub
+			not = "NOT "
 		}
-		w += " AND " + sub
+		w += " AND " + not + sh.keyIn(keys, &args, src+".")
 	}
 	lock := ""
 	if lockSource {
@@ -244,6 +226,26 @@ func (sh *shape) copyKeysSQL(lo, hi []string, keys [][]string, f keyFilter, lock
 		q += upsertClause("t", sh.spec.Key, sh.cols, sh.spec.VersionColumn)
 	}
 	return q, args
+}
+
+// keyIn renders "(keys) IN (the listed keys)", the keys given as text and
+// passed as one text array per key column, cast back to the key types.
+func (sh *shape) keyIn(keys [][]string, args *[]any, prefix string) string {
+	var arrays, names, casts, cols []string
+	for i, k := range sh.spec.Key {
+		cols = append(cols, prefix+ident(k))
+		col := make([]string, len(keys))
+		for j, k := range keys {
+			col[j] = k[i]
+		}
+		*args = append(*args, col)
+		arrays = append(arrays, fmt.Sprintf("$%d::text[]", len(*args)))
+		n := ident(fmt.Sprintf("__dimmer_k%d", i))
+		names = append(names, n)
+		casts = append(casts, "u."+n+"::"+sh.keyTypes[i])
+	}
+	return "(" + strings.Join(cols, ", ") + ") IN (SELECT " + strings.Join(casts, ", ") + " FROM unnest(" + strings.Join(arrays, ", ") +
+		") AS u(" + strings.Join(names, ", ") + "))"
 }
 
 // presentSQL lists up to limit keys of the target in (lo, hi]: the rows a

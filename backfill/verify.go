@@ -427,11 +427,8 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 	var examples []string
 	for {
 		var hi []string
-		var args []any
-		w := r.sh.where(lo, nil, &args, "")
-		args = append(args, o.ChunkRows-1)
-		err := r.src.QueryRow(ctx, `SELECT `+r.sh.cursor+` FROM `+j.Spec.Source.sql()+` WHERE `+w+` ORDER BY `+r.sh.keyList+
-			fmt.Sprintf(` OFFSET $%d LIMIT 1`, len(args)), args...).Scan(&hi)
+		sql, args := r.sh.boundarySQL(lo, nil, o.ChunkRows)
+		err := r.src.QueryRow(ctx, sql, args...).Scan(&hi)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return v, fmt.Errorf("backfill: verify %s: %w", j.Name, err)
 		}
@@ -625,26 +622,6 @@ func abs(x int32) int32 {
 		return -x
 	}
 	return x
-}
-
-// keyIn renders "(keys) IN (the listed keys)", the keys given as text and
-// passed as one text array per key column, cast back to the key types.
-func (sh *shape) keyIn(keys [][]string, args *[]any, prefix string) string {
-	var arrays, names, casts, cols []string
-	for i, k := range sh.spec.Key {
-		cols = append(cols, prefix+ident(k))
-		col := make([]string, len(keys))
-		for j, k := range keys {
-			col[j] = k[i]
-		}
-		*args = append(*args, col)
-		arrays = append(arrays, fmt.Sprintf("$%d::text[]", len(*args)))
-		n := ident(fmt.Sprintf("__dimmer_k%d", i))
-		names = append(names, n)
-		casts = append(casts, "u."+n+"::"+sh.keyTypes[i])
-	}
-	return "(" + strings.Join(cols, ", ") + ") IN (SELECT " + strings.Join(casts, ", ") + " FROM unnest(" + strings.Join(arrays, ", ") +
-		") AS u(" + strings.Join(names, ", ") + "))"
 }
 
 // sameDB: the source and the target are read through the same pool.
