@@ -460,3 +460,45 @@ func TestWatchdogConfigValidate(t *testing.T) {
 	}
 	require.NoError(t, flags.WatchdogConfig{}.Validate())
 }
+
+// TestCanaryGuard: the canary guard judges only the step that finishes a
+// rollout, from what the fleet's watchdogs saw of the canary's stage: too
+// few operations, or too many errors, refuse it.
+func TestCanaryGuard(t *testing.T) {
+	t.Parallel()
+	store := newStore(t)
+	wd := flags.WatchdogConfig{Window: time.Minute, MinSamples: 10, MaxErrorRate: 0.1, MaxMismatchRate: 0.05}
+	ctrl, err := flags.NewController(store)
+	require.NoError(t, err)
+	w, err := flags.NewWatchdog(ctrl, wd)
+	require.NoError(t, err)
+	guard := flags.CanaryGuard(store, wd)
+
+	const m = "orders"
+	canary := flags.State{Migration: m, Stage: flags.Shadow, Rollout: &flags.Rollout{Stage: flags.Live, Percent: 25}}
+	finish := flags.Transition{Migration: m, From: canary, To: flags.State{Migration: m, Stage: flags.Live}}
+	assert.True(t, guard.Applies(finish))
+	assert.False(t, guard.Applies(flags.Transition{Migration: m, From: flags.State{Migration: m, Stage: flags.Shadow}, To: canary}), "starting a canary")
+	assert.False(t, guard.Applies(flags.Transition{Migration: m, From: flags.State{Migration: m, Stage: flags.Shadow}, To: flags.State{Migration: m, Stage: flags.Live}}), "a step without a canary")
+	assert.False(t, guard.Applies(flags.Transition{Migration: m, From: canary, To: flags.State{Migration: m, Stage: flags.Shadow}}), "a canary called off")
+
+	beat := func() {
+		require.NoError(t, store.Heartbeat(ctx(t), flags.Instance{ID: "orders-1", Attributes: w.Attributes()}, time.Minute))
+	}
+	observe := func(n int, failed bool) {
+		for range n {
+			w.Observe(flags.Observation{Migration: m, Stage: flags.Live, Op: flags.Read, Side: flags.New, Latency: time.Millisecond, Err: failed})
+		}
+	}
+	beat()
+	assert.ErrorContains(t, guard.Check(ctx(t), finish), "only 0 operations in live")
+	observe(9, false)
+	beat()
+	assert.ErrorContains(t, guard.Check(ctx(t), finish), "only 9 operations in live")
+	observe(1, false)
+	beat()
+	assert.NoError(t, guard.Check(ctx(t), finish))
+	observe(2, true)
+	beat()
+	assert.ErrorContains(t, guard.Check(ctx(t), finish), "error rate 16.67% over 12 operations")
+}

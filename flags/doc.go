@@ -53,5 +53,6 @@
 // the controller (live -> shadow, shadow -> dualwrite) and audits why: a
 // rollback is a flag flip, never a deploy. Its windows travel in the
 // heartbeat, so [HealthGuard] judges the whole fleet before live and
-// rampdown.
+// rampdown, and [CanaryGuard] lets a rollout finish only once the keys it
+// moved ahead gave the fleet enough operations under the thresholds.
 package flags

@@ -443,6 +443,37 @@ func HealthGuard(fleet FleetStore, cfg WatchdogConfig) Guard {
 	})
 }
 
+// CanaryGuard refuses to finish a rollout (every key moves to the stage a
+// share of keys was trying) unless the fleet's windows for that stage,
+// which only the canary's keys fed, hold at least cfg.MinSamples
+// operations and are under the thresholds of cfg. [HealthGuard] judges the
+// stage the other keys leave; without this guard a canary would prove
+// nothing.
+func CanaryGuard(fleet FleetStore, cfg WatchdogConfig) Guard {
+	cfg.setDefaults()
+	return NewGuard("canary-healthy", finishesRollout, func(ctx context.Context, t Transition) error {
+		insts, err := fleet.Instances(ctx)
+		if err != nil {
+			return fmt.Errorf("fleet registry unreachable: %v", err)
+		}
+		stage := t.From.Rollout.Stage
+		h, n := FleetHealth(insts, t.Migration, stage)
+		if h.Ops < int64(cfg.MinSamples) {
+			return fmt.Errorf("canary: only %d operations in %s from %d instances (need %d)", h.Ops, stage, n, cfg.MinSamples)
+		}
+		if reason := overThreshold(h, cfg); reason != "" {
+			return fmt.Errorf("canary in %s: %s", stage, reason)
+		}
+		return nil
+	})
+}
+
+// finishesRollout: the transition moves every key to the stage a rollout
+// was serving to some.
+func finishesRollout(t Transition) bool {
+	return t.From.Rollout != nil && t.To.Rollout == nil && t.To.Stage == t.From.Rollout.Stage
+}
+
 // window is a ring of time slots.
 type window struct {
 	slot  time.Duration

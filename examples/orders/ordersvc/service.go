@@ -1,7 +1,6 @@
 package ordersvc
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -96,10 +95,10 @@ func (s *Shared) Install(ctx context.Context) error {
 // repair is still pending would then be served (and overwritten) stale.
 // A rollout (a canary: a share of keys served the next stage) is finished
 // only once those keys gave the fleet's watchdogs enough operations in that
-// stage, under the thresholds ([CanaryGuard]).
+// stage, under the thresholds ([flags.CanaryGuard]).
 func (s *Shared) Guards(wd flags.WatchdogConfig) []flags.Guard {
 	return []flags.Guard{
-		CanaryGuard(s.Flags, wd),
+		flags.CanaryGuard(s.Flags, wd),
 		s.Backfill.Guard(),
 		flags.HealthGuard(s.Flags, wd),
 		dualwrite.NoPendingRepairsGuard(s.Repairs, s.Pool),
@@ -114,42 +113,6 @@ func (s *Shared) Guards(wd flags.WatchdogConfig) []flags.Guard {
 			return nil
 		}),
 	}
-}
-
-// CanaryGuard judges the step that finishes a rollout (every key moves to
-// the stage a share of keys was canarying): the fleet's windows for that
-// stage, which only the canary's keys fed, must hold at least
-// wd.MinSamples operations and stay under the watchdog's error and lasting
-// mismatch thresholds. Without it a canary would prove nothing: the health
-// guard judges the stage the other keys leave, not the one the canary
-// tried.
-func CanaryGuard(fleet flags.FleetStore, wd flags.WatchdogConfig) flags.Guard {
-	return flags.NewGuard("canary-healthy", finishesRollout, func(ctx context.Context, t flags.Transition) error {
-		insts, err := fleet.Instances(ctx)
-		if err != nil {
-			return fmt.Errorf("fleet registry unreachable: %v", err)
-		}
-		stage := t.From.Rollout.Stage
-		h, n := flags.FleetHealth(insts, t.Migration, stage)
-		// The watchdog's own defaults where wd leaves a field zero.
-		need := int64(cmp.Or(wd.MinSamples, 1000))
-		maxErr, maxMismatch := cmp.Or(wd.MaxErrorRate, 0.05), cmp.Or(wd.MaxMismatchRate, 0.01)
-		switch {
-		case h.Ops < need:
-			return fmt.Errorf("canary: only %d operations in %s from %d instances (need %d)", h.Ops, stage, n, need)
-		case h.ErrorRate() > maxErr:
-			return fmt.Errorf("canary: new-side error rate %.2f%% over %d operations in %s > %.2f%%", 100*h.ErrorRate(), h.Ops, stage, 100*maxErr)
-		case h.Compared >= need && h.MismatchRate() > maxMismatch:
-			return fmt.Errorf("canary: lasting mismatch rate %.2f%% over %d comparisons in %s > %.2f%%", 100*h.MismatchRate(), h.Compared, stage, 100*maxMismatch)
-		}
-		return nil
-	})
-}
-
-// finishesRollout: the transition moves every key to the stage a rollout
-// was serving to some.
-func finishesRollout(t flags.Transition) bool {
-	return t.From.Rollout != nil && t.To.Rollout == nil && t.To.Stage == t.From.Rollout.Stage
 }
 
 // Config is one instance's configuration.
