@@ -17,9 +17,10 @@
 // A [Source] evaluates a migration's stage through an *openfeature.Client
 // with the operation's entity key as the targeting key, so a provider can
 // serve live to 5 % of keys and shadow to the rest: canary by key, sticky,
-// the same on every instance. Evaluation never fails the caller: a missing
-// flag, a wrong type, an unknown value or a provider error gives the
-// caller's fallback stage and an error wrapping [ErrFlagUnavailable], counted.
+// the same on every instance. A flag never set reads as [Off], without an
+// error. Evaluation never fails the caller: a wrong type, an unknown value or
+// a provider that cannot answer gives the caller's fallback stage and an
+// error wrapping [ErrFlagUnavailable], counted.
 //
 // The dimmer providers (packages pgflags and redisflags) store a [State]
 // document per migration, evaluate it from a local snapshot without I/O, and

@@ -17,8 +17,9 @@ var (
 	// ErrInvalidName: a migration name is empty or has characters the stores
 	// cannot carry.
 	ErrInvalidName = errors.New("flags: invalid migration name")
-	// ErrFlagUnavailable: the stage could not be evaluated (flag missing,
-	// wrong type, provider not ready or failing) and the fallback was used.
+	// ErrFlagUnavailable: the stage could not be evaluated (wrong type,
+	// unknown stage, provider not ready or failing) and the fallback was
+	// used. A flag never set is not unavailable: it reads as Off.
 	ErrFlagUnavailable = errors.New("flags: stage flag unavailable")
 )
 

@@ -83,12 +83,12 @@ func ExampleSource() {
 	stage, err := source.Stage(ctx, "orders", "customer-42")
 	fmt.Println(stage, err)
 
-	// A flag that does not exist: the fallback, and an error to count.
+	// A flag never set reads as off, without an error.
 	stage, err = source.Stage(ctx, "invoices", "customer-42")
 	fmt.Println(stage, errors.Is(err, flags.ErrFlagUnavailable))
 	// Output:
 	// shadow <nil>
-	// off true
+	// off false
 }
 
 // Advancing a migration through the guarded controller, a refused jump, and

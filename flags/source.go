@@ -19,11 +19,14 @@ import (
 // of the operation is the evaluation's targeting key, so a provider can serve
 // a stage to a share of keys, stickily.
 //
-// Evaluation never fails the caller: a missing flag, a value of the wrong
-// type, an unknown stage or a provider error yields the fallback stage
-// together with an error wrapping [ErrFlagUnavailable], and is counted
-// (metric dimmer.flags.evaluation_errors, [Source.Errors]) and logged at most
-// once a minute per migration.
+// A flag the provider does not know (FLAG_NOT_FOUND) is a migration that
+// was never set: it reads as [Off], with no error, as [Store] promises, so a
+// fresh service neither repairs nor warns. Evaluation never fails the
+// caller: a value of the wrong type, an unknown stage or a provider that
+// cannot answer (not ready, failing) yields the fallback stage together with
+// an error wrapping [ErrFlagUnavailable], and is counted (metric
+// dimmer.flags.evaluation_errors, [Source.Errors]) and logged at most once a
+// minute per migration, with the number of failures not logged meanwhile.
 type Source struct {
 	client    *openfeature.Client
 	fallback  Stage
@@ -31,7 +34,14 @@ type Source struct {
 	logger    *slog.Logger
 	errCount  metric.Int64Counter
 	errors    atomic.Int64
-	lastLog   sync.Map // migration -> *atomic.Int64 (unix nanos)
+	lastLog   sync.Map // migration -> *logGate
+}
+
+// logGate rate-limits the warning of one migration and counts what it held
+// back.
+type logGate struct {
+	last       atomic.Int64 // unix nanos of the last line
+	suppressed atomic.Int64
 }
 
 // SourceOption configures a [Source].
@@ -111,13 +121,17 @@ func (s *Source) Fallback(migration string) Stage {
 // Errors is the number of evaluations that fell back so far.
 func (s *Source) Errors() int64 { return s.errors.Load() }
 
-// Stage evaluates the migration's stage for an entity key. On any problem it
-// returns the fallback stage and an error wrapping [ErrFlagUnavailable];
-// callers proceed with the stage either way.
+// Stage evaluates the migration's stage for an entity key. A flag never set
+// reads as [Off] without an error. On any other problem it returns the
+// fallback stage and an error wrapping [ErrFlagUnavailable]; callers proceed
+// with the stage either way.
 func (s *Source) Stage(ctx context.Context, migration, entityKey string) (Stage, error) {
 	fb := s.Fallback(migration)
 	det, err := s.client.StringValueDetails(ctx, migration, fb.String(), openfeature.NewEvaluationContext(entityKey, nil))
 	if err != nil {
+		if det.ErrorCode == openfeature.FlagNotFoundCode {
+			return Off, nil
+		}
 		return fb, s.fail(ctx, migration, fb, string(det.ErrorCode), err)
 	}
 	st, perr := ParseStage(det.Value)
@@ -135,10 +149,16 @@ func (s *Source) fail(ctx context.Context, migration string, fb Stage, code stri
 	s.errCount.Add(ctx, 1, metric.WithAttributes(attribute.String("migration", migration), attribute.String("code", code)))
 	err := fmt.Errorf("%w: %s: serving fallback stage %s: %w", ErrFlagUnavailable, migration, fb, cause)
 	now := time.Now().UnixNano()
-	v, _ := s.lastLog.LoadOrStore(migration, new(atomic.Int64))
-	last := v.(*atomic.Int64)
-	if prev := last.Load(); now-prev > int64(time.Minute) && last.CompareAndSwap(prev, now) {
-		s.logger.Warn("stage flag unavailable; serving fallback", "migration", migration, "fallback", fb.String(), "code", code, "err", cause)
+	v, ok := s.lastLog.Load(migration)
+	if !ok {
+		v, _ = s.lastLog.LoadOrStore(migration, new(logGate))
+	}
+	g := v.(*logGate)
+	if prev := g.last.Load(); now-prev > int64(time.Minute) && g.last.CompareAndSwap(prev, now) {
+		s.logger.Warn("stage flag unavailable; serving fallback", "migration", migration, "fallback", fb.String(), "code", code,
+			"err", cause, "not_logged_since_last", g.suppressed.Swap(0))
+	} else {
+		g.suppressed.Add(1)
 	}
 	return err
 }

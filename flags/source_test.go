@@ -1,7 +1,11 @@
 package flags_test
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 
@@ -46,8 +50,12 @@ func TestSourceFallsBackAndCounts(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, flags.Live, st)
 
+	// A flag never set reads as off: no error, nothing counted.
+	st, err = source.Stage(context.Background(), "missing", "k1")
+	require.NoError(t, err)
+	assert.Equal(t, flags.Off, st)
+
 	for flag, want := range map[string]flags.Stage{
-		"missing":  flags.DualWrite, // flag not found
 		"typed":    flags.DualWrite, // wrong type
 		"sideways": flags.DualWrite, // unknown stage value
 		"legacy":   flags.Complete,  // per-migration fallback
@@ -57,7 +65,7 @@ func TestSourceFallsBackAndCounts(t *testing.T) {
 		assert.Contains(t, err.Error(), flag)
 		assert.Equal(t, want, st, flag)
 	}
-	assert.Equal(t, int64(4), source.Errors())
+	assert.Equal(t, int64(3), source.Errors())
 
 	var rm metricdata.ResourceMetrics
 	require.NoError(t, reader.Collect(context.Background(), &rm))
@@ -71,13 +79,15 @@ func TestSourceFallsBackAndCounts(t *testing.T) {
 			}
 		}
 	}
-	assert.Equal(t, int64(4), total)
+	assert.Equal(t, int64(3), total)
 }
 
 func TestSourceConcurrentUse(t *testing.T) {
 	t.Parallel()
-	client := memClient(t, map[string]memprovider.InMemoryFlag{"orders": variantFlag("orders", "shadow")})
-	source, err := flags.NewSource(client, flags.Off)
+	client := memClient(t, map[string]memprovider.InMemoryFlag{"orders": variantFlag("orders", "shadow"), "typed": variantFlag("typed", 7)})
+	var logs bytes.Buffer
+	var logMu sync.Mutex
+	source, err := flags.NewSource(client, flags.Off, flags.WithSourceLogger(slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &logMu}, nil))))
 	require.NoError(t, err)
 	var wg sync.WaitGroup
 	for range 8 {
@@ -90,12 +100,32 @@ func TestSourceConcurrentUse(t *testing.T) {
 					t.Errorf("got %v, %v", st, err)
 					return
 				}
-				_, _ = source.Stage(context.Background(), "missing", "k")
+				_, _ = source.Stage(context.Background(), "typed", "k")
+				if st, err := source.Stage(context.Background(), "missing", "k"); err != nil || st != flags.Off {
+					t.Errorf("never set: got %v, %v", st, err)
+					return
+				}
 			}
 		}()
 	}
 	wg.Wait()
 	assert.Equal(t, int64(8*500), source.Errors())
+	logMu.Lock()
+	defer logMu.Unlock()
+	assert.Equal(t, 1, strings.Count(logs.String(), "stage flag unavailable"),
+		"4000 failures of one migration log one line a minute: %s", logs.String())
+	assert.NotContains(t, logs.String(), "missing", "a flag never set logs nothing")
+}
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 func TestNewSourceValidates(t *testing.T) {

@@ -295,16 +295,18 @@ func RunProvider(t *testing.T, newEnv func(t *testing.T) ProviderEnv) {
 		assert.Equal(t, openfeature.ReadyState, in.p.Status())
 	})
 
-	t.Run("MissingFlagServesFallback", func(t *testing.T) {
+	t.Run("MissingFlagReadsOff", func(t *testing.T) {
 		t.Parallel()
 		env := newEnv(t)
 		Set(t, env.Store, "present", flags.Live, nil)
 		in := newInstance(t, env, never, flags.Shadow)
+		// A migration never set reads as off, as Store.Load says, not
+		// as the fallback meant for a store that cannot answer: no
+		// error (so no repair in dualwrite), nothing counted.
 		st, err := in.source.Stage(Context(t), "absent", "k")
-		assert.Equal(t, flags.Shadow, st)
-		require.ErrorIs(t, err, flags.ErrFlagUnavailable)
-		assert.Contains(t, err.Error(), "absent")
-		assert.Equal(t, int64(1), in.source.Errors())
+		assert.Equal(t, flags.Off, st)
+		require.NoError(t, err)
+		assert.Equal(t, int64(0), in.source.Errors())
 		assert.Equal(t, flags.Live, in.stage(t, "present", "k"))
 
 		// Stage flags are strings: asking for another type is an error,
