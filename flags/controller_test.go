@@ -417,6 +417,65 @@ func TestWatchdogStepsBackOverThreshold(t *testing.T) {
 	assert.Equal(t, flags.Shadow, st.Stage)
 }
 
+// A lasting fault steps back once per incident: live -> shadow, and not on
+// to dualwrite after the cooldown while the fault lasts. A window judged
+// healthy since the rollback ends the incident.
+func TestWatchdogOneRollbackPerIncident(t *testing.T) {
+	t.Parallel()
+	store := newStore(t)
+	c, err := flags.NewController(store)
+	require.NoError(t, err)
+	for range 3 {
+		_, err := c.Advance(ctx(t), "orders", "alice", "up")
+		require.NoError(t, err)
+	}
+	cfg := flags.WatchdogConfig{Window: 6 * time.Second, MinSamples: 100, Cooldown: time.Millisecond}
+	wd, err := flags.NewWatchdog(c, cfg)
+	require.NoError(t, err)
+	slot := cfg.Window / 60
+	// Observations in the slot of the last change are not judged: wait
+	// until the clock left it.
+	afterChange := func() {
+		st, err := store.Load(ctx(t), "orders")
+		require.NoError(t, err)
+		time.Sleep(time.Until(st.UpdatedAt.Truncate(slot).Add(slot + time.Millisecond)))
+	}
+	failing := func(stage flags.Stage, n int) {
+		for range n {
+			wd.Observe(flags.Observation{Migration: "orders", Stage: stage, Op: flags.Write, Side: flags.New, Err: true})
+		}
+	}
+	afterChange()
+	failing(flags.Live, 200)
+	trips := wd.Judge(ctx(t))
+	require.Len(t, trips, 1)
+	require.NoError(t, trips[0].Err)
+	assert.Equal(t, flags.Shadow, trips[0].State.Stage)
+
+	// The fault lasts; the cooldown is over.
+	afterChange()
+	for range 3 {
+		failing(flags.Shadow, 200)
+		assert.Empty(t, wd.Judge(ctx(t)), "the same incident must not step back again")
+	}
+	st, err := store.Load(ctx(t), "orders")
+	require.NoError(t, err)
+	assert.Equal(t, flags.Shadow, st.Stage)
+	assert.Equal(t, "watchdog", st.UpdatedBy)
+
+	// The shadow window recovers (a full sample, healthy), then fails
+	// anew: a new incident, one more step.
+	for range 200 {
+		wd.Observe(flags.Observation{Migration: "orders", Stage: flags.Shadow, Op: flags.Write, Side: flags.New})
+	}
+	assert.Empty(t, wd.Judge(ctx(t)))
+	failing(flags.Shadow, 200)
+	trips = wd.Judge(ctx(t))
+	require.Len(t, trips, 1)
+	require.NoError(t, trips[0].Err)
+	assert.Equal(t, flags.DualWrite, trips[0].State.Stage)
+}
+
 func TestWatchdogErrorRateAndLatency(t *testing.T) {
 	t.Parallel()
 	store := newStore(t)

@@ -91,9 +91,14 @@ type Swapped struct {
 }
 
 // PrepareSwap does the part of Swap every store shares: it validates next,
-// sets its revision to expectRevision+1 and its time when unset, completes
-// the audit entry (migration, time, outcome, revision) and refuses an entry
-// that names another migration.
+// sets its revision to expectRevision+1, completes the audit entry
+// (migration, time, outcome, revision) and refuses an entry that names
+// another migration.
+//
+// Who and when of the stored state are always this change's: UpdatedBy is
+// the entry's actor and UpdatedAt the entry's time (now when unset), never
+// what a state copied from an earlier Load carried — a copy of the
+// watchdog's rollback would otherwise keep its cooldown alive.
 func PrepareSwap(expectRevision int64, next State, entry AuditEntry) (Swapped, error) {
 	if err := next.Validate(); err != nil {
 		return Swapped{}, err
@@ -106,12 +111,11 @@ func PrepareSwap(expectRevision int64, next State, entry AuditEntry) (Swapped, e
 		return Swapped{}, fmt.Errorf("%s: audit entry is for migration %q", m, entry.Migration)
 	}
 	next.Revision = expectRevision + 1
-	if next.UpdatedAt.IsZero() {
-		next.UpdatedAt = time.Now().UTC()
-	}
 	if entry.At.IsZero() {
-		entry.At = next.UpdatedAt
+		entry.At = time.Now().UTC()
 	}
+	next.UpdatedAt = entry.At
+	next.UpdatedBy = entry.Actor
 	if entry.Outcome == "" {
 		entry.Outcome = Applied
 	}

@@ -35,8 +35,15 @@ type WatchdogConfig struct {
 	MaxLatencyP99 time.Duration
 	// Cooldown is how long after an automatic rollback of a migration (by
 	// any instance's watchdog: the store's last change is consulted) no
-	// further automatic rollback of it is made (default Window). One
-	// incident steps back once; the people it pages decide what follows.
+	// further automatic rollback of it is made (default Window).
+	//
+	// One incident steps back once; the people it pages decide what
+	// follows. After the cooldown a migration the watchdog stepped back is
+	// stepped back again only when it is a new incident: this watchdog
+	// judged a window of the stage it was left in healthy (at least the
+	// minimum sample, under every threshold) since the rollback, or an
+	// operator changed the migration (its last change is no longer the
+	// watchdog's). A fault that lasts never walks a migration down to off.
 	Cooldown time.Duration
 	// Actor is the name written to the audit log ("watchdog").
 	Actor string
@@ -146,6 +153,13 @@ type Watchdog struct {
 	// since holds each migration's last change as last seen: observations
 	// older than it belong to an earlier episode and are not judged.
 	since map[string]time.Time
+	// recovered holds, per migration, the revision during which a window
+	// was judged healthy: after the watchdog's own rollback (that
+	// revision), only a recovery ends the incident.
+	recovered map[string]int64
+	// held holds the revision whose further rollback was held back and
+	// logged, so an incident logs it once.
+	held map[string]int64
 
 	stop context.CancelFunc
 	done chan struct{}
@@ -206,7 +220,8 @@ func NewWatchdog(ctrl *Controller, cfg WatchdogConfig, opts ...WatchdogOption) (
 		return nil, fmt.Errorf("flags.NewWatchdog: %w", err)
 	}
 	cfg.setDefaults()
-	w := &Watchdog{ctrl: ctrl, cfg: cfg, logger: slog.Default(), windows: map[windowKey]*window{}, since: map[string]time.Time{}, onTrip: func(Trip) {}}
+	w := &Watchdog{ctrl: ctrl, cfg: cfg, logger: slog.Default(), windows: map[windowKey]*window{}, since: map[string]time.Time{},
+		recovered: map[string]int64{}, held: map[string]int64{}, onTrip: func(Trip) {}}
 	w.slot = max(cfg.Window/60, time.Millisecond)
 	for _, o := range opts {
 		if err := o(w); err != nil {
@@ -310,21 +325,43 @@ func (w *Watchdog) Judge(ctx context.Context) []Trip {
 		if !ok {
 			continue
 		}
-		if reason := overThreshold(win.sum(now, st.UpdatedAt), w.cfg); reason != "" {
+		h := win.sum(now, st.UpdatedAt)
+		if reason := overThreshold(h, w.cfg); reason != "" {
 			bad = append(bad, verdict{k, reason})
 			// Judged once: the next trip needs a fresh sample.
 			win.reset()
+		} else if judged(h, w.cfg) {
+			w.recovered[k.migration] = st.Revision
+		}
+	}
+	var trips []Trip
+	var held []verdict
+	for i := 0; i < len(bad); i++ {
+		v := bad[i]
+		cur := current[v.k.migration]
+		if cur.UpdatedBy != w.cfg.Actor {
+			continue
+		}
+		// The watchdog's own rollback is the last change: the same
+		// incident unless the window recovered since.
+		coolingDown := now.Sub(cur.UpdatedAt) < w.cfg.Cooldown
+		if coolingDown || w.recovered[v.k.migration] != cur.Revision {
+			if w.held[v.k.migration] != cur.Revision {
+				w.held[v.k.migration] = cur.Revision
+				held = append(held, v)
+			}
+			bad = append(bad[:i], bad[i+1:]...)
+			i--
 		}
 	}
 	w.mu.Unlock()
-	var trips []Trip
+	for _, v := range held {
+		cur := current[v.k.migration]
+		w.logger.Info("watchdog threshold crossed again in the incident it already stepped back for; not stepping back further until the window recovers or an operator acts",
+			"migration", v.k.migration, "stage", v.k.stage.String(), "reason", v.reason, "last_rollback", cur.UpdatedAt, "revision", cur.Revision)
+	}
 	for _, v := range bad {
 		trip := Trip{Migration: v.k.migration, Stage: v.k.stage, Reason: v.reason, At: now}
-		if cur := current[v.k.migration]; cur.UpdatedBy == w.cfg.Actor && now.Sub(cur.UpdatedAt) < w.cfg.Cooldown {
-			w.logger.Info("watchdog threshold crossed during cooldown; not stepping back again",
-				"migration", trip.Migration, "stage", trip.Stage.String(), "reason", trip.Reason, "last_rollback", cur.UpdatedAt)
-			continue
-		}
 		reason := fmt.Sprintf("automatic rollback from %s: %s", v.k.stage, v.reason)
 		trip.State, trip.Err = w.ctrl.StepBack(ctx, v.k.migration, v.k.stage, w.cfg.Actor, reason)
 		if trip.Err != nil {
@@ -345,6 +382,12 @@ func (w *Watchdog) state(ctx context.Context, migration string) (State, error) {
 		}
 	}
 	return w.ctrl.store.Load(ctx, migration)
+}
+
+// judged: the window holds the minimum sample, so its verdict counts.
+func judged(h Health, cfg WatchdogConfig) bool {
+	min := int64(cfg.MinSamples)
+	return h.Compared >= min || h.Ops >= min
 }
 
 func overThreshold(h Health, cfg WatchdogConfig) string {

@@ -78,6 +78,7 @@ func RunStore(t *testing.T, newStore func(t *testing.T) flags.Store) {
 		at := time.Date(2025, 3, 4, 5, 6, 7, 123456000, time.UTC)
 		next := flags.State{Migration: "orders", Stage: flags.DualWrite, Epoch: 2, UpdatedAt: at, UpdatedBy: "alice"}
 		entry := Entry("orders", flags.Off, flags.DualWrite, "alice")
+		entry.At = at
 		entry.Checks = []flags.CheckResult{{Name: "fleet", Passed: true, Detail: "3 of 3 instances"}}
 		got, err := s.Swap(ctx, 0, next, entry)
 		require.NoError(t, err)
@@ -114,6 +115,35 @@ func RunStore(t *testing.T, newStore func(t *testing.T) flags.Store) {
 		assert.Equal(t, flags.Applied, audit[1].Outcome)
 		assert.Equal(t, entry.Checks, audit[1].Checks)
 		assert.True(t, entry.At.Equal(audit[1].At))
+	})
+
+	t.Run("SwapSetsWhoAndWhenAfresh", func(t *testing.T) {
+		t.Parallel()
+		s, ctx := newStore(t), Context(t)
+		Set(t, s, "orders", flags.Live, nil)
+		entry := Entry("orders", flags.Live, flags.Shadow, "watchdog")
+		entry.At = time.Now().UTC().Add(-time.Hour).Truncate(time.Microsecond)
+		rolledBack, err := s.Swap(ctx, 1, flags.State{Migration: "orders", Stage: flags.Shadow}, entry)
+		require.NoError(t, err)
+		assert.Equal(t, "watchdog", rolledBack.UpdatedBy)
+		// An operator copies the loaded state and swaps it: the copy
+		// must not carry the watchdog's name and time (its cooldown).
+		cur, err := s.Load(ctx, "orders")
+		require.NoError(t, err)
+		next := cur
+		next.Stage = flags.Live
+		before := time.Now().UTC().Add(-time.Second)
+		got, err := s.Swap(ctx, cur.Revision, next, flags.AuditEntry{Actor: "bob", From: "shadow", To: "live", Reason: "fixed"})
+		require.NoError(t, err)
+		loaded, err := s.Load(ctx, "orders")
+		require.NoError(t, err)
+		for _, st := range []flags.State{got, loaded} {
+			assert.Equal(t, "bob", st.UpdatedBy)
+			assert.True(t, st.UpdatedAt.After(before), "UpdatedAt %v is the copied one", st.UpdatedAt)
+		}
+		audit, err := s.Audit(ctx, "orders", 1)
+		require.NoError(t, err)
+		assert.True(t, audit[0].At.Equal(loaded.UpdatedAt), "the audit entry and the state share one time")
 	})
 
 	t.Run("StaleRevisionConflicts", func(t *testing.T) {

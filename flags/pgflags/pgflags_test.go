@@ -280,8 +280,8 @@ func TestLargeDocumentReachesProvider(t *testing.T) {
 	cur, err := s.Load(ctx, "orders")
 	require.NoError(t, err)
 	next := cur
-	next.Stage, next.UpdatedBy = flags.Live, strings.Repeat("x", 10_000)
-	_, err = s.Swap(ctx, cur.Revision, next, flagstest.Entry("orders", cur.Stage, flags.Live, "big"))
+	next.Stage = flags.Live
+	_, err = s.Swap(ctx, cur.Revision, next, flagstest.Entry("orders", cur.Stage, flags.Live, strings.Repeat("x", 10_000)))
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { st, _ := src.Stage(t.Context(), "orders", "k"); return st == flags.Live },
 		5*time.Second, 5*time.Millisecond, "a large document must still be pushed")
