@@ -243,7 +243,9 @@ func TestAsyncShedBecomesRepair(t *testing.T) {
 	s := newStores(t)
 	log := newRepairs()
 	release := make(chan struct{})
+	started := make(chan struct{}, 5)
 	blocking := func(ctx context.Context, a account) (int64, error) {
+		started <- struct{}{}
 		<-release
 		return s.writeNew(ctx, a)
 	}
@@ -251,9 +253,20 @@ func TestAsyncShedBecomesRepair(t *testing.T) {
 		dualwrite.WithRepairLog(log), dualwrite.WithAsync(1, 1))
 	require.NoError(t, err)
 	// One write occupies the worker, one waits in the queue, the rest shed.
-	for i := range 5 {
+	// The worker must hold the first write before the others arrive: until
+	// it picks it up, that write still fills the queue's only slot.
+	write := func(i int) {
 		_, err := w.Write(ctx(t), account{ID: fmt.Sprintf("s%d", i), Name: "x", Version: 1})
 		require.NoError(t, err)
+	}
+	write(0)
+	select {
+	case <-started:
+	case <-ctx(t).Done():
+		t.Fatal("the worker never took the first write")
+	}
+	for i := 1; i < 5; i++ {
+		write(i)
 	}
 	var shed []string
 	for range 3 {

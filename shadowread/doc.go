@@ -61,7 +61,10 @@
 // transient, shadow_error, shed, panic}, dimmer.shadowread.stage_errors,
 // dimmer.shadowread.rechecks_skipped and dimmer.shadowread.reports_dropped. Mismatch [Report]s go, at most one per
 // interval and through a user cleaner, to a [ReportSink] ([SlogSink] by
-// default; [WithReports]).
+// default; [WithReports]). A report names the differing field paths, never
+// their values: results are the service's data, often personal, and reports
+// leave the service. A service that wants values opts in with
+// [WithReportValues] and its own redaction of each [Difference].
 //
 // # Tests
 //

@@ -23,8 +23,9 @@ type Customer struct {
 
 // Example reads through a Reader in shadow: the caller gets old's row at
 // old's speed, while new's row is read in the background and compared,
-// ignoring UpdatedAt. The differences become a mismatch report, cleaned of
-// e-mail addresses before it reaches the sink.
+// ignoring UpdatedAt. The differences become a mismatch report; it names
+// only the differing fields unless the service opts into values, as here,
+// with its own redaction of e-mail addresses.
 func Example() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -66,7 +67,8 @@ INSERT INTO dimmer_example_shadowread.customers_new (id, email, plan) VALUES ('c
 		func(id string) string { return id },
 		shadowread.WithComparator(shadowread.DeepCompare[Customer](shadowread.IgnorePaths("UpdatedAt"))),
 		shadowread.WithReports(shadowread.ReportSinkFunc(func(_ context.Context, rep shadowread.Report) { reports <- rep }),
-			time.Second, redactEmails))
+			time.Second, nil),
+		shadowread.WithReportValues(redactEmails))
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -86,16 +88,11 @@ INSERT INTO dimmer_example_shadowread.customers_new (id, email, plan) VALUES ('c
 	// mismatch on c1 (lasting true): Email: <redacted> != <redacted>; Plan: pro != free
 }
 
-// redactEmails is the report cleaner: reports leave the service (logs,
-// tickets), so personal data is masked first.
-func redactEmails(rep shadowread.Report) shadowread.Report {
-	diff := make(shadowread.Diff, len(rep.Diff))
-	for i, d := range rep.Diff {
-		if strings.Contains(d.Served, "@") || strings.Contains(d.Shadow, "@") {
-			d.Served, d.Shadow = "<redacted>", "<redacted>"
-		}
-		diff[i] = d
+// redactEmails masks e-mail addresses in a report's values: reports leave
+// the service (logs, tickets), so personal data is masked first.
+func redactEmails(d shadowread.Difference) shadowread.Difference {
+	if d.Path == "Email" || strings.Contains(d.Served, "@") || strings.Contains(d.Shadow, "@") {
+		d.Served, d.Shadow = "<redacted>", "<redacted>"
 	}
-	rep.Diff = diff
-	return rep
+	return d
 }

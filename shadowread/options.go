@@ -68,6 +68,7 @@ type config struct {
 	logger         *slog.Logger
 	sink           ReportSink
 	clean          func(Report) Report
+	redact         func(Difference) Difference
 	reportEvery    time.Duration
 	onMismatch     func(Report)
 	wait           bool
@@ -220,7 +221,8 @@ func WithLogger(l *slog.Logger) Option {
 
 // WithReports sends mismatch reports to sink (default: [SlogSink] on
 // slog.Default), at most one per every (0: all), each passed through clean
-// first (nil: as is) so that personal data can be removed.
+// first (nil: as is), for example to drop or hash the key. Reports carry
+// field paths, not values, unless [WithReportValues] is given.
 func WithReports(sink ReportSink, every time.Duration, clean func(Report) Report) Option {
 	return func(cfg *config) error {
 		if sink == nil {
@@ -234,8 +236,24 @@ func WithReports(sink ReportSink, every time.Duration, clean func(Report) Report
 	}
 }
 
+// WithReportValues puts the differing values into mismatch reports, each
+// [Difference] passed through redact first, which masks what must not leave
+// the service (e-mail addresses, names, tokens) and may look at the path to
+// decide. Without this option reports name the differing field paths only:
+// the values are the service's data, often personal. Pass a redact that
+// returns its argument only when no result field can hold personal data.
+func WithReportValues(redact func(Difference) Difference) Option {
+	return func(cfg *config) error {
+		if redact == nil {
+			return errors.New("WithReportValues: redact function is nil (pass one that returns its argument to keep values as they are)")
+		}
+		cfg.redact = redact
+		return nil
+	}
+}
+
 // WithMismatchHandler calls f for every mismatch (not sampled, not
-// cleaned) and every comparator panic. For tests: see the shadowtest package.
+// cleaned, values included) and every comparator panic. For tests: see the shadowtest package.
 func WithMismatchHandler(f func(Report)) Option {
 	return func(cfg *config) error {
 		if f == nil {

@@ -409,7 +409,7 @@ func errString(err error) string {
 }
 
 // report hands a mismatch to the test hook (always) and to the sink (at
-// most one per report interval, after the cleaner).
+// most one per report interval, values removed or redacted, then cleaned).
 func (r *Reader[In, Out]) report(ctx context.Context, rep Report) {
 	if r.cfg.onMismatch != nil {
 		r.cfg.onMismatch(rep)
@@ -426,6 +426,7 @@ func (r *Reader[In, Out]) report(ctx context.Context, rep Report) {
 	}
 	r.lastAt = now
 	r.lastRep.Unlock()
+	rep = rep.withValues(r.cfg.redact)
 	if r.cfg.clean != nil {
 		rep = r.cfg.clean(rep)
 	}

@@ -40,7 +40,14 @@ func TestWatchdogRollsBackLiveOnLastingMismatches(t *testing.T) {
 	require.NoError(t, err)
 	wd, err := flags.NewWatchdog(ctrl, flags.WatchdogConfig{Window: time.Minute, MinSamples: 1000, MaxMismatchRate: 0.01})
 	require.NoError(t, err)
-	time.Sleep(300 * time.Millisecond) // observations from the slot of the last change are not judged
+	// The watchdog does not judge observations from the slot (Window/60) in
+	// which the migration last changed: they may belong to the stage before.
+	// Read only once a slot that starts after the last change has begun.
+	last, err := store.Load(ctx(t), "users_to_redis")
+	require.NoError(t, err)
+	const slot = time.Minute / 60
+	require.Eventually(t, func() bool { return time.Now().Truncate(slot).After(last.UpdatedAt) },
+		5*time.Second, 5*time.Millisecond, "a slot after the last change (%v) begins", last.UpdatedAt)
 
 	const n = 1000
 	for i := range n {
