@@ -139,12 +139,13 @@ type Relay struct {
 	held   map[int]lease
 	cursor map[int]string
 
-	running  atomic.Bool
-	stop     chan struct{}
-	stopOnce sync.Once
-	done     chan struct{}
-	cancel   atomic.Pointer[context.CancelFunc]
-	wake     chan struct{}
+	running     atomic.Bool
+	stop        chan struct{}
+	stopOnce    sync.Once
+	releaseOnce sync.Once
+	done        chan struct{}
+	cancel      atomic.Pointer[context.CancelFunc]
+	wake        chan struct{}
 
 	bg        sync.WaitGroup
 	vacuuming atomic.Bool
@@ -266,7 +267,8 @@ var ErrRelayRunning = errors.New("outbox: relay already started")
 // Run publishes until ctx ends or [Relay.Shutdown] is called. Cancelling ctx
 // stops at once, without releasing leases (the other relays take the
 // buckets over after LeaseTTL, as after a crash); Shutdown hands them over
-// at once. Run returns nil after Shutdown, ctx.Err() after cancellation.
+// at once, also when called after ctx ended. Run returns nil after
+// Shutdown, ctx.Err() after cancellation.
 func (r *Relay) Run(ctx context.Context) error {
 	if !r.running.CompareAndSwap(false, true) {
 		return ErrRelayRunning
@@ -291,9 +293,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-r.stop:
-			r.release(ctx)
-			r.log.Info("outbox relay stopped; leases released")
-			return nil
+			return nil // Shutdown releases the leases
 		default:
 		}
 		if ctx.Err() != nil {
@@ -340,24 +340,43 @@ func (r *Relay) Run(ctx context.Context) error {
 }
 
 // Shutdown stops the relay gracefully: the batch in flight completes, its
-// leases are released so other relays take over at once, and background
-// work is waited for. If ctx ends first the relay is stopped abruptly and
-// ctx's error returned.
+// leases are released so other relays take over at once, the relay is
+// deregistered, and background work is waited for. If ctx ends first the
+// relay is stopped abruptly and ctx's error returned.
+//
+// The leases are released and the relay deregistered in every case, even
+// when ctx or Run's context has already ended (as with `go relay.Run(ctx);
+// defer relay.Shutdown(ctx)`): that clean-up runs on a context of its own,
+// detached from ctx and bounded by LeaseTTL, after which the leases would
+// have lapsed anyway. Calling Shutdown again does nothing more.
 func (r *Relay) Shutdown(ctx context.Context) error {
 	r.stopOnce.Do(func() { close(r.stop) })
 	if !r.running.Load() {
 		return nil
 	}
+	var err error
 	select {
-	case <-r.done:
-		return nil
-	case <-ctx.Done():
-		if c := r.cancel.Load(); c != nil {
-			(*c)()
+	case <-r.done: // already stopped (its context ended): nothing to wait for
+	default:
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			if c := r.cancel.Load(); c != nil {
+				(*c)()
+			}
+			<-r.done
+			err = ctx.Err()
 		}
-		<-r.done
-		return ctx.Err()
 	}
+	// Run has returned: nothing of this relay is in flight any more.
+	r.releaseOnce.Do(func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.LeaseTTL)
+		defer cancel()
+		if r.release(rctx) {
+			r.log.Info("outbox relay stopped; leases released")
+		}
+	})
+	return err
 }
 
 // listen wakes the relay on NOTIFY. It holds one connection of the pool and
@@ -525,16 +544,19 @@ RETURNING l.bucket, l.epoch`, r.cfg.ID, ttl, fair-have)
 	return nil
 }
 
-// release gives back every lease at shutdown.
-func (r *Relay) release(ctx context.Context) {
+// release gives back every lease and deregisters, in one round trip. It
+// reports whether that worked.
+func (r *Relay) release(ctx context.Context) bool {
 	held := r.Buckets()
 	r.drop(held...)
-	if _, err := r.pool.Exec(ctx, `UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID); err != nil {
-		r.log.Warn("outbox lease release failed; they expire after LeaseTTL", "err", err)
+	batch := &pgx.Batch{}
+	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
+	batch.Queue(`DELETE FROM `+r.o.relays+` WHERE id = $1`, r.cfg.ID)
+	if err := r.pool.SendBatch(ctx, batch).Close(); err != nil {
+		r.log.Warn("outbox lease release failed; the leases lapse after LeaseTTL", "err", err)
+		return false
 	}
-	if _, err := r.pool.Exec(ctx, `DELETE FROM `+r.o.relays+` WHERE id = $1`, r.cfg.ID); err != nil {
-		r.log.Warn("outbox relay deregistration failed", "err", err)
-	}
+	return true
 }
 
 func toInt32(bs []int) []int32 {

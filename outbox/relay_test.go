@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -423,4 +424,55 @@ func TestPipelinedBatchesKeepOrder(t *testing.T) {
 	assert.Equal(t, want, got, "per key: every committed message once, in commit order")
 	t.Logf("%d batches, %d of them full", batches, full)
 	assert.Greater(t, full, 10, "the backlog must give full batches, which are pipelined")
+}
+
+// warnings counts the records at Warn and above a relay logs.
+type warnings struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (w *warnings) Enabled(context.Context, slog.Level) bool { return true }
+func (w *warnings) Handle(_ context.Context, r slog.Record) error {
+	if r.Level >= slog.LevelWarn {
+		w.mu.Lock()
+		w.msgs = append(w.msgs, r.Message)
+		w.mu.Unlock()
+	}
+	return nil
+}
+func (w *warnings) WithAttrs([]slog.Attr) slog.Handler { return w }
+func (w *warnings) WithGroup(string) slog.Handler      { return w }
+
+// TestShutdownAfterRunContextEnded: the README's `go relay.Run(ctx); defer
+// relay.Shutdown(ctx)` with ctx cancelled first. Shutdown must still hand
+// the leases back and deregister (on a context of its own), quietly.
+func TestShutdownAfterRunContextEnded(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 4})
+	outer := tctx(t, 30*time.Second)
+	ctx, cancel := context.WithCancel(outer)
+	w := &warnings{}
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error { return make([]error, len(b)) })
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: "svc-1", LeaseTTL: 30 * time.Second, Logger: slog.New(w)})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	require.Eventually(t, func() bool { return len(r.Buckets()) == 4 }, 10*time.Second, 5*time.Millisecond)
+
+	cancel() // the service's context ends first
+	require.ErrorIs(t, <-done, context.Canceled)
+	require.NoError(t, r.Shutdown(ctx), "Run had already stopped: nothing was cut short")
+
+	c := o.Config()
+	var owned, registered int
+	require.NoError(t, pool.QueryRow(outer, `SELECT count(*) FROM `+c.Schema+`.outbox_leases WHERE owner IS NOT NULL`).Scan(&owned))
+	require.NoError(t, pool.QueryRow(outer, `SELECT count(*) FROM `+c.Schema+`.outbox_relays`).Scan(&registered))
+	assert.Zero(t, owned, "the leases are handed back, not left to lapse after LeaseTTL (30s)")
+	assert.Zero(t, registered, "the relay is deregistered")
+	assert.Empty(t, r.Buckets())
+	w.mu.Lock()
+	assert.Empty(t, w.msgs, "a normal stop logs no warning")
+	w.mu.Unlock()
+	require.NoError(t, r.Shutdown(outer), "a second Shutdown does nothing more")
 }
