@@ -68,8 +68,17 @@
 // # Verification and the guard
 //
 // [Backfiller.Verify] compares old and new in key ranges by row count and a
-// NULL-safe hash over the compared columns (each row as a JSON array, so
-// NULL, the string "null" and the empty string all differ). Where source
+// sum of row hashes over the compared columns. A row is hashed through its
+// text form (ROW(…)::text, read under fixed TimeZone, DateStyle,
+// IntervalStyle, extra_float_digits and bytea_output), which is injective:
+// NULL, the string "null", JSON null and the empty string all differ, json
+// is compared as written (key order, whitespace, duplicate keys), arrays
+// with their bounds and NULL elements, numerics with their digits, floats
+// exactly (NaN and -0 included). Any row that IS DISTINCT FROM its source
+// fails verification; so do values SQL takes for equal but that are
+// spelled differently (1.5 and 1.50, 'a' and 'A' under a case-insensitive
+// collation). A source value whose type differs from its target column's
+// is converted to the target's type first, as the copy converts it. Where source
 // and target are read through the same pool, both sides of a range are
 // summed in one statement, so one snapshot sees them; in different
 // databases they take two statements, the side the dual writes write

@@ -127,23 +127,75 @@ type side struct {
 	version string
 }
 
-func newVerifier(r *runner, st flags.State, o VerifyOptions) *verifier {
+func newVerifier(ctx context.Context, r *runner, st flags.State, o VerifyOptions) (*verifier, error) {
 	v := &verifier{r: r, o: o, tgt: r.txPG.pool, sameDB: r.sameDB(), targetFirst: st.Stage.Authoritative() == flags.Old}
+	_, tgtTypes, err := columnTypes(ctx, v.tgt, r.txPG.table)
+	if err != nil {
+		return nil, fmt.Errorf("%w (target)", err)
+	}
+	_, srcTypes, err := columnTypes(ctx, r.src, r.j.Spec.Source)
+	if err != nil {
+		return nil, fmt.Errorf("%w (Spec.Source)", err)
+	}
 	var srcCols, tgtCols []string
 	for _, c := range r.sh.cols {
 		if slices.Contains(r.j.Spec.VerifyIgnore, c) {
 			continue
 		}
 		tgtCols = append(tgtCols, ident(c))
-		srcCols = append(srcCols, r.sh.srcExpr(c))
-	}
-	hash := func(cols []string) string {
-		return `hashtextextended(jsonb_build_array(` + strings.Join(cols, ", ") + `)::text, 0)`
+		e := r.sh.srcExpr(c)
+		// The copy stores the source value in the target column's type; the
+		// comparison converts it the same way (numeric(12,2) rounds, text
+		// becomes varchar), so only a difference the target can hold counts.
+		if _, isExpr := r.j.Spec.Exprs[c]; !isExpr && srcTypes[c] == tgtTypes[c] {
+			srcCols = append(srcCols, e)
+			continue
+		}
+		srcCols = append(srcCols, "("+e+")::"+tgtTypes[c])
 	}
 	ver := r.j.Spec.VersionColumn
-	v.src = side{table: r.j.Spec.Source, row: hash(srcCols), version: r.sh.srcExpr(ver)}
-	v.dst = side{table: r.txPG.table, row: hash(tgtCols), version: ident(ver)}
-	return v
+	v.src = side{table: r.j.Spec.Source, row: rowHash(srcCols), version: r.sh.srcExpr(ver)}
+	v.dst = side{table: r.txPG.table, row: rowHash(tgtCols), version: ident(ver)}
+	return v, nil
+}
+
+// rowHash hashes the compared columns through the row's text form, which
+// is injective: every value in its type's own text output (json exactly as
+// written, jsonb, arrays with their bounds and NULL elements, numerics with
+// their scale, floats in shortest exact form, NaN and -0 included), fields
+// quoted where needed and NULL as an empty field. A JSON rendering (what
+// this once was) is not: a jsonb SQL NULL and JSON null, a jsonb[] NULL
+// element and a null one, and json values differing in key order,
+// whitespace or duplicate keys all render alike. So any row that IS
+// DISTINCT FROM its source hashes differently, and so do values equal but
+// spelled differently (1.5 and 1.50, 0 and -0, 'a' and 'A' under a
+// case-insensitive collation): verification errs on the side of a
+// difference.
+func rowHash(cols []string) string {
+	return `hashtextextended(ROW(` + strings.Join(cols, ", ") + `)::text, 0)`
+}
+
+// normalSettings fix every setting a value's text form depends on, so two
+// sessions (two databases, or pools with their own settings) render equal
+// values alike and extra_float_digits cannot round floats together.
+const normalSettings = `SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, YMD', true),
+	set_config('IntervalStyle', 'postgres', true), set_config('extra_float_digits', '1', true),
+	set_config('bytea_output', 'hex', true)`
+
+// normalized runs f in a transaction of q under normalSettings.
+func normalized(ctx context.Context, q querier, f func(q querier) error) error {
+	db, ok := q.(interface {
+		Begin(context.Context) (pgx.Tx, error)
+	})
+	if !ok {
+		return f(q)
+	}
+	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, normalSettings); err != nil {
+			return err
+		}
+		return f(tx)
+	})
 }
 
 // srcExpr is the source expression of target column c.
@@ -168,14 +220,19 @@ func (v *verifier) checksums(ctx context.Context, lo, hi []string) (sum, sum, er
 	if v.sameDB {
 		var args []any
 		q := `SELECT s.n, s.h, t.n, t.h FROM (` + v.checksumSQL(v.src, lo, hi, &args) + `) s, (` + v.checksumSQL(v.dst, lo, hi, &args) + `) t`
-		if err := v.r.src.QueryRow(ctx, q, args...).Scan(&s.rows, &s.hash, &t.rows, &t.hash); err != nil {
+		if err := normalized(ctx, v.r.src, func(src querier) error {
+			return src.QueryRow(ctx, q, args...).Scan(&s.rows, &s.hash, &t.rows, &t.hash)
+		}); err != nil {
 			return s, t, fmt.Errorf("backfill: checksum %s and %s: %w", v.src.table, v.dst.table, err)
 		}
 		return s, t, nil
 	}
 	one := func(q querier, sd side, out *sum) error {
 		var args []any
-		if err := q.QueryRow(ctx, v.checksumSQL(sd, lo, hi, &args), args...).Scan(&out.rows, &out.hash); err != nil {
+		sql := v.checksumSQL(sd, lo, hi, &args)
+		if err := normalized(ctx, q, func(q querier) error {
+			return q.QueryRow(ctx, sql, args...).Scan(&out.rows, &out.hash)
+		}); err != nil {
 			return fmt.Errorf("backfill: checksum %s: %w", sd.table, err)
 		}
 		return nil
@@ -244,19 +301,22 @@ func (v *verifier) look(ctx context.Context, lo, hi []string, keys [][]string) (
 		if keys == nil {
 			q += ` WHERE s.h IS DISTINCT FROM t.h`
 		}
-		rows, err := v.r.src.Query(ctx, q, args...)
-		if err != nil {
-			return nil, fmt.Errorf("backfill: compare %s and %s by key: %w", v.src.table, v.dst.table, err)
-		}
-		got, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (keyLook, error) {
-			var k keyLook
-			var sh, th *int64
-			var sv, tv any
-			if err := row.Scan(&k.key, &sh, &sv, &th, &tv); err != nil {
-				return k, err
+		err := normalized(ctx, v.r.src, func(src querier) error {
+			rows, err := src.Query(ctx, q, args...)
+			if err != nil {
+				return err
 			}
-			k.src, k.tgt = scanSide(sh, sv), scanSide(th, tv)
-			return k, nil
+			got, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (keyLook, error) {
+				var k keyLook
+				var sh, th *int64
+				var sv, tv any
+				if err := row.Scan(&k.key, &sh, &sv, &th, &tv); err != nil {
+					return k, err
+				}
+				k.src, k.tgt = scanSide(sh, sv), scanSide(th, tv)
+				return k, nil
+			})
+			return err
 		})
 		if err != nil {
 			return nil, fmt.Errorf("backfill: compare %s and %s by key: %w", v.src.table, v.dst.table, err)
@@ -264,19 +324,23 @@ func (v *verifier) look(ctx context.Context, lo, hi []string, keys [][]string) (
 	} else {
 		list := func(q querier, s side) (map[string]rowLook, [][]string, error) {
 			var args []any
-			rows, err := q.Query(ctx, v.sideSQL(s, lo, hi, keys, &args), args...)
-			if err != nil {
-				return nil, nil, fmt.Errorf("backfill: list %s by key: %w", s.table, err)
-			}
+			sql := v.sideSQL(s, lo, hi, keys, &args)
 			m := map[string]rowLook{}
 			var order [][]string
-			var k []string
-			var h *int64
-			var ver any
-			_, err = pgx.ForEachRow(rows, []any{&k, &h, &ver}, func() error {
-				m[strings.Join(k, "\x00")] = scanSide(h, ver)
-				order = append(order, k)
-				return nil
+			err := normalized(ctx, q, func(q querier) error {
+				rows, err := q.Query(ctx, sql, args...)
+				if err != nil {
+					return err
+				}
+				var k []string
+				var h *int64
+				var ver any
+				_, err = pgx.ForEachRow(rows, []any{&k, &h, &ver}, func() error {
+					m[strings.Join(k, "\x00")] = scanSide(h, ver)
+					order = append(order, k)
+					return nil
+				})
+				return err
 			})
 			if err != nil {
 				return nil, nil, fmt.Errorf("backfill: list %s by key: %w", s.table, err)
@@ -422,7 +486,10 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		return Verification{}, err
 	}
 	v := Verification{Job: j.Name, Migration: j.Migration, Epoch: st.Epoch, StartedAt: time.Now().UTC()}
-	vf := newVerifier(r, st, o)
+	vf, err := newVerifier(ctx, r, st, o)
+	if err != nil {
+		return Verification{}, err
+	}
 	var lo []string
 	var examples []string
 	for {
