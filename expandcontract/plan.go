@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -109,6 +110,9 @@ func (p Plan) Validate() error {
 	} else if p.Backfill {
 		errs = append(errs, errors.New("Backfill is set but Migration is empty: a backfill belongs to a migration"))
 	}
+	if !utf8.ValidString(p.Description) {
+		errs = append(errs, errors.New("Description is not valid UTF-8"))
+	}
 	if len(p.Expand) == 0 && len(p.Contract) == 0 {
 		errs = append(errs, errors.New("Expand and Contract are both empty: nothing to do"))
 	}
@@ -127,6 +131,11 @@ func (p Plan) Validate() error {
 			seen[s.Name] = true
 			if strings.TrimSpace(s.SQL) == "" {
 				errs = append(errs, fmt.Errorf("%s: SQL is empty", where))
+			} else if !utf8.ValidString(s.SQL) {
+				errs = append(errs, fmt.Errorf("%s: SQL is not valid UTF-8 (the registry stores it as JSON text)", where))
+			}
+			if !utf8.ValidString(s.Index) {
+				errs = append(errs, fmt.Errorf("%s: Index is not valid UTF-8", where))
 			}
 		}
 	}
@@ -186,6 +195,14 @@ func (t Transform) Validate() error {
 	for i, a := range t.Set {
 		if a.Column == "" || strings.TrimSpace(a.Expr) == "" {
 			errs = append(errs, fmt.Errorf("Set[%d]: column and expression are both required", i))
+		}
+		if !utf8.ValidString(a.Column) || !utf8.ValidString(a.Expr) {
+			errs = append(errs, fmt.Errorf("Set[%d]: not valid UTF-8", i))
+		}
+	}
+	for _, f := range []struct{ name, v string }{{"Source", t.Source}, {"Key", t.Key}, {"Target", t.Target}, {"TargetKey", t.TargetKey}} {
+		if !utf8.ValidString(f.v) {
+			errs = append(errs, fmt.Errorf("%s is not valid UTF-8", f.name))
 		}
 	}
 	return errors.Join(errs...)
