@@ -58,7 +58,7 @@ func TestHelpersWithLongUnicodeNames(t *testing.T) {
 	}
 	for _, h := range helpers {
 		t.Run(h.name, func(t *testing.T) {
-			table := long(h.name + "_") + "_" + tbl
+			table := long(h.name+"_") + "_" + tbl
 			e.exec(t, `CREATE TABLE "`+table+`" ("`+key+`" bigint PRIMARY KEY, "`+col+`" text)`)
 			e.exec(t, `INSERT INTO "`+table+`" SELECT g, CASE WHEN g % 4 = 0 THEN NULL ELSE 'a b' || g END FROM generate_series(1, 50) g`)
 			plan, err := h.plan("unicode-"+h.name, table)
