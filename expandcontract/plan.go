@@ -39,14 +39,26 @@ type Step struct {
 	// recorded and skipped), an invalid one, left by a crash or a cancelled
 	// build, is dropped concurrently and built again.
 	Concurrently bool `json:"concurrently,omitempty"`
-	// Index is the index a concurrent step builds. When empty it is read
-	// from a CREATE [UNIQUE] INDEX CONCURRENTLY statement in SQL.
+	// Index is the index a concurrent step builds, as SQL would name it
+	// (quoted where SQL quotes it, schema-qualified or resolved through the
+	// plan's search_path). When empty it is read from a CREATE [UNIQUE]
+	// INDEX CONCURRENTLY statement in SQL; a step that builds an index
+	// whose name cannot be read there must set it. After every build the
+	// index is looked up by its identity (its oid) and must be valid.
 	Index string `json:"index,omitempty"`
 }
 
-var createIndexRE = regexp.MustCompile(`(?is)\bCREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?((?:"[^"]+"|[a-z_][\w$]*)(?:\.(?:"[^"]+"|[a-z_][\w$]*))?)`)
+// identRE is one SQL identifier as Postgres reads it: double-quoted (with
+// "" for a quote), or unquoted, where any non-ASCII character counts as a
+// letter (idx_émail is a valid unquoted name).
+const identRE = `(?:"(?:[^"]|"")+"|[\p{L}_\x{80}-\x{10FFFF}][\p{L}\p{N}_$\x{80}-\x{10FFFF}]*)`
 
-// builtIndex is the index a concurrent step creates, or "".
+var createIndexRE = regexp.MustCompile(`(?is)\bCREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?(` + identRE + `(?:\s*\.\s*` + identRE + `)?)\s+ON\b`)
+
+var createsIndexRE = regexp.MustCompile(`(?is)\bCREATE\s+(?:UNIQUE\s+)?INDEX\b`)
+
+// builtIndex is the index a concurrent step creates, as SQL text that
+// to_regclass resolves, or "".
 func (s Step) builtIndex() string {
 	if !s.Concurrently {
 		return ""
@@ -133,6 +145,9 @@ func (p Plan) Validate() error {
 				errs = append(errs, fmt.Errorf("%s: SQL is empty", where))
 			} else if !utf8.ValidString(s.SQL) {
 				errs = append(errs, fmt.Errorf("%s: SQL is not valid UTF-8 (the registry stores it as JSON text)", where))
+			}
+			if s.Concurrently && s.Index == "" && createsIndexRE.MatchString(s.SQL) && s.builtIndex() == "" {
+				errs = append(errs, fmt.Errorf("%s: the index this concurrent step builds has no name the registry can find: name it in the SQL or in Index, so its validity can be checked after the build", where))
 			}
 			if !utf8.ValidString(s.Index) {
 				errs = append(errs, fmt.Errorf("%s: Index is not valid UTF-8", where))
