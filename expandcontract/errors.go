@@ -30,6 +30,9 @@ var (
 	// ErrPlanChanged: a registered plan's definition differs from the code's
 	// in a phase that has already run.
 	ErrPlanChanged = errors.New("expandcontract: plan definition changed after it ran")
+	// ErrInvalidIndex: a concurrent step's index is missing or not valid
+	// after its build (for example a unique index over duplicate values).
+	ErrInvalidIndex = errors.New("expandcontract: index not valid after a concurrent build")
 	// ErrWrongStage: the operation is not possible from the plan's stage
 	// (for example contract before migrating, rollback after contract).
 	ErrWrongStage = errors.New("expandcontract: operation not possible at this stage")

@@ -108,11 +108,12 @@ func (e env) heartbeat(t *testing.T, id, build string, ranges ...expandcontract.
 // traffic runs a build's queries in a loop on workers goroutines until
 // stopped, counting successes and keeping every error.
 type traffic struct {
-	ok     atomic.Int64
-	mu     sync.Mutex
-	errs   []error
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ok       atomic.Int64
+	mu       sync.Mutex
+	errs     []error
+	stopping atomic.Bool
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
 }
 
 func runTraffic(workers int, op func(ctx context.Context, worker, i int) error) *traffic {
@@ -120,11 +121,8 @@ func runTraffic(workers int, op func(ctx context.Context, worker, i int) error) 
 	tr := &traffic{cancel: cancel}
 	for w := range workers {
 		tr.wg.Go(func() {
-			for i := 0; ctx.Err() == nil; i++ {
+			for i := 0; !tr.stopping.Load(); i++ {
 				if err := op(ctx, w, i); err != nil {
-					if ctx.Err() != nil {
-						return
-					}
 					tr.mu.Lock()
 					tr.errs = append(tr.errs, err)
 					tr.mu.Unlock()
@@ -137,10 +135,15 @@ func runTraffic(workers int, op func(ctx context.Context, worker, i int) error) 
 	return tr
 }
 
-// stop ends the traffic and returns the successes and failures.
+// stop ends the traffic and returns the successes and failures. Workers
+// finish the operation they are in instead of having it cancelled: a
+// statement whose client call was cancelled may still commit on the server
+// later, so only once every call has returned is the table's content final
+// (a bound read after stop covers every row the traffic wrote).
 func (tr *traffic) stop() (int64, []error) {
-	tr.cancel()
+	tr.stopping.Store(true)
 	tr.wg.Wait()
+	tr.cancel()
 	return tr.ok.Load(), tr.errs
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 )
 
 // Column is a column of the new shape: its name, SQL type and the SQL
@@ -110,10 +111,7 @@ func AddNotNull(plan, table, key, column, def string) (Plan, error) {
 	if i := strings.LastIndexByte(base, '.'); i >= 0 {
 		base = base[i+1:]
 	}
-	cons := base + "_" + column + "_not_null"
-	if len(cons) > 63 {
-		cons = cons[:63]
-	}
+	cons := truncateName(base + "_" + column + "_not_null")
 	qc := quoteCol(cons)
 	p := Plan{
 		Name: plan, Migration: plan, Backfill: true,
@@ -175,6 +173,25 @@ func need(plan string, fields map[string]string) error {
 		return fmt.Errorf("%w %q: empty %s", ErrInvalidPlan, plan, strings.Join(missing, ", "))
 	}
 	return nil
+}
+
+// MaxNameBytes is Postgres's limit on an identifier (NAMEDATALEN-1 bytes);
+// a longer name is cut by the server.
+const MaxNameBytes = 63
+
+// truncateName cuts a generated name to [MaxNameBytes] on a character
+// boundary, as the server itself would cut it: a name cut inside a UTF-8
+// sequence would not survive the registry's JSON round trip, and the stored
+// plan would no longer equal the code's.
+func truncateName(name string) string {
+	if len(name) <= MaxNameBytes {
+		return name
+	}
+	cut := MaxNameBytes
+	for cut > 0 && !utf8.RuneStart(name[cut]) {
+		cut--
+	}
+	return name[:cut]
 }
 
 // quoteCol quotes one column name (never schema-qualified).

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -38,14 +39,26 @@ type Step struct {
 	// recorded and skipped), an invalid one, left by a crash or a cancelled
 	// build, is dropped concurrently and built again.
 	Concurrently bool `json:"concurrently,omitempty"`
-	// Index is the index a concurrent step builds. When empty it is read
-	// from a CREATE [UNIQUE] INDEX CONCURRENTLY statement in SQL.
+	// Index is the index a concurrent step builds, as SQL would name it
+	// (quoted where SQL quotes it, schema-qualified or resolved through the
+	// plan's search_path). When empty it is read from a CREATE [UNIQUE]
+	// INDEX CONCURRENTLY statement in SQL; a step that builds an index
+	// whose name cannot be read there must set it. After every build the
+	// index is looked up by its identity (its oid) and must be valid.
 	Index string `json:"index,omitempty"`
 }
 
-var createIndexRE = regexp.MustCompile(`(?is)\bCREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?((?:"[^"]+"|[a-z_][\w$]*)(?:\.(?:"[^"]+"|[a-z_][\w$]*))?)`)
+// identRE is one SQL identifier as Postgres reads it: double-quoted (with
+// "" for a quote), or unquoted, where any non-ASCII character counts as a
+// letter (idx_émail is a valid unquoted name).
+const identRE = `(?:"(?:[^"]|"")+"|[\p{L}_\x{80}-\x{10FFFF}][\p{L}\p{N}_$\x{80}-\x{10FFFF}]*)`
 
-// builtIndex is the index a concurrent step creates, or "".
+var createIndexRE = regexp.MustCompile(`(?is)\bCREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?(` + identRE + `(?:\s*\.\s*` + identRE + `)?)\s+ON\b`)
+
+var createsIndexRE = regexp.MustCompile(`(?is)\bCREATE\s+(?:UNIQUE\s+)?INDEX\b`)
+
+// builtIndex is the index a concurrent step creates, as SQL text that
+// to_regclass resolves, or "".
 func (s Step) builtIndex() string {
 	if !s.Concurrently {
 		return ""
@@ -109,6 +122,9 @@ func (p Plan) Validate() error {
 	} else if p.Backfill {
 		errs = append(errs, errors.New("Backfill is set but Migration is empty: a backfill belongs to a migration"))
 	}
+	if !utf8.ValidString(p.Description) {
+		errs = append(errs, errors.New("Description is not valid UTF-8"))
+	}
 	if len(p.Expand) == 0 && len(p.Contract) == 0 {
 		errs = append(errs, errors.New("Expand and Contract are both empty: nothing to do"))
 	}
@@ -127,6 +143,14 @@ func (p Plan) Validate() error {
 			seen[s.Name] = true
 			if strings.TrimSpace(s.SQL) == "" {
 				errs = append(errs, fmt.Errorf("%s: SQL is empty", where))
+			} else if !utf8.ValidString(s.SQL) {
+				errs = append(errs, fmt.Errorf("%s: SQL is not valid UTF-8 (the registry stores it as JSON text)", where))
+			}
+			if s.Concurrently && s.Index == "" && createsIndexRE.MatchString(s.SQL) && s.builtIndex() == "" {
+				errs = append(errs, fmt.Errorf("%s: the index this concurrent step builds has no name the registry can find: name it in the SQL or in Index, so its validity can be checked after the build", where))
+			}
+			if !utf8.ValidString(s.Index) {
+				errs = append(errs, fmt.Errorf("%s: Index is not valid UTF-8", where))
 			}
 		}
 	}
@@ -186,6 +210,14 @@ func (t Transform) Validate() error {
 	for i, a := range t.Set {
 		if a.Column == "" || strings.TrimSpace(a.Expr) == "" {
 			errs = append(errs, fmt.Errorf("Set[%d]: column and expression are both required", i))
+		}
+		if !utf8.ValidString(a.Column) || !utf8.ValidString(a.Expr) {
+			errs = append(errs, fmt.Errorf("Set[%d]: not valid UTF-8", i))
+		}
+	}
+	for _, f := range []struct{ name, v string }{{"Source", t.Source}, {"Key", t.Key}, {"Target", t.Target}, {"TargetKey", t.TargetKey}} {
+		if !utf8.ValidString(f.v) {
+			errs = append(errs, fmt.Errorf("%s is not valid UTF-8", f.name))
 		}
 	}
 	return errors.Join(errs...)

@@ -354,17 +354,24 @@ func (r *Registry) register(ctx context.Context, actor string, p Plan) error {
 	}
 	return pgx.BeginFunc(ctx, r.pool, func(tx pgx.Tx) error {
 		var stored []byte
-		err := tx.QueryRow(ctx, `SELECT definition FROM `+r.t.plans+` WHERE plan = $1 FOR UPDATE`, p.Name).Scan(&stored)
+		lookup := func() error {
+			return tx.QueryRow(ctx, `SELECT definition FROM `+r.t.plans+` WHERE plan = $1 FOR UPDATE`, p.Name).Scan(&stored)
+		}
+		err := lookup()
 		if errors.Is(err, pgx.ErrNoRows) {
-			tag, err := tx.Exec(ctx, `INSERT INTO `+r.t.plans+` (plan, definition, updated_by, search_path) VALUES ($1, $2, $3, current_setting('search_path')) ON CONFLICT DO NOTHING`,
+			// A fleet starting together registers the same new plan at once:
+			// the insert waits for a concurrent one to commit, and the loser
+			// compares its definition with the winner's like any later
+			// registration.
+			tag, ierr := tx.Exec(ctx, `INSERT INTO `+r.t.plans+` (plan, definition, updated_by, search_path) VALUES ($1, $2, $3, current_setting('search_path')) ON CONFLICT DO NOTHING`,
 				p.Name, def, actor)
-			if err != nil {
+			if err = ierr; err != nil {
 				return fmt.Errorf("expandcontract: register %s: %w", p.Name, err)
 			}
-			if tag.RowsAffected() == 0 {
-				return fmt.Errorf("expandcontract: register %s: registered concurrently, try again", p.Name)
+			if tag.RowsAffected() == 1 {
+				return r.appendAudit(ctx, tx, AuditEntry{Plan: p.Name, Actor: actor, Action: "register", From: "-", To: Pending.String(), Outcome: OutcomeRegistered})
 			}
-			return r.appendAudit(ctx, tx, AuditEntry{Plan: p.Name, Actor: actor, Action: "register", From: "-", To: Pending.String(), Outcome: OutcomeRegistered})
+			err = lookup()
 		}
 		if err != nil {
 			return fmt.Errorf("expandcontract: register %s: %w", p.Name, err)

@@ -338,21 +338,20 @@ func (r *Registry) runConcurrent(ctx context.Context, conn *pgx.Conn, plan, phas
 		return err
 	}
 	defer conn.Exec(context.WithoutCancel(ctx), `RESET lock_timeout`) //nolint:errcheck // the connection is closed after the phase anyway
-	if idx := s.builtIndex(); idx != "" {
-		var valid *bool
-		err := conn.QueryRow(ctx, `SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)`, idx).Scan(&valid)
+	idx := s.builtIndex()
+	if idx != "" {
+		found, err := r.lookupIndex(ctx, conn, idx)
 		switch {
-		case errors.Is(err, pgx.ErrNoRows):
 		case err != nil:
 			return err
-		case valid != nil && *valid:
+		case found.exists && found.valid:
 			// A previous run built it and died before recording it.
-			r.logger.Info("expandcontract: index of an interrupted step is valid; recording it", "plan", plan, "step", s.Name, "index", idx)
+			r.logger.Info("expandcontract: index of an interrupted step is valid; recording it", "plan", plan, "step", s.Name, "index", found.name)
 			return r.record(ctx, conn, plan, phase, s.Name, stateApplied, "")
-		default:
-			r.logger.Warn("expandcontract: dropping the invalid index an interrupted build left", "plan", plan, "step", s.Name, "index", idx)
-			if _, err := conn.Exec(ctx, `DROP INDEX CONCURRENTLY IF EXISTS `+idx); err != nil {
-				return fmt.Errorf("drop invalid index %s: %w", idx, err)
+		case found.exists:
+			r.logger.Warn("expandcontract: dropping the invalid index an interrupted build left", "plan", plan, "step", s.Name, "index", found.name)
+			if err := r.dropIndex(ctx, conn, found); err != nil {
+				return err
 			}
 		}
 	}
@@ -362,7 +361,66 @@ func (r *Registry) runConcurrent(ctx context.Context, conn *pgx.Conn, plan, phas
 	if _, err := conn.Exec(ctx, s.SQL); err != nil {
 		return err
 	}
+	if idx != "" {
+		// The statement may have succeeded without building anything (IF
+		// NOT EXISTS over an index another session left invalid meanwhile):
+		// only a valid index, found by its identity, counts as applied.
+		found, err := r.lookupIndex(ctx, conn, idx)
+		switch {
+		case err != nil:
+			return err
+		case !found.exists:
+			return fmt.Errorf("%w: step %s ran, but index %s does not exist: set the step's Index to the name the SQL creates", ErrInvalidIndex, s.Name, idx)
+		case !found.valid:
+			if err := r.dropIndex(ctx, conn, found); err != nil {
+				return err
+			}
+			return fmt.Errorf("%w: index %s (oid %d) is not valid after the build; it was dropped", ErrInvalidIndex, found.name, found.oid)
+		}
+	}
 	return r.record(ctx, conn, plan, phase, s.Name, stateApplied, "")
+}
+
+// index is what the catalog says about the index a concurrent step builds,
+// found by its name as SQL text and then known by its oid.
+type index struct {
+	exists, valid bool
+	oid           uint32
+	// name is the index's qualified, quoted name derived from its oid, safe
+	// to splice into DDL whatever characters it has.
+	name string
+}
+
+func (r *Registry) lookupIndex(ctx context.Context, conn *pgx.Conn, sqlName string) (index, error) {
+	var ix index
+	err := conn.QueryRow(ctx, `SELECT c.oid, i.indisvalid AND i.indisready, c.oid::regclass::text
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indexrelid = to_regclass($1)`, sqlName).Scan(&ix.oid, &ix.valid, &ix.name)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return index{}, nil
+	}
+	if err != nil {
+		// to_regclass raises on text that is not a name at all.
+		return index{}, fmt.Errorf("look up index %s: %w", sqlName, err)
+	}
+	ix.exists = true
+	return ix, nil
+}
+
+// dropIndex drops an index by its identity: the name comes from its oid,
+// and the drop is skipped when that oid is gone (a concurrent runner
+// dropped it).
+func (r *Registry) dropIndex(ctx context.Context, conn *pgx.Conn, ix index) error {
+	var name *string
+	if err := conn.QueryRow(ctx, `SELECT $1::oid::regclass::text FROM pg_class WHERE oid = $1`, ix.oid).Scan(&name); err != nil {
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		return fmt.Errorf("drop invalid index %s: %w", ix.name, err)
+	}
+	if _, err := conn.Exec(ctx, `DROP INDEX CONCURRENTLY IF EXISTS `+*name); err != nil {
+		return fmt.Errorf("drop invalid index %s: %w", ix.name, err)
+	}
+	return nil
 }
 
 // record notes a step's state; attempts counts every try over all runs.

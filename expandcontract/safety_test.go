@@ -242,11 +242,18 @@ func indexValid(t *testing.T, pool *pgxpool.Pool, name string) (exists, valid bo
 // TestInterruptedConcurrentIndexIsRebuilt: CREATE INDEX CONCURRENTLY
 // behind an open writing transaction leaves an invalid index when it times
 // out on its lock and when its backend is terminated; the next run detects
-// it, drops it and builds a valid one.
+// it, drops it and builds a valid one. Index names need not be ASCII, nor
+// unquoted: the index is found by what the server resolves the name to.
 func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 	t.Parallel()
-	for _, how := range []string{"lock-timeout", "terminated"} {
-		t.Run(how, func(t *testing.T) {
+	for _, c := range []struct{ how, index, regclass string }{
+		{"lock-timeout", "events_kind", "events_kind"},
+		{"terminated", "events_kind", "events_kind"},
+		{"terminated", "idx_émail", "idx_émail"},
+		{"lock-timeout", `"Idx ""É"" kind"`, `"Idx ""É"" kind"`},
+	} {
+		how := c.how
+		t.Run(how+"/"+c.regclass, func(t *testing.T) {
 			t.Parallel()
 			e := newEnvDB(t)
 			ctx := flagstest.Context(t)
@@ -254,7 +261,7 @@ func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 			e.exec(t, `INSERT INTO events SELECT g, 'k' || (g % 7) FROM generate_series(1, 1000) g`)
 			plan := expandcontract.Plan{Name: "events-kind-index",
 				Expand: []expandcontract.Step{{Name: "index-kind", Concurrently: true,
-					SQL: `CREATE INDEX CONCURRENTLY IF NOT EXISTS events_kind ON events (kind)`}},
+					SQL: `CREATE INDEX CONCURRENTLY IF NOT EXISTS ` + c.index + ` ON events (kind)`}},
 				Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
 			opts := []expandcontract.Option{expandcontract.WithLockTimeout(time.Minute)}
 			if how == "lock-timeout" {
@@ -286,7 +293,7 @@ func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 			if how == "lock-timeout" {
 				require.ErrorIs(t, err, expandcontract.ErrLockTimeout)
 			}
-			exists, valid := indexValid(t, e.pool, "events_kind")
+			exists, valid := indexValid(t, e.pool, c.regclass)
 			require.True(t, exists, "an interrupted concurrent build leaves its index behind")
 			require.False(t, valid)
 
@@ -294,12 +301,35 @@ func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 			st, err := e.registry(t, expandcontract.WithLockTimeout(time.Minute)).Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
 			require.NoError(t, err)
 			assert.Equal(t, expandcontract.Expanded, st.Stage)
-			exists, valid = indexValid(t, e.pool, "events_kind")
+			exists, valid = indexValid(t, e.pool, c.regclass)
 			assert.True(t, exists)
 			assert.True(t, valid, "IF NOT EXISTS alone would have kept the invalid index")
 			var uses int
 			require.NoError(t, e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = 'events'`, e.schema).Scan(&uses))
-			assert.Equal(t, 2, uses, "primary key and events_kind, no leftovers")
+			assert.Equal(t, 2, uses, "primary key and the new index, no leftovers")
 		})
 	}
+}
+
+// TestConcurrentIndexCheckedAfterBuild: a concurrent step whose index is not
+// there after its statement ran (here its Index names another one) is not
+// recorded as applied.
+func TestConcurrentIndexCheckedAfterBuild(t *testing.T) {
+	t.Parallel()
+	e := newEnvDB(t)
+	ctx := flagstest.Context(t)
+	e.exec(t, `CREATE TABLE tags (id int PRIMARY KEY, label text)`)
+	reg := e.registry(t)
+	plan := expandcontract.Plan{Name: "tags-label-index",
+		Expand: []expandcontract.Step{{Name: "index-label", Concurrently: true, Index: "tags_label_idx",
+			SQL: `CREATE INDEX CONCURRENTLY IF NOT EXISTS tags_by_label ON tags (label)`}},
+		Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
+	require.NoError(t, reg.Register(ctx, "test", plan))
+	_, err := reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+	require.ErrorIs(t, err, expandcontract.ErrInvalidIndex)
+	assert.ErrorContains(t, err, "index tags_label_idx does not exist")
+	st, err := reg.Status(ctx, plan.Name)
+	require.NoError(t, err)
+	assert.Equal(t, "failed", stepOf(t, st, expandcontract.PhaseExpand, "index-label").State)
+	assert.Equal(t, expandcontract.Pending, st.Stage)
 }

@@ -58,6 +58,11 @@ func TestBadInputNamesWhatIsWrong(t *testing.T) {
 	assert.ErrorContains(t, err, "name, type and expression are all required")
 	_, err = expandcontract.AddNotNull("p", "t", "id", "c", "")
 	assert.ErrorContains(t, err, "empty default")
+	err = expandcontract.Plan{Name: "p", Expand: []expandcontract.Step{{Name: "ix", Concurrently: true,
+		SQL: "CREATE INDEX CONCURRENTLY ON t (c)"}}}.Validate()
+	assert.ErrorContains(t, err, "the index this concurrent step builds has no name")
+	require.NoError(t, expandcontract.Plan{Name: "p", Expand: []expandcontract.Step{{Name: "ix", Concurrently: true,
+		SQL: `CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS idx_émail ON "app"."t" (c)`}}}.Validate())
 	_, err = expandcontract.NewRegistry(nil)
 	assert.ErrorContains(t, err, "pool is nil")
 }
