@@ -154,3 +154,39 @@ func (s Stage) Compared() Side {
 	}
 	return NoSide
 }
+
+// The topic table of DESIGN §5 differs in one cell: consumers move first, so
+// in live producers still treat old as authoritative. Everything else is the
+// table above read for a topic: producers write to the sides of
+// [Stage.Writes], consumers read from [Stage.Reads], and the shadow group
+// compares [Stage.Compared].
+//
+//	stage      produce to  produce ack from  consume from  compared
+//	off        old         old               old           -
+//	dualwrite  old+new     old               old           -
+//	shadow     old+new     old               old           new
+//	live       old+new     old               new           old
+//	rampdown   old+new     new               new           -
+//	complete   new         new               new           -
+
+// ProduceAuthoritative is the cluster whose produce acknowledgement is a
+// topic producer's result. It moves to new one stage after consumers do
+// (rampdown, not live): a consumer switched to new must find every record
+// there, which only holds while old is still acknowledged first and new is
+// filled behind it with the order kept.
+func (s Stage) ProduceAuthoritative() Side {
+	if s >= RampDown {
+		return New
+	}
+	return Old
+}
+
+// ProduceSecondary is the cluster a topic producer writes off the caller's
+// path, or NoSide when it writes one cluster only.
+func (s Stage) ProduceSecondary() Side {
+	other := s.ProduceAuthoritative().Other()
+	if s.Writes(other) {
+		return other
+	}
+	return NoSide
+}

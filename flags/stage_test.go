@@ -143,3 +143,25 @@ func TestTransitionMovesAreExact(t *testing.T) {
 	back := flags.Transition{Migration: "m", From: to, To: flags.State{Migration: "m", Stage: flags.Off}}
 	assert.False(t, back.Forward())
 }
+
+// The topic table of DESIGN §5: consumers move to new one stage before the
+// producers' acknowledgement does.
+func TestTopicRoutingTable(t *testing.T) {
+	type row struct {
+		auth, secondary   flags.Side
+		consume, compared flags.Side
+	}
+	want := map[flags.Stage]row{
+		flags.Off:       {flags.Old, flags.NoSide, flags.Old, flags.NoSide},
+		flags.DualWrite: {flags.Old, flags.New, flags.Old, flags.NoSide},
+		flags.Shadow:    {flags.Old, flags.New, flags.Old, flags.New},
+		flags.Live:      {flags.Old, flags.New, flags.New, flags.Old},
+		flags.RampDown:  {flags.New, flags.Old, flags.New, flags.NoSide},
+		flags.Complete:  {flags.New, flags.NoSide, flags.New, flags.NoSide},
+	}
+	require.Len(t, want, len(flags.Stages()))
+	for s, w := range want {
+		got := row{s.ProduceAuthoritative(), s.ProduceSecondary(), s.Reads(), s.Compared()}
+		assert.Equal(t, w, got, "stage %s", s)
+	}
+}

@@ -1,0 +1,456 @@
+package streams
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// StageSource evaluates a migration's stage for one targeting key.
+// [*flags.Source] is the usual implementation.
+type StageSource interface {
+	Stage(ctx context.Context, migration, entityKey string) (flags.Stage, error)
+}
+
+var _ StageSource = (*flags.Source)(nil)
+
+// Handler processes one record. An error stops [Consumer.Run]: the record
+// and the rest of its batch are not committed and are handled again on the
+// next run.
+type Handler func(ctx context.Context, rec *kgo.Record) error
+
+// ConsumerConfig describes a consumer group that follows a topic's stage.
+type ConsumerConfig struct {
+	// Migration is the stage flag's name. Required.
+	Migration string
+	// Topic is consumed on both clusters. Required.
+	Topic string
+	// Group is the consumer group id, the same on both clusters. Required.
+	Group string
+	// Old and New are the client options of each cluster (seed brokers,
+	// TLS, SASL). Both required.
+	Old, New []kgo.Opt
+	// Source evaluates the stage; its Reads side is the cluster consumed.
+	// Required.
+	Source StageSource
+	// StageKey is the targeting key of the stage evaluation. Default: the
+	// group id, so every instance of a group follows the same answer.
+	StageKey string
+	// Handler processes each record once. Required.
+	Handler Handler
+	// UnknownOrigin decides, for a record whose origin header does not parse,
+	// whether to process it (first=true), e.g. through the inbox
+	// ([InboxDedup]). Nil processes it. Either way it is counted.
+	UnknownOrigin func(ctx context.Context, rec *kgo.Record) (first bool, err error)
+	// PollTimeout bounds one poll, hence how soon a stage change is seen.
+	// Default 250ms.
+	PollTimeout time.Duration
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *ConsumerConfig) withDefaults() {
+	if c.StageKey == "" {
+		c.StageKey = c.Group
+	}
+	if c.PollTimeout == 0 {
+		c.PollTimeout = 250 * time.Millisecond
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate names the first missing or bad field.
+func (c ConsumerConfig) Validate() error {
+	switch {
+	case flags.ValidateName(c.Migration) != nil:
+		return fmt.Errorf("streams: ConsumerConfig.Migration: %w", flags.ValidateName(c.Migration))
+	case c.Topic == "":
+		return errors.New("streams: ConsumerConfig.Topic is required")
+	case c.Group == "":
+		return errors.New("streams: ConsumerConfig.Group is required")
+	case len(c.Old) == 0:
+		return fmt.Errorf("%w: ConsumerConfig.Old", ErrMissingCluster)
+	case len(c.New) == 0:
+		return fmt.Errorf("%w: ConsumerConfig.New", ErrMissingCluster)
+	case c.Source == nil:
+		return errors.New("streams: ConsumerConfig.Source is required")
+	case c.Handler == nil:
+		return errors.New("streams: ConsumerConfig.Handler is required")
+	case c.PollTimeout < 0:
+		return errors.New("streams: ConsumerConfig.PollTimeout must not be negative")
+	}
+	return nil
+}
+
+// ConsumerStats counts what a [Consumer] did.
+type ConsumerStats struct {
+	Processed  int64 // records handed to the handler
+	Duplicates int64 // records skipped because their origin was processed already
+	Unknown    int64 // records whose origin header did not parse
+	Cutovers   int64 // moves from one cluster to the other
+	// Pauses are the cutover pauses: last record processed on one cluster
+	// to the first processed on the other.
+	Pauses []time.Duration
+}
+
+// Consumer consumes a topic from the cluster its stage reads, and moves
+// between clusters at an exact position: see the package documentation.
+type Consumer struct {
+	cfg ConsumerConfig
+	adm [3]*kadm.Client
+	raw [3]*kgo.Client
+
+	mu        sync.Mutex
+	stats     ConsumerStats
+	lastOn    flags.Side
+	lastAt    time.Time
+	switching bool
+	parts     map[int32]*partState
+}
+
+// NewConsumer validates cfg and connects admin clients to both clusters.
+func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
+	cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	c := &Consumer{cfg: cfg}
+	for side, opts := range map[flags.Side][]kgo.Opt{flags.Old: cfg.Old, flags.New: cfg.New} {
+		cl, err := kgo.NewClient(opts...)
+		if err != nil {
+			c.closeAdmin()
+			return nil, fmt.Errorf("streams: %s cluster client: %w", side, err)
+		}
+		c.raw[side], c.adm[side] = cl, kadm.NewClient(cl)
+	}
+	return c, nil
+}
+
+func (c *Consumer) closeAdmin() {
+	for _, cl := range c.raw {
+		if cl != nil {
+			cl.Close()
+		}
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (c *Consumer) Stats() ConsumerStats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.stats
+	s.Pauses = append([]time.Duration(nil), s.Pauses...)
+	return s
+}
+
+// Close releases the admin clients. Call it after Run returned.
+func (c *Consumer) Close() { c.closeAdmin() }
+
+func (c *Consumer) side(ctx context.Context) flags.Side {
+	st, err := c.cfg.Source.Stage(ctx, c.cfg.Migration, c.cfg.StageKey)
+	if err != nil {
+		c.cfg.Logger.Warn("streams: stage evaluation failed; using the fallback", "migration", c.cfg.Migration, "stage", st, "err", err)
+	}
+	return st.Reads()
+}
+
+// Run consumes until ctx ends or the handler fails. Whenever the stage's
+// read side changes it commits where it stands, leaves the group on that
+// cluster and joins it on the other, resuming at the next unprocessed
+// record. It returns nil when ctx ends.
+func (c *Consumer) Run(ctx context.Context) error {
+	side := c.side(ctx)
+	for ctx.Err() == nil {
+		next, err := c.runOn(ctx, side)
+		if err != nil {
+			return err
+		}
+		if next != side {
+			c.mu.Lock()
+			c.stats.Cutovers++
+			c.switching = true
+			c.mu.Unlock()
+			c.cfg.Logger.Info("streams: consumer moves", "group", c.cfg.Group, "topic", c.cfg.Topic, "from", side, "to", next)
+		}
+		side = next
+	}
+	return nil
+}
+
+// prepare makes the group's commit on side the current one: for every
+// partition whose newest state (highest epoch) was committed on the other
+// cluster, it commits on side a lower bound of the next unprocessed record
+// with that state, one epoch up. Run calls it before joining a cluster, so
+// a crash anywhere in a move is finished by the next run.
+func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
+	topic := c.cfg.Topic
+	if _, err := samePartitions(ctx, c.adm, [3]string{flags.Old: topic, flags.New: topic}); err != nil {
+		return err
+	}
+	here, err := committed(ctx, c.adm[side], c.cfg.Group, topic)
+	if err != nil {
+		return err
+	}
+	there, err := committed(ctx, c.adm[side.Other()], c.cfg.Group, topic)
+	if err != nil {
+		return err
+	}
+	var starts map[int32]int64
+	moves := kadm.Offsets{}
+	for p, o := range there {
+		ost, ok, err := c.stateOf(o, side.Other())
+		if err != nil || !ok {
+			continue
+		}
+		h, hasHere := here[p]
+		if hasHere {
+			if hst, hok, _ := c.stateOf(h, side); hok && hst.epoch >= ost.epoch {
+				continue
+			}
+		}
+		at := h.At
+		if !hasHere {
+			if starts == nil {
+				if starts, err = startOffsets(ctx, c.adm[side], topic); err != nil {
+					return err
+				}
+			}
+			at = starts[p]
+		}
+		ost.epoch++
+		md, err := ost.encode()
+		if err != nil {
+			return err
+		}
+		moves.Add(kadm.Offset{Topic: topic, Partition: p, At: at, LeaderEpoch: -1, Metadata: md})
+	}
+	if len(moves) == 0 {
+		return nil
+	}
+	rs, err := c.adm[side].CommitOffsets(ctx, c.cfg.Group, moves)
+	if err == nil {
+		err = rs.Error()
+	}
+	if err != nil {
+		return fmt.Errorf("streams: commit the move of group %q to the %s cluster: %w", c.cfg.Group, side, err)
+	}
+	return nil
+}
+
+// stateOf decodes a commit made on side. A commit without dimmer's
+// metadata (a group that predates dimmer) means every native record below
+// it was processed.
+func (c *Consumer) stateOf(o kadm.Offset, side flags.Side) (partState, bool, error) {
+	st, ok, err := decodeState(o.Metadata)
+	if err != nil {
+		c.cfg.Logger.Warn("streams: commit metadata is not dimmer's; reading it as a plain offset", "group", c.cfg.Group, "partition", o.Partition, "err", err)
+	}
+	if !ok {
+		st = partState{}
+		st.side[side].next = o.At
+	}
+	return st, true, nil
+}
+
+func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, error) {
+	if err := c.prepare(ctx, side); err != nil {
+		return side, err
+	}
+	opts := c.cfg.Old
+	if side == flags.New {
+		opts = c.cfg.New
+	}
+	c.mu.Lock()
+	c.parts = map[int32]*partState{}
+	c.mu.Unlock()
+	var loadErr error
+	var loadMu sync.Mutex
+	cl, err := kgo.NewClient(append(append([]kgo.Opt(nil), opts...),
+		kgo.ConsumerGroup(c.cfg.Group),
+		kgo.ConsumeTopics(c.cfg.Topic),
+		kgo.DisableAutoCommit(),
+		kgo.BlockRebalanceOnPoll(),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.OnPartitionsAssigned(func(ctx context.Context, _ *kgo.Client, assigned map[string][]int32) {
+			if err := c.load(ctx, side, assigned[c.cfg.Topic]); err != nil {
+				loadMu.Lock()
+				loadErr = err
+				loadMu.Unlock()
+			}
+		}),
+		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {
+			_ = c.commit(ctx, cl)
+			c.forget(revoked[c.cfg.Topic])
+		}),
+		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, lost map[string][]int32) {
+			c.forget(lost[c.cfg.Topic])
+		}),
+	)...)
+	if err != nil {
+		return side, fmt.Errorf("streams: %s cluster consumer: %w", side, err)
+	}
+	defer cl.Close()
+	for {
+		if ctx.Err() != nil {
+			return side, c.leave(cl)
+		}
+		if next := c.side(ctx); next != side {
+			return next, c.leave(cl)
+		}
+		pctx, cancel := context.WithTimeout(ctx, c.cfg.PollTimeout)
+		fs := cl.PollRecords(pctx, 1000)
+		cancel()
+		loadMu.Lock()
+		lerr := loadErr
+		loadMu.Unlock()
+		if lerr != nil {
+			cl.AllowRebalance()
+			return side, lerr
+		}
+		var ferr error
+		fs.EachError(func(t string, p int32, err error) {
+			if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && ferr == nil {
+				ferr = fmt.Errorf("streams: fetch %s/%d on the %s cluster: %w", t, p, side, err)
+			}
+		})
+		if ferr != nil {
+			cl.AllowRebalance()
+			return side, ferr
+		}
+		var herr error
+		fs.EachRecord(func(rec *kgo.Record) {
+			if herr == nil {
+				herr = c.handle(ctx, side, rec)
+			}
+		})
+		if herr != nil {
+			cl.AllowRebalance()
+			return side, herr
+		}
+		if err := c.commit(ctx, cl); err != nil && ctx.Err() == nil {
+			cl.AllowRebalance()
+			return side, err
+		}
+		cl.AllowRebalance()
+	}
+}
+
+// leave commits where the group stands and leaves the cluster's group.
+func (c *Consumer) leave(cl *kgo.Client) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := c.commit(ctx, cl)
+	_ = cl.LeaveGroupContext(ctx)
+	return err
+}
+
+func (c *Consumer) load(ctx context.Context, side flags.Side, ps []int32) error {
+	if len(ps) == 0 {
+		return nil
+	}
+	cs, err := committed(ctx, c.adm[side], c.cfg.Group, c.cfg.Topic)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range ps {
+		st := &partState{}
+		if o, ok := cs[p]; ok {
+			s, _, _ := c.stateOf(o, side)
+			st = &s
+		}
+		c.parts[p] = st
+	}
+	return nil
+}
+
+func (c *Consumer) forget(ps []int32) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range ps {
+		delete(c.parts, p)
+	}
+}
+
+func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record) error {
+	c.mu.Lock()
+	st := c.parts[rec.Partition]
+	c.mu.Unlock()
+	if st == nil {
+		return fmt.Errorf("streams: record of unassigned partition %d", rec.Partition)
+	}
+	o, err := OriginOf(rec, side)
+	process := true
+	switch {
+	case err != nil:
+		c.mu.Lock()
+		c.stats.Unknown++
+		c.mu.Unlock()
+		if c.cfg.UnknownOrigin != nil {
+			first, err := c.cfg.UnknownOrigin(ctx, rec)
+			if err != nil {
+				return fmt.Errorf("streams: unknown-origin record %s/%d@%d: %w", rec.Topic, rec.Partition, rec.Offset, err)
+			}
+			process = first
+		}
+	case o.Partition != rec.Partition:
+		return fmt.Errorf("%w: record %d@%d on the %s cluster came from partition %d", ErrPartitionMismatch, rec.Partition, rec.Offset, side, o.Partition)
+	case st.processed(o):
+		process = false
+		c.mu.Lock()
+		c.stats.Duplicates++
+		c.mu.Unlock()
+	}
+	if process {
+		if err := c.cfg.Handler(ctx, rec); err != nil {
+			return err
+		}
+		now := time.Now()
+		c.mu.Lock()
+		c.stats.Processed++
+		if c.switching && c.lastOn != side && !c.lastAt.IsZero() {
+			c.stats.Pauses = append(c.stats.Pauses, now.Sub(c.lastAt))
+		}
+		c.switching = false
+		c.lastOn, c.lastAt = side, now
+		c.mu.Unlock()
+	}
+	if err == nil && o.Side != side {
+		st.side[o.Side].add(o.Offset)
+	}
+	st.side[side].reachTo(rec.Offset + 1)
+	return nil
+}
+
+// commit commits every assigned partition's position with its state as
+// metadata.
+func (c *Consumer) commit(ctx context.Context, cl *kgo.Client) error {
+	c.mu.Lock()
+	md := map[int32]string{}
+	for p, st := range c.parts {
+		s, err := st.encode()
+		if err != nil {
+			c.mu.Unlock()
+			return fmt.Errorf("streams: group %q partition %d: %w", c.cfg.Group, p, err)
+		}
+		md[p] = s
+	}
+	c.mu.Unlock()
+	if err := commitWithMetadata(ctx, cl, md); err != nil {
+		return fmt.Errorf("streams: commit group %q: %w", c.cfg.Group, err)
+	}
+	return nil
+}
+

@@ -1,0 +1,67 @@
+// Package streams moves a Kafka topic, its producers and its consumers from
+// one cluster (old) to another (new) under a migration's stage flag
+// (DESIGN §5), with consumers moving first and at an exact position.
+//
+// The routing comes from package flags and nowhere else: producers write to
+// the sides of [flags.Stage.Writes] and take the acknowledgement of
+// [flags.Stage.ProduceAuthoritative]; consumers read [flags.Stage.Reads].
+//
+//	stage      produce to  ack from  consume from
+//	off        old         old       old
+//	dualwrite  old+new     old       old
+//	shadow     old+new     old       old
+//	live       old+new     old       new        (consumers first)
+//	rampdown   old+new     new       new
+//	complete   new         new       new
+//
+// The new cluster is filled in one of two ways: a [Producer] that services
+// use instead of their franz-go client (dual produce), or a [Mirror] that
+// copies the topic for producers that cannot be changed.
+//
+// # Record identity
+//
+// Every record has an [Origin]: the cluster that acknowledged it first,
+// with the partition and offset it got there. A record read without a
+// [HeaderOrigin] header is native to the cluster it is read from, and its
+// origin is where it is read; every copy, whether made by the [Mirror] or
+// by the [Producer]'s second write or a replayed repair, carries its
+// origin in the header and sits in the same partition. An origin names one
+// record for good: offsets are never reused within a partition.
+//
+// # Why the cutover is exact
+//
+// A [Consumer] keeps, per partition and per origin cluster, the set of
+// origin offsets it processed: a frontier (every offset below it) plus a
+// short list of spans above it (copies can reach the other cluster out of
+// origin order: several producer instances, a repair replayed after a later
+// record). It processes a record only if its origin is not in the set, and
+// it commits the set as the commit metadata of its position, so the set and
+// the position move together, durably, on the cluster being read.
+//
+// To move from cluster A to cluster B it commits on A, leaves A's group,
+// and commits on B the same set one epoch up at a lower bound L of B's
+// unprocessed records: the group's earlier commit on B if there is one,
+// else B's log start. Then it joins B's group and reads from L.
+//
+//   - Nothing is skipped: every record on B at or after L is read; one is
+//     dropped only when its origin is in the set, that is, when the same
+//     record (from whichever cluster) was processed. Before L every record
+//     is processed: L is an earlier commit on B (processed then, and the set
+//     only grows) or the log start.
+//   - Nothing is processed twice: the set holds every origin processed on
+//     either cluster; a record is processed only when its origin is absent,
+//     and is added as it is processed. A mirror that re-sends a tail after
+//     a crash makes copies with the same origin, dropped the same way.
+//   - A crash anywhere in a move is finished by the next run: the commit
+//     with the highest epoch is the current state, so a consumer restarted
+//     on B after committing on A (and before committing on B) redoes the
+//     move, and one that committed on B resumes there.
+//
+// A record whose origin header does not parse cannot be placed: it is
+// counted (ConsumerStats.Unknown) and, with
+// ConsumerConfig.UnknownOrigin, de-duplicated another way, e.g. through
+// the inbox.
+//
+// The processed set stays small while the copies are in origin order; a
+// commit carries at most 120 spans ([ErrStateTooLarge] past that).
+package streams

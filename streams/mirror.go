@@ -1,0 +1,237 @@
+package streams
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync/atomic"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// MirrorConfig describes a copy of one topic from the old cluster to the
+// new one, for producers that cannot be changed to produce to both.
+type MirrorConfig struct {
+	// Topic is read on the old cluster. Required.
+	Topic string
+	// TargetTopic is written on the new cluster. Default: Topic.
+	TargetTopic string
+	// Old and New are the client options of each cluster. Both required.
+	Old, New []kgo.Opt
+	// Group holds the mirror's durable position on the old cluster.
+	// Default "dimmer-mirror.<Topic>".
+	Group string
+	// MaxBatch bounds the records copied per round. Default 10000.
+	MaxBatch int
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *MirrorConfig) withDefaults() {
+	if c.TargetTopic == "" {
+		c.TargetTopic = c.Topic
+	}
+	if c.Group == "" {
+		c.Group = "dimmer-mirror." + c.Topic
+	}
+	if c.MaxBatch == 0 {
+		c.MaxBatch = 10000
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate names the first missing or bad field.
+func (c MirrorConfig) Validate() error {
+	switch {
+	case c.Topic == "":
+		return errors.New("streams: MirrorConfig.Topic is required")
+	case len(c.Old) == 0:
+		return fmt.Errorf("%w: MirrorConfig.Old", ErrMissingCluster)
+	case len(c.New) == 0:
+		return fmt.Errorf("%w: MirrorConfig.New", ErrMissingCluster)
+	case c.MaxBatch < 1:
+		return fmt.Errorf("streams: MirrorConfig.MaxBatch must be positive, got %d", c.MaxBatch)
+	}
+	return nil
+}
+
+// MirrorStats counts what a [Mirror] did.
+type MirrorStats struct {
+	Copied  int64 // records produced to the new cluster (a re-sent tail counts again)
+	Skipped int64 // copies made by a dual-producing [Producer], not copied back
+	Rounds  int64 // batches committed
+}
+
+// Mirror copies a topic from the old cluster to the new one: same
+// partition, key, value, headers and timestamp, per-partition order kept,
+// and a [HeaderOrigin] on every copy so that consumers can move between
+// the clusters exactly. Its position is a consumer-group commit on the old
+// cluster, made only after the new cluster acknowledged every copy before
+// it: a mirror killed at any point resumes there, loses nothing and may
+// copy a tail again (consumers recognise the repeat by its origin).
+type Mirror struct {
+	cfg                     MirrorConfig
+	copied, skipped, rounds atomic.Int64
+}
+
+// NewMirror validates cfg. Nothing is contacted before [Mirror.Run].
+func NewMirror(cfg MirrorConfig) (*Mirror, error) {
+	cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &Mirror{cfg: cfg}, nil
+}
+
+// Stats returns the counters.
+func (m *Mirror) Stats() MirrorStats {
+	return MirrorStats{Copied: m.copied.Load(), Skipped: m.skipped.Load(), Rounds: m.rounds.Load()}
+}
+
+// MirrorCheckpoint is what the mirror's commit metadata records per
+// partition: the new cluster's offset after the last copy it committed.
+const mirrorMetaPrefix = "dimmer-mirror1 new="
+
+// Run copies until ctx ends (then it returns nil) or a cluster fails. It
+// first checks that the topic exists on both clusters with the same
+// partition count ([ErrUnknownTopic], [ErrPartitionMismatch]), before
+// anything is produced or committed.
+func (m *Mirror) Run(ctx context.Context) error {
+	var adm [3]*kadm.Client
+	for _, side := range []flags.Side{flags.Old, flags.New} {
+		opts := m.cfg.Old
+		if side == flags.New {
+			opts = m.cfg.New
+		}
+		cl, err := kgo.NewClient(opts...)
+		if err != nil {
+			return fmt.Errorf("streams: mirror %s cluster client: %w", side, err)
+		}
+		defer cl.Close()
+		adm[side] = kadm.NewClient(cl)
+	}
+	if _, err := samePartitions(ctx, adm, [3]string{flags.Old: m.cfg.Topic, flags.New: m.cfg.TargetTopic}); err != nil {
+		return err
+	}
+	src, err := kgo.NewClient(append(append([]kgo.Opt(nil), m.cfg.Old...),
+		kgo.ConsumerGroup(m.cfg.Group),
+		kgo.ConsumeTopics(m.cfg.Topic),
+		kgo.DisableAutoCommit(),
+		kgo.BlockRebalanceOnPoll(),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+	)...)
+	if err != nil {
+		return fmt.Errorf("streams: mirror source client: %w", err)
+	}
+	defer src.Close()
+	dst, err := kgo.NewClient(append(append([]kgo.Opt(nil), m.cfg.New...),
+		kgo.RecordPartitioner(kgo.ManualPartitioner()),
+		kgo.RequiredAcks(kgo.AllISRAcks()),
+		kgo.ProducerLinger(0),
+	)...)
+	if err != nil {
+		return fmt.Errorf("streams: mirror target client: %w", err)
+	}
+	defer dst.Close()
+
+	for {
+		fs := src.PollRecords(ctx, m.cfg.MaxBatch)
+		if ctx.Err() != nil {
+			src.AllowRebalance()
+			return nil
+		}
+		var ferr error
+		fs.EachError(func(t string, p int32, err error) {
+			if ferr == nil && !errors.Is(err, context.Canceled) {
+				ferr = fmt.Errorf("streams: mirror fetch %s/%d: %w", t, p, err)
+			}
+		})
+		if ferr != nil {
+			src.AllowRebalance()
+			return ferr
+		}
+		copies := make([]*kgo.Record, 0, fs.NumRecords())
+		fs.EachRecord(func(rec *kgo.Record) {
+			if hasOrigin(rec) {
+				m.skipped.Add(1)
+				return
+			}
+			copies = append(copies, copyOf(m.cfg.TargetTopic, rec, Origin{Side: flags.Old, Partition: rec.Partition, Offset: rec.Offset}))
+		})
+		if err := m.produce(ctx, dst, copies); err != nil {
+			src.AllowRebalance()
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		md := map[int32]string{}
+		for _, c := range copies {
+			md[c.Partition] = mirrorMetaPrefix + strconv.FormatInt(c.Offset+1, 10)
+		}
+		if err := commitWithMetadata(ctx, src, md); err != nil {
+			src.AllowRebalance()
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("streams: mirror commit: %w", err)
+		}
+		m.copied.Add(int64(len(copies)))
+		m.rounds.Add(1)
+		src.AllowRebalance()
+	}
+}
+
+func (m *Mirror) produce(ctx context.Context, dst *kgo.Client, copies []*kgo.Record) error {
+	if len(copies) == 0 {
+		return nil
+	}
+	if err := dst.ProduceSync(ctx, copies...).FirstErr(); err != nil {
+		return fmt.Errorf("streams: mirror produce to the new cluster: %w", err)
+	}
+	return nil
+}
+
+// commitWithMetadata commits the client's consumed positions, with md's
+// string as the metadata of its partitions.
+func commitWithMetadata(ctx context.Context, cl *kgo.Client, md map[int32]string) error {
+	uncommitted := cl.UncommittedOffsets()
+	if len(uncommitted) == 0 {
+		return nil
+	}
+	var cerr error
+	cctx := kgo.PreCommitFnContext(ctx, func(req *kmsg.OffsetCommitRequest) error {
+		for i := range req.Topics {
+			for j := range req.Topics[i].Partitions {
+				p := &req.Topics[i].Partitions[j]
+				if m, ok := md[p.Partition]; ok {
+					p.Metadata = &m
+				}
+			}
+		}
+		return nil
+	})
+	cl.CommitOffsetsSync(cctx, uncommitted, func(_ *kgo.Client, _ *kmsg.OffsetCommitRequest, resp *kmsg.OffsetCommitResponse, err error) {
+		if err != nil {
+			cerr = err
+			return
+		}
+		for _, t := range resp.Topics {
+			for _, p := range t.Partitions {
+				if e := kerrOf(p.ErrorCode); e != nil && cerr == nil {
+					cerr = e
+				}
+			}
+		}
+	})
+	return cerr
+}

@@ -1,0 +1,173 @@
+package streams
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// span is a half-open range of offsets [lo, hi).
+type span struct{ lo, hi int64 }
+
+// seen is what one consumer group processed of one origin partition: every
+// offset below next, and the offsets in done (sorted, disjoint, all above
+// next). Copies of one origin partition can reach the other cluster out of
+// origin order (several producer instances, a repair replayed after a later
+// record), so processing on the other cluster leaves holes that done keeps.
+type seen struct {
+	next int64
+	done []span
+}
+
+func (s *seen) has(off int64) bool {
+	if off < s.next {
+		return true
+	}
+	_, found := slices.BinarySearchFunc(s.done, off, func(sp span, off int64) int {
+		switch {
+		case sp.hi <= off:
+			return -1
+		case sp.lo > off:
+			return 1
+		}
+		return 0
+	})
+	return found
+}
+
+// add marks off processed.
+func (s *seen) add(off int64) {
+	if off < s.next {
+		return
+	}
+	if off == s.next {
+		s.next++
+	} else {
+		i := 0
+		for i < len(s.done) && s.done[i].hi < off {
+			i++
+		}
+		switch {
+		case i < len(s.done) && s.done[i].lo <= off && off < s.done[i].hi:
+			return
+		case i < len(s.done) && s.done[i].hi == off:
+			s.done[i].hi++
+			if i+1 < len(s.done) && s.done[i+1].lo == s.done[i].hi {
+				s.done[i].hi = s.done[i+1].hi
+				s.done = slices.Delete(s.done, i+1, i+2)
+			}
+		case i < len(s.done) && s.done[i].lo == off+1:
+			s.done[i].lo--
+		default:
+			s.done = slices.Insert(s.done, i, span{off, off + 1})
+		}
+	}
+	for len(s.done) > 0 && s.done[0].lo <= s.next {
+		s.next = max(s.next, s.done[0].hi)
+		s.done = s.done[1:]
+	}
+}
+
+// reachTo records that every offset below off was processed or skipped on
+// purpose: the consumer read its native records there in offset order.
+func (s *seen) reachTo(off int64) {
+	if off <= s.next {
+		return
+	}
+	s.next = off
+	for len(s.done) > 0 && s.done[0].lo <= s.next {
+		s.next = max(s.next, s.done[0].hi)
+		s.done = s.done[1:]
+	}
+}
+
+// partState is what a group processed of one partition, whichever cluster
+// it was read on: per origin side, a seen set. Epoch counts the group's
+// moves between clusters; the commit with the higher epoch is the current
+// one.
+type partState struct {
+	epoch uint64
+	side  [3]seen // indexed by flags.Side
+}
+
+func (p *partState) processed(o Origin) bool { return p.side[o.Side].has(o.Offset) }
+
+// maxSpans bounds the holes one commit carries (Kafka's default
+// offset.metadata.max.bytes is 4096).
+const maxSpans = 120
+
+// ErrStateTooLarge is returned when a partition's processed set has more
+// holes than a commit can carry.
+var ErrStateTooLarge = errors.New("streams: processed set has too many holes to commit")
+
+const stateVersion = "dimmer1"
+
+// encode renders the state as commit metadata:
+// "dimmer1 e=<epoch> old=<next>[,lo-hi...] new=<next>[,lo-hi...]".
+func (p *partState) encode() (string, error) {
+	var b strings.Builder
+	b.WriteString(stateVersion)
+	b.WriteString(" e=")
+	b.WriteString(strconv.FormatUint(p.epoch, 10))
+	for _, side := range []flags.Side{flags.Old, flags.New} {
+		s := p.side[side]
+		if len(s.done) > maxSpans {
+			return "", fmt.Errorf("%w: %s origin has %d", ErrStateTooLarge, side, len(s.done))
+		}
+		b.WriteString(" ")
+		b.WriteString(side.String())
+		b.WriteString("=")
+		b.WriteString(strconv.FormatInt(s.next, 10))
+		for _, sp := range s.done {
+			fmt.Fprintf(&b, ",%d-%d", sp.lo, sp.hi)
+		}
+	}
+	return b.String(), nil
+}
+
+// ErrBadState matches commit metadata that is not a state this package wrote.
+var ErrBadState = errors.New("streams: commit metadata is not a consumer state")
+
+// decodeState parses commit metadata written by encode. Empty metadata is
+// ok=false (a commit made by something else).
+func decodeState(md string) (p partState, ok bool, err error) {
+	if md == "" {
+		return p, false, nil
+	}
+	fields := strings.Fields(md)
+	if len(fields) != 4 || fields[0] != stateVersion {
+		return p, false, fmt.Errorf("%w: %q", ErrBadState, md)
+	}
+	e, found := strings.CutPrefix(fields[1], "e=")
+	if !found {
+		return p, false, fmt.Errorf("%w: %q: no epoch", ErrBadState, md)
+	}
+	if p.epoch, err = strconv.ParseUint(e, 10, 64); err != nil {
+		return p, false, fmt.Errorf("%w: %q: epoch: %v", ErrBadState, md, err)
+	}
+	for i, side := range []flags.Side{flags.Old, flags.New} {
+		v, found := strings.CutPrefix(fields[2+i], side.String()+"=")
+		if !found {
+			return p, false, fmt.Errorf("%w: %q: no %s", ErrBadState, md, side)
+		}
+		parts := strings.Split(v, ",")
+		s := &p.side[side]
+		if s.next, err = strconv.ParseInt(parts[0], 10, 64); err != nil {
+			return p, false, fmt.Errorf("%w: %q: %s next: %v", ErrBadState, md, side, err)
+		}
+		for _, r := range parts[1:] {
+			lo, hi, found := strings.Cut(r, "-")
+			l, err1 := strconv.ParseInt(lo, 10, 64)
+			h, err2 := strconv.ParseInt(hi, 10, 64)
+			if !found || err1 != nil || err2 != nil || l >= h {
+				return p, false, fmt.Errorf("%w: %q: bad span %q", ErrBadState, md, r)
+			}
+			s.done = append(s.done, span{l, h})
+		}
+	}
+	return p, true, nil
+}
