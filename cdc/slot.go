@@ -163,7 +163,10 @@ CREATE TABLE IF NOT EXISTS `+reg+` (
 	publication text NOT NULL,
 	purpose     text NOT NULL DEFAULT '',
 	tables      text[] NOT NULL DEFAULT '{}',
-	created_at  timestamptz NOT NULL DEFAULT now()
+	created_at  timestamptz NOT NULL DEFAULT now(),
+	-- the reader that may publish, and until when (see Relay: fencing)
+	owner       text,
+	fence_until timestamptz NOT NULL DEFAULT '-infinity'
 )`); err != nil {
 		return fmt.Errorf("cdc: create slot registry %s: %w", reg, err)
 	}
