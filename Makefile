@@ -2,7 +2,7 @@
 # the servers at DIMMER_POSTGRES_URL / DIMMER_REDIS_URL when they answer,
 # throwaway ones otherwise.
 SHELL := /bin/bash
-WITH_SERVICES := scripts/need-kcat.sh scripts/with-services.sh
+WITH_SERVICES := scripts/need-kcat.sh scripts/with-services.sh scripts/need-logical-pg.sh
 MODULES = $(shell find . -name go.mod -not -path './.git/*' -exec dirname {} \; | sort)
 TEST_TIMEOUT ?= 12m
 export TEST_TIMEOUT
