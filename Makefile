@@ -9,7 +9,7 @@ export TEST_TIMEOUT
 
 .PHONY: test demo bench vet
 test:
-	$(WITH_SERVICES) scripts/test.sh $(MODULES)
+	$(WITH_SERVICES) scripts/need-chromium.sh scripts/test.sh $(MODULES)
 
 demo:
 	$(WITH_SERVICES) go run ./examples/demo

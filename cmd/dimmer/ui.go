@@ -1,0 +1,99 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dimmer-dev/dimmer/console"
+)
+
+func init() { commandGroups = append(commandGroups, (*cli).uiCmd) }
+
+func (c *cli) uiCmd() *cobra.Command {
+	var listen string
+	var actions, allowRemote bool
+	var refresh time.Duration
+	cmd := &cobra.Command{
+		Use:   "ui [--listen 127.0.0.1:8080] [--actions]",
+		Short: "Serve the operator console: every migration's stage, go/no-go checks, fleet and timeline in the browser",
+		Long: `Serve the operator console (package console): an overview of every
+migration and a page per migration with its stage, the next step's checks,
+the fleet, the watchdog windows and the audit timeline, refreshed in place.
+
+Every request needs the token in DIMMER_UI_TOKEN (at least 16 characters),
+sent as Authorization: Bearer, or typed into the login form. The console is
+read-only unless --actions is given: then advance, roll back and rollout
+go through the same guarded controller as the CLI, each with a reason,
+audited under the operator's name. It listens on loopback unless
+--allow-remote is given.`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			token := os.Getenv("DIMMER_UI_TOKEN")
+			if token == "" {
+				return usagef("DIMMER_UI_TOKEN is not set: every console request must carry it (use at least %d random characters)", console.MinTokenLength)
+			}
+			host, _, err := net.SplitHostPort(listen)
+			if err != nil {
+				return usagef("--listen %q: %v", listen, err)
+			}
+			if ip := net.ParseIP(host); !allowRemote && (ip == nil || !ip.IsLoopback()) && host != "localhost" {
+				return usagef("--listen %q is not a loopback address: pass --allow-remote to serve other hosts (put TLS in front)", listen)
+			}
+			be, ctrl, err := c.openController(cmd.Context())
+			if err != nil {
+				return err
+			}
+			opts := []console.Option{console.WithLogger(c.logger), console.WithRefresh(refresh)}
+			if actions {
+				opts = append(opts, console.WithActions())
+			}
+			srv, err := console.New(ctrl, be.fleet, token, opts...)
+			if err != nil {
+				return usageError{err}
+			}
+			ln, err := net.Listen("tcp", listen)
+			if err != nil {
+				return fmt.Errorf("--listen %s: %w", listen, err)
+			}
+			mode := "read-only"
+			if actions {
+				mode = "actions enabled"
+			}
+			fmt.Fprintf(c.out, "dimmer console on http://%s/ (%s; log in with DIMMER_UI_TOKEN)\n", ln.Addr(), mode)
+			return serveUntilDone(cmd.Context(), ln, srv)
+		},
+	}
+	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:8080", "address to listen on")
+	cmd.Flags().BoolVar(&actions, "actions", false, "enable advance, roll back and rollout (guarded, audited)")
+	cmd.Flags().BoolVar(&allowRemote, "allow-remote", false, "allow a --listen address other than loopback")
+	cmd.Flags().DurationVar(&refresh, "refresh", 2*time.Second, "how often the pages refresh themselves")
+	return cmd
+}
+
+// serveUntilDone serves h on ln until ctx ends, then shuts down gracefully.
+func serveUntilDone(ctx context.Context, ln net.Listener, h http.Handler) error {
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := hs.Shutdown(shut); err != nil {
+		return err
+	}
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,44 @@
+// Package console is the operator console of dimmer (the CLI's `dimmer ui`):
+// a web page per migration and an overview, for the people who drive a
+// migration and keep one screen open during a game day.
+//
+// A [Server] is an http.Handler built with [New] from the same
+// [flags.Controller] (and so the same store and guards) and fleet registry
+// the CLI uses. It shows, refreshed in place without reloading the page:
+//
+//   - the overview: every migration with its stage and rollout share, the
+//     next step's go/no-go verdict and alerts (instances behind, lasting
+//     mismatches and new-side errors the fleet published, an automatic
+//     rollback in the last hour);
+//   - a migration page: the stage, every check of the next step with its
+//     verdict and figure, the fleet's instances with their build, the
+//     revision and stage they observe and their last heartbeat, the fleet's
+//     watchdog windows per stage, and the timeline from the audit log with
+//     refusals (every failed check) and automatic rollbacks marked;
+//   - the same data as JSON: GET /api/overview and GET /api/m/{name}.
+//
+// Pages are html/template with their script and style embedded (package
+// embed): no build step, nothing fetched from elsewhere, and a
+// Content-Security-Policy that allows only the console's own script. The
+// script polls a fragment of the page (?part=live) rendered and escaped by
+// the same templates, so no untrusted text is ever assembled into HTML in
+// the browser.
+//
+// # Security
+//
+// Every request carries the token given to [New]: as Authorization:
+// Bearer, or through a session cookie (HttpOnly, SameSite=Strict) set by the
+// login form, which also asks who the operator is for the audit log.
+// Actions are off unless [WithActions]; each needs a reason, and a login
+// session's form must carry its CSRF token. Cross-origin POSTs are refused
+// beforehand by net/http's CrossOriginProtection. A bearer client needs no
+// CSRF token: browsers never attach an Authorization header on their own.
+//
+// # Actions
+//
+// Advance, roll back and set a rollout percentage go through the
+// [flags.Controller], so the guards refuse exactly as they do for the CLI
+// and a refusal lists every failed check; the controller audits the request
+// as "<operator> (console)". An action names the revision the page showed,
+// and is refused when the migration changed meanwhile.
+package console
