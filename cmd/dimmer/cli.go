@@ -73,6 +73,9 @@ func exitCode(err error) int {
 	var refused *flags.RefusedError
 	var ue usageError
 	switch {
+	case errors.Is(err, flags.ErrCorruptFlag):
+		// What the store holds is wrong, not what the operator typed.
+		return exitError
 	case errors.As(err, &ue), errors.Is(err, flags.ErrUnknownStage), errors.Is(err, flags.ErrInvalidName):
 		return exitUsage
 	case errors.As(err, &refused):
@@ -214,6 +217,11 @@ func (c *cli) stageGetCmd() *cobra.Command {
 				return err
 			}
 			st, err := be.store.Load(cmd.Context(), args[0])
+			var corrupt *flags.CorruptFlagError
+			if errors.As(err, &corrupt) {
+				return fmt.Errorf("%w\nstored document: %s\nfix: dimmer stage set %s STAGE --force --reason TEXT",
+					corrupt, oneLine(string(corrupt.Raw), 200), corrupt.Migration)
+			}
 			if err != nil {
 				return err
 			}
@@ -343,19 +351,32 @@ func (c *cli) statusCmd() *cobra.Command {
 				return nil
 			}
 			all, err := be.store.Migrations(cmd.Context())
+			corrupt, err := corruptFlags(err)
 			if err != nil {
 				return err
 			}
 			insts, ferr := be.fleet.Instances(cmd.Context())
 			printFleetSummary(c.out, insts, ferr)
-			if len(all) == 0 {
+			if len(all)+len(corrupt) == 0 {
 				fmt.Fprintln(c.out, "no migration has been set yet")
 				return nil
 			}
+			rows := make([]statusRow, 0, len(all)+len(corrupt))
+			for _, m := range all {
+				rows = append(rows, statusRow{name: m.Migration})
+			}
+			for _, ce := range corrupt {
+				rows = append(rows, statusRow{name: ce.Migration, corrupt: ce})
+			}
+			sort.Slice(rows, func(i, j int) bool { return rows[i].name < rows[j].name })
 			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "MIGRATION\tSTAGE\tREVISION\tNEXT\tVERDICT")
-			for _, m := range all {
-				st, err := ctrl.Status(cmd.Context(), m.Migration, be.fleet)
+			for _, row := range rows {
+				if ce := row.corrupt; ce != nil {
+					fmt.Fprintf(tw, "%s\tCORRUPT\t%d\t-\t%s\n", ce.Migration, ce.Revision, oneLine(ce.Err.Error(), 120))
+					continue
+				}
+				st, err := ctrl.Status(cmd.Context(), row.name, be.fleet)
 				if err != nil {
 					return err
 				}
@@ -367,11 +388,46 @@ func (c *cli) statusCmd() *cobra.Command {
 				if st.State.Stage == flags.Complete {
 					next, verdict = "-", "complete"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", m.Migration, st.State, st.State.Revision, next, verdict)
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", row.name, st.State, st.State.Revision, next, verdict)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if len(corrupt) > 0 {
+				// Listed, and the exit code says something needs a hand.
+				return fmt.Errorf("%d corrupt flag(s): %s: see 'dimmer stage get MIGRATION', then overwrite with 'dimmer stage set MIGRATION STAGE --force --reason ...'",
+					len(corrupt), corrupt[0].Migration)
+			}
+			return nil
 		},
 	}
+}
+
+type statusRow struct {
+	name    string
+	corrupt *flags.CorruptFlagError
+}
+
+// corruptFlags splits the corrupt flags out of a Migrations error; rest is
+// what else went wrong.
+func corruptFlags(err error) (corrupt []*flags.CorruptFlagError, rest error) {
+	if err == nil {
+		return nil, nil
+	}
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	var others []error
+	for _, e := range errs {
+		var ce *flags.CorruptFlagError
+		if errors.As(e, &ce) {
+			corrupt = append(corrupt, ce)
+			continue
+		}
+		others = append(others, e)
+	}
+	return corrupt, errors.Join(others...)
 }
 
 func failing(checks []flags.CheckResult) int {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -207,4 +208,70 @@ func TestExitCodeMapping(t *testing.T) {
 	assert.Equal(t, exitRefused, exitCode(&flags.RefusedError{Migration: "orders"}))
 	assert.Equal(t, exitUsage, exitCode(&flags.UnknownStageError{Value: "x"}))
 	assert.Equal(t, exitError, exitCode(fmt.Errorf("connection refused")))
+}
+
+// A corrupt stored flag: status lists the others and marks it, stage get
+// says what is wrong (exit 1), a forced set overwrites it and the audit keeps
+// the corrupt value.
+func TestCLICorruptFlag(t *testing.T) {
+	t.Parallel()
+	pool, schema := dimmertest.Schema(t)
+	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, pg.Install(context.Background()))
+	client, prefix := dimmertest.Redis(t)
+	type store struct {
+		args    []string
+		corrupt func(doc string)
+	}
+	for name, s := range map[string]store{
+		"postgres": {[]string{"--store", dimmertest.PostgresURL(), "--schema", schema}, func(doc string) {
+			_, err := pool.Exec(context.Background(), `UPDATE `+pgx.Identifier{schema, "stage_flags"}.Sanitize()+
+				` SET doc = $2, revision = revision + 1 WHERE migration = $1`, "orders", doc)
+			require.NoError(t, err)
+		}},
+		"redis": {[]string{"--store", dimmertest.RedisURL(), "--prefix", prefix}, func(doc string) {
+			require.NoError(t, client.HSet(context.Background(), prefix+"{stage}:flags", "orders", doc).Err())
+		}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			for _, m := range []string{"accounts", "orders", "users"} {
+				r := dimmer(t, s.args, "stage", "set", m, "dualwrite", "--reason", "start", "--force")
+				require.Equal(t, exitOK, r.code, r.stderr)
+			}
+			bad := `{"migration":"orders","stage":"sideways","revision":1,"epoch":2}`
+			s.corrupt(bad)
+
+			r := dimmer(t, s.args, "status")
+			assert.Equal(t, exitError, r.code, r.stderr)
+			assert.Regexp(t, `accounts\s+dualwrite\s+1`, r.stdout)
+			assert.Regexp(t, `users\s+dualwrite\s+1`, r.stdout)
+			assert.Regexp(t, `orders\s+CORRUPT\s+\d+\s+-\s+.*unknown stage "sideways"`, r.stdout)
+			assert.Contains(t, r.stderr, "1 corrupt flag(s): orders")
+
+			r = dimmer(t, s.args, "stage", "get", "orders")
+			assert.Equal(t, exitError, r.code, "a corrupt row is not bad usage")
+			assert.Contains(t, r.stderr, "flag orders is corrupt")
+			assert.Contains(t, r.stderr, `unknown stage "sideways"`)
+			assert.Empty(t, r.stdout)
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "repair")
+			assert.Equal(t, exitError, r.code)
+			assert.Contains(t, r.stderr, "forced")
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "repair after a bad edit", "--force")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			r = dimmer(t, s.args, "stage", "get", "orders")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "dualwrite\n", r.stdout)
+			r = dimmer(t, s.args, "audit", "orders", "--limit", "1")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Contains(t, r.stdout, "FORCED")
+			assert.Contains(t, r.stdout, "sideways", "the audit keeps the corrupt value")
+			assert.Contains(t, r.stdout, "repair after a bad edit")
+			r = dimmer(t, s.args, "status")
+			assert.Equal(t, exitOK, r.code, r.stderr)
+			assert.NotContains(t, r.stdout, "CORRUPT")
+		})
+	}
 }
