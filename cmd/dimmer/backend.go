@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/dualwrite"
@@ -29,12 +28,12 @@ type backend struct {
 	close  func()
 }
 
-func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
+func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
 	switch {
 	case strings.HasPrefix(url, "postgres://"), strings.HasPrefix(url, "postgresql://"):
-		pool, err := pgxpool.New(ctx, url)
+		pool, err := c.openPool(ctx, "--store", url)
 		if err != nil {
-			return nil, fmt.Errorf("--store: %w", err)
+			return nil, err
 		}
 		s, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(logger))
 		if err != nil {
@@ -47,11 +46,10 @@ func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.L
 		}
 		return &backend{store: s, fleet: s, pool: pool, schema: schema, close: pool.Close}, nil
 	case strings.HasPrefix(url, "redis://"), strings.HasPrefix(url, "rediss://"):
-		opts, err := redis.ParseURL(url)
+		client, err := c.openRedis("--store", url)
 		if err != nil {
-			return nil, usagef("--store: %v", err)
+			return nil, err
 		}
-		client := redis.NewClient(opts)
 		if err := client.Ping(ctx).Err(); err != nil {
 			client.Close()
 			return nil, fmt.Errorf("flag store %s: %w", redactURL(url), err)
@@ -63,10 +61,10 @@ func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.L
 		}
 		be := &backend{store: s, fleet: s, schema: "dimmer", close: func() { client.Close() }}
 		if u := os.Getenv("DIMMER_GUARDS_DB"); u != "" {
-			pool, err := pgxpool.New(ctx, u)
+			pool, err := c.openPool(ctx, "DIMMER_GUARDS_DB", u)
 			if err != nil {
 				client.Close()
-				return nil, fmt.Errorf("DIMMER_GUARDS_DB: %w", err)
+				return nil, err
 			}
 			be.pool = pool
 			be.close = func() { client.Close(); pool.Close() }

@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
 	"github.com/dimmer-dev/dimmer/backfill"
@@ -58,9 +57,9 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill
 	if url == "" {
 		return nil, usagef("no database for the backfill tables: pass --db postgres://... (or a postgres:// --store)")
 	}
-	pool, err := pgxpool.New(ctx, url)
+	pool, err := b.openPool(ctx, "--db", url)
 	if err != nil {
-		return nil, usagef("--db: %v", err)
+		return nil, err
 	}
 	prev := func() {}
 	if b.be != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"os/user"
 	"sort"
@@ -28,7 +29,8 @@ const (
 	exitConflict = 4
 )
 
-// usageError marks bad usage (exit 2).
+// usageError marks bad usage (exit 2): what the operator typed is wrong.
+// It is the only way to exit 2; nothing is classified by its text.
 type usageError struct{ err error }
 
 func (e usageError) Error() string { return e.err.Error() }
@@ -65,7 +67,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return exitCode(err)
 }
 
-// exitCode maps an error to the documented exit codes.
+// exitCode maps an error to the documented exit codes by its type: a
+// usageError is bad usage, a *flags.RefusedError a refusal, ErrConflict a
+// conflict; everything else (a store that cannot be reached, a corrupt
+// stored flag) is 1, whatever its text says.
 func exitCode(err error) int {
 	if err == nil {
 		return exitOK
@@ -73,30 +78,59 @@ func exitCode(err error) int {
 	var refused *flags.RefusedError
 	var ue usageError
 	switch {
-	case errors.Is(err, flags.ErrCorruptFlag):
-		// What the store holds is wrong, not what the operator typed.
-		return exitError
-	case errors.As(err, &ue), errors.Is(err, flags.ErrUnknownStage), errors.Is(err, flags.ErrInvalidName):
+	case errors.As(err, &ue):
 		return exitUsage
 	case errors.As(err, &refused):
 		return exitRefused
 	case errors.Is(err, flags.ErrConflict):
 		return exitConflict
-	case isCobraUsage(err):
-		return exitUsage
 	}
 	return exitError
 }
 
-// isCobraUsage recognises cobra's own argument and flag errors.
-func isCobraUsage(err error) bool {
-	msg := err.Error()
-	for _, p := range []string{"unknown command", "unknown flag", "unknown shorthand flag", "accepts ", "requires at least", "invalid argument", "flag needs an argument", "required flag"} {
-		if strings.Contains(msg, p) {
-			return true
-		}
+// argName checks a migration name given as an argument.
+func argName(name string) error {
+	if err := flags.ValidateName(name); err != nil {
+		return usageError{err}
 	}
-	return false
+	return nil
+}
+
+// argStage parses a stage given as an argument.
+func argStage(s string) (flags.Stage, error) {
+	st, err := flags.ParseStage(s)
+	if err != nil {
+		return st, usageError{err}
+	}
+	return st, nil
+}
+
+// groupCommands makes every command that only groups others (and the root)
+// answer an unknown sub-command with its help and a usage error, instead of
+// the help and exit 0 (cobra's default for a nested group) or an untyped
+// error (the root). A group named alone prints its help.
+func groupCommands(cmd *cobra.Command) {
+	for _, sub := range cmd.Commands() {
+		groupCommands(sub)
+	}
+	if !cmd.HasSubCommands() || cmd.Runnable() {
+		return
+	}
+	cmd.Args = cobra.ArbitraryArgs
+	if cmd.SuggestionsMinimumDistance <= 0 {
+		cmd.SuggestionsMinimumDistance = 2
+	}
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return cmd.Help()
+		}
+		msg := fmt.Sprintf("unknown command %q for %q", oneLine(args[0], 100), cmd.CommandPath())
+		if sugg := cmd.SuggestionsFor(args[0]); len(sugg) > 0 {
+			msg += fmt.Sprintf(" (did you mean %s?)", strings.Join(sugg, ", "))
+		}
+		fmt.Fprintln(cmd.ErrOrStderr(), cmd.UsageString())
+		return usageError{errors.New(msg)}
+	}
 }
 
 func defaultActor() string {
@@ -151,6 +185,7 @@ transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 	for _, add := range commandGroups {
 		root.AddCommand(add(c))
 	}
+	groupCommands(root)
 	return root
 }
 
@@ -166,7 +201,7 @@ func (c *cli) open(ctx context.Context) (*backend, error) {
 	if c.storeURL == "" {
 		return nil, usagef("no store: pass --store postgres://... or redis://..., or set DIMMER_STORE")
 	}
-	be, err := openBackend(ctx, c.storeURL, c.schema, c.prefix, c.logger)
+	be, err := c.openBackend(ctx, c.storeURL, c.schema, c.prefix, c.logger)
 	if err != nil {
 		return nil, err
 	}
@@ -203,13 +238,22 @@ func exactArgs(n int, names string) cobra.PositionalArgs {
 	}
 }
 
+func minArgs(n int, names string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) < n {
+			return usagef("expected %s, got %d argument(s)", names, len(args))
+		}
+		return nil
+	}
+}
+
 func (c *cli) stageGetCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "get MIGRATION",
 		Short: "Print the migration's stage (a migration never set reads as off)",
 		Args:  exactArgs(1, "MIGRATION"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
 			be, err := c.open(cmd.Context())
@@ -247,10 +291,10 @@ skipped stage); it is written to the audit log.
 Valid stages: ` + flags.ValidStages,
 		Args: exactArgs(2, "MIGRATION STAGE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
-			to, err := flags.ParseStage(args[1])
+			to, err := argStage(args[1])
 			if err != nil {
 				return err
 			}
@@ -288,15 +332,15 @@ key. Guarded like an advance.
 Valid stages: ` + flags.ValidStages,
 		Args: exactArgs(3, "MIGRATION STAGE PERCENT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
-			to, err := flags.ParseStage(args[1])
+			to, err := argStage(args[1])
 			if err != nil {
 				return err
 			}
 			pct, err := strconv.ParseFloat(strings.TrimSuffix(args[2], "%"), 64)
-			if err != nil || pct < 0 || pct > 100 {
+			if err != nil || math.IsNaN(pct) || pct < 0 || pct > 100 {
 				return usagef("PERCENT %q: want a number from 0 to 100", args[2])
 			}
 			if reason == "" {
@@ -340,7 +384,7 @@ func (c *cli) statusCmd() *cobra.Command {
 				return err
 			}
 			if len(args) == 1 {
-				if err := flags.ValidateName(args[0]); err != nil {
+				if err := argName(args[0]); err != nil {
 					return err
 				}
 				st, err := ctrl.Status(cmd.Context(), args[0], be.fleet)
@@ -499,7 +543,7 @@ func (c *cli) auditCmd() *cobra.Command {
 		Short: "Print the migration's audit log, newest first",
 		Args:  exactArgs(1, "MIGRATION"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
 			if limit < 0 {

@@ -154,6 +154,13 @@ func TestCLIExitCodes(t *testing.T) {
 				{"audit", "orders", "--limit", "-1"},
 				{"stage", "get", "orders", "--bogus"},
 				{"frobnicate"},
+				{"rollout", "orders", "live", "NaN"},
+				{"rollout", "orders", "live", "nan%"},
+				{"outbox", "dlq"},
+				{"stage", "sideways", "orders"},
+				{"--store", "postgres://u:pw@127.0.0.1:5432/db?sslmode=bogus", "stage", "get", "orders"},
+				{"--store", "postgres://u@127.0.0.1:5432/db?connect_timeout=soon", "stage", "get", "orders"},
+				{"--store", "redis://127.0.0.1:6379/notanumber", "stage", "get", "orders"},
 			} {
 				r := dimmer(t, s.args, args...)
 				assert.Equal(t, exitUsage, r.code, "%v: %s", args, r.stderr)
@@ -206,8 +213,29 @@ func TestExitCodeMapping(t *testing.T) {
 	assert.Equal(t, exitOK, exitCode(nil))
 	assert.Equal(t, exitConflict, exitCode(fmt.Errorf("set: %w", &flags.ConflictError{Migration: "orders", Expected: 1, Current: 2})))
 	assert.Equal(t, exitRefused, exitCode(&flags.RefusedError{Migration: "orders"}))
-	assert.Equal(t, exitUsage, exitCode(&flags.UnknownStageError{Value: "x"}))
+	assert.Equal(t, exitUsage, exitCode(usageError{&flags.UnknownStageError{Value: "x"}}))
 	assert.Equal(t, exitError, exitCode(fmt.Errorf("connection refused")))
+	// The type decides, never the text.
+	assert.Equal(t, exitError, exitCode(fmt.Errorf("dial tcp: invalid argument; unknown command; accepts 1 arg(s)")))
+	assert.Equal(t, exitError, exitCode(&flags.CorruptFlagError{Migration: "orders", Err: &flags.UnknownStageError{Value: "x"}}),
+		"a corrupt stored flag is not bad usage")
+}
+
+// An unknown sub-command of a group exits 2 with the group's help, whatever
+// its depth; a group named alone prints its help and exits 0.
+func TestCLIUnknownSubcommand(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{{"outbox", "dlq"}, {"outbox", "dead", "purge"}, {"stage", "frob"}, {"schema", "explode", "x"}, {"frobnicate"}} {
+		r := dimmer(t, nil, args...)
+		assert.Equal(t, exitUsage, r.code, "%v", args)
+		assert.Contains(t, r.stderr, "unknown command", "%v", args)
+		assert.Contains(t, r.stderr, "Usage:", "%v: the group's help", args)
+	}
+	r := dimmer(t, nil, "outbox")
+	assert.Equal(t, exitOK, r.code)
+	assert.Contains(t, r.stdout, "Usage:")
+	r = dimmer(t, nil, "outbox", "deda")
+	assert.Contains(t, r.stderr, "did you mean dead?")
 }
 
 // A corrupt stored flag: status lists the others and marks it, stage get

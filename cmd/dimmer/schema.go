@@ -11,7 +11,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
 	"github.com/dimmer-dev/dimmer/backfill"
@@ -79,9 +78,9 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	if o.attempts < 1 {
 		return nil, nil, usagef("--attempts %d: must be at least 1", o.attempts)
 	}
-	pool, err := pgxpool.New(ctx, url)
+	pool, err := c.openPool(ctx, "--db", url)
 	if err != nil {
-		return nil, nil, usagef("--db: %v", err)
+		return nil, nil, err
 	}
 	opts := []expandcontract.Option{
 		expandcontract.WithSchema(c.schema), expandcontract.WithLockTimeout(o.lockTimeout),
