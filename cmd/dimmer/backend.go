@@ -30,7 +30,7 @@ type backend struct {
 
 func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
 	switch {
-	case strings.HasPrefix(url, "postgres://"), strings.HasPrefix(url, "postgresql://"):
+	case isPostgres(url):
 		pool, err := c.openPool(ctx, "--store", url)
 		if err != nil {
 			return nil, err
@@ -42,7 +42,7 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 		}
 		if err := s.Install(ctx); err != nil {
 			pool.Close()
-			return nil, fmt.Errorf("flag store %s: %w", redactURL(url), err)
+			return nil, fmt.Errorf("flag store %s: %w", maskDSN(url), err)
 		}
 		return &backend{store: s, fleet: s, pool: pool, schema: schema, close: pool.Close}, nil
 	case strings.HasPrefix(url, "redis://"), strings.HasPrefix(url, "rediss://"):
@@ -52,7 +52,7 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 		}
 		if err := client.Ping(ctx).Err(); err != nil {
 			client.Close()
-			return nil, fmt.Errorf("flag store %s: %w", redactURL(url), err)
+			return nil, fmt.Errorf("flag store %s: %w", maskDSN(url), err)
 		}
 		s, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix), redisflags.WithLogger(logger))
 		if err != nil {
@@ -71,21 +71,16 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 		}
 		return be, nil
 	}
-	return nil, usagef("--store %q: want a postgres:// or redis:// URL", redactURL(url))
+	return nil, usagef("--store %q: want a postgres:// URL, a Postgres keyword DSN (host=... dbname=...) or a redis:// URL", oneLine(maskDSN(url), 200))
 }
 
-// redactURL hides a password in a URL for messages.
-func redactURL(u string) string {
-	at := strings.LastIndex(u, "@")
-	scheme := strings.Index(u, "://")
-	if at < 0 || scheme < 0 || at < scheme {
-		return u
+// isPostgres: a postgres:// URL or a keyword DSN (host=... dbname=...), the
+// two forms pgx accepts.
+func isPostgres(s string) bool {
+	if strings.HasPrefix(s, "postgres://") || strings.HasPrefix(s, "postgresql://") {
+		return true
 	}
-	cred := u[scheme+3 : at]
-	if i := strings.Index(cred, ":"); i >= 0 {
-		return u[:scheme+3] + cred[:i] + ":***" + u[at:]
-	}
-	return u
+	return !strings.Contains(s, "://") && strings.Contains(s, "=")
 }
 
 // defaultGuards are the built-in checks every controller of the CLI runs

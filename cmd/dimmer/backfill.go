@@ -51,7 +51,7 @@ is a postgres:// URL).`,
 // epochs (needed to run and verify).
 func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill.Backfiller, error) {
 	url := b.db
-	if url == "" && (strings.HasPrefix(b.storeURL, "postgres://") || strings.HasPrefix(b.storeURL, "postgresql://")) {
+	if url == "" && isPostgres(b.storeURL) {
 		url = b.storeURL
 	}
 	if url == "" {
@@ -83,7 +83,7 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill
 		return nil, err
 	}
 	if err := bf.Install(ctx); err != nil {
-		return nil, fmt.Errorf("backfill tables at %s: %w", redactURL(url), err)
+		return nil, fmt.Errorf("backfill tables at %s: %w", maskDSN(url), err)
 	}
 	return bf, nil
 }
@@ -345,7 +345,7 @@ func (b *backfillCLI) pauseCmd(pause bool) *cobra.Command {
 				return err
 			}
 			if pause {
-				err = bf.Pause(cmd.Context(), args[0], reason+" ("+b.actor+")")
+				err = bf.Pause(cmd.Context(), args[0], b.red.String(reason)+" ("+b.actor+")")
 			} else {
 				err = bf.Resume(cmd.Context(), args[0])
 			}

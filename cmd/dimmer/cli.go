@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -46,12 +47,16 @@ type cli struct {
 	out      io.Writer
 	logger   *slog.Logger
 	be       *backend
+	red      *redactor
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	// The outcome is printed to stdout and the exit code; logs only say
 	// what went wrong on the way.
-	c := &cli{out: stdout, logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	// Nothing written carries a password given to this run.
+	red := newRedactor(args, environ())
+	stdout, stderr = red.writer(stdout), red.writer(stderr)
+	c := &cli{out: stdout, red: red, logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	root := c.rootCmd()
 	root.SetArgs(args)
 	root.SetOut(stdout)
@@ -186,7 +191,23 @@ transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 		root.AddCommand(add(c))
 	}
 	groupCommands(root)
+	maskDefaults(root)
+	root.PersistentPreRun = func(*cobra.Command, []string) {
+		// The actor is stored in the audit log and shown by status.
+		c.actor = c.red.String(c.actor)
+	}
 	return root
+}
+
+// maskDefaults masks passwords in flag defaults taken from the environment
+// (DIMMER_STORE, DIMMER_OUTBOX_DB, ...), which every --help shows.
+func maskDefaults(cmd *cobra.Command) {
+	for _, fs := range []*pflag.FlagSet{cmd.Flags(), cmd.PersistentFlags()} {
+		fs.VisitAll(func(f *pflag.Flag) { f.DefValue = maskDSN(f.DefValue) })
+	}
+	for _, sub := range cmd.Commands() {
+		maskDefaults(sub)
+	}
 }
 
 // commandGroups are the top-level commands other files of this package add
@@ -305,7 +326,7 @@ Valid stages: ` + flags.ValidStages,
 			if err != nil {
 				return err
 			}
-			st, err := ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Actor: c.actor, Reason: reason, Force: force})
+			st, err := ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Actor: c.actor, Reason: c.red.String(reason), Force: force})
 			if err != nil {
 				return err
 			}
@@ -352,9 +373,9 @@ Valid stages: ` + flags.ValidStages,
 			}
 			var st flags.State
 			if force {
-				st, err = ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Percent: pct, Actor: c.actor, Reason: reason, Force: true})
+				st, err = ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Percent: pct, Actor: c.actor, Reason: c.red.String(reason), Force: true})
 			} else {
-				st, err = ctrl.Rollout(cmd.Context(), args[0], to, pct, c.actor, reason)
+				st, err = ctrl.Rollout(cmd.Context(), args[0], to, pct, c.actor, c.red.String(reason))
 			}
 			if err != nil {
 				return err

@@ -187,7 +187,7 @@ func TestCLIStoreProblems(t *testing.T) {
 
 	r = dimmer(t, nil, "--store", "mysql://x", "stage", "get", "orders")
 	assert.Equal(t, exitUsage, r.code)
-	assert.Contains(t, r.stderr, "want a postgres:// or redis:// URL")
+	assert.Contains(t, r.stderr, "want a postgres:// URL, a Postgres keyword DSN (host=... dbname=...) or a redis:// URL")
 
 	r = dimmer(t, nil, "--store", "postgres://postgres:secret@127.0.0.1:1/postgres?connect_timeout=2", "stage", "get", "orders")
 	assert.Equal(t, exitError, r.code)

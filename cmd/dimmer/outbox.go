@@ -58,7 +58,7 @@ unreachable database or broker).`,
 // installed outbox (installing it first when --buckets is given).
 func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *outbox.Outbox, error) {
 	url := o.db
-	if url == "" && (strings.HasPrefix(c.storeURL, "postgres://") || strings.HasPrefix(c.storeURL, "postgresql://")) {
+	if url == "" && isPostgres(c.storeURL) {
 		url = c.storeURL
 	}
 	if url == "" {
@@ -236,7 +236,7 @@ func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func()
 		}
 		if err := rdb.Ping(ctx).Err(); err != nil {
 			rdb.Close()
-			return nil, nil, fmt.Errorf("redis %s: %w", redactURL(ro.redisURL), err)
+			return nil, nil, fmt.Errorf("redis %s: %w", maskDSN(ro.redisURL), err)
 		}
 		var sinkOpts []redissink.Option
 		if ro.streamPrefix != "" {

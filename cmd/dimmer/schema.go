@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"sort"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -66,7 +65,7 @@ command again to resume at it).`,
 // fleet, flag store and backfill verifier when --store is given.
 func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Registry, func(), error) {
 	url := o.db
-	if url == "" && (strings.HasPrefix(c.storeURL, "postgres://") || strings.HasPrefix(c.storeURL, "postgresql://")) {
+	if url == "" && isPostgres(c.storeURL) {
 		url = c.storeURL
 	}
 	if url == "" {
@@ -101,7 +100,7 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	}
 	if err != nil {
 		pool.Close()
-		return nil, nil, fmt.Errorf("schema registry %s: %w", redactURL(url), err)
+		return nil, nil, fmt.Errorf("schema registry %s: %w", maskDSN(url), err)
 	}
 	return reg, pool.Close, nil
 }
@@ -141,7 +140,7 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 				return err
 			}
 			defer closeDB()
-			req := expandcontract.Request{Actor: c.actor, Reason: reason, Force: force}
+			req := expandcontract.Request{Actor: c.actor, Reason: c.red.String(reason), Force: force}
 			before, err := reg.Status(cmd.Context(), plan)
 			if err != nil {
 				return schemaErr(plan, action, err)
