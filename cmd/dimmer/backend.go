@@ -31,7 +31,7 @@ type backend struct {
 func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
 	switch {
 	case isPostgres(url):
-		pool, err := c.openPool(ctx, "--store", url)
+		pool, err := c.openPool(ctx, "flag store --store", url, true)
 		if err != nil {
 			return nil, err
 		}
@@ -46,13 +46,9 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 		}
 		return &backend{store: s, fleet: s, pool: pool, schema: schema, close: pool.Close}, nil
 	case strings.HasPrefix(url, "redis://"), strings.HasPrefix(url, "rediss://"):
-		client, err := c.openRedis("--store", url)
+		client, err := c.openRedis(ctx, "flag store --store", url)
 		if err != nil {
 			return nil, err
-		}
-		if err := client.Ping(ctx).Err(); err != nil {
-			client.Close()
-			return nil, fmt.Errorf("flag store %s: %w", maskDSN(url), err)
 		}
 		s, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix), redisflags.WithLogger(logger))
 		if err != nil {
@@ -61,7 +57,7 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 		}
 		be := &backend{store: s, fleet: s, schema: "dimmer", close: func() { client.Close() }}
 		if u := os.Getenv("DIMMER_GUARDS_DB"); u != "" {
-			pool, err := c.openPool(ctx, "DIMMER_GUARDS_DB", u)
+			pool, err := c.openPool(ctx, "guards database DIMMER_GUARDS_DB", u, true)
 			if err != nil {
 				client.Close()
 				return nil, err

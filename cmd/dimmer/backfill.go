@@ -57,7 +57,7 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill
 	if url == "" {
 		return nil, usagef("no database for the backfill tables: pass --db postgres://... (or a postgres:// --store)")
 	}
-	pool, err := b.openPool(ctx, "--db", url)
+	pool, err := b.openPool(ctx, "backfill database --db", url, false)
 	if err != nil {
 		return nil, err
 	}

@@ -45,6 +45,7 @@ type cli struct {
 	prefix   string
 	actor    string
 	out      io.Writer
+	timeout  time.Duration
 	logger   *slog.Logger
 	be       *backend
 	red      *redactor
@@ -57,6 +58,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	red := newRedactor(args, environ())
 	stdout, stderr = red.writer(stdout), red.writer(stderr)
 	c := &cli{out: stdout, red: red, logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	routeRedisLogs(c.logger)
 	root := c.rootCmd()
 	root.SetArgs(args)
 	root.SetOut(stdout)
@@ -149,6 +151,13 @@ func defaultActor() string {
 	return name
 }
 
+func envDuration(k string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(k)); err == nil {
+		return d
+	}
+	return def
+}
+
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {
 		return v
@@ -182,6 +191,8 @@ transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 	root.PersistentFlags().StringVar(&c.schema, "schema", envOr("DIMMER_SCHEMA", "dimmer"), "Postgres schema of the flag store (env DIMMER_SCHEMA)")
 	root.PersistentFlags().StringVar(&c.prefix, "prefix", envOr("DIMMER_PREFIX", "dimmer:"), "Redis key prefix of the flag store (env DIMMER_PREFIX)")
 	root.PersistentFlags().StringVar(&c.actor, "actor", envOr("DIMMER_ACTOR", defaultActor()), "who is acting, for the audit log (env DIMMER_ACTOR)")
+	root.PersistentFlags().DurationVar(&c.timeout, "timeout", envDuration("DIMMER_TIMEOUT", defaultTimeout),
+		"give up connecting to a store or database, and each statement, after this long (env DIMMER_TIMEOUT)")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 
 	stage := &cobra.Command{Use: "stage", Short: "Read or set a migration's stage"}
@@ -192,9 +203,13 @@ transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 	}
 	groupCommands(root)
 	maskDefaults(root)
-	root.PersistentPreRun = func(*cobra.Command, []string) {
+	root.PersistentPreRunE = func(*cobra.Command, []string) error {
 		// The actor is stored in the audit log and shown by status.
 		c.actor = c.red.String(c.actor)
+		if c.timeout <= 0 {
+			return usagef("--timeout %v: must be positive", c.timeout)
+		}
+		return nil
 	}
 	return root
 }

@@ -67,7 +67,7 @@ func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *ou
 	if o.buckets < 0 || o.buckets > outbox.MaxBuckets {
 		return nil, nil, usagef("--buckets %d: must be 1..%d", o.buckets, outbox.MaxBuckets)
 	}
-	pool, err := c.openPool(ctx, "--db", url)
+	pool, err := c.openPool(ctx, "outbox database --db", url, true)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -216,7 +216,10 @@ func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func()
 		if err != nil {
 			return nil, nil, usagef("--brokers: %v", err)
 		}
-		if err := cl.Ping(ctx); err != nil {
+		pctx, cancel := context.WithTimeout(ctx, c.timeout)
+		err = cl.Ping(pctx)
+		cancel()
+		if err != nil {
 			cl.Close()
 			return nil, nil, fmt.Errorf("kafka %s: %w", ro.brokers, err)
 		}
@@ -230,13 +233,9 @@ func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func()
 		if ro.redisURL == "" {
 			return nil, nil, usagef("--publisher redis needs --redis redis://... or DIMMER_REDIS_URL")
 		}
-		rdb, err := c.openRedis("--redis", ro.redisURL)
+		rdb, err := c.openRedis(ctx, "redis --redis", ro.redisURL)
 		if err != nil {
 			return nil, nil, err
-		}
-		if err := rdb.Ping(ctx).Err(); err != nil {
-			rdb.Close()
-			return nil, nil, fmt.Errorf("redis %s: %w", maskDSN(ro.redisURL), err)
 		}
 		var sinkOpts []redissink.Option
 		if ro.streamPrefix != "" {

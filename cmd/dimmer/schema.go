@@ -77,7 +77,7 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	if o.attempts < 1 {
 		return nil, nil, usagef("--attempts %d: must be at least 1", o.attempts)
 	}
-	pool, err := c.openPool(ctx, "--db", url)
+	pool, err := c.openPool(ctx, "schema database --db", url, false)
 	if err != nil {
 		return nil, nil, err
 	}
