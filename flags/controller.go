@@ -134,6 +134,19 @@ func (r Request) validate() error {
 	if r.Reason == "" {
 		return fmt.Errorf("%s: reason is required (why the change is made)", r.Migration)
 	}
+	return checkText(r.Migration, r.Actor, r.Reason)
+}
+
+// checkText refuses an actor or reason longer than [MaxText]: the audit
+// log is read by people, and a runaway value (a pasted file, a loop) must
+// not be stored, not even for a refused step.
+func checkText(migration, actor, reason string) error {
+	if len(reason) > MaxText {
+		return fmt.Errorf("%s: %w: reason is %d bytes, at most %d are kept in the audit log: shorten it", migration, ErrTextTooLong, len(reason), MaxText)
+	}
+	if len(actor) > MaxText {
+		return fmt.Errorf("%s: %w: actor is %d bytes, at most %d: shorten it", migration, ErrTextTooLong, len(actor), MaxText)
+	}
 	return nil
 }
 
@@ -353,6 +366,9 @@ func (c *Controller) Rollout(ctx context.Context, migration string, stage Stage,
 func (c *Controller) StepBack(ctx context.Context, migration string, from Stage, actor, reason string) (State, error) {
 	if from == Off || !from.Valid() {
 		return State{}, fmt.Errorf("%s: cannot step back from %s", migration, from)
+	}
+	if err := checkText(migration, actor, reason); err != nil {
+		return State{}, err
 	}
 	cur, err := c.store.Load(ctx, migration)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 )
 
 var (
@@ -25,7 +26,24 @@ var (
 	// an unknown stage, a bad rollout). Nothing reads or changes it until it
 	// is overwritten by a forced change.
 	ErrCorruptFlag = errors.New("flags: corrupt stored flag")
+	// ErrTextTooLong: a reason or actor is longer than MaxText.
+	ErrTextTooLong = errors.New("flags: text too long")
 )
+
+// Echo returns s as it may be quoted back in an error: at most 64 bytes,
+// with its length when cut, so a runaway argument does not flood a terminal
+// or a log.
+func Echo(s string) string {
+	const n = 64
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d bytes)", s[:cut], len(s))
+}
 
 // CorruptFlagError is a stored flag document that does not decode: which
 // migration, the store's revision of it, the raw document and why.
@@ -50,7 +68,7 @@ func (e *CorruptFlagError) Unwrap() []error { return []error{ErrCorruptFlag, e.E
 type UnknownStageError struct{ Value string }
 
 func (e *UnknownStageError) Error() string {
-	return fmt.Sprintf("unknown stage %q (valid stages: %s)", e.Value, ValidStages)
+	return fmt.Sprintf("unknown stage %q (valid stages: %s)", Echo(e.Value), ValidStages)
 }
 
 func (e *UnknownStageError) Unwrap() error { return ErrUnknownStage }

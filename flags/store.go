@@ -74,6 +74,21 @@ type AuditEntry struct {
 	Checks    []CheckResult `json:"checks,omitempty"`
 }
 
+// Capped returns the entry with every free text cut to [MaxText] bytes
+// (the stores apply it, so the audit log stays readable whoever writes).
+func (e AuditEntry) Capped() AuditEntry {
+	e.Actor, e.Reason, e.From, e.To = CapText(e.Actor), CapText(e.Reason), CapText(e.From), CapText(e.To)
+	if len(e.Checks) > 0 {
+		checks := make([]CheckResult, len(e.Checks))
+		for i, c := range e.Checks {
+			c.Name, c.Detail = CapText(c.Name), CapText(c.Detail)
+			checks[i] = c
+		}
+		e.Checks = checks
+	}
+	return e
+}
+
 // CheckResult is one guard's verdict on a transition.
 type CheckResult struct {
 	Name   string `json:"name"`
@@ -149,7 +164,7 @@ func PrepareSwap(expectRevision int64, next State, entry AuditEntry) (Swapped, e
 	if err != nil {
 		return Swapped{}, err
 	}
-	entryDoc, err := json.Marshal(entry)
+	entryDoc, err := json.Marshal(entry.Capped())
 	if err != nil {
 		return Swapped{}, fmt.Errorf("%s: encode audit entry: %w", m, err)
 	}

@@ -340,12 +340,16 @@ func (b *backfillCLI) pauseCmd(pause bool) *cobra.Command {
 			if pause && reason == "" {
 				return usagef("--reason is required: say why the job is held")
 			}
+			reason, err := b.reasonArg(reason)
+			if err != nil {
+				return err
+			}
 			bf, err := b.backfiller(cmd.Context(), false)
 			if err != nil {
 				return err
 			}
 			if pause {
-				err = bf.Pause(cmd.Context(), args[0], b.red.String(reason)+" ("+b.actor+")")
+				err = bf.Pause(cmd.Context(), args[0], reason+" ("+b.actor+")")
 			} else {
 				err = bf.Resume(cmd.Context(), args[0])
 			}

@@ -95,6 +95,15 @@ func exitCode(err error) int {
 	return exitError
 }
 
+// reasonArg checks and masks a --reason: refused (bad usage) when longer
+// than the audit log keeps, rather than cut without the operator knowing.
+func (c *cli) reasonArg(reason string) (string, error) {
+	if len(reason) > flags.MaxText {
+		return "", usagef("--reason is %d bytes; at most %d are kept in the audit log: shorten it", len(reason), flags.MaxText)
+	}
+	return c.red.String(reason), nil
+}
+
 // argName checks a migration name given as an argument.
 func argName(name string) error {
 	if err := flags.ValidateName(name); err != nil {
@@ -208,6 +217,9 @@ transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 		c.actor = c.red.String(c.actor)
 		if c.timeout <= 0 {
 			return usagef("--timeout %v: must be positive", c.timeout)
+		}
+		if len(c.actor) > flags.MaxText {
+			return usagef("--actor is %d bytes; at most %d are kept in the audit log: shorten it", len(c.actor), flags.MaxText)
 		}
 		return nil
 	}
@@ -337,11 +349,15 @@ Valid stages: ` + flags.ValidStages,
 			if reason == "" {
 				return usagef("--reason is required: say why, it goes to the audit log")
 			}
+			reason, err := c.reasonArg(reason)
+			if err != nil {
+				return err
+			}
 			_, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
 			}
-			st, err := ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Actor: c.actor, Reason: c.red.String(reason), Force: force})
+			st, err := ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Actor: c.actor, Reason: reason, Force: force})
 			if err != nil {
 				return err
 			}
@@ -382,15 +398,18 @@ Valid stages: ` + flags.ValidStages,
 			if reason == "" {
 				reason = fmt.Sprintf("rollout %s to %s%%", to, args[2])
 			}
+			if reason, err = c.reasonArg(reason); err != nil {
+				return err
+			}
 			_, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
 			}
 			var st flags.State
 			if force {
-				st, err = ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Percent: pct, Actor: c.actor, Reason: c.red.String(reason), Force: true})
+				st, err = ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Percent: pct, Actor: c.actor, Reason: reason, Force: true})
 			} else {
-				st, err = ctrl.Rollout(cmd.Context(), args[0], to, pct, c.actor, c.red.String(reason))
+				st, err = ctrl.Rollout(cmd.Context(), args[0], to, pct, c.actor, reason)
 			}
 			if err != nil {
 				return err

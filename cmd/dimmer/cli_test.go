@@ -303,3 +303,41 @@ func TestCLICorruptFlag(t *testing.T) {
 		})
 	}
 }
+
+// A reason longer than the audit log keeps is refused before anything is
+// stored (not even a refusal); an invalid name is echoed cut.
+func TestCLIBounds(t *testing.T) {
+	t.Parallel()
+	for name, s := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			huge := strings.Repeat("r", 100_000)
+			for _, args := range [][]string{
+				{"stage", "set", "orders", "live", "--reason", huge},
+				{"stage", "set", "orders", "dualwrite", "--force", "--reason", huge},
+				{"rollout", "orders", "dualwrite", "5", "--reason", huge},
+				{"--actor", huge, "stage", "set", "orders", "dualwrite", "--reason", "x"},
+			} {
+				r := dimmer(t, s.args, args...)
+				assert.Equal(t, exitUsage, r.code, "%.60v", args)
+				assert.Contains(t, r.stderr, "bytes; at most 1024 are kept in the audit log: shorten it")
+				assert.Less(t, len(r.stderr), 2000, "the reason is not echoed")
+			}
+			r := dimmer(t, s.args, "audit", "orders")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "orders: no audit entries\n", r.stdout, "nothing was stored, not even a refusal")
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--force", "--reason", strings.Repeat("é", 512))
+			assert.Equal(t, exitOK, r.code, "exactly 1024 bytes is kept: %s", r.stderr)
+
+			for _, args := range [][]string{
+				{"stage", "get", strings.Repeat("X", 50_000)},
+				{"stage", "set", "orders", strings.Repeat("s", 50_000), "--reason", "x"},
+			} {
+				r := dimmer(t, s.args, args...)
+				assert.Equal(t, exitUsage, r.code)
+				assert.Less(t, len(r.stderr), 500, "an invalid name is echoed cut: %.200s", r.stderr)
+				assert.Contains(t, r.stderr, "(50000 bytes)")
+			}
+		})
+	}
+}

@@ -135,12 +135,16 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 			if force && reason == "" {
 				return usagef("--force needs --reason: say why, it goes to the audit trail")
 			}
+			reason, err := c.reasonArg(reason)
+			if err != nil {
+				return err
+			}
 			reg, closeDB, err := c.registry(cmd.Context(), o)
 			if err != nil {
 				return err
 			}
 			defer closeDB()
-			req := expandcontract.Request{Actor: c.actor, Reason: c.red.String(reason), Force: force}
+			req := expandcontract.Request{Actor: c.actor, Reason: reason, Force: force}
 			before, err := reg.Status(cmd.Context(), plan)
 			if err != nil {
 				return schemaErr(plan, action, err)

@@ -261,7 +261,7 @@ func (s *Store) AppendAudit(ctx context.Context, entry flags.AuditEntry) error {
 	if entry.At.IsZero() {
 		entry.At = time.Now().UTC()
 	}
-	doc, err := json.Marshal(entry)
+	doc, err := json.Marshal(entry.Capped())
 	if err != nil {
 		return fmt.Errorf("redisflags: append audit %s: %w", entry.Migration, err)
 	}
