@@ -81,13 +81,14 @@ func isPostgres(s string) bool {
 
 // defaultGuards are the built-in checks every controller of the CLI runs
 // besides the fleet barrier: the fleet's health before live and rampdown,
-// and, where a Postgres database holds them, a verified backfill before
+// the canary's health before a rollout is finished (every key moved to the
+// stage a share of keys was trying: the windows only the canary fed), and, where a Postgres database holds them, a verified backfill before
 // shadow (package backfill, schema DIMMER_BACKFILL_SCHEMA) and no pending
 // repairs before complete (package dualwrite's repair log in the outbox,
 // table DIMMER_OUTBOX_TABLE of the store's schema). A team that verifies or
 // repairs by other means overrides them with --force and a reason.
 func defaultGuards(be *backend) ([]flags.Guard, error) {
-	guards := []flags.Guard{flags.HealthGuard(be.fleet, flags.WatchdogConfig{})}
+	guards := []flags.Guard{flags.HealthGuard(be.fleet, flags.WatchdogConfig{}), flags.CanaryGuard(be.fleet, flags.WatchdogConfig{})}
 	if be.pool == nil {
 		return guards, nil
 	}

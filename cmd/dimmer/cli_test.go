@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
@@ -340,4 +341,57 @@ func TestCLIBounds(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Finishing a rollout (here: every key to live after a live canary) is
+// judged by the canary's own windows, and status shows that check.
+func TestCLICanaryGuard(t *testing.T) {
+	t.Parallel()
+	client, prefix := dimmertest.Redis(t)
+	rs, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix))
+	require.NoError(t, err)
+	args := []string{"--store", dimmertest.RedisURL(), "--prefix", prefix}
+	for _, st := range []string{"dualwrite", "shadow"} {
+		r := dimmer(t, args, "stage", "set", "orders", st, "--force", "--reason", "walk")
+		require.Equal(t, exitOK, r.code, r.stderr)
+	}
+	r := dimmer(t, args, "rollout", "orders", "live", "5", "--force", "--reason", "canary")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	st, err := rs.Load(context.Background(), "orders")
+	require.NoError(t, err)
+	heartbeat := func(health map[string]flags.Health) {
+		attrs := map[string]string{}
+		for stage, h := range health {
+			b, err := json.Marshal(h)
+			require.NoError(t, err)
+			attrs["dimmer.health/orders/"+stage] = string(b)
+		}
+		require.NoError(t, rs.Heartbeat(context.Background(), flags.Instance{
+			ID: "api-1", Build: "v1", Applied: map[string]int64{"orders": st.Revision}, Attributes: attrs, SeenAt: time.Now(),
+		}, time.Minute))
+	}
+	// Shadow was healthy, the canary's live window is bad.
+	heartbeat(map[string]flags.Health{
+		"shadow": {Ops: 5000, Compared: 5000},
+		"live":   {Ops: 2000, Errors: 400, Compared: 2000},
+	})
+	r = dimmer(t, args, "status", "orders")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "next step: shadow -> live")
+	assert.Contains(t, r.stdout, "[PASS] health")
+	assert.Contains(t, r.stdout, "[FAIL] canary-healthy: canary in live: new-side error rate 20.00% over 2000 operations")
+
+	r = dimmer(t, args, "stage", "set", "orders", "live", "--reason", "canary looked fine")
+	assert.Equal(t, exitRefused, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "canary-healthy: canary in live")
+
+	heartbeat(map[string]flags.Health{
+		"shadow": {Ops: 5000, Compared: 5000},
+		"live":   {Ops: 2000, Compared: 2000},
+	})
+	r = dimmer(t, args, "status", "orders")
+	assert.Contains(t, r.stdout, "[PASS] canary-healthy")
+	r = dimmer(t, args, "stage", "set", "orders", "live", "--reason", "canary healthy")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "orders: live")
 }
