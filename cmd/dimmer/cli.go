@@ -184,17 +184,25 @@ func (c *cli) rootCmd() *cobra.Command {
 rampdown, complete) through the guarded controller.
 
 The store is the flag store the services' providers read:
-postgres://... (package pgflags) or redis://... (package redisflags).
+postgres://... or a keyword DSN host=... dbname=... (package pgflags), or
+redis://... (package redisflags).
 
 Guards of forward steps: every live instance applied the current revision;
-the fleet's mismatch and error rates before live and rampdown; a verified
+the fleet's mismatch and error rates before live and rampdown; the canary's
+own windows before a rollout is finished (every key moved to the stage a
+share of keys was trying); a verified
 backfill (package backfill, schema DIMMER_BACKFILL_SCHEMA) before shadow and
 no pending repairs (the outbox table DIMMER_OUTBOX_TABLE of --schema) before
 complete, read from the Postgres store's database, or from DIMMER_GUARDS_DB
 with a Redis store. --force with a reason overrides a failed guard.
 
-Exit codes: 0 done; 2 bad usage or unknown stage; 3 refused by the
-transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
+--timeout bounds connecting to each store and database and each
+statement. Passwords in URLs and DSNs are never printed.
+
+Exit codes: 0 done; 2 bad usage (an unknown stage or command, an unparsable
+URL, a bad number, a --reason over 1 KiB); 3 refused by the transition rules
+or guards; 4 conflict with a concurrent change; 1 other (a store that cannot
+be reached, a corrupt stored flag).`,
 	}
 	root.PersistentFlags().StringVar(&c.storeURL, "store", os.Getenv("DIMMER_STORE"), "flag store URL: postgres://... or redis://... (env DIMMER_STORE)")
 	root.PersistentFlags().StringVar(&c.schema, "schema", envOr("DIMMER_SCHEMA", "dimmer"), "Postgres schema of the flag store (env DIMMER_SCHEMA)")
