@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"io"
 	"net"
 	"os"
@@ -10,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/dimmertest"
 )
 
 // muteServer accepts connections on loopback and never answers.
@@ -83,4 +86,24 @@ func TestCLIMuteServerTimesOut(t *testing.T) {
 	require.NoError(t, w.Close())
 	<-done
 	assert.Empty(t, string(leaked), "nothing may bypass the CLI's logger")
+}
+
+// A statement that waits (here on the flag store's install lock, held by
+// another session) is cancelled by the server after --timeout.
+func TestCLIStatementTimeout(t *testing.T) {
+	t.Parallel()
+	pool, schema := dimmertest.Schema(t)
+	conn, err := pool.Acquire(context.Background())
+	require.NoError(t, err)
+	defer conn.Release()
+	_, err = conn.Exec(context.Background(), `SELECT pg_advisory_lock(hashtextextended($1, 0))`, "dimmer/pgflags/install/"+schema)
+	require.NoError(t, err)
+	defer func() {
+		_, _ = conn.Exec(context.Background(), `SELECT pg_advisory_unlock_all()`)
+	}()
+	start := time.Now()
+	r := dimmer(t, []string{"--timeout", "1s", "--store", dimmertest.PostgresURL(), "--schema", schema}, "stage", "get", "orders")
+	assert.Equal(t, exitError, r.code, r.stderr)
+	assert.Less(t, time.Since(start), 5*time.Second)
+	assert.Contains(t, r.stderr, "statement timeout")
 }
