@@ -2,6 +2,7 @@ package flags
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -133,6 +134,19 @@ func (r Request) validate() error {
 	if r.Reason == "" {
 		return fmt.Errorf("%s: reason is required (why the change is made)", r.Migration)
 	}
+	return checkText(r.Migration, r.Actor, r.Reason)
+}
+
+// checkText refuses an actor or reason longer than [MaxText]: the audit
+// log is read by people, and a runaway value (a pasted file, a loop) must
+// not be stored, not even for a refused step.
+func checkText(migration, actor, reason string) error {
+	if len(reason) > MaxText {
+		return fmt.Errorf("%s: %w: reason is %d bytes, at most %d are kept in the audit log: shorten it", migration, ErrTextTooLong, len(reason), MaxText)
+	}
+	if len(actor) > MaxText {
+		return fmt.Errorf("%s: %w: actor is %d bytes, at most %d: shorten it", migration, ErrTextTooLong, len(actor), MaxText)
+	}
 	return nil
 }
 
@@ -224,7 +238,13 @@ func (c *Controller) Set(ctx context.Context, r Request) (State, error) {
 	}
 	t, checks, err := c.Plan(ctx, r)
 	var refused *RefusedError
+	var corrupt *CorruptFlagError
 	switch {
+	case errors.As(err, &corrupt):
+		if !r.Force {
+			return State{}, err
+		}
+		return c.overwriteCorrupt(ctx, r, corrupt)
 	case errors.As(err, &refused):
 		if !r.Force || !overridable(refused) {
 			c.audit(ctx, t, checks, Refused)
@@ -247,6 +267,34 @@ func (c *Controller) Set(ctx context.Context, r Request) (State, error) {
 	}
 	c.logger.Info("stage changed", "migration", t.Migration, "from", t.From.String(), "to", stored.String(),
 		"revision", stored.Revision, "actor", r.Actor, "forced", r.Force, "reason", r.Reason)
+	return stored, nil
+}
+
+// overwriteCorrupt replaces a stored document that does not decode, on a
+// forced request: no rule or guard can judge a step from an unknown stage.
+// The audit entry's From keeps the corrupt document (capped). The epoch
+// goes one past what the document still says (0 if nothing), so the new
+// side counts as stale until it is backfilled and verified again.
+func (c *Controller) overwriteCorrupt(ctx context.Context, r Request, corrupt *CorruptFlagError) (State, error) {
+	var lenient struct {
+		Epoch int64 `json:"epoch"`
+	}
+	_ = json.Unmarshal(corrupt.Raw, &lenient)
+	next := r.target(State{Migration: r.Migration, Stage: r.Stage})
+	next.Epoch = lenient.Epoch + 1
+	next.UpdatedAt, next.UpdatedBy = c.now().UTC(), r.Actor
+	entry := AuditEntry{
+		Migration: r.Migration, At: next.UpdatedAt, Actor: r.Actor,
+		From: "corrupt " + CapText(string(corrupt.Raw)), To: next.String(), Reason: r.Reason,
+		Forced: true, Outcome: Applied, Revision: corrupt.Revision,
+		Checks: []CheckResult{{Name: "corrupt-flag", Detail: CapText(corrupt.Err.Error())}},
+	}
+	stored, err := c.store.Swap(ctx, corrupt.Revision, next, entry)
+	if err != nil {
+		return State{}, err
+	}
+	c.logger.Warn("corrupt stage flag overwritten", "migration", r.Migration, "to", stored.String(),
+		"revision", stored.Revision, "actor", r.Actor, "reason", r.Reason, "corrupt", CapText(string(corrupt.Raw)))
 	return stored, nil
 }
 
@@ -318,6 +366,9 @@ func (c *Controller) Rollout(ctx context.Context, migration string, stage Stage,
 func (c *Controller) StepBack(ctx context.Context, migration string, from Stage, actor, reason string) (State, error) {
 	if from == Off || !from.Valid() {
 		return State{}, fmt.Errorf("%s: cannot step back from %s", migration, from)
+	}
+	if err := checkText(migration, actor, reason); err != nil {
+		return State{}, err
 	}
 	cur, err := c.store.Load(ctx, migration)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -560,4 +561,37 @@ func TestCanaryGuard(t *testing.T) {
 	observe(2, true)
 	beat()
 	assert.ErrorContains(t, guard.Check(ctx(t), finish), "error rate 16.67% over 12 operations")
+}
+
+func TestControllerRefusesRunawayText(t *testing.T) {
+	t.Parallel()
+	store := newStore(t)
+	c, err := flags.NewController(store)
+	require.NoError(t, err)
+	huge := strings.Repeat("x", flags.MaxText+1)
+	for _, r := range []flags.Request{
+		{Migration: "orders", Stage: flags.Live, Actor: "alice", Reason: huge},
+		{Migration: "orders", Stage: flags.DualWrite, Actor: huge, Reason: "ok"},
+	} {
+		_, err := c.Set(ctx(t), r)
+		require.ErrorIs(t, err, flags.ErrTextTooLong)
+		assert.Less(t, len(err.Error()), 300)
+	}
+	_, err = c.StepBack(ctx(t), "orders", flags.Live, "watchdog", huge)
+	require.ErrorIs(t, err, flags.ErrTextTooLong)
+	audit, err := store.Audit(ctx(t), "orders", 0)
+	require.NoError(t, err)
+	assert.Empty(t, audit, "a refused step with a runaway reason stores nothing")
+
+	// The stores cap whatever reaches the audit log directly.
+	require.NoError(t, store.AppendAudit(ctx(t), flags.AuditEntry{Migration: "orders", Actor: "a", Reason: huge + huge, Outcome: flags.Refused}))
+	audit, err = store.Audit(ctx(t), "orders", 1)
+	require.NoError(t, err)
+	assert.LessOrEqual(t, len(audit[0].Reason), flags.MaxText)
+	assert.True(t, strings.HasSuffix(audit[0].Reason, "…"))
+
+	err = flags.ValidateName(strings.Repeat("N", 10_000))
+	require.ErrorIs(t, err, flags.ErrInvalidName)
+	assert.Less(t, len(err.Error()), 300)
+	assert.Contains(t, err.Error(), "(10000 bytes)")
 }

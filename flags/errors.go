@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 )
 
 var (
@@ -21,13 +22,53 @@ var (
 	// unknown stage, provider not ready or failing) and the fallback was
 	// used. A flag never set is not unavailable: it reads as Off.
 	ErrFlagUnavailable = errors.New("flags: stage flag unavailable")
+	// ErrCorruptFlag: a stored flag document does not decode (invalid JSON,
+	// an unknown stage, a bad rollout). Nothing reads or changes it until it
+	// is overwritten by a forced change.
+	ErrCorruptFlag = errors.New("flags: corrupt stored flag")
+	// ErrTextTooLong: a reason or actor is longer than MaxText.
+	ErrTextTooLong = errors.New("flags: text too long")
 )
+
+// Echo returns s as it may be quoted back in an error: at most 64 bytes,
+// with its length when cut, so a runaway argument does not flood a terminal
+// or a log.
+func Echo(s string) string {
+	const n = 64
+	if len(s) <= n {
+		return s
+	}
+	cut := n
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s… (%d bytes)", s[:cut], len(s))
+}
+
+// CorruptFlagError is a stored flag document that does not decode: which
+// migration, the store's revision of it, the raw document and why.
+type CorruptFlagError struct {
+	Migration string
+	// Revision is the store's revision of the document, which a forced
+	// overwrite swaps against.
+	Revision int64
+	Raw      []byte
+	Err      error
+}
+
+func (e *CorruptFlagError) Error() string {
+	return fmt.Sprintf("flag %s is corrupt in the store (revision %d): %v: overwrite it with a forced change and a reason",
+		e.Migration, e.Revision, e.Err)
+}
+
+// Unwrap returns ErrCorruptFlag and the decoding error.
+func (e *CorruptFlagError) Unwrap() []error { return []error{ErrCorruptFlag, e.Err} }
 
 // UnknownStageError names the value that is not a stage.
 type UnknownStageError struct{ Value string }
 
 func (e *UnknownStageError) Error() string {
-	return fmt.Sprintf("unknown stage %q (valid stages: %s)", e.Value, ValidStages)
+	return fmt.Sprintf("unknown stage %q (valid stages: %s)", Echo(e.Value), ValidStages)
 }
 
 func (e *UnknownStageError) Unwrap() error { return ErrUnknownStage }

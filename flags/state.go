@@ -166,7 +166,7 @@ var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,99}$`)
 func ValidateName(name string) error {
 	if !nameRE.MatchString(name) {
 		return fmt.Errorf("%w %q: use 1-100 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
-			ErrInvalidName, name)
+			ErrInvalidName, Echo(name))
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"time"
+	"unicode/utf8"
 )
 
 // Store holds the stage flags, their audit log and the fleet registry. The
@@ -12,20 +13,42 @@ import (
 // Postgres implementation is in package pgflags, the Redis one in redisflags.
 type Store interface {
 	// Load returns the migration's state. A migration never set is not an
-	// error: it reads as State{Migration: name, Stage: Off, Revision: 0}.
+	// error: it reads as State{Migration: name, Stage: Off, Revision: 0}. A
+	// stored document that does not decode is an error wrapping a
+	// *CorruptFlagError.
 	Load(ctx context.Context, migration string) (State, error)
 	// Swap stores next if the stored revision still equals expectRevision,
 	// setting next.Revision to expectRevision+1, and appends entry to the
 	// audit log in the same atomic step. A different stored revision is a
 	// *ConflictError.
 	Swap(ctx context.Context, expectRevision int64, next State, entry AuditEntry) (State, error)
-	// Migrations lists every migration that was ever set.
+	// Migrations lists every migration that was ever set. Corrupt stored
+	// documents are reported as *CorruptFlagError in the error (joined,
+	// one per migration) while every other migration is still returned.
 	Migrations(ctx context.Context) ([]State, error)
 	// AppendAudit records an entry that changed nothing (a refusal).
 	AppendAudit(ctx context.Context, entry AuditEntry) error
 	// Audit returns the migration's newest entries first, at most limit
 	// (limit <= 0: all).
 	Audit(ctx context.Context, migration string, limit int) ([]AuditEntry, error)
+}
+
+// MaxText is the most bytes of free text (a reason, an actor, a corrupt
+// document quoted in an audit entry) the controller accepts or records: an
+// audit log is read by people, and a runaway value must not fill the store.
+const MaxText = 1024
+
+// CapText returns s cut to at most [MaxText] bytes (at a rune boundary),
+// marked with "…" when cut.
+func CapText(s string) string {
+	if len(s) <= MaxText {
+		return s
+	}
+	cut := MaxText - len("…")
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
 }
 
 // Outcome of an audited transition request.
@@ -49,6 +72,21 @@ type AuditEntry struct {
 	Outcome   Outcome       `json:"outcome"`
 	Revision  int64         `json:"revision"`
 	Checks    []CheckResult `json:"checks,omitempty"`
+}
+
+// Capped returns the entry with every free text cut to [MaxText] bytes
+// (the stores apply it, so the audit log stays readable whoever writes).
+func (e AuditEntry) Capped() AuditEntry {
+	e.Actor, e.Reason, e.From, e.To = CapText(e.Actor), CapText(e.Reason), CapText(e.From), CapText(e.To)
+	if len(e.Checks) > 0 {
+		checks := make([]CheckResult, len(e.Checks))
+		for i, c := range e.Checks {
+			c.Name, c.Detail = CapText(c.Name), CapText(c.Detail)
+			checks[i] = c
+		}
+		e.Checks = checks
+	}
+	return e
 }
 
 // CheckResult is one guard's verdict on a transition.
@@ -126,7 +164,7 @@ func PrepareSwap(expectRevision int64, next State, entry AuditEntry) (Swapped, e
 	if err != nil {
 		return Swapped{}, err
 	}
-	entryDoc, err := json.Marshal(entry)
+	entryDoc, err := json.Marshal(entry.Capped())
 	if err != nil {
 		return Swapped{}, fmt.Errorf("%s: encode audit entry: %w", m, err)
 	}

@@ -153,10 +153,10 @@ type Watchdog struct {
 	// since holds each migration's last change as last seen: observations
 	// older than it belong to an earlier episode and are not judged.
 	since map[string]time.Time
-	// recovered holds, per migration, the revision during which a window
-	// was judged healthy: after the watchdog's own rollback (that
-	// revision), only a recovery ends the incident.
-	recovered map[string]int64
+	// recovered holds, per window, the revision during which it was judged
+	// healthy: after the watchdog's own rollback (that revision), only a
+	// recovery of the window that is bad again ends the incident.
+	recovered map[windowKey]int64
 	// held holds the revision whose further rollback was held back and
 	// logged, so an incident logs it once.
 	held map[string]int64
@@ -221,7 +221,7 @@ func NewWatchdog(ctrl *Controller, cfg WatchdogConfig, opts ...WatchdogOption) (
 	}
 	cfg.setDefaults()
 	w := &Watchdog{ctrl: ctrl, cfg: cfg, logger: slog.Default(), windows: map[windowKey]*window{}, since: map[string]time.Time{},
-		recovered: map[string]int64{}, held: map[string]int64{}, onTrip: func(Trip) {}}
+		recovered: map[windowKey]int64{}, held: map[string]int64{}, onTrip: func(Trip) {}}
 	w.slot = max(cfg.Window/60, time.Millisecond)
 	for _, o := range opts {
 		if err := o(w); err != nil {
@@ -331,7 +331,7 @@ func (w *Watchdog) Judge(ctx context.Context) []Trip {
 			// Judged once: the next trip needs a fresh sample.
 			win.reset()
 		} else if judged(h, w.cfg) {
-			w.recovered[k.migration] = st.Revision
+			w.recovered[k] = st.Revision
 		}
 	}
 	var trips []Trip
@@ -345,7 +345,7 @@ func (w *Watchdog) Judge(ctx context.Context) []Trip {
 		// The watchdog's own rollback is the last change: the same
 		// incident unless the window recovered since.
 		coolingDown := now.Sub(cur.UpdatedAt) < w.cfg.Cooldown
-		if coolingDown || w.recovered[v.k.migration] != cur.Revision {
+		if coolingDown || w.recovered[v.k] != cur.Revision {
 			if w.held[v.k.migration] != cur.Revision {
 				w.held[v.k.migration] = cur.Revision
 				held = append(held, v)

@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/dualwrite"
@@ -29,12 +28,12 @@ type backend struct {
 	close  func()
 }
 
-func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
+func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
 	switch {
-	case strings.HasPrefix(url, "postgres://"), strings.HasPrefix(url, "postgresql://"):
-		pool, err := pgxpool.New(ctx, url)
+	case isPostgres(url):
+		pool, err := c.openPool(ctx, "flag store --store", url, true)
 		if err != nil {
-			return nil, fmt.Errorf("--store: %w", err)
+			return nil, err
 		}
 		s, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(logger))
 		if err != nil {
@@ -43,18 +42,13 @@ func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.L
 		}
 		if err := s.Install(ctx); err != nil {
 			pool.Close()
-			return nil, fmt.Errorf("flag store %s: %w", redactURL(url), err)
+			return nil, fmt.Errorf("flag store %s: %w", maskDSN(url), err)
 		}
 		return &backend{store: s, fleet: s, pool: pool, schema: schema, close: pool.Close}, nil
 	case strings.HasPrefix(url, "redis://"), strings.HasPrefix(url, "rediss://"):
-		opts, err := redis.ParseURL(url)
+		client, err := c.openRedis(ctx, "flag store --store", url)
 		if err != nil {
-			return nil, usagef("--store: %v", err)
-		}
-		client := redis.NewClient(opts)
-		if err := client.Ping(ctx).Err(); err != nil {
-			client.Close()
-			return nil, fmt.Errorf("flag store %s: %w", redactURL(url), err)
+			return nil, err
 		}
 		s, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix), redisflags.WithLogger(logger))
 		if err != nil {
@@ -63,42 +57,38 @@ func openBackend(ctx context.Context, url, schema, prefix string, logger *slog.L
 		}
 		be := &backend{store: s, fleet: s, schema: "dimmer", close: func() { client.Close() }}
 		if u := os.Getenv("DIMMER_GUARDS_DB"); u != "" {
-			pool, err := pgxpool.New(ctx, u)
+			pool, err := c.openPool(ctx, "guards database DIMMER_GUARDS_DB", u, true)
 			if err != nil {
 				client.Close()
-				return nil, fmt.Errorf("DIMMER_GUARDS_DB: %w", err)
+				return nil, err
 			}
 			be.pool = pool
 			be.close = func() { client.Close(); pool.Close() }
 		}
 		return be, nil
 	}
-	return nil, usagef("--store %q: want a postgres:// or redis:// URL", redactURL(url))
+	return nil, usagef("--store %q: want a postgres:// URL, a Postgres keyword DSN (host=... dbname=...) or a redis:// URL", oneLine(maskDSN(url), 200))
 }
 
-// redactURL hides a password in a URL for messages.
-func redactURL(u string) string {
-	at := strings.LastIndex(u, "@")
-	scheme := strings.Index(u, "://")
-	if at < 0 || scheme < 0 || at < scheme {
-		return u
+// isPostgres: a postgres:// URL or a keyword DSN (host=... dbname=...), the
+// two forms pgx accepts.
+func isPostgres(s string) bool {
+	if strings.HasPrefix(s, "postgres://") || strings.HasPrefix(s, "postgresql://") {
+		return true
 	}
-	cred := u[scheme+3 : at]
-	if i := strings.Index(cred, ":"); i >= 0 {
-		return u[:scheme+3] + cred[:i] + ":***" + u[at:]
-	}
-	return u
+	return !strings.Contains(s, "://") && strings.Contains(s, "=")
 }
 
 // defaultGuards are the built-in checks every controller of the CLI runs
 // besides the fleet barrier: the fleet's health before live and rampdown,
-// and, where a Postgres database holds them, a verified backfill before
+// the canary's health before a rollout is finished (every key moved to the
+// stage a share of keys was trying: the windows only the canary fed), and, where a Postgres database holds them, a verified backfill before
 // shadow (package backfill, schema DIMMER_BACKFILL_SCHEMA) and no pending
 // repairs before complete (package dualwrite's repair log in the outbox,
 // table DIMMER_OUTBOX_TABLE of the store's schema). A team that verifies or
 // repairs by other means overrides them with --force and a reason.
 func defaultGuards(be *backend) ([]flags.Guard, error) {
-	guards := []flags.Guard{flags.HealthGuard(be.fleet, flags.WatchdogConfig{})}
+	guards := []flags.Guard{flags.HealthGuard(be.fleet, flags.WatchdogConfig{}), flags.CanaryGuard(be.fleet, flags.WatchdogConfig{})}
 	if be.pool == nil {
 		return guards, nil
 	}

@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
 	"github.com/dimmer-dev/dimmer/backfill"
@@ -52,15 +51,15 @@ is a postgres:// URL).`,
 // epochs (needed to run and verify).
 func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill.Backfiller, error) {
 	url := b.db
-	if url == "" && (strings.HasPrefix(b.storeURL, "postgres://") || strings.HasPrefix(b.storeURL, "postgresql://")) {
+	if url == "" && isPostgres(b.storeURL) {
 		url = b.storeURL
 	}
 	if url == "" {
 		return nil, usagef("no database for the backfill tables: pass --db postgres://... (or a postgres:// --store)")
 	}
-	pool, err := pgxpool.New(ctx, url)
+	pool, err := b.openPool(ctx, "backfill database --db", url, false)
 	if err != nil {
-		return nil, usagef("--db: %v", err)
+		return nil, err
 	}
 	prev := func() {}
 	if b.be != nil {
@@ -84,7 +83,7 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill
 		return nil, err
 	}
 	if err := bf.Install(ctx); err != nil {
-		return nil, fmt.Errorf("backfill tables at %s: %w", redactURL(url), err)
+		return nil, fmt.Errorf("backfill tables at %s: %w", maskDSN(url), err)
 	}
 	return bf, nil
 }
@@ -340,6 +339,10 @@ func (b *backfillCLI) pauseCmd(pause bool) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if pause && reason == "" {
 				return usagef("--reason is required: say why the job is held")
+			}
+			reason, err := b.reasonArg(reason)
+			if err != nil {
+				return err
 			}
 			bf, err := b.backfiller(cmd.Context(), false)
 			if err != nil {

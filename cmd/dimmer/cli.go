@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"os/user"
 	"sort"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -28,7 +30,8 @@ const (
 	exitConflict = 4
 )
 
-// usageError marks bad usage (exit 2).
+// usageError marks bad usage (exit 2): what the operator typed is wrong.
+// It is the only way to exit 2; nothing is classified by its text.
 type usageError struct{ err error }
 
 func (e usageError) Error() string { return e.err.Error() }
@@ -42,14 +45,20 @@ type cli struct {
 	prefix   string
 	actor    string
 	out      io.Writer
+	timeout  time.Duration
 	logger   *slog.Logger
 	be       *backend
+	red      *redactor
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	// The outcome is printed to stdout and the exit code; logs only say
 	// what went wrong on the way.
-	c := &cli{out: stdout, logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	// Nothing written carries a password given to this run.
+	red := newRedactor(args, environ())
+	stdout, stderr = red.writer(stdout), red.writer(stderr)
+	c := &cli{out: stdout, red: red, logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	routeRedisLogs(c.logger)
 	root := c.rootCmd()
 	root.SetArgs(args)
 	root.SetOut(stdout)
@@ -65,7 +74,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return exitCode(err)
 }
 
-// exitCode maps an error to the documented exit codes.
+// exitCode maps an error to the documented exit codes by its type: a
+// usageError is bad usage, a *flags.RefusedError a refusal, ErrConflict a
+// conflict; everything else (a store that cannot be reached, a corrupt
+// stored flag) is 1, whatever its text says.
 func exitCode(err error) int {
 	if err == nil {
 		return exitOK
@@ -73,27 +85,68 @@ func exitCode(err error) int {
 	var refused *flags.RefusedError
 	var ue usageError
 	switch {
-	case errors.As(err, &ue), errors.Is(err, flags.ErrUnknownStage), errors.Is(err, flags.ErrInvalidName):
+	case errors.As(err, &ue):
 		return exitUsage
 	case errors.As(err, &refused):
 		return exitRefused
 	case errors.Is(err, flags.ErrConflict):
 		return exitConflict
-	case isCobraUsage(err):
-		return exitUsage
 	}
 	return exitError
 }
 
-// isCobraUsage recognises cobra's own argument and flag errors.
-func isCobraUsage(err error) bool {
-	msg := err.Error()
-	for _, p := range []string{"unknown command", "unknown flag", "unknown shorthand flag", "accepts ", "requires at least", "invalid argument", "flag needs an argument", "required flag"} {
-		if strings.Contains(msg, p) {
-			return true
-		}
+// reasonArg checks and masks a --reason: refused (bad usage) when longer
+// than the audit log keeps, rather than cut without the operator knowing.
+func (c *cli) reasonArg(reason string) (string, error) {
+	if len(reason) > flags.MaxText {
+		return "", usagef("--reason is %d bytes; at most %d are kept in the audit log: shorten it", len(reason), flags.MaxText)
 	}
-	return false
+	return c.red.String(reason), nil
+}
+
+// argName checks a migration name given as an argument.
+func argName(name string) error {
+	if err := flags.ValidateName(name); err != nil {
+		return usageError{err}
+	}
+	return nil
+}
+
+// argStage parses a stage given as an argument.
+func argStage(s string) (flags.Stage, error) {
+	st, err := flags.ParseStage(s)
+	if err != nil {
+		return st, usageError{err}
+	}
+	return st, nil
+}
+
+// groupCommands makes every command that only groups others (and the root)
+// answer an unknown sub-command with its help and a usage error, instead of
+// the help and exit 0 (cobra's default for a nested group) or an untyped
+// error (the root). A group named alone prints its help.
+func groupCommands(cmd *cobra.Command) {
+	for _, sub := range cmd.Commands() {
+		groupCommands(sub)
+	}
+	if !cmd.HasSubCommands() || cmd.Runnable() {
+		return
+	}
+	cmd.Args = cobra.ArbitraryArgs
+	if cmd.SuggestionsMinimumDistance <= 0 {
+		cmd.SuggestionsMinimumDistance = 2
+	}
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return cmd.Help()
+		}
+		msg := fmt.Sprintf("unknown command %q for %q", oneLine(args[0], 100), cmd.CommandPath())
+		if sugg := cmd.SuggestionsFor(args[0]); len(sugg) > 0 {
+			msg += fmt.Sprintf(" (did you mean %s?)", strings.Join(sugg, ", "))
+		}
+		fmt.Fprintln(cmd.ErrOrStderr(), cmd.UsageString())
+		return usageError{errors.New(msg)}
+	}
 }
 
 func defaultActor() string {
@@ -105,6 +158,13 @@ func defaultActor() string {
 		name += "@" + h
 	}
 	return name
+}
+
+func envDuration(k string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(k)); err == nil {
+		return d
+	}
+	return def
 }
 
 func envOr(k, def string) string {
@@ -124,22 +184,32 @@ func (c *cli) rootCmd() *cobra.Command {
 rampdown, complete) through the guarded controller.
 
 The store is the flag store the services' providers read:
-postgres://... (package pgflags) or redis://... (package redisflags).
+postgres://... or a keyword DSN host=... dbname=... (package pgflags), or
+redis://... (package redisflags).
 
 Guards of forward steps: every live instance applied the current revision;
-the fleet's mismatch and error rates before live and rampdown; a verified
+the fleet's mismatch and error rates before live and rampdown; the canary's
+own windows before a rollout is finished (every key moved to the stage a
+share of keys was trying); a verified
 backfill (package backfill, schema DIMMER_BACKFILL_SCHEMA) before shadow and
 no pending repairs (the outbox table DIMMER_OUTBOX_TABLE of --schema) before
 complete, read from the Postgres store's database, or from DIMMER_GUARDS_DB
 with a Redis store. --force with a reason overrides a failed guard.
 
-Exit codes: 0 done; 2 bad usage or unknown stage; 3 refused by the
-transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
+--timeout bounds connecting to each store and database and each
+statement. Passwords in URLs and DSNs are never printed.
+
+Exit codes: 0 done; 2 bad usage (an unknown stage or command, an unparsable
+URL, a bad number, a --reason over 1 KiB); 3 refused by the transition rules
+or guards; 4 conflict with a concurrent change; 1 other (a store that cannot
+be reached, a corrupt stored flag).`,
 	}
 	root.PersistentFlags().StringVar(&c.storeURL, "store", os.Getenv("DIMMER_STORE"), "flag store URL: postgres://... or redis://... (env DIMMER_STORE)")
 	root.PersistentFlags().StringVar(&c.schema, "schema", envOr("DIMMER_SCHEMA", "dimmer"), "Postgres schema of the flag store (env DIMMER_SCHEMA)")
 	root.PersistentFlags().StringVar(&c.prefix, "prefix", envOr("DIMMER_PREFIX", "dimmer:"), "Redis key prefix of the flag store (env DIMMER_PREFIX)")
 	root.PersistentFlags().StringVar(&c.actor, "actor", envOr("DIMMER_ACTOR", defaultActor()), "who is acting, for the audit log (env DIMMER_ACTOR)")
+	root.PersistentFlags().DurationVar(&c.timeout, "timeout", envDuration("DIMMER_TIMEOUT", defaultTimeout),
+		"give up connecting to a store or database, and each statement, after this long (env DIMMER_TIMEOUT)")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 
 	stage := &cobra.Command{Use: "stage", Short: "Read or set a migration's stage"}
@@ -148,7 +218,31 @@ transition rules or guards; 4 conflict with a concurrent change; 1 other.`,
 	for _, add := range commandGroups {
 		root.AddCommand(add(c))
 	}
+	groupCommands(root)
+	maskDefaults(root)
+	root.PersistentPreRunE = func(*cobra.Command, []string) error {
+		// The actor is stored in the audit log and shown by status.
+		c.actor = c.red.String(c.actor)
+		if c.timeout <= 0 {
+			return usagef("--timeout %v: must be positive", c.timeout)
+		}
+		if len(c.actor) > flags.MaxText {
+			return usagef("--actor is %d bytes; at most %d are kept in the audit log: shorten it", len(c.actor), flags.MaxText)
+		}
+		return nil
+	}
 	return root
+}
+
+// maskDefaults masks passwords in flag defaults taken from the environment
+// (DIMMER_STORE, DIMMER_OUTBOX_DB, ...), which every --help shows.
+func maskDefaults(cmd *cobra.Command) {
+	for _, fs := range []*pflag.FlagSet{cmd.Flags(), cmd.PersistentFlags()} {
+		fs.VisitAll(func(f *pflag.Flag) { f.DefValue = maskDSN(f.DefValue) })
+	}
+	for _, sub := range cmd.Commands() {
+		maskDefaults(sub)
+	}
 }
 
 // commandGroups are the top-level commands other files of this package add
@@ -163,7 +257,7 @@ func (c *cli) open(ctx context.Context) (*backend, error) {
 	if c.storeURL == "" {
 		return nil, usagef("no store: pass --store postgres://... or redis://..., or set DIMMER_STORE")
 	}
-	be, err := openBackend(ctx, c.storeURL, c.schema, c.prefix, c.logger)
+	be, err := c.openBackend(ctx, c.storeURL, c.schema, c.prefix, c.logger)
 	if err != nil {
 		return nil, err
 	}
@@ -200,13 +294,22 @@ func exactArgs(n int, names string) cobra.PositionalArgs {
 	}
 }
 
+func minArgs(n int, names string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) < n {
+			return usagef("expected %s, got %d argument(s)", names, len(args))
+		}
+		return nil
+	}
+}
+
 func (c *cli) stageGetCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "get MIGRATION",
 		Short: "Print the migration's stage (a migration never set reads as off)",
 		Args:  exactArgs(1, "MIGRATION"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
 			be, err := c.open(cmd.Context())
@@ -214,6 +317,11 @@ func (c *cli) stageGetCmd() *cobra.Command {
 				return err
 			}
 			st, err := be.store.Load(cmd.Context(), args[0])
+			var corrupt *flags.CorruptFlagError
+			if errors.As(err, &corrupt) {
+				return fmt.Errorf("%w\nstored document: %s\nfix: dimmer stage set %s STAGE --force --reason TEXT",
+					corrupt, oneLine(string(corrupt.Raw), 200), corrupt.Migration)
+			}
 			if err != nil {
 				return err
 			}
@@ -239,15 +347,19 @@ skipped stage); it is written to the audit log.
 Valid stages: ` + flags.ValidStages,
 		Args: exactArgs(2, "MIGRATION STAGE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
-			to, err := flags.ParseStage(args[1])
+			to, err := argStage(args[1])
 			if err != nil {
 				return err
 			}
 			if reason == "" {
 				return usagef("--reason is required: say why, it goes to the audit log")
+			}
+			reason, err := c.reasonArg(reason)
+			if err != nil {
+				return err
 			}
 			_, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
@@ -280,19 +392,22 @@ key. Guarded like an advance.
 Valid stages: ` + flags.ValidStages,
 		Args: exactArgs(3, "MIGRATION STAGE PERCENT"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
-			to, err := flags.ParseStage(args[1])
+			to, err := argStage(args[1])
 			if err != nil {
 				return err
 			}
 			pct, err := strconv.ParseFloat(strings.TrimSuffix(args[2], "%"), 64)
-			if err != nil || pct < 0 || pct > 100 {
+			if err != nil || math.IsNaN(pct) || pct < 0 || pct > 100 {
 				return usagef("PERCENT %q: want a number from 0 to 100", args[2])
 			}
 			if reason == "" {
 				reason = fmt.Sprintf("rollout %s to %s%%", to, args[2])
+			}
+			if reason, err = c.reasonArg(reason); err != nil {
+				return err
 			}
 			_, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
@@ -332,7 +447,7 @@ func (c *cli) statusCmd() *cobra.Command {
 				return err
 			}
 			if len(args) == 1 {
-				if err := flags.ValidateName(args[0]); err != nil {
+				if err := argName(args[0]); err != nil {
 					return err
 				}
 				st, err := ctrl.Status(cmd.Context(), args[0], be.fleet)
@@ -343,19 +458,32 @@ func (c *cli) statusCmd() *cobra.Command {
 				return nil
 			}
 			all, err := be.store.Migrations(cmd.Context())
+			corrupt, err := corruptFlags(err)
 			if err != nil {
 				return err
 			}
 			insts, ferr := be.fleet.Instances(cmd.Context())
 			printFleetSummary(c.out, insts, ferr)
-			if len(all) == 0 {
+			if len(all)+len(corrupt) == 0 {
 				fmt.Fprintln(c.out, "no migration has been set yet")
 				return nil
 			}
+			rows := make([]statusRow, 0, len(all)+len(corrupt))
+			for _, m := range all {
+				rows = append(rows, statusRow{name: m.Migration})
+			}
+			for _, ce := range corrupt {
+				rows = append(rows, statusRow{name: ce.Migration, corrupt: ce})
+			}
+			sort.Slice(rows, func(i, j int) bool { return rows[i].name < rows[j].name })
 			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "MIGRATION\tSTAGE\tREVISION\tNEXT\tVERDICT")
-			for _, m := range all {
-				st, err := ctrl.Status(cmd.Context(), m.Migration, be.fleet)
+			for _, row := range rows {
+				if ce := row.corrupt; ce != nil {
+					fmt.Fprintf(tw, "%s\tCORRUPT\t%d\t-\t%s\n", ce.Migration, ce.Revision, oneLine(ce.Err.Error(), 120))
+					continue
+				}
+				st, err := ctrl.Status(cmd.Context(), row.name, be.fleet)
 				if err != nil {
 					return err
 				}
@@ -367,11 +495,46 @@ func (c *cli) statusCmd() *cobra.Command {
 				if st.State.Stage == flags.Complete {
 					next, verdict = "-", "complete"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", m.Migration, st.State, st.State.Revision, next, verdict)
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", row.name, st.State, st.State.Revision, next, verdict)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if len(corrupt) > 0 {
+				// Listed, and the exit code says something needs a hand.
+				return fmt.Errorf("%d corrupt flag(s): %s: see 'dimmer stage get MIGRATION', then overwrite with 'dimmer stage set MIGRATION STAGE --force --reason ...'",
+					len(corrupt), corrupt[0].Migration)
+			}
+			return nil
 		},
 	}
+}
+
+type statusRow struct {
+	name    string
+	corrupt *flags.CorruptFlagError
+}
+
+// corruptFlags splits the corrupt flags out of a Migrations error; rest is
+// what else went wrong.
+func corruptFlags(err error) (corrupt []*flags.CorruptFlagError, rest error) {
+	if err == nil {
+		return nil, nil
+	}
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	var others []error
+	for _, e := range errs {
+		var ce *flags.CorruptFlagError
+		if errors.As(e, &ce) {
+			corrupt = append(corrupt, ce)
+			continue
+		}
+		others = append(others, e)
+	}
+	return corrupt, errors.Join(others...)
 }
 
 func failing(checks []flags.CheckResult) int {
@@ -443,7 +606,7 @@ func (c *cli) auditCmd() *cobra.Command {
 		Short: "Print the migration's audit log, newest first",
 		Args:  exactArgs(1, "MIGRATION"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := flags.ValidateName(args[0]); err != nil {
+			if err := argName(args[0]); err != nil {
 				return err
 			}
 			if limit < 0 {

@@ -3,11 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -153,6 +155,13 @@ func TestCLIExitCodes(t *testing.T) {
 				{"audit", "orders", "--limit", "-1"},
 				{"stage", "get", "orders", "--bogus"},
 				{"frobnicate"},
+				{"rollout", "orders", "live", "NaN"},
+				{"rollout", "orders", "live", "nan%"},
+				{"outbox", "dlq"},
+				{"stage", "sideways", "orders"},
+				{"--store", "postgres://u:pw@127.0.0.1:5432/db?sslmode=bogus", "stage", "get", "orders"},
+				{"--store", "postgres://u@127.0.0.1:5432/db?connect_timeout=soon", "stage", "get", "orders"},
+				{"--store", "redis://127.0.0.1:6379/notanumber", "stage", "get", "orders"},
 			} {
 				r := dimmer(t, s.args, args...)
 				assert.Equal(t, exitUsage, r.code, "%v: %s", args, r.stderr)
@@ -179,7 +188,7 @@ func TestCLIStoreProblems(t *testing.T) {
 
 	r = dimmer(t, nil, "--store", "mysql://x", "stage", "get", "orders")
 	assert.Equal(t, exitUsage, r.code)
-	assert.Contains(t, r.stderr, "want a postgres:// or redis:// URL")
+	assert.Contains(t, r.stderr, "want a postgres:// URL, a Postgres keyword DSN (host=... dbname=...) or a redis:// URL")
 
 	r = dimmer(t, nil, "--store", "postgres://postgres:secret@127.0.0.1:1/postgres?connect_timeout=2", "stage", "get", "orders")
 	assert.Equal(t, exitError, r.code)
@@ -205,6 +214,184 @@ func TestExitCodeMapping(t *testing.T) {
 	assert.Equal(t, exitOK, exitCode(nil))
 	assert.Equal(t, exitConflict, exitCode(fmt.Errorf("set: %w", &flags.ConflictError{Migration: "orders", Expected: 1, Current: 2})))
 	assert.Equal(t, exitRefused, exitCode(&flags.RefusedError{Migration: "orders"}))
-	assert.Equal(t, exitUsage, exitCode(&flags.UnknownStageError{Value: "x"}))
+	assert.Equal(t, exitUsage, exitCode(usageError{&flags.UnknownStageError{Value: "x"}}))
 	assert.Equal(t, exitError, exitCode(fmt.Errorf("connection refused")))
+	// The type decides, never the text.
+	assert.Equal(t, exitError, exitCode(fmt.Errorf("dial tcp: invalid argument; unknown command; accepts 1 arg(s)")))
+	assert.Equal(t, exitError, exitCode(&flags.CorruptFlagError{Migration: "orders", Err: &flags.UnknownStageError{Value: "x"}}),
+		"a corrupt stored flag is not bad usage")
+}
+
+// An unknown sub-command of a group exits 2 with the group's help, whatever
+// its depth; a group named alone prints its help and exits 0.
+func TestCLIUnknownSubcommand(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{{"outbox", "dlq"}, {"outbox", "dead", "purge"}, {"stage", "frob"}, {"schema", "explode", "x"}, {"frobnicate"}} {
+		r := dimmer(t, nil, args...)
+		assert.Equal(t, exitUsage, r.code, "%v", args)
+		assert.Contains(t, r.stderr, "unknown command", "%v", args)
+		assert.Contains(t, r.stderr, "Usage:", "%v: the group's help", args)
+	}
+	r := dimmer(t, nil, "outbox")
+	assert.Equal(t, exitOK, r.code)
+	assert.Contains(t, r.stdout, "Usage:")
+	r = dimmer(t, nil, "outbox", "deda")
+	assert.Contains(t, r.stderr, "did you mean dead?")
+}
+
+// A corrupt stored flag: status lists the others and marks it, stage get
+// says what is wrong (exit 1), a forced set overwrites it and the audit keeps
+// the corrupt value.
+func TestCLICorruptFlag(t *testing.T) {
+	t.Parallel()
+	pool, schema := dimmertest.Schema(t)
+	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, pg.Install(context.Background()))
+	client, prefix := dimmertest.Redis(t)
+	type store struct {
+		args    []string
+		corrupt func(doc string)
+	}
+	for name, s := range map[string]store{
+		"postgres": {[]string{"--store", dimmertest.PostgresURL(), "--schema", schema}, func(doc string) {
+			_, err := pool.Exec(context.Background(), `UPDATE `+pgx.Identifier{schema, "stage_flags"}.Sanitize()+
+				` SET doc = $2, revision = revision + 1 WHERE migration = $1`, "orders", doc)
+			require.NoError(t, err)
+		}},
+		"redis": {[]string{"--store", dimmertest.RedisURL(), "--prefix", prefix}, func(doc string) {
+			require.NoError(t, client.HSet(context.Background(), prefix+"{stage}:flags", "orders", doc).Err())
+		}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			for _, m := range []string{"accounts", "orders", "users"} {
+				r := dimmer(t, s.args, "stage", "set", m, "dualwrite", "--reason", "start", "--force")
+				require.Equal(t, exitOK, r.code, r.stderr)
+			}
+			bad := `{"migration":"orders","stage":"sideways","revision":1,"epoch":2}`
+			s.corrupt(bad)
+
+			r := dimmer(t, s.args, "status")
+			assert.Equal(t, exitError, r.code, r.stderr)
+			assert.Regexp(t, `accounts\s+dualwrite\s+1`, r.stdout)
+			assert.Regexp(t, `users\s+dualwrite\s+1`, r.stdout)
+			assert.Regexp(t, `orders\s+CORRUPT\s+\d+\s+-\s+.*unknown stage "sideways"`, r.stdout)
+			assert.Contains(t, r.stderr, "1 corrupt flag(s): orders")
+
+			r = dimmer(t, s.args, "stage", "get", "orders")
+			assert.Equal(t, exitError, r.code, "a corrupt row is not bad usage")
+			assert.Contains(t, r.stderr, "flag orders is corrupt")
+			assert.Contains(t, r.stderr, `unknown stage "sideways"`)
+			assert.Empty(t, r.stdout)
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "repair")
+			assert.Equal(t, exitError, r.code)
+			assert.Contains(t, r.stderr, "forced")
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "repair after a bad edit", "--force")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			r = dimmer(t, s.args, "stage", "get", "orders")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "dualwrite\n", r.stdout)
+			r = dimmer(t, s.args, "audit", "orders", "--limit", "1")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Contains(t, r.stdout, "FORCED")
+			assert.Contains(t, r.stdout, "sideways", "the audit keeps the corrupt value")
+			assert.Contains(t, r.stdout, "repair after a bad edit")
+			r = dimmer(t, s.args, "status")
+			assert.Equal(t, exitOK, r.code, r.stderr)
+			assert.NotContains(t, r.stdout, "CORRUPT")
+		})
+	}
+}
+
+// A reason longer than the audit log keeps is refused before anything is
+// stored (not even a refusal); an invalid name is echoed cut.
+func TestCLIBounds(t *testing.T) {
+	t.Parallel()
+	for name, s := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			huge := strings.Repeat("r", 100_000)
+			for _, args := range [][]string{
+				{"stage", "set", "orders", "live", "--reason", huge},
+				{"stage", "set", "orders", "dualwrite", "--force", "--reason", huge},
+				{"rollout", "orders", "dualwrite", "5", "--reason", huge},
+				{"--actor", huge, "stage", "set", "orders", "dualwrite", "--reason", "x"},
+			} {
+				r := dimmer(t, s.args, args...)
+				assert.Equal(t, exitUsage, r.code, "%.60v", args)
+				assert.Contains(t, r.stderr, "bytes; at most 1024 are kept in the audit log: shorten it")
+				assert.Less(t, len(r.stderr), 2000, "the reason is not echoed")
+			}
+			r := dimmer(t, s.args, "audit", "orders")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			assert.Equal(t, "orders: no audit entries\n", r.stdout, "nothing was stored, not even a refusal")
+
+			r = dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--force", "--reason", strings.Repeat("é", 512))
+			assert.Equal(t, exitOK, r.code, "exactly 1024 bytes is kept: %s", r.stderr)
+
+			for _, args := range [][]string{
+				{"stage", "get", strings.Repeat("X", 50_000)},
+				{"stage", "set", "orders", strings.Repeat("s", 50_000), "--reason", "x"},
+			} {
+				r := dimmer(t, s.args, args...)
+				assert.Equal(t, exitUsage, r.code)
+				assert.Less(t, len(r.stderr), 500, "an invalid name is echoed cut: %.200s", r.stderr)
+				assert.Contains(t, r.stderr, "(50000 bytes)")
+			}
+		})
+	}
+}
+
+// Finishing a rollout (here: every key to live after a live canary) is
+// judged by the canary's own windows, and status shows that check.
+func TestCLICanaryGuard(t *testing.T) {
+	t.Parallel()
+	client, prefix := dimmertest.Redis(t)
+	rs, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix))
+	require.NoError(t, err)
+	args := []string{"--store", dimmertest.RedisURL(), "--prefix", prefix}
+	for _, st := range []string{"dualwrite", "shadow"} {
+		r := dimmer(t, args, "stage", "set", "orders", st, "--force", "--reason", "walk")
+		require.Equal(t, exitOK, r.code, r.stderr)
+	}
+	r := dimmer(t, args, "rollout", "orders", "live", "5", "--force", "--reason", "canary")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	st, err := rs.Load(context.Background(), "orders")
+	require.NoError(t, err)
+	heartbeat := func(health map[string]flags.Health) {
+		attrs := map[string]string{}
+		for stage, h := range health {
+			b, err := json.Marshal(h)
+			require.NoError(t, err)
+			attrs["dimmer.health/orders/"+stage] = string(b)
+		}
+		require.NoError(t, rs.Heartbeat(context.Background(), flags.Instance{
+			ID: "api-1", Build: "v1", Applied: map[string]int64{"orders": st.Revision}, Attributes: attrs, SeenAt: time.Now(),
+		}, time.Minute))
+	}
+	// Shadow was healthy, the canary's live window is bad.
+	heartbeat(map[string]flags.Health{
+		"shadow": {Ops: 5000, Compared: 5000},
+		"live":   {Ops: 2000, Errors: 400, Compared: 2000},
+	})
+	r = dimmer(t, args, "status", "orders")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "next step: shadow -> live")
+	assert.Contains(t, r.stdout, "[PASS] health")
+	assert.Contains(t, r.stdout, "[FAIL] canary-healthy: canary in live: new-side error rate 20.00% over 2000 operations")
+
+	r = dimmer(t, args, "stage", "set", "orders", "live", "--reason", "canary looked fine")
+	assert.Equal(t, exitRefused, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "canary-healthy: canary in live")
+
+	heartbeat(map[string]flags.Health{
+		"shadow": {Ops: 5000, Compared: 5000},
+		"live":   {Ops: 2000, Compared: 2000},
+	})
+	r = dimmer(t, args, "status", "orders")
+	assert.Contains(t, r.stdout, "[PASS] canary-healthy")
+	r = dimmer(t, args, "stage", "set", "orders", "live", "--reason", "canary healthy")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "orders: live")
 }

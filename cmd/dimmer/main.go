@@ -8,9 +8,11 @@
 //	dimmer status orders
 //	dimmer audit orders
 //
-// Exit codes: 0 done; 2 bad usage or unknown stage; 3 refused by the
-// transition rules or guards; 4 conflict with a concurrent change; 1 anything
-// else.
+// Exit codes, from the error's type: 0 done; 2 bad usage (an unknown stage
+// or command, an unparsable URL, a bad number, an over-long reason); 3
+// refused by the transition rules or guards; 4 conflict with a concurrent
+// change; 1 anything else (a store that cannot be reached within --timeout,
+// a corrupt stored flag). No password given to the CLI is ever printed.
 package main
 
 import (

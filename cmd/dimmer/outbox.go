@@ -13,7 +13,6 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/redis/go-redis/v9"
 	"github.com/spf13/cobra"
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -59,7 +58,7 @@ unreachable database or broker).`,
 // installed outbox (installing it first when --buckets is given).
 func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *outbox.Outbox, error) {
 	url := o.db
-	if url == "" && (strings.HasPrefix(c.storeURL, "postgres://") || strings.HasPrefix(c.storeURL, "postgresql://")) {
+	if url == "" && isPostgres(c.storeURL) {
 		url = c.storeURL
 	}
 	if url == "" {
@@ -68,9 +67,9 @@ func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *ou
 	if o.buckets < 0 || o.buckets > outbox.MaxBuckets {
 		return nil, nil, usagef("--buckets %d: must be 1..%d", o.buckets, outbox.MaxBuckets)
 	}
-	pool, err := pgxpool.New(ctx, url)
+	pool, err := c.openPool(ctx, "outbox database --db", url, true)
 	if err != nil {
-		return nil, nil, usagef("--db: %v", err)
+		return nil, nil, err
 	}
 	ob, err := c.installedOutbox(ctx, pool, o)
 	if err != nil {
@@ -156,7 +155,7 @@ func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 	if ro.drain <= 0 {
 		return usagef("--drain-timeout %v: must be positive", ro.drain)
 	}
-	pub, closePub, err := ro.open(ctx)
+	pub, closePub, err := ro.open(ctx, c)
 	if err != nil {
 		return err
 	}
@@ -201,7 +200,7 @@ func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 }
 
 // open builds the publisher the flags ask for.
-func (ro *relayOpts) open(ctx context.Context) (outbox.Publisher, func(), error) {
+func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func(), error) {
 	switch ro.publisher {
 	case "kafka":
 		var seeds []string
@@ -217,7 +216,10 @@ func (ro *relayOpts) open(ctx context.Context) (outbox.Publisher, func(), error)
 		if err != nil {
 			return nil, nil, usagef("--brokers: %v", err)
 		}
-		if err := cl.Ping(ctx); err != nil {
+		pctx, cancel := context.WithTimeout(ctx, c.timeout)
+		err = cl.Ping(pctx)
+		cancel()
+		if err != nil {
 			cl.Close()
 			return nil, nil, fmt.Errorf("kafka %s: %w", ro.brokers, err)
 		}
@@ -231,14 +233,9 @@ func (ro *relayOpts) open(ctx context.Context) (outbox.Publisher, func(), error)
 		if ro.redisURL == "" {
 			return nil, nil, usagef("--publisher redis needs --redis redis://... or DIMMER_REDIS_URL")
 		}
-		opts, err := redis.ParseURL(ro.redisURL)
+		rdb, err := c.openRedis(ctx, "redis --redis", ro.redisURL)
 		if err != nil {
-			return nil, nil, usagef("--redis: %v", err)
-		}
-		rdb := redis.NewClient(opts)
-		if err := rdb.Ping(ctx).Err(); err != nil {
-			rdb.Close()
-			return nil, nil, fmt.Errorf("redis %s: %w", redactURL(ro.redisURL), err)
+			return nil, nil, err
 		}
 		var sinkOpts []redissink.Option
 		if ro.streamPrefix != "" {
@@ -339,7 +336,7 @@ func (c *cli) outboxDeadRetryCmd(o *outboxOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:   "retry ID...",
 		Short: "Make dead letters pending again with a fresh attempt budget (then their key flows again)",
-		Args:  cobra.MinimumNArgs(1),
+		Args:  minArgs(1, "ID..."),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ids, err := parseIDs(args)
 			if err != nil {
@@ -382,7 +379,7 @@ func (c *cli) outboxDeadSkipCmd(o *outboxOpts) *cobra.Command {
 		Long: `Drop dead letters without publishing them: the later messages of their key
 then flow. Each dropped message is printed to stdout as one JSON line (the
 payload base64-encoded), so the operator keeps a record of what was skipped.`,
-		Args: cobra.MinimumNArgs(1),
+		Args: minArgs(1, "ID..."),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ids, err := parseIDs(args)
 			if err != nil {

@@ -7,11 +7,9 @@ import (
 	"io"
 	"os"
 	"sort"
-	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
 	"github.com/dimmer-dev/dimmer/backfill"
@@ -67,7 +65,7 @@ command again to resume at it).`,
 // fleet, flag store and backfill verifier when --store is given.
 func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Registry, func(), error) {
 	url := o.db
-	if url == "" && (strings.HasPrefix(c.storeURL, "postgres://") || strings.HasPrefix(c.storeURL, "postgresql://")) {
+	if url == "" && isPostgres(c.storeURL) {
 		url = c.storeURL
 	}
 	if url == "" {
@@ -79,9 +77,9 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	if o.attempts < 1 {
 		return nil, nil, usagef("--attempts %d: must be at least 1", o.attempts)
 	}
-	pool, err := pgxpool.New(ctx, url)
+	pool, err := c.openPool(ctx, "schema database --db", url, false)
 	if err != nil {
-		return nil, nil, usagef("--db: %v", err)
+		return nil, nil, err
 	}
 	opts := []expandcontract.Option{
 		expandcontract.WithSchema(c.schema), expandcontract.WithLockTimeout(o.lockTimeout),
@@ -102,7 +100,7 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	}
 	if err != nil {
 		pool.Close()
-		return nil, nil, fmt.Errorf("schema registry %s: %w", redactURL(url), err)
+		return nil, nil, fmt.Errorf("schema registry %s: %w", maskDSN(url), err)
 	}
 	return reg, pool.Close, nil
 }
@@ -136,6 +134,10 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 			}
 			if force && reason == "" {
 				return usagef("--force needs --reason: say why, it goes to the audit trail")
+			}
+			reason, err := c.reasonArg(reason)
+			if err != nil {
+				return err
 			}
 			reg, closeDB, err := c.registry(cmd.Context(), o)
 			if err != nil {

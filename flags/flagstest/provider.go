@@ -25,6 +25,8 @@ type Provider interface {
 	Revisions() map[string]int64
 	// Status is the provider's own state.
 	Status() openfeature.State
+	// Corrupt lists the flags whose stored document does not decode.
+	Corrupt() map[string]error
 }
 
 // ProviderEnv is one test's store and the means to reach behind the
@@ -293,6 +295,45 @@ func RunProvider(t *testing.T, newEnv func(t *testing.T) ProviderEnv) {
 			return st == flags.Complete && err != nil && strings.Contains(err.Error(), "later") && strings.Contains(err.Error(), "250")
 		}, 5*time.Second, 20*time.Millisecond, "the resync must report the malformed document by name; last error: %v", lastErr)
 		assert.Equal(t, openfeature.ReadyState, in.p.Status())
+	})
+
+	t.Run("CorruptFlagKeepsLastGoodStage", func(t *testing.T) {
+		t.Parallel()
+		env := newEnv(t)
+		ctx := Context(t)
+		Set(t, env.Store, "orders", flags.Live, nil)
+		Set(t, env.Store, "other", flags.DualWrite, nil)
+		in := newInstance(t, env, 200*time.Millisecond, flags.Off)
+		eventually(t, []*instance{in}, "orders", flags.Live, 5*time.Second, "not live")
+		for _, doc := range []string{
+			`{"migration":"orders","stage":"sideways","revision":9}`,
+			`["live"]`,
+			`{"migration":"orders","stage":`,
+		} {
+			if err := env.WriteRaw(ctx, "orders", []byte(doc)); err != nil {
+				// A jsonb column refuses text that is not JSON at all.
+				t.Logf("the store refuses %s: %v", doc, err)
+				continue
+			}
+			require.Eventually(t, func() bool { return in.p.Corrupt()["orders"] != nil }, 5*time.Second, 10*time.Millisecond,
+				"the resync must find the corrupt document %s", doc)
+			// A service in live must not silently read old again.
+			st, err := in.source.Stage(ctx, "orders", "k")
+			require.NoError(t, err)
+			assert.Equal(t, flags.Live, st, "the last good stage is served while %s is stored", doc)
+			assert.Equal(t, flags.DualWrite, in.stage(t, "other", "k"))
+			// A notification of the corrupt document changes nothing either.
+			Set(t, env.Store, "other", flags.Shadow, nil)
+			eventually(t, []*instance{in}, "other", flags.Shadow, 5*time.Second, "a healthy flag stopped updating")
+			Set(t, env.Store, "other", flags.DualWrite, nil)
+			eventually(t, []*instance{in}, "other", flags.DualWrite, 5*time.Second, "a healthy flag stopped updating")
+			assert.Equal(t, flags.Live, in.stage(t, "orders", "k"))
+		}
+		// Fixed: the stored state is served again.
+		fixed := flags.State{Migration: "orders", Stage: flags.Shadow, Revision: 50}
+		require.NoError(t, env.WriteSilently(ctx, fixed))
+		eventually(t, []*instance{in}, "orders", flags.Shadow, 5*time.Second, "a fixed flag must heal")
+		assert.Empty(t, in.p.Corrupt())
 	})
 
 	t.Run("MissingFlagReadsOff", func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"strconv"
@@ -18,6 +19,8 @@ import (
 	"github.com/open-feature/go-sdk/openfeature/isolated"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
@@ -288,4 +291,107 @@ func TestLargeDocumentReachesProvider(t *testing.T) {
 	got, ok := p.Snapshot("orders")
 	require.True(t, ok)
 	assert.Len(t, got.UpdatedBy, 10_000)
+}
+
+// A corrupt flag is reported once per change (a log line and the metrics),
+// not once per resync, and its healing is reported too.
+func TestCorruptFlagReportedOncePerChange(t *testing.T) {
+	t.Parallel()
+	s, pool, schema := newStore(t)
+	ctx := flagstest.Context(t)
+	flagstest.Set(t, s, "orders", flags.Live, nil)
+	var logs lockedBuffer
+	reader := sdkmetric.NewManualReader()
+	p, err := pgflags.NewProvider(pool, pgflags.WithSchema(schema), pgflags.WithResyncInterval(50*time.Millisecond),
+		pgflags.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))),
+		pgflags.WithMeterProvider(sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))))
+	require.NoError(t, err)
+	flagstest.Client(t, p)
+	table := pgx.Identifier{schema, "stage_flags"}.Sanitize()
+	writeRaw := func(doc string) {
+		_, err := pool.Exec(ctx, `UPDATE `+table+` SET doc = $2, revision = revision + 1 WHERE migration = $1`, "orders", doc)
+		require.NoError(t, err)
+	}
+	resyncs := func(n int) {
+		since := p.LastSync()
+		require.Eventually(t, func() bool { return p.LastSync().Sub(since) >= time.Duration(n)*50*time.Millisecond },
+			10*time.Second, 10*time.Millisecond)
+	}
+	metrics := func() (corrupt, parseErrors int64) {
+		var rm metricdata.ResourceMetrics
+		require.NoError(t, reader.Collect(context.Background(), &rm))
+		for _, sm := range rm.ScopeMetrics {
+			for _, m := range sm.Metrics {
+				for _, dp := range m.Data.(metricdata.Sum[int64]).DataPoints {
+					switch m.Name {
+					case "dimmer.flags.corrupt":
+						corrupt += dp.Value
+					case "dimmer.flags.parse_errors":
+						parseErrors += dp.Value
+					}
+				}
+			}
+		}
+		return corrupt, parseErrors
+	}
+
+	writeRaw(`{"migration":"orders","stage":"sideways","revision":2}`)
+	require.Eventually(t, func() bool { return p.Corrupt()["orders"] != nil }, 5*time.Second, 10*time.Millisecond)
+	resyncs(4)
+	assert.Equal(t, 1, strings.Count(logs.String(), "stored stage flag is corrupt"), logs.String())
+	assert.Contains(t, logs.String(), "last good stage live")
+	assert.Contains(t, logs.String(), "sideways")
+	c, pe := metrics()
+	assert.Equal(t, int64(1), c)
+	assert.Equal(t, int64(1), pe)
+
+	writeRaw(`{"migration":"orders","stage":"live","rollout":{"stage":"rampdown","percent":300},"revision":3}`)
+	require.Eventually(t, func() bool { return strings.Count(logs.String(), "stored stage flag is corrupt") == 2 }, 5*time.Second, 10*time.Millisecond)
+	resyncs(3)
+	assert.Equal(t, 2, strings.Count(logs.String(), "stored stage flag is corrupt"), "a new problem is a new line")
+	c, pe = metrics()
+	assert.Equal(t, int64(1), c)
+	assert.Equal(t, int64(2), pe)
+	st, ok := p.Snapshot("orders")
+	require.True(t, ok)
+	assert.Equal(t, flags.Live, st.Stage)
+
+	cur, err := s.Load(ctx, "orders")
+	var corrupt *flags.CorruptFlagError
+	require.ErrorAs(t, err, &corrupt)
+	assert.Equal(t, int64(3), corrupt.Revision)
+	ctrl, err := flags.NewController(s)
+	require.NoError(t, err)
+	_, err = ctrl.Set(ctx, flags.Request{Migration: "orders", Stage: flags.Shadow, Actor: "alice", Reason: "repair"})
+	require.ErrorIs(t, err, flags.ErrCorruptFlag, "overwriting a corrupt flag takes force")
+	cur, err = ctrl.Set(ctx, flags.Request{Migration: "orders", Stage: flags.Shadow, Actor: "alice", Reason: "repair", Force: true})
+	require.NoError(t, err)
+	assert.Equal(t, int64(4), cur.Revision)
+	require.Eventually(t, func() bool { return len(p.Corrupt()) == 0 }, 5*time.Second, 10*time.Millisecond)
+	st, _ = p.Snapshot("orders")
+	assert.Equal(t, flags.Shadow, st.Stage)
+	assert.Contains(t, logs.String(), "stored stage flag healed")
+	c, _ = metrics()
+	assert.Zero(t, c)
+	audit, err := s.Audit(ctx, "orders", 1)
+	require.NoError(t, err)
+	assert.Contains(t, audit[0].From, `"percent": 300`, "the audit keeps the corrupt value")
+	assert.True(t, audit[0].Forced)
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"go.opentelemetry.io/otel/metric"
 	"log/slog"
 	"strings"
 	"time"
@@ -35,6 +36,7 @@ type config struct {
 	schema string
 	resync time.Duration
 	logger *slog.Logger
+	meter  metric.MeterProvider
 }
 
 func newConfig(opts []Option) (config, error) {
@@ -70,6 +72,20 @@ func WithLogger(l *slog.Logger) Option {
 			return errors.New("pgflags: WithLogger: logger is nil")
 		}
 		c.logger = l
+		return nil
+	}
+}
+
+// WithMeterProvider sets where a provider's metrics go (default no-op):
+// dimmer.flags.corrupt (flags whose stored document does not decode) and
+// dimmer.flags.parse_errors (each change to such a document). Stores ignore
+// it.
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return func(c *config) error {
+		if mp == nil {
+			return errors.New("pgflags: WithMeterProvider: meter provider is nil")
+		}
+		c.meter = mp
 		return nil
 	}
 }
@@ -214,25 +230,23 @@ func (s *Store) Load(ctx context.Context, migration string) (flags.State, error)
 		return flags.State{}, err
 	}
 	var doc []byte
-	err := s.pool.QueryRow(ctx, `SELECT doc FROM `+s.t.flags+` WHERE migration = $1`, migration).Scan(&doc)
+	var rev int64
+	err := s.pool.QueryRow(ctx, `SELECT doc, revision FROM `+s.t.flags+` WHERE migration = $1`, migration).Scan(&doc, &rev)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return flags.State{Migration: migration, Stage: flags.Off}, nil
 	}
 	if err != nil {
 		return flags.State{}, fmt.Errorf("pgflags: load %s: %w", migration, err)
 	}
-	st, err := decode(migration, doc)
-	if err != nil {
-		return flags.State{}, err
-	}
-	return st, nil
+	return decode(migration, doc, rev)
 }
 
-// decode parses a stored document and checks it belongs to migration.
-func decode(migration string, doc []byte) (flags.State, error) {
+// decode parses a stored document and checks it belongs to migration; one
+// that does not decode is a *flags.CorruptFlagError.
+func decode(migration string, doc []byte, revision int64) (flags.State, error) {
 	st, err := flags.DecodeStateOf(migration, doc)
 	if err != nil {
-		return flags.State{}, fmt.Errorf("pgflags: %w", err)
+		return flags.State{}, fmt.Errorf("pgflags: %w", &flags.CorruptFlagError{Migration: migration, Revision: revision, Raw: doc, Err: err})
 	}
 	return st, nil
 }
@@ -307,9 +321,10 @@ func parsePayload(p string) (migration string, doc []byte) {
 }
 
 // Migrations implements [flags.Store], in name order. A stored document that
-// does not decode is an error naming its migration.
+// does not decode is a *flags.CorruptFlagError in the returned error, which
+// joins one per corrupt migration; every other migration is still returned.
 func (s *Store) Migrations(ctx context.Context) ([]flags.State, error) {
-	rows, err := s.pool.Query(ctx, `SELECT migration, doc FROM `+s.t.flags+` ORDER BY migration`)
+	rows, err := s.pool.Query(ctx, `SELECT migration, doc, revision FROM `+s.t.flags+` ORDER BY migration`)
 	if err != nil {
 		return nil, fmt.Errorf("pgflags: list migrations: %w", err)
 	}
@@ -318,10 +333,11 @@ func (s *Store) Migrations(ctx context.Context) ([]flags.State, error) {
 	for rows.Next() {
 		var m string
 		var doc []byte
-		if err := rows.Scan(&m, &doc); err != nil {
+		var rev int64
+		if err := rows.Scan(&m, &doc, &rev); err != nil {
 			return nil, fmt.Errorf("pgflags: list migrations: %w", err)
 		}
-		st, err := decode(m, doc)
+		st, err := decode(m, doc, rev)
 		if err != nil {
 			bad = append(bad, err)
 			continue
@@ -332,7 +348,7 @@ func (s *Store) Migrations(ctx context.Context) ([]flags.State, error) {
 		return nil, fmt.Errorf("pgflags: list migrations: %w", err)
 	}
 	if len(bad) > 0 {
-		return nil, errors.Join(bad...)
+		return out, errors.Join(bad...)
 	}
 	return out, nil
 }
@@ -345,7 +361,7 @@ func (s *Store) AppendAudit(ctx context.Context, entry flags.AuditEntry) error {
 	if entry.At.IsZero() {
 		entry.At = time.Now().UTC()
 	}
-	doc, err := json.Marshal(entry)
+	doc, err := json.Marshal(entry.Capped())
 	if err != nil {
 		return fmt.Errorf("pgflags: append audit %s: %w", entry.Migration, err)
 	}

@@ -23,9 +23,12 @@ const ProviderName = "dimmer-redisflags"
 // and after every resubscribe.
 //
 // Register it with an OpenFeature API (SetProviderAndWait), which calls Init
-// and later Shutdown. A flag whose stored document does not decode is served
-// as an error naming the flag and the problem (the caller gets its fallback);
-// other flags are unaffected.
+// and later Shutdown. A flag whose stored document stops decoding (an
+// unknown stage, invalid JSON) keeps serving its last good stage until the
+// document is fixed; the problem is logged once per change and counted
+// ([WithMeterProvider]), and [Provider.Corrupt] lists it. A flag never read
+// good is served as an error naming the flag and the problem (the caller
+// gets its fallback). Other flags are unaffected.
 type Provider struct {
 	engine *snapshot.Engine
 	be     *backend
@@ -52,7 +55,7 @@ func NewProvider(client redis.UniversalClient, opts ...Option) (*Provider, error
 		return nil, err
 	}
 	be := &backend{client: client, k: newKeys(cfg.prefix), resync: cfg.resync}
-	eng, err := snapshot.New(be, snapshot.Config{Name: ProviderName, ResyncInterval: cfg.resync, Logger: cfg.logger})
+	eng, err := snapshot.New(be, snapshot.Config{Name: ProviderName, ResyncInterval: cfg.resync, Logger: cfg.logger, MeterProvider: cfg.meter})
 	if err != nil {
 		return nil, fmt.Errorf("redisflags.NewProvider: %w", err)
 	}
@@ -93,6 +96,12 @@ func (p *Provider) Status() openfeature.State { return p.engine.Status() }
 // Revisions maps each flag to the revision being evaluated; the fleet
 // heartbeat reports it.
 func (p *Provider) Revisions() map[string]int64 { return p.engine.Revisions() }
+
+// Corrupt maps each flag whose stored document does not decode to what is
+// wrong with it. Such a flag keeps serving its last good stage (read before
+// it went bad); one never read good is served as a parse error, so the
+// caller gets its fallback.
+func (p *Provider) Corrupt() map[string]error { return p.engine.Corrupt() }
 
 // LastSync is when the snapshot was last fully reloaded.
 func (p *Provider) LastSync() time.Time { return p.engine.LastSync() }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"go.opentelemetry.io/otel/metric"
 	"log/slog"
 	"slices"
 	"strings"
@@ -26,6 +27,7 @@ type config struct {
 	prefix string
 	resync time.Duration
 	logger *slog.Logger
+	meter  metric.MeterProvider
 }
 
 func newConfig(opts []Option) (config, error) {
@@ -60,6 +62,20 @@ func WithLogger(l *slog.Logger) Option {
 			return errors.New("redisflags: WithLogger: logger is nil")
 		}
 		c.logger = l
+		return nil
+	}
+}
+
+// WithMeterProvider sets where a provider's metrics go (default no-op):
+// dimmer.flags.corrupt (flags whose stored document does not decode) and
+// dimmer.flags.parse_errors (each change to such a document). Stores ignore
+// it.
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return func(c *config) error {
+		if mp == nil {
+			return errors.New("redisflags: WithMeterProvider: meter provider is nil")
+		}
+		c.meter = mp
 		return nil
 	}
 }
@@ -131,13 +147,26 @@ func (s *Store) Prefix() string { return s.cfg.prefix }
 // Channel is the channel every applied change is published on.
 func (s *Store) Channel() string { return s.k.channel }
 
-// decode parses a stored document and checks it belongs to migration.
-func decode(migration string, doc string) (flags.State, error) {
+// decode parses a stored document and checks it belongs to migration; one
+// that does not decode is a *flags.CorruptFlagError, with the revision
+// rev reads (the revisions hash keeps it apart from the document).
+func decode(migration string, doc string, rev func() int64) (flags.State, error) {
 	st, err := flags.DecodeStateOf(migration, []byte(doc))
 	if err != nil {
-		return flags.State{}, fmt.Errorf("redisflags: %w", err)
+		return flags.State{}, fmt.Errorf("redisflags: %w", &flags.CorruptFlagError{Migration: migration, Revision: rev(), Raw: []byte(doc), Err: err})
 	}
 	return st, nil
+}
+
+// revision reads a migration's stored revision (0 when it cannot).
+func (s *Store) revision(ctx context.Context, migration string) func() int64 {
+	return func() int64 {
+		n, err := s.client.HGet(ctx, s.k.revisions, migration).Int64()
+		if err != nil {
+			return 0
+		}
+		return n
+	}
 }
 
 // Load implements [flags.Store].
@@ -152,7 +181,7 @@ func (s *Store) Load(ctx context.Context, migration string) (flags.State, error)
 	if err != nil {
 		return flags.State{}, fmt.Errorf("redisflags: load %s: %w", migration, err)
 	}
-	return decode(migration, doc)
+	return decode(migration, doc, s.revision(ctx, migration))
 }
 
 // swapScript checks the revision, stores the document and revision, appends
@@ -200,7 +229,8 @@ func parsePayload(p string) (migration string, doc []byte) {
 }
 
 // Migrations implements [flags.Store], in name order. A stored document that
-// does not decode is an error naming its migration.
+// does not decode is a *flags.CorruptFlagError in the returned error, which
+// joins one per corrupt migration; every other migration is still returned.
 func (s *Store) Migrations(ctx context.Context) ([]flags.State, error) {
 	all, err := s.client.HGetAll(ctx, s.k.flags).Result()
 	if err != nil {
@@ -209,17 +239,17 @@ func (s *Store) Migrations(ctx context.Context) ([]flags.State, error) {
 	out := make([]flags.State, 0, len(all))
 	var bad []error
 	for m, doc := range all {
-		st, err := decode(m, doc)
+		st, err := decode(m, doc, s.revision(ctx, m))
 		if err != nil {
 			bad = append(bad, err)
 			continue
 		}
 		out = append(out, st)
 	}
-	if len(bad) > 0 {
-		return nil, errors.Join(bad...)
-	}
 	slices.SortFunc(out, func(a, b flags.State) int { return strings.Compare(a.Migration, b.Migration) })
+	if len(bad) > 0 {
+		return out, errors.Join(bad...)
+	}
 	return out, nil
 }
 
@@ -231,7 +261,7 @@ func (s *Store) AppendAudit(ctx context.Context, entry flags.AuditEntry) error {
 	if entry.At.IsZero() {
 		entry.At = time.Now().UTC()
 	}
-	doc, err := json.Marshal(entry)
+	doc, err := json.Marshal(entry.Capped())
 	if err != nil {
 		return fmt.Errorf("redisflags: append audit %s: %w", entry.Migration, err)
 	}

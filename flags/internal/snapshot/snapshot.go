@@ -16,6 +16,9 @@ import (
 	"time"
 
 	"github.com/open-feature/go-sdk/openfeature"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
 
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -53,6 +56,8 @@ type Config struct {
 	// attempts after a failure.
 	ReconnectMin, ReconnectMax time.Duration
 	Logger                     *slog.Logger
+	// MeterProvider receives the corrupt-flag metrics (default no-op).
+	MeterProvider metric.MeterProvider
 }
 
 // Engine implements openfeature.FeatureProvider, ContextAwareStateHandler and
@@ -64,11 +69,16 @@ type Engine struct {
 	snap atomic.Pointer[map[string]*flags.State]
 	mu   sync.Mutex // serialises snapshot updates and guards bad
 	// bad holds why stored documents failed to decode, so evaluating such a
-	// flag says what is wrong instead of "not found".
-	bad    map[string]error
-	events chan openfeature.Event
-	status atomic.Value // openfeature.State
-	synced atomic.Int64 // unix nanos of the last full sync
+	// flag says what is wrong instead of "not found". A flag that went bad
+	// keeps its last good state in snap.
+	bad map[string]error
+	// corrupt counts flags whose stored document does not decode (+1 when
+	// one goes bad, -1 when it heals); parseErrors counts each new problem.
+	corrupt     metric.Int64UpDownCounter
+	parseErrors metric.Int64Counter
+	events      chan openfeature.Event
+	status      atomic.Value // openfeature.State
+	synced      atomic.Int64 // unix nanos of the last full sync
 
 	stop    context.CancelFunc
 	done    chan struct{}
@@ -99,7 +109,20 @@ func New(backend Backend, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.MeterProvider == nil {
+		cfg.MeterProvider = noop.NewMeterProvider()
+	}
 	e := &Engine{cfg: cfg, backend: backend, events: make(chan openfeature.Event, 128), bad: map[string]error{}}
+	meter := cfg.MeterProvider.Meter("github.com/dimmer-dev/dimmer/flags")
+	var err error
+	if e.corrupt, err = meter.Int64UpDownCounter("dimmer.flags.corrupt",
+		metric.WithDescription("stage flags whose stored document does not decode; the provider serves their last good stage")); err != nil {
+		return nil, fmt.Errorf("%s: metric: %w", cfg.Name, err)
+	}
+	if e.parseErrors, err = meter.Int64Counter("dimmer.flags.parse_errors",
+		metric.WithDescription("changes of a stored stage flag document to one that does not decode")); err != nil {
+		return nil, fmt.Errorf("%s: metric: %w", cfg.Name, err)
+	}
 	empty := map[string]*flags.State{}
 	e.snap.Store(&empty)
 	e.status.Store(openfeature.NotReadyState)
@@ -149,6 +172,55 @@ func (e *Engine) Snapshot(migration string) (flags.State, bool) {
 		return flags.State{}, false
 	}
 	return *st, true
+}
+
+// Corrupt maps each flag whose stored document does not decode to the
+// reason. Such a flag keeps serving its last good stage when it had one.
+func (e *Engine) Corrupt() map[string]error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make(map[string]error, len(e.bad))
+	for k, v := range e.bad {
+		out[k] = v
+	}
+	return out
+}
+
+// markBad records that migration's stored document does not decode; called
+// with mu held. It reports (one log line, the metrics) only a change: a flag
+// going bad, or failing for another reason than before.
+func (e *Engine) markBad(migration string, err error, lastGood *flags.State) {
+	prev, was := e.bad[migration]
+	e.bad[migration] = err
+	if was && prev.Error() == err.Error() {
+		return
+	}
+	attrs := metric.WithAttributes(attribute.String("provider", e.cfg.Name), attribute.String("migration", migration))
+	ctx := context.Background()
+	e.parseErrors.Add(ctx, 1, attrs)
+	if !was {
+		e.corrupt.Add(ctx, 1, attrs)
+	}
+	serving := "the caller's fallback (no good stage was ever read)"
+	if lastGood != nil {
+		serving = fmt.Sprintf("last good stage %s (revision %d)", lastGood, lastGood.Revision)
+	}
+	e.cfg.Logger.Error("stored stage flag is corrupt; serving "+serving+" until it is fixed",
+		"provider", e.cfg.Name, "migration", migration, "err", err)
+}
+
+// markGood records that migration decodes (again); called with mu held.
+func (e *Engine) markGood(migration string, st *flags.State) {
+	if _, was := e.bad[migration]; !was {
+		return
+	}
+	delete(e.bad, migration)
+	e.corrupt.Add(context.Background(), -1, metric.WithAttributes(attribute.String("provider", e.cfg.Name), attribute.String("migration", migration)))
+	if st != nil {
+		e.cfg.Logger.Info("stored stage flag healed", "provider", e.cfg.Name, "migration", migration, "stage", st.String(), "revision", st.Revision)
+	} else {
+		e.cfg.Logger.Info("corrupt stage flag removed", "provider", e.cfg.Name, "migration", migration)
+	}
 }
 
 // Revisions maps every known migration to the revision being evaluated, for
@@ -289,7 +361,6 @@ func (e *Engine) resync(ctx context.Context) error {
 		decoded = append(decoded, st)
 	}
 	e.mu.Lock()
-	e.bad = bad
 	old := *e.snap.Load()
 	next := make(map[string]*flags.State, len(decoded))
 	var changed []string
@@ -306,9 +377,24 @@ func (e *Engine) resync(ctx context.Context) error {
 		}
 		next[st.Migration] = &st
 	}
-	for k := range old {
-		if _, ok := next[k]; !ok {
-			changed = append(changed, k)
+	for k, v := range old {
+		if _, ok := next[k]; ok {
+			continue
+		}
+		if _, isBad := bad[k]; isBad {
+			// Corrupt now: keep serving the last good stage rather than
+			// drop every key to the fallback.
+			next[k] = v
+			continue
+		}
+		changed = append(changed, k)
+	}
+	for m, err := range bad {
+		e.markBad(m, err, old[m])
+	}
+	for m := range e.bad {
+		if _, still := bad[m]; !still {
+			e.markGood(m, next[m])
 		}
 	}
 	e.snap.Store(&next)
@@ -333,9 +419,8 @@ func (e *Engine) apply(ctx context.Context, migration string, doc []byte) {
 		st, err = e.decode(migration, doc)
 	}
 	if doc == nil || err != nil {
-		if err != nil {
-			e.cfg.Logger.Warn("bad flag notification; reloading the flag", "provider", e.cfg.Name, "migration", migration, "err", err)
-		}
+		// A notification that does not decode is checked against the
+		// store, which reports it if the stored document is bad too.
 		var raw []byte
 		lctx, cancel := context.WithTimeout(ctx, e.LoadTimeout())
 		raw, found, err = e.backend.Load(lctx, migration)
@@ -348,18 +433,21 @@ func (e *Engine) apply(ctx context.Context, migration string, doc []byte) {
 		if found {
 			st, derr = e.decode(migration, raw)
 		}
-		e.mu.Lock()
 		if derr != nil {
-			// Malformed: drop it from the snapshot (the fallback is
-			// served, with the reason) rather than serve a stale stage.
-			e.bad[migration] = derr
-			found = false
-		} else {
-			delete(e.bad, migration)
+			// Corrupt: keep the last good stage (a service in live must
+			// not silently read old again), and say so once.
+			e.mu.Lock()
+			e.markBad(migration, derr, (*e.snap.Load())[migration])
+			e.mu.Unlock()
+			return
 		}
-		e.mu.Unlock()
 	}
 	e.mu.Lock()
+	if found {
+		e.markGood(migration, &st)
+	} else {
+		e.markGood(migration, nil)
+	}
 	old := *e.snap.Load()
 	prev, had := old[migration]
 	if found && had && prev.Revision >= st.Revision {

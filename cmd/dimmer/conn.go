@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
+)
+
+// defaultTimeout bounds connecting and each statement (--timeout).
+const defaultTimeout = 10 * time.Second
+
+// openPool parses a Postgres URL or keyword DSN given as what (a flag or an
+// environment variable), opens a pool whose connections give up connecting
+// after --timeout (each attempt: pgx tries TLS, then plain) and, with
+// stmtTimeout, whose statements the server cancels after --timeout, and
+// checks the server answers within --timeout. A string that does not parse
+// is bad usage; a server that does not answer is an error naming it.
+func (c *cli) openPool(ctx context.Context, what, url string, stmtTimeout bool) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, usagef("%s: %v", what, err)
+	}
+	cfg.ConnConfig.ConnectTimeout = c.timeout
+	if stmtTimeout {
+		cfg.ConnConfig.RuntimeParams["statement_timeout"] = strconv.FormatInt(c.timeout.Milliseconds(), 10)
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("%s %s: not reachable within --timeout %v: %w", what, maskDSN(url), c.timeout, err)
+	}
+	return pool, nil
+}
+
+// openRedis parses a redis:// URL given as what, returns a client whose
+// dials, reads and writes give up after --timeout, and checks the server
+// answers within --timeout. A URL that does not parse is bad usage.
+func (c *cli) openRedis(ctx context.Context, what, url string) (*redis.Client, error) {
+	opts, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, usagef("%s: %v", what, err)
+	}
+	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = c.timeout, c.timeout, c.timeout
+	client := redis.NewClient(opts)
+	pctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	if err := client.Ping(pctx).Err(); err != nil {
+		client.Close()
+		return nil, fmt.Errorf("%s %s: not reachable within --timeout %v: %w", what, maskDSN(url), c.timeout, err)
+	}
+	return client, nil
+}
+
+// go-redis prints to its own logger (stderr, unredacted, e.g. four lines
+// before giving up on a mute server). The CLI routes it to the current run's
+// slog logger at debug level, which the default level hides.
+var (
+	redisLogOnce sync.Once
+	redisLog     atomic.Pointer[slog.Logger]
+)
+
+type redisSlog struct{}
+
+func (redisSlog) Printf(ctx context.Context, format string, v ...any) {
+	if l := redisLog.Load(); l != nil {
+		l.DebugContext(ctx, "go-redis: "+fmt.Sprintf(format, v...))
+	}
+}
+
+func routeRedisLogs(l *slog.Logger) {
+	redisLog.Store(l)
+	redisLogOnce.Do(func() { redis.SetLogger(redisSlog{}) })
+}

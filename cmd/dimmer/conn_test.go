@@ -1,0 +1,109 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/dimmertest"
+)
+
+// muteServer accepts connections on loopback and never answers.
+func muteServer(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	})
+	return ln.Addr().String()
+}
+
+// A server that accepts and never answers costs --timeout, not minutes, and
+// the error names the store. go-redis prints nothing of its own.
+func TestCLIMuteServerTimesOut(t *testing.T) {
+	addr := muteServer(t)
+	// go-redis's own logger writes to the process's stderr: catch it.
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	realStderr := os.Stderr
+	os.Stderr = w
+	var leaked []byte
+	done := make(chan struct{})
+	go func() { leaked, _ = io.ReadAll(r); close(done) }()
+	defer func() {
+		os.Stderr = realStderr
+	}()
+
+	for _, tc := range []struct {
+		args []string
+		name string
+	}{
+		{[]string{"--store", "postgres://u@" + addr + "/db", "stage", "get", "orders"}, "flag store --store postgres://u@" + addr},
+		{[]string{"--store", "host=127.0.0.1 port=" + addr[len("127.0.0.1:"):] + " user=u", "status"}, "flag store --store host=127.0.0.1"},
+		{[]string{"--store", "redis://" + addr + "/0", "stage", "get", "orders"}, "flag store --store redis://" + addr},
+		{[]string{"outbox", "status", "--db", "postgres://u@" + addr + "/db"}, "outbox database --db"},
+		{[]string{"backfill", "status", "--db", "postgres://u@" + addr + "/db"}, "backfill database --db"},
+		{[]string{"schema", "status", "--db", "postgres://u@" + addr + "/db"}, "schema database --db"},
+	} {
+		start := time.Now()
+		res := dimmer(t, nil, append([]string{"--timeout", "1s"}, tc.args...)...)
+		took := time.Since(start)
+		assert.Equal(t, exitError, res.code, "%v: %s", tc.args, res.stderr)
+		assert.Less(t, took, 4*time.Second, "%v: a mute server must cost about --timeout", tc.args)
+		assert.Contains(t, res.stderr, tc.name, "%v: the error names the store", tc.args)
+		assert.Contains(t, res.stderr, "not reachable within --timeout 1s", "%v", tc.args)
+	}
+	res := dimmer(t, nil, "--timeout", "0s", "--store", "redis://"+addr, "stage", "get", "orders")
+	assert.Equal(t, exitUsage, res.code)
+
+	os.Stderr = realStderr
+	require.NoError(t, w.Close())
+	<-done
+	assert.Empty(t, string(leaked), "nothing may bypass the CLI's logger")
+}
+
+// A statement that waits (here on the flag store's install lock, held by
+// another session) is cancelled by the server after --timeout.
+func TestCLIStatementTimeout(t *testing.T) {
+	t.Parallel()
+	pool, schema := dimmertest.Schema(t)
+	conn, err := pool.Acquire(context.Background())
+	require.NoError(t, err)
+	defer conn.Release()
+	_, err = conn.Exec(context.Background(), `SELECT pg_advisory_lock(hashtextextended($1, 0))`, "dimmer/pgflags/install/"+schema)
+	require.NoError(t, err)
+	defer func() {
+		_, _ = conn.Exec(context.Background(), `SELECT pg_advisory_unlock_all()`)
+	}()
+	start := time.Now()
+	r := dimmer(t, []string{"--timeout", "1s", "--store", dimmertest.PostgresURL(), "--schema", schema}, "stage", "get", "orders")
+	assert.Equal(t, exitError, r.code, r.stderr)
+	assert.Less(t, time.Since(start), 5*time.Second)
+	assert.Contains(t, r.stderr, "statement timeout")
+}

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"io"
+	"net/url"
+	"os"
+	"regexp"
+	"sort"
+	"strings"
+)
+
+// Passwords never reach the CLI's output. Two layers keep them out:
+//
+//   - maskDSN masks every password position of the connection strings
+//     pgx and go-redis accept wherever they are echoed: URL userinfo
+//     (postgres://u:pw@, redis://:pw@), password= and sslpassword= in a
+//     URL query or a keyword DSN (host=... password=...), quoted or not.
+//   - a redactor learns the passwords given to this run (arguments and
+//     DIMMER_* / PG* environment variables) and replaces them in every
+//     byte written to stdout and stderr, so a password a client library
+//     quotes in an unexpected shape is caught too.
+var (
+	userinfoPW = regexp.MustCompile(`(://[^:/@\s]*:)([^@\s]*)@`)
+	keywordPW  = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&'"]+)`)
+)
+
+const masked = "***"
+
+// maskDSN masks the passwords of connection strings inside s.
+func maskDSN(s string) string {
+	s = userinfoPW.ReplaceAllString(s, "${1}"+masked+"@")
+	return keywordPW.ReplaceAllString(s, "${1}"+masked)
+}
+
+// secretsIn returns the passwords written in s, raw and decoded.
+func secretsIn(s string) []string {
+	var out []string
+	add := func(v string) {
+		v = strings.Trim(v, "'")
+		if v == "" || v == masked {
+			return
+		}
+		out = append(out, v)
+		if d, err := url.PathUnescape(v); err == nil && d != v {
+			out = append(out, d)
+		}
+		if d, err := url.QueryUnescape(v); err == nil && d != v {
+			out = append(out, d)
+		}
+		if u := strings.ReplaceAll(v, `\'`, `'`); u != v {
+			out = append(out, strings.ReplaceAll(u, `\\`, `\`))
+		}
+	}
+	for _, m := range userinfoPW.FindAllStringSubmatch(s, -1) {
+		add(m[2])
+	}
+	for _, m := range keywordPW.FindAllStringSubmatch(s, -1) {
+		add(m[2])
+	}
+	return out
+}
+
+// minSecret: shorter values are masked where they stand in a connection
+// string but not hunted in free text, where they would mangle everything.
+const minSecret = 4
+
+// redactor replaces known passwords in text.
+type redactor struct{ secrets []string }
+
+// newRedactor learns the passwords in args and in the environment
+// variables dimmer and libpq read.
+func newRedactor(args []string, environ []string) *redactor {
+	var all []string
+	for _, a := range args {
+		all = append(all, secretsIn(a)...)
+	}
+	for _, kv := range environ {
+		k, v, _ := strings.Cut(kv, "=")
+		switch {
+		case k == "PGPASSWORD" || k == "REDIS_PASSWORD":
+			all = append(all, v)
+		case strings.HasPrefix(k, "DIMMER_") || strings.HasPrefix(k, "PG") || strings.HasPrefix(k, "REDIS"):
+			all = append(all, secretsIn(v)...)
+		}
+	}
+	seen := map[string]bool{}
+	r := &redactor{}
+	for _, s := range all {
+		if len(s) >= minSecret && !seen[s] {
+			seen[s] = true
+			r.secrets = append(r.secrets, s)
+		}
+	}
+	// Longest first, so a password containing another is masked whole.
+	sort.Slice(r.secrets, func(i, j int) bool { return len(r.secrets[i]) > len(r.secrets[j]) })
+	return r
+}
+
+// String masks connection strings and every known password in s.
+func (r *redactor) String(s string) string {
+	s = maskDSN(s)
+	for _, sec := range r.secrets {
+		if strings.Contains(s, sec) {
+			s = strings.ReplaceAll(s, sec, masked)
+		}
+	}
+	return s
+}
+
+// writer wraps w so nothing written through it carries a known password.
+func (r *redactor) writer(w io.Writer) io.Writer { return &redactWriter{w: w, r: r} }
+
+type redactWriter struct {
+	w io.Writer
+	r *redactor
+}
+
+func (rw *redactWriter) Write(p []byte) (int, error) {
+	if _, err := io.WriteString(rw.w, rw.r.String(string(p))); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// environ is the process environment (a variable so tests can pass their own).
+var environ = os.Environ

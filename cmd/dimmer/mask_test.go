@@ -1,0 +1,99 @@
+package main
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/dimmertest"
+)
+
+func TestMaskDSN(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{
+		"postgres://u:pw1234@h:5432/db":                           "postgres://u:***@h:5432/db",
+		"postgresql://u@h/db?sslmode=disable&password=pw1234":     "postgresql://u@h/db?sslmode=disable&password=***",
+		"postgres://u@h/db?sslpassword=pw1234":                    "postgres://u@h/db?sslpassword=***",
+		"host=h user=u password=pw1234 dbname=d":                  "host=h user=u password=*** dbname=d",
+		"host=h password = 'p w\\'1234' dbname=d":                 "host=h password = *** dbname=d",
+		"redis://:pw1234@127.0.0.1:6379/0":                        "redis://:***@127.0.0.1:6379/0",
+		"rediss://default:pw1234@127.0.0.1:6379/0?dial_timeout=1": "rediss://default:***@127.0.0.1:6379/0?dial_timeout=1",
+		"redis://127.0.0.1:6379/0?password=pw1234":                "redis://127.0.0.1:6379/0?password=***",
+		"postgres://u@h/db":                                       "postgres://u@h/db",
+	} {
+		assert.Equal(t, want, maskDSN(in), in)
+		assert.NotContains(t, maskDSN("error: cannot reach `"+in+"` now"), "pw1234")
+	}
+	r := newRedactor([]string{"--store", "postgres://u:S%40cret99@h/db"}, []string{"PGPASSWORD=fromenv1", "DIMMER_DB=host=h password=kv-secret"})
+	assert.Equal(t, "a *** b *** c *** d ***", r.String("a S%40cret99 b S@cret99 c fromenv1 d kv-secret"))
+}
+
+// A battery of failing (and some succeeding) commands, each given a known
+// password in one of the forms pgx and go-redis accept: the password appears
+// in no output, whatever the command, the error or the help.
+func TestCLINoSecretInOutput(t *testing.T) {
+	const secret = "Sup3rS3cretPw"
+	const encoded = "Pa%40ss0rdX" // decodes to Pa@ss0rdX
+	_, schema := dimmertest.Schema(t)
+	_, prefix := dimmertest.Redis(t)
+	goodPG := "postgres://postgres:" + secret + "@127.0.0.1:5432/postgres"
+	if u := dimmertest.PostgresURL(); !strings.Contains(u, "@") {
+		goodPG = strings.Replace(u, "://", "://postgres:"+secret+"@", 1)
+	}
+	valid := []string{"--store", goodPG, "--schema", schema}
+	battery := [][]string{
+		{"--store", "host=127.0.0.1 port=1 user=u password=" + secret + " dbname=d connect_timeout=2", "stage", "get", "orders"},
+		{"--store", "host=127.0.0.1 password=" + secret + " sslmode=bogus", "stage", "get", "orders"},
+		{"--store", "host=127.0.0.1 port=1 password='" + secret + "' connect_timeout=2", "status"},
+		{"--store", "postgres://u@127.0.0.1:1/db?password=" + secret + "&connect_timeout=2", "stage", "get", "orders"},
+		{"--store", "postgres://u:" + secret + "@127.0.0.1:1/db?connect_timeout=2", "stage", "get", "orders"},
+		{"--store", "postgres://u:" + encoded + "@127.0.0.1:1/db?connect_timeout=2", "stage", "get", "orders"},
+		{"--store", "postgres://u:" + secret + "@127.0.0.1:5432/db?sslmode=bogus", "stage", "get", "orders"},
+		{"--store", "postgres://u:" + secret + "@[::1", "stage", "get", "orders"},
+		{"--store", "redis://:" + secret + "@127.0.0.1:1/0", "stage", "get", "orders"},
+		{"--store", "redis://default:" + secret + "@127.0.0.1:6379/0", "--prefix", prefix, "stage", "get", "orders"},
+		{"--store", "redis://u:" + secret + "@127.0.0.1:6379/notadb", "stage", "get", "orders"},
+		{"--store", "mysql://u:" + secret + "@127.0.0.1/db", "stage", "get", "orders"},
+		{"outbox", "status", "--db", "postgres://u:" + secret + "@127.0.0.1:1/db?connect_timeout=2"},
+		{"schema", "status", "--db", "host=127.0.0.1 port=1 password=" + secret + " connect_timeout=2"},
+		{"backfill", "status", "--db", "postgresql://u:" + secret + "@127.0.0.1:1/db?connect_timeout=2"},
+		{"outbox", "relay", "--publisher", "redis", "--redis", "redis://:" + secret + "@127.0.0.1:1", "--db", goodPG, "--schema", schema},
+		{"frobnicate", "postgres://u:" + secret + "@h/db"},
+		{"stage", "get", "password=" + secret},
+		append(append([]string{}, valid...), "status"),
+		append(append([]string{"--actor", "ops postgres://a:" + secret + "@h/db"}, valid...),
+			"stage", "set", "orders", "dualwrite", "--force", "--reason", "rotated password="+secret),
+		append(append([]string{}, valid...), "audit", "orders"),
+		append(append([]string{}, valid...), "status", "orders"),
+	}
+	check := func(args []string, r result) {
+		t.Helper()
+		for _, s := range []string{secret, encoded, "Pa@ss0rdX"} {
+			assert.NotContains(t, r.stdout, s, "%q: stdout", args)
+			assert.NotContains(t, r.stderr, s, "%q: stderr", args)
+		}
+	}
+	for _, args := range battery {
+		r := dimmer(t, nil, args...)
+		check(args, r)
+	}
+	r := dimmer(t, nil, append(append([]string{}, valid...), "audit", "orders")...)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "by ops postgres://a:***@h/db: rotated password=***", "the audit shows the masked actor and reason")
+
+	// Defaults taken from the environment are shown by every --help.
+	t.Setenv("DIMMER_STORE", "postgres://u:"+secret+"@127.0.0.1:1/db")
+	t.Setenv("DIMMER_OUTBOX_DB", "host=127.0.0.1 password="+secret)
+	t.Setenv("DIMMER_REDIS_URL", "redis://:"+secret+"@127.0.0.1:1")
+	for _, args := range [][]string{{"--help"}, {"stage", "set", "--help"}, {"outbox", "--help"}, {"outbox", "relay", "--help"}, {"schema", "--help"}, {"backfill", "--help"}, {"stage", "get", "orders"}} {
+		r := dimmer(t, nil, args...)
+		check(args, r)
+		if args[len(args)-1] == "--help" {
+			assert.Equal(t, exitOK, r.code, "%v", args)
+		}
+	}
+	r = dimmer(t, nil, "--help")
+	assert.Contains(t, r.stdout, "postgres://u:***@127.0.0.1:1/db")
+}
