@@ -3,6 +3,7 @@ package dualwrite_test
 import (
 	"context"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -21,7 +22,7 @@ import (
 //
 // Write is timed against the same stage evaluation plus bare calls of the
 // user functions the stage writes (the authoritative one, and the secondary
-// one where the stage has a secondary), interleaved in the same process,
+// one where the stage has a secondary), interleaved in the same process (the median of 21 rounds),
 // and its allocations are counted. While Write is measured, the secondary
 // worker is held, so what is timed and counted is the caller's path alone
 // and not the background writes competing with it for the machine's two
@@ -31,6 +32,10 @@ import (
 // logged: the wall-clock overhead with the workers running alongside, which
 // on a small loaded machine includes their share of the cores.
 func BenchmarkRouteOverhead(b *testing.B) {
+	// Untimed first pass: it grows the heap to hold the tasks queued behind
+	// the held worker (fresh pages, GC pacing), a cost of this measurement
+	// and not of the route; measured first, it would land on one stage.
+	_ = measureRoute(b, flags.Live)
 	for _, st := range flags.Stages() {
 		m := measureRoute(b, st)
 		benchgoal.Report(b, "dualwrite_route_overhead_"+st.String()+"_ns", m.ns, "ns", benchgoal.AtMost, 2000)
@@ -59,7 +64,7 @@ func benchWrite(_ context.Context, in memIn) (int, error) { return in.v, nil }
 func benchKey(in memIn) string { return in.key }
 
 func measureRoute(b *testing.B, st flags.Stage) routeCost {
-	const n, allocRuns, warm = 100_000, 20_000, 100
+	const n, allocRuns, warm = 105_000, 20_000, 100
 	gate := make(chan struct{})
 	held := func(ctx context.Context, in memIn) (int, error) { <-gate; return benchWrite(ctx, in) }
 	fns := [3]dualwrite.Func[memIn, int]{flags.Old: benchWrite, flags.New: benchWrite}
@@ -78,15 +83,15 @@ func measureRoute(b *testing.B, st flags.Stage) routeCost {
 	for i := range warm { // lazily built state is not the route
 		_, _ = w.Write(ctx, ins[i%len(ins)])
 	}
-	var through, direct time.Duration
-	for round := range 5 {
+	perRound := make([]float64, 0, rounds)
+	for round := range rounds {
 		start := time.Now()
-		for i := range n / 5 {
+		for i := range n / rounds {
 			_, _ = w.Write(ctx, ins[(round+i)%len(ins)])
 		}
-		through += time.Since(start)
+		through := time.Since(start)
 		start = time.Now()
-		for i := range n / 5 {
+		for i := range n / rounds {
 			in := ins[(round+i)%len(ins)]
 			_, _ = src(ctx, "bench", in.key)
 			_, _ = benchWrite(ctx, in)
@@ -94,7 +99,7 @@ func measureRoute(b *testing.B, st flags.Stage) routeCost {
 				_, _ = benchWrite(ctx, in)
 			}
 		}
-		direct += time.Since(start)
+		perRound = append(perRound, float64(through-time.Since(start))/(n/rounds))
 	}
 	var before, after, drained runtime.MemStats
 	runtime.ReadMemStats(&before)
@@ -107,7 +112,7 @@ func measureRoute(b *testing.B, st flags.Stage) routeCost {
 	runtime.ReadMemStats(&drained)
 	require.Zero(b, repairs.Load(), "%s: writes were shed or failed; the route was not what was measured", st)
 	return routeCost{
-		ns:         float64(through-direct) / n,
+		ns:         medianOf(perRound),
 		allocs:     float64(after.Mallocs-before.Mallocs) / allocRuns,
 		background: float64(drained.Mallocs-after.Mallocs) / float64(n+allocRuns+warm),
 	}
@@ -117,7 +122,7 @@ func measureRoute(b *testing.B, st flags.Stage) routeCost {
 // running alongside the caller; here handing a write to an idle worker
 // wakes it, which the caller pays for.
 func routeWallNanos(b *testing.B, st flags.Stage) float64 {
-	const n = 100_000
+	const n = 105_000
 	src := fixedStage(st)
 	log := dualwrite.RepairLogFunc(func(context.Context, dualwrite.Repair) error { return nil })
 	w, err := dualwrite.New("bench", src, benchWrite, benchWrite, benchKey, dualwrite.WithRepairLog(log),
@@ -126,15 +131,15 @@ func routeWallNanos(b *testing.B, st flags.Stage) float64 {
 	ctx := context.Background()
 	ins := benchInputs()
 	both := st.Secondary() != flags.NoSide
-	var through, direct time.Duration
-	for round := range 5 {
+	perRound := make([]float64, 0, rounds)
+	for round := range rounds {
 		start := time.Now()
-		for i := range n / 5 {
+		for i := range n / rounds {
 			_, _ = w.Write(ctx, ins[(round+i)%len(ins)])
 		}
-		through += time.Since(start)
+		through := time.Since(start)
 		start = time.Now()
-		for i := range n / 5 {
+		for i := range n / rounds {
 			in := ins[(round+i)%len(ins)]
 			_, _ = src(ctx, "bench", in.key)
 			_, _ = benchWrite(ctx, in)
@@ -142,8 +147,19 @@ func routeWallNanos(b *testing.B, st flags.Stage) float64 {
 				_, _ = benchWrite(ctx, in)
 			}
 		}
-		direct += time.Since(start)
+		perRound = append(perRound, float64(through-time.Since(start))/(n/rounds))
 	}
 	require.NoError(b, w.Close())
-	return float64(through-direct) / n
+	return medianOf(perRound)
+}
+
+// rounds is how many interleaved rounds of the call and its baseline are
+// timed; the overhead is the median of the rounds', so a burst of load from
+// a neighbour on the shared machine moves one round, not the result.
+const rounds = 21
+
+func medianOf(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
