@@ -1,25 +1,17 @@
-// Package dimmertest gives each test its own slice of the real PostgreSQL
-// and Redis servers named by DIMMER_POSTGRES_URL and DIMMER_REDIS_URL: a
-// fresh database or schema, or a Redis key prefix, removed when the test
-// ends, so tests run in parallel and leave nothing behind. dimmer's own
-// modules test with it, and so can a service testing its migration against
-// real stores.
-//
-// When a server does not answer, the test is skipped, unless CI=true, where it
-// fails: `make test` always starts the servers, so a skip there would hide a
-// broken set-up.
 package dimmertest
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"net/url"
 	"os"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 )
@@ -73,6 +65,15 @@ func ctx(t testing.TB) context.Context {
 
 // Database creates an empty database for the test and returns its URL. The
 // database is dropped (with its connections forced closed) when the test ends.
+//
+// Where the test user may not create databases (no CREATEDB, as on many
+// managed servers), Database says so in the test log and falls back to a
+// schema of its own in the database of DIMMER_POSTGRES_URL: the URL it
+// returns then sets search_path to that schema, which is dropped when the
+// test ends. Tables, types and functions stay apart as with a database;
+// what is database-wide (LISTEN channels, replication slots, pg_stat views)
+// is shared with other tests, so name such things after the schema. If the
+// user may create neither, the test fails naming the grants it needs.
 func Database(t testing.TB) string {
 	t.Helper()
 	admin, err := pgx.Connect(ctx(t), PostgresURL())
@@ -80,8 +81,22 @@ func Database(t testing.TB) string {
 		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
 	}
 	defer admin.Close(context.Background())
+	u, err := url.Parse(PostgresURL())
+	if err != nil {
+		t.Fatalf("DIMMER_POSTGRES_URL: %v", err)
+	}
 	name := Name("dimmer_t_")
-	if _, err := admin.Exec(ctx(t), "CREATE DATABASE "+name); err != nil {
+	_, err = admin.Exec(ctx(t), "CREATE DATABASE "+name)
+	if isInsufficientPrivilege(err) {
+		t.Logf("dimmertest: the test user cannot create databases (%v); using schema %s in database %q instead",
+			err, name, admin.Config().Database)
+		createSchema(t, admin, name)
+		q := u.Query()
+		q.Set("search_path", name)
+		u.RawQuery = q.Encode()
+		return u.String()
+	}
+	if err != nil {
 		t.Fatalf("create database %s: %v", name, err)
 	}
 	t.Cleanup(func() {
@@ -97,12 +112,42 @@ func Database(t testing.TB) string {
 			t.Errorf("drop database %s: %v", name, err)
 		}
 	})
-	u, err := url.Parse(PostgresURL())
-	if err != nil {
-		t.Fatalf("DIMMER_POSTGRES_URL: %v", err)
-	}
 	u.Path = "/" + name
 	return u.String()
+}
+
+// isInsufficientPrivilege reports whether err is PostgreSQL's
+// insufficient_privilege (42501).
+func isInsufficientPrivilege(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "42501"
+}
+
+// createSchema creates schema name through admin and drops it when the test
+// ends; a user without the right to is told which grant it lacks.
+func createSchema(t testing.TB, admin *pgx.Conn, name string) {
+	t.Helper()
+	if _, err := admin.Exec(ctx(t), "CREATE SCHEMA "+name); err != nil {
+		if isInsufficientPrivilege(err) {
+			t.Fatalf("create schema %s: the test user %q may create neither databases nor schemas in database %q; "+
+				"grant one: ALTER ROLE %[2]s CREATEDB, or GRANT CREATE ON DATABASE %[3]s TO %[2]s: %[4]v",
+				name, admin.Config().User, admin.Config().Database, err)
+		}
+		t.Fatalf("create schema %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(c, PostgresURL())
+		if err != nil {
+			t.Errorf("drop schema %s: %v", name, err)
+			return
+		}
+		defer conn.Close(c)
+		if _, err := conn.Exec(c, "DROP SCHEMA IF EXISTS "+name+" CASCADE"); err != nil {
+			t.Errorf("drop schema %s: %v", name, err)
+		}
+	})
 }
 
 // Pool opens a pool on url, closed when the test ends.
@@ -132,22 +177,7 @@ func Schema(t testing.TB) (*pgxpool.Pool, string) {
 		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
 	}
 	defer admin.Close(context.Background())
-	if _, err := admin.Exec(ctx(t), "CREATE SCHEMA "+name); err != nil {
-		t.Fatalf("create schema %s: %v", name, err)
-	}
-	t.Cleanup(func() {
-		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(c, PostgresURL())
-		if err != nil {
-			t.Errorf("drop schema %s: %v", name, err)
-			return
-		}
-		defer conn.Close(c)
-		if _, err := conn.Exec(c, "DROP SCHEMA IF EXISTS "+name+" CASCADE"); err != nil {
-			t.Errorf("drop schema %s: %v", name, err)
-		}
-	})
+	createSchema(t, admin, name)
 	cfg, err := pgxpool.ParseConfig(PostgresURL())
 	if err != nil {
 		t.Fatalf("DIMMER_POSTGRES_URL: %v", err)

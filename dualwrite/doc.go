@@ -1,8 +1,8 @@
 // Package dualwrite routes a migration's writes by its stage flag: to the old
 // store, to both, or to the new one, with the authoritative side deciding the
-// caller's result (DESIGN §1). The routing comes from the stage's own methods
-// ([flags.Stage.Authoritative], [flags.Stage.Secondary]); this package holds
-// no copy of the stage table.
+// caller's result (the stage model of the README). The routing comes from the
+// stage's own methods ([flags.Stage.Authoritative], [flags.Stage.Secondary]);
+// this package holds no copy of the stage table.
 //
 // A [Writer] is generic over the input and the result of a write:
 //

@@ -218,7 +218,7 @@ type RepairStats interface {
 var _ RepairStats = (*outbox.Outbox)(nil)
 
 // NoPendingRepairsGuard is the go/no-go check "no pending repairs before
-// complete" (DESIGN §1): complete stops writing old, so a key whose sides
+// complete" (a guard of [flags.Controller]): complete stops writing old, so a key whose sides
 // still differ would keep its difference for good. It applies to every
 // transition that moves keys into complete and fails while ob holds any
 // undelivered repair message of the migration ([RepairTopic]), naming how

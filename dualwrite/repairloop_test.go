@@ -494,10 +494,19 @@ func TestWatchdogStepsBackOnSecondaryWriteErrors(t *testing.T) {
 		st, _ := source.Stage(ctx(t), pairMigration, "k")
 		return st == flags.Shadow
 	}, 5*time.Second, 10*time.Millisecond)
-	wd, err := flags.NewWatchdog(ctrl, flags.WatchdogConfig{Window: 6 * time.Second, MinSamples: 200, MaxErrorRate: 0.05},
+	// A window that holds every write even on a slow machine: with a short
+	// one, the first writes could leave it before the last is made.
+	wd, err := flags.NewWatchdog(ctrl, flags.WatchdogConfig{Window: time.Minute, MinSamples: 200, MaxErrorRate: 0.05},
 		flags.WithWatchdogLogger(slog.New(slog.DiscardHandler)))
 	require.NoError(t, err)
-	time.Sleep(300 * time.Millisecond) // observations from the slot (100ms) of the last change are not judged
+	// The watchdog does not judge observations from the slot (Window/60) in
+	// which the migration last changed: they may belong to the stage before.
+	// Write only once a slot that starts after the last change has begun.
+	last, err := store.Load(ctx(t), pairMigration)
+	require.NoError(t, err)
+	const slot = time.Minute / 60
+	require.Eventually(t, func() bool { return time.Now().Truncate(slot).After(last.UpdatedAt) },
+		5*time.Second, 5*time.Millisecond, "a slot after the last change (%v) begins", last.UpdatedAt)
 
 	log, err := dualwrite.NewOutboxRepairLog(p.ob, p.old, dualwrite.RepairTopic(pairMigration))
 	require.NoError(t, err)

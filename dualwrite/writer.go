@@ -237,14 +237,15 @@ func (w *Writer[In, Out]) secondary(ctx context.Context, stage flags.Stage, side
 		return
 	}
 	// Detached: the caller returning (and cancelling) must not abort a
-	// write the stores are already half way through agreeing on.
-	dctx := context.WithoutCancel(ctx)
-	ok, err := w.pool.TrySubmit(key, func() { w.runSecondary(dctx, stage, side, key, in) })
+	// write the stores are already half way through agreeing on. Detached
+	// on the worker: the caller's path pays one closure, not also the
+	// context wrapper.
+	ok, err := w.pool.TrySubmit(key, func() { w.runSecondary(context.WithoutCancel(ctx), stage, side, key, in) })
 	switch {
 	case err != nil:
-		w.repair(dctx, Repair{Migration: w.migration, Key: key, Stage: stage, Side: side, Reason: ReasonClosed, Err: err.Error()})
+		w.repair(ctx, Repair{Migration: w.migration, Key: key, Stage: stage, Side: side, Reason: ReasonClosed, Err: err.Error()})
 	case !ok:
-		w.repair(dctx, Repair{Migration: w.migration, Key: key, Stage: stage, Side: side, Reason: ReasonShed})
+		w.repair(ctx, Repair{Migration: w.migration, Key: key, Stage: stage, Side: side, Reason: ReasonShed})
 	}
 }
 

@@ -1,8 +1,9 @@
 // Package shadowread routes a migration's reads by its stage flag and, in the
 // stages that compare (shadow: new read behind old; live: old read behind
 // new), reads the other side in the background and compares the results
-// (DESIGN §1). The routing comes from [flags.Stage.Reads] and
-// [flags.Stage.Compared]; this package holds no copy of the stage table.
+// (the stage model of the README). The routing comes from
+// [flags.Stage.Reads] and [flags.Stage.Compared]; this package holds no copy
+// of the stage table.
 //
 //	r, err := shadowread.New("users_to_redis", source, readOld, readNew, userID,
 //		shadowread.WithComparator(shadowread.DeepCompare[User](shadowread.IgnorePaths("UpdatedAt"))),

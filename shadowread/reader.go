@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -166,7 +167,7 @@ type shadowTask[Out any] struct {
 	key       string
 	served    flags.Side
 	shadow    flags.Side
-	done      chan struct{} // closed once out and err are set
+	ready     handoff // published once out and err are set
 	out       Out
 	err       error
 	servedLat time.Duration
@@ -187,16 +188,17 @@ func (r *Reader[In, Out]) Read(ctx context.Context, in In) (Out, error) {
 		out, _, err := r.call(ctx, stage, served, roleServed, in)
 		return out, err
 	}
-	t := &shadowTask[Out]{stage: stage, key: key, served: served, shadow: shadow, done: make(chan struct{})}
+	t := &shadowTask[Out]{stage: stage, key: key, served: served, shadow: shadow}
 	if r.cfg.wait {
 		out, lat, err := r.call(ctx, stage, served, roleServed, in)
 		t.out, t.err, t.servedLat = out, err, lat
-		close(t.done)
+		t.ready.publish()
 		r.runShadow(context.WithoutCancel(ctx), t, in)
 		return out, err
 	}
-	dctx := context.WithoutCancel(ctx)
-	ok, perr := r.pool.TrySubmit(func() { r.runShadow(dctx, t, in) })
+	// Detached on the worker: the caller's path pays one closure, not also
+	// the context wrapper.
+	ok, perr := r.pool.TrySubmit(func() { r.runShadow(context.WithoutCancel(ctx), t, in) })
 	if !ok {
 		// Shed (full queue) or closed: either way this read is not compared.
 		_ = perr
@@ -205,9 +207,49 @@ func (r *Reader[In, Out]) Read(ctx context.Context, in In) (Out, error) {
 	out, lat, err := r.call(ctx, stage, served, roleServed, in)
 	if ok {
 		t.out, t.err, t.servedLat = out, err, lat
-		close(t.done)
+		t.ready.publish()
 	}
 	return out, err
+}
+
+// handoff tells the comparison that the served result is set. The caller
+// only flips a flag; a channel is made, by the worker, only when the worker
+// has to wait for the served read, so the caller's path allocates nothing
+// for it.
+type handoff struct {
+	state atomic.Uint32 // handoffPending, handoffReady or handoffWaiting
+	wait  chan struct{} // set by the worker before it announces handoffWaiting
+}
+
+const (
+	handoffPending uint32 = iota
+	handoffReady
+	handoffWaiting
+)
+
+// publish marks the served result set (and wakes a waiting worker).
+func (h *handoff) publish() {
+	if !h.state.CompareAndSwap(handoffPending, handoffReady) {
+		close(h.wait) // the worker is waiting: state is handoffWaiting
+	}
+}
+
+// await reports whether the served result is set, waiting for it until ctx
+// ends.
+func (h *handoff) await(ctx context.Context) bool {
+	if h.state.Load() == handoffReady {
+		return true
+	}
+	h.wait = make(chan struct{})
+	if !h.state.CompareAndSwap(handoffPending, handoffWaiting) {
+		return true // published meanwhile
+	}
+	select {
+	case <-h.wait:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 func (r *Reader[In, Out]) rate(ctx context.Context, key string) float64 {
@@ -255,9 +297,7 @@ func (r *Reader[In, Out]) runShadow(ctx context.Context, t *shadowTask[Out], in 
 			r.observe(obs)
 		}
 	}()
-	select {
-	case <-t.done:
-	case <-sctx.Done():
+	if !t.ready.await(sctx) {
 		// The served read outlived the shadow deadline: nothing to compare.
 		r.m.compared(ctx, resShadowError)
 		return

@@ -1,18 +1,3 @@
-// Package inbox de-duplicates messages on the consumer side: a consumer
-// records (consumer, message id) in the same transaction as the effect of
-// the message, so a message delivered again (at-least-once: a relay crashed
-// between publish and acknowledgement, a consumer crashed before committing
-// its offset or XACK) is recognised and skipped, and the effect happens
-// exactly once.
-//
-//	tx, _ := pool.Begin(ctx)
-//	first, err := in.Mark(ctx, tx, "billing", msgID)
-//	if first { apply(ctx, tx, msg) }
-//	tx.Commit(ctx)          // then commit the offset / XACK
-//
-// Two consumers handling the same message at once serialise on the row:
-// the second waits for the first's transaction and then sees first=false
-// (or first=true if the first rolled back).
 package inbox
 
 import (

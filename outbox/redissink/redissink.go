@@ -1,11 +1,3 @@
-// Package redissink publishes outbox records to Redis Streams with XADD.
-//
-// Each record becomes one stream entry in the stream named prefix+topic,
-// with the fields "id" (the message ID, for consumers' de-duplication),
-// "key", "payload" and one "h:<name>" field per header. A batch is sent as
-// one pipeline; each XADD's own reply decides whether its record counts as
-// published. With MaxLen set, XADD trims the stream approximately (~), so
-// it stays bounded without slowing every write.
 package redissink
 
 import (

@@ -1,6 +1,3 @@
-// Package shadowtest is the test mode of shadowread: a reader option that
-// makes every mismatch (and every comparator panic) a failure of the test,
-// reported with its field-path diff when the Read that caused it returns.
 package shadowtest
 
 import (
