@@ -11,7 +11,12 @@
 // [Outbox.Enqueue] writes a [Message] in the caller's pgx.Tx in one
 // statement; [Outbox.EnqueuePool] writes one outside a caller transaction.
 // Bad input is a [*FieldError] wrapping [ErrInvalidMessage] and writes
-// nothing.
+// nothing. Config.MaxPayload bounds the payload alone; a broker bounds the
+// whole record (Kafka's message.max.bytes counts key, headers and framing
+// too), so set Config.RecordLimit to the publisher (kafkasink.Publisher
+// implements [RecordLimit]) and Enqueue refuses a message the broker would
+// refuse with a [*RecordTooLargeError] ([ErrRecordTooLarge]), instead of
+// the relay dead-lettering it later, where it would hold back its key.
 //
 // # The ordering guarantee
 //
