@@ -9,7 +9,9 @@
 // [Outbox.Install] creates the tables (idempotent, versioned in
 // <table>_meta, any schema and table name, identifiers quoted).
 // [Outbox.Enqueue] writes a [Message] in the caller's pgx.Tx in one
-// statement; [Outbox.EnqueuePool] writes one outside a caller transaction.
+// statement; [Outbox.EnqueueBatch] writes many in one COPY with the same
+// per-key order and locking; [Outbox.EnqueuePool] writes one outside a
+// caller transaction.
 // Bad input is a [*FieldError] wrapping [ErrInvalidMessage] and writes
 // nothing. Config.MaxPayload bounds the payload alone; a broker bounds the
 // whole record (Kafka's message.max.bytes counts key, headers and framing

@@ -229,7 +229,10 @@ func New(cfg Config) (*Outbox, error) {
 	// identity default draws seq: same-key writers therefore draw seq in the
 	// order they commit (the lock is held to commit), which is what lets the
 	// relay publish per key by seq. See doc.go.
-	o.insertKeyed = `WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($7::int4, $9::int4)` + notify + `)
+	// The shared stripe lock (class $10) is what lets EnqueueBatch lock
+	// many keys at once with a bounded number of locks; see batch.go.
+	o.insertKeyed = `WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($10::int4, $9::int4 & ` + stripeMask + `),
+	pg_advisory_xact_lock($7::int4, $9::int4)` + notify + `)
 INSERT INTO ` + o.table + ` (id, bucket, lane, key, topic, payload, headers)
 SELECT $1, $2, $3, $3, $4, $5, $6 FROM l`
 	o.insertKeyless = `WITH l AS MATERIALIZED (SELECT $7::int4, $9::int4` + notify + `)
@@ -342,7 +345,7 @@ func (o *Outbox) enqueue(ctx context.Context, db Execer, m Message) (uuid.UUID, 
 		lane := keylessLane(m.ID)
 		_, err = db.Exec(ctx, o.insertKeyless, m.ID, o.Bucket(lane), lane, m.Topic, payload, headers, o.lockNS, o.channel, int32(0))
 	} else {
-		_, err = db.Exec(ctx, o.insertKeyed, m.ID, o.Bucket(m.Key), m.Key, m.Topic, payload, headers, o.lockNS, o.channel, keyLock(m.Key))
+		_, err = db.Exec(ctx, o.insertKeyed, m.ID, o.Bucket(m.Key), m.Key, m.Topic, payload, headers, o.lockNS, o.channel, keyLock(m.Key), o.lockNS+3)
 	}
 	if err != nil {
 		return uuid.Nil, fmt.Errorf("outbox: enqueue to %s: %w", o.table, err)
