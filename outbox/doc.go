@@ -9,9 +9,16 @@
 // [Outbox.Install] creates the tables (idempotent, versioned in
 // <table>_meta, any schema and table name, identifiers quoted).
 // [Outbox.Enqueue] writes a [Message] in the caller's pgx.Tx in one
-// statement; [Outbox.EnqueuePool] writes one outside a caller transaction.
+// statement; [Outbox.EnqueueBatch] writes many in one COPY with the same
+// per-key order and locking; [Outbox.EnqueuePool] writes one outside a
+// caller transaction.
 // Bad input is a [*FieldError] wrapping [ErrInvalidMessage] and writes
-// nothing.
+// nothing. Config.MaxPayload bounds the payload alone; a broker bounds the
+// whole record (Kafka's message.max.bytes counts key, headers and framing
+// too), so set Config.RecordLimit to the publisher (kafkasink.Publisher
+// implements [RecordLimit]) and Enqueue refuses a message the broker would
+// refuse with a [*RecordTooLargeError] ([ErrRecordTooLarge]), instead of
+// the relay dead-lettering it later, where it would hold back its key.
 //
 // # The ordering guarantee
 //
@@ -42,18 +49,37 @@
 // # The relay
 //
 // Keys are hashed into Config.Buckets buckets ([Outbox.Bucket]: XXH64 of the
-// key mod buckets). Each [Relay] leases a fair share of the buckets
-// (ceil(buckets / live relays)) in <table>_leases, renews every LeaseTTL/3,
-// and takes over expired ones; a lease carries an epoch bumped on every
-// takeover. Fencing: a relay publishes only before its lease's local
-// deadline (taken before the renewal was sent, minus a margin, so it ends
-// before the database expiry), and the statement that deletes published
+// key mod buckets). Each [Relay] leases a fair share of the buckets in
+// <table>_leases (buckets / live relays, one more for the first
+// buckets % live of them by ID, so the shares add up exactly), renews every
+// LeaseTTL/3, and takes over expired ones; a lease carries an epoch bumped
+// on every takeover. Fencing: a relay publishes only before its lease's
+// local deadline (taken before the renewal was sent, minus a margin, so it
+// ends before the database expiry), and the statement that deletes published
 // rows (or records a failure) checks in its own snapshot that the relay
 // still owns each bucket at the epoch it published under, so once a
 // takeover has committed the stale relay can neither publish nor
 // acknowledge; its rows stay for the new owner. No lease row is locked: an
 // acknowledgement racing a takeover deletes only rows the broker already
 // acknowledged, which at worst the new owner publishes again.
+//
+// Hand-offs are immediate. A relay registers in <table>_relays on a
+// connection of its own that holds a session-level advisory lock keyed by
+// its backend pid for as long as the relay runs, and listens on a control
+// channel. Joining, releasing surplus buckets and leaving are announced on
+// that channel, so the relays concerned rebalance at once instead of at
+// their next lease tick. A relay whose registration session ends (killed,
+// crashed, its connection reset) is recognised as dead by the others within
+// LivenessInterval (they look in pg_locks for its lock): its row is removed,
+// so it no longer counts toward the fair share, and its buckets are freed
+// and taken over with a new epoch, without waiting for LeaseTTL. A relay
+// that loses its own registration connection stops publishing for its
+// buckets at once and registers again; only a relay that hangs with its
+// session still open keeps its buckets until their leases lapse. Taking
+// over from a dead session cannot weaken ordering: a relay publishes only
+// a key's oldest remaining message and the next one only after the broker
+// acknowledged it, so whatever a dying relay still had in flight can only
+// be a repeat.
 //
 // Each cycle reads the first BatchSize rows of the leased buckets in seq
 // order (one walk of the primary key, like a hand-written relay loop).
@@ -90,7 +116,9 @@
 // its configuration; the dimmer CLI's "outbox" commands (relay, status,
 // dead list|retry|skip) are built on it.
 //
-// [Relay.Run] runs until its context ends (an abrupt stop: the leases lapse
-// after LeaseTTL) or [Relay.Shutdown] (the batch in flight completes and the
-// leases are handed back at once).
+// [Relay.Run] runs until its context ends (an abrupt stop, like a crash:
+// the other relays take its buckets over once they see its session gone)
+// or [Relay.Shutdown] (the batch in flight completes and the leases are
+// handed back at once; called after Run's context ended, it still hands
+// them back and deregisters).
 package outbox

@@ -35,6 +35,12 @@ var (
 	// ErrSchemaMismatch: the installed schema disagrees with the Config
 	// (another bucket count) or is newer than this code.
 	ErrSchemaMismatch = errors.New("outbox: installed schema does not match")
+	// ErrRecordTooLarge: the message as a whole (payload, key, headers and
+	// the broker's per-record overhead) is larger than the publisher's
+	// broker accepts (Config.RecordLimit). It comes as a
+	// [*RecordTooLargeError], which also matches [ErrInvalidMessage];
+	// nothing was written.
+	ErrRecordTooLarge = errors.New("outbox: record too large for the broker")
 	// ErrNotDead: the dead-letter operation named a message that is not a
 	// dead letter (delivered, pending, or unknown).
 	ErrNotDead = errors.New("outbox: no such dead letter")
@@ -59,6 +65,42 @@ func badMessage(field, format string, args ...any) error {
 
 func badConfig(field, format string, args ...any) error {
 	return &FieldError{Field: field, Reason: fmt.Sprintf(format, args...), kind: ErrInvalidConfig}
+}
+
+// RecordTooLargeError details an [ErrRecordTooLarge] refusal.
+type RecordTooLargeError struct {
+	Topic, Key string
+	// Bytes is the record's size as the broker counts it; Limit the most
+	// it accepts.
+	Bytes, Limit int
+}
+
+func (e *RecordTooLargeError) Error() string {
+	return fmt.Sprintf("%v: the message to topic %q (key %q) takes %d bytes as a record, over the broker's limit of %d (payload, key, headers and record overhead all count)",
+		ErrRecordTooLarge, e.Topic, truncateKey(e.Key), e.Bytes, e.Limit)
+}
+
+// Unwrap makes the error match both [ErrRecordTooLarge] and
+// [ErrInvalidMessage].
+func (e *RecordTooLargeError) Unwrap() []error { return []error{ErrRecordTooLarge, ErrInvalidMessage} }
+
+func truncateKey(k string) string {
+	if len(k) > 64 {
+		return k[:64] + "…"
+	}
+	return k
+}
+
+// RecordLimit is what a publisher can say about the records its broker
+// accepts; kafkasink.Publisher implements it. Set as Config.RecordLimit, it
+// makes Enqueue refuse a message the broker would refuse, instead of the
+// relay dead-lettering it later (where it would hold back its key).
+type RecordLimit interface {
+	// MaxRecordBytes is the largest record the broker accepts, in bytes.
+	MaxRecordBytes() int
+	// RecordBytes is m's size as one record, counted as MaxRecordBytes
+	// counts (key, value, headers the publisher adds, framing).
+	RecordBytes(m Message) int
 }
 
 // Message is one record to publish. The same type serves as a durable repair
@@ -94,6 +136,12 @@ type Config struct {
 	Buckets int
 	// MaxPayload is the largest payload Enqueue accepts, in bytes. Default 1 MiB.
 	MaxPayload int
+	// RecordLimit, when set, is asked about every message at Enqueue: one
+	// larger as a whole than the broker accepts is refused with
+	// [ErrRecordTooLarge]. Set it to the publisher the relays use (for
+	// Kafka: the kafkasink.Publisher), since only the publisher knows how
+	// its records are framed. Nil: only MaxPayload is checked.
+	RecordLimit RecordLimit
 	// NoNotify turns off the NOTIFY Enqueue sends (relays then rely on
 	// polling). One NOTIFY per transaction (PostgreSQL folds repeats) was
 	// measured at no visible cost for a single writer; but PostgreSQL
@@ -181,7 +229,10 @@ func New(cfg Config) (*Outbox, error) {
 	// identity default draws seq: same-key writers therefore draw seq in the
 	// order they commit (the lock is held to commit), which is what lets the
 	// relay publish per key by seq. See doc.go.
-	o.insertKeyed = `WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock($7::int4, $9::int4)` + notify + `)
+	// The shared stripe lock (class $10) is what lets EnqueueBatch lock
+	// many keys at once with a bounded number of locks; see batch.go.
+	o.insertKeyed = `WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($10::int4, $9::int4 & ` + stripeMask + `),
+	pg_advisory_xact_lock($7::int4, $9::int4)` + notify + `)
 INSERT INTO ` + o.table + ` (id, bucket, lane, key, topic, payload, headers)
 SELECT $1, $2, $3, $3, $4, $5, $6 FROM l`
 	o.insertKeyless = `WITH l AS MATERIALIZED (SELECT $7::int4, $9::int4` + notify + `)
@@ -262,6 +313,11 @@ func (o *Outbox) validate(m *Message) error {
 			return badMessage("Headers", "has an empty name")
 		}
 	}
+	if l := o.cfg.RecordLimit; l != nil {
+		if n, limit := l.RecordBytes(*m), l.MaxRecordBytes(); n > limit {
+			return &RecordTooLargeError{Topic: m.Topic, Key: m.Key, Bytes: n, Limit: limit}
+		}
+	}
 	return nil
 }
 
@@ -289,7 +345,7 @@ func (o *Outbox) enqueue(ctx context.Context, db Execer, m Message) (uuid.UUID, 
 		lane := keylessLane(m.ID)
 		_, err = db.Exec(ctx, o.insertKeyless, m.ID, o.Bucket(lane), lane, m.Topic, payload, headers, o.lockNS, o.channel, int32(0))
 	} else {
-		_, err = db.Exec(ctx, o.insertKeyed, m.ID, o.Bucket(m.Key), m.Key, m.Topic, payload, headers, o.lockNS, o.channel, keyLock(m.Key))
+		_, err = db.Exec(ctx, o.insertKeyed, m.ID, o.Bucket(m.Key), m.Key, m.Topic, payload, headers, o.lockNS, o.channel, keyLock(m.Key), o.lockNS+3)
 	}
 	if err != nil {
 		return uuid.Nil, fmt.Errorf("outbox: enqueue to %s: %w", o.table, err)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.opentelemetry.io/otel/metric"
 )
@@ -27,15 +28,21 @@ type RelayConfig struct {
 	// live relays must not share an ID.
 	ID string
 	// BatchSize bounds the messages one cycle publishes (one per key).
-	// Default 500.
+	// Default 1000 (it drained a backlog faster than 500 or 2000, each
+	// cycle's round trips being spread over more messages).
 	BatchSize int
 	// PollInterval is the fallback wake-up when no NOTIFY arrives (missed
 	// notifications, retries coming due). Default 1s.
 	PollInterval time.Duration
-	// LeaseTTL is how long a bucket lease lasts without renewal; a relay
-	// that dies holds its buckets this long. Renewed every LeaseTTL/3.
-	// Default 10s.
+	// LeaseTTL is how long a bucket lease lasts without renewal. Renewed
+	// every LeaseTTL/3. A relay whose database session ends (killed,
+	// crashed, stopped) loses its buckets within LivenessInterval; one that
+	// hangs with its session open holds them this long. Default 10s.
 	LeaseTTL time.Duration
+	// LivenessInterval is how often a relay looks for relays whose
+	// registration session has ended, to take their buckets over. Default
+	// 100ms; it costs one small query per interval per relay.
+	LivenessInterval time.Duration
 	// PublishTimeout bounds one Publish call (it is also cut at the lease's
 	// local deadline). Default 5s; must be below LeaseTTL/2.
 	PublishTimeout time.Duration
@@ -73,10 +80,11 @@ func (c *RelayConfig) withDefaults() {
 		}
 	}
 	if c.BatchSize == 0 {
-		c.BatchSize = 500
+		c.BatchSize = 1000
 	}
 	def(&c.PollInterval, time.Second)
 	def(&c.LeaseTTL, 10*time.Second)
+	def(&c.LivenessInterval, 100*time.Millisecond)
 	def(&c.PublishTimeout, min(5*time.Second, c.LeaseTTL/3))
 	if c.MaxAttempts == 0 {
 		c.MaxAttempts = 10
@@ -101,6 +109,8 @@ func (c RelayConfig) Validate() error {
 		return badConfig("PollInterval", "must be at least 1ms, got %v", c.PollInterval)
 	case c.LeaseTTL < 100*time.Millisecond:
 		return badConfig("LeaseTTL", "must be at least 100ms, got %v", c.LeaseTTL)
+	case c.LivenessInterval < time.Millisecond || c.LivenessInterval > c.LeaseTTL:
+		return badConfig("LivenessInterval", "must be in [1ms, LeaseTTL = %v], got %v", c.LeaseTTL, c.LivenessInterval)
 	case c.PublishTimeout <= 0 || c.PublishTimeout > c.LeaseTTL/2:
 		return badConfig("PublishTimeout", "must be in (0, LeaseTTL/2 = %v], got %v", c.LeaseTTL/2, c.PublishTimeout)
 	case c.MaxAttempts < 1:
@@ -132,6 +142,15 @@ type Relay struct {
 	m    *metrics
 
 	fastSQL, walkSQL, ackSQL, failSQL string
+	// The relays' registration: control is the NOTIFY channel of joins and
+	// releases; sessionClass the advisory lock class of registration
+	// sessions; alive is the SQL test that relay row r's session lives.
+	control      string
+	sessionClass int32
+	alive        string
+
+	pid       atomic.Int32 // of the registration session; 0 while unregistered
+	rebalance atomic.Bool  // a relay joined, left or released buckets
 
 	next []head // fetched while the previous batch was published
 
@@ -179,6 +198,15 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 		done:   make(chan struct{}),
 		wake:   make(chan struct{}, 1),
 	}
+	r.control = o.channel + "_relays"
+	r.sessionClass = o.lockNS + 2
+	// A registration session holds the advisory lock (sessionClass, its
+	// pid) until it ends; pg_locks shows it to every session of the
+	// cluster. A pid reused by a new session cannot hold that lock unless
+	// it is a relay's registration itself.
+	r.alive = fmt.Sprintf(`(r.pid IS NULL OR EXISTS (SELECT 1 FROM pg_locks k
+	WHERE k.locktype = 'advisory' AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+	AND k.classid = %d::oid AND k.objid = r.pid::oid AND k.objsubid = 2 AND k.granted))`, uint32(r.sessionClass))
 	t, l := o.table, o.leases
 	// The fast path. Per key, seq order is commit order and a visible row's
 	// earlier rows are visible too (see doc.go), so in any prefix of the
@@ -265,9 +293,10 @@ func (r *Relay) Buckets() []int {
 var ErrRelayRunning = errors.New("outbox: relay already started")
 
 // Run publishes until ctx ends or [Relay.Shutdown] is called. Cancelling ctx
-// stops at once, without releasing leases (the other relays take the
-// buckets over after LeaseTTL, as after a crash); Shutdown hands them over
-// at once, also when called after ctx ended. Run returns nil after
+// stops at once, without releasing leases, as after a crash: the other
+// relays take the buckets over when they see the relay's session gone
+// (within their LivenessInterval); Shutdown hands them over at once, also
+// when called after ctx ended. Run returns nil after
 // Shutdown, ctx.Err() after cancellation.
 func (r *Relay) Run(ctx context.Context) error {
 	if !r.running.CompareAndSwap(false, true) {
@@ -300,7 +329,7 @@ func (r *Relay) Run(ctx context.Context) error {
 			return ctx.Err()
 		}
 		now := time.Now()
-		if !now.Before(nextLease) {
+		if rebalance := r.rebalance.Swap(false); rebalance || !now.Before(nextLease) {
 			if err := r.maintainLeases(ctx); err != nil && ctx.Err() == nil {
 				r.log.Warn("outbox lease maintenance failed", "err", err)
 			}
@@ -379,8 +408,9 @@ func (r *Relay) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// listen wakes the relay on NOTIFY. It holds one connection of the pool and
-// re-listens after a connection failure; polling covers any gap.
+// listen keeps the relay registered and wakes it on NOTIFY. It holds one
+// connection of the pool (the registration session) and registers again
+// after a connection failure; polling covers any gap in wake-ups.
 func (r *Relay) listen(ctx context.Context) {
 	delay := 100 * time.Millisecond
 	for ctx.Err() == nil {
@@ -388,7 +418,17 @@ func (r *Relay) listen(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		r.log.Warn("outbox relay listener lost; polling until it is back", "err", err)
+		// The registration session is gone, so the other relays take this
+		// relay's buckets over: stop publishing for them at once rather
+		// than at their local deadlines. Registering again gives them up
+		// in the database too, then takes a fair share afresh.
+		r.pid.Store(0)
+		if held := r.Buckets(); len(held) > 0 {
+			r.drop(held...)
+			r.log.Warn("outbox relay registration lost; leases dropped", "buckets", held, "err", err)
+		} else {
+			r.log.Warn("outbox relay registration lost; registering again", "err", err)
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -398,22 +438,74 @@ func (r *Relay) listen(ctx context.Context) {
 	}
 }
 
+// listenOnce registers the relay on a connection of its own and listens
+// until that connection fails or ctx ends. The connection holds the
+// session's advisory lock, so the relay's registration dies with it
+// (killed process, crash, network reset) and the other relays see that
+// in pg_locks within their LivenessInterval.
 func (r *Relay) listenOnce(ctx context.Context) error {
 	c, err := r.pool.Acquire(ctx)
 	if err != nil {
 		return err
 	}
-	conn := c.Hijack() // LISTEN state must not go back to the pool
+	conn := c.Hijack() // session lock and LISTEN state must not go back to the pool
 	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{r.o.channel}.Sanitize()); err != nil {
+	var pid int32
+	if err := conn.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
 		return err
 	}
-	r.signal() // anything committed before LISTEN took effect
+	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1::int4, $2::int4)`, r.sessionClass, pid); err != nil {
+		return err
+	}
+	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{r.o.channel}.Sanitize()+"; LISTEN "+pgx.Identifier{r.control}.Sanitize()); err != nil {
+		return err
+	}
+	// Register: buckets still leased under this ID belong to a dead
+	// predecessor (a restart with the same ID) or to this relay before
+	// its registration was lost; they are given back at once.
+	batch := &pgx.Batch{}
+	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
+	batch.Queue(`INSERT INTO `+r.o.relays+` (id, seen_at, pid) VALUES ($1, now(), $2)
+ON CONFLICT (id) DO UPDATE SET seen_at = now(), pid = EXCLUDED.pid`, r.cfg.ID, pid)
+	batch.Queue(`SELECT pg_notify($1, $2)`, r.control, r.cfg.ID) // the others rebalance now
+	if err := conn.SendBatch(ctx, batch).Close(); err != nil {
+		return fmt.Errorf("register relay: %w", err)
+	}
+	r.pid.Store(pid)
+	r.rebalance.Store(true)
+	r.signal() // take a share now, and anything committed before LISTEN took effect
+
+	deadSQL := `SELECT EXISTS (SELECT 1 FROM ` + r.o.relays + ` r WHERE r.pid IS NOT NULL AND NOT ` + r.alive + `)`
+	nextProbe := time.Now().Add(r.cfg.LivenessInterval)
 	for {
-		if _, err := conn.WaitForNotification(ctx); err != nil {
+		wctx, cancel := context.WithDeadline(ctx, nextProbe)
+		n, err := conn.WaitForNotification(wctx)
+		cancel()
+		switch {
+		case err == nil:
+			if n.Channel == r.control {
+				if n.Payload != r.cfg.ID {
+					r.rebalance.Store(true)
+				}
+			}
+			r.signal()
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case !pgconn.Timeout(err) || conn.IsClosed():
 			return err
 		}
-		r.signal()
+		if time.Now().Before(nextProbe) {
+			continue
+		}
+		var dead bool
+		if err := conn.QueryRow(ctx, deadSQL).Scan(&dead); err != nil {
+			return fmt.Errorf("look for dead relays: %w", err)
+		}
+		if dead {
+			r.rebalance.Store(true)
+			r.signal()
+		}
+		nextProbe = time.Now().Add(r.cfg.LivenessInterval)
 	}
 }
 
@@ -451,11 +543,18 @@ func (r *Relay) drop(buckets ...int) {
 	}
 }
 
-// maintainLeases heartbeats, renews the leases held, and moves toward a fair
-// share (ceil(buckets / live relays)) by releasing surplus or acquiring free
-// and expired buckets. It runs between cycles, so nothing of a released
-// bucket is in flight.
+// maintainLeases heartbeats, gives the buckets of relays whose session
+// ended back (at once, not after LeaseTTL), renews the leases held, and
+// moves toward a fair share (ceil(buckets / live relays)) by releasing
+// surplus or acquiring free and expired buckets. Whatever it frees, it
+// announces on the control channel so the relays short of their share take
+// it at once. It runs between cycles, so nothing of a released bucket is in
+// flight. Unregistered (no session yet, or lost), it does nothing.
 func (r *Relay) maintainLeases(ctx context.Context) error {
+	pid := r.pid.Load()
+	if pid == 0 {
+		return nil
+	}
 	start := time.Now()
 	ttl := ms(r.cfg.LeaseTTL)
 	deadline := start.Add(r.cfg.LeaseTTL - r.cfg.LeaseTTL/10)
@@ -469,11 +568,20 @@ func (r *Relay) maintainLeases(ctx context.Context) error {
 	r.mu.Unlock()
 
 	batch := &pgx.Batch{}
-	batch.Queue(`INSERT INTO `+r.o.relays+` (id, seen_at) VALUES ($1, now())
-ON CONFLICT (id) DO UPDATE SET seen_at = now()`, r.cfg.ID)
-	var live int
-	batch.Queue(`SELECT count(*) FROM `+r.o.relays+` WHERE seen_at > now() - $1 * interval '1 millisecond'`, ttl).
-		QueryRow(func(row pgx.Row) error { return row.Scan(&live) })
+	batch.Queue(`INSERT INTO `+r.o.relays+` (id, seen_at, pid) VALUES ($1, now(), $2)
+ON CONFLICT (id) DO UPDATE SET seen_at = now(), pid = EXCLUDED.pid`, r.cfg.ID, pid)
+	// A relay whose registration session ended is dead: its row goes and
+	// its buckets are freed (the takeover bumps their epochs, fencing off
+	// anything of it still in flight).
+	var reaped []string
+	var freed int
+	batch.Queue(`WITH dead AS (DELETE FROM ` + r.o.relays + ` r WHERE r.pid IS NOT NULL AND NOT ` + r.alive + ` RETURNING r.id),
+freed AS (UPDATE ` + r.o.leases + ` SET owner = NULL, expires_at = '-infinity' WHERE owner IN (SELECT id FROM dead) RETURNING bucket)
+SELECT ARRAY(SELECT id FROM dead), (SELECT count(*) FROM freed)`).QueryRow(func(row pgx.Row) error { return row.Scan(&reaped, &freed) })
+	var liveIDs []string
+	batch.Queue(`SELECT ARRAY(SELECT r.id FROM `+r.o.relays+` r WHERE r.seen_at > now() - $1 * interval '1 millisecond' AND `+r.alive+`
+	ORDER BY r.id COLLATE "C")`, ttl).
+		QueryRow(func(row pgx.Row) error { return row.Scan(&liveIDs) })
 	renewed := map[int]bool{}
 	batch.Queue(`UPDATE `+r.o.leases+` l SET expires_at = now() + $2 * interval '1 millisecond'
 FROM unnest($3::int4[], $4::int8[]) AS m(bucket, epoch)
@@ -485,6 +593,9 @@ RETURNING l.bucket`, r.cfg.ID, ttl, bs, es).Query(func(rows pgx.Rows) error {
 	})
 	if err := r.pool.SendBatch(ctx, batch).Close(); err != nil {
 		return fmt.Errorf("renew leases: %w", err)
+	}
+	if len(reaped) > 0 {
+		r.log.Info("outbox relays gone with their sessions; their buckets freed", "relays", reaped, "buckets", freed)
 	}
 	r.mu.Lock()
 	var lost []int
@@ -504,7 +615,8 @@ RETURNING l.bucket`, r.cfg.ID, ttl, bs, es).Query(func(rows pgx.Rows) error {
 		r.log.Warn("outbox leases lost", "buckets", lost)
 	}
 
-	fair := int(math.Ceil(float64(r.o.cfg.Buckets) / float64(max(live, 1))))
+	fair, live := r.share(liveIDs)
+	announce := freed > 0
 	switch {
 	case have > fair:
 		surplus := r.Buckets()[fair:]
@@ -513,6 +625,7 @@ RETURNING l.bucket`, r.cfg.ID, ttl, bs, es).Query(func(rows pgx.Rows) error {
 WHERE owner = $1 AND bucket = ANY($2::int4[])`, r.cfg.ID, toInt32(surplus)); err != nil {
 			return fmt.Errorf("release surplus leases: %w", err)
 		}
+		announce = true
 		r.log.Info("outbox leases released to balance", "buckets", surplus, "relays", live)
 	case have < fair:
 		rows, err := r.pool.Query(ctx, `UPDATE `+r.o.leases+` l SET owner = $1, epoch = l.epoch + 1,
@@ -541,7 +654,31 @@ RETURNING l.bucket, l.epoch`, r.cfg.ID, ttl, fair-have)
 			r.log.Info("outbox leases acquired", "buckets", got, "relays", live)
 		}
 	}
+	if announce {
+		if _, err := r.pool.Exec(ctx, `SELECT pg_notify($1, $2)`, r.control, r.cfg.ID); err != nil {
+			return fmt.Errorf("announce released leases: %w", err)
+		}
+	}
 	return nil
+}
+
+// share is this relay's fair share of the buckets among the live relays
+// (sorted by ID): buckets/live, plus one for the first buckets%live of
+// them, so the shares add up to the bucket count exactly and the relays
+// settle evenly (6/5/5 of 16) rather than leave one short (6/6/4).
+func (r *Relay) share(liveIDs []string) (fair, live int) {
+	rank, found := slices.BinarySearch(liveIDs, r.cfg.ID)
+	if !found {
+		// Not seen as live (a clock or visibility race): count in.
+		liveIDs = slices.Insert(slices.Clone(liveIDs), rank, r.cfg.ID)
+	}
+	live = len(liveIDs)
+	n := r.o.cfg.Buckets
+	fair = n / live
+	if rank < n%live {
+		fair++
+	}
+	return fair, live
 }
 
 // release gives back every lease and deregisters, in one round trip. It
@@ -552,6 +689,7 @@ func (r *Relay) release(ctx context.Context) bool {
 	batch := &pgx.Batch{}
 	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
 	batch.Queue(`DELETE FROM `+r.o.relays+` WHERE id = $1`, r.cfg.ID)
+	batch.Queue(`SELECT pg_notify($1, $2)`, r.control, r.cfg.ID) // the others take over now
 	if err := r.pool.SendBatch(ctx, batch).Close(); err != nil {
 		r.log.Warn("outbox lease release failed; the leases lapse after LeaseTTL", "err", err)
 		return false

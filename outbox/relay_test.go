@@ -476,3 +476,118 @@ func TestShutdownAfterRunContextEnded(t *testing.T) {
 	w.mu.Unlock()
 	require.NoError(t, r.Shutdown(outer), "a second Shutdown does nothing more")
 }
+
+// TestHandOffsAreImmediate: with a LeaseTTL of 30s (a lease tick every
+// 10s), relays joining, a relay killed (its session ends without any
+// release) and restarted under the same ID, and a graceful leave must each
+// re-spread the buckets within a second or two, because a hand-off is
+// announced to the taker and a dead relay is recognised by its session, not
+// by its lease running out. Meanwhile a steady writer's messages must keep
+// flowing: none waits anywhere near a lease tick.
+func TestHandOffsAreImmediate(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 16})
+	ctx := tctx(t, 90*time.Second)
+	const ttl = 30 * time.Second
+
+	var mu sync.Mutex
+	committed := map[string]time.Time{}
+	var worst time.Duration
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		now := time.Now()
+		mu.Lock()
+		for _, r := range b {
+			if t0, ok := committed[r.ID.String()]; ok {
+				worst = max(worst, now.Sub(t0))
+			}
+		}
+		mu.Unlock()
+		return make([]error, len(b))
+	})
+	type running struct {
+		r      *outbox.Relay
+		cancel context.CancelFunc
+		pool   *pgxpool.Pool
+		done   chan struct{}
+	}
+	start := func(id string) *running {
+		rp := relayPool(t)
+		r, err := o.NewRelay(rp, pub, outbox.RelayConfig{ID: id, LeaseTTL: ttl, Logger: quiet(t)})
+		require.NoError(t, err)
+		rctx, cancel := context.WithCancel(ctx)
+		x := &running{r: r, cancel: cancel, pool: rp, done: make(chan struct{})}
+		go func() { defer close(x.done); _ = r.Run(rctx) }()
+		return x
+	}
+	split := func(what string, rs ...*running) {
+		t.Helper()
+		began := time.Now()
+		require.Eventually(t, func() bool {
+			seen := map[int]bool{}
+			for _, x := range rs {
+				bs := x.r.Buckets()
+				if len(bs) < 16/len(rs) || len(bs) > (16+len(rs)-1)/len(rs) {
+					return false
+				}
+				for _, b := range bs {
+					seen[b] = true
+				}
+			}
+			return len(seen) == 16
+		}, 2*time.Second, 5*time.Millisecond, "%s: the buckets are shared fairly at once, not at a lease tick (%v)", what, ttl/3)
+		t.Logf("%s: shared fairly after %v", what, time.Since(began))
+	}
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			var id string
+			err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+				u, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%97)})
+				id = u.String()
+				return err
+			})
+			if err != nil {
+				t.Errorf("writer: %v", err)
+				return
+			}
+			mu.Lock()
+			committed[id] = time.Now()
+			mu.Unlock()
+		}
+	})
+
+	a := start("a")
+	split("one relay", a)
+	b, c, d := start("b"), start("c"), start("d")
+	split("three joined", a, b, c, d)
+
+	// Killed: no Shutdown, its connections die with it.
+	c.cancel()
+	<-c.done
+	c.pool.Close()
+	split("one killed", a, b, d)
+	c = start("c") // restarted under the same ID
+	split("restarted", a, b, c, d)
+	require.NoError(t, d.r.Shutdown(ctx))
+	<-d.done
+	split("one left", a, b, c)
+
+	close(stop)
+	wg.Wait()
+	waitDrained(t, pool, o, 10*time.Second)
+	for _, x := range []*running{a, b, c} {
+		require.NoError(t, x.r.Shutdown(ctx))
+		<-x.done
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("%d messages, worst commit-to-publish %v", len(committed), worst)
+	assert.Less(t, worst, 2*time.Second, "no message waits for a lease to lapse or a lease tick")
+}

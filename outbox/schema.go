@@ -9,7 +9,7 @@ import (
 )
 
 // SchemaVersion is the newest schema version this code installs.
-const SchemaVersion = 1
+const SchemaVersion = 2
 
 // Beginner starts transactions: *pgxpool.Pool and *pgx.Conn are.
 type Beginner interface {
@@ -51,6 +51,11 @@ CREATE TABLE ` + o.relays + ` (
 	id      text PRIMARY KEY,
 	seen_at timestamptz NOT NULL
 );`,
+		// v2: a relay registers with the backend pid of a connection that
+		// holds a session advisory lock keyed by that pid for as long as
+		// the relay lives, so the other relays see it die with its session
+		// (NULL: registered by older code, alive while it heartbeats).
+		`ALTER TABLE ` + o.relays + ` ADD COLUMN pid int;`,
 	}
 }
 

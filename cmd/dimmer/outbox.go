@@ -142,7 +142,7 @@ per topic named --stream-prefix + topic, trimmed to about --maxlen entries.`,
 	f.StringVar(&ro.streamPrefix, "stream-prefix", "", "prefix of the Redis stream names")
 	f.Int64Var(&ro.maxLen, "maxlen", 0, "trim each Redis stream to about this many entries (0: no trim)")
 	f.StringVar(&ro.cfg.ID, "id", "", "relay ID in the leases and logs (default host-pid-random)")
-	f.IntVar(&ro.cfg.BatchSize, "batch-size", 0, "messages per batch, one per key (default 500)")
+	f.IntVar(&ro.cfg.BatchSize, "batch-size", 0, "messages per batch, one per key (default 1000)")
 	f.DurationVar(&ro.cfg.PollInterval, "poll", 0, "fallback poll interval when no NOTIFY arrives (default 1s)")
 	f.DurationVar(&ro.cfg.LeaseTTL, "lease-ttl", 0, "bucket lease lifetime without renewal (default 10s)")
 	f.IntVar(&ro.cfg.MaxAttempts, "max-attempts", 0, "failed attempts before a message becomes a dead letter (default 10)")

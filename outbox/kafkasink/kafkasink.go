@@ -29,7 +29,10 @@ type Publisher struct {
 	topic  func(string) string
 }
 
-var _ outbox.Publisher = (*Publisher)(nil)
+var (
+	_ outbox.Publisher   = (*Publisher)(nil)
+	_ outbox.RecordLimit = (*Publisher)(nil)
+)
 
 // Option configures a [Publisher].
 type Option func(*Publisher)
@@ -76,18 +79,79 @@ func New(client *kgo.Client, opts ...Option) (*Publisher, error) {
 	return p, nil
 }
 
+// DefaultMaxMessageBytes is Kafka's default message.max.bytes (and
+// kfake's): the largest record batch a broker accepts unless the broker or
+// topic is configured otherwise.
+const DefaultMaxMessageBytes = 1048588
+
 // ClientOptions are the producer settings the outbox relies on, to append
 // to the caller's own (seed brokers, TLS, SASL): acks from all in-sync
 // replicas and the idempotent producer (both franz-go defaults, stated so
-// that no later option silently weakens them), and no linger, since the
-// relay already batches.
+// that no later option silently weakens them), no linger, since the relay
+// already batches, and record batches capped at Kafka's default
+// message.max.bytes ([DefaultMaxMessageBytes]), so that a batch of many
+// records is split as the broker requires. For a broker or topic that
+// accepts larger batches, append kgo.ProducerBatchMaxBytes with its
+// max.message.bytes: [Publisher.MaxRecordBytes] follows it.
 func ClientOptions(brokers ...string) []kgo.Opt {
 	return []kgo.Opt{
 		kgo.SeedBrokers(brokers...),
 		kgo.RequiredAcks(kgo.AllISRAcks()),
 		kgo.ProducerLinger(0),
-		kgo.ProducerBatchMaxBytes(16 << 20),
+		kgo.ProducerBatchMaxBytes(DefaultMaxMessageBytes),
 	}
+}
+
+// MaxRecordBytes is the largest record the client produces: its
+// ProducerBatchMaxBytes (franz-go refuses a record that does not fit in a
+// batch on its own), which must not exceed the broker's message.max.bytes
+// (the topic's max.message.bytes). Set the Publisher as the outbox's
+// Config.RecordLimit so Enqueue refuses what the broker would.
+func (p *Publisher) MaxRecordBytes() int {
+	if v, ok := p.client.OptValue(kgo.ProducerBatchMaxBytes).(int32); ok && v > 0 {
+		return int(v)
+	}
+	return DefaultMaxMessageBytes
+}
+
+// RecordBytes is the size of a batch holding m's record alone, as franz-go
+// counts it against ProducerBatchMaxBytes: the batch framing, and the
+// record with its key, value, the message-ID header this publisher adds and
+// m's headers, each length a zig-zag varint (record format v2,
+// uncompressed).
+func (p *Publisher) RecordBytes(m outbox.Message) int { return RecordBytes(m) }
+
+// recordBatchOverhead is franz-go's framing of a record batch in a produce
+// request (a 4-byte array length, then Kafka's 61-byte batch header).
+const recordBatchOverhead = 4 + 61
+
+// RecordBytes is [Publisher.RecordBytes] without a client.
+func RecordBytes(m outbox.Message) int {
+	vl := func(n int) int { return varintLen(int64(n)) }
+	body := 1 + 1 + 1 // attributes, timestamp delta 0, offset delta 0
+	if m.Key == "" {
+		body += vl(-1)
+	} else {
+		body += vl(len(m.Key)) + len(m.Key)
+	}
+	body += vl(len(m.Payload)) + len(m.Payload)
+	headers := 1 + len(m.Headers)
+	body += vl(headers)
+	body += vl(len(outbox.HeaderMessageID)) + len(outbox.HeaderMessageID) + vl(36) + 36 // a UUID's text
+	for k, v := range m.Headers {
+		body += vl(len(k)) + len(k) + vl(len(v)) + len(v)
+	}
+	return recordBatchOverhead + vl(body) + body
+}
+
+func varintLen(v int64) int {
+	u := uint64(v<<1) ^ uint64(v>>63) // zig-zag
+	n := 1
+	for u >= 0x80 {
+		u >>= 7
+		n++
+	}
+	return n
 }
 
 // ErrNotAcknowledged is wrapped by the result of a record the broker had not
