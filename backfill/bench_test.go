@@ -218,3 +218,14 @@ func median(xs []float64) float64 {
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
+
+// BenchmarkBackfillResumeAfterKill kills -9 a process holding every range
+// of a job on 30s leases and measures how long after the kill a new run
+// has retaken all of them (its first chunk in the last one).
+func BenchmarkBackfillResumeAfterKill(b *testing.B) {
+	e := crashEnv(b)
+	killed := killChild(b, e, true, 300, 2)
+	retaken := resumeAfterKill(b, e, killed)
+	assertExactlyOnce(b, e, 3000)
+	benchgoal.Report(b, "backfill_resume_after_kill", retaken.Seconds(), "s", benchgoal.AtMost, 2)
+}

@@ -137,9 +137,14 @@
 // Config.Workers copy disjoint ranges in one process; any number of
 // processes running the same job share its ranges through leases in
 // Postgres, renewed by every chunk and fenced by a token checked in the
-// chunk's transaction, so a dead worker's range is taken over once its
-// lease expires and a worker presumed dead cannot commit over its
-// successor.
+// chunk's transaction, so a worker presumed dead cannot commit over its
+// successor. A lease also holds a session-level advisory lock on a
+// connection of the holder's own, which dies with the process: a range
+// whose lock can be taken is free at once, so after a kill -9 the next
+// claim (a restarted run, or another process's idle worker within
+// Config.PollInterval) continues within a second or two, not after
+// Config.LeaseTTL. The lease still expires for a holder whose session
+// outlives it (stuck, or a half-open connection).
 //
 // A worker that finds no free range steals: it splits the leased range with
 // the most rows left (counted from the holder's cursor, up to 64 chunks)
