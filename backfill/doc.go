@@ -114,7 +114,9 @@
 // # Speed control, pause, scale out
 //
 // Chunk sizes follow Config.TargetChunkTime by an EWMA of the time per row,
-// within bounds; Config.RowsPerSecond caps the rate; [Signal]s hold the job
+// within bounds; Config.RowsPerSecond caps the rate (every chunk is charged,
+// a range's last one too, and a chunk holds at most a quarter second of the
+// rate, so the rate holds to within a few per cent over any 5 s); [Signal]s hold the job
 // back — [ReplicationLag] (pg_stat_replication.replay_lag) and [Latency]
 // (the service's own latency) are built in. Signals are read before every
 // chunk; a hold halves the chunk size and the job's duty cycle (the share

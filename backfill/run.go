@@ -477,13 +477,17 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 		if done {
 			r.track.rangeDone()
 			r.idle.signal()
-			return nil
 		}
+		// Every chunk is charged, a range's last one too: this worker waits
+		// before whatever it copies next.
 		if d := r.pace.take(n, started); d > 0 {
 			r.track.hold(ctx, fmt.Sprintf("rate limit %.0f rows/s", r.cfg.RowsPerSecond), d)
 			if err := sleep(ctx, d); err != nil {
 				return err
 			}
+		}
+		if done {
+			return nil
 		}
 	}
 }
