@@ -106,6 +106,17 @@
 // passes. (A key written throughout the check is judged by its versions;
 // its content is compared by the next verification that meets it at rest.)
 //
+// A lasting difference whose target row holds a greater version than its
+// source row is reported apart ([Verification.NewerInTarget]): the target
+// has a write the source lacks (from live on, a failed write to old
+// waiting in the dual writes' repair log or dead-lettered there;
+// otherwise a write that reached new only). The version guard keeps the
+// copy from replacing it, so Repair cannot clear it and the verification
+// fails until one of two ways out is taken: replay the repair log so the
+// source catches up and verify again, or, when the source is right,
+// repair with VerifyOptions.OverwriteNewer (`dimmer backfill verify
+// --repair --overwrite-newer`), which copies the source's row over it.
+//
 // [BusinessCheck] aggregate queries run on both sides with a tolerance. The
 // result is stored at the migration's epoch; [VerifiedGuard] (a flags.Guard
 // applying when keys enter shadow) passes only when every job of the

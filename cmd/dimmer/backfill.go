@@ -334,7 +334,12 @@ func (b *backfillCLI) verifyCmd() *cobra.Command {
 		Long: `Compare the job's source and target chunk by chunk (row count and a
 NULL-safe row hash on both sides) and store the result at the migration's
 epoch, where the backfill-verified guard reads it before shadow. --repair
-recopies differing ranges. Exit 1 when they differ.`,
+recopies differing ranges. A target row newer than its source (a higher
+version while the source stays unchanged) is reported apart: the target
+has a write the source lacks, which the version guard keeps. Replay the
+dual writes' repair log so the source catches up and verify again, or,
+when the source is right, add --overwrite-newer to --repair. Exit 1 when
+they differ.`,
 		Args: exactArgs(1, "JOB"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			bf, err := b.backfiller(cmd.Context(), true)
@@ -349,11 +354,15 @@ recopies differing ranges. Exit 1 when they differ.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(b.out, "%s: %d chunks, %d source rows, %d target rows, differing: %d ranges / %d keys, repaired: %d, keys with a write in flight: %d\n",
-				j.Name, v.Chunks, v.RowsSource, v.RowsTarget, v.Differing, v.DifferingKeys, v.Repaired, v.InFlight)
+			fmt.Fprintf(b.out, "%s: %d chunks, %d source rows, %d target rows, differing: %d ranges / %d keys, repaired: %d, keys with a write in flight: %d, keys newer in the target: %d\n",
+				j.Name, v.Chunks, v.RowsSource, v.RowsTarget, v.Differing, v.DifferingKeys, v.Repaired, v.InFlight, v.NewerInTarget)
 			for _, r := range v.Ranges {
-				fmt.Fprintf(b.out, "  range (%v, %v]: %d source rows, %d target rows, differing keys: %d %v, repaired: %v\n",
-					r.Lo, r.Hi, r.SourceRows, r.TargetRows, r.DifferingKeys, r.Keys, r.Repaired)
+				newer := ""
+				if r.NewerInTarget > 0 {
+					newer = fmt.Sprintf(", newer in the target: %d %v", r.NewerInTarget, r.NewerKeys)
+				}
+				fmt.Fprintf(b.out, "  range (%v, %v]: %d source rows, %d target rows, differing keys: %d %v, repaired: %v%s\n",
+					r.Lo, r.Hi, r.SourceRows, r.TargetRows, r.DifferingKeys, r.Keys, r.Repaired, newer)
 			}
 			if !v.OK {
 				return fmt.Errorf("%s differs: %s", j.Name, strings.Join(v.Problems, "; "))
@@ -363,6 +372,7 @@ recopies differing ranges. Exit 1 when they differ.`,
 		},
 	}
 	cmd.Flags().BoolVar(&o.Repair, "repair", false, "recopy differing ranges and check them again")
+	cmd.Flags().BoolVar(&o.OverwriteNewer, "overwrite-newer", false, "with --repair, copy the source's row over target rows newer than it")
 	cmd.Flags().IntVar(&o.ChunkRows, "chunk-rows", 10000, "rows per checksum")
 	return cmd
 }
