@@ -117,6 +117,13 @@
 // repair with VerifyOptions.OverwriteNewer (`dimmer backfill verify
 // --repair --overwrite-newer`), which copies the source's row over it.
 //
+// A [RedisSink] target is verified by reading it back: each chunk of the
+// source is shaped as the copy shapes it, rendered as the sink writes it
+// and compared field by field with the hashes HGETALL returns, its
+// differing keys going through the same looks and repair as a table's.
+// Redis has no key order, so a hash whose key the source never had is not
+// found. Other sinks are not read back ([ErrNotVerifiable]).
+//
 // [BusinessCheck] aggregate queries run on both sides with a tolerance. The
 // result is stored at the migration's epoch; [VerifiedGuard] (a flags.Guard
 // applying when keys enter shadow) passes only when every job of the

@@ -134,6 +134,8 @@ type verifier struct {
 	// reads, never by half a write seen the wrong way round.
 	targetFirst bool
 	src, dst    side
+	// rs: the target is Redis hashes, read back key by key.
+	rs *RedisSink
 }
 
 // side is what is compared on one side of a job.
@@ -146,6 +148,9 @@ type side struct {
 }
 
 func newVerifier(ctx context.Context, r *runner, st flags.State, o VerifyOptions) (*verifier, error) {
+	if rs, ok := r.sink.(*RedisSink); ok && r.txPG == nil {
+		return &verifier{r: r, o: o, rs: rs, targetFirst: st.Stage.Authoritative() == flags.Old}, nil
+	}
 	v := &verifier{r: r, o: o, tgt: r.txPG.pool, sameDB: r.sameDB(), targetFirst: st.Stage.Authoritative() == flags.Old}
 	_, tgtTypes, err := columnTypes(ctx, v.tgt, r.txPG.table)
 	if err != nil {
@@ -314,6 +319,10 @@ func (v *verifier) sideSQL(s side, lo, hi []string, keys [][]string, args *[]any
 // a full join on the key; otherwise each side is listed (the range is one
 // chunk) and they are compared here.
 func (v *verifier) look(ctx context.Context, lo, hi []string, keys [][]string) ([]keyLook, error) {
+	if v.rs != nil {
+		got, _, _, err := v.lookRedis(ctx, lo, hi, keys)
+		return got, err
+	}
 	scanSide := func(ns *int64, vs any) rowLook {
 		if ns == nil {
 			return rowLook{}
@@ -495,12 +504,17 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		return Verification{}, err
 	}
 	if r.txPG == nil {
-		pg, ok := j.Sink.(*PGSink)
-		if !ok {
-			return Verification{}, fmt.Errorf("%w: %s writes to %s; only Postgres targets are read back", ErrNotVerifiable, j.Name, j.Sink.Describe())
+		switch s := j.Sink.(type) {
+		case *PGSink:
+			r.txPG = s
+			r.sink = nil
+		case *RedisSink:
+			if len(o.Checks) > 0 {
+				return Verification{}, fmt.Errorf("%w: %s writes to %s; business checks run SQL on both sides", ErrNotVerifiable, j.Name, s.Describe())
+			}
+		default:
+			return Verification{}, fmt.Errorf("%w: %s writes to %s; only Postgres tables and RedisSink hashes are read back", ErrNotVerifiable, j.Name, j.Sink.Describe())
 		}
-		r.txPG = pg
-		r.sink = nil
 	}
 	if o.ChunkRows <= 0 {
 		o.ChunkRows = 10000
@@ -613,17 +627,28 @@ type rangeResult struct {
 const maxKeysShown = 10
 
 func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResult, error) {
-	s, t, err := v.checksums(ctx, lo, hi)
-	if err != nil {
-		return rangeResult{}, err
-	}
-	res := rangeResult{RangeDiff: RangeDiff{Lo: lo, Hi: hi, SourceRows: s.rows, TargetRows: t.rows}}
-	if s == t {
-		return res, nil
-	}
-	first, err := v.look(ctx, lo, hi, nil)
-	if err != nil {
-		return res, err
+	var res rangeResult
+	var first []keyLook
+	if v.rs != nil {
+		// Every key is read back; the differing ones go on as below.
+		var ns, nt int64
+		var err error
+		if first, ns, nt, err = v.lookRedis(ctx, lo, hi, nil); err != nil {
+			return res, err
+		}
+		res.RangeDiff = RangeDiff{Lo: lo, Hi: hi, SourceRows: ns, TargetRows: nt}
+	} else {
+		s, t, err := v.checksums(ctx, lo, hi)
+		if err != nil {
+			return rangeResult{}, err
+		}
+		res.RangeDiff = RangeDiff{Lo: lo, Hi: hi, SourceRows: s.rows, TargetRows: t.rows}
+		if s == t {
+			return res, nil
+		}
+		if first, err = v.look(ctx, lo, hi, nil); err != nil {
+			return res, err
+		}
 	}
 	inFlight, lasting, err := v.settle(ctx, lo, hi, first)
 	if err != nil {
@@ -658,7 +683,12 @@ func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResu
 	if v.o.OverwriteNewer {
 		overwrite = keysOf(newer)
 	}
-	if err := v.r.recopy(ctx, lo, hi, keysOf(lasting), overwrite); err != nil {
+	if v.rs != nil {
+		err = v.recopyRedis(ctx, lo, hi, keysOf(lasting), overwrite)
+	} else {
+		err = v.r.recopy(ctx, lo, hi, keysOf(lasting), overwrite)
+	}
+	if err != nil {
 		return res, err
 	}
 	after, err := v.look(ctx, lo, hi, keysOf(lasting))
@@ -727,6 +757,8 @@ func versionCmp(a, b any) (int, bool) {
 
 func toRat(x any) (*big.Rat, bool) {
 	switch n := x.(type) {
+	case *big.Rat:
+		return n, true
 	case int64:
 		return new(big.Rat).SetInt64(n), true
 	case int32:
