@@ -18,13 +18,17 @@ import (
 
 const benchRows = 1_000_000
 
-func benchEnv(b *testing.B) *env {
+func benchEnv(b *testing.B) *env { return benchEnvRows(b, benchRows) }
+
+// benchEnvRows holds rows orders in old_orders (ids 1…rows) and an empty
+// new_orders of the same shape.
+func benchEnvRows(b *testing.B, rows int) *env {
 	e := newEnv(b)
 	exec(b, e.pool, `CREATE TABLE old_orders (id bigint PRIMARY KEY, customer bigint NOT NULL, amount numeric(12,2), note text,
 	created_at timestamptz NOT NULL, version bigint NOT NULL)`)
 	exec(b, e.pool, `CREATE TABLE new_orders (LIKE old_orders INCLUDING ALL)`)
 	exec(b, e.pool, `INSERT INTO old_orders SELECT g, g % 5000, (g % 100000) / 100.0, CASE WHEN g % 10 = 0 THEN NULL ELSE 'order ' || g END,
-	timestamptz '2024-01-01' + g * interval '1 second', 1 FROM generate_series(1, $1) g`, benchRows)
+	timestamptz '2024-01-01' + g * interval '1 second', 1 FROM generate_series(1, $1) g`, rows)
 	exec(b, e.pool, `VACUUM ANALYZE old_orders`)
 	// The service's load has a pool of its own: sharing the backfill's
 	// (4 connections on this machine) would measure waits for a connection.
@@ -217,4 +221,34 @@ func median(xs []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// BenchmarkBackfillResumeAfterKill kills -9 a process holding every range
+// of a job on 30s leases and measures how long after the kill a new run
+// has retaken all of them (its first chunk in the last one).
+func BenchmarkBackfillResumeAfterKill(b *testing.B) {
+	e := crashEnv(b)
+	killed := killChild(b, e, true, 300, 2)
+	retaken := resumeAfterKill(b, e, killed)
+	assertExactlyOnce(b, e, 3000)
+	benchgoal.Report(b, "backfill_resume_after_kill", retaken.Seconds(), "s", benchgoal.AtMost, 2)
+}
+
+// BenchmarkBackfillRateLimit copies 400,000 rows with two workers asked for
+// 50,000 rows/s and reports the worst deviation from that rate over any
+// 5 s window.
+func BenchmarkBackfillRateLimit(b *testing.B) {
+	const rows, rate = 400_000, 50_000
+	e := benchEnvRows(b, rows)
+	rec := &rateRecorder{}
+	j := backfill.Job{Name: "rate", Migration: "orders",
+		Spec:   backfill.Spec{Source: backfill.Table{Name: "old_orders"}, Target: backfill.Table{Name: "new_orders"}, Key: []string{"id"}, VersionColumn: "version"},
+		Config: backfill.Config{Workers: 2, RowsPerSecond: rate, Progress: rec.progress}}
+	res, err := e.bf.Run(context.Background(), j)
+	require.NoError(b, err)
+	require.Equal(b, int64(rows), res.Rows)
+	worst, windows := rec.worstDeviation(rate, 5*time.Second)
+	require.Positive(b, windows)
+	b.Logf("%d rows in %s (%.0f rows/s overall), worst of %d windows %.1f%% off", res.Rows, res.Elapsed, float64(res.Rows)/res.Elapsed.Seconds(), windows, worst*100)
+	benchgoal.Report(b, "backfill_rate_limit_error", worst*100, "%", benchgoal.AtMost, 10)
 }

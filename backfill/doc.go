@@ -106,6 +106,24 @@
 // passes. (A key written throughout the check is judged by its versions;
 // its content is compared by the next verification that meets it at rest.)
 //
+// A lasting difference whose target row holds a greater version than its
+// source row is reported apart ([Verification.NewerInTarget]): the target
+// has a write the source lacks (from live on, a failed write to old
+// waiting in the dual writes' repair log or dead-lettered there;
+// otherwise a write that reached new only). The version guard keeps the
+// copy from replacing it, so Repair cannot clear it and the verification
+// fails until one of two ways out is taken: replay the repair log so the
+// source catches up and verify again, or, when the source is right,
+// repair with VerifyOptions.OverwriteNewer (`dimmer backfill verify
+// --repair --overwrite-newer`), which copies the source's row over it.
+//
+// A [RedisSink] target is verified by reading it back: each chunk of the
+// source is shaped as the copy shapes it, rendered as the sink writes it
+// and compared field by field with the hashes HGETALL returns, its
+// differing keys going through the same looks and repair as a table's.
+// Redis has no key order, so a hash whose key the source never had is not
+// found. Other sinks are not read back ([ErrNotVerifiable]).
+//
 // [BusinessCheck] aggregate queries run on both sides with a tolerance. The
 // result is stored at the migration's epoch; [VerifiedGuard] (a flags.Guard
 // applying when keys enter shadow) passes only when every job of the
@@ -114,7 +132,9 @@
 // # Speed control, pause, scale out
 //
 // Chunk sizes follow Config.TargetChunkTime by an EWMA of the time per row,
-// within bounds; Config.RowsPerSecond caps the rate; [Signal]s hold the job
+// within bounds; Config.RowsPerSecond caps the rate (every chunk is charged,
+// a range's last one too, and a chunk holds at most a quarter second of the
+// rate, so the rate holds to within a few per cent over any 5 s); [Signal]s hold the job
 // back — [ReplicationLag] (pg_stat_replication.replay_lag) and [Latency]
 // (the service's own latency) are built in. Signals are read before every
 // chunk; a hold halves the chunk size and the job's duty cycle (the share
@@ -137,9 +157,14 @@
 // Config.Workers copy disjoint ranges in one process; any number of
 // processes running the same job share its ranges through leases in
 // Postgres, renewed by every chunk and fenced by a token checked in the
-// chunk's transaction, so a dead worker's range is taken over once its
-// lease expires and a worker presumed dead cannot commit over its
-// successor.
+// chunk's transaction, so a worker presumed dead cannot commit over its
+// successor. A lease also holds a session-level advisory lock on a
+// connection of the holder's own, which dies with the process: a range
+// whose lock can be taken is free at once, so after a kill -9 the next
+// claim (a restarted run, or another process's idle worker within
+// Config.PollInterval) continues within a second or two, not after
+// Config.LeaseTTL. The lease still expires for a holder whose session
+// outlives it (stuck, or a half-open connection).
 //
 // A worker that finds no free range steals: it splits the leased range with
 // the most rows left (counted from the holder's cursor, up to 64 chunks)

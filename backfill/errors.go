@@ -26,7 +26,9 @@ var (
 	// ErrLeaseLost: another worker took over a range this worker held
 	// (it was presumed dead). The worker's uncommitted chunk was rolled back.
 	ErrLeaseLost = errors.New("backfill: range lease lost")
-	// ErrNotVerifiable: the job's sink cannot be read back for verification.
+	// ErrNotVerifiable: the job's sink cannot be read back for verification
+	// (Postgres tables and RedisSink hashes can), or a business check was
+	// asked of a target that has no SQL.
 	ErrNotVerifiable = errors.New("backfill: sink cannot be verified")
 )
 

@@ -107,7 +107,8 @@ type Config struct {
 	// (1000, 100, 100000).
 	InitialChunk, MinChunk, MaxChunk int
 	// RowsPerSecond caps the job's rate over all its workers in this
-	// process (0: no cap).
+	// process (0: no cap). It also bounds a chunk to a quarter second of
+	// the rate (below MinChunk if need be), so the rate holds over any 5 s.
 	RowsPerSecond float64
 	// Signals are consulted before every chunk; any of them can hold the
 	// job back (replica lag, the service's own latency).

@@ -217,7 +217,8 @@ func (sh *shape) copyKeysSQL(lo, hi []string, keys [][]string, f keyFilter, lock
 	}
 	lock := ""
 	if lockSource {
-		lock = " FOR KEY SHARE OF " + src
+		// The locking clause names the table as FROM exposes it: unqualified.
+		lock = " FOR KEY SHARE OF " + ident(sh.spec.Source.Name)
 	}
 	cl := quoteList(sh.cols)
 	q := `INSERT INTO ` + sh.spec.Target.sql() + ` AS t (` + cl + `) SELECT ` + sh.selects + ` FROM ` + src +

@@ -56,6 +56,8 @@ type runner struct {
 	idle  *broadcast
 	track *tracker
 	epoch int64
+	// sess holds this process's range locks (see session).
+	sess *session
 }
 
 func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
@@ -149,6 +151,8 @@ func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
 	if len(r.cfg.Signals) > 0 {
 		r.duty = newDuty()
 	}
+	r.sess = newSession(b, j.Name)
+	defer r.sess.close(ctx)
 	g, gctx := errgroup.WithContext(ctx)
 	var mu sync.Mutex
 	finished := make(chan struct{})
@@ -328,6 +332,12 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 			if l, err = r.steal(ctx, w); err != nil {
 				return err
 			}
+			if l != nil {
+				// A new range: nobody else can hold its lock.
+				if _, err := r.sess.tryLock(ctx, l.id); err != nil {
+					r.b.logger.Warn("backfill: lease session", "job", r.j.Name, "err", err)
+				}
+			}
 			if l == nil {
 				if err := r.idle.wait(ctx, wake, r.cfg.PollInterval); err != nil {
 					return err
@@ -336,6 +346,7 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 			}
 		}
 		err = r.copyRange(ctx, w, l)
+		r.sess.unlock(ctx, l.id)
 		switch {
 		case errors.Is(err, ErrLeaseLost):
 			r.b.logger.Warn("backfill: range taken over by another worker", "job", r.j.Name, "range", l.id, "worker", w.id)
@@ -348,20 +359,52 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 	}
 }
 
+// claim leases a free range: one whose lease expired, or whose lock (see
+// session) this process can take because its holder's session is gone.
 func (r *runner) claim(ctx context.Context, worker string) (*lease, string, int, error) {
 	b := r.b
-	var l lease
-	err := b.pool.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET owner = $2, token = token + 1,
-	lease_until = clock_timestamp() + make_interval(secs => $3), updated_at = now()
-WHERE (job, id) = (SELECT job, id FROM `+b.t.ranges+` WHERE job = $1 AND NOT done AND lease_until < clock_timestamp()
-	AND NOT (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)
-	ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-RETURNING id, hi, cursor, token`, r.j.Name, worker, r.cfg.LeaseTTL.Seconds()).Scan(&l.id, &l.hi, &l.cursor, &l.token)
-	if err == nil {
-		return &l, "", 1, nil
+	type cand struct {
+		id      int
+		expired bool
 	}
-	if !errors.Is(err, pgx.ErrNoRows) {
+	rows, err := b.pool.Query(ctx, `SELECT id, lease_until < clock_timestamp() FROM `+b.t.ranges+`
+WHERE job = $1 AND NOT done AND NOT (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)
+ORDER BY lease_until < clock_timestamp() DESC, id`, r.j.Name)
+	if err != nil {
 		return nil, "", 0, fmt.Errorf("backfill: %s: claim a range: %w", r.j.Name, err)
+	}
+	cands, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (cand, error) {
+		var c cand
+		return c, row.Scan(&c.id, &c.expired)
+	})
+	if err != nil {
+		return nil, "", 0, fmt.Errorf("backfill: %s: claim a range: %w", r.j.Name, err)
+	}
+	for _, c := range cands {
+		locked, err := r.sess.tryLock(ctx, c.id)
+		if err != nil {
+			// Without the session, ranges are claimed by lease expiry alone.
+			b.logger.Warn("backfill: lease session", "job", r.j.Name, "err", err)
+		}
+		if !c.expired && !locked {
+			continue // its holder lives
+		}
+		var l lease
+		err = b.pool.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET owner = $3, token = token + 1,
+	lease_until = clock_timestamp() + make_interval(secs => $4), updated_at = now()
+WHERE (job, id) = (SELECT job, id FROM `+b.t.ranges+` WHERE job = $1 AND id = $2 AND NOT done
+	AND (lease_until < clock_timestamp() OR $5) AND NOT (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)
+	FOR UPDATE SKIP LOCKED)
+RETURNING id, hi, cursor, token`, r.j.Name, c.id, worker, r.cfg.LeaseTTL.Seconds(), locked).Scan(&l.id, &l.hi, &l.cursor, &l.token)
+		if err == nil {
+			return &l, "", 1, nil
+		}
+		if locked {
+			r.sess.unlock(ctx, c.id)
+		}
+		if !errors.Is(err, pgx.ErrNoRows) {
+			return nil, "", 0, fmt.Errorf("backfill: %s: claim a range: %w", r.j.Name, err)
+		}
 	}
 	var paused bool
 	var reason string
@@ -434,13 +477,17 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 		if done {
 			r.track.rangeDone()
 			r.idle.signal()
-			return nil
 		}
+		// Every chunk is charged, a range's last one too: this worker waits
+		// before whatever it copies next.
 		if d := r.pace.take(n, started); d > 0 {
 			r.track.hold(ctx, fmt.Sprintf("rate limit %.0f rows/s", r.cfg.RowsPerSecond), d)
 			if err := sleep(ctx, d); err != nil {
 				return err
 			}
+		}
+		if done {
+			return nil
 		}
 	}
 }

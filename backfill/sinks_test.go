@@ -7,11 +7,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/dimmertest"
+	"github.com/dimmer-dev/dimmer/flags"
 )
 
 func TestOtherDatabaseWithGoTransform(t *testing.T) {
@@ -82,7 +84,56 @@ func TestRedisSink(t *testing.T) {
 	assert.Equal(t, map[string]string{"id": id, "amount": "2", "note": "n", "version": "1"}, h)
 	assert.Equal(t, "dual", client.HGet(tctx(t), prefix+"order:"+newer, "amount").Val(), "a newer version is not overwritten")
 
-	_, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{})
+	// Read back: the one newer hash is its own category, the rest equal.
+	opts := backfill.VerifyOptions{ChunkRows: 64, RecheckDelay: time.Millisecond}
+	v, err := e.bf.Verify(tctx(t), j, opts)
+	require.NoError(t, err)
+	assert.False(t, v.OK)
+	assert.Equal(t, int64(300), v.RowsSource)
+	assert.Equal(t, int64(300), v.RowsTarget)
+	assert.Equal(t, int64(1), v.NewerInTarget)
+	assert.Zero(t, v.DifferingKeys)
+
+	// Damage: a changed field, a field gone, a NULL that became a value, a
+	// lost hash; and a source row deleted whose hash stays.
+	var ids []string
+	rows, err := e.pool.Query(tctx(t), `SELECT id::text FROM old_orders WHERE amount BETWEEN 10 AND 14 ORDER BY amount`)
+	require.NoError(t, err)
+	ids, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	key := func(i int) string { return prefix + "order:" + ids[i] }
+	require.NoError(t, client.HSet(tctx(t), key(0), "amount", "1000").Err())
+	// Even amounts have note 'n', odd ones NULL (no field).
+	require.NoError(t, client.HSet(tctx(t), key(1), "note", "").Err())
+	require.NoError(t, client.HDel(tctx(t), key(2), "note").Err())
+	require.NoError(t, client.HSet(tctx(t), key(3), "note", "null").Err())
+	require.NoError(t, client.Del(tctx(t), key(4)).Err())
+	opts.OverwriteNewer = false
+	v, err = e.bf.Verify(tctx(t), j, opts)
+	require.NoError(t, err)
+	assert.False(t, v.OK)
+	assert.Equal(t, int64(5), v.DifferingKeys, "%+v", v.Ranges)
+	assert.Equal(t, int64(299), v.RowsTarget)
+
+	// Repair writes them again; OverwriteNewer replaces the newer hash.
+	opts.Repair, opts.OverwriteNewer = true, true
+	v, err = e.bf.Verify(tctx(t), j, opts)
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+	assert.Equal(t, "300", client.HGet(tctx(t), prefix+"order:"+newer, "amount").Val())
+	v, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{ChunkRows: 64})
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+	assert.Equal(t, int64(300), v.RowsTarget)
+
+	// The guard passes on an honest verification.
+	ctl, err := flags.NewController(e.store, flags.WithGuards(e.bf.Guard()))
+	require.NoError(t, err)
+	st, err := ctl.Advance(tctx(t), "orders", "test", "verified in redis")
+	require.NoError(t, err)
+	assert.Equal(t, flags.Shadow, st.Stage)
+
+	_, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{Checks: []backfill.BusinessCheck{{Name: "x", SourceSQL: "SELECT 1", TargetSQL: "SELECT 1"}}})
 	require.ErrorIs(t, err, backfill.ErrNotVerifiable)
 }
 

@@ -15,13 +15,13 @@ import (
 
 // logApplies records every row the sink applies to new: a row copied twice
 // (a chunk redone, a range copied by two workers) logs its key twice.
-func logApplies(t *testing.T, e *env) {
+func logApplies(t testing.TB, e *env) {
 	exec(t, e.pool, `CREATE TABLE apply_log (id bigint NOT NULL);
 CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO apply_log VALUES (NEW.id); RETURN NULL; END $$;
 CREATE TRIGGER log_apply AFTER INSERT OR UPDATE ON new_orders FOR EACH ROW EXECUTE FUNCTION log_apply();`)
 }
 
-func assertExactlyOnce(t *testing.T, e *env, rows int64) {
+func assertExactlyOnce(t testing.TB, e *env, rows int64) {
 	t.Helper()
 	assert.Zero(t, e.diff(t), "new equals old")
 	assert.Equal(t, rows, count(t, e.pool, `SELECT count(*) FROM apply_log`), "every row applied once")

@@ -83,8 +83,22 @@ type sizer struct {
 
 const ewmaAlpha = 0.3
 
+// rateChunkTime is the most of a rate limit's budget one chunk may take:
+// the limit holds over any window to within one chunk per worker, so over
+// any 5 s to within 5 %.
+const rateChunkTime = 250 * time.Millisecond
+
 func newSizer(c Config) *sizer {
-	return &sizer{target: c.TargetChunkTime, min: c.MinChunk, max: c.MaxChunk, size: c.InitialChunk, scale: 1}
+	s := &sizer{target: c.TargetChunkTime, min: c.MinChunk, max: c.MaxChunk, size: c.InitialChunk, scale: 1}
+	if c.RowsPerSecond > 0 {
+		// A rate limit bounds the chunk, below MinChunk if need be: one
+		// chunk is a burst the pacer only answers after it.
+		rc := max(1, int(c.RowsPerSecond*rateChunkTime.Seconds()/float64(max(c.Workers, 1))))
+		s.max = min(s.max, rc)
+		s.min = min(s.min, s.max)
+		s.size = min(s.size, s.max)
+	}
+	return s
 }
 
 func (s *sizer) observe(rows int, took time.Duration) {
@@ -169,16 +183,23 @@ type pacer struct {
 	next time.Time
 }
 
+// paceSlack is the credit a chunk may start with: what the moments
+// between one chunk's wake-up and the next one's start (a claim, a
+// transaction's begin) would otherwise lose on every chunk, which kept the
+// rate several per cent under the limit. Idle time beyond it earns no
+// credit, so a burst is at most this much of the rate.
+const paceSlack = 50 * time.Millisecond
+
 // take accounts a chunk of rows that started at started and returns how long
-// the caller must wait before its next chunk. Idle time earns no credit.
+// the caller must wait before its next chunk.
 func (p *pacer) take(rows int, started time.Time) time.Duration {
 	if p == nil || p.rate <= 0 || rows <= 0 {
 		return 0
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.next.Before(started) {
-		p.next = started
+	if from := started.Add(-paceSlack); p.next.Before(from) {
+		p.next = from
 	}
 	p.next = p.next.Add(time.Duration(float64(rows) / p.rate * float64(time.Second)))
 	return time.Until(p.next)

@@ -40,7 +40,7 @@ func TestPacerHoldsRate(t *testing.T) {
 	// A limit must never be exceeded; a loaded machine may oversleep, which
 	// only lowers the rate, so the upper bound is loose.
 	elapsed := time.Since(start)
-	assert.GreaterOrEqual(t, elapsed, 490*time.Millisecond, "500 rows at 1000/s went faster than the limit")
+	assert.GreaterOrEqual(t, elapsed, 440*time.Millisecond, "500 rows at 1000/s went faster than the limit (a 50ms burst allowed)")
 	assert.Less(t, elapsed, 1500*time.Millisecond, "500 rows at 1000/s")
 	var nilPacer *pacer
 	assert.Zero(t, nilPacer.take(1000, time.Now()))

@@ -47,7 +47,11 @@ type VerifyOptions struct {
 	// next. A dual write whose second side lags its first by more than this
 	// is taken for a lasting difference.
 	RecheckDelay time.Duration
-	Checks       []BusinessCheck
+	// OverwriteNewer lets Repair replace target rows newer than their
+	// source (see [Verification.NewerInTarget]) with the source's: for when
+	// old is right after all. Without it they are left alone.
+	OverwriteNewer bool
+	Checks         []BusinessCheck
 }
 
 // Verification is the outcome of one verify, stored for [VerifiedGuard].
@@ -67,7 +71,17 @@ type Verification struct {
 	// at the look before. They are not a failure: the dual write is
 	// responsible for them. A key whose source row did not change between
 	// two looks is never in flight.
-	InFlight               int64
+	InFlight int64
+	// NewerInTarget counts keys, not counted in DifferingKeys, whose
+	// target row holds a greater version than their source row while the
+	// source did not change: the target has a write the source lacks (in
+	// live or rampdown, a failed write to old waiting in the repair log or
+	// dead-lettered there; otherwise a write that reached new only). The
+	// version guard keeps the copy from replacing them, so Repair alone
+	// cannot make them equal. They fail the verification until the source
+	// catches up (replay the repair log, then verify again) or, when the
+	// source is right, a Repair with OverwriteNewer copies it over them.
+	NewerInTarget          int64
 	RowsSource, RowsTarget int64
 	Ranges                 []RangeDiff    `json:"ranges,omitempty"`
 	Checks                 []CheckOutcome `json:"checks,omitempty"`
@@ -83,6 +97,10 @@ type RangeDiff struct {
 	// unchanged; Keys shows the first ten of them (as text).
 	DifferingKeys int64
 	Keys          [][]string `json:"keys,omitempty"`
+	// NewerInTarget counts the keys whose target row is newer than their
+	// unchanged source row; NewerKeys shows the first ten.
+	NewerInTarget int64
+	NewerKeys     [][]string `json:"newer_keys,omitempty"`
 	// InFlight counts the range's keys that differed only while written.
 	InFlight int64
 	Repaired bool
@@ -116,6 +134,8 @@ type verifier struct {
 	// reads, never by half a write seen the wrong way round.
 	targetFirst bool
 	src, dst    side
+	// rs: the target is Redis hashes, read back key by key.
+	rs *RedisSink
 }
 
 // side is what is compared on one side of a job.
@@ -128,6 +148,9 @@ type side struct {
 }
 
 func newVerifier(ctx context.Context, r *runner, st flags.State, o VerifyOptions) (*verifier, error) {
+	if rs, ok := r.sink.(*RedisSink); ok && r.txPG == nil {
+		return &verifier{r: r, o: o, rs: rs, targetFirst: st.Stage.Authoritative() == flags.Old}, nil
+	}
 	v := &verifier{r: r, o: o, tgt: r.txPG.pool, sameDB: r.sameDB(), targetFirst: st.Stage.Authoritative() == flags.Old}
 	_, tgtTypes, err := columnTypes(ctx, v.tgt, r.txPG.table)
 	if err != nil {
@@ -270,6 +293,15 @@ func (k keyLook) equal() bool {
 	return k.src.present == k.tgt.present && k.src.hash == k.tgt.hash
 }
 
+// newer: the target row holds a greater version than the source row.
+func (k keyLook) newer() bool {
+	if !k.src.present || !k.tgt.present {
+		return false
+	}
+	c, ok := versionCmp(k.tgt.version, k.src.version)
+	return ok && c > 0
+}
+
 // sideSQL lists one side's key, row hash and version in (lo, hi],
 // restricted to keys when given.
 func (v *verifier) sideSQL(s side, lo, hi []string, keys [][]string, args *[]any) string {
@@ -287,6 +319,10 @@ func (v *verifier) sideSQL(s side, lo, hi []string, keys [][]string, args *[]any
 // a full join on the key; otherwise each side is listed (the range is one
 // chunk) and they are compared here.
 func (v *verifier) look(ctx context.Context, lo, hi []string, keys [][]string) ([]keyLook, error) {
+	if v.rs != nil {
+		got, _, _, err := v.lookRedis(ctx, lo, hi, keys)
+		return got, err
+	}
 	scanSide := func(ns *int64, vs any) rowLook {
 		if ns == nil {
 			return rowLook{}
@@ -468,12 +504,17 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		return Verification{}, err
 	}
 	if r.txPG == nil {
-		pg, ok := j.Sink.(*PGSink)
-		if !ok {
-			return Verification{}, fmt.Errorf("%w: %s writes to %s; only Postgres targets are read back", ErrNotVerifiable, j.Name, j.Sink.Describe())
+		switch s := j.Sink.(type) {
+		case *PGSink:
+			r.txPG = s
+			r.sink = nil
+		case *RedisSink:
+			if len(o.Checks) > 0 {
+				return Verification{}, fmt.Errorf("%w: %s writes to %s; business checks run SQL on both sides", ErrNotVerifiable, j.Name, s.Describe())
+			}
+		default:
+			return Verification{}, fmt.Errorf("%w: %s writes to %s; only Postgres tables and RedisSink hashes are read back", ErrNotVerifiable, j.Name, j.Sink.Describe())
 		}
-		r.txPG = pg
-		r.sink = nil
 	}
 	if o.ChunkRows <= 0 {
 		o.ChunkRows = 10000
@@ -491,7 +532,8 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		return Verification{}, err
 	}
 	var lo []string
-	var examples []string
+	var examples, newerExamples []string
+	var differingRanges, newer int64
 	for {
 		var hi []string
 		sql, args := r.sh.boundarySQL(lo, nil, o.ChunkRows)
@@ -512,12 +554,22 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 		if d.differs {
 			v.Differing++
 			v.DifferingKeys += d.DifferingKeys
+			v.NewerInTarget += d.NewerInTarget
 			if d.Repaired {
 				v.Repaired++
 			} else {
+				if d.left > 0 {
+					differingRanges++
+				}
+				newer += d.leftNewer
 				for _, k := range d.Keys {
 					if len(examples) < 5 {
 						examples = append(examples, "("+strings.Join(k, ", ")+")")
+					}
+				}
+				for _, k := range d.NewerKeys {
+					if len(newerExamples) < 5 {
+						newerExamples = append(newerExamples, "("+strings.Join(k, ", ")+")")
 					}
 				}
 			}
@@ -540,8 +592,14 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 			v.Problems = append(v.Problems, fmt.Sprintf("business check %s: %s", c.Name, co.Detail))
 		}
 	}
-	if n := v.Differing - v.Repaired; n > 0 {
-		v.Problems = append(v.Problems, fmt.Sprintf("%d of %d ranges differ (keys such as %s)", n, v.Chunks, strings.Join(examples, " ")))
+	if differingRanges > 0 {
+		v.Problems = append(v.Problems, fmt.Sprintf("%d of %d ranges differ (keys such as %s)", differingRanges, v.Chunks, strings.Join(examples, " ")))
+	}
+	if newer > 0 {
+		v.Problems = append(v.Problems, fmt.Sprintf("%d keys are newer in the target than in the source (such as %s): the target has writes the source lacks, "+
+			"which the version guard keeps; replay the dual writes' repair log so the source catches up and verify again, "+
+			"or, if the source is right, repair with OverwriteNewer (dimmer backfill verify --repair --overwrite-newer)",
+			newer, strings.Join(newerExamples, " ")))
 	}
 	if end, err := b.stageOf(ctx, j.Migration); err == nil && end.Epoch != v.Epoch {
 		v.Problems = append(v.Problems, fmt.Sprintf("the migration went back to off during the verification (epoch %d -> %d)", v.Epoch, end.Epoch))
@@ -560,23 +618,37 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, v.Job, v.Migration,
 type rangeResult struct {
 	RangeDiff
 	differs bool
+	// left, leftNewer: the differing and newer keys still so after any
+	// repair.
+	left, leftNewer int64
 }
 
 // maxKeysShown per differing range in [RangeDiff.Keys].
 const maxKeysShown = 10
 
 func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResult, error) {
-	s, t, err := v.checksums(ctx, lo, hi)
-	if err != nil {
-		return rangeResult{}, err
-	}
-	res := rangeResult{RangeDiff: RangeDiff{Lo: lo, Hi: hi, SourceRows: s.rows, TargetRows: t.rows}}
-	if s == t {
-		return res, nil
-	}
-	first, err := v.look(ctx, lo, hi, nil)
-	if err != nil {
-		return res, err
+	var res rangeResult
+	var first []keyLook
+	if v.rs != nil {
+		// Every key is read back; the differing ones go on as below.
+		var ns, nt int64
+		var err error
+		if first, ns, nt, err = v.lookRedis(ctx, lo, hi, nil); err != nil {
+			return res, err
+		}
+		res.RangeDiff = RangeDiff{Lo: lo, Hi: hi, SourceRows: ns, TargetRows: nt}
+	} else {
+		s, t, err := v.checksums(ctx, lo, hi)
+		if err != nil {
+			return rangeResult{}, err
+		}
+		res.RangeDiff = RangeDiff{Lo: lo, Hi: hi, SourceRows: s.rows, TargetRows: t.rows}
+		if s == t {
+			return res, nil
+		}
+		if first, err = v.look(ctx, lo, hi, nil); err != nil {
+			return res, err
+		}
 	}
 	inFlight, lasting, err := v.settle(ctx, lo, hi, first)
 	if err != nil {
@@ -587,14 +659,36 @@ func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResu
 		return res, nil
 	}
 	res.differs = true
-	res.DifferingKeys = int64(len(lasting))
-	for _, k := range lasting[:min(len(lasting), maxKeysShown)] {
-		res.Keys = append(res.Keys, k.key)
+	var newer []keyLook
+	for _, k := range lasting {
+		switch {
+		case k.newer():
+			newer = append(newer, k)
+			if len(res.NewerKeys) < maxKeysShown {
+				res.NewerKeys = append(res.NewerKeys, k.key)
+			}
+		default:
+			res.DifferingKeys++
+			if len(res.Keys) < maxKeysShown {
+				res.Keys = append(res.Keys, k.key)
+			}
+		}
 	}
+	res.NewerInTarget = int64(len(newer))
+	res.left, res.leftNewer = res.DifferingKeys, res.NewerInTarget
 	if !v.o.Repair {
 		return res, nil
 	}
-	if err := v.r.recopy(ctx, lo, hi, keysOf(lasting)); err != nil {
+	var overwrite [][]string
+	if v.o.OverwriteNewer {
+		overwrite = keysOf(newer)
+	}
+	if v.rs != nil {
+		err = v.recopyRedis(ctx, lo, hi, keysOf(lasting), overwrite)
+	} else {
+		err = v.r.recopy(ctx, lo, hi, keysOf(lasting), overwrite)
+	}
+	if err != nil {
 		return res, err
 	}
 	after, err := v.look(ctx, lo, hi, keysOf(lasting))
@@ -613,6 +707,14 @@ func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResu
 	}
 	res.InFlight += n
 	res.Repaired = len(still) == 0
+	res.left, res.leftNewer = 0, 0
+	for _, k := range still {
+		if k.newer() {
+			res.leftNewer++
+		} else {
+			res.left++
+		}
+	}
 	return res, nil
 }
 
@@ -655,6 +757,8 @@ func versionCmp(a, b any) (int, bool) {
 
 func toRat(x any) (*big.Rat, bool) {
 	switch n := x.(type) {
+	case *big.Rat:
+		return n, true
 	case int64:
 		return new(big.Rat).SetInt64(n), true
 	case int32:
@@ -698,11 +802,19 @@ func (r *runner) sameDB() bool { return r.txPG != nil && r.src == querier(r.txPG
 // keys found differing, those the source lacks are deleted, and the
 // range's rows are copied again under the version guard. Only those keys
 // are deleted: another target row the source lacks may be a create in
-// flight where new is written first, which the delete would lose.
-func (r *runner) recopy(ctx context.Context, lo, hi []string, differing [][]string) error {
+// flight where new is written first, which the delete would lose. The
+// overwrite keys' target rows are deleted first, so the copy replaces
+// them whatever their version.
+func (r *runner) recopy(ctx context.Context, lo, hi []string, differing, overwrite [][]string) error {
 	pg := r.txPG
 	sameDB := r.sameDB()
 	return pgx.BeginFunc(ctx, pg.pool, func(tx pgx.Tx) error {
+		if len(overwrite) > 0 {
+			var args []any
+			if _, err := tx.Exec(ctx, `DELETE FROM `+pg.table.sql()+` WHERE `+r.sh.keyIn(overwrite, &args, ""), args...); err != nil {
+				return fmt.Errorf("backfill: repair %s: %w", pg.table, err)
+			}
+		}
 		if sameDB {
 			var args []any
 			w := r.sh.where(lo, hi, &args, "t.") + " AND " + r.sh.keyIn(differing, &args, "t.")

@@ -334,3 +334,57 @@ func TestVerifyCompositeKey(t *testing.T) {
 	assert.Equal(t, v.Differing, v.Repaired)
 	assert.Zero(t, e.diff(t))
 }
+
+// TestVerifyNewerInTarget: a target row newer than its source is its own
+// category; a plain repair leaves it (the version guard), the source
+// catching up or a repair with OverwriteNewer clears it.
+func TestVerifyNewerInTarget(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id, amount, note) SELECT g, g, 'n' || g FROM generate_series(1, 500) g`)
+	j := ordersJob("newer")
+	_, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	exec(t, e.pool, `UPDATE new_orders SET amount = -1, version = version + 1 WHERE id = 5`)
+	exec(t, e.pool, `UPDATE new_orders SET note = 'x' WHERE id = 7`)
+	opts := backfill.VerifyOptions{ChunkRows: 100, RecheckDelay: time.Millisecond}
+	v, err := e.bf.Verify(tctx(t), j, opts)
+	require.NoError(t, err)
+	assert.False(t, v.OK)
+	assert.Equal(t, int64(1), v.NewerInTarget)
+	assert.Equal(t, int64(1), v.DifferingKeys, "the newer key is not counted twice")
+	if assert.Len(t, v.Ranges, 1) {
+		assert.Equal(t, [][]string{{"5"}}, v.Ranges[0].NewerKeys)
+		assert.Equal(t, [][]string{{"7"}}, v.Ranges[0].Keys)
+	}
+	if assert.Len(t, v.Problems, 2) {
+		assert.Contains(t, v.Problems[0], "1 of 6 ranges differ (keys such as (7))")
+		assert.Contains(t, v.Problems[1], "1 keys are newer in the target than in the source (such as (5))")
+		assert.Contains(t, v.Problems[1], "--overwrite-newer")
+	}
+
+	opts.Repair = true
+	v, err = e.bf.Verify(tctx(t), j, opts)
+	require.NoError(t, err)
+	assert.False(t, v.OK, "the version guard keeps the newer row")
+	assert.Equal(t, int64(1), v.NewerInTarget)
+	assert.Len(t, v.Problems, 1)
+	assert.Equal(t, int64(-1), count(t, e.pool, `SELECT amount::int8 FROM new_orders WHERE id = 5`))
+	assert.Equal(t, int64(1), count(t, e.pool, `SELECT count(*) FROM new_orders WHERE id = 7 AND note = 'n7'`), "the other key was repaired")
+
+	// Way out 1: the source catches up (its repair replayed).
+	exec(t, e.pool, `UPDATE old_orders SET amount = -1, version = version + 1 WHERE id = 5`)
+	v, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{ChunkRows: 100})
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+
+	// Way out 2: the source is right; its row is copied over the newer one.
+	exec(t, e.pool, `UPDATE new_orders SET amount = 42, version = version + 5 WHERE id = 300`)
+	opts.OverwriteNewer = true
+	v, err = e.bf.Verify(tctx(t), j, opts)
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+	assert.Equal(t, int64(1), v.NewerInTarget)
+	assert.Equal(t, int64(1), v.Repaired)
+	assert.Zero(t, e.diff(t))
+}

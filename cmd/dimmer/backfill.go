@@ -21,8 +21,9 @@ func init() {
 // service registered by running them, and table copies defined here.
 type backfillCLI struct {
 	*cli
-	db     string
-	schema string
+	db       string
+	schema   string
+	workerID string
 }
 
 func (b *backfillCLI) cmd() *cobra.Command {
@@ -66,6 +67,9 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill
 		prev = b.be.close
 	}
 	opts := []backfill.Option{backfill.WithSchema(b.schema), backfill.WithLogger(b.logger)}
+	if b.workerID != "" {
+		opts = append(opts, backfill.WithWorkerID(b.workerID))
+	}
 	if needFlags || b.storeURL != "" {
 		be, err := b.open(ctx)
 		if err != nil {
@@ -108,19 +112,31 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 			if err != nil {
 				return err
 			}
+			defined := source != "" || target != "" || key != "" || spec.VersionColumn != "" || migration != ""
+			if defined && (source == "" || target == "" || key == "" || spec.VersionColumn == "" || migration == "") {
+				return usagef("a definition needs all of --migration, --source, --target, --key and --version-column")
+			}
+			given := backfill.Job{Name: args[0], Migration: migration, Spec: spec}
+			if defined {
+				given.Spec.Source, given.Spec.Target = parseTable(source), parseTable(target)
+				given.Spec.Key = strings.Split(key, ",")
+			}
 			j, err := bf.StoredJob(ctx, args[0])
 			switch {
 			case errors.Is(err, backfill.ErrUnknownJob):
-				if source == "" || target == "" || key == "" || spec.VersionColumn == "" || migration == "" {
+				if !defined {
 					return usagef("job %s is not stored: define it with --migration, --source, --target, --key and --version-column", args[0])
 				}
-				spec.Source, spec.Target = parseTable(source), parseTable(target)
-				spec.Key = strings.Split(key, ",")
-				j = backfill.Job{Name: args[0], Migration: migration, Spec: spec}
+				j = given
 			case err != nil:
 				return err
-			case source != "" || target != "" || key != "":
-				return usagef("job %s is stored already: run it without a definition (or give the new definition another JOB name)", args[0])
+			case defined:
+				// The same command run again (after a crash, by a
+				// restart-on-failure wrapper) resumes the job; another
+				// definition under the same name is refused.
+				if diff := definitionDiff(j, given); diff != "" {
+					return usagef("job %s is stored with another definition (%s): run it with the stored definition or none, or give the new definition another JOB name", args[0], diff)
+				}
 			}
 			j.Config = cfg
 			if dry {
@@ -159,8 +175,31 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 	f.IntVar(&cfg.Workers, "workers", 1, "workers in this process")
 	f.Float64Var(&cfg.RowsPerSecond, "rows-per-second", 0, "rate limit of this process (0: none)")
 	f.DurationVar(&cfg.TargetChunkTime, "chunk-time", 500*time.Millisecond, "target time of a chunk")
+	f.BoolVar(&cfg.LockSourceRows, "lock-source-rows", false, "lock each chunk's source rows (FOR KEY SHARE) so a row deleted during the copy is not brought back (without it, verify --repair removes such rows)")
+	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", 30*time.Second, "how long a range stays with a worker that stopped renewing it and whose database session is still open")
+	f.StringVar(&b.workerID, "worker-id", envOr("DIMMER_BACKFILL_WORKER_ID", ""), "this process's name in range leases (env DIMMER_BACKFILL_WORKER_ID; default host-pid-random)")
 	f.BoolVar(&dry, "dry-run", false, "show what would be copied; write nothing")
 	return cmd
+}
+
+// definitionDiff names what the given definition changes of the stored
+// job's ("" when nothing).
+func definitionDiff(stored, given backfill.Job) string {
+	var d []string
+	diff := func(flag string, s, g any) {
+		if fmt.Sprint(s) != fmt.Sprint(g) {
+			d = append(d, fmt.Sprintf("--%s %v, stored %v", flag, g, s))
+		}
+	}
+	diff("migration", stored.Migration, given.Migration)
+	diff("source", stored.Spec.Source, given.Spec.Source)
+	diff("target", stored.Spec.Target, given.Spec.Target)
+	diff("key", strings.Join(stored.Spec.Key, ","), strings.Join(given.Spec.Key, ","))
+	diff("version-column", stored.Spec.VersionColumn, given.Spec.VersionColumn)
+	if len(stored.Spec.Columns) > 0 || len(stored.Spec.Exprs) > 0 || len(stored.Spec.VerifyIgnore) > 0 {
+		d = append(d, "the stored job also has columns, expressions or verify-ignore lists these flags cannot give")
+	}
+	return strings.Join(d, "; ")
 }
 
 func parseTable(s string) backfill.Table {
@@ -294,7 +333,12 @@ func (b *backfillCLI) verifyCmd() *cobra.Command {
 		Long: `Compare the job's source and target chunk by chunk (row count and a
 NULL-safe row hash on both sides) and store the result at the migration's
 epoch, where the backfill-verified guard reads it before shadow. --repair
-recopies differing ranges. Exit 1 when they differ.`,
+recopies differing ranges. A target row newer than its source (a higher
+version while the source stays unchanged) is reported apart: the target
+has a write the source lacks, which the version guard keeps. Replay the
+dual writes' repair log so the source catches up and verify again, or,
+when the source is right, add --overwrite-newer to --repair. Exit 1 when
+they differ.`,
 		Args: exactArgs(1, "JOB"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			bf, err := b.backfiller(cmd.Context(), true)
@@ -309,11 +353,15 @@ recopies differing ranges. Exit 1 when they differ.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(b.out, "%s: %d chunks, %d source rows, %d target rows, differing: %d ranges / %d keys, repaired: %d, keys with a write in flight: %d\n",
-				j.Name, v.Chunks, v.RowsSource, v.RowsTarget, v.Differing, v.DifferingKeys, v.Repaired, v.InFlight)
+			fmt.Fprintf(b.out, "%s: %d chunks, %d source rows, %d target rows, differing: %d ranges / %d keys, repaired: %d, keys with a write in flight: %d, keys newer in the target: %d\n",
+				j.Name, v.Chunks, v.RowsSource, v.RowsTarget, v.Differing, v.DifferingKeys, v.Repaired, v.InFlight, v.NewerInTarget)
 			for _, r := range v.Ranges {
-				fmt.Fprintf(b.out, "  range (%v, %v]: %d source rows, %d target rows, differing keys: %d %v, repaired: %v\n",
-					r.Lo, r.Hi, r.SourceRows, r.TargetRows, r.DifferingKeys, r.Keys, r.Repaired)
+				newer := ""
+				if r.NewerInTarget > 0 {
+					newer = fmt.Sprintf(", newer in the target: %d %v", r.NewerInTarget, r.NewerKeys)
+				}
+				fmt.Fprintf(b.out, "  range (%v, %v]: %d source rows, %d target rows, differing keys: %d %v, repaired: %v%s\n",
+					r.Lo, r.Hi, r.SourceRows, r.TargetRows, r.DifferingKeys, r.Keys, r.Repaired, newer)
 			}
 			if !v.OK {
 				return fmt.Errorf("%s differs: %s", j.Name, strings.Join(v.Problems, "; "))
@@ -323,6 +371,7 @@ recopies differing ranges. Exit 1 when they differ.`,
 		},
 	}
 	cmd.Flags().BoolVar(&o.Repair, "repair", false, "recopy differing ranges and check them again")
+	cmd.Flags().BoolVar(&o.OverwriteNewer, "overwrite-newer", false, "with --repair, copy the source's row over target rows newer than it")
 	cmd.Flags().IntVar(&o.ChunkRows, "chunk-rows", 10000, "rows per checksum")
 	return cmd
 }

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -69,6 +71,19 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	require.Equal(t, exitOK, r.code, r.stderr)
 	assert.Contains(t, r.stdout, "copy: verified at epoch 0")
 
+	_, err = pool.Exec(ctx, `UPDATE new_orders SET amount = -1, version = 2 WHERE id = 3`)
+	require.NoError(t, err)
+	r = dimmer(t, store, "verify", "copy", "--repair")
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stdout, "keys newer in the target: 1")
+	assert.Contains(t, r.stdout, "repaired: false, newer in the target: 1 [[3]]")
+	assert.Contains(t, r.stderr, "1 keys are newer in the target than in the source (such as (3))")
+	r = dimmer(t, store, "verify", "copy", "--repair", "--overwrite-newer")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "copy: verified at epoch 0")
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM new_orders WHERE id = 3 AND amount = 3 AND version = 1`).Scan(&n))
+	assert.Equal(t, 1, n, "old's row copied over the newer one")
+
 	r = dimmer(t, store, "status", "copy")
 	require.Equal(t, exitOK, r.code, r.stderr)
 	assert.Contains(t, r.stdout, "job copy (migration orders, epoch 0): done")
@@ -87,4 +102,78 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	r = dimmer(t, store, "resume", "copy")
 	require.Equal(t, exitOK, r.code, r.stderr)
 	assert.Equal(t, "copy: resumed\n", r.stdout)
+}
+
+// TestCLIBackfillResumesAsStarted: the command that started a job, run
+// again after the job was interrupted, resumes it; a different definition
+// under the same name is refused. The lease and locking flags reach the job.
+func TestCLIBackfillResumesAsStarted(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, schema := dimmertest.Schema(t)
+	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, pg.Install(ctx))
+	ctl, err := flags.NewController(pg)
+	require.NoError(t, err)
+	_, err = ctl.Set(ctx, flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "t", Reason: "go"})
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `CREATE TABLE old_orders (id bigint PRIMARY KEY, amount numeric, version bigint NOT NULL DEFAULT 1);
+CREATE TABLE new_orders (LIKE old_orders INCLUDING ALL);
+INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(1, 2000) g`)
+	require.NoError(t, err)
+	store := []string{"--store", dimmertest.PostgresURL(), "--schema", schema, "backfill", "--backfill-schema", schema}
+	def := []string{"--migration", "orders", "--source", schema + ".old_orders", "--target", schema + ".new_orders", "--key", "id", "--version-column", "version"}
+	rowsDone := func() int64 {
+		var n int64
+		require.NoError(t, pool.QueryRow(ctx, `SELECT coalesce(sum(rows_done), 0)::int8 FROM `+schema+`.backfill_ranges`).Scan(&n))
+		return n
+	}
+
+	// Interrupted part way.
+	runCtx, cancel := context.WithCancel(ctx)
+	stopped := make(chan int, 1)
+	var out, errOut bytes.Buffer
+	go func() {
+		stopped <- run(runCtx, append(append([]string{"--actor", "tester"}, store...),
+			append([]string{"run", "copy", "--rows-per-second", "2000", "--worker-id", "cli-a", "--lease-ttl", "7s"}, def...)...), &out, &errOut)
+	}()
+	t.Cleanup(cancel)
+	require.Eventually(t, func() bool {
+		var n int64
+		err := pool.QueryRow(ctx, `SELECT coalesce(sum(rows_done), 0)::int8 FROM `+schema+`.backfill_ranges`).Scan(&n)
+		return err == nil && n >= 300 // the tables are installed by the run
+	}, 20*time.Second, 5*time.Millisecond)
+	var owner string
+	var ttl float64
+	require.NoError(t, pool.QueryRow(ctx, `SELECT owner, extract(epoch FROM lease_until - updated_at)::float8 FROM `+schema+
+		`.backfill_ranges WHERE owner IS NOT NULL ORDER BY updated_at DESC LIMIT 1`).Scan(&owner, &ttl))
+	assert.Equal(t, "cli-a/0", owner, "--worker-id names the lease")
+	assert.InDelta(t, 7, ttl, 1.5, "--lease-ttl sets the lease")
+	cancel()
+	assert.NotEqual(t, exitOK, <-stopped)
+	before := rowsDone()
+	require.Less(t, before, int64(2000))
+
+	// The same command again resumes.
+	r := dimmer(t, store, append([]string{"run", "copy", "--lock-source-rows"}, def...)...)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "copy: done")
+	assert.Equal(t, int64(2000), rowsDone(), "no row counted twice: resumed from the checkpoints")
+	var n, locked int64
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM old_orders o JOIN new_orders n USING (id, amount, version)`).Scan(&n))
+	assert.Equal(t, int64(2000), n)
+	// FOR KEY SHARE leaves its locker's transaction id on the rows it locked.
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM old_orders WHERE xmax <> '0'`).Scan(&locked))
+	assert.Equal(t, 2000-before, locked, "--lock-source-rows locked the rows the resumed run copied, and only those")
+
+	// Another definition under the same name is refused, naming what changed.
+	other := append([]string{"run", "copy"}, def...)
+	other[len(other)-3] = "id,amount"
+	r = dimmer(t, store, other...)
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "job copy is stored with another definition (--key id,amount, stored id)")
+	r = dimmer(t, store, "run", "copy", "--source", schema+".old_orders")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "a definition needs all of")
 }

@@ -1,0 +1,112 @@
+package backfill
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Leases die with their holder. A range lease is a row (owner, token,
+// lease_until) renewed by every chunk, and besides it a session-level
+// advisory lock held by the process on a connection of its own for as
+// long as it holds the range. A process killed -9 closes that connection
+// and its locks go with it, so the next claim takes the range at once
+// instead of after LeaseTTL. The lease row still expires: a holder whose
+// session lingers (a half-open connection the server has not noticed, a
+// process stuck but alive) loses its ranges after LeaseTTL as before. A
+// range is free when its lease expired or its lock can be taken.
+//
+// The lock only says who may claim; fencing is unchanged: a claim bumps the
+// range's token under the range row's lock, and every chunk's transaction
+// checks the token, so a worker presumed dead (its lock lost with a broken
+// connection while it still runs) cannot commit over its successor.
+type session struct {
+	b      *Backfiller
+	job    string
+	mu     sync.Mutex
+	conn   *pgx.Conn
+	held   map[int]bool
+	broken bool
+}
+
+func newSession(b *Backfiller, job string) *session {
+	return &session{b: b, job: job, held: map[int]bool{}}
+}
+
+func (s *session) lockKey(id int) string {
+	return "dimmer.backfill.range/" + s.b.schema + "/" + s.job + "/" + strconv.Itoa(id)
+}
+
+// connLocked returns the session's connection, opening it (again) when
+// needed. A new connection holds none of the old one's locks.
+func (s *session) connLocked(ctx context.Context) (*pgx.Conn, error) {
+	if s.conn != nil && !s.broken && !s.conn.IsClosed() {
+		return s.conn, nil
+	}
+	if s.conn != nil {
+		_ = s.conn.Close(context.WithoutCancel(ctx))
+		s.conn = nil
+		clear(s.held)
+	}
+	c, err := pgx.ConnectConfig(ctx, s.b.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return nil, fmt.Errorf("backfill: %s: open the lease session: %w", s.job, err)
+	}
+	s.conn, s.broken = c, false
+	return c, nil
+}
+
+// tryLock takes range id's lock unless another session holds it, or a
+// worker of this process does (the lock is re-entrant per session, so the
+// process's own holdings are kept here).
+func (s *session) tryLock(ctx context.Context, id int) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.held[id] {
+		return false, nil
+	}
+	c, err := s.connLocked(ctx)
+	if err != nil {
+		return false, err
+	}
+	var got bool
+	if err := c.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, s.lockKey(id)).Scan(&got); err != nil {
+		s.broken = true
+		return false, fmt.Errorf("backfill: %s: lock range %d: %w", s.job, id, err)
+	}
+	if got {
+		s.held[id] = true
+	}
+	return got, nil
+}
+
+// unlock lets range id's lock go (the range is done, released or lost).
+func (s *session) unlock(ctx context.Context, id int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.held[id] {
+		return
+	}
+	delete(s.held, id)
+	if s.conn == nil || s.broken {
+		return
+	}
+	if _, err := s.conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, s.lockKey(id)); err != nil {
+		s.broken = true
+		s.b.logger.Warn("backfill: unlock range", "job", s.job, "range", id, "err", err)
+	}
+}
+
+// close ends the session and with it every lock it holds.
+func (s *session) close(ctx context.Context) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != nil {
+		_ = s.conn.Close(context.WithoutCancel(ctx))
+		s.conn = nil
+	}
+	clear(s.held)
+}
