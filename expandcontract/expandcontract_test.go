@@ -25,7 +25,7 @@ type env struct {
 	flags  *pgflags.Store
 }
 
-func newEnv(t *testing.T) env {
+func newEnv(t testing.TB) env {
 	t.Helper()
 	pool, schema := dimmertest.Schema(t)
 	fs, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
@@ -64,7 +64,7 @@ func (e env) registry(t *testing.T, opts ...expandcontract.Option) *expandcontra
 	return r
 }
 
-func (e env) exec(t *testing.T, sql string, args ...any) {
+func (e env) exec(t testing.TB, sql string, args ...any) {
 	t.Helper()
 	_, err := e.pool.Exec(flagstest.Context(t), sql, args...)
 	require.NoError(t, err, sql)
@@ -147,7 +147,7 @@ func (tr *traffic) stop() (int64, []error) {
 	return tr.ok.Load(), tr.errs
 }
 
-func (tr *traffic) waitFor(t *testing.T, n int64) {
+func (tr *traffic) waitFor(t testing.TB, n int64) {
 	t.Helper()
 	start := tr.ok.Load()
 	require.Eventually(t, func() bool { return tr.ok.Load() >= start+n }, 10*time.Second, 5*time.Millisecond)

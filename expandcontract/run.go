@@ -294,14 +294,58 @@ LIMIT 1`, r.lockKey(plan)).Scan(&pid, &app, &state, &since)
 	return fmt.Errorf("%w: plan %s is held by %s", ErrBusy, plan, holder)
 }
 
-// runStep applies one step with retries on lock timeouts and deadlocks.
+// runStep applies one step with retries on lock timeouts and deadlocks,
+// within the lock-wait budget.
+//
+// Once an attempt has timed out, the runner knows which tables it waited
+// for and who held them. While a session whose transaction is older than
+// the lock timeout still holds a lock on one of them, another attempt would
+// only time out again after queueing the service's queries once more, so the
+// runner waits (with the same backoff) without entering the lock queue.
 func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase string, s Step) error {
 	start := time.Now()
+	deadline := start.Add(r.lockWaitBudget)
 	lt := fmt.Sprintf("%dms", r.lockTimeout.Milliseconds())
+	var last blocked
 	for attempt := 1; ; attempt++ {
+		if len(last.relations) > 0 && attempt > 1 {
+			holders, err := r.longHolders(ctx, conn.PgConn().PID(), last.relations)
+			if err == nil && holders != "" {
+				// This attempt is spent waiting outside the queue.
+				last.holders = holders
+				err := fmt.Errorf("%w: waiting outside the lock queue, blocked by %s", ErrLockTimeout, holders)
+				pause, left := r.pause(attempt), time.Until(deadline)
+				if left <= pause || (r.attempts > 0 && attempt >= r.attempts) || ctx.Err() != nil {
+					why := "lock-wait budget " + r.lockWaitBudget.String() + " spent"
+					if r.attempts > 0 && attempt >= r.attempts {
+						why = fmt.Sprintf("%d attempts made", attempt)
+					}
+					err = fmt.Errorf("%w (%s): blocked by %s", ErrLockTimeout, why, holders)
+					_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
+					return &StepError{Plan: plan, Phase: phase, Step: s.Name, Attempts: attempt, Elapsed: time.Since(start), Err: err}
+				}
+				r.logger.Warn("expandcontract: step waits outside the lock queue while a long transaction holds its table",
+					"plan", plan, "phase", phase, "step", s.Name, "attempt", attempt, "blocked_by", holders,
+					"retry_in", pause.Round(time.Millisecond), "budget_left", left.Round(time.Second))
+				_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
+				if sleep(ctx, pause) == nil {
+					continue
+				}
+			}
+		}
+		watch := r.watchBlockers(ctx, conn.PgConn().PID())
 		var err error
 		if s.Concurrently {
-			err = r.runConcurrent(ctx, conn, plan, phase, s, lt)
+			clt := lt
+			if s.builtIndex() != "" {
+				// CREATE INDEX CONCURRENTLY waits for every older transaction,
+				// and a timed-out build leaves an invalid index to drop and
+				// build again. Its waits queue no query of the service (its
+				// lock does not conflict with reads and writes), so it may
+				// wait for the rest of the budget.
+				clt = fmt.Sprintf("%dms", max(time.Until(deadline), r.lockTimeout).Milliseconds())
+			}
+			err = r.runConcurrent(ctx, conn, plan, phase, s, clt)
 		} else {
 			err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 				if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, lt); err != nil {
@@ -313,24 +357,134 @@ func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase stri
 				return r.record(ctx, tx, plan, phase, s.Name, stateApplied, "")
 			})
 		}
+		if b := watch(); b.holders != "" {
+			last = b
+		}
 		if err == nil {
 			r.logger.Info("expandcontract: step applied", "plan", plan, "phase", phase, "step", s.Name, "attempts", attempt, "elapsed", time.Since(start))
 			return nil
 		}
-		retry := isCode(err, "55P03") || isCode(err, "40P01")
-		if retry && attempt < r.attempts && ctx.Err() == nil && !conn.IsClosed() {
-			r.logger.Warn("expandcontract: step waited too long for a lock, retrying", "plan", plan, "phase", phase, "step", s.Name, "attempt", attempt, "err", err)
+		lockErr := isCode(err, "55P03") || isCode(err, "40P01")
+		if lockErr && last.holders != "" {
+			err = fmt.Errorf("%w (blocked by %s)", err, last.holders)
+		}
+		pause := r.pause(attempt)
+		left := time.Until(deadline)
+		retry := lockErr && (r.attempts == 0 || attempt < r.attempts) && left > pause && ctx.Err() == nil && !conn.IsClosed()
+		if retry {
+			r.logger.Warn("expandcontract: step gave up its place in the lock queue; retrying",
+				"plan", plan, "phase", phase, "step", s.Name, "attempt", attempt, "blocked_by", last.holders,
+				"lock_timeout", r.lockTimeout, "retry_in", pause.Round(time.Millisecond), "budget_left", left.Round(time.Second), "err", err)
 			_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
-			if werr := sleep(ctx, r.pause(attempt)); werr == nil {
+			if werr := sleep(ctx, pause); werr == nil {
 				continue
 			}
 		}
 		if isCode(err, "55P03") {
-			err = fmt.Errorf("%w: %w", ErrLockTimeout, err)
+			why := "lock-wait budget " + r.lockWaitBudget.String() + " spent"
+			if r.attempts > 0 && attempt >= r.attempts {
+				why = fmt.Sprintf("%d attempts made", attempt)
+			}
+			err = fmt.Errorf("%w (%s): %w", ErrLockTimeout, why, err)
 		}
 		_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
 		return &StepError{Plan: plan, Phase: phase, Step: s.Name, Attempts: attempt, Elapsed: time.Since(start), Err: err}
 	}
+}
+
+// blocked is what an attempt waited for: the tables (oids) and who held
+// them.
+type blocked struct {
+	relations []uint32
+	holders   string
+}
+
+// watchBlockers looks, once an attempt has waited half its lock_timeout, at
+// who holds the locks the runner's backend (pid) waits for, so the retry
+// and the final error can name them. The returned function stops the watch
+// and returns what it saw (nothing when the attempt never waited).
+func (r *Registry) watchBlockers(ctx context.Context, pid uint32) func() blocked {
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	var seen blocked
+	go func() {
+		defer close(done)
+		if sleep(wctx, max(r.lockTimeout/2, 5*time.Millisecond)) != nil {
+			return
+		}
+		seen = r.blockers(wctx, pid)
+	}()
+	return func() blocked {
+		cancel()
+		<-done
+		return seen
+	}
+}
+
+// blockerSQL describes sessions: pid, application, user, state, age of
+// their transaction and the locks they hold on the tables $2. Query texts
+// are left out: they may carry the service's data.
+const blockerSQL = `SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, ''), coalesce(a.state, ''),
+	coalesce(extract(epoch FROM now() - a.xact_start), 0)::float8,
+	coalesce((SELECT string_agg(DISTINCT l.mode || ' on ' || l.relation::regclass::text, ', ')
+		FROM pg_locks l WHERE l.pid = a.pid AND l.granted AND l.relation = ANY($2::oid[])), '')
+FROM pg_stat_activity a`
+
+// blockers names the sessions blocking pid and the tables it waits for.
+func (r *Registry) blockers(ctx context.Context, pid uint32) blocked {
+	var b blocked
+	rows, err := r.pool.Query(ctx, `SELECT relation FROM pg_locks WHERE pid = $1 AND NOT granted AND relation IS NOT NULL`, int64(pid))
+	if err != nil {
+		return b
+	}
+	if b.relations, err = pgx.CollectRows(rows, pgx.RowTo[uint32]); err != nil {
+		return blocked{}
+	}
+	b.holders = r.describeSessions(ctx, blockerSQL+` WHERE a.pid = ANY(pg_blocking_pids($1)) ORDER BY a.pid`, int64(pid), b.relations)
+	return b
+}
+
+// longHolders names the sessions other than pid holding a lock on any of
+// relations inside a transaction older than the lock timeout.
+func (r *Registry) longHolders(ctx context.Context, pid uint32, relations []uint32) (string, error) {
+	var held bool
+	if err := r.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.relation = ANY($2::oid[]) AND l.pid <> $1 AND a.xact_start < now() - $3::interval)`,
+		int64(pid), relations, r.lockTimeout.String()).Scan(&held); err != nil || !held {
+		return "", err
+	}
+	return r.describeSessions(ctx, blockerSQL+` WHERE a.pid <> $1 AND a.xact_start < now() - $3::interval
+	AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted AND l.relation = ANY($2::oid[])) ORDER BY a.pid`,
+		int64(pid), relations, r.lockTimeout.String()), nil
+}
+
+func (r *Registry) describeSessions(ctx context.Context, sql string, args ...any) string {
+	rows, err := r.pool.Query(ctx, sql, args...)
+	if err != nil {
+		return ""
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var (
+			bpid             int32
+			app, user, state string
+			age              float64
+			locks            string
+		)
+		if rows.Scan(&bpid, &app, &user, &state, &age, &locks) != nil {
+			break
+		}
+		d := fmt.Sprintf("pid %d (application %q, user %s, %s", bpid, app, user, state)
+		if age > 0 {
+			d += fmt.Sprintf(", transaction open %v", (time.Duration(age * float64(time.Second))).Round(time.Millisecond))
+		}
+		if locks != "" {
+			d += ", holds " + locks
+		}
+		out = append(out, d+")")
+	}
+	return strings.Join(out, "; ")
 }
 
 func (r *Registry) runConcurrent(ctx context.Context, conn *pgx.Conn, plan, phase string, s Step, lt string) error {

@@ -265,7 +265,7 @@ func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 				Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
 			opts := []expandcontract.Option{expandcontract.WithLockTimeout(time.Minute)}
 			if how == "lock-timeout" {
-				opts = []expandcontract.Option{expandcontract.WithLockTimeout(100 * time.Millisecond), expandcontract.WithAttempts(2)}
+				opts = []expandcontract.Option{expandcontract.WithLockTimeout(100 * time.Millisecond), expandcontract.WithLockWaitBudget(300 * time.Millisecond)}
 			}
 			reg := e.registry(t, opts...)
 			require.NoError(t, reg.Register(ctx, "test", plan))

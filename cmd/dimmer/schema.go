@@ -27,6 +27,7 @@ type schemaOpts struct {
 	db             string
 	backfillSchema string
 	lockTimeout    time.Duration
+	lockWaitBudget time.Duration
 	attempts       int
 }
 
@@ -49,12 +50,21 @@ the linked migrations' stages; without it those guards fail.
 Exit codes: 0 done (or nothing to do); 2 bad usage or unknown plan;
 3 refused by a guard or not possible at the plan's stage; 4 the plan is
 being applied by another process; 1 other (a failed step: run the
-command again to resume at it).`,
+command again to resume at it).
+
+Locks: each attempt of a step waits at most --lock-timeout (150ms) for its
+locks, since every query of the service on that table queues behind a
+waiting ALTER; then it leaves the queue, pauses (jittered backoff) and tries
+again, for up to --lock-wait-budget (5m). Each retry names the sessions
+holding the lock (pid, application, user, state, transaction age).`,
 	}
 	cmd.PersistentFlags().StringVar(&o.db, "db", os.Getenv("DIMMER_SCHEMA_DB"), "Postgres URL of the database the plans change (env DIMMER_SCHEMA_DB; default --store)")
 	cmd.PersistentFlags().StringVar(&o.backfillSchema, "backfill-schema", backfill.DefaultSchema, "schema of the backfill tables, for the backfill-verified check")
-	cmd.PersistentFlags().DurationVar(&o.lockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each attempt of a step")
-	cmd.PersistentFlags().IntVar(&o.attempts, "attempts", 10, "attempts per step on lock timeouts and deadlocks")
+	cmd.PersistentFlags().DurationVar(&o.lockTimeout, "lock-timeout", expandcontract.DefaultLockTimeout,
+		"lock_timeout of each attempt of a step: the longest the service's queries queue behind it")
+	cmd.PersistentFlags().DurationVar(&o.lockWaitBudget, "lock-wait-budget", expandcontract.DefaultLockWaitBudget,
+		"total time a step keeps retrying when its locks are held by others")
+	cmd.PersistentFlags().IntVar(&o.attempts, "attempts", 0, "cap on attempts per step on lock timeouts and deadlocks (0: the budget alone bounds them)")
 	cmd.AddCommand(c.schemaStatusCmd(o), c.schemaAuditCmd(o),
 		c.schemaActionCmd(o, "expand", "Run the plan's expand steps (resumes an interrupted expand)"),
 		c.schemaActionCmd(o, "migrate", "Record that the data move (dual writes, backfill) is under way"),
@@ -76,8 +86,11 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	if o.lockTimeout < time.Millisecond {
 		return nil, nil, usagef("--lock-timeout %v: must be at least 1ms", o.lockTimeout)
 	}
-	if o.attempts < 1 {
-		return nil, nil, usagef("--attempts %d: must be at least 1", o.attempts)
+	if o.attempts < 0 {
+		return nil, nil, usagef("--attempts %d: must not be negative", o.attempts)
+	}
+	if o.lockWaitBudget <= 0 {
+		return nil, nil, usagef("--lock-wait-budget %v: must be positive", o.lockWaitBudget)
 	}
 	pool, err := pgxpool.New(ctx, url)
 	if err != nil {
@@ -85,7 +98,10 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	}
 	opts := []expandcontract.Option{
 		expandcontract.WithSchema(c.schema), expandcontract.WithLockTimeout(o.lockTimeout),
-		expandcontract.WithAttempts(o.attempts), expandcontract.WithLogger(c.logger),
+		expandcontract.WithLockWaitBudget(o.lockWaitBudget), expandcontract.WithLogger(c.logger),
+	}
+	if o.attempts > 0 {
+		opts = append(opts, expandcontract.WithAttempts(o.attempts))
 	}
 	if c.storeURL != "" {
 		be, err := c.open(ctx)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -104,4 +105,40 @@ WHERE table_schema = $1 AND table_name = 'widgets'`, schema).Scan(&cols))
 	assert.Contains(t, r.stderr, "no database")
 	r = dimmer(t, store, "schema", "contract", "widgets-color", "--force")
 	assert.Equal(t, exitUsage, r.code)
+}
+
+// TestSchemaLockWaitBudget: a step behind a session that keeps its table
+// locked retries with short attempts, names the holder on stderr as it
+// goes, and gives up when --lock-wait-budget is spent, with nothing applied.
+func TestSchemaLockWaitBudget(t *testing.T) {
+	t.Parallel()
+	ctx := flagstest.Context(t)
+	pool, schema := dimmertest.Schema(t)
+	_, err := pool.Exec(ctx, `CREATE TABLE gadgets (id int PRIMARY KEY)`)
+	require.NoError(t, err)
+	reg, err := expandcontract.NewRegistry(pool, expandcontract.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, reg.Install(ctx))
+	plan := expandcontract.Plan{Name: "gadgets-size",
+		Expand:   []expandcontract.Step{{Name: "add-size", SQL: `ALTER TABLE gadgets ADD COLUMN size int`}},
+		Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
+	require.NoError(t, reg.Register(ctx, "service", plan))
+	holder, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer holder.Rollback(context.Background())
+	_, err = holder.Exec(ctx, `SET LOCAL application_name = 'nightly-report'; SELECT count(*) FROM gadgets`)
+	require.NoError(t, err)
+
+	r := dimmer(t, []string{"--db", dimmertest.PostgresURL(), "--schema", schema}, "schema", "expand", plan.Name, "--lock-wait-budget", "1s")
+	assert.Equal(t, exitError, r.code, r.stdout)
+	assert.Contains(t, r.stderr, "lock-wait budget 1s spent")
+	assert.Contains(t, r.stderr, `blocked_by="pid `)
+	assert.Contains(t, r.stderr, "nightly-report")
+	st, err := reg.Status(ctx, plan.Name)
+	require.NoError(t, err)
+	assert.Equal(t, expandcontract.Pending, st.Stage)
+
+	r = dimmer(t, []string{"--db", dimmertest.PostgresURL(), "--schema", schema}, "schema", "expand", plan.Name, "--lock-wait-budget", "0s")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "--lock-wait-budget 0s: must be positive")
 }
