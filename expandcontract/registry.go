@@ -416,7 +416,11 @@ func (r *Registry) register(ctx context.Context, actor string, p Plan) error {
 		// search_path is kept from the first registration: steps that ran
 		// must keep resolving the same tables.
 		ran := map[string]bool{}
-		rows, err := tx.Query(ctx, `SELECT DISTINCT phase FROM `+r.t.steps+` WHERE plan = $1`, p.Name)
+		// A plan rolled back to the pending shape may change in every
+		// phase: its expand records are gone, and its rollback's are only
+		// history.
+		rows, err := tx.Query(ctx, `SELECT DISTINCT s.phase FROM `+r.t.steps+` s JOIN `+r.t.plans+` p ON p.plan = s.plan
+WHERE s.plan = $1 AND NOT (p.stage = 'rolled back' AND p.running IS NULL AND s.phase = 'rollback')`, p.Name)
 		if err != nil {
 			return fmt.Errorf("expandcontract: register %s: %w", p.Name, err)
 		}
@@ -499,7 +503,9 @@ func (s Status) Shapes() (lo, hi Stage) {
 	case PhaseContract:
 		return Migrating, Contracted
 	case PhaseRollback:
-		return Pending, cur
+		// Also a rollback of an interrupted expand: the schema may be
+		// partly expanded.
+		return Pending, max(cur, Expanded)
 	}
 	return cur, cur
 }

@@ -59,6 +59,13 @@ func (r *Registry) Contract(ctx context.Context, plan string, req Request) (Stat
 // has been applied the old shape is gone and rollback is refused with
 // [ErrWrongStage] (even forced). Its guards: no live instance declares a
 // range that needs the expanded shape, and the linked migration is off.
+//
+// An expand that failed or was interrupted (one that can never succeed,
+// such as a unique index over duplicate values) can be rolled back too:
+// first the invalid indexes its unfinished concurrent steps left are
+// dropped (by their identity), then the rollback steps run. They run over a
+// partial expand, so they must be idempotent (IF EXISTS). Afterwards the
+// plan is rolled back and a corrected definition may be registered.
 func (r *Registry) Rollback(ctx context.Context, plan string, req Request) (Status, error) {
 	return r.apply(ctx, plan, PhaseRollback, req)
 }
@@ -69,7 +76,10 @@ func target(action string, st Status) (to Stage, done bool, err error) {
 	wrong := func(format string, args ...any) (Stage, bool, error) {
 		return 0, false, fmt.Errorf("%w: plan %s is %s: %s", ErrWrongStage, st.Plan.Name, st.Stage, fmt.Sprintf(format, args...))
 	}
-	if st.Running != "" && st.Running != action {
+	if st.Running != "" && st.Running != action && (action != PhaseRollback || st.Running != PhaseExpand) {
+		if st.Running == PhaseExpand {
+			return wrong("its expand was interrupted: run expand again to finish it, or rollback to undo it")
+		}
 		return wrong("its %s was interrupted: run %s again to finish it first", st.Running, st.Running)
 	}
 	switch action {
@@ -161,7 +171,13 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 	// after a crash right after the mark); once one has, the shape is
 	// already changing and the phase may only go forward.
 	judge := (action == PhaseContract || action == PhaseRollback) && !st.tried(action)
-	if st.Running == "" && action != "migrate" {
+	// What a refusal restores: an expand interrupted before a rollback was
+	// asked stays interrupted; the refused phase's own mark goes.
+	wasRunning := st.Running
+	if wasRunning == action {
+		wasRunning = ""
+	}
+	if st.Running != action && action != "migrate" {
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			if action == PhaseExpand && st.Stage == RolledBack {
 				if _, err := tx.Exec(ctx, `DELETE FROM `+r.t.steps+` WHERE plan = $1 AND phase = $2`, plan, PhaseRollback); err != nil {
@@ -185,10 +201,12 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 		entry.Checks = checks
 		if failed := failedChecks(checks); len(failed) > 0 {
 			if !req.Force {
-				if _, err := conn.Exec(context.WithoutCancel(ctx), `UPDATE `+r.t.plans+` SET running = NULL WHERE plan = $1`, plan); err != nil {
+				// A refused rollback of an interrupted expand leaves the
+				// expand interrupted, as it found it.
+				if _, err := conn.Exec(context.WithoutCancel(ctx), `UPDATE `+r.t.plans+` SET running = nullif($2, '') WHERE plan = $1`, plan, wasRunning); err != nil {
 					return st, fmt.Errorf("expandcontract: plan %s: %s refused, and clearing its start failed: %w", plan, action, err)
 				}
-				st.Running = ""
+				st.Running = wasRunning
 				entry.Outcome = OutcomeRefused
 				if err := r.appendAudit(ctx, r.pool, entry); err != nil {
 					r.logger.Warn("expandcontract: audit of a refusal failed", "plan", plan, "err", err)
@@ -200,6 +218,20 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 	}
 	if action == "migrate" {
 		return r.finish(ctx, conn, st, to, entry, nil)
+	}
+	if action == PhaseRollback {
+		dropped, err := r.dropLeftovers(ctx, conn, st)
+		if len(dropped) > 0 {
+			entry.Detail = "dropped what failed expand steps left: " + strings.Join(dropped, "; ")
+		}
+		if err != nil {
+			err = &StepError{Plan: plan, Phase: action, Step: "drop-leftovers", Attempts: 1, Err: err}
+			entry.Outcome, entry.Detail = OutcomeFailed, err.Error()
+			if aerr := r.appendAudit(context.WithoutCancel(ctx), r.pool, entry); aerr != nil {
+				r.logger.Warn("expandcontract: audit of a failure failed", "plan", plan, "err", aerr)
+			}
+			return st, err
+		}
 	}
 	applied := st.applied(action)
 	for _, step := range st.Plan.Steps(action) {
@@ -225,6 +257,33 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 		cleanup = []string{PhaseExpand, PhaseContract}
 	}
 	return r.finish(ctx, conn, st, to, entry, cleanup)
+}
+
+// dropLeftovers drops the invalid indexes that concurrent expand steps
+// which did not complete left behind (a failed unique build, a killed
+// runner), found by identity: a rollback's own steps undo what the expand
+// applied, and cannot be expected to know about a half-built index.
+func (r *Registry) dropLeftovers(ctx context.Context, conn *pgx.Conn, st Status) ([]string, error) {
+	var dropped []string
+	for _, s := range st.Plan.Expand {
+		idx := s.builtIndex()
+		if idx == "" || st.applied(PhaseExpand)[s.Name] {
+			continue
+		}
+		ix, err := r.lookupIndex(ctx, conn, idx)
+		if err != nil {
+			return dropped, err
+		}
+		if !ix.exists || ix.valid {
+			continue
+		}
+		r.logger.Warn("expandcontract: rollback drops the invalid index a failed expand step left", "plan", st.Plan.Name, "step", s.Name, "index", ix.name)
+		if err := r.dropIndex(ctx, conn, ix); err != nil {
+			return dropped, err
+		}
+		dropped = append(dropped, fmt.Sprintf("invalid index %s of step %s", ix.name, s.Name))
+	}
+	return dropped, nil
 }
 
 func (r *Registry) finish(ctx context.Context, conn *pgx.Conn, st Status, to Stage, entry AuditEntry, clear []string) (Status, error) {

@@ -69,7 +69,7 @@ holding the lock (pid, application, user, state, transaction age).`,
 		c.schemaActionCmd(o, "expand", "Run the plan's expand steps (resumes an interrupted expand)"),
 		c.schemaActionCmd(o, "migrate", "Record that the data move (dual writes, backfill) is under way"),
 		c.schemaActionCmd(o, "contract", "Run the plan's contract steps once every guard passes"),
-		c.schemaActionCmd(o, "rollback", "Undo the expand (before contract only)"))
+		c.schemaActionCmd(o, "rollback", "Undo the expand, also a failed or interrupted one (before contract only)"))
 	return cmd
 }
 
@@ -283,6 +283,10 @@ func printPlanStatus(ctx context.Context, w io.Writer, reg *expandcontract.Regis
 	var checks []flags.CheckResult
 	var err error
 	switch {
+	case st.Running == expandcontract.PhaseExpand:
+		fmt.Fprintf(w, "next: run `dimmer schema expand %s` again to resume, or `dimmer schema rollback %s` to undo it\n", p.Name, p.Name)
+		next = "rollback"
+		checks, err = reg.RollbackChecks(ctx, p.Name)
 	case st.Running != "":
 		fmt.Fprintf(w, "next: run `dimmer schema %s %s` again to resume\n", st.Running, p.Name)
 		return nil

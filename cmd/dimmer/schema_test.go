@@ -142,3 +142,48 @@ func TestSchemaLockWaitBudget(t *testing.T) {
 	assert.Equal(t, exitUsage, r.code)
 	assert.Contains(t, r.stderr, "--lock-wait-budget 0s: must be positive")
 }
+
+// TestSchemaRollbackOfFailedExpand: an expand whose step fails every time
+// is undone from the CLI; status offers it, the guards apply (here no fleet
+// is configured, so it is forced with a reason) and the audit keeps it.
+func TestSchemaRollbackOfFailedExpand(t *testing.T) {
+	t.Parallel()
+	ctx := flagstest.Context(t)
+	pool, schema := dimmertest.Schema(t)
+	_, err := pool.Exec(ctx, `CREATE TABLE sprockets (id int PRIMARY KEY, size int)`)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO sprockets VALUES (1, 0)`)
+	require.NoError(t, err)
+	reg, err := expandcontract.NewRegistry(pool, expandcontract.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, reg.Install(ctx))
+	plan := expandcontract.Plan{Name: "sprockets-ratio",
+		Expand: []expandcontract.Step{
+			{Name: "add-ratio", SQL: `ALTER TABLE sprockets ADD COLUMN IF NOT EXISTS ratio int`},
+			{Name: "fill-ratio", SQL: `UPDATE sprockets SET ratio = 100 / size`},
+		},
+		Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}},
+		Rollback: []expandcontract.Step{{Name: "drop-ratio", SQL: `ALTER TABLE sprockets DROP COLUMN IF EXISTS ratio`}}}
+	require.NoError(t, reg.Register(ctx, "service", plan))
+	db := []string{"--db", dimmertest.PostgresURL(), "--schema", schema}
+
+	r := dimmer(t, db, "schema", "expand", plan.Name)
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stderr, "division by zero")
+	r = dimmer(t, db, "schema", "status", plan.Name)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "or `dimmer schema rollback sprockets-ratio` to undo it")
+	r = dimmer(t, db, "schema", "rollback", plan.Name)
+	assert.Equal(t, exitRefused, r.code, r.stdout)
+	assert.Contains(t, r.stderr, "no fleet registry configured")
+	r = dimmer(t, db, "schema", "rollback", plan.Name, "--force", "--reason", "the fill cannot succeed")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "sprockets-ratio: pending -> rolled back\n", r.stdout)
+	var cols []string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT array_agg(column_name::text ORDER BY ordinal_position) FROM information_schema.columns
+WHERE table_schema = $1 AND table_name = 'sprockets'`, schema).Scan(&cols))
+	assert.Equal(t, []string{"id", "size"}, cols)
+	r = dimmer(t, db, "schema", "audit", plan.Name, "--limit", "1")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Regexp(t, `applied\s+FORCED\s+rollback pending -> rolled back\s+by tester: the fill cannot succeed`, r.stdout)
+}
