@@ -303,6 +303,8 @@ type AuditEntry struct {
 	Outcome string              `json:"outcome"`
 	Checks  []flags.CheckResult `json:"checks,omitempty"`
 	Detail  string              `json:"detail,omitempty"`
+	// Verification is the result of a [Registry.VerifyTransform].
+	Verification *TransformVerification `json:"verification,omitempty"`
 }
 
 // Audit outcomes.

@@ -65,7 +65,7 @@ holding the lock (pid, application, user, state, transaction age).`,
 	cmd.PersistentFlags().DurationVar(&o.lockWaitBudget, "lock-wait-budget", expandcontract.DefaultLockWaitBudget,
 		"total time a step keeps retrying when its locks are held by others")
 	cmd.PersistentFlags().IntVar(&o.attempts, "attempts", 0, "cap on attempts per step on lock timeouts and deadlocks (0: the budget alone bounds them)")
-	cmd.AddCommand(c.schemaStatusCmd(o), c.schemaAuditCmd(o),
+	cmd.AddCommand(c.schemaStatusCmd(o), c.schemaAuditCmd(o), c.schemaVerifyCmd(o),
 		c.schemaActionCmd(o, "expand", "Run the plan's expand steps (resumes an interrupted expand)"),
 		c.schemaActionCmd(o, "migrate", "Record that the data move (dual writes, backfill) is under way"),
 		c.schemaActionCmd(o, "contract", "Run the plan's contract steps once every guard passes"),
@@ -189,6 +189,51 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 	if action == "contract" || action == "rollback" {
 		cmd.Flags().BoolVar(&force, "force", false, "override failed guards (needs --reason; audited; never a rollback after contract)")
 	}
+	return cmd
+}
+
+func (c *cli) schemaVerifyCmd(o *schemaOpts) *cobra.Command {
+	var reason string
+	cmd := &cobra.Command{
+		Use:   "verify PLAN",
+		Short: "Count the rows the plan's Transform has not filled yet; recorded for the backfill-verified check",
+		Long: `Count the rows whose new shape does not match the plan's Transform (for
+plans made by the expandcontract helpers, whose data was copied with the
+Transform rather than by a backfill job) and record the count in the
+plan's audit trail. The contract's backfill-verified check passes once a
+verification since the expand found no row pending at the migration's
+current epoch. Run it while migrating, after the copy, before the
+migration is complete. Exits 1 when rows are pending.`,
+		Args: exactArgs(1, "PLAN"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			plan := args[0]
+			if err := expandcontract.ValidateName(plan); err != nil {
+				return usageError{err}
+			}
+			reg, closeDB, err := c.registry(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer closeDB()
+			v, err := reg.VerifyTransform(cmd.Context(), plan, expandcontract.Request{Actor: c.actor, Reason: reason})
+			if err != nil {
+				if errors.Is(err, expandcontract.ErrInvalidPlan) {
+					return usageError{err}
+				}
+				return schemaErr(plan, "verify", err)
+			}
+			if v.Pending > 0 {
+				return fmt.Errorf("%s: %d row(s) not filled by the transform yet: copy them and verify again", plan, v.Pending)
+			}
+			fmt.Fprintf(c.out, "%s: transform verified, 0 rows pending", plan)
+			if v.MigrationStage != "" {
+				fmt.Fprintf(c.out, " (migration %s, epoch %d)", v.MigrationStage, v.Epoch)
+			}
+			fmt.Fprintln(c.out)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&reason, "reason", "", "why (audited)")
 	return cmd
 }
 

@@ -187,3 +187,53 @@ WHERE table_schema = $1 AND table_name = 'sprockets'`, schema).Scan(&cols))
 	require.Equal(t, exitOK, r.code, r.stderr)
 	assert.Regexp(t, `applied\s+FORCED\s+rollback pending -> rolled back\s+by tester: the fill cannot succeed`, r.stdout)
 }
+
+// TestSchemaContractAfterTransform: the service copied a helper plan's rows
+// with its Transform (no backfill job exists); `dimmer schema verify`
+// records that nothing is pending, and contract passes every guard without
+// --force.
+func TestSchemaContractAfterTransform(t *testing.T) {
+	t.Parallel()
+	ctx := flagstest.Context(t)
+	pool, schema := dimmertest.Schema(t)
+	fs, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, fs.Install(ctx))
+	_, err = pool.Exec(ctx, `CREATE TABLE films (id bigint PRIMARY KEY, director text);
+INSERT INTO films SELECT g, 'd' || g FROM generate_series(1, 100) g`)
+	require.NoError(t, err)
+	reg, err := expandcontract.NewRegistry(pool, expandcontract.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, reg.Install(ctx))
+	plan, err := expandcontract.RenameColumn("films-maker", "films", "id", "director", "maker", "text")
+	require.NoError(t, err)
+	require.NoError(t, reg.Register(ctx, "service", plan))
+	store := []string{"--store", dimmertest.PostgresURL(), "--schema", schema}
+	require.NoError(t, fs.Heartbeat(ctx, flags.Instance{ID: "api-2", Build: "v2", SeenAt: time.Now(),
+		Attributes: expandcontract.Attributes(expandcontract.Range{Plan: plan.Name, Min: expandcontract.Expanded, Max: expandcontract.Contracted})()}, time.Minute))
+
+	for _, action := range []string{"expand", "migrate"} {
+		r := dimmer(t, store, "schema", action, plan.Name)
+		require.Equal(t, exitOK, r.code, r.stderr)
+	}
+	flagstest.Set(t, fs, plan.Migration, flags.DualWrite, nil)
+	r := dimmer(t, store, "schema", "verify", plan.Name)
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stderr, "100 row(s) not filled by the transform yet")
+	_, err = plan.Transform.Apply(ctx, pool, 0, 100)
+	require.NoError(t, err)
+	r = dimmer(t, store, "schema", "verify", plan.Name)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "films-maker: transform verified, 0 rows pending (migration dualwrite, epoch 0)\n", r.stdout)
+
+	for _, s := range []flags.Stage{flags.Shadow, flags.Live, flags.RampDown, flags.Complete} {
+		flagstest.Set(t, fs, plan.Migration, s, nil)
+	}
+	r = dimmer(t, store, "schema", "status", plan.Name)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "[PASS] backfill-verified: transform verified")
+	assert.Contains(t, r.stdout, "verdict: GO for contract")
+	r = dimmer(t, store, "schema", "contract", plan.Name)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "films-maker: migrating -> contracted\n", r.stdout)
+}
