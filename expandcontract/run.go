@@ -233,12 +233,22 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 			return st, err
 		}
 	}
+	// A second session watches the runner's lock waits; it is its own so
+	// that it still gets through when the service's pool is saturated by
+	// queries queued behind the DDL.
+	var mon querier = r.pool
+	if mc, err := r.connectMonitor(ctx, plan); err != nil {
+		r.logger.Warn("expandcontract: no monitor session; lock holders are looked up through the pool", "plan", plan, "err", err)
+	} else {
+		defer mc.Close(context.Background())
+		mon = mc
+	}
 	applied := st.applied(action)
 	for _, step := range st.Plan.Steps(action) {
 		if applied[step.Name] {
 			continue
 		}
-		if err := r.runStep(ctx, conn, plan, action, step); err != nil {
+		if err := r.runStep(ctx, conn, mon, plan, action, step); err != nil {
 			entry.Outcome, entry.Detail = OutcomeFailed, err.Error()
 			if aerr := r.appendAudit(context.WithoutCancel(ctx), r.pool, entry); aerr != nil {
 				r.logger.Warn("expandcontract: audit of a failure failed", "plan", plan, "err", aerr)
@@ -361,14 +371,14 @@ LIMIT 1`, r.lockKey(plan)).Scan(&pid, &app, &state, &since)
 // the lock timeout still holds a lock on one of them, another attempt would
 // only time out again after queueing the service's queries once more, so the
 // runner waits (with the same backoff) without entering the lock queue.
-func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase string, s Step) error {
+func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, mon querier, plan, phase string, s Step) error {
 	start := time.Now()
 	deadline := start.Add(r.lockWaitBudget)
 	lt := fmt.Sprintf("%dms", r.lockTimeout.Milliseconds())
 	var last blocked
 	for attempt := 1; ; attempt++ {
 		if len(last.relations) > 0 && attempt > 1 {
-			holders, err := r.longHolders(ctx, conn.PgConn().PID(), last.relations)
+			holders, err := longHolders(ctx, mon, conn.PgConn().PID(), last, r.lockTimeout)
 			if err == nil && holders != "" {
 				// This attempt is spent waiting outside the queue.
 				last.holders = holders
@@ -392,7 +402,7 @@ func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase stri
 				}
 			}
 		}
-		watch := r.watchBlockers(ctx, conn.PgConn().PID())
+		watch := r.watchBlockers(ctx, mon, conn.PgConn().PID())
 		var err error
 		if s.Concurrently {
 			clt := lt
@@ -451,27 +461,83 @@ func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase stri
 	}
 }
 
-// blocked is what an attempt waited for: the tables (oids) and who held
-// them.
+// blocked is what an attempt waited for: the tables (oids), the lock modes
+// it asked for and who held them.
 type blocked struct {
 	relations []uint32
+	modes     []string
 	holders   string
 }
 
-// watchBlockers looks, once an attempt has waited half its lock_timeout, at
-// who holds the locks the runner's backend (pid) waits for, so the retry
-// and the final error can name them. The returned function stops the watch
+// conflicts lists, for each table lock mode, the modes it conflicts with
+// (the table in the Postgres manual, "Explicit Locking").
+var conflicts = map[string][]string{
+	"AccessShareLock":          {"AccessExclusiveLock"},
+	"RowShareLock":             {"ExclusiveLock", "AccessExclusiveLock"},
+	"RowExclusiveLock":         {"ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ShareUpdateExclusiveLock": {"ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ShareLock":                {"RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ShareRowExclusiveLock":    {"RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ExclusiveLock":            {"RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"AccessExclusiveLock":      {"AccessShareLock", "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+}
+
+// conflicting is every mode that conflicts with one of b's wanted modes.
+func (b blocked) conflicting() []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, m := range b.modes {
+		for _, c := range conflicts[m] {
+			if !seen[c] {
+				seen[c] = true
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// querier is what lock waits are looked up through: the runner's monitor
+// session (*pgx.Conn), or the pool.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// connectMonitor opens the session that watches a phase's lock waits.
+func (r *Registry) connectMonitor(ctx context.Context, plan string) (*pgx.Conn, error) {
+	cfg := r.pool.Config().ConnConfig.Copy()
+	cfg.RuntimeParams["application_name"] = ApplicationName(plan) + " monitor"
+	return pgx.ConnectConfig(ctx, cfg)
+}
+
+// watchBlockers looks, while an attempt runs, at whether the runner's
+// backend (pid) waits for a lock, and if so at who holds it, so the retry
+// and the final error can name them. It first looks after a quarter of the
+// lock timeout, then ever less often, until it has seen a wait. The returned function stops the watch
 // and returns what it saw (nothing when the attempt never waited).
-func (r *Registry) watchBlockers(ctx context.Context, pid uint32) func() blocked {
+func (r *Registry) watchBlockers(ctx context.Context, mon querier, pid uint32) func() blocked {
 	wctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	var seen blocked
 	go func() {
 		defer close(done)
-		if sleep(wctx, max(r.lockTimeout/2, 5*time.Millisecond)) != nil {
-			return
+		every := max(r.lockTimeout/4, 5*time.Millisecond)
+		for {
+			if sleep(wctx, every) != nil {
+				return
+			}
+			// A long wait (a concurrent build) is looked at less and less often.
+			every = min(every*2, time.Second)
+			// Not cancelled mid-query by the stop: a *pgx.Conn whose query
+			// is cancelled is closed.
+			qctx, qcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			seen = blockers(qctx, mon, pid)
+			qcancel()
+			if len(seen.relations) > 0 {
+				return
+			}
 		}
-		seen = r.blockers(wctx, pid)
 	}()
 	return func() blocked {
 		cancel()
@@ -490,35 +556,53 @@ const blockerSQL = `SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.u
 FROM pg_stat_activity a`
 
 // blockers names the sessions blocking pid and the tables it waits for.
-func (r *Registry) blockers(ctx context.Context, pid uint32) blocked {
+func blockers(ctx context.Context, mon querier, pid uint32) blocked {
 	var b blocked
-	rows, err := r.pool.Query(ctx, `SELECT relation FROM pg_locks WHERE pid = $1 AND NOT granted AND relation IS NOT NULL`, int64(pid))
+	rows, err := mon.Query(ctx, `SELECT relation, mode FROM pg_locks WHERE pid = $1 AND NOT granted AND relation IS NOT NULL`, int64(pid))
 	if err != nil {
 		return b
 	}
-	if b.relations, err = pgx.CollectRows(rows, pgx.RowTo[uint32]); err != nil {
-		return blocked{}
+	for rows.Next() {
+		var rel uint32
+		var mode string
+		if err := rows.Scan(&rel, &mode); err != nil {
+			rows.Close()
+			return blocked{}
+		}
+		b.relations, b.modes = append(b.relations, rel), append(b.modes, mode)
 	}
-	b.holders = r.describeSessions(ctx, blockerSQL+` WHERE a.pid = ANY(pg_blocking_pids($1)) ORDER BY a.pid`, int64(pid), b.relations)
+	rows.Close()
+	if len(b.relations) == 0 {
+		return b
+	}
+	b.holders = describeSessions(ctx, mon, blockerSQL+` WHERE a.pid = ANY(pg_blocking_pids($1)) ORDER BY a.pid`, int64(pid), b.relations)
 	return b
 }
 
-// longHolders names the sessions other than pid holding a lock on any of
-// relations inside a transaction older than the lock timeout.
-func (r *Registry) longHolders(ctx context.Context, pid uint32, relations []uint32) (string, error) {
+// longHolders names the client sessions other than pid holding a lock that
+// conflicts with what b waited for, on one of b's tables, inside a
+// transaction older than the lock timeout.
+// Autovacuum is left out: it yields to a waiting lock request on its own,
+// so an attempt is what makes it step aside.
+func longHolders(ctx context.Context, mon querier, pid uint32, b blocked, lockTimeout time.Duration) (string, error) {
+	modes := b.conflicting()
+	if len(modes) == 0 {
+		return "", nil
+	}
 	var held bool
-	if err := r.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.granted AND l.relation = ANY($2::oid[]) AND l.pid <> $1 AND a.xact_start < now() - $3::interval)`,
-		int64(pid), relations, r.lockTimeout.String()).Scan(&held); err != nil || !held {
+	if err := mon.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.relation = ANY($2::oid[]) AND l.mode = ANY($4::text[]) AND l.pid <> $1
+	AND a.xact_start < now() - $3::interval AND a.backend_type = 'client backend')`,
+		int64(pid), b.relations, lockTimeout.String(), modes).Scan(&held); err != nil || !held {
 		return "", err
 	}
-	return r.describeSessions(ctx, blockerSQL+` WHERE a.pid <> $1 AND a.xact_start < now() - $3::interval
-	AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted AND l.relation = ANY($2::oid[])) ORDER BY a.pid`,
-		int64(pid), relations, r.lockTimeout.String()), nil
+	return describeSessions(ctx, mon, blockerSQL+` WHERE a.pid <> $1 AND a.xact_start < now() - $3::interval AND a.backend_type = 'client backend'
+	AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted AND l.relation = ANY($2::oid[]) AND l.mode = ANY($4::text[])) ORDER BY a.pid`,
+		int64(pid), b.relations, lockTimeout.String(), modes), nil
 }
 
-func (r *Registry) describeSessions(ctx context.Context, sql string, args ...any) string {
-	rows, err := r.pool.Query(ctx, sql, args...)
+func describeSessions(ctx context.Context, mon querier, sql string, args ...any) string {
+	rows, err := mon.Query(ctx, sql, args...)
 	if err != nil {
 		return ""
 	}
