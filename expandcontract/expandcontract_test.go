@@ -99,7 +99,25 @@ func (e env) heartbeat(t *testing.T, id, build string, ranges ...expandcontract.
 	require.NoError(t, h.Start(flagstest.Context(t)))
 	var once sync.Once
 	stop := func() {
-		once.Do(func() { require.NoError(t, h.Close(context.Background())) })
+		once.Do(func() {
+			require.NoError(t, h.Close(context.Background()))
+			// Close cancels a beat in flight, and a cancelled call may still
+			// commit on the server after the deregistration: then the
+			// instance stays listed until its TTL. The guards are right to
+			// count it; the test waits until it is gone.
+			require.Eventually(t, func() bool {
+				insts, err := e.flags.Instances(context.Background())
+				if err != nil {
+					return false
+				}
+				for _, in := range insts {
+					if in.ID == id {
+						return false
+					}
+				}
+				return true
+			}, 20*time.Second, 20*time.Millisecond, "instance %s still listed after it stopped", id)
+		})
 	}
 	t.Cleanup(stop)
 	return stop
