@@ -245,7 +245,7 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 	}
 	applied := st.applied(action)
 	for _, step := range st.Plan.Steps(action) {
-		if applied[step.Name] {
+		if applied[step.Name] && !r.invalidIndex(ctx, conn, plan, step) {
 			continue
 		}
 		if err := r.runStep(ctx, conn, mon, plan, action, step); err != nil {
@@ -267,6 +267,23 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 		cleanup = []string{PhaseExpand, PhaseContract}
 	}
 	return r.finish(ctx, conn, st, to, entry, cleanup)
+}
+
+// invalidIndex reports whether a step recorded as applied built an index
+// that is there but not valid (recorded by a build that did not check, or
+// invalidated since): on resume such a step runs again, which drops and
+// rebuilds it.
+func (r *Registry) invalidIndex(ctx context.Context, conn *pgx.Conn, plan string, s Step) bool {
+	idx := s.builtIndex()
+	if idx == "" {
+		return false
+	}
+	ix, err := r.lookupIndex(ctx, conn, idx)
+	if err != nil || !ix.exists || ix.valid {
+		return false
+	}
+	r.logger.Warn("expandcontract: a step recorded as applied left an invalid index; running it again", "plan", plan, "step", s.Name, "index", ix.name)
+	return true
 }
 
 // dropLeftovers drops the invalid indexes that concurrent expand steps
