@@ -59,7 +59,8 @@
 // its SQL (quoted or not, any characters) and resolved by the server to its
 // oid: before each attempt a valid one is recorded as applied and an
 // invalid one — left by a crash or a failed build — is dropped; after each
-// build the index must exist and be valid ([ErrInvalidIndex] otherwise). A
+// build the index must exist and be valid ([ErrInvalidIndex] otherwise); on
+// resume, a step recorded as applied whose index is invalid runs again. A
 // build waits for older transactions without queueing the service's reads
 // and writes, so it may wait for the rest of the budget. The runner's
 // connection sets client_connection_check_interval, so a runner that dies
