@@ -28,7 +28,8 @@
 // The stages move pending -> expanded ([Registry.Expand]) -> migrating
 // ([Registry.Migrate], which runs no DDL: it records that dual writes and
 // the backfill are under way) -> contracted ([Registry.Contract]), or back
-// to rolled back ([Registry.Rollback]) before contract. Every call is
+// to rolled back ([Registry.Rollback]) before contract, also from a failed
+// expand. Every call is
 // idempotent: a plan already there is left as it is, so a service may call
 // Expand at every start.
 //
@@ -39,18 +40,36 @@
 // # DDL safety
 //
 // Every transactional step runs in one transaction with the record that it
-// was applied, under lock_timeout ([WithLockTimeout]): while DDL waits for a
-// lock every later query on the table queues behind it, so a short timeout
-// bounds the stall; the step is retried with jittered exponential backoff
-// ([WithAttempts], [WithBackoff]) and, out of attempts, fails with
-// [ErrLockTimeout] leaving nothing of itself applied. A crash mid-step
-// leaves the step unapplied and unrecorded; running the phase again resumes
-// at it. A step marked Concurrently (CREATE/DROP INDEX CONCURRENTLY) runs
-// outside a transaction; before each attempt the index it builds is looked
-// up, a valid one is recorded as applied and an invalid one — left by a
-// crash or a timed-out build — is dropped and built again. The runner's
+// was applied, under a short lock_timeout ([WithLockTimeout], default
+// 150ms): while DDL waits for a lock every later query on the table queues
+// behind it, so the per-attempt timeout is the longest stall the service
+// sees. The step then leaves the lock queue and is retried with jittered
+// exponential backoff ([WithBackoff]) within a total lock-wait budget
+// ([WithLockWaitBudget], default 5 minutes; [WithAttempts] caps the tries
+// too). Each retry names the sessions holding the lock (pid, application,
+// user, state, transaction age, lock mode) in the log and in the step's
+// last error, and while a transaction older than the timeout still holds
+// the table the runner waits without entering the queue. Out of budget the
+// step fails with [ErrLockTimeout] leaving nothing of itself applied. A
+// crash mid-step leaves the step unapplied and unrecorded; running the
+// phase again resumes at it.
+//
+// A step marked Concurrently (CREATE/DROP INDEX CONCURRENTLY) runs outside
+// a transaction. The index it builds is named in [Step.Index] or read from
+// its SQL (quoted or not, any characters) and resolved by the server to its
+// oid: before each attempt a valid one is recorded as applied and an
+// invalid one — left by a crash or a failed build — is dropped; after each
+// build the index must exist and be valid ([ErrInvalidIndex] otherwise); on
+// resume, a step recorded as applied whose index is invalid runs again. A
+// build waits for older transactions without queueing the service's reads
+// and writes, so it may wait for the rest of the budget. The runner's
 // connection sets client_connection_check_interval, so a runner that dies
 // does not leave its DDL holding locks.
+//
+// Generated names (the helpers' constraints) are cut to Postgres's 63 bytes
+// on a character boundary, and a plan must be valid UTF-8, so the stored
+// definition is always the code's. Instances registering the same plan at
+// once all succeed.
 //
 // # Guards
 //
@@ -65,9 +84,14 @@
 // failed check ([Registry.ContractChecks]), while a live instance declares a
 // range that needs the pre-contract shape (an instance declaring nothing
 // for the plan counts as needing it), while the linked migration is not
-// complete on every key, or while the backfill is not verified
-// ([VerificationChecker]). [Registry.Rollback] undoes the expand before
-// contract only; after a contract step ran it is refused with
-// [ErrWrongStage], and before that it waits until no instance needs the new
-// shape and the migration is off. Refusals and forced runs are audited.
+// complete on every key, or while the data is not verified: by the
+// [VerificationChecker] (package backfill's jobs), or, for data copied with
+// the plan's [Transform], by a [Registry.VerifyTransform] since the expand
+// that found no row pending at the migration's current epoch.
+// [Registry.Rollback] undoes the expand before contract only; after a
+// contract step ran it is refused with [ErrWrongStage], and before that it
+// waits until no instance needs the new shape and the migration is off. It
+// also undoes an expand that failed or was interrupted, dropping the invalid
+// indexes its unfinished concurrent steps left. Refusals and forced runs
+// are audited.
 package expandcontract

@@ -139,3 +139,41 @@ INSERT INTO people VALUES (1, 'Ada Lovelace'), (2, 'Alan Turing'), (3, 'Grace Ho
 	// pending: 0
 	// Hopper
 }
+
+// Data copied with the plan's own Transform is verified through the
+// registry, which the contract's backfill-verified check then accepts (the
+// CLI: dimmer schema verify PLAN).
+func ExampleRegistry_VerifyTransform() {
+	ctx := context.Background()
+	pool, schema, cleanup := exampleDB(ctx)
+	defer cleanup()
+	_, _ = pool.Exec(ctx, `CREATE TABLE cities (id bigint PRIMARY KEY, name text);
+INSERT INTO cities VALUES (1, 'Lyon'), (2, 'Porto')`)
+	plan, _ := expandcontract.RenameColumn("cities-label", "cities", "id", "name", "label", "text")
+	flagStore, _ := pgflags.NewStore(pool, pgflags.WithSchema(schema)) // says whether the migration went back to off
+	_ = flagStore.Install(ctx)
+	reg, _ := expandcontract.NewRegistry(pool, expandcontract.WithSchema(schema), expandcontract.WithFlagStore(flagStore),
+		expandcontract.WithLogger(slog.New(slog.DiscardHandler)))
+	_ = reg.Install(ctx)
+	_ = reg.Register(ctx, "cities-service", plan)
+	_, _ = reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "deploy"})
+	_, _ = reg.Migrate(ctx, plan.Name, expandcontract.Request{Actor: "deploy"})
+
+	if _, err := plan.Transform.Apply(ctx, pool, 0, 2); err != nil {
+		panic(err)
+	}
+	v, err := reg.VerifyTransform(ctx, plan.Name, expandcontract.Request{Actor: "ops"})
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("pending:", v.Pending)
+	checks, _ := reg.ContractChecks(ctx, plan.Name)
+	for _, c := range checks {
+		if c.Name == expandcontract.CheckBackfillVerified {
+			fmt.Println(c.Name, c.Passed)
+		}
+	}
+	// Output:
+	// pending: 0
+	// backfill-verified true
+}

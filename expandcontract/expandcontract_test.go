@@ -25,7 +25,7 @@ type env struct {
 	flags  *pgflags.Store
 }
 
-func newEnv(t *testing.T) env {
+func newEnv(t testing.TB) env {
 	t.Helper()
 	pool, schema := dimmertest.Schema(t)
 	fs, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
@@ -64,7 +64,7 @@ func (e env) registry(t *testing.T, opts ...expandcontract.Option) *expandcontra
 	return r
 }
 
-func (e env) exec(t *testing.T, sql string, args ...any) {
+func (e env) exec(t testing.TB, sql string, args ...any) {
 	t.Helper()
 	_, err := e.pool.Exec(flagstest.Context(t), sql, args...)
 	require.NoError(t, err, sql)
@@ -99,7 +99,25 @@ func (e env) heartbeat(t *testing.T, id, build string, ranges ...expandcontract.
 	require.NoError(t, h.Start(flagstest.Context(t)))
 	var once sync.Once
 	stop := func() {
-		once.Do(func() { require.NoError(t, h.Close(context.Background())) })
+		once.Do(func() {
+			require.NoError(t, h.Close(context.Background()))
+			// Close cancels a beat in flight, and a cancelled call may still
+			// commit on the server after the deregistration: then the
+			// instance stays listed until its TTL. The guards are right to
+			// count it; the test waits until it is gone.
+			require.Eventually(t, func() bool {
+				insts, err := e.flags.Instances(context.Background())
+				if err != nil {
+					return false
+				}
+				for _, in := range insts {
+					if in.ID == id {
+						return false
+					}
+				}
+				return true
+			}, 20*time.Second, 20*time.Millisecond, "instance %s still listed after it stopped", id)
+		})
 	}
 	t.Cleanup(stop)
 	return stop
@@ -147,7 +165,7 @@ func (tr *traffic) stop() (int64, []error) {
 	return tr.ok.Load(), tr.errs
 }
 
-func (tr *traffic) waitFor(t *testing.T, n int64) {
+func (tr *traffic) waitFor(t testing.TB, n int64) {
 	t.Helper()
 	start := tr.ok.Load()
 	require.Eventually(t, func() bool { return tr.ok.Load() >= start+n }, 10*time.Second, 5*time.Millisecond)

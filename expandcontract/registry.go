@@ -107,9 +107,19 @@ func WithVerifier(v VerificationChecker) Option {
 	}
 }
 
+// DefaultLockTimeout is how long one attempt of a step waits for its locks
+// unless [WithLockTimeout] says otherwise.
+const DefaultLockTimeout = 150 * time.Millisecond
+
+// DefaultLockWaitBudget bounds the retries of one step on lock timeouts
+// unless [WithLockWaitBudget] says otherwise.
+const DefaultLockWaitBudget = 5 * time.Minute
+
 // WithLockTimeout bounds how long one attempt of a step waits for its locks
-// (default 2s). While DDL waits for a lock every later query on the table
-// queues behind it, so this is also the longest stall a step can cause.
+// (default [DefaultLockTimeout], 150ms). While DDL waits for a lock every
+// later query on the table queues behind it, so this is also the longest
+// stall one attempt can cause the service: keep it short and let the
+// retries ([WithLockWaitBudget]) wait out a long lock holder instead.
 func WithLockTimeout(d time.Duration) Option {
 	return func(r *Registry) error {
 		if d < time.Millisecond {
@@ -120,8 +130,25 @@ func WithLockTimeout(d time.Duration) Option {
 	}
 }
 
-// WithAttempts sets how many times a step is tried when it times out on a
-// lock or is chosen as a deadlock victim (default 10).
+// WithLockWaitBudget bounds the total time one step spends on attempts that
+// time out on a lock (or lose a deadlock) and the pauses between them
+// (default [DefaultLockWaitBudget], 5 minutes). Between attempts the step
+// holds no lock and queues nobody, so a long budget costs the service
+// nothing; spent, the step fails with [ErrLockTimeout], nothing of it
+// applied.
+func WithLockWaitBudget(d time.Duration) Option {
+	return func(r *Registry) error {
+		if d <= 0 {
+			return fmt.Errorf("WithLockWaitBudget(%v): must be positive", d)
+		}
+		r.lockWaitBudget = d
+		return nil
+	}
+}
+
+// WithAttempts caps how many times a step is tried when it times out on a
+// lock or is chosen as a deadlock victim (default: no cap, the lock-wait
+// budget alone bounds the retries).
 func WithAttempts(n int) Option {
 	return func(r *Registry) error {
 		if n < 1 {
@@ -133,7 +160,7 @@ func WithAttempts(n int) Option {
 }
 
 // WithBackoff sets the pause after the first failed attempt and its cap; it
-// doubles per attempt with jitter (default 200ms, 5s).
+// doubles per attempt with jitter (default 100ms, 3s).
 func WithBackoff(initial, max time.Duration) Option {
 	return func(r *Registry) error {
 		if initial <= 0 || max < initial {
@@ -166,11 +193,14 @@ type Registry struct {
 	flags       flags.Store
 	verifier    VerificationChecker
 	lockTimeout time.Duration
-	attempts    int
-	backoff     time.Duration
-	maxBackoff  time.Duration
-	logger      *slog.Logger
-	t           tables
+	// lockWaitBudget bounds one step's retries on lock timeouts.
+	lockWaitBudget time.Duration
+	// attempts caps the tries of a step; 0: no cap.
+	attempts   int
+	backoff    time.Duration
+	maxBackoff time.Duration
+	logger     *slog.Logger
+	t          tables
 }
 
 type tables struct{ schema, plans, steps, audit, version string }
@@ -182,8 +212,8 @@ func NewRegistry(pool *pgxpool.Pool, opts ...Option) (*Registry, error) {
 	if pool == nil {
 		return nil, errors.New("expandcontract.NewRegistry: pool is nil")
 	}
-	r := &Registry{pool: pool, schema: DefaultSchema, lockTimeout: 2 * time.Second, attempts: 10,
-		backoff: 200 * time.Millisecond, maxBackoff: 5 * time.Second, logger: slog.Default()}
+	r := &Registry{pool: pool, schema: DefaultSchema, lockTimeout: DefaultLockTimeout, lockWaitBudget: DefaultLockWaitBudget,
+		backoff: 100 * time.Millisecond, maxBackoff: 3 * time.Second, logger: slog.Default()}
 	for _, o := range opts {
 		if o == nil {
 			return nil, errors.New("expandcontract.NewRegistry: nil option")
@@ -273,6 +303,8 @@ type AuditEntry struct {
 	Outcome string              `json:"outcome"`
 	Checks  []flags.CheckResult `json:"checks,omitempty"`
 	Detail  string              `json:"detail,omitempty"`
+	// Verification is the result of a [Registry.VerifyTransform].
+	Verification *TransformVerification `json:"verification,omitempty"`
 }
 
 // Audit outcomes.
@@ -386,7 +418,11 @@ func (r *Registry) register(ctx context.Context, actor string, p Plan) error {
 		// search_path is kept from the first registration: steps that ran
 		// must keep resolving the same tables.
 		ran := map[string]bool{}
-		rows, err := tx.Query(ctx, `SELECT DISTINCT phase FROM `+r.t.steps+` WHERE plan = $1`, p.Name)
+		// A plan rolled back to the pending shape may change in every
+		// phase: its expand records are gone, and its rollback's are only
+		// history.
+		rows, err := tx.Query(ctx, `SELECT DISTINCT s.phase FROM `+r.t.steps+` s JOIN `+r.t.plans+` p ON p.plan = s.plan
+WHERE s.plan = $1 AND NOT (p.stage = 'rolled back' AND p.running IS NULL AND s.phase = 'rollback')`, p.Name)
 		if err != nil {
 			return fmt.Errorf("expandcontract: register %s: %w", p.Name, err)
 		}
@@ -469,7 +505,9 @@ func (s Status) Shapes() (lo, hi Stage) {
 	case PhaseContract:
 		return Migrating, Contracted
 	case PhaseRollback:
-		return Pending, cur
+		// Also a rollback of an interrupted expand: the schema may be
+		// partly expanded.
+		return Pending, max(cur, Expanded)
 	}
 	return cur, cur
 }

@@ -59,6 +59,13 @@ func (r *Registry) Contract(ctx context.Context, plan string, req Request) (Stat
 // has been applied the old shape is gone and rollback is refused with
 // [ErrWrongStage] (even forced). Its guards: no live instance declares a
 // range that needs the expanded shape, and the linked migration is off.
+//
+// An expand that failed or was interrupted (one that can never succeed,
+// such as a unique index over duplicate values) can be rolled back too:
+// first the invalid indexes its unfinished concurrent steps left are
+// dropped (by their identity), then the rollback steps run. They run over a
+// partial expand, so they must be idempotent (IF EXISTS). Afterwards the
+// plan is rolled back and a corrected definition may be registered.
 func (r *Registry) Rollback(ctx context.Context, plan string, req Request) (Status, error) {
 	return r.apply(ctx, plan, PhaseRollback, req)
 }
@@ -69,7 +76,10 @@ func target(action string, st Status) (to Stage, done bool, err error) {
 	wrong := func(format string, args ...any) (Stage, bool, error) {
 		return 0, false, fmt.Errorf("%w: plan %s is %s: %s", ErrWrongStage, st.Plan.Name, st.Stage, fmt.Sprintf(format, args...))
 	}
-	if st.Running != "" && st.Running != action {
+	if st.Running != "" && st.Running != action && (action != PhaseRollback || st.Running != PhaseExpand) {
+		if st.Running == PhaseExpand {
+			return wrong("its expand was interrupted: run expand again to finish it, or rollback to undo it")
+		}
 		return wrong("its %s was interrupted: run %s again to finish it first", st.Running, st.Running)
 	}
 	switch action {
@@ -161,7 +171,13 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 	// after a crash right after the mark); once one has, the shape is
 	// already changing and the phase may only go forward.
 	judge := (action == PhaseContract || action == PhaseRollback) && !st.tried(action)
-	if st.Running == "" && action != "migrate" {
+	// What a refusal restores: an expand interrupted before a rollback was
+	// asked stays interrupted; the refused phase's own mark goes.
+	wasRunning := st.Running
+	if wasRunning == action {
+		wasRunning = ""
+	}
+	if st.Running != action && action != "migrate" {
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			if action == PhaseExpand && st.Stage == RolledBack {
 				if _, err := tx.Exec(ctx, `DELETE FROM `+r.t.steps+` WHERE plan = $1 AND phase = $2`, plan, PhaseRollback); err != nil {
@@ -185,10 +201,12 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 		entry.Checks = checks
 		if failed := failedChecks(checks); len(failed) > 0 {
 			if !req.Force {
-				if _, err := conn.Exec(context.WithoutCancel(ctx), `UPDATE `+r.t.plans+` SET running = NULL WHERE plan = $1`, plan); err != nil {
+				// A refused rollback of an interrupted expand leaves the
+				// expand interrupted, as it found it.
+				if _, err := conn.Exec(context.WithoutCancel(ctx), `UPDATE `+r.t.plans+` SET running = nullif($2, '') WHERE plan = $1`, plan, wasRunning); err != nil {
 					return st, fmt.Errorf("expandcontract: plan %s: %s refused, and clearing its start failed: %w", plan, action, err)
 				}
-				st.Running = ""
+				st.Running = wasRunning
 				entry.Outcome = OutcomeRefused
 				if err := r.appendAudit(ctx, r.pool, entry); err != nil {
 					r.logger.Warn("expandcontract: audit of a refusal failed", "plan", plan, "err", err)
@@ -201,12 +219,36 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 	if action == "migrate" {
 		return r.finish(ctx, conn, st, to, entry, nil)
 	}
+	if action == PhaseRollback {
+		dropped, err := r.dropLeftovers(ctx, conn, st)
+		if len(dropped) > 0 {
+			entry.Detail = "dropped what failed expand steps left: " + strings.Join(dropped, "; ")
+		}
+		if err != nil {
+			err = &StepError{Plan: plan, Phase: action, Step: "drop-leftovers", Attempts: 1, Err: err}
+			entry.Outcome, entry.Detail = OutcomeFailed, err.Error()
+			if aerr := r.appendAudit(context.WithoutCancel(ctx), r.pool, entry); aerr != nil {
+				r.logger.Warn("expandcontract: audit of a failure failed", "plan", plan, "err", aerr)
+			}
+			return st, err
+		}
+	}
+	// A second session watches the runner's lock waits; it is its own so
+	// that it still gets through when the service's pool is saturated by
+	// queries queued behind the DDL.
+	var mon querier = r.pool
+	if mc, err := r.connectMonitor(ctx, plan); err != nil {
+		r.logger.Warn("expandcontract: no monitor session; lock holders are looked up through the pool", "plan", plan, "err", err)
+	} else {
+		defer mc.Close(context.Background())
+		mon = mc
+	}
 	applied := st.applied(action)
 	for _, step := range st.Plan.Steps(action) {
-		if applied[step.Name] {
+		if applied[step.Name] && !r.invalidIndex(ctx, conn, plan, step) {
 			continue
 		}
-		if err := r.runStep(ctx, conn, plan, action, step); err != nil {
+		if err := r.runStep(ctx, conn, mon, plan, action, step); err != nil {
 			entry.Outcome, entry.Detail = OutcomeFailed, err.Error()
 			if aerr := r.appendAudit(context.WithoutCancel(ctx), r.pool, entry); aerr != nil {
 				r.logger.Warn("expandcontract: audit of a failure failed", "plan", plan, "err", aerr)
@@ -225,6 +267,50 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 		cleanup = []string{PhaseExpand, PhaseContract}
 	}
 	return r.finish(ctx, conn, st, to, entry, cleanup)
+}
+
+// invalidIndex reports whether a step recorded as applied built an index
+// that is there but not valid (recorded by a build that did not check, or
+// invalidated since): on resume such a step runs again, which drops and
+// rebuilds it.
+func (r *Registry) invalidIndex(ctx context.Context, conn *pgx.Conn, plan string, s Step) bool {
+	idx := s.builtIndex()
+	if idx == "" {
+		return false
+	}
+	ix, err := r.lookupIndex(ctx, conn, idx)
+	if err != nil || !ix.exists || ix.valid {
+		return false
+	}
+	r.logger.Warn("expandcontract: a step recorded as applied left an invalid index; running it again", "plan", plan, "step", s.Name, "index", ix.name)
+	return true
+}
+
+// dropLeftovers drops the invalid indexes that concurrent expand steps
+// which did not complete left behind (a failed unique build, a killed
+// runner), found by identity: a rollback's own steps undo what the expand
+// applied, and cannot be expected to know about a half-built index.
+func (r *Registry) dropLeftovers(ctx context.Context, conn *pgx.Conn, st Status) ([]string, error) {
+	var dropped []string
+	for _, s := range st.Plan.Expand {
+		idx := s.builtIndex()
+		if idx == "" || st.applied(PhaseExpand)[s.Name] {
+			continue
+		}
+		ix, err := r.lookupIndex(ctx, conn, idx)
+		if err != nil {
+			return dropped, err
+		}
+		if !ix.exists || ix.valid {
+			continue
+		}
+		r.logger.Warn("expandcontract: rollback drops the invalid index a failed expand step left", "plan", st.Plan.Name, "step", s.Name, "index", ix.name)
+		if err := r.dropIndex(ctx, conn, ix); err != nil {
+			return dropped, err
+		}
+		dropped = append(dropped, fmt.Sprintf("invalid index %s of step %s", ix.name, s.Name))
+	}
+	return dropped, nil
 }
 
 func (r *Registry) finish(ctx context.Context, conn *pgx.Conn, st Status, to Stage, entry AuditEntry, clear []string) (Status, error) {
@@ -294,14 +380,58 @@ LIMIT 1`, r.lockKey(plan)).Scan(&pid, &app, &state, &since)
 	return fmt.Errorf("%w: plan %s is held by %s", ErrBusy, plan, holder)
 }
 
-// runStep applies one step with retries on lock timeouts and deadlocks.
-func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase string, s Step) error {
+// runStep applies one step with retries on lock timeouts and deadlocks,
+// within the lock-wait budget.
+//
+// Once an attempt has timed out, the runner knows which tables it waited
+// for and who held them. While a session whose transaction is older than
+// the lock timeout still holds a lock on one of them, another attempt would
+// only time out again after queueing the service's queries once more, so the
+// runner waits (with the same backoff) without entering the lock queue.
+func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, mon querier, plan, phase string, s Step) error {
 	start := time.Now()
+	deadline := start.Add(r.lockWaitBudget)
 	lt := fmt.Sprintf("%dms", r.lockTimeout.Milliseconds())
+	var last blocked
 	for attempt := 1; ; attempt++ {
+		if len(last.relations) > 0 && attempt > 1 {
+			holders, err := longHolders(ctx, mon, conn.PgConn().PID(), last, r.lockTimeout)
+			if err == nil && holders != "" {
+				// This attempt is spent waiting outside the queue.
+				last.holders = holders
+				err := fmt.Errorf("%w: waiting outside the lock queue, blocked by %s", ErrLockTimeout, holders)
+				pause, left := r.pause(attempt), time.Until(deadline)
+				if left <= pause || (r.attempts > 0 && attempt >= r.attempts) || ctx.Err() != nil {
+					why := "lock-wait budget " + r.lockWaitBudget.String() + " spent"
+					if r.attempts > 0 && attempt >= r.attempts {
+						why = fmt.Sprintf("%d attempts made", attempt)
+					}
+					err = fmt.Errorf("%w (%s): blocked by %s", ErrLockTimeout, why, holders)
+					_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
+					return &StepError{Plan: plan, Phase: phase, Step: s.Name, Attempts: attempt, Elapsed: time.Since(start), Err: err}
+				}
+				r.logger.Warn("expandcontract: step waits outside the lock queue while a long transaction holds its table",
+					"plan", plan, "phase", phase, "step", s.Name, "attempt", attempt, "blocked_by", holders,
+					"retry_in", pause.Round(time.Millisecond), "budget_left", left.Round(time.Second))
+				_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
+				if sleep(ctx, pause) == nil {
+					continue
+				}
+			}
+		}
+		watch := r.watchBlockers(ctx, mon, conn.PgConn().PID())
 		var err error
 		if s.Concurrently {
-			err = r.runConcurrent(ctx, conn, plan, phase, s, lt)
+			clt := lt
+			if s.builtIndex() != "" {
+				// CREATE INDEX CONCURRENTLY waits for every older transaction,
+				// and a timed-out build leaves an invalid index to drop and
+				// build again. Its waits queue no query of the service (its
+				// lock does not conflict with reads and writes), so it may
+				// wait for the rest of the budget.
+				clt = fmt.Sprintf("%dms", max(time.Until(deadline), r.lockTimeout).Milliseconds())
+			}
+			err = r.runConcurrent(ctx, conn, plan, phase, s, clt)
 		} else {
 			err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 				if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, lt); err != nil {
@@ -313,24 +443,208 @@ func (r *Registry) runStep(ctx context.Context, conn *pgx.Conn, plan, phase stri
 				return r.record(ctx, tx, plan, phase, s.Name, stateApplied, "")
 			})
 		}
+		if b := watch(); b.holders != "" {
+			last = b
+		}
 		if err == nil {
 			r.logger.Info("expandcontract: step applied", "plan", plan, "phase", phase, "step", s.Name, "attempts", attempt, "elapsed", time.Since(start))
 			return nil
 		}
-		retry := isCode(err, "55P03") || isCode(err, "40P01")
-		if retry && attempt < r.attempts && ctx.Err() == nil && !conn.IsClosed() {
-			r.logger.Warn("expandcontract: step waited too long for a lock, retrying", "plan", plan, "phase", phase, "step", s.Name, "attempt", attempt, "err", err)
+		lockErr := isCode(err, "55P03") || isCode(err, "40P01")
+		if lockErr && last.holders != "" {
+			err = fmt.Errorf("%w (blocked by %s)", err, last.holders)
+		}
+		pause := r.pause(attempt)
+		left := time.Until(deadline)
+		retry := lockErr && (r.attempts == 0 || attempt < r.attempts) && left > pause && ctx.Err() == nil && !conn.IsClosed()
+		if retry {
+			r.logger.Warn("expandcontract: step gave up its place in the lock queue; retrying",
+				"plan", plan, "phase", phase, "step", s.Name, "attempt", attempt, "blocked_by", last.holders,
+				"lock_timeout", r.lockTimeout, "retry_in", pause.Round(time.Millisecond), "budget_left", left.Round(time.Second), "err", err)
 			_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
-			if werr := sleep(ctx, r.pause(attempt)); werr == nil {
+			if werr := sleep(ctx, pause); werr == nil {
 				continue
 			}
 		}
 		if isCode(err, "55P03") {
-			err = fmt.Errorf("%w: %w", ErrLockTimeout, err)
+			why := "lock-wait budget " + r.lockWaitBudget.String() + " spent"
+			if r.attempts > 0 && attempt >= r.attempts {
+				why = fmt.Sprintf("%d attempts made", attempt)
+			}
+			err = fmt.Errorf("%w (%s): %w", ErrLockTimeout, why, err)
 		}
 		_ = r.record(context.WithoutCancel(ctx), r.pool, plan, phase, s.Name, stateFailed, err.Error())
 		return &StepError{Plan: plan, Phase: phase, Step: s.Name, Attempts: attempt, Elapsed: time.Since(start), Err: err}
 	}
+}
+
+// blocked is what an attempt waited for: the tables (oids), the lock modes
+// it asked for and who held them.
+type blocked struct {
+	relations []uint32
+	modes     []string
+	holders   string
+}
+
+// conflicts lists, for each table lock mode, the modes it conflicts with
+// (the table in the Postgres manual, "Explicit Locking").
+var conflicts = map[string][]string{
+	"AccessShareLock":          {"AccessExclusiveLock"},
+	"RowShareLock":             {"ExclusiveLock", "AccessExclusiveLock"},
+	"RowExclusiveLock":         {"ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ShareUpdateExclusiveLock": {"ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ShareLock":                {"RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ShareRowExclusiveLock":    {"RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"ExclusiveLock":            {"RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+	"AccessExclusiveLock":      {"AccessShareLock", "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+}
+
+// conflicting is every mode that conflicts with one of b's wanted modes.
+func (b blocked) conflicting() []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, m := range b.modes {
+		for _, c := range conflicts[m] {
+			if !seen[c] {
+				seen[c] = true
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// querier is what lock waits are looked up through: the runner's monitor
+// session (*pgx.Conn), or the pool.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// connectMonitor opens the session that watches a phase's lock waits.
+func (r *Registry) connectMonitor(ctx context.Context, plan string) (*pgx.Conn, error) {
+	cfg := r.pool.Config().ConnConfig.Copy()
+	cfg.RuntimeParams["application_name"] = ApplicationName(plan) + " monitor"
+	return pgx.ConnectConfig(ctx, cfg)
+}
+
+// watchBlockers looks, while an attempt runs, at whether the runner's
+// backend (pid) waits for a lock, and if so at who holds it, so the retry
+// and the final error can name them. It first looks after a quarter of the
+// lock timeout, then ever less often, until it has seen a wait. The returned function stops the watch
+// and returns what it saw (nothing when the attempt never waited).
+func (r *Registry) watchBlockers(ctx context.Context, mon querier, pid uint32) func() blocked {
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	var seen blocked
+	go func() {
+		defer close(done)
+		every := max(r.lockTimeout/4, 5*time.Millisecond)
+		for {
+			if sleep(wctx, every) != nil {
+				return
+			}
+			// A long wait (a concurrent build) is looked at less and less often.
+			every = min(every*2, time.Second)
+			// Not cancelled mid-query by the stop: a *pgx.Conn whose query
+			// is cancelled is closed.
+			qctx, qcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			seen = blockers(qctx, mon, pid)
+			qcancel()
+			if len(seen.relations) > 0 {
+				return
+			}
+		}
+	}()
+	return func() blocked {
+		cancel()
+		<-done
+		return seen
+	}
+}
+
+// blockerSQL describes sessions: pid, application, user, state, age of
+// their transaction and the locks they hold on the tables $2. Query texts
+// are left out: they may carry the service's data.
+const blockerSQL = `SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, ''), coalesce(a.state, ''),
+	coalesce(extract(epoch FROM now() - a.xact_start), 0)::float8,
+	coalesce((SELECT string_agg(DISTINCT l.mode || ' on ' || l.relation::regclass::text, ', ')
+		FROM pg_locks l WHERE l.pid = a.pid AND l.granted AND l.relation = ANY($2::oid[])), '')
+FROM pg_stat_activity a`
+
+// blockers names the sessions blocking pid and the tables it waits for.
+func blockers(ctx context.Context, mon querier, pid uint32) blocked {
+	var b blocked
+	rows, err := mon.Query(ctx, `SELECT relation, mode FROM pg_locks WHERE pid = $1 AND NOT granted AND relation IS NOT NULL`, int64(pid))
+	if err != nil {
+		return b
+	}
+	for rows.Next() {
+		var rel uint32
+		var mode string
+		if err := rows.Scan(&rel, &mode); err != nil {
+			rows.Close()
+			return blocked{}
+		}
+		b.relations, b.modes = append(b.relations, rel), append(b.modes, mode)
+	}
+	rows.Close()
+	if len(b.relations) == 0 {
+		return b
+	}
+	b.holders = describeSessions(ctx, mon, blockerSQL+` WHERE a.pid = ANY(pg_blocking_pids($1)) ORDER BY a.pid`, int64(pid), b.relations)
+	return b
+}
+
+// longHolders names the client sessions other than pid holding a lock that
+// conflicts with what b waited for, on one of b's tables, inside a
+// transaction older than the lock timeout.
+// Autovacuum is left out: it yields to a waiting lock request on its own,
+// so an attempt is what makes it step aside.
+func longHolders(ctx context.Context, mon querier, pid uint32, b blocked, lockTimeout time.Duration) (string, error) {
+	modes := b.conflicting()
+	if len(modes) == 0 {
+		return "", nil
+	}
+	var held bool
+	if err := mon.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.relation = ANY($2::oid[]) AND l.mode = ANY($4::text[]) AND l.pid <> $1
+	AND a.xact_start < now() - $3::interval AND a.backend_type = 'client backend')`,
+		int64(pid), b.relations, lockTimeout.String(), modes).Scan(&held); err != nil || !held {
+		return "", err
+	}
+	return describeSessions(ctx, mon, blockerSQL+` WHERE a.pid <> $1 AND a.xact_start < now() - $3::interval AND a.backend_type = 'client backend'
+	AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted AND l.relation = ANY($2::oid[]) AND l.mode = ANY($4::text[])) ORDER BY a.pid`,
+		int64(pid), b.relations, lockTimeout.String(), modes), nil
+}
+
+func describeSessions(ctx context.Context, mon querier, sql string, args ...any) string {
+	rows, err := mon.Query(ctx, sql, args...)
+	if err != nil {
+		return ""
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var (
+			bpid             int32
+			app, user, state string
+			age              float64
+			locks            string
+		)
+		if rows.Scan(&bpid, &app, &user, &state, &age, &locks) != nil {
+			break
+		}
+		d := fmt.Sprintf("pid %d (application %q, user %s, %s", bpid, app, user, state)
+		if age > 0 {
+			d += fmt.Sprintf(", transaction open %v", (time.Duration(age * float64(time.Second))).Round(time.Millisecond))
+		}
+		if locks != "" {
+			d += ", holds " + locks
+		}
+		out = append(out, d+")")
+	}
+	return strings.Join(out, "; ")
 }
 
 func (r *Registry) runConcurrent(ctx context.Context, conn *pgx.Conn, plan, phase string, s Step, lt string) error {

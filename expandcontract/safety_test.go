@@ -265,7 +265,7 @@ func TestInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 				Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
 			opts := []expandcontract.Option{expandcontract.WithLockTimeout(time.Minute)}
 			if how == "lock-timeout" {
-				opts = []expandcontract.Option{expandcontract.WithLockTimeout(100 * time.Millisecond), expandcontract.WithAttempts(2)}
+				opts = []expandcontract.Option{expandcontract.WithLockTimeout(100 * time.Millisecond), expandcontract.WithLockWaitBudget(300 * time.Millisecond)}
 			}
 			reg := e.registry(t, opts...)
 			require.NoError(t, reg.Register(ctx, "test", plan))
@@ -332,4 +332,37 @@ func TestConcurrentIndexCheckedAfterBuild(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "failed", stepOf(t, st, expandcontract.PhaseExpand, "index-label").State)
 	assert.Equal(t, expandcontract.Pending, st.Stage)
+}
+
+// TestResumeRebuildsAnInvalidIndexRecordedAsApplied: an expand interrupted
+// after a concurrent step was recorded as applied while its index is not
+// valid (as a build that never checked validity recorded it) rebuilds that
+// index when resumed, found by its identity.
+func TestResumeRebuildsAnInvalidIndexRecordedAsApplied(t *testing.T) {
+	t.Parallel()
+	e := newEnvDB(t)
+	ctx := flagstest.Context(t)
+	e.exec(t, `CREATE TABLE logins (id int PRIMARY KEY, email text)`)
+	e.exec(t, `INSERT INTO logins VALUES (1, 'a@x'), (2, 'a@x'), (3, 'b@x')`)
+	reg := e.registry(t)
+	plan := expandcontract.Plan{Name: "logins-unique-email",
+		Expand: []expandcontract.Step{
+			{Name: "unique-email", Concurrently: true, SQL: `CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "idx_Émail" ON logins (email)`},
+			{Name: "fail", SQL: `SELECT 1/0`},
+		},
+		Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
+	require.NoError(t, reg.Register(ctx, "test", plan))
+	// The duplicates leave an invalid index; record the step applied as an
+	// unchecked build did.
+	_, err := e.pool.Exec(ctx, `CREATE UNIQUE INDEX CONCURRENTLY "idx_Émail" ON logins (email)`)
+	require.Error(t, err)
+	e.exec(t, `UPDATE dimmer.schema_plans SET running = 'expand' WHERE plan = $1`, plan.Name)
+	e.exec(t, `INSERT INTO dimmer.schema_plan_steps (plan, phase, step, state) VALUES ($1, 'expand', 'unique-email', 'applied')`, plan.Name)
+	e.exec(t, `DELETE FROM logins WHERE id = 2`)
+
+	_, err = reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "test"})
+	require.ErrorContains(t, err, "division by zero", "the run reaches the next step")
+	exists, valid := indexValid(t, e.pool, `"idx_Émail"`)
+	assert.True(t, exists)
+	assert.True(t, valid, "the invalid index recorded as applied was rebuilt")
 }

@@ -25,6 +25,7 @@ type schemaOpts struct {
 	db             string
 	backfillSchema string
 	lockTimeout    time.Duration
+	lockWaitBudget time.Duration
 	attempts       int
 }
 
@@ -47,17 +48,26 @@ the linked migrations' stages; without it those guards fail.
 Exit codes: 0 done (or nothing to do); 2 bad usage or unknown plan;
 3 refused by a guard or not possible at the plan's stage; 4 the plan is
 being applied by another process; 1 other (a failed step: run the
-command again to resume at it).`,
+command again to resume at it).
+
+Locks: each attempt of a step waits at most --lock-timeout (150ms) for its
+locks, since every query of the service on that table queues behind a
+waiting ALTER; then it leaves the queue, pauses (jittered backoff) and tries
+again, for up to --lock-wait-budget (5m). Each retry names the sessions
+holding the lock (pid, application, user, state, transaction age).`,
 	}
 	cmd.PersistentFlags().StringVar(&o.db, "db", os.Getenv("DIMMER_SCHEMA_DB"), "Postgres URL of the database the plans change (env DIMMER_SCHEMA_DB; default --store)")
 	cmd.PersistentFlags().StringVar(&o.backfillSchema, "backfill-schema", backfill.DefaultSchema, "schema of the backfill tables, for the backfill-verified check")
-	cmd.PersistentFlags().DurationVar(&o.lockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each attempt of a step")
-	cmd.PersistentFlags().IntVar(&o.attempts, "attempts", 10, "attempts per step on lock timeouts and deadlocks")
-	cmd.AddCommand(c.schemaStatusCmd(o), c.schemaAuditCmd(o),
+	cmd.PersistentFlags().DurationVar(&o.lockTimeout, "lock-timeout", expandcontract.DefaultLockTimeout,
+		"lock_timeout of each attempt of a step: the longest the service's queries queue behind it")
+	cmd.PersistentFlags().DurationVar(&o.lockWaitBudget, "lock-wait-budget", expandcontract.DefaultLockWaitBudget,
+		"total time a step keeps retrying when its locks are held by others")
+	cmd.PersistentFlags().IntVar(&o.attempts, "attempts", 0, "cap on attempts per step on lock timeouts and deadlocks (0: the budget alone bounds them)")
+	cmd.AddCommand(c.schemaStatusCmd(o), c.schemaAuditCmd(o), c.schemaVerifyCmd(o),
 		c.schemaActionCmd(o, "expand", "Run the plan's expand steps (resumes an interrupted expand)"),
 		c.schemaActionCmd(o, "migrate", "Record that the data move (dual writes, backfill) is under way"),
 		c.schemaActionCmd(o, "contract", "Run the plan's contract steps once every guard passes"),
-		c.schemaActionCmd(o, "rollback", "Undo the expand (before contract only)"))
+		c.schemaActionCmd(o, "rollback", "Undo the expand, also a failed or interrupted one (before contract only)"))
 	return cmd
 }
 
@@ -74,8 +84,11 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	if o.lockTimeout < time.Millisecond {
 		return nil, nil, usagef("--lock-timeout %v: must be at least 1ms", o.lockTimeout)
 	}
-	if o.attempts < 1 {
-		return nil, nil, usagef("--attempts %d: must be at least 1", o.attempts)
+	if o.attempts < 0 {
+		return nil, nil, usagef("--attempts %d: must not be negative", o.attempts)
+	}
+	if o.lockWaitBudget <= 0 {
+		return nil, nil, usagef("--lock-wait-budget %v: must be positive", o.lockWaitBudget)
 	}
 	pool, err := c.openPool(ctx, "schema database --db", url, false)
 	if err != nil {
@@ -83,7 +96,10 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	}
 	opts := []expandcontract.Option{
 		expandcontract.WithSchema(c.schema), expandcontract.WithLockTimeout(o.lockTimeout),
-		expandcontract.WithAttempts(o.attempts), expandcontract.WithLogger(c.logger),
+		expandcontract.WithLockWaitBudget(o.lockWaitBudget), expandcontract.WithLogger(c.logger),
+	}
+	if o.attempts > 0 {
+		opts = append(opts, expandcontract.WithAttempts(o.attempts))
 	}
 	if c.storeURL != "" {
 		be, err := c.open(ctx)
@@ -178,6 +194,51 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 	return cmd
 }
 
+func (c *cli) schemaVerifyCmd(o *schemaOpts) *cobra.Command {
+	var reason string
+	cmd := &cobra.Command{
+		Use:   "verify PLAN",
+		Short: "Count the rows the plan's Transform has not filled yet; recorded for the backfill-verified check",
+		Long: `Count the rows whose new shape does not match the plan's Transform (for
+plans made by the expandcontract helpers, whose data was copied with the
+Transform rather than by a backfill job) and record the count in the
+plan's audit trail. The contract's backfill-verified check passes once a
+verification since the expand found no row pending at the migration's
+current epoch. Run it while migrating, after the copy, before the
+migration is complete. Exits 1 when rows are pending.`,
+		Args: exactArgs(1, "PLAN"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			plan := args[0]
+			if err := expandcontract.ValidateName(plan); err != nil {
+				return usageError{err}
+			}
+			reg, closeDB, err := c.registry(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			defer closeDB()
+			v, err := reg.VerifyTransform(cmd.Context(), plan, expandcontract.Request{Actor: c.actor, Reason: reason})
+			if err != nil {
+				if errors.Is(err, expandcontract.ErrInvalidPlan) {
+					return usageError{err}
+				}
+				return schemaErr(plan, "verify", err)
+			}
+			if v.Pending > 0 {
+				return fmt.Errorf("%s: %d row(s) not filled by the transform yet: copy them and verify again", plan, v.Pending)
+			}
+			fmt.Fprintf(c.out, "%s: transform verified, 0 rows pending", plan)
+			if v.MigrationStage != "" {
+				fmt.Fprintf(c.out, " (migration %s, epoch %d)", v.MigrationStage, v.Epoch)
+			}
+			fmt.Fprintln(c.out)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&reason, "reason", "", "why (audited)")
+	return cmd
+}
+
 func (c *cli) schemaStatusCmd(o *schemaOpts) *cobra.Command {
 	return &cobra.Command{
 		Use:   "status [PLAN]",
@@ -269,6 +330,10 @@ func printPlanStatus(ctx context.Context, w io.Writer, reg *expandcontract.Regis
 	var checks []flags.CheckResult
 	var err error
 	switch {
+	case st.Running == expandcontract.PhaseExpand:
+		fmt.Fprintf(w, "next: run `dimmer schema expand %s` again to resume, or `dimmer schema rollback %s` to undo it\n", p.Name, p.Name)
+		next = "rollback"
+		checks, err = reg.RollbackChecks(ctx, p.Name)
 	case st.Running != "":
 		fmt.Fprintf(w, "next: run `dimmer schema %s %s` again to resume\n", st.Running, p.Name)
 		return nil
