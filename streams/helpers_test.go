@@ -62,7 +62,7 @@ func uniqueTopic(prefix string) string { return dimmertest.Name(prefix) }
 type stageVar struct{ v atomic.Int32 }
 
 func newStage(s flags.Stage) *stageVar { v := &stageVar{}; v.set(s); return v }
-func (s *stageVar) set(st flags.Stage)  { s.v.Store(int32(st)) }
+func (s *stageVar) set(st flags.Stage) { s.v.Store(int32(st)) }
 func (s *stageVar) Stage(context.Context, string, string) (flags.Stage, error) {
 	return flags.Stage(s.v.Load()), nil
 }

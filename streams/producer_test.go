@@ -136,7 +136,7 @@ func TestNewProducerNamesWhatIsMissing(t *testing.T) {
 type nilLog struct{}
 
 func (nilLog) Record(context.Context, streams.Repair) error { return errors.New("no log") }
-func (nilLog) Pending(context.Context) (int64, error)     { return 0, nil }
+func (nilLog) Pending(context.Context) (int64, error)       { return 0, nil }
 
 // The new cluster refuses every produce request (its connections are
 // closed) while the producer dual-writes: callers keep their results from
