@@ -94,7 +94,7 @@ func (l *ledger) handle(_ context.Context, rec *kgo.Record) error {
 
 // check asserts every one of want values was processed exactly once, and
 // each key's sequence numbers in increasing order. It returns the counts.
-func (l *ledger) check(t *testing.T, want []string) (skipped, twice, disorder int) {
+func (l *ledger) check(t testing.TB, want []string) (skipped, twice, disorder int) {
 	t.Helper()
 	l.mu.Lock()
 	defer l.mu.Unlock()
