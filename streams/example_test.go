@@ -17,7 +17,7 @@ import (
 type memRepairs struct{ n int64 }
 
 func (m *memRepairs) Record(context.Context, streams.Repair) error { m.n++; return nil }
-func (m *memRepairs) Pending(context.Context) (int64, error)     { return m.n, nil }
+func (m *memRepairs) Pending(context.Context) (int64, error)       { return m.n, nil }
 
 // A service produces through a streams.Producer: old acknowledges (the
 // caller's result), and the copy goes to new off the caller's path.

@@ -140,4 +140,3 @@ func ParseMirrorCheckpoint(md string) (int64, bool) {
 	n, err := strconv.ParseInt(v, 10, 64)
 	return n, err == nil
 }
-
