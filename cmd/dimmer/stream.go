@@ -287,4 +287,3 @@ redo those records' effects once. The group must be stopped.`,
 	cmd.Flags().StringVar(&fromTime, "from-time", "", "replay from the first record at or after this time (RFC 3339)")
 	return cmd
 }
-
