@@ -453,4 +453,3 @@ func (c *Consumer) commit(ctx context.Context, cl *kgo.Client) error {
 	}
 	return nil
 }
-

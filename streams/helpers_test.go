@@ -62,7 +62,7 @@ func uniqueTopic(prefix string) string { return dimmertest.Name(prefix) }
 type stageVar struct{ v atomic.Int32 }
 
 func newStage(s flags.Stage) *stageVar { v := &stageVar{}; v.set(s); return v }
-func (s *stageVar) set(st flags.Stage)  { s.v.Store(int32(st)) }
+func (s *stageVar) set(st flags.Stage) { s.v.Store(int32(st)) }
 func (s *stageVar) Stage(context.Context, string, string) (flags.Stage, error) {
 	return flags.Stage(s.v.Load()), nil
 }
@@ -94,7 +94,7 @@ func (l *ledger) handle(_ context.Context, rec *kgo.Record) error {
 
 // check asserts every one of want values was processed exactly once, and
 // each key's sequence numbers in increasing order. It returns the counts.
-func (l *ledger) check(t *testing.T, want []string) (skipped, twice, disorder int) {
+func (l *ledger) check(t testing.TB, want []string) (skipped, twice, disorder int) {
 	t.Helper()
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync/atomic"
+	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -121,7 +122,10 @@ func (m *Mirror) Run(ctx context.Context) error {
 	if _, err := samePartitions(ctx, adm, [3]string{flags.Old: m.cfg.Topic, flags.New: m.cfg.TargetTopic}); err != nil {
 		return err
 	}
-	src, err := kgo.NewClient(append(append([]kgo.Opt(nil), m.cfg.Old...),
+	// A killed mirror's group membership blocks its successor until the
+	// session times out: 10s rather than franz-go's 45s, unless the
+	// caller's options say otherwise.
+	src, err := kgo.NewClient(append(append([]kgo.Opt{kgo.SessionTimeout(10 * time.Second)}, m.cfg.Old...),
 		kgo.ConsumerGroup(m.cfg.Group),
 		kgo.ConsumeTopics(m.cfg.Topic),
 		kgo.DisableAutoCommit(),
@@ -167,22 +171,23 @@ func (m *Mirror) Run(ctx context.Context) error {
 			}
 			copies = append(copies, copyOf(m.cfg.TargetTopic, rec, Origin{Side: flags.Old, Partition: rec.Partition, Offset: rec.Offset}))
 		})
-		if err := m.produce(ctx, dst, copies); err != nil {
+		// A stop (ctx) lets the round in flight finish: produced and
+		// committed, so a graceful stop re-sends nothing.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		err := m.produce(rctx, dst, copies)
+		if err != nil {
+			cancel()
 			src.AllowRebalance()
-			if ctx.Err() != nil {
-				return nil
-			}
 			return err
 		}
 		md := map[int32]string{}
 		for _, c := range copies {
 			md[c.Partition] = mirrorMetaPrefix + strconv.FormatInt(c.Offset+1, 10)
 		}
-		if err := commitWithMetadata(ctx, src, md); err != nil {
+		err = commitWithMetadata(rctx, src, md)
+		cancel()
+		if err != nil {
 			src.AllowRebalance()
-			if ctx.Err() != nil {
-				return nil
-			}
 			return fmt.Errorf("streams: mirror commit: %w", err)
 		}
 		m.copied.Add(int64(len(copies)))

@@ -171,3 +171,30 @@ func decodeState(md string) (p partState, ok bool, err error) {
 	}
 	return p, true, nil
 }
+
+// remove marks off unprocessed again.
+func (s *seen) remove(off int64) {
+	if off < s.next {
+		if off+1 < s.next {
+			s.done = slices.Insert(s.done, 0, span{off + 1, s.next})
+		}
+		s.next = off
+		return
+	}
+	for i, sp := range s.done {
+		if sp.lo <= off && off < sp.hi {
+			switch {
+			case sp.hi-sp.lo == 1:
+				s.done = slices.Delete(s.done, i, i+1)
+			case off == sp.lo:
+				s.done[i].lo++
+			case off == sp.hi-1:
+				s.done[i].hi--
+			default:
+				s.done = slices.Insert(s.done, i+1, span{off + 1, sp.hi})
+				s.done[i].hi = off
+			}
+			return
+		}
+	}
+}

@@ -1,0 +1,204 @@
+package streams_test
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/flagstest"
+	"github.com/dimmer-dev/dimmer/internal/benchgoal"
+	"github.com/dimmer-dev/dimmer/streams"
+)
+
+func endTotal(b testing.TB, cl *kgo.Client, topic string) int64 {
+	ends, err := kadm.NewClient(cl).ListEndOffsets(context.Background(), topic)
+	require.NoError(b, err)
+	var n int64
+	ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
+	return n
+}
+
+// handLoop is the baseline a team would write: consume a batch, produce it
+// to the same partition of the target, wait for the acks, commit.
+func handLoop(b testing.TB, oldSeeds, newSeeds []string, src, dst, group string, n int64) time.Duration {
+	ctx := context.Background()
+	in, err := kgo.NewClient(kgo.SeedBrokers(oldSeeds...), kgo.ConsumerGroup(group), kgo.ConsumeTopics(src),
+		kgo.DisableAutoCommit(), kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()))
+	require.NoError(b, err)
+	defer in.Close()
+	out, err := kgo.NewClient(kgo.SeedBrokers(newSeeds...), kgo.RecordPartitioner(kgo.ManualPartitioner()), kgo.ProducerLinger(0))
+	require.NoError(b, err)
+	defer out.Close()
+	start := time.Now()
+	var copied int64
+	for copied < n {
+		fs := in.PollRecords(ctx, 10000)
+		recs := make([]*kgo.Record, 0, fs.NumRecords())
+		fs.EachRecord(func(r *kgo.Record) {
+			recs = append(recs, &kgo.Record{Topic: dst, Partition: r.Partition, Key: r.Key, Value: r.Value, Headers: r.Headers, Timestamp: r.Timestamp})
+		})
+		require.NoError(b, out.ProduceSync(ctx, recs...).FirstErr())
+		require.NoError(b, in.CommitUncommittedOffsets(ctx))
+		copied += int64(len(recs))
+	}
+	return time.Since(start)
+}
+
+func mirrorRun(b testing.TB, oldSeeds, newSeeds []string, src, dst, group string, n int64) time.Duration {
+	m, err := streams.NewMirror(streams.MirrorConfig{Topic: src, TargetTopic: dst, Group: group,
+		Old: []kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, New: []kgo.Opt{kgo.SeedBrokers(newSeeds...)}})
+	require.NoError(b, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	start := time.Now()
+	wg.Go(func() { require.NoError(b, m.Run(ctx)) })
+	for m.Stats().Copied < n {
+		time.Sleep(time.Millisecond)
+	}
+	d := time.Since(start)
+	cancel()
+	wg.Wait()
+	return d
+}
+
+// BenchmarkMirrorThroughput: the mirror against a hand-written franz-go
+// consume→produce→commit loop over the same clusters, interleaved.
+func BenchmarkMirrorThroughput(b *testing.B) {
+	oldSeeds, newSeeds := clusters(b)
+	src := uniqueTopic("mtp")
+	topic(b, oldSeeds, src, 3)
+	const n = 30000
+	w := newWriter(b, oldSeeds, src, 100)
+	for range n / 5000 {
+		w.produce(b, context.Background(), 5000)
+	}
+	var hand, mirror time.Duration
+	for round := range 3 {
+		dh, dm := uniqueTopic("mtph"), uniqueTopic("mtpm")
+		topic(b, newSeeds, dh, 3)
+		topic(b, newSeeds, dm, 3)
+		hand += handLoop(b, oldSeeds, newSeeds, src, dh, fmt.Sprintf("hand-%s-%d", src, round), n)
+		mirror += mirrorRun(b, oldSeeds, newSeeds, src, dm, fmt.Sprintf("mirror-%s-%d", src, round), n)
+	}
+	ratio := hand.Seconds() / mirror.Seconds()
+	b.Logf("hand loop %.0f rec/s, mirror %.0f rec/s", 3*n/hand.Seconds(), 3*n/mirror.Seconds())
+	benchgoal.Report(b, "streams_mirror_throughput_vs_hand_loop", ratio, "x", benchgoal.AtLeast, 0.8)
+}
+
+// BenchmarkDualProduceLatency: the caller's latency of a dual produce (old
+// authoritative, copy to new off the path) against a single franz-go
+// produce to old, interleaved, both acks=all and idempotent.
+func BenchmarkDualProduceLatency(b *testing.B) {
+	oldSeeds, newSeeds := clusters(b)
+	name := uniqueTopic("dpl")
+	topic(b, oldSeeds, name, 3)
+	topic(b, newSeeds, name, 3)
+	ctx := context.Background()
+	single, err := kgo.NewClient(kgo.SeedBrokers(oldSeeds...), kgo.DefaultProduceTopic(name), kgo.ProducerLinger(0))
+	require.NoError(b, err)
+	defer single.Close()
+	p, err := streams.NewProducer("events", name, newStage(flags.DualWrite),
+		[]kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, []kgo.Opt{kgo.SeedBrokers(newSeeds...)}, streams.WithRepairLog(nilLog{}))
+	require.NoError(b, err)
+	defer func() { require.NoError(b, p.Close(ctx)) }()
+	var base, dual []time.Duration
+	for round := range 20 {
+		for i := range 200 {
+			one := func() {
+				rec := &kgo.Record{Key: fmt.Appendf(nil, "k%d", i%50), Value: fmt.Appendf(nil, "v%d-%d", round, i)}
+				start := time.Now()
+				require.NoError(b, single.ProduceSync(ctx, rec).FirstErr())
+				base = append(base, time.Since(start))
+			}
+			two := func() {
+				rec := &kgo.Record{Key: fmt.Appendf(nil, "k%d", i%50), Value: fmt.Appendf(nil, "v%d-%d", round, i)}
+				start := time.Now()
+				_, err := p.Produce(ctx, rec)
+				require.NoError(b, err)
+				dual = append(dual, time.Since(start))
+			}
+			if i%2 == 0 { // neither side always goes first
+				one()
+				two()
+			} else {
+				two()
+				one()
+			}
+		}
+	}
+	require.NoError(b, p.Flush(ctx))
+	require.Zero(b, p.Stats().Repairs, "every copy reached new")
+	bp, dp := flagstest.Percentile(base, 99), flagstest.Percentile(dual, 99)
+	b.Logf("single p99 %s, dual p99 %s", bp, dp)
+	benchgoal.Report(b, "streams_dual_produce_p99_vs_single", dp.Seconds()/bp.Seconds(), "x", benchgoal.AtMost, 1.1)
+}
+
+// BenchmarkCutover: a consumer group moved old→new→old… ten times while
+// two dual producers write; the pause (last record processed on one
+// cluster to the first on the other) and the exactness of every record.
+func BenchmarkCutover(b *testing.B) {
+	oldSeeds, newSeeds := clusters(b)
+	name := uniqueTopic("cut")
+	topic(b, oldSeeds, name, 3)
+	topic(b, newSeeds, name, 3)
+	ctx := context.Background()
+	oldOpts, newOpts := []kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, []kgo.Opt{kgo.SeedBrokers(newSeeds...)}
+	p, err := streams.NewProducer("events", name, newStage(flags.Shadow), oldOpts, newOpts, streams.WithRepairLog(nilLog{}))
+	require.NoError(b, err)
+	w := &writer{keys: 20, seq: map[string]int{}}
+	pctx, pstop := context.WithCancel(ctx)
+	var pwg sync.WaitGroup
+	pwg.Go(func() {
+		for i := 0; pctx.Err() == nil; i++ {
+			k, v := w.next(i)
+			if _, err := p.Produce(ctx, &kgo.Record{Key: []byte(k), Value: []byte(v)}); err != nil {
+				b.Error(err)
+				return
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	})
+	stage := newStage(flags.Shadow)
+	l := newLedger()
+	c, err := streams.NewConsumer(streams.ConsumerConfig{Migration: "events", Topic: name, Group: "bench",
+		Old: oldOpts, New: newOpts, Source: stage, Handler: l.handle, PollTimeout: 50 * time.Millisecond})
+	require.NoError(b, err)
+	defer c.Close()
+	cctx, cstop := context.WithCancel(ctx)
+	var cwg sync.WaitGroup
+	cwg.Go(func() { require.NoError(b, c.Run(cctx)) })
+	const moves = 10
+	for i := range moves {
+		n := l.n.Load()
+		eventually(b, 30*time.Second, "progress", func() bool { return l.n.Load() >= n+50 })
+		if i%2 == 0 {
+			stage.set(flags.Live)
+		} else {
+			stage.set(flags.Shadow)
+		}
+		eventually(b, 30*time.Second, "moved", func() bool { return len(c.Stats().Pauses) >= i+1 })
+	}
+	pstop()
+	pwg.Wait()
+	require.NoError(b, p.Close(ctx))
+	want := w.all()
+	eventually(b, 60*time.Second, "all processed", func() bool { return l.n.Load() >= int64(len(want)) })
+	time.Sleep(200 * time.Millisecond)
+	cstop()
+	cwg.Wait()
+	skipped, twice, disorder := l.check(b, want)
+	pauses := c.Stats().Pauses
+	slices.Sort(pauses)
+	b.Logf("records %d, pauses %v, per-key order violations %d", len(want), pauses, disorder)
+	benchgoal.Report(b, "streams_cutover_pause_p99_ms", float64(flagstest.Percentile(pauses, 99))/float64(time.Millisecond), "ms", benchgoal.AtMost, 500)
+	benchgoal.Report(b, "streams_cutover_skipped", float64(skipped), "records", benchgoal.AtMost, 0)
+	benchgoal.Report(b, "streams_cutover_processed_twice", float64(twice), "records", benchgoal.AtMost, 0)
+}

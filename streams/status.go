@@ -1,0 +1,142 @@
+package streams
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// ErrUnknownGroup matches a consumer group that committed nothing for the
+// topic on either cluster.
+var ErrUnknownGroup = errors.New("streams: unknown consumer group")
+
+// PartitionStatus is where one partition of a moving topic stands.
+type PartitionStatus struct {
+	Partition      int32
+	OldEnd, NewEnd int64 // high watermarks
+	// MirrorAt is the mirror's committed position on old (-1: no mirror),
+	// MirrorLag the records of old it has not copied yet.
+	MirrorAt, MirrorLag int64
+	// GroupOn is the cluster holding the group's current state (NoSide: the
+	// group has not consumed this partition), At its committed position
+	// there, Lag the records behind that cluster's end.
+	GroupOn flags.Side
+	Epoch   uint64
+	At, Lag int64
+	// OldNext and NewNext are the processed frontiers per origin cluster;
+	// Holes counts processed spans above them.
+	OldNext, NewNext int64
+	Holes            int
+}
+
+// Status is a topic's and a group's position on both clusters.
+type Status struct {
+	Topic, Group string
+	Partitions   []PartitionStatus
+}
+
+// MaxGroupLag is the largest Lag of any partition.
+func (s Status) MaxGroupLag() int64 {
+	var m int64
+	for _, p := range s.Partitions {
+		m = max(m, p.Lag)
+	}
+	return m
+}
+
+// MaxMirrorLag is the largest MirrorLag of any partition.
+func (s Status) MaxMirrorLag() int64 {
+	var m int64
+	for _, p := range s.Partitions {
+		m = max(m, p.MirrorLag)
+	}
+	return m
+}
+
+// GroupStatus reads where topic and group (optional: "") stand on both
+// clusters, and the mirror's position when mirrorGroup is not "". Unknown
+// topics, differing partition counts and a group that committed nothing on
+// either cluster are errors naming them.
+func GroupStatus(ctx context.Context, old, new *kadm.Client, topic, group, mirrorGroup string) (Status, error) {
+	adm := [3]*kadm.Client{flags.Old: old, flags.New: new}
+	n, err := samePartitions(ctx, adm, [3]string{flags.Old: topic, flags.New: topic})
+	if err != nil {
+		return Status{}, err
+	}
+	st := Status{Topic: topic, Group: group, Partitions: make([]PartitionStatus, n)}
+	var ends [3]map[int32]int64
+	for _, side := range []flags.Side{flags.Old, flags.New} {
+		if ends[side], err = endOffsets(ctx, adm[side], topic); err != nil {
+			return Status{}, err
+		}
+	}
+	var mirror map[int32]kadm.Offset
+	if mirrorGroup != "" {
+		if mirror, err = committed(ctx, old, mirrorGroup, topic); err != nil {
+			return Status{}, err
+		}
+	}
+	var commits [3]map[int32]kadm.Offset
+	if group != "" {
+		for _, side := range []flags.Side{flags.Old, flags.New} {
+			if commits[side], err = committed(ctx, adm[side], group, topic); err != nil {
+				return Status{}, err
+			}
+		}
+		if len(commits[flags.Old]) == 0 && len(commits[flags.New]) == 0 {
+			return Status{}, fmt.Errorf("%w %q: no commits for topic %q on either cluster", ErrUnknownGroup, group, topic)
+		}
+	}
+	for i := range st.Partitions {
+		p := int32(i)
+		ps := PartitionStatus{Partition: p, OldEnd: ends[flags.Old][p], NewEnd: ends[flags.New][p], MirrorAt: -1}
+		if mirrorGroup != "" {
+			ps.MirrorAt = 0
+			if o, ok := mirror[p]; ok {
+				ps.MirrorAt = o.At
+			}
+			ps.MirrorLag = max(0, ps.OldEnd-ps.MirrorAt)
+		}
+		var best *partState
+		for _, side := range []flags.Side{flags.Old, flags.New} {
+			o, ok := commits[side][p]
+			if !ok {
+				continue
+			}
+			s, dimmers, _ := decodeState(o.Metadata)
+			if !dimmers {
+				s = partState{}
+				s.side[side].next = o.At
+			}
+			if best == nil || s.epoch > best.epoch {
+				best = &s
+				ps.GroupOn, ps.At = side, o.At
+			}
+		}
+		if best != nil {
+			ps.Epoch = best.epoch
+			ps.Lag = max(0, ends[ps.GroupOn][p]-ps.At)
+			ps.OldNext, ps.NewNext = best.side[flags.Old].next, best.side[flags.New].next
+			ps.Holes = len(best.side[flags.Old].done) + len(best.side[flags.New].done)
+		}
+		st.Partitions[i] = ps
+	}
+	return st, nil
+}
+
+// ParseMirrorCheckpoint reads the new cluster's offset a mirror commit
+// records ("dimmer-mirror1 new=<offset>").
+func ParseMirrorCheckpoint(md string) (int64, bool) {
+	v, ok := strings.CutPrefix(md, mirrorMetaPrefix)
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	return n, err == nil
+}
