@@ -45,7 +45,7 @@ type RelayConfig struct {
 	// taken whole). Default 100000.
 	MaxPending int
 	// StatusInterval is how often the acknowledged position is reported to
-	// the server. Default 500ms.
+	// the server (a crashed relay re-sends what was acknowledged since the last report). Default 100ms.
 	StatusInterval time.Duration
 	// FenceTTL is how long a successful ownership check lets the relay
 	// publish: a relay that cannot confirm it still owns the slot for this
@@ -94,7 +94,7 @@ func (c *RelayConfig) withDefaults() {
 	if c.MaxPending == 0 {
 		c.MaxPending = 100000
 	}
-	def(&c.StatusInterval, 500*time.Millisecond)
+	def(&c.StatusInterval, 100*time.Millisecond)
 	def(&c.FenceTTL, 5*time.Second)
 	def(&c.StandbyPoll, 500*time.Millisecond)
 	def(&c.PublishTimeout, min(5*time.Second, c.FenceTTL))
