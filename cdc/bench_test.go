@@ -10,11 +10,13 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/cdc"
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/internal/benchgoal"
@@ -272,4 +274,119 @@ func BenchmarkLogSourceDecode(b *testing.B) {
 	single := decode(cdc.SlotSpec{}, msgs(false), true)
 	packed := decode(cdc.SlotSpec{}, msgs(true), true)
 	b.Logf("server-side decoding: table inserts %.0f msg/s, one message per outbox message %.0f msg/s, packed messages %.0f msg/s", rows, single, packed)
+}
+
+// BenchmarkSyncApply: rows inserted into the source in one statement reach
+// the target through the sync (decoded, batched, upserted with the version
+// guard), against copying the same rows with INSERT … SELECT between the
+// same two tables' databases... here the same database, the cheapest copy
+// there is; two interleaved rounds.
+func BenchmarkSyncApply(b *testing.B) {
+	ctx := tctx(b, 10*time.Minute)
+	srcURL, src := logicalDB(b)
+	const n = 100_000
+	var syncT, baseT time.Duration
+	for round := range 2 {
+		srcT, dstT, baseTbl := fmt.Sprint("src", round), fmt.Sprint("dst", round), fmt.Sprint("base", round)
+		for _, t := range []string{srcT, dstT, baseTbl} {
+			_, err := src.Exec(ctx, `CREATE TABLE `+t+` (id bigint PRIMARY KEY, v bigint NOT NULL, name text, payload text)`)
+			require.NoError(b, err)
+		}
+		name := dimmertest.Name("sync_")
+		s, err := cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: srcT}, Target: backfill.Table{Name: dstT},
+			VersionColumn: "v", Logger: quiet(b)})
+		require.NoError(b, err)
+		sctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- s.Run(sctx) }()
+		for !s.Streaming() {
+			time.Sleep(time.Millisecond)
+		}
+		var end string
+		_, err = src.Exec(ctx, `INSERT INTO `+srcT+` SELECT i, 1, 'name ' || i, repeat('p', 100) FROM generate_series(1, $1) i`, n)
+		require.NoError(b, err)
+		require.NoError(b, src.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end))
+		start := time.Now()
+		endLSN, err := pglogrepl.ParseLSN(end)
+		require.NoError(b, err)
+		for {
+			applied, err := pglogrepl.ParseLSN(s.Applied())
+			require.NoError(b, err)
+			if applied >= endLSN {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		syncT += time.Since(start)
+		cancel()
+		require.ErrorIs(b, <-done, context.Canceled)
+		require.NoError(b, cdc.DropSlot(ctx, src, "", name, true))
+		require.Equal(b, n, count(b, src, `SELECT count(*) FROM `+dstT))
+
+		start = time.Now()
+		_, err = src.Exec(ctx, `INSERT INTO `+baseTbl+` SELECT * FROM `+srcT)
+		require.NoError(b, err)
+		baseT += time.Since(start)
+	}
+	syncRate, baseRate := 2*n/syncT.Seconds(), 2*n/baseT.Seconds()
+	b.Logf("sync applied %.0f rows/s, INSERT … SELECT %.0f rows/s", syncRate, baseRate)
+	benchgoal.Report(b, "cdc_sync_apply_vs_insert_select", syncRate/baseRate, "x", benchgoal.AtLeast, 0.5)
+}
+
+// BenchmarkSyncLag: a steady 2,000 single-row writes/s (inserts and
+// updates, each its own transaction, from four writers) for 3 s; the lag of
+// each change from its commit to its apply on the target.
+func BenchmarkSyncLag(b *testing.B) {
+	ctx := tctx(b, 5*time.Minute)
+	srcURL, src := logicalDB(b)
+	for _, t := range []string{"src", "dst"} {
+		_, err := src.Exec(ctx, `CREATE TABLE `+t+` (id bigint PRIMARY KEY, v bigint NOT NULL, name text)`)
+		require.NoError(b, err)
+	}
+	var mu sync.Mutex
+	var lags []time.Duration
+	name := dimmertest.Name("sync_")
+	s, err := cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "src"}, Target: backfill.Table{Name: "dst"},
+		VersionColumn: "v", Logger: quiet(b), OnApplied: func(batch []cdc.Change, at time.Time) {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, c := range batch {
+				lags = append(lags, at.Sub(c.CommitTime))
+			}
+		}})
+	require.NoError(b, err)
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- s.Run(sctx) }()
+	defer func() {
+		cancel()
+		<-done
+		require.NoError(b, cdc.DropSlot(context.Background(), src, "", name, true))
+	}()
+	for !s.Streaming() {
+		time.Sleep(time.Millisecond)
+	}
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tick := time.NewTicker(2 * time.Millisecond) // 500/s per writer
+			defer tick.Stop()
+			for i := range 1500 {
+				<-tick.C
+				id := int64(w*100000 + i%300)
+				_, err := src.Exec(ctx, `INSERT INTO src VALUES ($1, 1, 'x') ON CONFLICT (id) DO UPDATE SET v = src.v + 1`, id)
+				require.NoError(b, err)
+			}
+		}()
+	}
+	wg.Wait()
+	require.Eventually(b, func() bool { mu.Lock(); defer mu.Unlock(); return len(lags) >= 6000 }, time.Minute, 5*time.Millisecond)
+	mu.Lock()
+	slices.Sort(lags)
+	p50, p99 := lags[len(lags)/2], lags[len(lags)*99/100]
+	mu.Unlock()
+	b.Logf("sync lag at 2,000 writes/s: p50 %v, p99 %v", p50, p99)
+	benchgoal.Report(b, "cdc_sync_lag_p99", float64(p99)/float64(time.Millisecond), "ms", benchgoal.AtMost, 100)
 }

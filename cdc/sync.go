@@ -112,6 +112,10 @@ type SyncConfig struct {
 	StatusInterval time.Duration
 	// Copy tunes the initial copy (package backfill).
 	Copy backfill.Config
+	// OnApplied, if set, is called after each batch of streamed changes is
+	// applied, with the batch and the time it was (for lag monitoring: a
+	// change's lag is at minus its CommitTime). It must not keep the slice.
+	OnApplied func(batch []Change, at time.Time)
 	// Logger; default slog.Default().
 	Logger *slog.Logger
 }
@@ -173,7 +177,6 @@ type Sync struct {
 
 	applied  atomic.Uint64 // confirmed position
 	copied   atomic.Bool
-	lastLag  atomic.Int64 // ns, commit to applied, of the last batch
 	changes  atomic.Int64
 	streamed atomic.Bool
 }
@@ -417,53 +420,89 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 	if err != nil {
 		return err
 	}
+	// Reading and applying overlap: the reader hands batches to one
+	// applier goroutine, in order, and reports the position the applier
+	// reached.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	jobs := make(chan applyJob, 2)
+	var inFlight atomic.Int64
+	var appliedPos atomic.Uint64
+	applierDone := make(chan struct{})
+	go func() {
+		defer close(applierDone)
+		for j := range jobs {
+			if err := s.runJob(ctx, ap, j); err != nil {
+				cancel(err)
+				for range jobs {
+					inFlight.Add(-1)
+				}
+				return
+			}
+			if j.end > 0 {
+				appliedPos.Store(uint64(j.end))
+			}
+			inFlight.Add(-1)
+		}
+	}()
+	defer func() { close(jobs); <-applierDone }()
+	send := func(j applyJob) error {
+		inFlight.Add(1)
+		select {
+		case jobs <- j:
+			return nil
+		case <-ctx.Done():
+			inFlight.Add(-1)
+			return context.Cause(ctx)
+		}
+	}
 	typeMap := pgtype.NewMap()
 	var (
-		rel          *pglogrepl.RelationMessage
-		relCols      []column // positions of rel's columns in the synced shape (name empty: not synced)
-		pending      []change
-		oldest       time.Time
-		inTx         bool
-		commitTime   time.Time
-		lastCommit   pglogrepl.LSN
-		confirmed    pglogrepl.LSN
-		nextStatus   = time.Now()
-		appliedUntil pglogrepl.LSN // end of the last transaction whose changes are all applied
+		rel        *pglogrepl.RelationMessage
+		relCols    []column
+		pending    []change
+		oldest     time.Time
+		inTx       bool
+		commitTime time.Time
+		lastCommit pglogrepl.LSN // end of the last transaction read whole
+		queued     pglogrepl.LSN // the last position handed to the applier
+		confirmed  pglogrepl.LSN
+		nextStatus = time.Now()
 	)
 	flush := func() error {
-		if len(pending) == 0 {
+		if len(pending) == 0 && queued >= lastCommit {
 			return nil
 		}
-		if err := ap.apply(ctx, pending); err != nil {
-			return err
+		// Every change of transactions up to lastCommit is in this batch
+		// or an earlier one (a part of the open transaction may be too).
+		err := send(applyJob{changes: pending, end: lastCommit})
+		pending, queued = nil, lastCommit
+		return err
+	}
+	fail := func(err error) error {
+		if c := context.Cause(ctx); c != nil && !errors.Is(c, context.Canceled) {
+			return c // the applier's error explains the stop
 		}
-		s.changes.Add(int64(len(pending)))
-		s.lastLag.Store(int64(time.Since(pending[len(pending)-1].CommitTime)))
-		pending = pending[:0]
-		return nil
+		return err
 	}
 	for {
 		if ctx.Err() != nil {
-			return ctx.Err()
+			return fail(ctx.Err())
 		}
 		now := time.Now()
-		if len(pending) > 0 && !inTx && now.Sub(oldest) >= s.cfg.MaxDelay {
+		if !inTx && (len(pending) > 0 && now.Sub(oldest) >= s.cfg.MaxDelay || len(pending) == 0 && queued < lastCommit) {
 			if err := flush(); err != nil {
-				return err
+				return fail(err)
 			}
-			appliedUntil = lastCommit
 		}
-		if len(pending) == 0 && !inTx && appliedUntil < lastCommit {
-			appliedUntil = lastCommit
-		}
-		if appliedUntil > confirmed {
-			confirmed = appliedUntil
+		if p := pglogrepl.LSN(appliedPos.Load()); p > confirmed {
+			confirmed = p
 			s.applied.Store(uint64(confirmed))
 			nextStatus = time.Time{}
 		}
 		if !now.Before(nextStatus) {
 			if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: confirmed}); err != nil {
-				return fmt.Errorf("cdc: sync %s: report position: %w", s.cfg.Name, err)
+				return fail(fmt.Errorf("cdc: sync %s: report position: %w", s.cfg.Name, err))
 			}
 			nextStatus = now.Add(s.cfg.StatusInterval)
 		}
@@ -471,12 +510,12 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		if len(pending) > 0 && !inTx {
 			deadline = oldest.Add(s.cfg.MaxDelay)
 		}
-		rctx, cancel := context.WithDeadline(ctx, deadline)
+		rctx, rcancel := context.WithDeadline(ctx, deadline)
 		raw, err := conn.ReceiveMessage(rctx)
-		cancel()
+		rcancel()
 		if err != nil {
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return fail(ctx.Err())
 			}
 			if pgconn.Timeout(err) {
 				continue
@@ -503,9 +542,11 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 			if err != nil {
 				return err
 			}
-			if !inTx && len(pending) == 0 && ka.ServerWALEnd > appliedUntil {
-				appliedUntil = ka.ServerWALEnd
-				lastCommit = max(lastCommit, ka.ServerWALEnd)
+			// Nothing read is waiting: the position may pass WAL without
+			// changes of the table.
+			if !inTx && len(pending) == 0 && queued >= lastCommit && inFlight.Load() == 0 && ka.ServerWALEnd > confirmed {
+				lastCommit, queued = max(lastCommit, ka.ServerWALEnd), max(queued, ka.ServerWALEnd)
+				appliedPos.Store(uint64(max(pglogrepl.LSN(appliedPos.Load()), ka.ServerWALEnd)))
 			}
 			if ka.ReplyRequested {
 				nextStatus = time.Time{}
@@ -554,7 +595,7 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 				// A large transaction is applied in parts; its position is
 				// confirmed only once all of it is.
 				if err := flush(); err != nil {
-					return err
+					return fail(err)
 				}
 			}
 		case *pglogrepl.TruncateMessage:
@@ -562,13 +603,44 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 				continue
 			}
 			if err := flush(); err != nil {
-				return err
+				return fail(err)
 			}
-			if err := ap.truncate(ctx, commitTime); err != nil {
-				return err
+			if err := send(applyJob{truncate: true, commit: commitTime}); err != nil {
+				return fail(err)
 			}
 		}
 	}
+}
+
+// applyJob is a batch for the applier; end is the position confirmed once
+// it is applied (0: none).
+type applyJob struct {
+	changes  []change
+	truncate bool
+	commit   time.Time
+	end      pglogrepl.LSN
+}
+
+func (s *Sync) runJob(ctx context.Context, ap *applier, j applyJob) error {
+	if j.truncate {
+		return ap.truncate(ctx, j.commit)
+	}
+	if len(j.changes) == 0 {
+		return nil
+	}
+	if err := ap.apply(ctx, j.changes); err != nil {
+		return err
+	}
+	s.changes.Add(int64(len(j.changes)))
+	if f := s.cfg.OnApplied; f != nil {
+		at := time.Now()
+		cs := make([]Change, len(j.changes))
+		for i, c := range j.changes {
+			cs[i] = c.Change
+		}
+		f(cs, at)
+	}
+	return nil
 }
 
 // checkRelation compares a relation message with the synced shape and maps
