@@ -90,6 +90,57 @@ func (e *Emitter) EnqueuePool(ctx context.Context, pool *pgxpool.Pool, m outbox.
 	return e.emit(ctx, pool, m)
 }
 
+// EnqueueBatch writes ms in the caller's transaction, in order, and
+// returns their IDs. Nothing is written if one is refused. The messages are
+// packed into as few log records as fit in about 256 KiB each: a WAL sender
+// sends each decoded record as a message of its own, so packing is what
+// lets a relay drain bulk writes quickly.
+func (e *Emitter) EnqueueBatch(ctx context.Context, tx pgx.Tx, ms []outbox.Message) ([]uuid.UUID, error) {
+	if tx == nil {
+		return nil, badMessage("tx", "is nil: EnqueueBatch must run inside the caller's transaction")
+	}
+	ids := make([]uuid.UUID, len(ms))
+	var frames [][]byte
+	var frame []byte
+	var inFrame int
+	flush := func() {
+		if inFrame > 0 {
+			frames = append(frames, packFrame(frame, inFrame))
+		}
+		frame, inFrame = nil, 0
+	}
+	for i := range ms {
+		m := ms[i]
+		if err := e.validate(&m); err != nil {
+			return nil, fmt.Errorf("message %d: %w", i, err)
+		}
+		if m.ID == uuid.Nil {
+			id, err := uuid.NewV7()
+			if err != nil {
+				return nil, fmt.Errorf("cdc: generate id: %w", err)
+			}
+			m.ID = id
+		}
+		ids[i] = m.ID
+		enc := encodeMessage(m)
+		if len(frame)+len(enc) > frameTarget {
+			flush()
+		}
+		frame = binary.AppendUvarint(frame, uint64(len(enc)))
+		frame = append(frame, enc...)
+		inFrame++
+	}
+	flush()
+	// unnest yields the array in order, and the records are emitted row
+	// by row as it does.
+	if _, err := tx.Exec(ctx, `SELECT count(pg_logical_emit_message(true, $1::text, m)) FROM unnest($2::bytea[]) AS m`, e.prefix, frames); err != nil {
+		return nil, fmt.Errorf("cdc: emit %d messages (prefix %s): %w", len(ms), e.prefix, err)
+	}
+	return ids, nil
+}
+
+const frameTarget = 256 << 10
+
 func (e *Emitter) emit(ctx context.Context, db execer, m outbox.Message) (uuid.UUID, error) {
 	if err := e.validate(&m); err != nil {
 		return uuid.Nil, err
@@ -124,7 +175,52 @@ func (e *Emitter) validate(m *outbox.Message) error {
 	return nil
 }
 
-const encodingV1 = 1
+const (
+	encodingV1    = 1 // one message
+	encodingFrame = 2 // uvarint count, then per message uvarint length + a V1 message
+)
+
+func packFrame(body []byte, n int) []byte {
+	out := make([]byte, 0, 1+binary.MaxVarintLen64+len(body))
+	out = append(out, encodingFrame)
+	out = binary.AppendUvarint(out, uint64(n))
+	return append(out, body...)
+}
+
+// decodeRecord decodes the content of one logical decoding message: one
+// outbox message or a frame of them.
+func decodeRecord(b []byte) ([]outbox.Message, error) {
+	if len(b) == 0 || b[0] != encodingFrame {
+		m, err := decodeMessage(b)
+		if err != nil {
+			return nil, err
+		}
+		return []outbox.Message{m}, nil
+	}
+	b = b[1:]
+	n, w := binary.Uvarint(b)
+	if w <= 0 || n > uint64(len(b)) {
+		return nil, fmt.Errorf("%w: frame count", errBadEncoding)
+	}
+	b = b[w:]
+	out := make([]outbox.Message, 0, n)
+	for range n {
+		l, w := binary.Uvarint(b)
+		if w <= 0 || uint64(len(b)-w) < l {
+			return nil, fmt.Errorf("%w: frame entry", errBadEncoding)
+		}
+		m, err := decodeMessage(b[w : w+int(l)])
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+		b = b[w+int(l):]
+	}
+	if len(b) != 0 {
+		return nil, fmt.Errorf("%w: %d bytes after the frame", errBadEncoding, len(b))
+	}
+	return out, nil
+}
 
 // encodeMessage: version byte, 16-byte ID, then topic, key and headers as
 // uvarint-length strings (headers preceded by their count, sorted by name),

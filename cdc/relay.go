@@ -38,14 +38,17 @@ type RelayConfig struct {
 	Schema string
 	// ID names the relay in logs; default host-pid-random.
 	ID string
-	// BatchSize bounds one Publish call (one record per key). Default 2000.
+	// BatchSize bounds one Publish call (one record per key). Default 5000.
 	BatchSize int
+	// MaxInFlight bounds the Publish calls running at once; a key is in at
+	// most one of them. Default 4.
+	MaxInFlight int
 	// MaxPending bounds the records read from the log and not yet
 	// acknowledged; reading pauses above it (a larger transaction is still
 	// taken whole). Default 100000.
 	MaxPending int
 	// StatusInterval is how often the acknowledged position is reported to
-	// the server. Default 500ms.
+	// the server (a crashed relay re-sends what was acknowledged since the last report). Default 100ms.
 	StatusInterval time.Duration
 	// FenceTTL is how long a successful ownership check lets the relay
 	// publish: a relay that cannot confirm it still owns the slot for this
@@ -89,12 +92,15 @@ func (c *RelayConfig) withDefaults() {
 		}
 	}
 	if c.BatchSize == 0 {
-		c.BatchSize = 2000
+		c.BatchSize = 5000
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = 4
 	}
 	if c.MaxPending == 0 {
 		c.MaxPending = 100000
 	}
-	def(&c.StatusInterval, 500*time.Millisecond)
+	def(&c.StatusInterval, 100*time.Millisecond)
 	def(&c.FenceTTL, 5*time.Second)
 	def(&c.StandbyPoll, 500*time.Millisecond)
 	def(&c.PublishTimeout, min(5*time.Second, c.FenceTTL))
@@ -114,6 +120,8 @@ func (c RelayConfig) Validate() error {
 		return badConfig("Publication", "must be 1..63 characters of [a-z0-9_], got %q", c.Publication)
 	case c.BatchSize < 1 || c.BatchSize > 100000:
 		return badConfig("BatchSize", "must be 1..100000, got %d", c.BatchSize)
+	case c.MaxInFlight < 1 || c.MaxInFlight > 64:
+		return badConfig("MaxInFlight", "must be 1..64, got %d", c.MaxInFlight)
 	case c.MaxPending < c.BatchSize:
 		return badConfig("MaxPending", "must be at least BatchSize (%d), got %d", c.BatchSize, c.MaxPending)
 	case c.StatusInterval < time.Millisecond:
@@ -265,6 +273,7 @@ type entry struct {
 	rec       outbox.Record
 	tx        *txn
 	acked     bool
+	inFlight  bool
 	notBefore time.Time
 }
 
@@ -328,8 +337,9 @@ func (s *relayState) position() pglogrepl.LSN {
 }
 
 // next picks the oldest unacknowledged record of each key (keyless records
-// all qualify), in commit order, up to n, skipping keys backing off. wait
-// is how long until a backing-off record comes due (0: none).
+// all qualify), in commit order, up to n, skipping keys backing off or with
+// a record in flight, and marks them in flight. wait is how long until a
+// backing-off record comes due (0: none).
 func (s *relayState) next(n int, now time.Time) (batch []*entry, wait time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -341,12 +351,16 @@ func (s *relayState) next(n int, now time.Time) (batch []*entry, wait time.Durat
 			}
 			seen[k] = struct{}{}
 		}
+		if e.inFlight {
+			continue
+		}
 		if e.notBefore.After(now) {
 			if d := e.notBefore.Sub(now); wait == 0 || d < wait {
 				wait = d
 			}
 			continue
 		}
+		e.inFlight = true
 		batch = append(batch, e)
 		if len(batch) == n {
 			break
@@ -361,7 +375,9 @@ func (s *relayState) done(batch []*entry, results []error, backoff func(int) tim
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := time.Now()
+	defer signal(s.more) // keys in this batch may have a next record
 	for i, e := range batch {
+		e.inFlight = false
 		if results[i] == nil {
 			e.acked = true
 			e.tx.left--
@@ -616,7 +632,7 @@ func (r *Relay) read(ctx context.Context, conn *pgconn.PgConn, st *relayState) e
 					if cur == nil || !lm.Transactional || lm.Prefix != r.cfg.Prefix {
 						continue
 					}
-					m, err := decodeMessage(lm.Content)
+					ms, err := decodeRecord(lm.Content)
 					if err != nil {
 						// Not written by an Emitter of this version: it can
 						// never be published, and holding the slot for it
@@ -625,8 +641,12 @@ func (r *Relay) read(ctx context.Context, conn *pgconn.PgConn, st *relayState) e
 						r.m.undecodable.Add(ctx, 1, r.m.attrs)
 						continue
 					}
-					m.Payload = append([]byte(nil), m.Payload...) // the buffer is reused
-					curEntries = append(curEntries, &entry{tx: cur, rec: outbox.Record{Message: m, Seq: int64(lm.LSN), CreatedAt: curCommit}})
+					for i, m := range ms {
+						m.Payload = append([]byte(nil), m.Payload...) // the buffer is reused
+						// Seq orders records in commit order: the record's
+						// position, then its place in a frame.
+						curEntries = append(curEntries, &entry{tx: cur, rec: outbox.Record{Message: m, Seq: int64(lm.LSN)<<16 | int64(min(i, 1<<16-1)), CreatedAt: curCommit}})
+					}
 				case *pglogrepl.CommitMessage:
 					if cur == nil {
 						continue
@@ -648,12 +668,21 @@ func (r *Relay) backoff(attempt int) time.Duration {
 	return d/2 + mrand.N(d/2+1)
 }
 
-// publish sends batches while the fence holds.
+// publish sends batches while the fence holds, up to MaxInFlight at once.
+// It returns once every batch it started has finished.
 func (r *Relay) publish(ctx context.Context, st *relayState, fenced func() bool, fenceDeadline func() time.Time) error {
-	recs := make([]outbox.Record, 0, r.cfg.BatchSize)
+	slots := make(chan struct{}, r.cfg.MaxInFlight)
+	var inFlight sync.WaitGroup
+	defer inFlight.Wait()
 	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case slots <- struct{}{}:
+		}
 		batch, wait := st.next(r.cfg.BatchSize, time.Now())
 		if len(batch) == 0 {
+			<-slots
 			var timer <-chan time.Time
 			if wait > 0 {
 				timer = time.After(wait)
@@ -669,49 +698,60 @@ func (r *Relay) publish(ctx context.Context, st *relayState, fenced func() bool,
 		for !fenced() {
 			select {
 			case <-ctx.Done():
+				st.done(batch, notSent(len(batch), ctx.Err()), r.backoff)
 				return nil
 			case <-time.After(5 * time.Millisecond):
 			}
 		}
-		recs = recs[:0]
-		for _, e := range batch {
-			recs = append(recs, e.rec)
+		inFlight.Add(1)
+		go func() {
+			defer inFlight.Done()
+			defer func() { <-slots }()
+			r.publishBatch(ctx, st, batch, fenceDeadline())
+		}()
+	}
+}
+
+func notSent(n int, err error) []error {
+	res := make([]error, n)
+	for i := range res {
+		res[i] = err
+	}
+	return res
+}
+
+func (r *Relay) publishBatch(ctx context.Context, st *relayState, batch []*entry, fenceDeadline time.Time) {
+	recs := make([]outbox.Record, len(batch))
+	for i, e := range batch {
+		recs[i] = e.rec
+	}
+	// A batch in flight finishes after a stop (bounded), so a graceful
+	// shutdown acknowledges it; it never outlives the fence.
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.PublishTimeout)
+	defer cancel()
+	pctx, cancel2 := context.WithDeadline(pctx, fenceDeadline)
+	defer cancel2()
+	start := time.Now()
+	results := r.pub.Publish(pctx, recs)
+	if len(results) != len(batch) {
+		results = notSent(len(batch), fmt.Errorf("cdc: publisher returned %d results for %d records", len(results), len(batch)))
+	}
+	now := time.Now()
+	for i, e := range batch {
+		if results[i] == nil {
+			r.m.commitToAck.Record(ctx, now.Sub(e.tx.commit).Seconds(), r.m.attrs)
 		}
-		// A batch in flight finishes after a stop (bounded), so a graceful
-		// shutdown acknowledges it; it never outlives the fence.
-		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.PublishTimeout)
-		pctx, cancel2 := context.WithDeadline(pctx, fenceDeadline())
-		start := time.Now()
-		results := r.pub.Publish(pctx, recs)
-		cancel2()
-		cancel()
-		if len(results) != len(batch) {
-			err := fmt.Errorf("cdc: publisher returned %d results for %d records", len(results), len(batch))
-			results = make([]error, len(batch))
-			for i := range results {
-				results[i] = err
+	}
+	acked := st.done(batch, results, r.backoff)
+	r.m.publishTime.Record(ctx, now.Sub(start).Seconds(), r.m.attrs)
+	r.m.published.Add(ctx, int64(acked), r.m.attrs)
+	if failed := len(batch) - acked; failed > 0 {
+		r.m.failed.Add(ctx, int64(failed), r.m.attrs)
+		for i, err := range results {
+			if err != nil {
+				r.log.Warn("cdc relay: publish failed; the key waits and retries", "failed", failed, "key", batch[i].rec.Key, "err", err)
+				break
 			}
-		}
-		acked := st.done(batch, results, r.backoff)
-		now := time.Now()
-		r.m.publishTime.Record(ctx, now.Sub(start).Seconds(), r.m.attrs)
-		r.m.published.Add(ctx, int64(acked), r.m.attrs)
-		if failed := len(batch) - acked; failed > 0 {
-			r.m.failed.Add(ctx, int64(failed), r.m.attrs)
-			for i, err := range results {
-				if err != nil {
-					r.log.Warn("cdc relay: publish failed; the key waits and retries", "failed", failed, "key", batch[i].rec.Key, "err", err)
-					break
-				}
-			}
-		}
-		for i, e := range batch {
-			if results[i] == nil {
-				r.m.commitToAck.Record(ctx, now.Sub(e.tx.commit).Seconds(), r.m.attrs)
-			}
-		}
-		if ctx.Err() != nil {
-			return nil
 		}
 	}
 }

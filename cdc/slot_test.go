@@ -13,7 +13,7 @@ import (
 	"github.com/dimmer-dev/dimmer/dimmertest"
 )
 
-func count(t *testing.T, db interface {
+func count(t testing.TB, db interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, sql string, args ...any) int {
 	var n int

@@ -1,0 +1,149 @@
+package cdc_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/dimmer-dev/dimmer/cdc"
+	"github.com/dimmer-dev/dimmer/dimmertest"
+	"github.com/dimmer-dev/dimmer/outbox/kafkasink"
+)
+
+// TestMain doubles as a relay process for the crash test: with
+// DIMMER_CDC_RELAY_CHILD set it runs a relay until it is killed.
+func TestMain(m *testing.M) {
+	if os.Getenv("DIMMER_CDC_RELAY_CHILD") != "" {
+		os.Exit(relayChild())
+	}
+	os.Exit(m.Run())
+}
+
+func relayChild() int {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	cl, err := kgo.NewClient(kafkasink.ClientOptions(strings.Split(os.Getenv("DIMMER_CDC_BROKERS"), ",")...)...)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	defer cl.Close()
+	kp, err := kafkasink.New(cl)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	r, err := cdc.NewRelay(os.Getenv("DIMMER_CDC_URL"), kp, cdc.RelayConfig{Slot: os.Getenv("DIMMER_CDC_SLOT"), ID: "child",
+		BatchSize: 20, FenceTTL: time.Second})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	go func() {
+		for !r.Active() {
+			time.Sleep(5 * time.Millisecond)
+		}
+		fmt.Println("active")
+	}()
+	if err := r.Run(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// The relay process is killed with SIGKILL while it publishes: a new
+// relay resumes from the slot's confirmed position; nothing committed is
+// lost, per key the order holds, and only the unacknowledged tail is sent
+// again (counted).
+func TestRelayKilledMidStreamResumes(t *testing.T) {
+	t.Parallel()
+	url, pool := logicalDB(t)
+	name := slot(t, pool, cdc.SlotSpec{Purpose: "relay"})
+	seeds := brokers(t)
+	topic := dimmertest.Name("orders_")
+	createTopic(t, seeds, topic, 4)
+	ctx := tctx(t, 2*time.Minute)
+
+	child := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+	child.Env = append(os.Environ(), "DIMMER_CDC_RELAY_CHILD=1", "DIMMER_CDC_URL="+url, "DIMMER_CDC_SLOT="+name,
+		"DIMMER_CDC_BROKERS="+strings.Join(seeds, ","))
+	child.Stderr = os.Stderr
+	out, err := child.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, child.Start())
+	killed := false
+	t.Cleanup(func() {
+		if !killed {
+			_ = child.Process.Kill()
+			_ = child.Wait()
+		}
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	require.NoError(t, err)
+	require.Equal(t, "active\n", line)
+
+	e, err := cdc.NewEmitter()
+	require.NoError(t, err)
+	const keys, txs = 20, 60
+	writes := make(chan struct{})
+	go func() {
+		defer close(writes)
+		writeCounted(t, ctx, pool, e, topic, keys, txs, 4)
+	}()
+	// Kill it mid-stream: writes still going on, a quarter published.
+	admin, err := kgo.NewClient(kgo.SeedBrokers(seeds...))
+	require.NoError(t, err)
+	defer admin.Close()
+	require.Eventually(t, func() bool {
+		ends, err := kadm.NewClient(admin).ListEndOffsets(ctx, topic)
+		require.NoError(t, err)
+		var n int64
+		ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
+		return n >= keys*txs/4
+	}, time.Minute, time.Millisecond)
+	require.NoError(t, child.Process.Signal(syscall.SIGKILL))
+	killed = true
+	_ = child.Wait()
+	var mid string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1`, name).Scan(&mid))
+	t.Logf("killed the relay; the slot's confirmed position is %s", mid)
+
+	kp := producer(t, seeds)
+	r, err := cdc.NewRelay(url, kp, cdc.RelayConfig{Slot: name, ID: "successor", Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	<-writes
+	var end string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end))
+	require.Eventually(t, func() bool {
+		var ok bool
+		require.NoError(t, pool.QueryRow(ctx, `SELECT confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1`, name, end).Scan(&ok))
+		return ok
+	}, time.Minute, 20*time.Millisecond)
+	require.NoError(t, r.Shutdown(ctx))
+	require.NoError(t, <-done)
+
+	want := map[string]int{}
+	for k := range keys {
+		want[fmt.Sprint("k", k)] = txs
+	}
+	recs := consumeAll(t, seeds, topic)
+	dups := checkOrder(t, recs, want)
+	t.Logf("%d records, %d committed messages, %d re-sent after the kill", len(recs), keys*txs, dups)
+	assert.Equal(t, keys*txs+dups, len(recs))
+}
+

@@ -1,0 +1,741 @@
+package cdc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/flags"
+)
+
+// ErrSchemaChanged: the source table's shape changed while it was synced
+// (a synced column dropped or retyped, or a column added while every
+// column is synced). The sync stops before applying anything of the new
+// shape; nothing is dropped silently.
+var ErrSchemaChanged = errors.New("cdc: source table changed shape during the sync")
+
+// Op is what a [Change] does.
+type Op byte
+
+// Ops.
+const (
+	OpCopy     Op = 'C' // a row of the initial copy
+	OpInsert   Op = 'I'
+	OpUpdate   Op = 'U'
+	OpDelete   Op = 'D'
+	OpTruncate Op = 'T'
+)
+
+func (o Op) String() string {
+	switch o {
+	case OpCopy:
+		return "copy"
+	case OpInsert:
+		return "insert"
+	case OpUpdate:
+		return "update"
+	case OpDelete:
+		return "delete"
+	case OpTruncate:
+		return "truncate"
+	}
+	return fmt.Sprintf("Op(%d)", byte(o))
+}
+
+// Change is one row change on its way to a [ChangeSink].
+type Change struct {
+	Op Op
+	// Row holds the new values (copy, insert, update), decoded to Go values
+	// by pgx; for a delete, the key columns (every column under REPLICA
+	// IDENTITY FULL). Nil for a truncate.
+	Row map[string]any
+	// Unchanged names the columns of an update whose (TOASTed) value did
+	// not change and is therefore not in Row: keep the value you have.
+	Unchanged []string
+	// CommitTime is the source transaction's commit time (zero for copies).
+	CommitTime time.Time
+}
+
+// ChangeSink receives changes in commit order, a batch at a time. It must
+// be idempotent and version-guarded: after a crash the changes since the
+// last confirmed position are delivered again, and the copy and the stream
+// overlap (see the package doc).
+type ChangeSink func(ctx context.Context, changes []Change) error
+
+// SyncConfig describes a table sync. Zero fields take the defaults shown.
+type SyncConfig struct {
+	// Name identifies the sync: its slot and publication (unless Slot is
+	// set) and its backfill job. 1..63 of [a-z0-9_]. Required.
+	Name string
+	// Slot names the replication slot; default Name.
+	Slot string
+	// Source is the table read (in the database of the source URL).
+	Source backfill.Table
+	// Target is the table written, in the target pool's database (a table
+	// sync) — or leave it empty and set Sink.
+	Target backfill.Table
+	// Sink receives the changes instead of a target table.
+	Sink ChangeSink
+	// Key is the source's key; default its primary key. It must be covered
+	// by the table's REPLICA IDENTITY, or deletes could not be keyed.
+	Key []string
+	// Columns synced; default every source column. With the default, a
+	// column added to the source stops the sync ([ErrSchemaChanged]).
+	Columns []string
+	// VersionColumn guards every upsert (a row holding a greater version is
+	// left alone), as in backfill. Required.
+	VersionColumn string
+	// Schema holds the slot registry (source) and the backfill's
+	// checkpoints (target, or source with a Sink); default "dimmer".
+	Schema string
+	// BatchSize bounds the changes applied in one target transaction (a
+	// larger source transaction is applied in several). Default 5000.
+	BatchSize int
+	// MaxDelay bounds how long a committed change waits to be batched with
+	// later ones. Default 5ms.
+	MaxDelay time.Duration
+	// StatusInterval is how often the applied position is reported to the
+	// server. Default 100ms.
+	StatusInterval time.Duration
+	// Copy tunes the initial copy (package backfill).
+	Copy backfill.Config
+	// OnApplied, if set, is called after each batch of streamed changes is
+	// applied, with the batch and the time it was (for lag monitoring: a
+	// change's lag is at minus its CommitTime). It must not keep the slice.
+	OnApplied func(batch []Change, at time.Time)
+	// Logger; default slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *SyncConfig) withDefaults() {
+	if c.Slot == "" {
+		c.Slot = c.Name
+	}
+	if c.Schema == "" {
+		c.Schema = DefaultSchema
+	}
+	if c.BatchSize == 0 {
+		c.BatchSize = 5000
+	}
+	if c.MaxDelay == 0 {
+		c.MaxDelay = 5 * time.Millisecond
+	}
+	if c.StatusInterval == 0 {
+		c.StatusInterval = 100 * time.Millisecond
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports the first field out of range.
+func (c SyncConfig) Validate() error {
+	switch {
+	case !nameRE.MatchString(c.Name):
+		return badConfig("Name", "must be 1..63 characters of [a-z0-9_], got %q", c.Name)
+	case flags.ValidateName(c.Name) != nil:
+		return badConfig("Name", "%v", flags.ValidateName(c.Name))
+	case !nameRE.MatchString(c.Slot):
+		return badConfig("Slot", "must be 1..63 characters of [a-z0-9_], got %q", c.Slot)
+	case c.Source.Name == "":
+		return badConfig("Source", "is empty")
+	case c.Sink == nil && c.Target.Name == "":
+		return badConfig("Target", "is empty and no Sink is set")
+	case c.Sink != nil && c.Target.Name != "":
+		return badConfig("Sink", "is set together with Target: choose one")
+	case c.VersionColumn == "":
+		return badConfig("VersionColumn", "is empty: without a version guard a replayed change could overwrite a newer one")
+	case c.BatchSize < 1:
+		return badConfig("BatchSize", "must be positive, got %d", c.BatchSize)
+	case c.MaxDelay < 0 || c.StatusInterval <= 0:
+		return badConfig("MaxDelay", "and StatusInterval must not be negative")
+	}
+	return nil
+}
+
+// Sync keeps a target table (or a [ChangeSink]) in step with a source table
+// from the log: an initial copy through package backfill, then every
+// committed insert, update, delete and truncate. See the package doc.
+type Sync struct {
+	sourceURL string
+	target    *pgxpool.Pool
+	cfg       SyncConfig
+	log       *slog.Logger
+
+	applied  atomic.Uint64 // confirmed position
+	copied   atomic.Bool
+	changes  atomic.Int64
+	streamed atomic.Bool
+}
+
+// NewSync returns a sync from the table cfg.Source in the database of
+// sourceURL to cfg.Target in target's database (nil with cfg.Sink). It does
+// nothing until [Sync.Run].
+func NewSync(sourceURL string, target *pgxpool.Pool, cfg SyncConfig) (*Sync, error) {
+	if _, err := pgconn.ParseConfig(sourceURL); err != nil {
+		return nil, badConfig("sourceURL", "does not parse: %v", err)
+	}
+	cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Sink == nil && target == nil {
+		return nil, badConfig("target", "is nil and no Sink is set")
+	}
+	return &Sync{sourceURL: sourceURL, target: target, cfg: cfg, log: cfg.Logger.With("sync", cfg.Name)}, nil
+}
+
+// Applied is the source log position up to which every change is applied
+// and confirmed.
+func (s *Sync) Applied() string { return pglogrepl.LSN(s.applied.Load()).String() }
+
+// Copied reports whether the initial copy has finished.
+func (s *Sync) Copied() bool { return s.copied.Load() }
+
+// Streaming reports whether the sync is applying the stream (the copy is
+// done and the slot is held).
+func (s *Sync) Streaming() bool { return s.streamed.Load() }
+
+// column is a source column as the sync knows it.
+type column struct {
+	name string
+	oid  uint32
+	typ  string // format_type, for casts
+}
+
+type tableShape struct {
+	qualified, schema, name string
+	cols                    []column
+	key                     []string
+	all                     bool // every column synced
+}
+
+func (t *tableShape) col(name string) (column, bool) {
+	for _, c := range t.cols {
+		if c.name == name {
+			return c, true
+		}
+	}
+	return column{}, false
+}
+
+// describe reads the source table and checks the key against its replica
+// identity.
+func (s *Sync) describe(ctx context.Context, src *pgxpool.Pool) (*tableShape, error) {
+	name := s.cfg.Source.Name
+	if s.cfg.Source.Schema != "" {
+		name = pgx.Identifier{s.cfg.Source.Schema, s.cfg.Source.Name}.Sanitize()
+	} else {
+		name = pgx.Identifier{name}.Sanitize()
+	}
+	qualified, err := checkTable(ctx, src, name)
+	if err != nil {
+		return nil, err
+	}
+	sh := &tableShape{qualified: qualified}
+	var ident string
+	var identCols, pk []string
+	if err := src.QueryRow(ctx, `SELECT n.nspname, c.relname, c.relreplident::text,
+	coalesce((SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_index i JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)
+	 WHERE i.indrelid = c.oid AND i.indisprimary), '{}'),
+	coalesce((SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_index i JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)
+	 WHERE i.indrelid = c.oid AND i.indisreplident), '{}')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::regclass`, qualified).Scan(&sh.schema, &sh.name, &ident, &pk, &identCols); err != nil {
+		return nil, fmt.Errorf("cdc: describe %s: %w", qualified, err)
+	}
+	rows, err := src.Query(ctx, `SELECT attname, atttypid, format_type(atttypid, atttypmod) FROM pg_attribute
+WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum`, qualified)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: describe %s: %w", qualified, err)
+	}
+	all, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (column, error) {
+		var c column
+		return c, r.Scan(&c.name, &c.oid, &c.typ)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cdc: describe %s: %w", qualified, err)
+	}
+	sh.key = s.cfg.Key
+	if len(sh.key) == 0 {
+		sh.key = pk
+	}
+	if len(sh.key) == 0 {
+		return nil, fmt.Errorf("%w: %s has no primary key and SyncConfig.Key is empty", ErrNoReplicaIdentity, qualified)
+	}
+	switch ident {
+	case "f":
+	case "d":
+		identCols = pk
+		fallthrough
+	default:
+		for _, k := range sh.key {
+			if !slices.Contains(identCols, k) {
+				return nil, fmt.Errorf("%w: key column %q of %s is not part of its REPLICA IDENTITY (%s): deletes would not carry it (ALTER TABLE %s REPLICA IDENTITY FULL, or key on the primary key)",
+					ErrNoReplicaIdentity, k, qualified, strings.Join(identCols, ", "), qualified)
+			}
+		}
+	}
+	want := s.cfg.Columns
+	sh.all = len(want) == 0
+	for _, c := range all {
+		if sh.all || slices.Contains(want, c.name) {
+			sh.cols = append(sh.cols, c)
+		}
+	}
+	for _, w := range append(slices.Clone(want), append(slices.Clone(sh.key), s.cfg.VersionColumn)...) {
+		if _, ok := sh.col(w); !ok {
+			return nil, badConfig("Columns", "column %q is not a synced column of %s", w, qualified)
+		}
+	}
+	return sh, nil
+}
+
+// Run copies the source (unless a previous run finished the copy), then
+// applies the stream until ctx ends. The slot and publication are created
+// first (registered as in [CreateSlot]), so no change committed from then
+// on is missed. Run returns ctx's error when ctx ends, or the error that
+// stopped the sync ([ErrSchemaChanged] and friends); a later Run resumes.
+func (s *Sync) Run(ctx context.Context) error {
+	src, err := pgxpool.New(ctx, s.sourceURL)
+	if err != nil {
+		return fmt.Errorf("cdc: open source: %w", err)
+	}
+	defer src.Close()
+	if err := CheckLogical(ctx, src); err != nil {
+		return err
+	}
+	sh, err := s.describe(ctx, src)
+	if err != nil {
+		return err
+	}
+	if err := CreateSlot(ctx, src, SlotSpec{Slot: s.cfg.Slot, Publication: s.cfg.Slot, Tables: []string{sh.qualified}, Purpose: "sync", Schema: s.cfg.Schema}); err != nil {
+		return err
+	}
+	if err := s.copy(ctx, src, sh); err != nil {
+		return err
+	}
+	s.copied.Store(true)
+	return s.stream(ctx, sh)
+}
+
+func samePool(a, b *pgxpool.Pool) bool {
+	ca, cb := a.Config().ConnConfig, b.Config().ConnConfig
+	return ca.Host == cb.Host && ca.Port == cb.Port && ca.Database == cb.Database
+}
+
+// copy runs the initial copy as a backfill job (resumable; a finished job
+// is not run again).
+func (s *Sync) copy(ctx context.Context, src *pgxpool.Pool, sh *tableShape) error {
+	store := s.target
+	var sourcePool *pgxpool.Pool
+	if s.cfg.Sink != nil {
+		store = src
+	} else if !samePool(src, s.target) {
+		sourcePool = src
+	}
+	b, err := backfill.New(store, backfill.WithSchema(s.cfg.Schema), backfill.WithLogger(s.log))
+	if err != nil {
+		return err
+	}
+	if err := b.Install(ctx); err != nil {
+		return err
+	}
+	cols := make([]string, len(sh.cols))
+	for i, c := range sh.cols {
+		cols[i] = c.name
+	}
+	job := backfill.Job{
+		Name:      "cdc-sync-" + s.cfg.Name,
+		Migration: s.cfg.Name,
+		Spec: backfill.Spec{Source: backfill.Table{Schema: sh.schema, Name: sh.name}, Target: s.cfg.Target,
+			Key: sh.key, Columns: cols, VersionColumn: s.cfg.VersionColumn},
+		SourcePool: sourcePool,
+		Config:     s.cfg.Copy,
+	}
+	if s.cfg.Sink != nil {
+		job.Sink = &changeSinkAdapter{name: s.cfg.Name, sink: s.cfg.Sink}
+		job.Spec.Target = backfill.Table{}
+	}
+	res, err := b.Run(ctx, job)
+	if err != nil {
+		return fmt.Errorf("cdc: sync %s: initial copy: %w", s.cfg.Name, err)
+	}
+	s.log.Info("cdc sync: initial copy done", "rows", res.Rows, "already_done", res.AlreadyDone, "elapsed", res.Elapsed)
+	return nil
+}
+
+// changeSinkAdapter hands the copy's rows to a ChangeSink.
+type changeSinkAdapter struct {
+	name string
+	sink ChangeSink
+}
+
+func (a *changeSinkAdapter) Describe() string                                  { return "cdc-sink#" + a.name }
+func (a *changeSinkAdapter) Open(ctx context.Context, _ backfill.SinkSpec) error { return nil }
+func (a *changeSinkAdapter) Write(ctx context.Context, rows []backfill.Row) error {
+	cs := make([]Change, len(rows))
+	for i, r := range rows {
+		cs[i] = Change{Op: OpCopy, Row: r}
+	}
+	return a.sink(ctx, cs)
+}
+
+var _ backfill.Sink = (*changeSinkAdapter)(nil)
+
+// change is a decoded stream change with what applying it needs.
+type change struct {
+	Change
+	keyText []string // key values as text, for deletes
+}
+
+// stream applies the slot's changes until ctx ends or an error.
+func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
+	conn, err := replicationConnect(ctx, s.sourceURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if err := startStreaming(ctx, conn, s.cfg.Slot, s.cfg.Slot, false); err != nil {
+		if errors.Is(err, errBusy) {
+			return fmt.Errorf("cdc: sync %s: slot %s is read by another process: %w", s.cfg.Name, s.cfg.Slot, err)
+		}
+		return err
+	}
+	s.streamed.Store(true)
+	defer s.streamed.Store(false)
+	ap, err := s.newApplier(sh)
+	if err != nil {
+		return err
+	}
+	// Reading and applying overlap: the reader hands batches to one
+	// applier goroutine, in order, and reports the position the applier
+	// reached.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	jobs := make(chan applyJob, 2)
+	var inFlight atomic.Int64
+	var appliedPos atomic.Uint64
+	applierDone := make(chan struct{})
+	go func() {
+		defer close(applierDone)
+		for j := range jobs {
+			if err := s.runJob(ctx, ap, j); err != nil {
+				cancel(err)
+				for range jobs {
+					inFlight.Add(-1)
+				}
+				return
+			}
+			if j.end > 0 {
+				appliedPos.Store(uint64(j.end))
+			}
+			inFlight.Add(-1)
+		}
+	}()
+	defer func() { close(jobs); <-applierDone }()
+	send := func(j applyJob) error {
+		inFlight.Add(1)
+		select {
+		case jobs <- j:
+			return nil
+		case <-ctx.Done():
+			inFlight.Add(-1)
+			return context.Cause(ctx)
+		}
+	}
+	typeMap := pgtype.NewMap()
+	var (
+		rel        *pglogrepl.RelationMessage
+		relCols    []column
+		pending    []change
+		oldest     time.Time
+		inTx       bool
+		commitTime time.Time
+		lastCommit pglogrepl.LSN // end of the last transaction read whole
+		queued     pglogrepl.LSN // the last position handed to the applier
+		confirmed  pglogrepl.LSN
+		nextStatus = time.Now()
+	)
+	flush := func() error {
+		if len(pending) == 0 && queued >= lastCommit {
+			return nil
+		}
+		// Every change of transactions up to lastCommit is in this batch
+		// or an earlier one (a part of the open transaction may be too).
+		err := send(applyJob{changes: pending, end: lastCommit})
+		pending, queued = nil, lastCommit
+		return err
+	}
+	fail := func(err error) error {
+		if c := context.Cause(ctx); c != nil && !errors.Is(c, context.Canceled) {
+			return c // the applier's error explains the stop
+		}
+		return err
+	}
+	for {
+		if ctx.Err() != nil {
+			return fail(ctx.Err())
+		}
+		now := time.Now()
+		if !inTx && (len(pending) > 0 && now.Sub(oldest) >= s.cfg.MaxDelay || len(pending) == 0 && queued < lastCommit) {
+			if err := flush(); err != nil {
+				return fail(err)
+			}
+		}
+		if p := pglogrepl.LSN(appliedPos.Load()); p > confirmed {
+			confirmed = p
+			s.applied.Store(uint64(confirmed))
+			nextStatus = time.Time{}
+		}
+		if !now.Before(nextStatus) {
+			if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: confirmed}); err != nil {
+				return fail(fmt.Errorf("cdc: sync %s: report position: %w", s.cfg.Name, err))
+			}
+			nextStatus = now.Add(s.cfg.StatusInterval)
+		}
+		deadline := nextStatus
+		if len(pending) > 0 && !inTx {
+			deadline = oldest.Add(s.cfg.MaxDelay)
+		}
+		rctx, rcancel := context.WithDeadline(ctx, deadline)
+		raw, err := conn.ReceiveMessage(rctx)
+		rcancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return fail(ctx.Err())
+			}
+			if pgconn.Timeout(err) {
+				continue
+			}
+			return fmt.Errorf("cdc: sync %s: read slot: %w", s.cfg.Name, err)
+		}
+		var data []byte
+		switch msg := raw.(type) {
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("cdc: sync %s: %w", s.cfg.Name, pgconn.ErrorResponseToPgError(msg))
+		case *pgproto3.CopyDone:
+			return fmt.Errorf("cdc: sync %s: the server ended the stream", s.cfg.Name)
+		case *pgproto3.CopyData:
+			data = msg.Data
+		default:
+			continue
+		}
+		if len(data) == 0 {
+			continue
+		}
+		switch data[0] {
+		case pglogrepl.PrimaryKeepaliveMessageByteID:
+			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+			if err != nil {
+				return err
+			}
+			// Nothing read is waiting: the position may pass WAL without
+			// changes of the table.
+			if !inTx && len(pending) == 0 && queued >= lastCommit && inFlight.Load() == 0 && ka.ServerWALEnd > confirmed {
+				lastCommit, queued = max(lastCommit, ka.ServerWALEnd), max(queued, ka.ServerWALEnd)
+				appliedPos.Store(uint64(max(pglogrepl.LSN(appliedPos.Load()), ka.ServerWALEnd)))
+			}
+			if ka.ReplyRequested {
+				nextStatus = time.Time{}
+			}
+			continue
+		case pglogrepl.XLogDataByteID:
+		default:
+			continue
+		}
+		xld, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return err
+		}
+		lm, err := pglogrepl.Parse(xld.WALData)
+		if err != nil {
+			return fmt.Errorf("cdc: sync %s: decode: %w", s.cfg.Name, err)
+		}
+		switch m := lm.(type) {
+		case *pglogrepl.BeginMessage:
+			inTx, commitTime = true, m.CommitTime
+		case *pglogrepl.CommitMessage:
+			inTx = false
+			lastCommit = m.TransactionEndLSN
+		case *pglogrepl.RelationMessage:
+			if m.Namespace != sh.schema || m.RelationName != sh.name {
+				continue
+			}
+			cols, err := s.checkRelation(sh, m)
+			if err != nil {
+				return err
+			}
+			rel, relCols = m, cols
+		case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage:
+			c, ok, err := s.decodeChange(typeMap, sh, rel, relCols, lm, commitTime)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				continue
+			}
+			if len(pending) == 0 {
+				oldest = time.Now()
+			}
+			pending = append(pending, c)
+			if len(pending) >= s.cfg.BatchSize {
+				// A large transaction is applied in parts; its position is
+				// confirmed only once all of it is.
+				if err := flush(); err != nil {
+					return fail(err)
+				}
+			}
+		case *pglogrepl.TruncateMessage:
+			if rel == nil || !slices.Contains(m.RelationIDs, rel.RelationID) {
+				continue
+			}
+			if err := flush(); err != nil {
+				return fail(err)
+			}
+			if err := send(applyJob{truncate: true, commit: commitTime}); err != nil {
+				return fail(err)
+			}
+		}
+	}
+}
+
+// applyJob is a batch for the applier; end is the position confirmed once
+// it is applied (0: none).
+type applyJob struct {
+	changes  []change
+	truncate bool
+	commit   time.Time
+	end      pglogrepl.LSN
+}
+
+func (s *Sync) runJob(ctx context.Context, ap *applier, j applyJob) error {
+	if j.truncate {
+		return ap.truncate(ctx, j.commit)
+	}
+	if len(j.changes) == 0 {
+		return nil
+	}
+	if err := ap.apply(ctx, j.changes); err != nil {
+		return err
+	}
+	s.changes.Add(int64(len(j.changes)))
+	if f := s.cfg.OnApplied; f != nil {
+		at := time.Now()
+		cs := make([]Change, len(j.changes))
+		for i, c := range j.changes {
+			cs[i] = c.Change
+		}
+		f(cs, at)
+	}
+	return nil
+}
+
+// checkRelation compares a relation message with the synced shape and maps
+// its columns.
+func (s *Sync) checkRelation(sh *tableShape, m *pglogrepl.RelationMessage) ([]column, error) {
+	cols := make([]column, len(m.Columns))
+	seen := map[string]bool{}
+	for i, rc := range m.Columns {
+		c, ok := sh.col(rc.Name)
+		if !ok {
+			if sh.all {
+				return nil, fmt.Errorf("%w: column %q was added to %s; add it to the target (or list the synced Columns) and run the sync again",
+					ErrSchemaChanged, rc.Name, sh.qualified)
+			}
+			continue
+		}
+		if c.oid != rc.DataType {
+			return nil, fmt.Errorf("%w: column %q of %s changed type (oid %d, was %d); the sync stopped before applying it",
+				ErrSchemaChanged, rc.Name, sh.qualified, rc.DataType, c.oid)
+		}
+		cols[i] = c
+		seen[rc.Name] = true
+	}
+	for _, c := range sh.cols {
+		if !seen[c.name] {
+			return nil, fmt.Errorf("%w: synced column %q is gone from %s (dropped or renamed); the sync stopped before applying any change without it",
+				ErrSchemaChanged, c.name, sh.qualified)
+		}
+	}
+	return cols, nil
+}
+
+func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.RelationMessage, cols []column, lm pglogrepl.Message, commit time.Time) (change, bool, error) {
+	var relID uint32
+	var tuple *pglogrepl.TupleData
+	var op Op
+	switch m := lm.(type) {
+	case *pglogrepl.InsertMessage:
+		relID, tuple, op = m.RelationID, m.Tuple, OpInsert
+	case *pglogrepl.UpdateMessage:
+		relID, tuple, op = m.RelationID, m.NewTuple, OpUpdate
+	case *pglogrepl.DeleteMessage:
+		relID, tuple, op = m.RelationID, m.OldTuple, OpDelete
+	}
+	if rel == nil || relID != rel.RelationID {
+		return change{}, false, nil
+	}
+	if tuple == nil {
+		return change{}, false, fmt.Errorf("%w: a %s on %s carried no row", ErrNoReplicaIdentity, op, sh.qualified)
+	}
+	c := change{Change: Change{Op: op, Row: make(map[string]any, len(cols)), CommitTime: commit}}
+	keyText := map[string]string{}
+	for i, col := range tuple.Columns {
+		if i >= len(cols) || cols[i].name == "" {
+			continue
+		}
+		name := cols[i].name
+		switch col.DataType {
+		case 'n':
+			c.Row[name] = nil
+		case 'u':
+			c.Unchanged = append(c.Unchanged, name)
+		case 't':
+			v, err := decodeText(tm, col.Data, cols[i].oid)
+			if err != nil {
+				return change{}, false, fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, name, err)
+			}
+			c.Row[name] = v
+			if slices.Contains(sh.key, name) {
+				keyText[name] = string(col.Data)
+			}
+		}
+	}
+	for _, k := range sh.key {
+		t, ok := keyText[k]
+		if !ok {
+			return change{}, false, fmt.Errorf("%w: a %s on %s lacks key column %q", ErrNoReplicaIdentity, op, sh.qualified, k)
+		}
+		c.keyText = append(c.keyText, t)
+	}
+	if op == OpDelete {
+		// Under REPLICA IDENTITY DEFAULT only the key is sent; the other
+		// columns are absent (n), not null.
+		for name := range c.Row {
+			if !slices.Contains(sh.key, name) && c.Row[name] == nil {
+				delete(c.Row, name)
+			}
+		}
+	}
+	return c, true, nil
+}
+
+func decodeText(m *pgtype.Map, data []byte, oid uint32) (any, error) {
+	if dt, ok := m.TypeForOID(oid); ok {
+		return dt.Codec.DecodeValue(m, oid, pgtype.TextFormatCode, data)
+	}
+	return string(data), nil
+}

@@ -1,0 +1,232 @@
+package cdc_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/cdc"
+	"github.com/dimmer-dev/dimmer/dimmertest"
+)
+
+const syncTable = `CREATE TABLE %s (id bigint PRIMARY KEY, v bigint NOT NULL, name text, big text)`
+
+// dump renders a table for comparison (the large column by hash).
+func dump(t testing.TB, pool *pgxpool.Pool, table string) []string {
+	rows, err := pool.Query(tctx(t, 30*time.Second), `SELECT format('%s|%s|%s|%s', id, v, name, md5(big)) FROM `+table+` ORDER BY id`)
+	require.NoError(t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	return out
+}
+
+func waitSame(t testing.TB, src, dst *pgxpool.Pool, srcTable, dstTable string) {
+	t.Helper()
+	var a, b []string
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		a, b = dump(t, src, srcTable), dump(t, dst, dstTable)
+		if slices_equal(a, b) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	require.Equal(t, a, b, "target never caught up with the source")
+}
+
+func slices_equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// runSync runs a sync until the test ends; done is closed when Run
+// returns, with its error in *runErr.
+func runSync(t testing.TB, srcURL string, src *pgxpool.Pool, target *pgxpool.Pool, cfg cdc.SyncConfig) (s *cdc.Sync, done <-chan struct{}, runErr *error) {
+	s, err := cdc.NewSync(srcURL, target, cfg)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	closed := make(chan struct{})
+	runErr = new(error)
+	go func() { *runErr = s.Run(ctx); close(closed) }()
+	t.Cleanup(func() {
+		cancel()
+		<-closed
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := cdc.DropSlot(c, src, "", cfg.Name, true); err != nil {
+			t.Errorf("drop slot %s: %v", cfg.Name, err)
+		}
+	})
+	return s, closed, runErr
+}
+
+// The copy and the stream together: rows present before the sync, then
+// concurrent inserts, updates (some leaving a TOASTed column unchanged),
+// deletes and one large transaction, to a table in another database on
+// another server.
+func TestSyncCopiesThenStreams(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	dst := dimmertest.Pool(t, dimmertest.Database(t))
+	ctx := tctx(t, 3*time.Minute)
+	_, err := src.Exec(ctx, fmt.Sprintf(syncTable, "items"))
+	require.NoError(t, err)
+	_, err = dst.Exec(ctx, fmt.Sprintf(syncTable, "items_copy"))
+	require.NoError(t, err)
+	// big is stored out of line (TOAST), so updates that leave it alone
+	// send it as "unchanged".
+	_, err = src.Exec(ctx, `INSERT INTO items SELECT i, 1, 'n' || i, (SELECT string_agg(md5(i::text || j::text), '') FROM generate_series(1, 300) j) FROM generate_series(1, 2000) i`)
+	require.NoError(t, err)
+	name := dimmertest.Name("sync_")
+	s, done, runErr := runSync(t, srcURL, src, dst, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "items"},
+		Target: backfill.Table{Name: "items_copy"}, VersionColumn: "v", BatchSize: 500, Logger: quiet(t)})
+	require.Eventually(t, func() bool {
+		select {
+		case <-done:
+			t.Fatalf("sync ended: %v", *runErr)
+		default:
+		}
+		return s.Streaming()
+	}, time.Minute, 10*time.Millisecond)
+
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 150 {
+				id := 1 + (i*4+w)%2000
+				var err error
+				switch i % 5 {
+				case 0: // leaves big unchanged
+					_, err = src.Exec(ctx, `UPDATE items SET v = v + 1, name = name || '+' WHERE id = $1`, id)
+				case 1:
+					_, err = src.Exec(ctx, `UPDATE items SET v = v + 1, big = repeat('x', 5000) || $1 WHERE id = $1`, id)
+				case 2:
+					_, err = src.Exec(ctx, `DELETE FROM items WHERE id = $1`, id)
+				case 3:
+					_, err = src.Exec(ctx, `INSERT INTO items VALUES ($1, 1, 'new', 'small') ON CONFLICT (id) DO UPDATE SET v = items.v + 1`, 10000+id)
+				case 4: // two changes of one key in one transaction
+					err = pgx.BeginFunc(ctx, src, func(tx pgx.Tx) error {
+						if _, err := tx.Exec(ctx, `UPDATE items SET v = v + 1, name = 'first' WHERE id = $1`, id); err != nil {
+							return err
+						}
+						_, err := tx.Exec(ctx, `UPDATE items SET v = v + 1, name = 'second' WHERE id = $1`, id)
+						return err
+					})
+				}
+				require.NoError(t, err)
+			}
+		}()
+	}
+	wg.Wait()
+	// A transaction larger than a batch: applied in parts, confirmed once.
+	_, err = src.Exec(ctx, `INSERT INTO items SELECT i, 1, 'bulk', 'b' FROM generate_series(20001, 23000) i`)
+	require.NoError(t, err)
+	waitSame(t, src, dst, "items", "items_copy")
+	select {
+	case <-done:
+		t.Fatalf("sync ended: %v", *runErr)
+	default:
+	}
+}
+
+func TestSyncRefusesBadInput(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	ctx := tctx(t, time.Minute)
+	_, err := src.Exec(ctx, `CREATE TABLE nopk (id int, v int); CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL UNIQUE, v int)`)
+	require.NoError(t, err)
+	sink := func(context.Context, []cdc.Change) error { return nil }
+	nothingLeft := func(t *testing.T) {
+		assert.Zero(t, count(t, src, `SELECT count(*) FROM pg_replication_slots WHERE database = current_database()`), "slot left behind")
+		assert.Zero(t, count(t, src, `SELECT count(*) FROM pg_publication`), "publication left behind")
+	}
+	t.Run("no primary key", func(t *testing.T) {
+		s, err := cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: "nopk_sync", Source: backfill.Table{Name: "nopk"}, Sink: sink, VersionColumn: "v"})
+		require.NoError(t, err)
+		err = s.Run(ctx)
+		require.ErrorIs(t, err, cdc.ErrNoReplicaIdentity)
+		assert.Contains(t, err.Error(), "public.nopk")
+		nothingLeft(t)
+	})
+	t.Run("key outside the replica identity", func(t *testing.T) {
+		s, err := cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: "code_sync", Source: backfill.Table{Name: "t"}, Key: []string{"code"}, Sink: sink, VersionColumn: "v"})
+		require.NoError(t, err)
+		err = s.Run(ctx)
+		require.ErrorIs(t, err, cdc.ErrNoReplicaIdentity)
+		assert.Contains(t, err.Error(), `"code"`)
+		nothingLeft(t)
+	})
+	t.Run("missing table", func(t *testing.T) {
+		s, err := cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: "x_sync", Source: backfill.Table{Name: "nosuch"}, Sink: sink, VersionColumn: "v"})
+		require.NoError(t, err)
+		require.ErrorIs(t, s.Run(ctx), cdc.ErrNoTable)
+		nothingLeft(t)
+	})
+	t.Run("config", func(t *testing.T) {
+		_, err := cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: "y", Source: backfill.Table{Name: "t"}, Sink: sink})
+		var fe *cdc.FieldError
+		require.ErrorAs(t, err, &fe)
+		assert.Equal(t, "VersionColumn", fe.Field)
+		_, err = cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: "y", Source: backfill.Table{Name: "t"}, VersionColumn: "v"})
+		require.ErrorAs(t, err, &fe)
+		assert.Equal(t, "Target", fe.Field)
+	})
+}
+
+// A column added to the source while every column is synced stops the
+// sync with an error naming it; nothing of the new shape is applied.
+func TestSyncStopsOnSchemaChange(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	ctx := tctx(t, 2*time.Minute)
+	_, err := src.Exec(ctx, `CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL); INSERT INTO t VALUES (1, 1)`)
+	require.NoError(t, err)
+	var mu sync.Mutex
+	var got []cdc.Change
+	sink := func(_ context.Context, cs []cdc.Change) error {
+		mu.Lock()
+		defer mu.Unlock()
+		got = append(got, cs...)
+		return nil
+	}
+	name := dimmertest.Name("sync_")
+	s, done, runErr := runSync(t, srcURL, src, nil, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "t"}, Sink: sink, VersionColumn: "v", Logger: quiet(t)})
+	require.Eventually(t, s.Streaming, time.Minute, 10*time.Millisecond)
+	_, err = src.Exec(ctx, `INSERT INTO t VALUES (2, 1); TRUNCATE t; INSERT INTO t VALUES (3, 1)`)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) >= 4 }, 30*time.Second, 10*time.Millisecond)
+	_, err = src.Exec(ctx, `ALTER TABLE t ADD COLUMN secret text; INSERT INTO t VALUES (4, 1, 's')`)
+	require.NoError(t, err)
+	select {
+	case <-done:
+		require.ErrorIs(t, *runErr, cdc.ErrSchemaChanged)
+		assert.Contains(t, (*runErr).Error(), `"secret"`)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the sync did not stop on the added column")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var ops []string
+	for _, c := range got {
+		ops = append(ops, fmt.Sprintf("%s:%v", c.Op, c.Row["id"]))
+	}
+	assert.Equal(t, "copy:1 insert:2 truncate:<nil> insert:3", strings.Join(ops, " "))
+}
