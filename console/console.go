@@ -64,7 +64,7 @@ func WithRefresh(d time.Duration) Option {
 }
 
 // WithTimelineLimit sets how many of the newest audit entries a migration
-// page shows (default 200).
+// page shows (default 100).
 func WithTimelineLimit(n int) Option {
 	return func(s *Server) error {
 		if n < 1 {
@@ -128,7 +128,7 @@ func New(ctrl *flags.Controller, fleet flags.FleetStore, token string, opts ...O
 	}
 	s := &Server{
 		ctrl: ctrl, store: ctrl.Store(), fleet: fleet, token: token, logger: slog.Default(),
-		refresh: 2 * time.Second, timelineLimit: 200, sessionTTL: 12 * time.Hour, now: time.Now,
+		refresh: 2 * time.Second, timelineLimit: 100, sessionTTL: 12 * time.Hour, now: time.Now,
 		sessions: map[string]*session{},
 	}
 	for _, o := range opts {

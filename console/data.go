@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -144,7 +146,11 @@ func (s *Server) summary(ctx context.Context, name string, insts []flags.Instanc
 	if err != nil {
 		return Summary{}, fmt.Errorf("%s: status: %w", name, err)
 	}
-	sum := Summary{Name: name, State: st.State, Describe: st.State.String(), Ready: st.Ready, Checks: st.Checks, Alerts: []Alert{}}
+	return s.summarize(st, insts, ferr), nil
+}
+
+func (s *Server) summarize(st flags.Status, insts []flags.Instance, ferr error) Summary {
+	sum := Summary{Name: st.State.Migration, State: st.State, Describe: st.State.String(), Ready: st.Ready, Checks: st.Checks, Alerts: []Alert{}}
 	if st.State.Stage != flags.Complete {
 		sum.Next = st.Next.String()
 	}
@@ -154,7 +160,7 @@ func (s *Server) summary(ctx context.Context, name string, insts []flags.Instanc
 		}
 	}
 	sum.Alerts = append(sum.Alerts, s.fleetAlerts(st.State, insts, ferr)...)
-	return sum, nil
+	return sum
 }
 
 func (s *Server) fleetAlerts(st flags.State, insts []flags.Instance, ferr error) []Alert {
@@ -235,15 +241,35 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	if err := flags.ValidateName(name); err != nil {
 		return Migration{}, err
 	}
-	insts, ferr := s.fleet.Instances(ctx)
-	sum, err := s.summary(ctx, name, insts, ferr)
-	if err != nil {
+	// The three reads are independent: overlapping them keeps the answer
+	// as fast as the slowest, not their sum.
+	var (
+		insts  []flags.Instance
+		ferr   error
+		status flags.Status
+		audit  []flags.AuditEntry
+	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		insts, ferr = s.fleet.Instances(gctx)
+		return nil
+	})
+	g.Go(func() (err error) {
+		if status, err = s.ctrl.Status(gctx, name, nil); err != nil {
+			return fmt.Errorf("%s: status: %w", name, err)
+		}
+		return nil
+	})
+	g.Go(func() (err error) {
+		if audit, err = s.store.Audit(gctx, name, s.timelineLimit); err != nil {
+			return fmt.Errorf("%s: audit: %w", name, err)
+		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
-	audit, err := s.store.Audit(ctx, name, s.timelineLimit)
-	if err != nil {
-		return Migration{}, fmt.Errorf("%s: audit: %w", name, err)
-	}
+	sum := s.summarize(status, insts, ferr)
 	sum.Alerts = append(sum.Alerts, s.timelineAlerts(audit)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),

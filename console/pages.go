@@ -107,9 +107,7 @@ func (s *Server) render(w http.ResponseWriter, name string, data any) {
 
 func (s *Server) writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", " ")
-	if err := enc.Encode(v); err != nil {
+	if err := json.NewEncoder(w).Encode(v); err != nil {
 		s.logger.Warn("console response not written", "err", err)
 	}
 }
