@@ -41,6 +41,11 @@ type Server struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
+
+	sampleEvery time.Duration
+	sampleKeep  int
+	histMu      sync.Mutex
+	hist        map[string]*history
 }
 
 // Option configures a [Server].
@@ -129,7 +134,8 @@ func New(ctrl *flags.Controller, fleet flags.FleetStore, token string, opts ...O
 	s := &Server{
 		ctrl: ctrl, store: ctrl.Store(), fleet: fleet, token: token, logger: slog.Default(),
 		refresh: 2 * time.Second, timelineLimit: 100, sessionTTL: 12 * time.Hour, now: time.Now,
-		sessions: map[string]*session{},
+		sessions: map[string]*session{}, sampleEvery: 10 * time.Second, sampleKeep: 360,
+		hist: map[string]*history{},
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {

@@ -66,6 +66,9 @@ type Migration struct {
 	// TimelineLimit is how many entries Timeline holds at most; when it is
 	// full, older entries exist (dimmer audit prints them all).
 	TimelineLimit int `json:"timeline_limit"`
+	// History holds the samples of Health the console took, oldest first:
+	// the charts' data.
+	History []Sample `json:"history"`
 }
 
 // InstanceView is one live instance and what it observes of the migration.
@@ -306,17 +309,11 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		}
 		m.Instances = append(m.Instances, iv)
 	}
-	for _, stage := range flags.Stages() {
-		h, n := flags.FleetHealth(insts, name, stage)
-		if n == 0 {
-			continue
-		}
-		m.Health = append(m.Health, StageHealth{
-			Stage: stage.String(), Reporting: n, Ops: h.Ops, Errors: h.Errors, ErrorRate: h.ErrorRate(),
-			Compared: h.Compared, Lasting: h.Lasting, Transient: h.Mismatches - h.Lasting,
-			Mismatch: h.MismatchRate(), P99: h.P99,
-		})
+	m.Health = healthOf(insts, name)
+	if ferr == nil {
+		s.record(name, m.Health, m.GeneratedAt, false)
 	}
+	m.History = s.samples(name)
 	return m, nil
 }
 

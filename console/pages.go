@@ -16,7 +16,8 @@ import (
 )
 
 var funcs = template.FuncMap{
-	"pct": pct,
+	"pct":    pct,
+	"charts": charts,
 	"ago": func(now, t time.Time) string {
 		if t.IsZero() {
 			return "never"

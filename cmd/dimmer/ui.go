@@ -67,7 +67,15 @@ audited under the operator's name. It listens on loopback unless
 				mode = "actions enabled"
 			}
 			fmt.Fprintf(c.out, "dimmer console on http://%s/ (%s; log in with DIMMER_UI_TOKEN)\n", ln.Addr(), mode)
-			return serveUntilDone(cmd.Context(), ln, srv)
+			// The sampler fills the charts while nobody looks; it stops
+			// with the server.
+			sampleCtx, stopSampling := context.WithCancel(cmd.Context())
+			sampled := make(chan error, 1)
+			go func() { sampled <- srv.Run(sampleCtx) }()
+			err = serveUntilDone(cmd.Context(), ln, srv)
+			stopSampling()
+			<-sampled
+			return err
 		},
 	}
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:8080", "address to listen on")

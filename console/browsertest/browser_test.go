@@ -137,7 +137,8 @@ func newEnv(t *testing.T) *env {
 		flags.WithGuards(flags.HealthGuard(store, flags.WatchdogConfig{MinSamples: 100})),
 		flags.WithControllerLogger(quiet))
 	require.NoError(t, err)
-	srv, err := console.New(ctrl, store, token, console.WithActions(), console.WithRefresh(200*time.Millisecond), console.WithLogger(quiet))
+	srv, err := console.New(ctrl, store, token, console.WithActions(), console.WithRefresh(200*time.Millisecond),
+		console.WithHistory(100*time.Millisecond, 600), console.WithLogger(quiet))
 	require.NoError(t, err)
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
