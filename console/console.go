@@ -36,6 +36,8 @@ type Server struct {
 	sessionTTL    time.Duration
 	now           func() time.Time
 
+	metrics http.Handler
+
 	tmpl    *template.Template
 	handler http.Handler
 
@@ -171,6 +173,9 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /api/overview", s.authed(http.HandlerFunc(s.overviewJSON)))
 	mux.Handle("GET /m/{name}", s.authed(http.HandlerFunc(s.migrationPage)))
 	mux.Handle("GET /api/m/{name}", s.authed(http.HandlerFunc(s.migrationJSON)))
+	if s.metrics != nil {
+		mux.Handle("GET /metrics", s.authed(s.metrics))
+	}
 	mux.Handle("POST /m/{name}/{action}", s.authed(s.csrf(http.HandlerFunc(s.act))))
 	// Cross-origin state-changing requests are refused by the browser's own
 	// Sec-Fetch-Site/Origin headers before the CSRF token is even looked at.
