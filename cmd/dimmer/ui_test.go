@@ -68,6 +68,17 @@ func TestUIServesUntilCancelled(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Contains(t, string(body), `"describe":"dualwrite"`)
 
+	req, err = http.NewRequest("GET", m+"metrics", nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Regexp(t, `(?m)^dimmer_migration_stage\{.*migration="orders".*\} 1$`, string(body))
+	assert.Regexp(t, `(?m)^dimmer_fleet_instances\{.*\} 1$`, string(body))
+
 	cancel()
 	select {
 	case code := <-done:
