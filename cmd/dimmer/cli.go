@@ -317,8 +317,9 @@ Valid stages: ` + flags.ValidStages,
 }
 
 func (c *cli) statusCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "status [MIGRATION]",
+	var watch time.Duration
+	cmd := &cobra.Command{
+		Use:   "status [MIGRATION] [--watch 2s]",
 		Short: "Show the go/no-go checklist for the next step of one migration, or a line per migration",
 		Args: func(_ *cobra.Command, args []string) error {
 			if len(args) > 1 {
@@ -326,7 +327,7 @@ func (c *cli) statusCmd() *cobra.Command {
 			}
 			return nil
 		},
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: watchable(&watch, c, func(cmd *cobra.Command, args []string) error {
 			be, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
@@ -370,8 +371,10 @@ func (c *cli) statusCmd() *cobra.Command {
 				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", m.Migration, st.State, st.State.Revision, next, verdict)
 			}
 			return tw.Flush()
-		},
+		}),
 	}
+	cmd.Flags().DurationVar(&watch, "watch", 0, "redraw the checklist in place every interval until interrupted (e.g. 2s)")
+	return cmd
 }
 
 func failing(checks []flags.CheckResult) int {
