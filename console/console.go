@@ -36,7 +36,8 @@ type Server struct {
 	sessionTTL    time.Duration
 	now           func() time.Time
 
-	metrics http.Handler
+	metrics   http.Handler
+	backfills Backfills
 
 	tmpl    *template.Template
 	handler http.Handler

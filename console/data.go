@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -18,6 +19,8 @@ type Overview struct {
 	Fleet       Fleet     `json:"fleet"`
 	// Migrations are sorted by name.
 	Migrations []Summary `json:"migrations"`
+	// BackfillError says why the backfill jobs could not be read.
+	BackfillError string `json:"backfill_error,omitempty"`
 }
 
 // Fleet sums up the fleet registry.
@@ -69,6 +72,10 @@ type Migration struct {
 	// History holds the samples of Health the console took, oldest first:
 	// the charts' data.
 	History []Sample `json:"history"`
+	// Backfills are the migration's backfill jobs ([WithBackfills]);
+	// BackfillError says why they could not be read.
+	Backfills     []BackfillView `json:"backfills"`
+	BackfillError string         `json:"backfill_error,omitempty"`
 }
 
 // InstanceView is one live instance and what it observes of the migration.
@@ -119,6 +126,13 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 	}
 	insts, ferr := s.fleet.Instances(ctx)
 	ov.Fleet = fleetOf(insts, ferr)
+	var jobs []backfill.JobStatus
+	if s.backfills != nil {
+		var jerr error
+		if jobs, jerr = s.backfills.Jobs(ctx); jerr != nil {
+			ov.BackfillError = jerr.Error()
+		}
+	}
 	slices.SortFunc(all, func(a, b flags.State) int { return strings.Compare(a.Migration, b.Migration) })
 	for _, st := range all {
 		sum, err := s.summary(ctx, st.Migration, insts, ferr)
@@ -130,6 +144,7 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 			return ov, fmt.Errorf("%s: audit: %w", st.Migration, err)
 		}
 		sum.Alerts = append(sum.Alerts, s.timelineAlerts(recent)...)
+		sum.Alerts = append(sum.Alerts, backfillAlerts(backfillViews(jobs, st.Migration, sum.State.Epoch))...)
 		ov.Migrations = append(ov.Migrations, sum)
 	}
 	return ov, nil
@@ -251,6 +266,8 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		ferr   error
 		status flags.Status
 		audit  []flags.AuditEntry
+		jobs   []backfill.JobStatus
+		jerr   error
 	)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -269,15 +286,26 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		}
 		return nil
 	})
+	if s.backfills != nil {
+		g.Go(func() error {
+			jobs, jerr = s.backfills.Jobs(gctx)
+			return nil
+		})
+	}
 	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
 	sum := s.summarize(status, insts, ferr)
+	bviews := backfillViews(jobs, name, status.State.Epoch)
+	sum.Alerts = append(sum.Alerts, backfillAlerts(bviews)...)
 	sum.Alerts = append(sum.Alerts, s.timelineAlerts(audit)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
 		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: make([]Event, 0, len(audit)),
-		TimelineLimit: s.timelineLimit,
+		TimelineLimit: s.timelineLimit, Backfills: bviews,
+	}
+	if jerr != nil {
+		m.BackfillError = jerr.Error()
 	}
 	// The k-th newest applied entry produced revision current-k: every
 	// applied change increments the revision by one.

@@ -15,6 +15,7 @@ import (
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/console"
 )
 
@@ -34,8 +35,9 @@ the fleet, the watchdog windows and the audit timeline, refreshed in place.
 Every request needs the token in DIMMER_UI_TOKEN (at least 16 characters),
 sent as Authorization: Bearer, or typed into the login form. The console is
 read-only unless --actions is given: then advance, roll back and rollout
-go through the same guarded controller as the CLI, each with a reason,
-audited under the operator's name. It listens on loopback unless
+go through the same guarded controller as the CLI, and backfill jobs can
+be paused and resumed, each with a reason, audited under the operator's
+name. It listens on loopback unless
 --allow-remote is given.
 
 GET /metrics serves the same figures for Prometheus (OpenTelemetry's
@@ -62,6 +64,18 @@ Prometheus exporter), behind the same token.`,
 			opts := []console.Option{console.WithLogger(c.logger), console.WithRefresh(refresh), console.WithMetrics(metrics)}
 			if actions {
 				opts = append(opts, console.WithActions())
+			}
+			if be.pool != nil {
+				// The backfill tables beside the data guards, as dimmer backfill reads them.
+				bf, err := backfill.New(be.pool, backfill.WithSchema(envOr("DIMMER_BACKFILL_SCHEMA", backfill.DefaultSchema)),
+					backfill.WithFlagStore(be.store), backfill.WithLogger(c.logger))
+				if err != nil {
+					return err
+				}
+				if err := bf.Install(cmd.Context()); err != nil {
+					return fmt.Errorf("backfill tables: %w", err)
+				}
+				opts = append(opts, console.WithBackfills(bf))
 			}
 			srv, err := console.New(ctrl, be.fleet, token, opts...)
 			if err != nil {
