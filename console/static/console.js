@@ -51,7 +51,7 @@
       var out = document.getElementById("result");
       // A form with several buttons (pause, resume) posts to the clicked one's formaction.
       var btn = ev.submitter || f.querySelector("button");
-      var url = btn.formAction || f.action;
+      var url = btn.getAttribute("formaction") || f.action;
       btn.disabled = true;
       fetch(url, {
         method: "POST", credentials: "same-origin",
