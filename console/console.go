@@ -36,11 +36,19 @@ type Server struct {
 	sessionTTL    time.Duration
 	now           func() time.Time
 
+	metrics   http.Handler
+	backfills Backfills
+
 	tmpl    *template.Template
 	handler http.Handler
 
 	mu       sync.Mutex
 	sessions map[string]*session
+
+	sampleEvery time.Duration
+	sampleKeep  int
+	histMu      sync.Mutex
+	hist        map[string]*history
 }
 
 // Option configures a [Server].
@@ -64,7 +72,7 @@ func WithRefresh(d time.Duration) Option {
 }
 
 // WithTimelineLimit sets how many of the newest audit entries a migration
-// page shows (default 200).
+// page shows (default 100).
 func WithTimelineLimit(n int) Option {
 	return func(s *Server) error {
 		if n < 1 {
@@ -128,8 +136,9 @@ func New(ctrl *flags.Controller, fleet flags.FleetStore, token string, opts ...O
 	}
 	s := &Server{
 		ctrl: ctrl, store: ctrl.Store(), fleet: fleet, token: token, logger: slog.Default(),
-		refresh: 2 * time.Second, timelineLimit: 200, sessionTTL: 12 * time.Hour, now: time.Now,
-		sessions: map[string]*session{},
+		refresh: 2 * time.Second, timelineLimit: 100, sessionTTL: 12 * time.Hour, now: time.Now,
+		sessions: map[string]*session{}, sampleEvery: 10 * time.Second, sampleKeep: 360,
+		hist: map[string]*history{},
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {
@@ -165,6 +174,9 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /api/overview", s.authed(http.HandlerFunc(s.overviewJSON)))
 	mux.Handle("GET /m/{name}", s.authed(http.HandlerFunc(s.migrationPage)))
 	mux.Handle("GET /api/m/{name}", s.authed(http.HandlerFunc(s.migrationJSON)))
+	if s.metrics != nil {
+		mux.Handle("GET /metrics", s.authed(s.metrics))
+	}
 	mux.Handle("POST /m/{name}/{action}", s.authed(s.csrf(http.HandlerFunc(s.act))))
 	// Cross-origin state-changing requests are refused by the browser's own
 	// Sec-Fetch-Site/Origin headers before the CSRF token is even looked at.

@@ -7,6 +7,9 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -16,6 +19,8 @@ type Overview struct {
 	Fleet       Fleet     `json:"fleet"`
 	// Migrations are sorted by name.
 	Migrations []Summary `json:"migrations"`
+	// BackfillError says why the backfill jobs could not be read.
+	BackfillError string `json:"backfill_error,omitempty"`
 }
 
 // Fleet sums up the fleet registry.
@@ -64,6 +69,13 @@ type Migration struct {
 	// TimelineLimit is how many entries Timeline holds at most; when it is
 	// full, older entries exist (dimmer audit prints them all).
 	TimelineLimit int `json:"timeline_limit"`
+	// History holds the samples of Health the console took, oldest first:
+	// the charts' data.
+	History []Sample `json:"history"`
+	// Backfills are the migration's backfill jobs ([WithBackfills]);
+	// BackfillError says why they could not be read.
+	Backfills     []BackfillView `json:"backfills"`
+	BackfillError string         `json:"backfill_error,omitempty"`
 }
 
 // InstanceView is one live instance and what it observes of the migration.
@@ -114,6 +126,13 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 	}
 	insts, ferr := s.fleet.Instances(ctx)
 	ov.Fleet = fleetOf(insts, ferr)
+	var jobs []backfill.JobStatus
+	if s.backfills != nil {
+		var jerr error
+		if jobs, jerr = s.backfills.Jobs(ctx); jerr != nil {
+			ov.BackfillError = jerr.Error()
+		}
+	}
 	slices.SortFunc(all, func(a, b flags.State) int { return strings.Compare(a.Migration, b.Migration) })
 	for _, st := range all {
 		sum, err := s.summary(ctx, st.Migration, insts, ferr)
@@ -125,6 +144,7 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 			return ov, fmt.Errorf("%s: audit: %w", st.Migration, err)
 		}
 		sum.Alerts = append(sum.Alerts, s.timelineAlerts(recent)...)
+		sum.Alerts = append(sum.Alerts, backfillAlerts(backfillViews(jobs, st.Migration, sum.State.Epoch))...)
 		ov.Migrations = append(ov.Migrations, sum)
 	}
 	return ov, nil
@@ -144,7 +164,11 @@ func (s *Server) summary(ctx context.Context, name string, insts []flags.Instanc
 	if err != nil {
 		return Summary{}, fmt.Errorf("%s: status: %w", name, err)
 	}
-	sum := Summary{Name: name, State: st.State, Describe: st.State.String(), Ready: st.Ready, Checks: st.Checks, Alerts: []Alert{}}
+	return s.summarize(st, insts, ferr), nil
+}
+
+func (s *Server) summarize(st flags.Status, insts []flags.Instance, ferr error) Summary {
+	sum := Summary{Name: st.State.Migration, State: st.State, Describe: st.State.String(), Ready: st.Ready, Checks: st.Checks, Alerts: []Alert{}}
 	if st.State.Stage != flags.Complete {
 		sum.Next = st.Next.String()
 	}
@@ -154,7 +178,7 @@ func (s *Server) summary(ctx context.Context, name string, insts []flags.Instanc
 		}
 	}
 	sum.Alerts = append(sum.Alerts, s.fleetAlerts(st.State, insts, ferr)...)
-	return sum, nil
+	return sum
 }
 
 func (s *Server) fleetAlerts(st flags.State, insts []flags.Instance, ferr error) []Alert {
@@ -235,20 +259,53 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	if err := flags.ValidateName(name); err != nil {
 		return Migration{}, err
 	}
-	insts, ferr := s.fleet.Instances(ctx)
-	sum, err := s.summary(ctx, name, insts, ferr)
-	if err != nil {
+	// The three reads are independent: overlapping them keeps the answer
+	// as fast as the slowest, not their sum.
+	var (
+		insts  []flags.Instance
+		ferr   error
+		status flags.Status
+		audit  []flags.AuditEntry
+		jobs   []backfill.JobStatus
+		jerr   error
+	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		insts, ferr = s.fleet.Instances(gctx)
+		return nil
+	})
+	g.Go(func() (err error) {
+		if status, err = s.ctrl.Status(gctx, name, nil); err != nil {
+			return fmt.Errorf("%s: status: %w", name, err)
+		}
+		return nil
+	})
+	g.Go(func() (err error) {
+		if audit, err = s.store.Audit(gctx, name, s.timelineLimit); err != nil {
+			return fmt.Errorf("%s: audit: %w", name, err)
+		}
+		return nil
+	})
+	if s.backfills != nil {
+		g.Go(func() error {
+			jobs, jerr = s.backfills.Jobs(gctx)
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
-	audit, err := s.store.Audit(ctx, name, s.timelineLimit)
-	if err != nil {
-		return Migration{}, fmt.Errorf("%s: audit: %w", name, err)
-	}
+	sum := s.summarize(status, insts, ferr)
+	bviews := backfillViews(jobs, name, status.State.Epoch)
+	sum.Alerts = append(sum.Alerts, backfillAlerts(bviews)...)
 	sum.Alerts = append(sum.Alerts, s.timelineAlerts(audit)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
 		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: make([]Event, 0, len(audit)),
-		TimelineLimit: s.timelineLimit,
+		TimelineLimit: s.timelineLimit, Backfills: bviews,
+	}
+	if jerr != nil {
+		m.BackfillError = jerr.Error()
 	}
 	// The k-th newest applied entry produced revision current-k: every
 	// applied change increments the revision by one.
@@ -280,17 +337,11 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		}
 		m.Instances = append(m.Instances, iv)
 	}
-	for _, stage := range flags.Stages() {
-		h, n := flags.FleetHealth(insts, name, stage)
-		if n == 0 {
-			continue
-		}
-		m.Health = append(m.Health, StageHealth{
-			Stage: stage.String(), Reporting: n, Ops: h.Ops, Errors: h.Errors, ErrorRate: h.ErrorRate(),
-			Compared: h.Compared, Lasting: h.Lasting, Transient: h.Mismatches - h.Lasting,
-			Mismatch: h.MismatchRate(), P99: h.P99,
-		})
+	m.Health = healthOf(insts, name)
+	if ferr == nil {
+		s.record(name, m.Health, m.GeneratedAt, false)
 	}
+	m.History = s.samples(name)
 	return m, nil
 }
 

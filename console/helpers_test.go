@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/console"
@@ -28,13 +29,14 @@ var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 // env is a console over a fresh Postgres flag store, with the CLI's fleet
 // barrier and fleet health guard.
 type env struct {
+	pool  *pgxpool.Pool
 	store *pgflags.Store
 	ctrl  *flags.Controller
 	srv   *console.Server
 	http  *httptest.Server
 }
 
-func newEnv(t *testing.T, opts ...console.Option) *env {
+func newEnv(t testing.TB, opts ...console.Option) *env {
 	t.Helper()
 	pool, schema := dimmertest.Schema(t)
 	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(quiet))
@@ -48,7 +50,7 @@ func newEnv(t *testing.T, opts ...console.Option) *env {
 	require.NoError(t, err)
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
-	return &env{store: store, ctrl: ctrl, srv: srv, http: hs}
+	return &env{pool: pool, store: store, ctrl: ctrl, srv: srv, http: hs}
 }
 
 func ctx(t testing.TB) context.Context {
@@ -59,7 +61,7 @@ func ctx(t testing.TB) context.Context {
 
 // beat registers an instance that applied revision rev of migration, with
 // optional watchdog windows as attributes.
-func (e *env) beat(t *testing.T, id, migration string, rev int64, attrs map[string]string) {
+func (e *env) beat(t testing.TB, id, migration string, rev int64, attrs map[string]string) {
 	t.Helper()
 	require.NoError(t, e.store.Heartbeat(ctx(t), flags.Instance{
 		ID: id, Build: "v1.2.3", Applied: map[string]int64{migration: rev}, Attributes: attrs,
@@ -80,7 +82,7 @@ type response struct {
 }
 
 // do sends a request with the bearer token when bearer is true.
-func (e *env) do(t *testing.T, client *http.Client, method, path string, form url.Values, bearer bool, hdr map[string]string) response {
+func (e *env) do(t testing.TB, client *http.Client, method, path string, form url.Values, bearer bool, hdr map[string]string) response {
 	t.Helper()
 	var body io.Reader
 	if form != nil {

@@ -16,7 +16,8 @@ import (
 )
 
 var funcs = template.FuncMap{
-	"pct": pct,
+	"pct":    pct,
+	"charts": charts,
 	"ago": func(now, t time.Time) string {
 		if t.IsZero() {
 			return "never"
@@ -107,9 +108,7 @@ func (s *Server) render(w http.ResponseWriter, name string, data any) {
 
 func (s *Server) writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", " ")
-	if err := enc.Encode(v); err != nil {
+	if err := json.NewEncoder(w).Encode(v); err != nil {
 		s.logger.Warn("console response not written", "err", err)
 	}
 }
@@ -188,7 +187,12 @@ func (s *Server) act(w http.ResponseWriter, r *http.Request) {
 	name, action := r.PathValue("name"), r.PathValue("action")
 	res := ActionResult{Migration: name, Action: action}
 	status := s.perform(r, name, action, &res)
-	if status != http.StatusOK {
+	if status == http.StatusOK {
+		// Stage changes are audited by the controller; this line is the
+		// record of every console action, the others included.
+		s.logger.Info("console action applied", "migration", name, "action", action, "operator", principalOf(r.Context()).operator,
+			"reason", r.PostFormValue("reason"), "result", res.Describe, "job", r.PostFormValue("job"))
+	} else {
 		s.logger.Info("console action not applied", "migration", name, "action", action, "operator", principalOf(r.Context()).operator, "status", status, "err", res.Error)
 	}
 	w.Header().Set("X-Dimmer-Applied", strconv.FormatBool(res.Applied))
@@ -227,6 +231,9 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		return bad(http.StatusBadRequest, "the reason has %d characters: keep it under 1000", len(reason))
 	}
 	actor := principalOf(r.Context()).operator + " (console)"
+	if action == "backfill-pause" || action == "backfill-resume" {
+		return s.backfillAction(r, name, action, actor, reason, res)
+	}
 	ctx := r.Context()
 	cur, err := s.store.Load(ctx, name)
 	if err != nil {
@@ -270,7 +277,7 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		}
 		st, err = s.ctrl.Rollout(ctx, name, to, p, actor, reason)
 	default:
-		return bad(http.StatusNotFound, "unknown action %q (advance, rollback, rollout)", action)
+		return bad(http.StatusNotFound, "unknown action %q (advance, rollback, rollout, backfill-pause, backfill-resume)", action)
 	}
 	var refused *flags.RefusedError
 	switch {
@@ -285,6 +292,5 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		return bad(http.StatusBadRequest, "%v", err)
 	}
 	res.Applied, res.State, res.Describe = true, &st, st.String()
-	s.logger.Info("console action applied", "migration", name, "action", action, "actor", actor, "state", st.String(), "revision", st.Revision)
 	return http.StatusOK
 }

@@ -432,8 +432,9 @@ Valid stages: ` + flags.ValidStages,
 }
 
 func (c *cli) statusCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "status [MIGRATION]",
+	var watch time.Duration
+	cmd := &cobra.Command{
+		Use:   "status [MIGRATION] [--watch 2s]",
 		Short: "Show the go/no-go checklist for the next step of one migration, or a line per migration",
 		Args: func(_ *cobra.Command, args []string) error {
 			if len(args) > 1 {
@@ -441,7 +442,7 @@ func (c *cli) statusCmd() *cobra.Command {
 			}
 			return nil
 		},
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: watchable(&watch, c, func(cmd *cobra.Command, args []string) error {
 			be, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
@@ -506,8 +507,10 @@ func (c *cli) statusCmd() *cobra.Command {
 					len(corrupt), corrupt[0].Migration)
 			}
 			return nil
-		},
+		}),
 	}
+	cmd.Flags().DurationVar(&watch, "watch", 0, "redraw the checklist in place every interval until interrupted (e.g. 2s)")
+	return cmd
 }
 
 type statusRow struct {

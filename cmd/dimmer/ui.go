@@ -9,8 +9,13 @@ import (
 	"os"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/console"
 )
 
@@ -30,9 +35,13 @@ the fleet, the watchdog windows and the audit timeline, refreshed in place.
 Every request needs the token in DIMMER_UI_TOKEN (at least 16 characters),
 sent as Authorization: Bearer, or typed into the login form. The console is
 read-only unless --actions is given: then advance, roll back and rollout
-go through the same guarded controller as the CLI, each with a reason,
-audited under the operator's name. It listens on loopback unless
---allow-remote is given.`,
+go through the same guarded controller as the CLI, and backfill jobs can
+be paused and resumed, each with a reason, audited under the operator's
+name. It listens on loopback unless
+--allow-remote is given.
+
+GET /metrics serves the same figures for Prometheus (OpenTelemetry's
+Prometheus exporter), behind the same token.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			token := os.Getenv("DIMMER_UI_TOKEN")
@@ -50,13 +59,30 @@ audited under the operator's name. It listens on loopback unless
 			if err != nil {
 				return err
 			}
-			opts := []console.Option{console.WithLogger(c.logger), console.WithRefresh(refresh)}
+			metrics, mp := prometheusMetrics()
+			defer func() { _ = mp.Shutdown(context.Background()) }()
+			opts := []console.Option{console.WithLogger(c.logger), console.WithRefresh(refresh), console.WithMetrics(metrics)}
 			if actions {
 				opts = append(opts, console.WithActions())
+			}
+			if be.pool != nil {
+				// The backfill tables beside the data guards, as dimmer backfill reads them.
+				bf, err := backfill.New(be.pool, backfill.WithSchema(envOr("DIMMER_BACKFILL_SCHEMA", backfill.DefaultSchema)),
+					backfill.WithFlagStore(be.store), backfill.WithLogger(c.logger))
+				if err != nil {
+					return err
+				}
+				if err := bf.Install(cmd.Context()); err != nil {
+					return fmt.Errorf("backfill tables: %w", err)
+				}
+				opts = append(opts, console.WithBackfills(bf))
 			}
 			srv, err := console.New(ctrl, be.fleet, token, opts...)
 			if err != nil {
 				return usageError{err}
+			}
+			if _, err := srv.RegisterMetrics(mp.Meter("github.com/dimmer-dev/dimmer/console")); err != nil {
+				return err
 			}
 			ln, err := net.Listen("tcp", listen)
 			if err != nil {
@@ -67,7 +93,15 @@ audited under the operator's name. It listens on loopback unless
 				mode = "actions enabled"
 			}
 			fmt.Fprintf(c.out, "dimmer console on http://%s/ (%s; log in with DIMMER_UI_TOKEN)\n", ln.Addr(), mode)
-			return serveUntilDone(cmd.Context(), ln, srv)
+			// The sampler fills the charts while nobody looks; it stops
+			// with the server.
+			sampleCtx, stopSampling := context.WithCancel(cmd.Context())
+			sampled := make(chan error, 1)
+			go func() { sampled <- srv.Run(sampleCtx) }()
+			err = serveUntilDone(cmd.Context(), ln, srv)
+			stopSampling()
+			<-sampled
+			return err
 		},
 	}
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:8080", "address to listen on")
@@ -75,6 +109,19 @@ audited under the operator's name. It listens on loopback unless
 	cmd.Flags().BoolVar(&allowRemote, "allow-remote", false, "allow a --listen address other than loopback")
 	cmd.Flags().DurationVar(&refresh, "refresh", 2*time.Second, "how often the pages refresh themselves")
 	return cmd
+}
+
+// prometheusMetrics returns a Prometheus handler over a registry of its own
+// and the OpenTelemetry meter provider whose figures it exposes.
+func prometheusMetrics() (http.Handler, *sdkmetric.MeterProvider) {
+	reg := prometheus.NewRegistry()
+	exp, err := otelprom.New(otelprom.WithRegisterer(reg))
+	if err != nil {
+		// Only a registry refusing the exporter's collector fails, and this
+		// registry is new and empty.
+		panic("prometheus exporter: " + err.Error())
+	}
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp))
 }
 
 // serveUntilDone serves h on ln until ctx ends, then shuts down gracefully.

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/console"
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
@@ -122,9 +123,11 @@ func screenshot(t *testing.T, tab context.Context, name string) {
 }
 
 type env struct {
-	store *pgflags.Store
-	ctrl  *flags.Controller
-	url   string
+	bf     *backfill.Backfiller
+	schema string
+	store  *pgflags.Store
+	ctrl   *flags.Controller
+	url    string
 }
 
 func newEnv(t *testing.T) *env {
@@ -137,11 +140,30 @@ func newEnv(t *testing.T) *env {
 		flags.WithGuards(flags.HealthGuard(store, flags.WatchdogConfig{MinSamples: 100})),
 		flags.WithControllerLogger(quiet))
 	require.NoError(t, err)
-	srv, err := console.New(ctrl, store, token, console.WithActions(), console.WithRefresh(200*time.Millisecond), console.WithLogger(quiet))
+	// A backfill job of orders, copied and verified, for the backfill panel.
+	_, err = pool.Exec(ctx, `CREATE TABLE orders (id bigint PRIMARY KEY, cents bigint, version bigint NOT NULL);
+CREATE TABLE orders_v2 (id bigint PRIMARY KEY, amount numeric, version bigint NOT NULL);
+INSERT INTO orders SELECT g, g * 100, 1 FROM generate_series(1, 300) g`)
+	require.NoError(t, err)
+	bf, err := backfill.New(pool, backfill.WithSchema(schema), backfill.WithFlagStore(store), backfill.WithLogger(quiet))
+	require.NoError(t, err)
+	require.NoError(t, bf.Install(ctx))
+	srv, err := console.New(ctrl, store, token, console.WithActions(), console.WithRefresh(200*time.Millisecond), console.WithBackfills(bf),
+		console.WithHistory(100*time.Millisecond, 600), console.WithLogger(quiet))
 	require.NoError(t, err)
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
-	return &env{store: store, ctrl: ctrl, url: hs.URL}
+	return &env{store: store, ctrl: ctrl, url: hs.URL, bf: bf, schema: schema}
+}
+
+// runBackfill copies orders into orders_v2 (the migration must be in dualwrite).
+func (e *env) runBackfill(t *testing.T) {
+	_, err := e.bf.Run(context.Background(), backfill.Job{Name: "orders-v2", Migration: "orders", Spec: backfill.Spec{
+		Source: backfill.Table{Schema: e.schema, Name: "orders"}, Target: backfill.Table{Schema: e.schema, Name: "orders_v2"},
+		Key: []string{"id"}, Columns: []string{"id", "amount", "version"}, Exprs: map[string]string{"amount": "cents / 100.0"},
+		VersionColumn: "version",
+	}})
+	require.NoError(t, err)
 }
 
 func (e *env) beat(t *testing.T, id string, rev int64, attrs map[string]string) {
@@ -178,6 +200,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	e.beat(t, evil, 0, nil)
 	_, err := e.ctrl.Advance(bg, "orders", evil, evil)
 	require.NoError(t, err)
+	e.runBackfill(t)
 	_, err = e.ctrl.Advance(bg, "users", "alice", "start")
 	require.NoError(t, err)
 	e.beat(t, "api-1", 1, nil)
@@ -297,6 +320,22 @@ func TestConsoleInBrowser(t *testing.T) {
 		assert.Contains(t, eval[string](t, tab, `document.querySelector("#state .alerts").innerText`), "automatic rollback live -> shadow")
 		assert.True(t, eval[bool](t, tab, `window.__sameDocument === true`), "the page was not reloaded")
 		screenshot(t, tab, "watchdog")
+	})
+
+	t.Run("BackfillPauseAndResume", func(t *testing.T) {
+		waitFor(t, tab, "backfill row", `document.querySelector("#backfills tr.job")?.dataset.job === "orders-v2"`)
+		step(t, tab, "pause",
+			chromedp.SetValue(chromedp.CSS(`#backfill input[name=reason]`), "replica lag"),
+			chromedp.Click(chromedp.CSS(`#backfill button[formaction$="backfill-pause"]`)),
+		)
+		waitFor(t, tab, "paused row", `document.querySelector("#backfills tr.job.paused .jobstate")?.textContent.includes("replica lag (carol (console))")`)
+		screenshot(t, tab, "backfill-paused")
+		step(t, tab, "resume",
+			chromedp.SetValue(chromedp.CSS(`#backfill input[name=reason]`), "lag gone"),
+			chromedp.Click(chromedp.CSS(`#backfill button[formaction$="backfill-resume"]`)),
+		)
+		waitFor(t, tab, "resumed row", `document.querySelector("#backfills tr.job") !== null && document.querySelector("#backfills tr.job.paused") === null`)
+		assert.True(t, eval[bool](t, tab, `window.__sameDocument === true`), "the page was not reloaded")
 	})
 
 	t.Run("CrossSitePostIsRefused", func(t *testing.T) {

@@ -49,9 +49,11 @@
     f.addEventListener("submit", function (ev) {
       ev.preventDefault();
       var out = document.getElementById("result");
-      var btn = f.querySelector("button");
+      // A form with several buttons (pause, resume) posts to the clicked one's formaction.
+      var btn = ev.submitter || f.querySelector("button");
+      var url = btn.getAttribute("formaction") || f.action;
       btn.disabled = true;
-      fetch(f.action, {
+      fetch(url, {
         method: "POST", credentials: "same-origin",
         headers: { "X-CSRF-Token": csrf, Accept: "text/html" },
         body: new URLSearchParams(new FormData(f))

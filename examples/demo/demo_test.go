@@ -42,6 +42,7 @@ func TestMigrationUnderLoadWithFaultAndRollback(t *testing.T) {
 	require.NoError(t, err)
 	rep.print(&out)
 
+	assert.Regexp(t, `console: http://127\.0\.0\.1:\d+/`, out.String(), "the demo serves the console and says where")
 	assert.Empty(t, rep.Failures, "every invariant of the report holds")
 	assert.True(t, rep.ChecksumsEqual)
 	assert.Positive(t, rep.RowsCompared)

@@ -234,6 +234,11 @@ func run(ctx context.Context, p params, out io.Writer) (*report, error) {
 		urls = append(urls, "http://"+ln.Addr().String())
 	}
 	d.say("%d instances serving on %s", len(urls), strings.Join(urls, " "))
+	stopConsole, err := d.serveConsole(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("console: %w", err)
+	}
+	defer stopConsole()
 
 	var seeds []string
 	rows, err := d.pool.Query(ctx, `SELECT id::text FROM orders_legacy ORDER BY random() LIMIT 400`)

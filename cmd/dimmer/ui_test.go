@@ -1,0 +1,89 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"regexp"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestUIRefusesWithoutTokenOrOffLoopback(t *testing.T) {
+	s := stores(t)["postgres"]
+	t.Setenv("DIMMER_UI_TOKEN", "")
+	r := dimmer(t, s.args, "ui")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "DIMMER_UI_TOKEN is not set")
+
+	t.Setenv("DIMMER_UI_TOKEN", "short")
+	r = dimmer(t, s.args, "ui", "--listen", "127.0.0.1:0")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "token has 5 characters")
+
+	t.Setenv("DIMMER_UI_TOKEN", "cli-token-0123456789abcdef")
+	r = dimmer(t, s.args, "ui", "--listen", "0.0.0.0:0")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "not a loopback address")
+}
+
+func TestUIServesUntilCancelled(t *testing.T) {
+	s := stores(t)["postgres"]
+	register(t, s.fleet, "api-1", 0)
+	require.Equal(t, exitOK, dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "start").code)
+	const token = "cli-token-0123456789abcdef"
+	t.Setenv("DIMMER_UI_TOKEN", token)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pr, pw := io.Pipe()
+	done := make(chan int, 1)
+	go func() {
+		code := run(ctx, append(append([]string{"--actor", "tester"}, s.args...), "ui", "--listen", "127.0.0.1:0"), pw, io.Discard)
+		pw.Close()
+		done <- code
+	}()
+	line, err := bufio.NewReader(pr).ReadString('\n')
+	require.NoError(t, err)
+	go func() { _, _ = io.Copy(io.Discard, pr) }()
+	m := regexp.MustCompile(`http://127\.0\.0\.1:\d+/`).FindString(line)
+	require.NotEmpty(t, m, line)
+	assert.Contains(t, line, "read-only")
+
+	req, err := http.NewRequest("GET", m+"api/m/orders", nil)
+	require.NoError(t, err)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Contains(t, string(body), `"describe":"dualwrite"`)
+
+	req, err = http.NewRequest("GET", m+"metrics", nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Regexp(t, `(?m)^dimmer_migration_stage\{.*migration="orders".*\} 1$`, string(body))
+	assert.Regexp(t, `(?m)^dimmer_fleet_instances\{.*\} 1$`, string(body))
+
+	cancel()
+	select {
+	case code := <-done:
+		assert.Equal(t, exitOK, code, "a cancelled console shuts down cleanly")
+	case <-time.After(10 * time.Second):
+		t.Fatal("dimmer ui did not stop after its context ended")
+	}
+}

@@ -1,0 +1,75 @@
+package console_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/internal/benchgoal"
+)
+
+// BenchmarkMigrationData times the data request of a migration page (GET
+// /api/m/{name}: state, every check of the next step, fleet, health,
+// timeline) against a Postgres store holding 50 live instances and 10,000
+// audit entries of the migration.
+func BenchmarkMigrationData(b *testing.B) {
+	e := newEnv(b)
+	ctx := ctx(b)
+	e.beat(b, "api-0", "orders", 0, nil)
+	_, err := e.ctrl.Advance(ctx, "orders", "alice", "start")
+	require.NoError(b, err)
+	e.beat(b, "api-0", "orders", 1, nil)
+	_, err = e.ctrl.Advance(ctx, "orders", "alice", "backfill verified")
+	require.NoError(b, err)
+	for i := range 50 {
+		attrs := health("orders", flags.Shadow, flags.Health{Ops: 5000, Errors: 3, Compared: 5000, Mismatches: 9, Lasting: 1, P99: 4 * time.Millisecond})
+		attrs["dimmer.schema/orders_email"] = "expanded..migrated"
+		e.beat(b, fmt.Sprintf("api-%d", i), "orders", 2-int64(i%2), attrs)
+	}
+	// 10,000 refusals, each with its checks, as a long game day leaves.
+	checks, err := json.Marshal([]flags.CheckResult{
+		{Name: "one-step-forward", Passed: true, Detail: "no stage is skipped"},
+		{Name: "fleet-acknowledged", Detail: "25 of 50 instances have not applied revision 2: api-1 at revision 1, api-3 at revision 1, ..."},
+		{Name: "health", Passed: true, Detail: "ok"},
+	})
+	require.NoError(b, err)
+	audit := pgx.Identifier{e.store.Schema(), "stage_audit"}.Sanitize()
+	_, err = e.pool.Exec(ctx, `INSERT INTO `+audit+` (migration, at, entry)
+SELECT 'orders', now() - make_interval(secs => 10000 - g), jsonb_build_object(
+	'migration', 'orders', 'at', now() - make_interval(secs => 10000 - g), 'actor', 'bob (console)',
+	'from', 'shadow', 'to', 'live', 'reason', 'retry ' || g, 'outcome', 'refused', 'revision', 2, 'checks', $1::jsonb)
+FROM generate_series(1, 10000) g`, string(checks))
+	require.NoError(b, err)
+	n, err := e.store.Audit(ctx, "orders", 0)
+	require.NoError(b, err)
+	require.Len(b, n, 10002)
+
+	get := func() time.Duration {
+		start := time.Now()
+		r := e.do(b, nil, "GET", "/api/m/orders", nil, true, nil)
+		d := time.Since(start)
+		require.Equal(b, http.StatusOK, r.status, r.body)
+		return d
+	}
+	for range 10 { // warm the pools
+		get()
+	}
+	const requests = 300
+	lat := make([]time.Duration, 0, requests)
+	b.ResetTimer()
+	for range requests {
+		lat = append(lat, get())
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	p99 := lat[len(lat)*99/100]
+	b.Logf("data request over %d requests: p50 %v, p99 %v, max %v", requests, lat[len(lat)/2], p99, lat[len(lat)-1])
+	benchgoal.Report(b, "console_migration_data_p99_ms", float64(p99)/float64(time.Millisecond), "ms", benchgoal.AtMost, 50)
+}
