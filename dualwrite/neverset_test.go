@@ -2,8 +2,10 @@ package dualwrite_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 
@@ -70,4 +72,33 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// TestRepairerLogsUnavailableStageOnceAMinute: while the flag store cannot
+// answer, every repair fails the same way; that is logged once, not per
+// repair.
+func TestRepairerLogsUnavailableStageOnceAMinute(t *testing.T) {
+	t.Parallel()
+	s := newStores(t)
+	down := dualwrite.StageFunc(func(context.Context, string, string) (flags.Stage, error) {
+		return flags.Off, fmt.Errorf("%w: provider not ready", flags.ErrFlagUnavailable)
+	})
+	var logs syncBuffer
+	r, err := dualwrite.NewRepairer("accounts_to_redis", down,
+		func(ctx context.Context, side flags.Side, key string) (account, bool, error) {
+			return s.loadOld(ctx, key)
+		},
+		func(ctx context.Context, side flags.Side, key string, a account) error {
+			_, err := s.writeOld(ctx, a)
+			return err
+		},
+		dualwrite.WithRepairerLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	require.NoError(t, err)
+	for i := range 100 {
+		out, err := r.Repair(ctx(t), dualwrite.Repair{Migration: "accounts_to_redis", Key: fmt.Sprint("k", i), Stage: flags.DualWrite, Side: flags.New})
+		assert.Equal(t, dualwrite.Failed, out)
+		require.ErrorIs(t, err, flags.ErrFlagUnavailable)
+	}
+	assert.Equal(t, 1, strings.Count(logs.String(), "level=WARN"), logs.String())
+	assert.Contains(t, logs.String(), "wait for the stage flag")
 }

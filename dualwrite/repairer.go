@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/metric/noop"
@@ -53,6 +54,10 @@ type Repairer[S any] struct {
 	timeout   time.Duration
 	m         *metrics
 	logger    *slog.Logger
+	// While the flag store cannot answer every repair fails the same way:
+	// that is logged at most once a minute, with the count held back.
+	unavailLast       atomic.Int64 // unix nanos
+	unavailSuppressed atomic.Int64
 }
 
 // RepairerOption configures a [Repairer].
@@ -160,6 +165,17 @@ func (r *Repairer[S]) Repair(ctx context.Context, rep Repair) (Outcome, error) {
 	default:
 		r.m.repair(ctx, "failed", rep.Reason)
 		err = &RepairError{Repair: rep, Err: err}
+		if errors.Is(err, flags.ErrFlagUnavailable) {
+			now := time.Now().UnixNano()
+			prev := r.unavailLast.Load()
+			if now-prev < int64(time.Minute) || !r.unavailLast.CompareAndSwap(prev, now) {
+				r.unavailSuppressed.Add(1)
+				break
+			}
+			r.logger.WarnContext(ctx, "dualwrite: repairs wait for the stage flag; retried later", "repair", rep.String(), "err", err,
+				"not_logged_since_last", r.unavailSuppressed.Swap(0))
+			break
+		}
 		r.logger.WarnContext(ctx, "dualwrite: repair failed", "repair", rep.String(), "err", err)
 	}
 	return out, err

@@ -92,7 +92,9 @@ func TestCLIWalk(t *testing.T) {
 				// The Postgres store's database is also where the
 				// backfill verification would be: shadow needs it.
 				assert.Equal(t, exitRefused, r.code)
-				assert.Contains(t, r.stderr, "backfill-verified: no backfill has been installed")
+				// The guard reads the default backfill schema of the
+				// shared database, which another test may have installed.
+				assert.Regexp(t, `backfill-verified: no backfill (has been installed|was run or verified for orders)`, r.stderr)
 				r = dimmer(t, s.args, "rollout", "orders", "shadow", "5%", "--force", "--reason", "filled by a restore")
 			}
 			require.Equal(t, exitOK, r.code, r.stderr)
