@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -119,14 +120,32 @@ type RedisSink struct {
 	client redis.UniversalClient
 	key    func(Row) string
 	name   string
+	fields []string
 	spec   SinkSpec
+}
+
+// RedisSinkOption configures a RedisSink.
+type RedisSinkOption func(*RedisSink) error
+
+// RedisFields names the hash fields written, taken from the row by name
+// (the version field is always written): for a layout of the service's
+// own, e.g. a version and a JSON document made by the job's Transform.
+// Default: every column of the job.
+func RedisFields(fields ...string) RedisSinkOption {
+	return func(s *RedisSink) error {
+		if len(fields) == 0 {
+			return fieldErr("RedisFields", "empty")
+		}
+		s.fields = fields
+		return nil
+	}
 }
 
 var _ Sink = (*RedisSink)(nil)
 
 // NewRedisSink returns a sink writing hashes; name identifies the key layout
 // in the job's fingerprint (e.g. "user:{id}" — change it when key changes).
-func NewRedisSink(client redis.UniversalClient, name string, key func(Row) string) (*RedisSink, error) {
+func NewRedisSink(client redis.UniversalClient, name string, key func(Row) string, opts ...RedisSinkOption) (*RedisSink, error) {
 	switch {
 	case client == nil:
 		return nil, fieldErr("RedisSink client", "nil")
@@ -135,7 +154,24 @@ func NewRedisSink(client redis.UniversalClient, name string, key func(Row) strin
 	case name == "":
 		return nil, fieldErr("RedisSink name", "empty")
 	}
-	return &RedisSink{client: client, key: key, name: name}, nil
+	s := &RedisSink{client: client, key: key, name: name}
+	for _, o := range opts {
+		if err := o(s); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// columns are the hash fields written, the version's included.
+func (s *RedisSink) columns() []string {
+	if s.fields == nil {
+		return s.spec.Columns
+	}
+	if slices.Contains(s.fields, s.spec.VersionColumn) {
+		return s.fields
+	}
+	return append([]string{s.spec.VersionColumn}, s.fields...)
 }
 
 // versionedHSet replaces the hash unless it holds a greater version.
@@ -148,7 +184,12 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return 1`)
 
-func (s *RedisSink) Describe() string { return "redis#" + s.name }
+func (s *RedisSink) Describe() string {
+	if s.fields != nil {
+		return "redis#" + s.name + "[" + strings.Join(s.fields, ",") + "]"
+	}
+	return "redis#" + s.name
+}
 
 func (s *RedisSink) Open(ctx context.Context, spec SinkSpec) error {
 	s.spec = spec
@@ -163,7 +204,7 @@ func (s *RedisSink) Write(ctx context.Context, rows []Row) error {
 			return fmt.Errorf("backfill: redis sink: row %v has no %s", r, s.spec.VersionColumn)
 		}
 		args := []any{s.spec.VersionColumn, RedisValue(v)}
-		for _, c := range s.spec.Columns {
+		for _, c := range s.columns() {
 			if r[c] == nil {
 				continue // a missing field is NULL
 			}

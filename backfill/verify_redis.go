@@ -28,7 +28,7 @@ func (s *RedisSink) rendered(r Row) map[string]string {
 	if v := r[s.spec.VersionColumn]; v != nil {
 		m[s.spec.VersionColumn] = RedisValue(v)
 	}
-	for _, c := range s.spec.Columns {
+	for _, c := range s.columns() {
 		if r[c] != nil {
 			m[c] = RedisValue(r[c])
 		}

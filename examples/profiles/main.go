@@ -119,11 +119,11 @@ func run(ctx context.Context, keep bool) error {
 	for _, st := range []flags.Stage{flags.DualWrite, flags.Shadow, flags.Live, flags.RampDown, flags.Complete} {
 		if st == flags.Shadow {
 			// Shadow compares every read: Redis must hold the history first.
-			n, err := svc.CopyAll(ctx)
+			res, v, err := svc.CopyAll(ctx)
 			if err != nil {
 				return fmt.Errorf("copy: %w", err)
 			}
-			fmt.Printf("%-10s copied %d existing profiles to Redis\n", "", n)
+			fmt.Printf("%-10s backfilled %d existing profiles to Redis, verified by reading %d back (%d in flight)\n", "", res.Rows, v.RowsTarget, v.InFlight)
 		}
 		if _, err := svc.Controller.Set(ctx, flags.Request{Migration: profilesvc.Migration, Stage: st, Actor: "profiles-example", Reason: "walkthrough"}); err != nil {
 			return err

@@ -103,9 +103,17 @@ func TestMigration(t *testing.T) {
 	}, 10*time.Second, 20*time.Millisecond)
 
 	// The history, then shadow: every read compared, none differs for good.
-	n, err := svc.CopyAll(ctx)
+	// Shadow is refused until the history is in Redis and verified.
+	_, err = svc.Controller.Set(ctx, flags.Request{Migration: profilesvc.Migration, Stage: flags.Shadow, Actor: "test", Reason: "too early"})
+	require.ErrorContains(t, err, "backfill-verified")
+	res, v, err := svc.CopyAll(ctx)
 	require.NoError(t, err)
-	assert.Equal(t, 1, n, "only the profile written before dualwrite was missing")
+	assert.Equal(t, int64(2), res.Rows)
+	assert.True(t, v.OK, "%v", v.Problems)
+	assert.Equal(t, int64(2), v.RowsTarget, "Redis read back: both profiles")
+	assert.Equal(t, int64(1), redisVersion("old"), "the profile written before dualwrite was copied")
+	assert.Equal(t, map[string]string{"version": "1", "data": `{"id":"old","name":"Ada","email":"ada@example.com","version":1}`},
+		rdb.HGetAll(ctx, svc.Key("old")).Val(), "in the layout Put writes")
 	to(flags.Shadow)
 	for range 5 {
 		for _, id := range []string{"old", "p1"} {

@@ -15,6 +15,7 @@ import (
 	"github.com/open-feature/go-sdk/openfeature/isolated"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/chaos"
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
@@ -68,6 +69,9 @@ type Service struct {
 	Flags      *pgflags.Store
 	Controller *flags.Controller
 	Repairs    *outbox.Outbox
+	// Backfill copies and verifies the history (its tables in Schema); its
+	// verified guard stands before shadow.
+	Backfill *backfill.Backfiller
 
 	api      *openfeature.EvaluationAPI
 	provider *pgflags.Provider
@@ -123,9 +127,16 @@ func Open(ctx context.Context, cfg Config) (*Service, error) {
 	if err = errors.Join(err, s.Flags.Install(ctx), s.Repairs.Install(ctx, cfg.Pool)); err != nil {
 		return nil, err
 	}
+	if s.Backfill, err = backfill.New(cfg.Pool, backfill.WithSchema(cfg.Schema), backfill.WithFlagStore(s.Flags), backfill.WithLogger(cfg.Logger)); err != nil {
+		return nil, err
+	}
+	if err := s.Backfill.Install(ctx); err != nil {
+		return nil, err
+	}
+	// Shadow compares every read: Redis must hold the verified history.
 	// Complete stops writing Postgres: a key with a pending repair would
 	// keep its difference for good.
-	s.Controller, err = flags.NewController(s.Flags, flags.WithGuards(dualwrite.NoPendingRepairsGuard(s.Repairs, cfg.Pool)),
+	s.Controller, err = flags.NewController(s.Flags, flags.WithGuards(s.Backfill.Guard(), dualwrite.NoPendingRepairsGuard(s.Repairs, cfg.Pool)),
 		flags.WithControllerLogger(cfg.Logger))
 	if err != nil {
 		return nil, err
@@ -276,31 +287,51 @@ func (s *Service) Put(ctx context.Context, p Profile) error {
 	return nil
 }
 
-// CopyAll copies every Postgres profile to Redis (the history, before
-// shadow), never over an equal or newer version, and returns how many it
-// wrote.
-func (s *Service) CopyAll(ctx context.Context) (int, error) {
-	n, after := 0, ""
-	for {
-		rows, err := s.cfg.Pool.Query(ctx, `SELECT id, name, email, version FROM profiles WHERE id > $1 ORDER BY id LIMIT 500`, after)
-		if err != nil {
-			return n, err
-		}
-		batch, err := pgx.CollectRows(rows, pgx.RowToStructByPos[Profile])
-		if err != nil || len(batch) == 0 {
-			return n, err
-		}
-		for _, p := range batch {
-			applied, err := s.store(ctx, flags.New, p, false)
-			if err != nil {
-				return n, err
-			}
-			if applied {
-				n++
-			}
-		}
-		after = batch[len(batch)-1].ID
+// HistoryJob is the backfill copying the Postgres profiles to Redis in the
+// service's own layout (a version field and the profile as JSON, as Put
+// writes it), never over an equal or newer version.
+func (s *Service) HistoryJob() (backfill.Job, error) {
+	sink, err := backfill.NewRedisSink(s.cfg.Redis, "profile:{id}", func(r backfill.Row) string {
+		return s.Key(backfill.RedisValue(r["id"]))
+	}, backfill.RedisFields("data"))
+	if err != nil {
+		return backfill.Job{}, err
 	}
+	return backfill.Job{Name: "profiles-history", Migration: Migration,
+		Spec: backfill.Spec{Source: backfill.Table{Schema: s.cfg.Schema, Name: "profiles"}, Key: []string{"id"},
+			VersionColumn: "version", TransformVersion: "profile-json-1"},
+		Transform: func(_ context.Context, r backfill.Row) (backfill.Row, error) {
+			p := Profile{Version: r["version"].(int64)}
+			p.ID, _ = r["id"].(string)
+			p.Name, _ = r["name"].(string)
+			p.Email, _ = r["email"].(string)
+			data, err := json.Marshal(p)
+			if err != nil {
+				return nil, err
+			}
+			return backfill.Row{"id": p.ID, "version": p.Version, "data": string(data)}, nil
+		},
+		Sink: sink,
+	}, nil
+}
+
+// CopyAll backfills the Postgres profiles to Redis (the history, before
+// shadow) and verifies Redis against Postgres by reading it back, which
+// the guard before shadow requires.
+func (s *Service) CopyAll(ctx context.Context) (backfill.Result, backfill.Verification, error) {
+	j, err := s.HistoryJob()
+	if err != nil {
+		return backfill.Result{}, backfill.Verification{}, err
+	}
+	res, err := s.Backfill.Run(ctx, j)
+	if err != nil {
+		return res, backfill.Verification{}, err
+	}
+	v, err := s.Backfill.Verify(ctx, j, backfill.VerifyOptions{Repair: true})
+	if err == nil && !v.OK {
+		err = fmt.Errorf("profilesvc: Redis differs from Postgres after the backfill: %v", v.Problems)
+	}
+	return res, v, err
 }
 
 // Stage is the stage this instance evaluates for id.
