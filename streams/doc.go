@@ -64,4 +64,38 @@
 //
 // The processed set stays small while the copies are in origin order; a
 // commit carries at most 120 spans ([ErrStateTooLarge] past that).
+//
+// # Dual produce and repairs
+//
+// [Producer.Produce] returns the authoritative cluster's acknowledgement
+// ([flags.Stage.ProduceAuthoritative]: old until rampdown). The copy is
+// queued, in the acknowledgement's promise, so copies of a partition queue
+// in origin order, and produced to the other cluster in the same partition
+// with the idempotent producer and acks from all in-sync replicas. A copy
+// that fails or is not acknowledged within the copy timeout becomes a
+// [Repair] in the [RepairLog] (the outbox: [NewOutboxRepairLog]), and so do
+// the partition's later copies, until the log has been replayed
+// ([NewRepairRelay]: one partition's repairs one at a time, in order).
+// Should a timed-out copy land after all, it is a duplicate consumers drop.
+//
+// # The mirror
+//
+// [Mirror] copies old to new for producers that cannot be changed. Its
+// position is a commit on old made after new acknowledged the round; killed
+// at any point it resumes there and re-sends at most a round. A target with
+// another partition count is refused ([ErrPartitionMismatch]).
+//
+// # Comparison, guards, operations
+//
+// [Shadow] reads both clusters while the stage compares one and matches
+// records by origin: a verdict per record (match, missing, extra, out of
+// order, payload), counted as dimmer.streams.shadow.records and observed
+// as a compared read, so a [flags.Watchdog] steps the flag back when new
+// goes wrong. [MirrorCaughtUpGuard], [RepairsGuard] and [ConsumerLagGuard]
+// are the topic's go/no-go checks beside [flags.FleetGuard].
+// [GroupStatus] and [Translate] say where a group stands on both clusters;
+// [Rewind] moves a stopped group back so it processes a range again, once;
+// [Replay] applies a range through the inbox, keyed by origin, so an
+// effect applied on one cluster is not applied again from the other. The
+// operator's commands are `dimmer stream status|lag|mirror|translate|replay`.
 package streams

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -157,30 +159,51 @@ func TestDualProduceRepairsAfterOutage(t *testing.T) {
 	topic(t, oldSeeds, name, 3)
 	topic(t, newSeeds, name, 3)
 
+	// A blackhole: while down, the new cluster takes produce requests and
+	// answers none of them (until healed).
 	var down atomic.Bool
+	var healMu sync.Mutex
+	healed := make(chan struct{})
 	newC.ControlKey(int16(kmsg.Produce), func(kmsg.Request) (kmsg.Response, error, bool) {
 		newC.KeepControl()
 		if down.Load() {
-			return nil, errors.New("new cluster is down"), true
+			healMu.Lock()
+			h := healed
+			healMu.Unlock()
+			newC.SleepControl(func() { <-h })
 		}
 		return nil, nil, false
 	})
+	heal := func() {
+		healMu.Lock()
+		down.Store(false)
+		close(healed)
+		healed = make(chan struct{})
+		healMu.Unlock()
+	}
 
 	log, ob, pool := repairLog(t, "events")
 	p, err := streams.NewProducer("events", name, newStage(flags.DualWrite),
 		[]kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, []kgo.Opt{kgo.SeedBrokers(newSeeds...)},
 		streams.WithRepairLog(log), streams.WithCopyTimeout(time.Second), streams.WithHealCheck(50*time.Millisecond))
 	require.NoError(t, err)
-	produce := func(from, to int) {
+	produce := func(from, to int) (p99 time.Duration) {
+		var lat []time.Duration
 		for i := from; i < to; i++ {
+			start := time.Now()
 			_, err := p.Produce(ctx, &kgo.Record{Key: fmt.Appendf(nil, "k%d", i%11), Value: fmt.Appendf(nil, "v%d", i)})
+			lat = append(lat, time.Since(start))
 			require.NoError(t, err, "the caller's result is old's")
 		}
+		slices.Sort(lat)
+		return lat[len(lat)*99/100]
 	}
-	produce(0, 100)
+	before := produce(0, 100)
 	require.NoError(t, p.Flush(ctx))
 	down.Store(true)
-	produce(100, 300)
+	during := produce(100, 300)
+	t.Logf("caller p99 before the blackhole %s, during %s", before, during)
+	assert.Less(t, during, time.Second, "the caller never waits for the blackholed cluster (copy timeout 1s)")
 	require.NoError(t, p.Flush(ctx))
 	st := p.Stats()
 	assert.Positive(t, st.Repairs, "copies that could not reach new are repairs")
@@ -188,7 +211,7 @@ func TestDualProduceRepairsAfterOutage(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, st.Repairs, pending, "every repair is in the outbox")
 
-	down.Store(false)
+	heal()
 	produce(300, 400) // still behind the repairs: they go to the log too
 	oldCl, err := kgo.NewClient(kgo.SeedBrokers(oldSeeds...), kgo.RecordPartitioner(kgo.ManualPartitioner()))
 	require.NoError(t, err)

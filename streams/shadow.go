@@ -250,6 +250,7 @@ func (s *Shadow) session(ctx context.Context, st flags.Stage) error {
 				for o, r := range waiting[side] {
 					if now.Sub(r.at) > s.cfg.Grace {
 						delete(waiting[side], o)
+						matched[o] = now // judged: a late counterpart is not judged again
 						s.verdict(st, compared, v)
 					}
 				}

@@ -34,7 +34,7 @@ func TestShadowComparesPerKey(t *testing.T) {
 	var mu sync.Mutex
 	var obs []flags.Observation
 	sh, err := streams.NewShadow(streams.ShadowConfig{Migration: "events", Topic: name, Old: oldOpts, New: newOpts, Source: stage,
-		Grace: 500 * time.Millisecond, Observer: flags.ObserverFunc(func(o flags.Observation) {
+		Grace: 2 * time.Second, Observer: flags.ObserverFunc(func(o flags.Observation) {
 			mu.Lock()
 			obs = append(obs, o)
 			mu.Unlock()
@@ -52,7 +52,13 @@ func TestShadowComparesPerKey(t *testing.T) {
 		require.NoError(t, err)
 	}
 	require.NoError(t, p.Close(ctx))
-	eventually(t, 20*time.Second, "30 matches", func() bool { return sh.Stats().Verdicts[streams.Match] == 30 })
+	eventually(t, 20*time.Second, "30 matches", func() bool {
+		st := sh.Stats()
+		if st.Compared > st.Verdicts[streams.Match] {
+			t.Fatalf("a dual-produced record did not match: %+v", st)
+		}
+		return st.Verdicts[streams.Match] == 30
+	})
 
 	oldCl, err := kgo.NewClient(append(oldOpts, kgo.DefaultProduceTopic(name))...)
 	require.NoError(t, err)
@@ -80,7 +86,7 @@ func TestShadowComparesPerKey(t *testing.T) {
 
 	want := [5]int64{streams.Match: 31, streams.Missing: 1, streams.Extra: 1, streams.Payload: 1, streams.OutOfOrder: 1}
 	eventually(t, 20*time.Second, fmt.Sprintf("verdicts %v", want), func() bool { return sh.Stats().Verdicts == want })
-	time.Sleep(700 * time.Millisecond) // past the grace: nothing else is judged
+	time.Sleep(2500 * time.Millisecond) // past the grace: nothing else is judged
 	sstop()
 	wg.Wait()
 	assert.Equal(t, want, sh.Stats().Verdicts)
