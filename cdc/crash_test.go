@@ -147,3 +147,65 @@ func TestRelayKilledMidStreamResumes(t *testing.T) {
 	assert.Equal(t, keys*txs+dups, len(recs))
 }
 
+
+// The network to Postgres is cut while the relay streams (every connection
+// closed, new ones refused for a while): the relay reconnects, and nothing
+// is lost or reordered.
+func TestRelaySurvivesNetworkCut(t *testing.T) {
+	t.Parallel()
+	url, pool := logicalDB(t)
+	name := slot(t, pool, cdc.SlotSpec{Purpose: "relay"})
+	seeds := brokers(t)
+	topic := dimmertest.Name("orders_")
+	createTopic(t, seeds, topic, 4)
+	ctx := tctx(t, 2*time.Minute)
+	proxy := newCutProxy(t, hostOf(t, url))
+	kp := producer(t, seeds)
+	r, err := cdc.NewRelay(proxy.via(t, url), kp, cdc.RelayConfig{Slot: name, BatchSize: 20, FenceTTL: time.Second,
+		StandbyPoll: 50 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	require.Eventually(t, r.Active, 30*time.Second, 5*time.Millisecond)
+	e, err := cdc.NewEmitter()
+	require.NoError(t, err)
+	const keys, txs = 20, 60
+	writes := make(chan struct{})
+	go func() {
+		defer close(writes)
+		writeCounted(t, ctx, pool, e, topic, keys, txs, 4)
+	}()
+	admin, err := kgo.NewClient(kgo.SeedBrokers(seeds...))
+	require.NoError(t, err)
+	defer admin.Close()
+	require.Eventually(t, func() bool {
+		ends, err := kadm.NewClient(admin).ListEndOffsets(ctx, topic)
+		require.NoError(t, err)
+		var n int64
+		ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
+		return n >= keys*txs/4
+	}, time.Minute, time.Millisecond)
+	proxy.refuse.Store(true)
+	proxy.cut()
+	require.Eventually(t, func() bool { return !r.Active() }, 30*time.Second, 5*time.Millisecond)
+	refusedFrom := proxy.accepts.Load()
+	time.Sleep(300 * time.Millisecond) // the outage: reconnects are refused
+	require.Greater(t, proxy.accepts.Load(), refusedFrom, "the relay tried to reconnect during the outage")
+	proxy.refuse.Store(false)
+	<-writes
+	var end string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end))
+	require.Eventually(t, func() bool {
+		var ok bool
+		require.NoError(t, pool.QueryRow(ctx, `SELECT confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1`, name, end).Scan(&ok))
+		return ok
+	}, time.Minute, 20*time.Millisecond)
+	require.NoError(t, r.Shutdown(ctx))
+	require.NoError(t, <-done)
+	want := map[string]int{}
+	for k := range keys {
+		want[fmt.Sprint("k", k)] = txs
+	}
+	dups := checkOrder(t, consumeAll(t, seeds, topic), want)
+	t.Logf("re-sent after the cut: %d", dups)
+}
