@@ -12,11 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/cdc"
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox/kafkasink"
@@ -27,6 +29,9 @@ import (
 func TestMain(m *testing.M) {
 	if os.Getenv("DIMMER_CDC_RELAY_CHILD") != "" {
 		os.Exit(relayChild())
+	}
+	if os.Getenv("DIMMER_CDC_SYNC_CHILD") != "" {
+		os.Exit(syncChild())
 	}
 	os.Exit(m.Run())
 }
@@ -62,6 +67,87 @@ func relayChild() int {
 		return 1
 	}
 	return 0
+}
+
+func syncChild() int {
+	ctx := context.Background()
+	target, err := pgxpool.New(ctx, os.Getenv("DIMMER_CDC_TARGET"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	s, err := cdc.NewSync(os.Getenv("DIMMER_CDC_URL"), target, cdc.SyncConfig{Name: os.Getenv("DIMMER_CDC_SLOT"),
+		Source: backfill.Table{Name: "items"}, Target: backfill.Table{Name: "items_copy"}, VersionColumn: "v", BatchSize: 500})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	go func() {
+		for !s.Streaming() {
+			time.Sleep(5 * time.Millisecond)
+		}
+		fmt.Println("streaming")
+	}()
+	fmt.Fprintln(os.Stderr, s.Run(ctx))
+	return 1
+}
+
+// The sync process is killed with SIGKILL while it applies a large
+// transaction (part of it applied, none of it confirmed) and concurrent
+// updates: a new sync resumes from the confirmed position and the target
+// ends equal to the source.
+func TestSyncKilledMidTransactionResumes(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	dstURL := dimmertest.Database(t)
+	dst := dimmertest.Pool(t, dstURL)
+	ctx := tctx(t, 3*time.Minute)
+	_, err := src.Exec(ctx, fmt.Sprintf(syncTable, "items")+`; INSERT INTO items SELECT i, 1, 'n', 'b' FROM generate_series(1, 1000) i`)
+	require.NoError(t, err)
+	_, err = dst.Exec(ctx, fmt.Sprintf(syncTable, "items_copy"))
+	require.NoError(t, err)
+	name := dimmertest.Name("sync_")
+	child := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+	child.Env = append(os.Environ(), "DIMMER_CDC_SYNC_CHILD=1", "DIMMER_CDC_URL="+srcURL, "DIMMER_CDC_TARGET="+dstURL, "DIMMER_CDC_SLOT="+name)
+	child.Stderr = os.Stderr
+	out, err := child.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, child.Start())
+	killed := false
+	t.Cleanup(func() {
+		if !killed {
+			_ = child.Process.Kill()
+			_ = child.Wait()
+		}
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	require.NoError(t, err)
+	require.Equal(t, "streaming\n", line)
+
+	updates := make(chan struct{})
+	go func() {
+		defer close(updates)
+		for i := range 300 {
+			_, err := src.Exec(ctx, `UPDATE items SET v = v + 1, name = name || '+' WHERE id = $1`, 1+i%1000)
+			require.NoError(t, err)
+		}
+	}()
+	// One transaction of 30,000 rows: applied in batches of 500.
+	_, err = src.Exec(ctx, `INSERT INTO items SELECT i, 1, 'bulk', 'b' FROM generate_series(100001, 130000) i`)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		return count(t, dst, `SELECT count(*) FROM items_copy WHERE id > 100000`) > 0
+	}, time.Minute, time.Millisecond)
+	require.NoError(t, child.Process.Signal(syscall.SIGKILL))
+	killed = true
+	_ = child.Wait()
+	partial := count(t, dst, `SELECT count(*) FROM items_copy WHERE id > 100000`)
+	t.Logf("killed the sync with %d of the 30000 rows of the large transaction applied", partial)
+	<-updates
+
+	_, _, _ = runSync(t, srcURL, src, dst, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "items"},
+		Target: backfill.Table{Name: "items_copy"}, VersionColumn: "v", BatchSize: 500, Logger: quiet(t)})
+	waitSame(t, src, dst, "items", "items_copy")
 }
 
 // The relay process is killed with SIGKILL while it publishes: a new
@@ -147,3 +233,65 @@ func TestRelayKilledMidStreamResumes(t *testing.T) {
 	assert.Equal(t, keys*txs+dups, len(recs))
 }
 
+
+// The network to Postgres is cut while the relay streams (every connection
+// closed, new ones refused for a while): the relay reconnects, and nothing
+// is lost or reordered.
+func TestRelaySurvivesNetworkCut(t *testing.T) {
+	t.Parallel()
+	url, pool := logicalDB(t)
+	name := slot(t, pool, cdc.SlotSpec{Purpose: "relay"})
+	seeds := brokers(t)
+	topic := dimmertest.Name("orders_")
+	createTopic(t, seeds, topic, 4)
+	ctx := tctx(t, 2*time.Minute)
+	proxy := newCutProxy(t, hostOf(t, url))
+	kp := producer(t, seeds)
+	r, err := cdc.NewRelay(proxy.via(t, url), kp, cdc.RelayConfig{Slot: name, BatchSize: 20, FenceTTL: time.Second,
+		StandbyPoll: 50 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	require.Eventually(t, r.Active, 30*time.Second, 5*time.Millisecond)
+	e, err := cdc.NewEmitter()
+	require.NoError(t, err)
+	const keys, txs = 20, 60
+	writes := make(chan struct{})
+	go func() {
+		defer close(writes)
+		writeCounted(t, ctx, pool, e, topic, keys, txs, 4)
+	}()
+	admin, err := kgo.NewClient(kgo.SeedBrokers(seeds...))
+	require.NoError(t, err)
+	defer admin.Close()
+	require.Eventually(t, func() bool {
+		ends, err := kadm.NewClient(admin).ListEndOffsets(ctx, topic)
+		require.NoError(t, err)
+		var n int64
+		ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
+		return n >= keys*txs/4
+	}, time.Minute, time.Millisecond)
+	proxy.refuse.Store(true)
+	proxy.cut()
+	require.Eventually(t, func() bool { return !r.Active() }, 30*time.Second, 5*time.Millisecond)
+	refusedFrom := proxy.accepts.Load()
+	time.Sleep(300 * time.Millisecond) // the outage: reconnects are refused
+	require.Greater(t, proxy.accepts.Load(), refusedFrom, "the relay tried to reconnect during the outage")
+	proxy.refuse.Store(false)
+	<-writes
+	var end string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end))
+	require.Eventually(t, func() bool {
+		var ok bool
+		require.NoError(t, pool.QueryRow(ctx, `SELECT confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1`, name, end).Scan(&ok))
+		return ok
+	}, time.Minute, 20*time.Millisecond)
+	require.NoError(t, r.Shutdown(ctx))
+	require.NoError(t, <-done)
+	want := map[string]int{}
+	for k := range keys {
+		want[fmt.Sprint("k", k)] = txs
+	}
+	dups := checkOrder(t, consumeAll(t, seeds, topic), want)
+	t.Logf("re-sent after the cut: %d", dups)
+}
