@@ -38,6 +38,7 @@ type Server struct {
 
 	metrics   http.Handler
 	backfills Backfills
+	repairs   RepairLog
 
 	tmpl    *template.Template
 	handler http.Handler
