@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -78,6 +79,10 @@ type Migration struct {
 	BackfillError string         `json:"backfill_error,omitempty"`
 	// Repairs is the migration's repair log ([WithRepairs]).
 	Repairs *RepairView `json:"repairs,omitempty"`
+	// Plans are the schema plans naming the migration ([WithSchemaPlans]);
+	// PlanError says why they could not be read.
+	Plans     []PlanView `json:"plans"`
+	PlanError string     `json:"plan_error,omitempty"`
 }
 
 // InstanceView is one live instance and what it observes of the migration.
@@ -272,6 +277,8 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		jobs   []backfill.JobStatus
 		jerr   error
 		rv     *RepairView
+		plans  []expandcontract.Status
+		perr   error
 	)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -302,6 +309,12 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 			return nil
 		})
 	}
+	if s.plans != nil {
+		g.Go(func() error {
+			plans, perr = s.plans.Plans(gctx)
+			return nil
+		})
+	}
 	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
@@ -309,11 +322,16 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	bviews := backfillViews(jobs, name, status.State.Epoch)
 	sum.Alerts = append(sum.Alerts, backfillAlerts(bviews)...)
 	sum.Alerts = append(sum.Alerts, repairAlerts(rv)...)
+	pviews := planViews(plans, name)
+	sum.Alerts = append(sum.Alerts, planAlerts(pviews)...)
 	sum.Alerts = append(sum.Alerts, s.timelineAlerts(audit)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
 		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: make([]Event, 0, len(audit)),
-		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv,
+		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv, Plans: pviews,
+	}
+	if perr != nil {
+		m.PlanError = perr.Error()
 	}
 	if jerr != nil {
 		m.BackfillError = jerr.Error()

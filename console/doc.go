@@ -17,7 +17,8 @@
 //     refusals (every failed check) and automatic rollbacks marked;
 //   - with [WithBackfills], the migration's backfill jobs (progress, rate,
 //     ETA, last verification and whether it is stale); with [WithRepairs],
-//     its repair backlog and dead letters;
+//     its repair backlog and dead letters; with [WithSchemaPlans], the
+//     expand/contract plans naming it, with every step's state;
 //   - charts over time of the fleet's error rate, lasting and transient
 //     mismatch rate and p99, from samples the console keeps in memory
 //     ([Server.Run], [WithHistory]): the instances only publish their

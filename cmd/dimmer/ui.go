@@ -17,6 +17,7 @@ import (
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/console"
+	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -87,6 +88,16 @@ Prometheus exporter), behind the same token.`,
 					opts = append(opts, console.WithRepairs(console.OutboxRepairs(ob, be.pool)))
 				} else {
 					c.logger.Warn("console: no repair log shown", "err", err)
+				}
+				// The schema plans of dimmer schema, when its registry exists.
+				reg, err := expandcontract.NewRegistry(be.pool, expandcontract.WithSchema(c.schema), expandcontract.WithLogger(c.logger))
+				if err != nil {
+					return fmt.Errorf("schema registry: %w", err)
+				}
+				if _, err := reg.Plans(cmd.Context()); err == nil {
+					opts = append(opts, console.WithSchemaPlans(reg))
+				} else {
+					c.logger.Warn("console: no schema plans shown", "err", err)
 				}
 			}
 			srv, err := console.New(ctrl, be.fleet, token, opts...)
