@@ -38,6 +38,8 @@ type Server struct {
 
 	metrics   http.Handler
 	backfills Backfills
+	repairs   RepairLog
+	plans     SchemaPlans
 
 	tmpl    *template.Template
 	handler http.Handler

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -76,6 +77,12 @@ type Migration struct {
 	// BackfillError says why they could not be read.
 	Backfills     []BackfillView `json:"backfills"`
 	BackfillError string         `json:"backfill_error,omitempty"`
+	// Repairs is the migration's repair log ([WithRepairs]).
+	Repairs *RepairView `json:"repairs,omitempty"`
+	// Plans are the schema plans naming the migration ([WithSchemaPlans]);
+	// PlanError says why they could not be read.
+	Plans     []PlanView `json:"plans"`
+	PlanError string     `json:"plan_error,omitempty"`
 }
 
 // InstanceView is one live instance and what it observes of the migration.
@@ -145,6 +152,7 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 		}
 		sum.Alerts = append(sum.Alerts, s.timelineAlerts(recent)...)
 		sum.Alerts = append(sum.Alerts, backfillAlerts(backfillViews(jobs, st.Migration, sum.State.Epoch))...)
+		sum.Alerts = append(sum.Alerts, repairAlerts(s.repairView(ctx, st.Migration))...)
 		ov.Migrations = append(ov.Migrations, sum)
 	}
 	return ov, nil
@@ -268,6 +276,9 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		audit  []flags.AuditEntry
 		jobs   []backfill.JobStatus
 		jerr   error
+		rv     *RepairView
+		plans  []expandcontract.Status
+		perr   error
 	)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -292,17 +303,35 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 			return nil
 		})
 	}
+	if s.repairs != nil {
+		g.Go(func() error {
+			rv = s.repairView(gctx, name)
+			return nil
+		})
+	}
+	if s.plans != nil {
+		g.Go(func() error {
+			plans, perr = s.plans.Plans(gctx)
+			return nil
+		})
+	}
 	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
 	sum := s.summarize(status, insts, ferr)
 	bviews := backfillViews(jobs, name, status.State.Epoch)
 	sum.Alerts = append(sum.Alerts, backfillAlerts(bviews)...)
+	sum.Alerts = append(sum.Alerts, repairAlerts(rv)...)
+	pviews := planViews(plans, name)
+	sum.Alerts = append(sum.Alerts, planAlerts(pviews)...)
 	sum.Alerts = append(sum.Alerts, s.timelineAlerts(audit)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
 		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: make([]Event, 0, len(audit)),
-		TimelineLimit: s.timelineLimit, Backfills: bviews,
+		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv, Plans: pviews,
+	}
+	if perr != nil {
+		m.PlanError = perr.Error()
 	}
 	if jerr != nil {
 		m.BackfillError = jerr.Error()

@@ -15,7 +15,18 @@
 //     revision and stage they observe and their last heartbeat, the fleet's
 //     watchdog windows per stage, and the timeline from the audit log with
 //     refusals (every failed check) and automatic rollbacks marked;
-//   - the same data as JSON: GET /api/overview and GET /api/m/{name}.
+//   - with [WithBackfills], the migration's backfill jobs (progress, rate,
+//     ETA, last verification and whether it is stale); with [WithRepairs],
+//     its repair backlog and dead letters; with [WithSchemaPlans], the
+//     expand/contract plans naming it, with every step's state;
+//   - charts over time of the fleet's error rate, lasting and transient
+//     mismatch rate and p99, from samples the console keeps in memory
+//     ([Server.Run], [WithHistory]): the instances only publish their
+//     current windows with the heartbeat, as they already do for the guards;
+//   - the same data as JSON: GET /api/overview and GET /api/m/{name};
+//   - with [WithMetrics] and [Server.RegisterMetrics], the same figures as
+//     OpenTelemetry gauges, read from the store at collection (dimmer ui
+//     serves them through the Prometheus exporter at /metrics).
 //
 // Pages are html/template with their script and style embedded (package
 // embed): no build step, nothing fetched from elsewhere, and a
@@ -40,5 +51,8 @@
 // [flags.Controller], so the guards refuse exactly as they do for the CLI
 // and a refusal lists every failed check; the controller audits the request
 // as "<operator> (console)". An action names the revision the page showed,
-// and is refused when the migration changed meanwhile.
+// and is refused when the migration changed meanwhile. Pausing and resuming
+// a backfill job and retrying or skipping a dead letter act only on the
+// migration's own jobs and repair log; the pause reason records the
+// operator, and every action is logged with operator and reason.
 package console

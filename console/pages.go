@@ -191,7 +191,7 @@ func (s *Server) act(w http.ResponseWriter, r *http.Request) {
 		// Stage changes are audited by the controller; this line is the
 		// record of every console action, the others included.
 		s.logger.Info("console action applied", "migration", name, "action", action, "operator", principalOf(r.Context()).operator,
-			"reason", r.PostFormValue("reason"), "result", res.Describe, "job", r.PostFormValue("job"))
+			"reason", r.PostFormValue("reason"), "result", res.Describe, "job", r.PostFormValue("job"), "dead_letter", r.PostFormValue("id"))
 	} else {
 		s.logger.Info("console action not applied", "migration", name, "action", action, "operator", principalOf(r.Context()).operator, "status", status, "err", res.Error)
 	}
@@ -233,6 +233,9 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 	actor := principalOf(r.Context()).operator + " (console)"
 	if action == "backfill-pause" || action == "backfill-resume" {
 		return s.backfillAction(r, name, action, actor, reason, res)
+	}
+	if action == "dead-retry" || action == "dead-skip" {
+		return s.deadAction(r, name, action, res)
 	}
 	ctx := r.Context()
 	cur, err := s.store.Load(ctx, name)
@@ -277,7 +280,7 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		}
 		st, err = s.ctrl.Rollout(ctx, name, to, p, actor, reason)
 	default:
-		return bad(http.StatusNotFound, "unknown action %q (advance, rollback, rollout, backfill-pause, backfill-resume)", action)
+		return bad(http.StatusNotFound, "unknown action %q (advance, rollback, rollout, backfill-pause, backfill-resume, dead-retry, dead-skip)", action)
 	}
 	var refused *flags.RefusedError
 	switch {

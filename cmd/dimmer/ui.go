@@ -17,6 +17,8 @@ import (
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/console"
+	"github.com/dimmer-dev/dimmer/expandcontract"
+	"github.com/dimmer-dev/dimmer/outbox"
 )
 
 func init() { commandGroups = append(commandGroups, (*cli).uiCmd) }
@@ -35,9 +37,9 @@ the fleet, the watchdog windows and the audit timeline, refreshed in place.
 Every request needs the token in DIMMER_UI_TOKEN (at least 16 characters),
 sent as Authorization: Bearer, or typed into the login form. The console is
 read-only unless --actions is given: then advance, roll back and rollout
-go through the same guarded controller as the CLI, and backfill jobs can
-be paused and resumed, each with a reason, audited under the operator's
-name. It listens on loopback unless
+go through the same guarded controller as the CLI; backfill jobs can be
+paused and resumed and dead letters of the repair log retried or skipped;
+each with a reason, audited under the operator's name. It listens on loopback unless
 --allow-remote is given.
 
 GET /metrics serves the same figures for Prometheus (OpenTelemetry's
@@ -76,6 +78,27 @@ Prometheus exporter), behind the same token.`,
 					return fmt.Errorf("backfill tables: %w", err)
 				}
 				opts = append(opts, console.WithBackfills(bf))
+				// The repair log the no-pending-repairs guard reads, when
+				// its table exists.
+				ob, err := outbox.New(outbox.Config{Schema: be.schema, Table: envOr("DIMMER_OUTBOX_TABLE", outbox.DefaultTable)})
+				if err != nil {
+					return fmt.Errorf("repair log: %w", err)
+				}
+				if _, err := ob.Stats(cmd.Context(), be.pool, ""); err == nil {
+					opts = append(opts, console.WithRepairs(console.OutboxRepairs(ob, be.pool)))
+				} else {
+					c.logger.Warn("console: no repair log shown", "err", err)
+				}
+				// The schema plans of dimmer schema, when its registry exists.
+				reg, err := expandcontract.NewRegistry(be.pool, expandcontract.WithSchema(c.schema), expandcontract.WithLogger(c.logger))
+				if err != nil {
+					return fmt.Errorf("schema registry: %w", err)
+				}
+				if _, err := reg.Plans(cmd.Context()); err == nil {
+					opts = append(opts, console.WithSchemaPlans(reg))
+				} else {
+					c.logger.Warn("console: no schema plans shown", "err", err)
+				}
 			}
 			srv, err := console.New(ctrl, be.fleet, token, opts...)
 			if err != nil {

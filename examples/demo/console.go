@@ -26,6 +26,8 @@ func (d *demo) serveConsole(ctx context.Context) (stop func(), err error) {
 		login = "log in with token " + token
 	}
 	srv, err := console.New(d.ctrl, d.shared.Flags, token, console.WithThresholds(d.wd),
+		console.WithBackfills(d.shared.Backfill), console.WithRepairs(console.OutboxRepairs(d.shared.Repairs, d.pool)),
+		console.WithSchemaPlans(d.shared.Registry),
 		console.WithRefresh(time.Second), console.WithHistory(time.Second, 600), console.WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
 		return nil, err
