@@ -56,7 +56,7 @@ func TestNewValidates(t *testing.T) {
 }
 
 // TestRoutesByStage writes through every stage and checks each store against
-// the routing table of DESIGN §1, written out here independently.
+// the stage model's routing table, written out here independently.
 func TestRoutesByStage(t *testing.T) {
 	t.Parallel()
 	s := newStores(t)

@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// Controller moves migrations between stages by the rules of DESIGN §1: one
+// Controller moves migrations between stages by the stage model's rules: one
 // step forward at a time, any step back before complete, leaving complete only
 // with proof that old was reconciled or by force with a reason. Forward steps
 // run the guards; every change and every refusal is audited in the store.

@@ -146,7 +146,11 @@ func (h *Heartbeater) Start(ctx context.Context) error {
 			case <-loopCtx.Done():
 				return
 			case <-t.C:
-				c, cancel := context.WithTimeout(loopCtx, h.interval)
+				// A beat in flight is not cancelled by Close: a cancelled
+				// write can still land on the server after Close's
+				// deregistration and list the instance again until its TTL
+				// runs out. Close waits for it instead (bounded by interval).
+				c, cancel := context.WithTimeout(context.Background(), h.interval)
 				if err := h.Beat(c); err != nil && loopCtx.Err() == nil {
 					h.logger.Warn("heartbeat failed", "instance", h.inst.ID, "err", err)
 				}

@@ -99,7 +99,7 @@ func (s Side) Other() Side {
 	return NoSide
 }
 
-// The routing table of DESIGN §1. It lives here and only here: dualwrite,
+// The routing table (the README's stage model). It lives here and only here: dualwrite,
 // shadowread and every other package ask these methods.
 //
 //	stage      writes     authoritative  reads  compared
@@ -155,7 +155,7 @@ func (s Stage) Compared() Side {
 	return NoSide
 }
 
-// The topic table of DESIGN §5 differs in one cell: consumers move first, so
+// The topic table (the README's streams section) differs in one cell: consumers move first, so
 // in live producers still treat old as authoritative. Everything else is the
 // table above read for a topic: producers write to the sides of
 // [Stage.Writes], consumers read from [Stage.Reads], and the shadow group

@@ -38,7 +38,7 @@ func TestStageJSON(t *testing.T) {
 	require.ErrorIs(t, json.Unmarshal([]byte(`{"S":"bogus"}`), &v), flags.ErrUnknownStage)
 }
 
-// The routing table of DESIGN §1, row by row.
+// The routing table of the stage model, row by row.
 func TestRoutingTable(t *testing.T) {
 	type row struct {
 		writesOld, writesNew bool
@@ -144,7 +144,7 @@ func TestTransitionMovesAreExact(t *testing.T) {
 	assert.False(t, back.Forward())
 }
 
-// The topic table of DESIGN §5: consumers move to new one stage before the
+// The topic table: consumers move to new one stage before the
 // producers' acknowledgement does.
 func TestTopicRoutingTable(t *testing.T) {
 	type row struct {

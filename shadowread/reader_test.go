@@ -66,7 +66,7 @@ func TestNewValidates(t *testing.T) {
 }
 
 // TestServesAndComparesByStage checks, stage by stage, the side served and
-// the side compared against DESIGN §1, written out here independently.
+// the side compared against in the stage model, written out here independently.
 func TestServesAndComparesByStage(t *testing.T) {
 	t.Parallel()
 	s := newStores(t)
