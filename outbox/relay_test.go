@@ -512,6 +512,17 @@ func TestHandOffsAreImmediate(t *testing.T) {
 	}
 	start := func(id string) *running {
 		rp := relayPool(t)
+		// Connections open, as a service's pool has them: what is timed
+		// is the hand-off, not connection set-up on a loaded machine.
+		var cs []*pgxpool.Conn
+		for range rp.Config().MaxConns {
+			c, err := rp.Acquire(ctx)
+			require.NoError(t, err)
+			cs = append(cs, c)
+		}
+		for _, c := range cs {
+			c.Release()
+		}
 		r, err := o.NewRelay(rp, pub, outbox.RelayConfig{ID: id, LeaseTTL: ttl, Logger: quiet(t)})
 		require.NoError(t, err)
 		rctx, cancel := context.WithCancel(ctx)
