@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -440,7 +441,7 @@ func BenchmarkLatencyAcrossRelayChanges(b *testing.B) {
 // written in one transaction by EnqueueBatch, against a COPY of the same
 // rows straight into the outbox table (the bulk-load floor, with no key
 // locks; its rows built in the timed part too, as the batch builds its
-// own), alternating, four rounds each, on an emptied table each time.
+// own), alternating, eight rounds each, on an emptied table each time.
 func BenchmarkEnqueueBatch(b *testing.B) {
 	pool, o := setup(b, outbox.Config{})
 	ctx := tctx(b, 10*time.Minute)
@@ -480,18 +481,20 @@ func BenchmarkEnqueueBatch(b *testing.B) {
 		return time.Since(start)
 	}
 	// Which goes first alternates, so neither always follows the other's
-	// TRUNCATE and checkpoint debt.
-	var batchT, copyT time.Duration
-	for i := range 4 {
+	// TRUNCATE and checkpoint debt. Each is summarised by its fastest run:
+	// on this shared machine a run is slowed now and then by others' load
+	// (the same COPY run twice as both variants differed by up to 2x), and
+	// the fastest run is the one least disturbed.
+	batchT, copyT := time.Duration(math.MaxInt64), time.Duration(math.MaxInt64)
+	for i := range 8 {
 		if i%2 == 0 {
-			batchT += runBatch()
-			copyT += runCopy()
+			batchT = min(batchT, runBatch())
+			copyT = min(copyT, runCopy())
 		} else {
-			copyT += runCopy()
-			batchT += runBatch()
+			copyT = min(copyT, runCopy())
+			batchT = min(batchT, runBatch())
 		}
 	}
-	batchT, copyT = batchT/4, copyT/4
-	b.Logf("50,000 messages: EnqueueBatch %v, COPY %v (means of 4)", batchT, copyT)
+	b.Logf("50,000 messages: EnqueueBatch %v, COPY %v (fastest of 8 each)", batchT, copyT)
 	benchgoal.Report(b, "outbox_enqueue_batch_vs_copy", float64(copyT)/float64(batchT), "x", benchgoal.AtLeast, 0.8)
 }

@@ -545,7 +545,7 @@ func (r *Relay) drop(buckets ...int) {
 
 // maintainLeases heartbeats, gives the buckets of relays whose session
 // ended back (at once, not after LeaseTTL), renews the leases held, and
-// moves toward a fair share (ceil(buckets / live relays)) by releasing
+// moves toward its fair share (see share) by releasing
 // surplus or acquiring free and expired buckets. Whatever it frees, it
 // announces on the control channel so the relays short of their share take
 // it at once. It runs between cycles, so nothing of a released bucket is in

@@ -512,6 +512,17 @@ func TestHandOffsAreImmediate(t *testing.T) {
 	}
 	start := func(id string) *running {
 		rp := relayPool(t)
+		// Connections open, as a service's pool has them: what is timed
+		// is the hand-off, not connection set-up on a loaded machine.
+		var cs []*pgxpool.Conn
+		for range rp.Config().MaxConns {
+			c, err := rp.Acquire(ctx)
+			require.NoError(t, err)
+			cs = append(cs, c)
+		}
+		for _, c := range cs {
+			c.Release()
+		}
 		r, err := o.NewRelay(rp, pub, outbox.RelayConfig{ID: id, LeaseTTL: ttl, Logger: quiet(t)})
 		require.NoError(t, err)
 		rctx, cancel := context.WithCancel(ctx)
@@ -590,4 +601,81 @@ func TestHandOffsAreImmediate(t *testing.T) {
 	defer mu.Unlock()
 	t.Logf("%d messages, worst commit-to-publish %v", len(committed), worst)
 	assert.Less(t, worst, 2*time.Second, "no message waits for a lease to lapse or a lease tick")
+}
+
+// TestRegistrationSessionKilled: the server ends one relay's registration
+// session (pg_terminate_backend) while its process lives on. The other
+// relay takes all its buckets over at once (LeaseTTL is 30s); the cut-off
+// relay stops publishing for them, registers again and gets its share back;
+// every message is still delivered once per key in order.
+func TestRegistrationSessionKilled(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 8})
+	ctx := tctx(t, 60*time.Second)
+	var mu sync.Mutex
+	got := map[string][]int{}
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, r := range b {
+			var n int
+			fmt.Sscan(string(r.Payload), &n)
+			got[r.Key] = append(got[r.Key], n)
+		}
+		return make([]error, len(b))
+	})
+	var rs []*outbox.Relay
+	var wg sync.WaitGroup
+	for _, id := range []string{"a", "b"} {
+		r, err := o.NewRelay(relayPool(t), pub, outbox.RelayConfig{ID: id, LeaseTTL: 30 * time.Second, Logger: quiet(t)})
+		require.NoError(t, err)
+		rs = append(rs, r)
+		wg.Go(func() { _ = r.Run(ctx) })
+	}
+	require.Eventually(t, func() bool { return len(rs[0].Buckets()) == 4 && len(rs[1].Buckets()) == 4 }, 10*time.Second, 5*time.Millisecond)
+
+	send := func(from, to int) {
+		for i := from; i < to; i++ {
+			_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%10), Payload: []byte(fmt.Sprint(i / 10))})
+			require.NoError(t, err)
+		}
+	}
+	send(0, 100)
+	var pid int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT pid FROM `+o.Config().Schema+`.outbox_relays WHERE id = 'a'`).Scan(&pid))
+	var killed bool
+	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, pid).Scan(&killed))
+	require.True(t, killed)
+	began := time.Now()
+	require.Eventually(t, func() bool { return len(rs[1].Buckets()) == 8 || len(rs[0].Buckets()) == 0 }, 2*time.Second, 5*time.Millisecond,
+		"the cut-off relay stops claiming its buckets, or the other takes them over, at once")
+	require.Eventually(t, func() bool { return len(rs[0].Buckets()) == 4 && len(rs[1].Buckets()) == 4 }, 5*time.Second, 5*time.Millisecond,
+		"the cut-off relay registers again and gets its share back")
+	var newPid int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT pid FROM `+o.Config().Schema+`.outbox_relays WHERE id = 'a'`).Scan(&newPid))
+	assert.NotEqual(t, pid, newPid, "registered on a new session")
+	t.Logf("shared again %v after the session was killed", time.Since(began))
+	send(100, 200)
+	waitDrained(t, pool, o, 10*time.Second)
+	for _, r := range rs {
+		require.NoError(t, r.Shutdown(ctx))
+	}
+	wg.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	for k := range 10 {
+		var firsts []int
+		seen := map[int]bool{}
+		for _, n := range got[fmt.Sprint("k", k)] {
+			if !seen[n] {
+				seen[n] = true
+				firsts = append(firsts, n)
+			}
+		}
+		want := make([]int, 20)
+		for i := range want {
+			want[i] = i
+		}
+		assert.Equal(t, want, firsts, "key k%d: every message, first deliveries in order", k)
+	}
 }

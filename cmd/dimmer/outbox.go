@@ -124,8 +124,9 @@ services or in other sidecars) and keeping each key's commit order.
 
 On SIGTERM or SIGINT the batch in flight completes, the bucket leases are
 handed back at once (the other relays take over without waiting for them to
-expire) and the command exits 0; past --drain-timeout it stops abruptly and
-the leases lapse after --lease-ttl, as after a crash.
+expire) and the command exits 0; past --drain-timeout it cuts the batch in
+flight short (its messages may be published again) and still hands the
+leases back.
 
 Kafka: --brokers (env DIMMER_KAFKA_BROKERS), idempotent producer, acks from
 all in-sync replicas. Redis: --redis URL (env DIMMER_REDIS_URL), one stream
@@ -193,7 +194,7 @@ func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 		serr = err
 	}
 	if serr != nil {
-		return fmt.Errorf("relay stopped abruptly (its leases lapse after the lease TTL): %w", serr)
+		return fmt.Errorf("relay stopped abruptly (the batch in flight may be published again): %w", serr)
 	}
 	fmt.Fprintf(c.out, "relay %s stopped; leases released\n", relay.ID())
 	return nil
