@@ -131,6 +131,12 @@
 //
 // # Speed control, pause, scale out
 //
+// A chunk that holds locks the service's writes wait for until it commits
+// — an in-place fill (Target is Source: every copied row is updated) or
+// Config.LockSourceRows — follows Config.LockTime (50ms) instead, so a
+// write meeting a chunk's row waits a few tens of milliseconds, not half
+// a second.
+//
 // Chunk sizes follow Config.TargetChunkTime by an EWMA of the time per row,
 // within bounds; Config.RowsPerSecond caps the rate (every chunk is charged,
 // a range's last one too, and a chunk holds at most a quarter second of the

@@ -103,6 +103,11 @@ type Config struct {
 	// TargetChunkTime is what a chunk should take; the chunk size follows
 	// it by an EWMA of the time per row (500ms).
 	TargetChunkTime time.Duration
+	// LockTime bounds the chunk time instead when a chunk holds locks the
+	// service's own writes wait for until it commits: an in-place fill
+	// (Target is Source, so every copied row is updated) or LockSourceRows.
+	// A write meeting a locked row waits up to a chunk (50ms).
+	LockTime time.Duration
 	// InitialChunk, MinChunk and MaxChunk bound the chunk size in rows
 	// (1000, 100, 100000).
 	InitialChunk, MinChunk, MaxChunk int
@@ -143,6 +148,9 @@ func (c Config) withDefaults() Config {
 	if c.TargetChunkTime <= 0 {
 		c.TargetChunkTime = 500 * time.Millisecond
 	}
+	if c.LockTime <= 0 {
+		c.LockTime = 50 * time.Millisecond
+	}
 	if c.MinChunk <= 0 {
 		c.MinChunk = 100
 	}
@@ -178,7 +186,7 @@ func (c Config) Validate() error {
 		return fieldErr("Config.MinChunk", "%d is above MaxChunk %d", c.MinChunk, c.MaxChunk)
 	case c.RowsPerSecond < 0:
 		return fieldErr("Config.RowsPerSecond", "%v is negative", c.RowsPerSecond)
-	case c.TargetChunkTime < 0 || c.LeaseTTL < 0 || c.PollInterval < 0:
+	case c.TargetChunkTime < 0 || c.LeaseTTL < 0 || c.PollInterval < 0 || c.LockTime < 0:
 		return fieldErr("Config durations", "negative")
 	}
 	for i, s := range c.Signals {

@@ -65,6 +65,9 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 		return nil, err
 	}
 	r := &runner{b: b, j: j, cfg: j.Config.withDefaults(), src: b.pool, idle: newBroadcast()}
+	if r.cfg.LockSourceRows {
+		r.cfg.TargetChunkTime = min(r.cfg.TargetChunkTime, r.cfg.LockTime)
+	}
 	if j.SourcePool != nil {
 		r.src = j.SourcePool
 	}
@@ -91,6 +94,12 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 			if _, ok := j.Spec.Exprs[k]; ok {
 				r.plain = false
 			}
+		}
+		if j.Spec.Target.sql() == j.Spec.Source.sql() {
+			// In place: every key is present, every row copied is updated
+			// and stays locked until the chunk commits.
+			r.plain = false
+			r.cfg.TargetChunkTime = min(r.cfg.TargetChunkTime, r.cfg.LockTime)
 		}
 	} else {
 		r.sink = sink
