@@ -32,7 +32,8 @@
 // # Checkpoints, exactly once
 //
 // The key space up to an upper bound taken when the job starts is split
-// into ranges (Config.Ranges), each with its cursor in the backfill tables
+// into ranges (Config.Ranges; by default one per 100,000 rows, at least
+// one per worker, at most 16 per worker), each with its cursor in the backfill tables
 // ([Backfiller.Install], in a schema of the caller's choosing). When the
 // sink is a table of the database holding the checkpoints, a chunk's writes
 // and its cursor commit in one transaction: a resume repeats no chunk and

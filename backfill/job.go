@@ -98,7 +98,10 @@ type Config struct {
 	// Workers copy disjoint ranges concurrently in this process (1).
 	Workers int
 	// Ranges the key space is split into when the job starts; the unit of
-	// leasing between workers and processes (16 × Workers, at least 16).
+	// leasing between workers and processes. Default: one per 100,000 rows
+	// estimated, at least Workers, at most 16 × Workers (a range ends in a
+	// partial chunk, and small ranges never let chunks grow; idle workers
+	// split busy ranges anyway).
 	Ranges int
 	// TargetChunkTime is what a chunk should take; the chunk size follows
 	// it by an EWMA of the time per row (500ms).
@@ -143,7 +146,7 @@ func (c Config) withDefaults() Config {
 		c.Workers = 1
 	}
 	if c.Ranges <= 0 {
-		c.Ranges = max(16, 16*c.Workers)
+		c.Ranges = 16 * c.Workers
 	}
 	if c.TargetChunkTime <= 0 {
 		c.TargetChunkTime = 500 * time.Millisecond
@@ -171,6 +174,19 @@ func (c Config) withDefaults() Config {
 		c.MaxRetries = 10
 	}
 	return c
+}
+
+// rowsPerRange is the default range size.
+const rowsPerRange = 100_000
+
+// rangesFor is how many ranges a key space of estimate rows is split into.
+func (c Config) rangesFor(estimate int64) int {
+	d := c.withDefaults()
+	if c.Ranges > 0 {
+		return c.Ranges
+	}
+	n := int((estimate + rowsPerRange - 1) / rowsPerRange)
+	return min(max(n, d.Workers), d.Ranges)
 }
 
 // Validate reports the first invalid field.

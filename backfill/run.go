@@ -266,7 +266,7 @@ func (r *runner) prepare(ctx context.Context) (bool, error) {
 			return false, fmt.Errorf("backfill: %s: reset: %w", r.j.Name, err)
 		}
 	}
-	ks, err := planKeyspace(ctx, r.src, r.sh, r.cfg.Ranges)
+	ks, err := planKeyspace(ctx, r.src, r.sh, r.j.Config)
 	if err != nil {
 		return false, err
 	}
