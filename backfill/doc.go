@@ -171,7 +171,12 @@
 // claim (a restarted run, or another process's idle worker within
 // Config.PollInterval) continues within a second or two, not after
 // Config.LeaseTTL. The lease still expires for a holder whose session
-// outlives it (stuck, or a half-open connection).
+// outlives it (stuck, or a half-open connection). The lock connection is
+// opened with the pool's connection settings; behind a transaction-pooling
+// proxy (PgBouncer in transaction mode) session locks mean nothing, so
+// point the Backfiller at the server or a session-pooled port: otherwise a
+// live holder's range may be taken over early (its next chunk then fails
+// the token check and nothing is copied twice).
 //
 // A worker that finds no free range steals: it splits the leased range with
 // the most rows left (counted from the holder's cursor, up to 64 chunks)
