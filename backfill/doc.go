@@ -32,7 +32,8 @@
 // # Checkpoints, exactly once
 //
 // The key space up to an upper bound taken when the job starts is split
-// into ranges (Config.Ranges), each with its cursor in the backfill tables
+// into ranges (Config.Ranges; by default one per 100,000 rows, at least
+// one per worker, at most 16 per worker), each with its cursor in the backfill tables
 // ([Backfiller.Install], in a schema of the caller's choosing). When the
 // sink is a table of the database holding the checkpoints, a chunk's writes
 // and its cursor commit in one transaction: a resume repeats no chunk and
@@ -131,6 +132,12 @@
 //
 // # Speed control, pause, scale out
 //
+// A chunk that holds locks the service's writes wait for until it commits
+// — an in-place fill (Target is Source: every copied row is updated) or
+// Config.LockSourceRows — follows Config.LockTime (50ms) instead, so a
+// write meeting a chunk's row waits a few tens of milliseconds, not half
+// a second.
+//
 // Chunk sizes follow Config.TargetChunkTime by an EWMA of the time per row,
 // within bounds; Config.RowsPerSecond caps the rate (every chunk is charged,
 // a range's last one too, and a chunk holds at most a quarter second of the
@@ -164,7 +171,12 @@
 // claim (a restarted run, or another process's idle worker within
 // Config.PollInterval) continues within a second or two, not after
 // Config.LeaseTTL. The lease still expires for a holder whose session
-// outlives it (stuck, or a half-open connection).
+// outlives it (stuck, or a half-open connection). The lock connection is
+// opened with the pool's connection settings; behind a transaction-pooling
+// proxy (PgBouncer in transaction mode) session locks mean nothing, so
+// point the Backfiller at the server or a session-pooled port: otherwise a
+// live holder's range may be taken over early (its next chunk then fails
+// the token check and nothing is copied twice).
 //
 // A worker that finds no free range steals: it splits the leased range with
 // the most rows left (counted from the holder's cursor, up to 64 chunks)

@@ -34,6 +34,8 @@ type env struct {
 	// load is the pool of a service's load in the benchmarks (its own
 	// connections, as a service's pool would be).
 	load *pgxpool.Pool
+	// rows in old_orders in the benchmarks (ids 1…rows).
+	rows int
 }
 
 // newEnv gives a test its own schema holding the tables, the flag store

@@ -98,11 +98,19 @@ type Config struct {
 	// Workers copy disjoint ranges concurrently in this process (1).
 	Workers int
 	// Ranges the key space is split into when the job starts; the unit of
-	// leasing between workers and processes (16 × Workers, at least 16).
+	// leasing between workers and processes. Default: one per 100,000 rows
+	// estimated, at least Workers, at most 16 × Workers (a range ends in a
+	// partial chunk, and small ranges never let chunks grow; idle workers
+	// split busy ranges anyway).
 	Ranges int
 	// TargetChunkTime is what a chunk should take; the chunk size follows
 	// it by an EWMA of the time per row (500ms).
 	TargetChunkTime time.Duration
+	// LockTime bounds the chunk time instead when a chunk holds locks the
+	// service's own writes wait for until it commits: an in-place fill
+	// (Target is Source, so every copied row is updated) or LockSourceRows.
+	// A write meeting a locked row waits up to a chunk (50ms).
+	LockTime time.Duration
 	// InitialChunk, MinChunk and MaxChunk bound the chunk size in rows
 	// (1000, 100, 100000).
 	InitialChunk, MinChunk, MaxChunk int
@@ -138,10 +146,13 @@ func (c Config) withDefaults() Config {
 		c.Workers = 1
 	}
 	if c.Ranges <= 0 {
-		c.Ranges = max(16, 16*c.Workers)
+		c.Ranges = 16 * c.Workers
 	}
 	if c.TargetChunkTime <= 0 {
 		c.TargetChunkTime = 500 * time.Millisecond
+	}
+	if c.LockTime <= 0 {
+		c.LockTime = 50 * time.Millisecond
 	}
 	if c.MinChunk <= 0 {
 		c.MinChunk = 100
@@ -165,6 +176,19 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
+// rowsPerRange is the default range size.
+const rowsPerRange = 100_000
+
+// rangesFor is how many ranges a key space of estimate rows is split into.
+func (c Config) rangesFor(estimate int64) int {
+	d := c.withDefaults()
+	if c.Ranges > 0 {
+		return c.Ranges
+	}
+	n := int((estimate + rowsPerRange - 1) / rowsPerRange)
+	return min(max(n, d.Workers), d.Ranges)
+}
+
 // Validate reports the first invalid field.
 func (c Config) Validate() error {
 	switch {
@@ -178,7 +202,7 @@ func (c Config) Validate() error {
 		return fieldErr("Config.MinChunk", "%d is above MaxChunk %d", c.MinChunk, c.MaxChunk)
 	case c.RowsPerSecond < 0:
 		return fieldErr("Config.RowsPerSecond", "%v is negative", c.RowsPerSecond)
-	case c.TargetChunkTime < 0 || c.LeaseTTL < 0 || c.PollInterval < 0:
+	case c.TargetChunkTime < 0 || c.LeaseTTL < 0 || c.PollInterval < 0 || c.LockTime < 0:
 		return fieldErr("Config durations", "negative")
 	}
 	for i, s := range c.Signals {

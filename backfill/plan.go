@@ -22,7 +22,7 @@ type keyspace struct {
 // equal row counts: exactly by ntile over the key index on small tables, by
 // ntile over a block sample (TABLESAMPLE SYSTEM) of about 300 rows per
 // range on big ones (a billion-row table is never scanned to plan).
-func planKeyspace(ctx context.Context, q querier, sh *shape, n int) (keyspace, error) {
+func planKeyspace(ctx context.Context, q querier, sh *shape, c Config) (keyspace, error) {
 	var ks keyspace
 	src := sh.spec.Source.sql()
 	err := q.QueryRow(ctx, `SELECT `+sh.cursor+` FROM `+src+` ORDER BY `+sh.keyDesc+` LIMIT 1`).Scan(&ks.upper)
@@ -44,6 +44,7 @@ func planKeyspace(ctx context.Context, q querier, sh *shape, n int) (keyspace, e
 			return ks, fmt.Errorf("backfill: count %s: %w", sh.spec.Source, err)
 		}
 	}
+	n := c.rangesFor(ks.estimate)
 	if n <= 1 {
 		return ks, nil
 	}
@@ -117,7 +118,7 @@ func (b *Backfiller) DryRun(ctx context.Context, j Job) (Plan, error) {
 		return Plan{}, err
 	}
 	cfg := j.Config.withDefaults()
-	ks, err := planKeyspace(ctx, r.src, r.sh, cfg.Ranges)
+	ks, err := planKeyspace(ctx, r.src, r.sh, j.Config)
 	if err != nil {
 		return Plan{}, err
 	}

@@ -65,6 +65,9 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 		return nil, err
 	}
 	r := &runner{b: b, j: j, cfg: j.Config.withDefaults(), src: b.pool, idle: newBroadcast()}
+	if r.cfg.LockSourceRows {
+		r.cfg.TargetChunkTime = min(r.cfg.TargetChunkTime, r.cfg.LockTime)
+	}
 	if j.SourcePool != nil {
 		r.src = j.SourcePool
 	}
@@ -91,6 +94,12 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 			if _, ok := j.Spec.Exprs[k]; ok {
 				r.plain = false
 			}
+		}
+		if j.Spec.Target.sql() == j.Spec.Source.sql() {
+			// In place: every key is present, every row copied is updated
+			// and stays locked until the chunk commits.
+			r.plain = false
+			r.cfg.TargetChunkTime = min(r.cfg.TargetChunkTime, r.cfg.LockTime)
 		}
 	} else {
 		r.sink = sink
@@ -257,7 +266,7 @@ func (r *runner) prepare(ctx context.Context) (bool, error) {
 			return false, fmt.Errorf("backfill: %s: reset: %w", r.j.Name, err)
 		}
 	}
-	ks, err := planKeyspace(ctx, r.src, r.sh, r.cfg.Ranges)
+	ks, err := planKeyspace(ctx, r.src, r.sh, r.j.Config)
 	if err != nil {
 		return false, err
 	}
@@ -532,10 +541,21 @@ func (r *runner) chunk(ctx context.Context, w *worker, l *lease, size int) (n in
 	// the range over waits for this chunk, and a stale token aborts it.
 	// The range's end is read again: a stealer may have split it (under
 	// this same row lock) since the last chunk.
+	// The chunk and its cursor commit together where the sink is a table
+	// of this database: a server crash loses both and a resume redoes the
+	// chunk, so the commit need not wait for the WAL flush, and the
+	// backfill's flushes stay out of the way of the service's commits.
+	// (Never where the sink commits on its own.) Set in the same round trip.
+	syncCommit := "on"
+	if r.txPG != nil {
+		syncCommit = "off"
+	}
 	var paused bool
+	var setting string
 	err = tx.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET lease_until = clock_timestamp() + make_interval(secs => $4)
-WHERE job = $1 AND id = $2 AND token = $3 RETURNING hi, (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)`,
-		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds()).Scan(&l.hi, &paused)
+WHERE job = $1 AND id = $2 AND token = $3 RETURNING hi, (SELECT paused FROM `+b.t.jobs+` WHERE name = $1),
+	set_config('synchronous_commit', $5, true)`,
+		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds(), syncCommit).Scan(&l.hi, &paused, &setting)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, false, ErrLeaseLost
 	}
@@ -544,15 +564,6 @@ WHERE job = $1 AND id = $2 AND token = $3 RETURNING hi, (SELECT paused FROM `+b.
 	}
 	if paused {
 		return 0, false, errPaused
-	}
-	if r.txPG != nil {
-		// The chunk and its cursor commit together: a server crash loses
-		// both and a resume redoes the chunk, so the commit need not wait for
-		// the WAL flush, and the backfill's flushes stay out of the way of
-		// the service's commits. (Never where the sink commits on its own.)
-		if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
-			return 0, false, err
-		}
 	}
 	var last []string
 	fixed := r.fast
@@ -698,11 +709,24 @@ func (r *runner) copyKeys(ctx context.Context, tx pgx.Tx, w *worker, lo, hi []st
 	if len(present) > limit {
 		return upsertAll()
 	}
-	if _, err := tx.Exec(ctx, `SAVEPOINT dimmer_plain`); err != nil {
-		return err
-	}
+	// The savepoint, the plain insert and the release go in one round trip;
+	// a unique_violation aborts the rest, and the savepoint is rolled back.
 	sql, args = r.sh.copyKeysSQL(lo, hi, present, keysNotIn, lock)
-	_, err = tx.Exec(ctx, sql, args...)
+	batch := &pgx.Batch{}
+	batch.Queue(`SAVEPOINT dimmer_plain`)
+	batch.Queue(sql, args...)
+	batch.Queue(`RELEASE SAVEPOINT dimmer_plain`)
+	br := tx.SendBatch(ctx, batch)
+	_, err = br.Exec()
+	if err == nil {
+		_, err = br.Exec()
+		if err == nil {
+			_, err = br.Exec()
+		}
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "23505" {
 		if _, err := tx.Exec(ctx, `ROLLBACK TO SAVEPOINT dimmer_plain`); err != nil {
@@ -718,9 +742,6 @@ func (r *runner) copyKeys(ctx context.Context, tx pgx.Tx, w *worker, lo, hi []st
 		return err
 	}
 	w.upsertRun = 0
-	if _, err := tx.Exec(ctx, `RELEASE SAVEPOINT dimmer_plain`); err != nil {
-		return err
-	}
 	if len(present) == 0 {
 		return nil
 	}
