@@ -10,6 +10,9 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
 
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -55,9 +58,14 @@ type ConsumerConfig struct {
 	PollTimeout time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
+	// MeterProvider defaults to the global one.
+	MeterProvider metric.MeterProvider
 }
 
 func (c *ConsumerConfig) withDefaults() {
+	if c.MeterProvider == nil {
+		c.MeterProvider = otel.GetMeterProvider()
+	}
 	if c.StageKey == "" {
 		c.StageKey = c.Group
 	}
@@ -106,9 +114,11 @@ type ConsumerStats struct {
 // Consumer consumes a topic from the cluster its stage reads, and moves
 // between clusters at an exact position: see the package documentation.
 type Consumer struct {
-	cfg ConsumerConfig
-	adm [3]*kadm.Client
-	raw [3]*kgo.Client
+	cfg     ConsumerConfig
+	records metric.Int64Counter // by outcome: processed, duplicate, unknown_origin
+	moves   metric.Int64Counter
+	adm     [3]*kadm.Client
+	raw     [3]*kgo.Client
 
 	mu        sync.Mutex
 	stats     ConsumerStats
@@ -125,6 +135,16 @@ func NewConsumer(cfg ConsumerConfig) (*Consumer, error) {
 		return nil, err
 	}
 	c := &Consumer{cfg: cfg}
+	meter := cfg.MeterProvider.Meter("github.com/dimmer-dev/dimmer/streams")
+	var err error
+	if c.records, err = meter.Int64Counter("dimmer.streams.consumer.records",
+		metric.WithDescription("records a cluster-following consumer met, by outcome (processed, duplicate, unknown_origin) and cluster")); err != nil {
+		return nil, err
+	}
+	if c.moves, err = meter.Int64Counter("dimmer.streams.consumer.moves",
+		metric.WithDescription("moves of a consumer group between clusters, by destination")); err != nil {
+		return nil, err
+	}
 	for side, opts := range map[flags.Side][]kgo.Opt{flags.Old: cfg.Old, flags.New: cfg.New} {
 		cl, err := kgo.NewClient(opts...)
 		if err != nil {
@@ -176,6 +196,8 @@ func (c *Consumer) Run(ctx context.Context) error {
 			return err
 		}
 		if next != side {
+			c.moves.Add(ctx, 1, metric.WithAttributes(attribute.String("topic", c.cfg.Topic), attribute.String("group", c.cfg.Group),
+				attribute.String("to", next.String())))
 			c.mu.Lock()
 			c.stats.Cutovers++
 			c.switching = true
@@ -384,6 +406,11 @@ func (c *Consumer) forget(ps []int32) {
 	}
 }
 
+func (c *Consumer) count(ctx context.Context, side flags.Side, outcome string) {
+	c.records.Add(ctx, 1, metric.WithAttributes(attribute.String("topic", c.cfg.Topic), attribute.String("group", c.cfg.Group),
+		attribute.String("cluster", side.String()), attribute.String("outcome", outcome)))
+}
+
 func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record) error {
 	c.mu.Lock()
 	st := c.parts[rec.Partition]
@@ -398,6 +425,7 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		c.mu.Lock()
 		c.stats.Unknown++
 		c.mu.Unlock()
+		c.count(ctx, side, "unknown_origin")
 		if c.cfg.UnknownOrigin != nil {
 			first, err := c.cfg.UnknownOrigin(ctx, rec)
 			if err != nil {
@@ -412,11 +440,13 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		c.mu.Lock()
 		c.stats.Duplicates++
 		c.mu.Unlock()
+		c.count(ctx, side, "duplicate")
 	}
 	if process {
 		if err := c.cfg.Handler(ctx, rec); err != nil {
 			return err
 		}
+		c.count(ctx, side, "processed")
 		now := time.Now()
 		c.mu.Lock()
 		c.stats.Processed++

@@ -75,7 +75,7 @@
 // that fails or is not acknowledged within the copy timeout becomes a
 // [Repair] in the [RepairLog] (the outbox: [NewOutboxRepairLog]), and so do
 // the partition's later copies, until the log has been replayed
-// ([NewRepairRelay]: one partition's repairs one at a time, in order).
+// ([NewRepairRelay]: one key's repairs one at a time, in order).
 // Should a timed-out copy land after all, it is a duplicate consumers drop.
 //
 // # The mirror

@@ -94,8 +94,9 @@ const (
 )
 
 type pending struct {
-	rec    *kgo.Record
-	origin Origin
+	// repair is taken before the copy is handed to franz-go, which owns
+	// the record from then on (a timed-out copy is still its own).
+	repair Repair
 	state  copyState
 	sent   time.Time
 }
@@ -238,7 +239,7 @@ func (p *Producer) enqueueCopy(target flags.Side, cp *kgo.Record, o Origin) {
 		l = &lane{}
 		p.lanes[key] = l
 	}
-	pe := &pending{rec: cp, origin: o, sent: time.Now()}
+	pe := &pending{repair: repairOf(p.migration, target, cp, o), sent: time.Now()}
 	l.queue = append(l.queue, pe)
 	if l.repairing || p.closed {
 		pe.state = failed
@@ -274,7 +275,7 @@ func (p *Producer) drainLocked(key laneKey, l *lane) {
 			continue
 		}
 		l.repairing = true
-		p.repairs = append(p.repairs, pendingRepair{key: key, r: repairOf(p.migration, key.target, pe.rec, pe.origin)})
+		p.repairs = append(p.repairs, pendingRepair{key: key, r: pe.repair})
 		p.signal()
 	}
 	if len(l.queue) == 0 && !l.repairing {

@@ -64,9 +64,9 @@ type RepairLog interface {
 func RepairTopic(migration string) string { return "dimmer.streamrepair." + migration }
 
 // OutboxRepairLog records repairs as outbox messages on
-// [RepairTopic](migration), keyed by target cluster, topic and partition,
-// so the outbox relay replays a partition's repairs one at a time in the
-// order they were recorded ([NewRepairRelay]).
+// [RepairTopic](migration), keyed by target cluster, topic, partition and
+// record key, so the outbox relay replays a key's repairs one at a time in
+// the order they were recorded ([NewRepairRelay]).
 type OutboxRepairLog struct {
 	ob        *outbox.Outbox
 	pool      *pgxpool.Pool
@@ -89,8 +89,16 @@ func NewOutboxRepairLog(ob *outbox.Outbox, pool *pgxpool.Pool, migration string)
 	return &OutboxRepairLog{ob: ob, pool: pool, migration: migration}, nil
 }
 
-func repairKey(target flags.Side, topic string, partition int32) string {
-	return target.String() + "/" + topic + "/" + strconv.FormatInt(int64(partition), 10)
+// repairKey orders a record key's repairs; keyless records are ordered
+// per partition. Keying by record key, not by partition, lets the relay
+// replay many keys per round (it delivers one message per key at a time),
+// fast enough to drain under load.
+func repairKey(target flags.Side, topic string, partition int32, key []byte) string {
+	k := target.String() + "/" + topic + "/" + strconv.FormatInt(int64(partition), 10)
+	if key != nil {
+		k += "/" + string(key)
+	}
+	return k
 }
 
 // Record enqueues r.
@@ -99,7 +107,7 @@ func (l *OutboxRepairLog) Record(ctx context.Context, r Repair) error {
 	if err != nil {
 		return fmt.Errorf("streams: encode repair: %w", err)
 	}
-	_, err = l.ob.EnqueuePool(ctx, l.pool, outbox.Message{Topic: RepairTopic(l.migration), Key: repairKey(r.Target, r.Topic, r.Origin.Partition), Payload: b})
+	_, err = l.ob.EnqueuePool(ctx, l.pool, outbox.Message{Topic: RepairTopic(l.migration), Key: repairKey(r.Target, r.Topic, r.Origin.Partition, r.Key), Payload: b})
 	return err
 }
 

@@ -205,9 +205,8 @@ func (s *Shadow) session(ctx context.Context, st flags.Stage) error {
 	}
 	arrivals := make(chan arrival, 1024)
 	sctx, stop := context.WithCancel(ctx)
-	defer stop()
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	defer func() { stop(); wg.Wait() }() // stop the readers, then wait for them
 	for _, side := range []flags.Side{flags.Old, flags.New} {
 		wg.Go(func() {
 			for sctx.Err() == nil {
