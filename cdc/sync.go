@@ -743,3 +743,24 @@ func decodeText(m *pgtype.Map, data []byte, oid uint32) (any, error) {
 	}
 	return string(data), nil
 }
+
+// CaughtUp waits until every change committed on the source before the
+// call is applied (the sync's lag is 0 as of the call): the check a
+// cutover makes while writes to the source are held. source is a pool on
+// the source database.
+func (s *Sync) CaughtUp(ctx context.Context, source *pgxpool.Pool) error {
+	var target pglogrepl.LSN
+	if err := source.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()`).Scan(&target); err != nil {
+		return fmt.Errorf("cdc: sync %s: read the source's position: %w", s.cfg.Name, err)
+	}
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for pglogrepl.LSN(s.applied.Load()) < target {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cdc: sync %s: applied %s, waiting for %s: %w", s.cfg.Name, s.Applied(), target, ctx.Err())
+		case <-t.C:
+		}
+	}
+	return nil
+}
