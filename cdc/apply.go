@@ -9,18 +9,36 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/dimmer-dev/dimmer/backfill"
 )
 
 // applier writes a batch of stream changes to the sync's destination.
 type applier struct {
-	s     *Sync
-	sh    *tableShape
-	sinks map[string]*backfill.PGSink // by the sorted list of columns written
+	s       *Sync
+	sh      *tableShape
+	types   map[string]string // target column -> its type, for casts from text
+	upserts map[string]string // by the sorted list of columns written
 }
 
-func (s *Sync) newApplier(sh *tableShape) (*applier, error) {
-	return &applier{s: s, sh: sh, sinks: map[string]*backfill.PGSink{}}, nil
+func (s *Sync) newApplier(ctx context.Context, sh *tableShape) (*applier, error) {
+	a := &applier{s: s, sh: sh, upserts: map[string]string{}, types: map[string]string{}}
+	if s.cfg.Sink != nil {
+		return a, nil
+	}
+	rows, err := s.target.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`, a.target())
+	if err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, a.target(), err)
+	}
+	var name, typ string
+	if _, err := pgx.ForEachRow(rows, []any{&name, &typ}, func() error { a.types[name] = typ; return nil }); err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, a.target(), err)
+	}
+	for _, c := range sh.cols {
+		if _, ok := a.types[c.name]; !ok {
+			return nil, badConfig("Target", "%s has no column %q (synced from %s)", a.target(), c.name, sh.qualified)
+		}
+	}
+	return a, nil
 }
 
 func (a *applier) target() string {
@@ -82,25 +100,29 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 				// An earlier change of this batch carries the value the
 				// update left unchanged.
 				row := make(map[string]any, len(c.Row)+len(c.Unchanged))
+				text := make(map[string]*string, len(c.text)+len(c.Unchanged))
 				for k, v := range c.Row {
 					row[k] = v
+				}
+				for k, v := range c.text {
+					text[k] = v
 				}
 				var still []string
 				for _, u := range c.Unchanged {
 					if v, ok := m.last.Row[u]; ok {
-						row[u] = v
+						row[u], text[u] = v, m.last.text[u]
 					} else {
 						still = append(still, u)
 					}
 				}
-				c.Row, c.Unchanged = row, still
+				c.Row, c.text, c.Unchanged = row, text, still
 			}
 			m.last, m.upsert = c, true
 		}
 	}
 	var delKeys [][]string
-	groups := map[string][]backfill.Row{}
-	var groupCols = map[string][]string{}
+	groups := map[string][]*change{}
+	groupCols := map[string][]string{}
 	for _, k := range order {
 		m := net[k]
 		if m.deleteFirst {
@@ -109,13 +131,14 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 		if !m.upsert {
 			continue
 		}
-		cols := make([]string, 0, len(m.last.Row))
-		for c := range m.last.Row {
+		cols := make([]string, 0, len(m.last.text))
+		for c := range m.last.text {
 			cols = append(cols, c)
 		}
 		slices.Sort(cols)
 		sig := strings.Join(cols, "\x00")
-		groups[sig] = append(groups[sig], backfill.Row(m.last.Row))
+		c := m.last
+		groups[sig] = append(groups[sig], &c)
 		groupCols[sig] = cols
 	}
 	if len(delKeys) > 0 {
@@ -123,36 +146,63 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 			return err
 		}
 	}
-	for sig, rows := range groups {
-		sink, err := a.sink(ctx, sig, groupCols[sig])
+	for sig, cs := range groups {
+		cols := groupCols[sig]
+		q, err := a.upsertSQL(sig, cols)
 		if err != nil {
 			return err
 		}
-		if err := sink.Write(ctx, rows); err != nil {
+		args := make([]any, len(cols))
+		for i, col := range cols {
+			vals := make([]*string, len(cs))
+			for j, c := range cs {
+				vals[j] = c.text[col]
+			}
+			args[i] = vals
+		}
+		if _, err := a.s.target.Exec(ctx, q, args...); err != nil {
 			return fmt.Errorf("cdc: sync %s: apply to %s: %w", a.s.cfg.Name, a.target(), err)
 		}
 	}
 	return nil
 }
 
-func (a *applier) sink(ctx context.Context, sig string, cols []string) (*backfill.PGSink, error) {
-	if s, ok := a.sinks[sig]; ok {
-		return s, nil
+// upsertSQL is one statement upserting rows given as text arrays, one per
+// column, cast to the target's types, under the version guard.
+func (a *applier) upsertSQL(sig string, cols []string) (string, error) {
+	if q, ok := a.upserts[sig]; ok {
+		return q, nil
 	}
 	for _, k := range append(slices.Clone(a.sh.key), a.s.cfg.VersionColumn) {
 		if !slices.Contains(cols, k) {
-			return nil, fmt.Errorf("cdc: sync %s: a change of %s lacks column %q (unchanged TOAST value of a key or version column?)", a.s.cfg.Name, a.sh.qualified, k)
+			return "", fmt.Errorf("cdc: sync %s: a change of %s lacks column %q (an unchanged TOAST value of a key or version column?)", a.s.cfg.Name, a.sh.qualified, k)
 		}
 	}
-	s, err := backfill.NewPGSink(a.s.target, a.s.cfg.Target)
-	if err != nil {
-		return nil, err
+	var names, sel, params, aliases, sets, keys []string
+	for i, c := range cols {
+		id := pgx.Identifier{c}.Sanitize()
+		names = append(names, id)
+		sel = append(sel, fmt.Sprintf("u.c%d::%s", i, a.types[c]))
+		params = append(params, fmt.Sprintf("$%d::text[]", i+1))
+		aliases = append(aliases, fmt.Sprintf("c%d", i))
+		if !slices.Contains(a.sh.key, c) {
+			sets = append(sets, id+" = EXCLUDED."+id)
+		}
 	}
-	if err := s.Open(ctx, backfill.SinkSpec{Key: a.sh.key, Columns: cols, VersionColumn: a.s.cfg.VersionColumn}); err != nil {
-		return nil, fmt.Errorf("cdc: sync %s: %w", a.s.cfg.Name, err)
+	for _, k := range a.sh.key {
+		keys = append(keys, pgx.Identifier{k}.Sanitize())
 	}
-	a.sinks[sig] = s
-	return s, nil
+	v := pgx.Identifier{a.s.cfg.VersionColumn}.Sanitize()
+	q := `INSERT INTO ` + a.target() + ` AS t (` + strings.Join(names, ", ") + `) SELECT ` + strings.Join(sel, ", ") +
+		` FROM unnest(` + strings.Join(params, ", ") + `) AS u(` + strings.Join(aliases, ", ") + `)
+ON CONFLICT (` + strings.Join(keys, ", ") + `) DO `
+	if len(sets) == 0 {
+		q += `NOTHING`
+	} else {
+		q += `UPDATE SET ` + strings.Join(sets, ", ") + ` WHERE t.` + v + ` IS NULL OR t.` + v + ` <= EXCLUDED.` + v
+	}
+	a.upserts[sig] = q
+	return q, nil
 }
 
 func (a *applier) deleteKeys(ctx context.Context, keys [][]string) error {

@@ -273,3 +273,45 @@ func TestRelayStandbyTakesOver(t *testing.T) {
 	}
 	assert.Len(t, relays, 2, "both relays published, one after the other")
 }
+
+// A transaction left open elsewhere (it already emitted a message) stalls
+// nothing: later transactions are published as they commit, and the open
+// one's message when it commits, in commit order.
+func TestRelayLongOpenTransactionStallsNothing(t *testing.T) {
+	t.Parallel()
+	url, pool := logicalDB(t)
+	name := slot(t, pool, cdc.SlotSpec{Purpose: "relay"})
+	ctx := tctx(t, time.Minute)
+	var mu sync.Mutex
+	var got []string
+	pub := outbox.PublisherFunc(func(_ context.Context, batch []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, r := range batch {
+			got = append(got, string(r.Payload))
+		}
+		return make([]error, len(batch))
+	})
+	r, err := cdc.NewRelay(url, pub, cdc.RelayConfig{Slot: name, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	e, err := cdc.NewEmitter()
+	require.NoError(t, err)
+	long, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	_, err = e.Enqueue(ctx, long, outbox.Message{Topic: "t", Key: "k", Payload: []byte("long")})
+	require.NoError(t, err)
+	for i := range 3 {
+		_, err := e.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: "k", Payload: []byte(fmt.Sprint("short", i))})
+		require.NoError(t, err)
+	}
+	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) == 3 }, 30*time.Second, 5*time.Millisecond)
+	require.NoError(t, long.Commit(ctx))
+	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) == 4 }, 30*time.Second, 5*time.Millisecond)
+	mu.Lock()
+	assert.Equal(t, []string{"short0", "short1", "short2", "long"}, got)
+	mu.Unlock()
+	require.NoError(t, r.Shutdown(ctx))
+	require.NoError(t, <-done)
+}

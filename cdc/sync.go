@@ -398,7 +398,8 @@ var _ backfill.Sink = (*changeSinkAdapter)(nil)
 // change is a decoded stream change with what applying it needs.
 type change struct {
 	Change
-	keyText []string // key values as text, for deletes
+	keyText []string           // key values as text, for deletes
+	text    map[string]*string // every column carried, as the server's text (nil: NULL)
 }
 
 // stream applies the slot's changes until ctx ends or an error.
@@ -416,7 +417,7 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 	}
 	s.streamed.Store(true)
 	defer s.streamed.Store(false)
-	ap, err := s.newApplier(sh)
+	ap, err := s.newApplier(ctx, sh)
 	if err != nil {
 		return err
 	}
@@ -691,7 +692,7 @@ func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.Relat
 	if tuple == nil {
 		return change{}, false, fmt.Errorf("%w: a %s on %s carried no row", ErrNoReplicaIdentity, op, sh.qualified)
 	}
-	c := change{Change: Change{Op: op, Row: make(map[string]any, len(cols)), CommitTime: commit}}
+	c := change{Change: Change{Op: op, Row: make(map[string]any, len(cols)), CommitTime: commit}, text: make(map[string]*string, len(cols))}
 	keyText := map[string]string{}
 	for i, col := range tuple.Columns {
 		if i >= len(cols) || cols[i].name == "" {
@@ -701,6 +702,7 @@ func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.Relat
 		switch col.DataType {
 		case 'n':
 			c.Row[name] = nil
+			c.text[name] = nil
 		case 'u':
 			c.Unchanged = append(c.Unchanged, name)
 		case 't':
@@ -709,8 +711,10 @@ func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.Relat
 				return change{}, false, fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, name, err)
 			}
 			c.Row[name] = v
+			txt := string(col.Data)
+			c.text[name] = &txt
 			if slices.Contains(sh.key, name) {
-				keyText[name] = string(col.Data)
+				keyText[name] = txt
 			}
 		}
 	}
@@ -738,4 +742,25 @@ func decodeText(m *pgtype.Map, data []byte, oid uint32) (any, error) {
 		return dt.Codec.DecodeValue(m, oid, pgtype.TextFormatCode, data)
 	}
 	return string(data), nil
+}
+
+// CaughtUp waits until every change committed on the source before the
+// call is applied (the sync's lag is 0 as of the call): the check a
+// cutover makes while writes to the source are held. source is a pool on
+// the source database.
+func (s *Sync) CaughtUp(ctx context.Context, source *pgxpool.Pool) error {
+	var target pglogrepl.LSN
+	if err := source.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()`).Scan(&target); err != nil {
+		return fmt.Errorf("cdc: sync %s: read the source's position: %w", s.cfg.Name, err)
+	}
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for pglogrepl.LSN(s.applied.Load()) < target {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cdc: sync %s: applied %s, waiting for %s: %w", s.cfg.Name, s.Applied(), target, ctx.Err())
+		case <-t.C:
+		}
+	}
+	return nil
 }
