@@ -263,3 +263,20 @@ func TestTextIsEscaped(t *testing.T) {
 	assert.Equal(t, http.StatusBadRequest, r.status)
 	assert.Equal(t, "text/plain; charset=utf-8", r.header.Get("Content-Type"), "an error echoing the name is never HTML")
 }
+
+func TestRollbackEndsACanary(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, console.WithActions())
+	walk(t, e)
+	_, err := e.ctrl.Set(ctx(t), flags.Request{Migration: "orders", Stage: flags.Live, Percent: 5, Actor: "alice", Reason: "canary", Force: true})
+	require.NoError(t, err)
+	r := e.do(t, nil, "POST", "/m/orders/rollback", url.Values{"stage": {"shadow"}, "reason": {"canary errors"}}, true, nil)
+	require.Equal(t, http.StatusOK, r.status, r.body)
+	st := e.state(t, "orders")
+	assert.Equal(t, flags.Shadow, st.Stage)
+	assert.Nil(t, st.Rollout, "the 5% on live stepped back to shadow")
+
+	r = e.do(t, nil, "POST", "/m/orders/rollback", url.Values{"stage": {"shadow"}, "reason": {"again"}}, true, nil)
+	assert.Equal(t, http.StatusBadRequest, r.status, "nothing is ahead of shadow any more")
+	assert.Contains(t, r.body, "pick a stage before shadow")
+}

@@ -265,8 +265,10 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		if perr != nil {
 			return bad(http.StatusBadRequest, "%v", perr)
 		}
-		if to >= cur.Stage {
-			return bad(http.StatusBadRequest, "roll back to %s: pick a stage before %s", to, cur.Stage)
+		// Back to the base stage ends a canary ahead of it: its keys step back.
+		canary := cur.Rollout != nil && cur.Rollout.Stage > cur.Stage && to == cur.Stage
+		if to >= cur.Stage && !canary {
+			return bad(http.StatusBadRequest, "roll back to %s: pick a stage before %s", to, cur)
 		}
 		st, err = s.ctrl.Set(ctx, flags.Request{Migration: name, Stage: to, Actor: actor, Reason: reason})
 	case "rollout":

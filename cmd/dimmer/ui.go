@@ -68,16 +68,20 @@ Prometheus exporter), behind the same token.`,
 				opts = append(opts, console.WithActions())
 			}
 			if be.pool != nil {
-				// The backfill tables beside the data guards, as dimmer backfill reads them.
+				// The backfill tables beside the data guards, as dimmer
+				// backfill reads them.
 				bf, err := backfill.New(be.pool, backfill.WithSchema(envOr("DIMMER_BACKFILL_SCHEMA", backfill.DefaultSchema)),
 					backfill.WithFlagStore(be.store), backfill.WithLogger(c.logger))
 				if err != nil {
 					return err
 				}
-				if err := bf.Install(cmd.Context()); err != nil {
-					return fmt.Errorf("backfill tables: %w", err)
+				// Shown when its tables exist: the console reads, it never
+				// creates what a team does not use.
+				if _, err := bf.Jobs(cmd.Context()); err == nil {
+					opts = append(opts, console.WithBackfills(bf))
+				} else {
+					c.logger.Warn("console: no backfill jobs shown", "err", err)
 				}
-				opts = append(opts, console.WithBackfills(bf))
 				// The repair log the no-pending-repairs guard reads, when
 				// its table exists.
 				ob, err := outbox.New(outbox.Config{Schema: be.schema, Table: envOr("DIMMER_OUTBOX_TABLE", outbox.DefaultTable)})
