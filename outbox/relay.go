@@ -224,7 +224,7 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	r.fastSQL = `(SELECT ` + cols + ` FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) AND t.seq < $4 ORDER BY t.seq LIMIT $2)
 UNION ALL
 (SELECT ` + cols + ` FROM ` + t + ` t WHERE $6 AND t.bucket = ANY($1::int4[]) AND t.seq > $4 AND t.seq < $5
-	AND NOT t.seq = ANY($3::int8[]) ORDER BY t.seq LIMIT $2)
+	AND t.seq NOT IN (SELECT unnest($3::int8[])) ORDER BY t.seq LIMIT $2)
 UNION ALL
 (SELECT ` + cols + ` FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) AND t.seq > $5 ORDER BY t.seq LIMIT $2)
 ORDER BY seq LIMIT $2`
