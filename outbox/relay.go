@@ -41,7 +41,7 @@ type RelayConfig struct {
 	LeaseTTL time.Duration
 	// LivenessInterval is how often a relay looks for relays whose
 	// registration session has ended, to take their buckets over. Default
-	// 100ms; it costs one small query per interval per relay.
+	// 50ms; it costs one small query (of pg_locks) per interval per relay.
 	LivenessInterval time.Duration
 	// PublishTimeout bounds one Publish call (it is also cut at the lease's
 	// local deadline). Default 5s; must be below LeaseTTL/2.
@@ -84,7 +84,7 @@ func (c *RelayConfig) withDefaults() {
 	}
 	def(&c.PollInterval, time.Second)
 	def(&c.LeaseTTL, 10*time.Second)
-	def(&c.LivenessInterval, 100*time.Millisecond)
+	def(&c.LivenessInterval, 50*time.Millisecond)
 	def(&c.PublishTimeout, min(5*time.Second, c.LeaseTTL/3))
 	if c.MaxAttempts == 0 {
 		c.MaxAttempts = 10
