@@ -124,8 +124,10 @@ func resumeAfterKill(t testing.TB, e *env, killed time.Time) time.Duration {
 	dead, err := pgx.CollectRows(rows, pgx.RowTo[int])
 	require.NoError(t, err)
 	require.NotEmpty(t, dead)
+	// As many workers as the dead process held ranges: each retakes one at
+	// once, so the measure is the retake, not the copy of a range before.
 	j := longLeaseJob()
-	j.Config.Workers = 1
+	j.Config.Workers = len(dead)
 	var mu sync.Mutex
 	first := map[int]time.Time{}
 	j.Config.Progress = func(p backfill.Progress) {

@@ -145,6 +145,11 @@ func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
 	}
 	r.epoch = st.Epoch
 	res := Result{Job: j.Name, Epoch: st.Epoch}
+	// The lease session connects while the job is prepared: a new
+	// connection is slower than the planning of a small job.
+	r.sess = newSession(b, j.Name)
+	defer r.sess.close(ctx)
+	go r.sess.preconnect(ctx)
 	done, err := r.prepare(ctx)
 	if err != nil {
 		return res, err
@@ -160,8 +165,6 @@ func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
 	if len(r.cfg.Signals) > 0 {
 		r.duty = newDuty()
 	}
-	r.sess = newSession(b, j.Name)
-	defer r.sess.close(ctx)
 	g, gctx := errgroup.WithContext(ctx)
 	var mu sync.Mutex
 	finished := make(chan struct{})
@@ -398,12 +401,16 @@ ORDER BY lease_until < clock_timestamp() DESC, id`, r.j.Name)
 		if !c.expired && !locked {
 			continue // its holder lives
 		}
+		// The claim commits without waiting for the WAL flush: a claim a
+		// server crash loses leaves the range free and the token where it
+		// was, so the claimant's first chunk fails the token check.
 		var l lease
-		err = b.pool.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET owner = $3, token = token + 1,
+		err = b.pool.QueryRow(ctx, `WITH async AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))
+UPDATE `+b.t.ranges+` SET owner = $3, token = token + 1,
 	lease_until = clock_timestamp() + make_interval(secs => $4), updated_at = now()
 WHERE (job, id) = (SELECT job, id FROM `+b.t.ranges+` WHERE job = $1 AND id = $2 AND NOT done
 	AND (lease_until < clock_timestamp() OR $5) AND NOT (SELECT paused FROM `+b.t.jobs+` WHERE name = $1)
-	FOR UPDATE SKIP LOCKED)
+	FOR UPDATE SKIP LOCKED) AND EXISTS (SELECT FROM async)
 RETURNING id, hi, cursor, token`, r.j.Name, c.id, worker, r.cfg.LeaseTTL.Seconds(), locked).Scan(&l.id, &l.hi, &l.cursor, &l.token)
 		if err == nil {
 			return &l, "", 1, nil

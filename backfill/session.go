@@ -59,6 +59,15 @@ func (s *session) connLocked(ctx context.Context) (*pgx.Conn, error) {
 	return c, nil
 }
 
+// preconnect opens the connection ahead of the first claim.
+func (s *session) preconnect(ctx context.Context) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, err := s.connLocked(ctx); err != nil {
+		s.b.logger.Warn("backfill: lease session", "job", s.job, "err", err)
+	}
+}
+
 // tryLock takes range id's lock unless another session holds it, or a
 // worker of this process does (the lock is re-entrant per session, so the
 // process's own holdings are kept here).
