@@ -75,7 +75,7 @@ func BenchmarkMirrorThroughput(b *testing.B) {
 	oldSeeds, newSeeds := clusters(b)
 	src := uniqueTopic("mtp")
 	topic(b, oldSeeds, src, 3)
-	const n = 30000
+	const n = 150000
 	w := newWriter(b, oldSeeds, src, 100)
 	for range n / 5000 {
 		w.produce(b, context.Background(), 5000)
@@ -85,8 +85,17 @@ func BenchmarkMirrorThroughput(b *testing.B) {
 		dh, dm := uniqueTopic("mtph"), uniqueTopic("mtpm")
 		topic(b, newSeeds, dh, 3)
 		topic(b, newSeeds, dm, 3)
-		hand += handLoop(b, oldSeeds, newSeeds, src, dh, fmt.Sprintf("hand-%s-%d", src, round), n)
-		mirror += mirrorRun(b, oldSeeds, newSeeds, src, dm, fmt.Sprintf("mirror-%s-%d", src, round), n)
+		runHand := func() { hand += handLoop(b, oldSeeds, newSeeds, src, dh, fmt.Sprintf("hand-%s-%d", src, round), n) }
+		runMirror := func() {
+			mirror += mirrorRun(b, oldSeeds, newSeeds, src, dm, fmt.Sprintf("mirror-%s-%d", src, round), n)
+		}
+		if round%2 == 0 { // neither always goes first
+			runHand()
+			runMirror()
+		} else {
+			runMirror()
+			runHand()
+		}
 	}
 	ratio := hand.Seconds() / mirror.Seconds()
 	b.Logf("hand loop %.0f rec/s, mirror %.0f rec/s", 3*n/hand.Seconds(), 3*n/mirror.Seconds())

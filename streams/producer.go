@@ -91,6 +91,7 @@ const (
 	inflight copyState = iota
 	acked
 	failed
+	parked // held back while the lane waits for its repairs to drain
 )
 
 type pending struct {
@@ -99,11 +100,18 @@ type pending struct {
 	repair Repair
 	state  copyState
 	sent   time.Time
+	unsent *kgo.Record // the copy, while parked
 }
 
 type lane struct {
 	queue     []*pending
 	repairing bool
+	// parking: the lane holds its new copies back (off the caller's path)
+	// until the repair log is empty, then sends them and copies directly
+	// again. Under steady load the log is never empty while copies keep
+	// going to it, so the lane stops feeding it first.
+	parking  bool
+	parkedAt time.Time
 }
 
 type pendingRepair struct {
@@ -241,13 +249,24 @@ func (p *Producer) enqueueCopy(target flags.Side, cp *kgo.Record, o Origin) {
 	}
 	pe := &pending{repair: repairOf(p.migration, target, cp, o), sent: time.Now()}
 	l.queue = append(l.queue, pe)
-	if l.repairing || p.closed {
+	switch {
+	case l.repairing && l.parking && !p.closed:
+		pe.state, pe.unsent = parked, cp
+		p.mu.Unlock()
+		return
+	case l.repairing || p.closed:
 		pe.state = failed
 		p.drainLocked(key, l)
 		p.mu.Unlock()
 		return
 	}
 	p.mu.Unlock()
+	p.send(key, l, pe, cp)
+}
+
+// send hands a copy to franz-go; its promise settles the lane.
+func (p *Producer) send(key laneKey, l *lane, pe *pending, cp *kgo.Record) {
+	target, o := key.target, pe.repair.Origin
 	p.copy[target].TryProduce(context.Background(), cp, func(_ *kgo.Record, err error) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
@@ -267,7 +286,7 @@ func (p *Producer) enqueueCopy(target flags.Side, cp *kgo.Record, o Origin) {
 // drainLocked settles the lane's head in origin order: acknowledged copies
 // leave, failed ones become repairs and put the lane in repair mode.
 func (p *Producer) drainLocked(key laneKey, l *lane) {
-	for len(l.queue) > 0 && l.queue[0].state != inflight {
+	for len(l.queue) > 0 && l.queue[0].state != inflight && l.queue[0].state != parked {
 		pe := l.queue[0]
 		l.queue = l.queue[1:]
 		if pe.state == acked {
@@ -352,25 +371,73 @@ func (p *Producer) recordRepairs() {
 			continue
 		}
 		if repairing && time.Since(lastCheck) >= p.cfg.healCheck {
-			// Lanes in repair mode and nothing left to record: copy
-			// directly again once the log has replayed everything.
 			lastCheck = time.Now()
-			if n, err := p.cfg.log.Pending(ctx); err == nil && n == 0 {
-				p.mu.Lock()
-				if len(p.repairs) == 0 {
-					for key, l := range p.lanes {
-						if l.repairing && len(l.queue) == 0 {
-							delete(p.lanes, key)
-						}
-					}
-				}
-				p.mu.Unlock()
-			}
+			p.heal(ctx)
 		}
 		select {
 		case <-p.wake:
 		case <-tick.C:
 		}
+	}
+}
+
+// heal takes lanes out of repair mode: a lane in repair mode with nothing
+// in flight parks its new copies; once the repair log is empty the parked
+// copies are sent, in order, and the lane copies directly again. A lane
+// parked for longer than it should take the log to drain records its
+// parked copies as repairs and tries again later.
+func (p *Producer) heal(ctx context.Context) {
+	p.mu.Lock()
+	now := time.Now()
+	for key, l := range p.lanes {
+		switch {
+		case l.repairing && !l.parking && len(l.queue) == 0:
+			l.parking, l.parkedAt = true, now
+		case l.parking && now.Sub(l.parkedAt) > 2*p.cfg.healCheck+time.Second:
+			l.parking = false
+			for _, pe := range l.queue {
+				if pe.state == parked {
+					pe.state, pe.unsent = failed, nil
+				}
+			}
+			p.drainLocked(key, l)
+		}
+	}
+	p.mu.Unlock()
+	n, err := p.cfg.log.Pending(ctx)
+	if err != nil || n > 0 {
+		return
+	}
+	type toSend struct {
+		key laneKey
+		l   *lane
+		pe  *pending
+		cp  *kgo.Record
+	}
+	var sends []toSend
+	p.mu.Lock()
+	if len(p.repairs) > 0 || p.closed {
+		p.mu.Unlock()
+		return
+	}
+	for key, l := range p.lanes {
+		if !l.parking {
+			continue
+		}
+		l.parking, l.repairing = false, false
+		for _, pe := range l.queue {
+			if pe.state == parked {
+				sends = append(sends, toSend{key, l, pe, pe.unsent})
+				pe.state, pe.unsent, pe.sent = inflight, nil, time.Now()
+			}
+		}
+		if len(l.queue) == 0 {
+			delete(p.lanes, key)
+		}
+	}
+	p.mu.Unlock()
+	for _, s := range sends { // in queue order per lane: franz-go keeps it per partition
+		p.send(s.key, s.l, s.pe, s.cp)
 	}
 }
 
@@ -412,6 +479,17 @@ func (p *Producer) Flush(ctx context.Context) error {
 // repairs, and repairs that cannot be recorded are logged with the record.
 func (p *Producer) Close(ctx context.Context) error {
 	ferr := p.Flush(ctx)
+	p.mu.Lock()
+	for key, l := range p.lanes { // parked copies become repairs
+		l.parking = false
+		for _, pe := range l.queue {
+			if pe.state == parked {
+				pe.state, pe.unsent = failed, nil
+			}
+		}
+		p.drainLocked(key, l)
+	}
+	p.mu.Unlock()
 	for _, cl := range p.copy {
 		if cl != nil {
 			cl.PurgeTopicsFromProducing(p.topic) // fails the unsettled copies: they become repairs
