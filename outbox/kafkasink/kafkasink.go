@@ -1,14 +1,3 @@
-// Package kafkasink publishes outbox records to Kafka through franz-go.
-//
-// The record key is the message key (nil for keyless messages), the value is
-// the payload, and the headers are the message headers plus
-// [outbox.HeaderMessageID] carrying the message ID for consumers'
-// de-duplication (see package inbox). A record counts as published when the
-// client's produce callback reports success; build the client with the
-// franz-go defaults (idempotent producer, acks=all) or [ClientOptions], so
-// that an acknowledgement means the write is durable on the in-sync
-// replicas and a producer retry can never duplicate or reorder it. [New]
-// refuses a client configured otherwise ([ErrWeakProducer]).
 package kafkasink
 
 import (
