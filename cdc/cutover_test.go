@@ -359,3 +359,61 @@ func BenchmarkFencedCutover(b *testing.B) {
 	mu.Unlock()
 	benchgoal.Report(b, "cdc_fenced_cutover_write_pause_p99", float64(p99)/float64(time.Millisecond), "ms", benchgoal.AtMost, 200)
 }
+
+// After a cutover, a reverse sync (prepared before it) carries the new
+// side's writes back to old, so stepping back from complete keeps every
+// write made meanwhile; the controller refuses the step back while the
+// reverse sync is not caught up, naming it.
+func TestReverseSyncRollback(t *testing.T) {
+	t.Parallel()
+	e := newCutoverEnv(t, 2*time.Second)
+	ctx := tctx(t, 2*time.Minute)
+	revName := e.mig + "_rev"
+	rev, err := cdc.NewSync(e.newURL, e.old, cdc.SyncConfig{Name: revName, Source: backfill.Table{Name: "acct"},
+		Target: backfill.Table{Name: "acct"}, VersionColumn: "v", SkipCopy: true, Logger: quiet(t)})
+	require.NoError(t, err)
+	// The reverse slot exists before the cutover: no write to new after it
+	// is missed.
+	require.NoError(t, rev.Prepare(ctx))
+	guard := cdc.ReverseGuard{Sync: rev, NewSide: e.neu}
+	ctl, err := flags.NewController(e.store, flags.WithControllerLogger(quiet(t)), flags.WithReconciliation(guard))
+	require.NoError(t, err)
+
+	w := startWriters(t, e, 3)
+	waitFor(t, func() bool { o, _ := w.count(); return o >= 100 })
+	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, Actor: "test", Reason: "cutover"})
+	require.NoError(t, err)
+	waitFor(t, func() bool { _, n := w.count(); return n >= 50 })
+
+	// Nothing carries new's writes back yet: the step back is refused.
+	_, err = ctl.StepBack(ctx, e.mig, flags.Complete, "test", "rollback")
+	var refused *flags.RefusedError
+	require.ErrorAs(t, err, &refused)
+	require.ErrorContains(t, err, "reverse sync "+revName+" is not streaming")
+	st, err := e.store.Load(ctx, e.mig)
+	require.NoError(t, err)
+	require.Equal(t, flags.Complete, st.Stage)
+
+	// The forward sync stops (old is no longer written; the two must not
+	// run at once), the reverse one streams what new got since the cutover.
+	e.stopFwd()
+	stopRev := runUntilStopped(t, rev, e.neu, revName)
+	waitFor(t, rev.Streaming)
+	_, before := w.count()
+	waitFor(t, func() bool { _, n := w.count(); return n >= before+50 })
+	w.finish(t)
+
+	st, err = ctl.StepBack(ctx, e.mig, flags.Complete, "test", "rollback")
+	require.NoError(t, err)
+	require.Equal(t, flags.RampDown, st.Stage)
+	require.NoError(t, e.fence.Reopen(ctx))
+	stopRev()
+	// Old holds every acknowledged write, those made on new included.
+	assert.Equal(t, w.acked, rows(t, e.old))
+	_, n := w.count()
+	require.Positive(t, n)
+
+	// The guard judges only steps back onto a stage that writes old.
+	assert.False(t, guard.Applies(flags.Transition{From: flags.State{Stage: flags.RampDown}, To: flags.State{Stage: flags.Complete}}))
+	assert.True(t, guard.Applies(flags.Transition{From: flags.State{Stage: flags.Complete}, To: flags.State{Stage: flags.RampDown}}))
+}
