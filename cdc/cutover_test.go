@@ -253,12 +253,25 @@ func TestFencedCutover(t *testing.T) {
 	require.ErrorContains(t, err, "still writes the old side")
 
 	w := startWriters(t, e, 4)
-	waitFor(t, func() bool { o, _ := w.count(); return o >= 200 })
+	waitFor(t, func() bool { o, _ := w.count(); return o >= 100 })
+	// A cutover that cannot finish within its pause gives up: the fence
+	// opens again, the stage stays, writers go on writing old.
+	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, Actor: "test", Reason: "too short", MaxPause: time.Millisecond})
+	require.Error(t, err)
+	st, err := e.store.Load(ctx, e.mig)
+	require.NoError(t, err)
+	require.Equal(t, flags.RampDown, st.Stage)
+	cut, err := e.fence.Cut(ctx)
+	require.NoError(t, err)
+	require.False(t, cut)
+	from, _ := w.count()
+	waitFor(t, func() bool { o, _ := w.count(); return o >= from+100 })
+
 	res, err := cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, Actor: "test", Reason: "cutover", MaxPause: fenceWait})
 	require.NoError(t, err)
 	t.Logf("write pause %v (drain %v, catch-up %v, flip %v)", res.Pause, res.Drain, res.CatchUp, res.Flip)
 	assert.Equal(t, flags.Complete, res.State.Stage)
-	cut, err := e.fence.Cut(ctx)
+	cut, err = e.fence.Cut(ctx)
 	require.NoError(t, err)
 	assert.True(t, cut)
 	_, before := w.count()
@@ -402,6 +415,15 @@ func TestReverseSyncRollback(t *testing.T) {
 	_, before := w.count()
 	waitFor(t, func() bool { _, n := w.count(); return n >= before+50 })
 	w.finish(t)
+
+	// A reverse sync behind the new side is refused too, naming it.
+	_, err = e.neu.Exec(ctx, `INSERT INTO acct SELECT 900000000 + i, 1, 'bulk' FROM generate_series(1, 20000) i`)
+	require.NoError(t, err)
+	err = cdc.ReverseGuard{Sync: rev, NewSide: e.neu, Timeout: time.Millisecond}.Check(ctx, flags.Transition{})
+	require.ErrorContains(t, err, "reverse sync "+revName+" has not caught up")
+	for i := int64(1); i <= 20000; i++ {
+		w.acked[900000000+i] = 1
+	}
 
 	st, err = ctl.StepBack(ctx, e.mig, flags.Complete, "test", "rollback")
 	require.NoError(t, err)
