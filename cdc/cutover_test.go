@@ -305,7 +305,7 @@ func TestFencedCutover(t *testing.T) {
 	longest := w.waits[len(w.waits)-1]
 	t.Logf("writes old %d new %d; longest fence wait %v", o, n, longest)
 	assert.LessOrEqual(t, longest, fenceWait)
-	assert.LessOrEqual(t, longest, res.Pause+500*time.Millisecond, "a writer waited longer than the fence was held")
+	assert.LessOrEqual(t, longest, res.Pause+time.Second, "a writer waited well beyond the time the fence was held")
 }
 
 // BenchmarkFencedCutover measures how long a fenced cutover holds writes
@@ -425,6 +425,8 @@ func TestReverseSyncRollback(t *testing.T) {
 		w.acked[900000000+i] = 1
 	}
 
+	// Once it has caught up, the step back goes ahead.
+	require.NoError(t, rev.CaughtUp(ctx, e.neu))
 	st, err = ctl.StepBack(ctx, e.mig, flags.Complete, "test", "rollback")
 	require.NoError(t, err)
 	require.Equal(t, flags.RampDown, st.Stage)
