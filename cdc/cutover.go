@@ -100,11 +100,13 @@ CREATE TABLE IF NOT EXISTS `+f.table+` (
 // side. [ErrWriteHeld]: a cutover held the fence longer than MaxWait; tx is
 // aborted, retry. One round trip.
 func (f *Fence) Enter(ctx context.Context, tx pgx.Tx) error {
+	// One round trip: the writer's lock_timeout is set for the fence's row
+	// lock only, and put back after it.
 	b := &pgx.Batch{}
-	var prev string
-	b.Queue(`SELECT current_setting('lock_timeout'), set_config('lock_timeout', $1, true)`, f.wait).QueryRow(func(r pgx.Row) error { return r.Scan(&prev, new(string)) })
+	b.Queue(`SELECT set_config('dimmer.fence_prev_lock_timeout', current_setting('lock_timeout'), true), set_config('lock_timeout', $1, true)`, f.wait)
 	var state string
 	b.Queue(`SELECT state FROM `+f.table+` WHERE migration = $1 FOR SHARE`, f.cfg.Migration).QueryRow(func(r pgx.Row) error { return r.Scan(&state) })
+	b.Queue(`SELECT set_config('lock_timeout', current_setting('dimmer.fence_prev_lock_timeout'), true)`)
 	err := tx.SendBatch(ctx, b).Close()
 	var pgErr *pgconn.PgError
 	switch {
@@ -113,9 +115,6 @@ func (f *Fence) Enter(ctx context.Context, tx pgx.Tx) error {
 	case errors.Is(err, pgx.ErrNoRows):
 		return fmt.Errorf("%w: %s in %s (run cdc.InstallFence)", ErrNoFence, f.cfg.Migration, f.table)
 	case err != nil:
-		return fmt.Errorf("cdc: fence %s: %w", f.cfg.Migration, err)
-	}
-	if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, prev); err != nil {
 		return fmt.Errorf("cdc: fence %s: %w", f.cfg.Migration, err)
 	}
 	if state == fenceCut {

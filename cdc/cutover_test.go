@@ -441,3 +441,51 @@ func TestReverseSyncRollback(t *testing.T) {
 	assert.False(t, guard.Applies(flags.Transition{From: flags.State{Stage: flags.RampDown}, To: flags.State{Stage: flags.Complete}}))
 	assert.True(t, guard.Applies(flags.Transition{From: flags.State{Stage: flags.Complete}, To: flags.State{Stage: flags.RampDown}}))
 }
+
+// Enter leaves the writer's own lock_timeout as it was, refuses a
+// migration without a fence row, and InstallFence names a bad field.
+func TestFenceEnter(t *testing.T) {
+	t.Parallel()
+	pool := dimmertest.Pool(t, dimmertest.Database(t))
+	ctx := tctx(t, 30*time.Second)
+	_, err := cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: "Bad Name"})
+	require.ErrorIs(t, err, cdc.ErrInvalidConfig)
+	require.ErrorContains(t, err, "Migration")
+	_, err = cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: "orders_v2", MaxWait: time.Microsecond})
+	require.ErrorContains(t, err, "MaxWait")
+
+	f, err := cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: "orders_v2", MaxWait: 300 * time.Millisecond})
+	require.NoError(t, err)
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SET LOCAL lock_timeout = '7s'`); err != nil {
+			return err
+		}
+		if err := f.Enter(ctx, tx); err != nil {
+			return err
+		}
+		var lt string
+		require.NoError(t, tx.QueryRow(ctx, `SHOW lock_timeout`).Scan(&lt))
+		assert.Equal(t, "7s", lt)
+		return nil
+	})
+	require.NoError(t, err)
+
+	// A fence held longer than MaxWait: the writer gives up, bounded.
+	holder, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	_, err = holder.Exec(ctx, `UPDATE dimmer.cdc_fences SET state = 'cut' WHERE migration = 'orders_v2'`)
+	require.NoError(t, err)
+	start := time.Now()
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return f.Enter(ctx, tx) })
+	require.ErrorIs(t, err, cdc.ErrWriteHeld)
+	assert.Less(t, time.Since(start), 2*time.Second)
+	require.NoError(t, holder.Rollback(ctx))
+
+	other, err := cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: "orders_v3"})
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `DELETE FROM dimmer.cdc_fences WHERE migration = 'orders_v3'`)
+	require.NoError(t, err)
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return other.Enter(ctx, tx) })
+	require.ErrorIs(t, err, cdc.ErrNoFence)
+	require.ErrorContains(t, err, "orders_v3")
+}

@@ -105,7 +105,9 @@
 // within CutoverConfig.MaxPause, or the flip fails, the fence opens again
 // and the stage stays. [CutoverResult] reports the pause (the longest any
 // writer was held) and its parts. The fence holds writers, so the
-// controller's store should not share their pool.
+// controller's store should not share their pool. Writers commit with
+// synchronous_commit on (the default): the sync's lag is measured to the
+// flushed end of the log, which an unflushed commit is not yet part of.
 //
 // # Reverse sync for rollback
 //
