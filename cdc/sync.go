@@ -413,7 +413,7 @@ type changeSinkAdapter struct {
 	sink ChangeSink
 }
 
-func (a *changeSinkAdapter) Describe() string                                  { return "cdc-sink#" + a.name }
+func (a *changeSinkAdapter) Describe() string                                    { return "cdc-sink#" + a.name }
 func (a *changeSinkAdapter) Open(ctx context.Context, _ backfill.SinkSpec) error { return nil }
 func (a *changeSinkAdapter) Write(ctx context.Context, rows []backfill.Row) error {
 	cs := make([]Change, len(rows))
