@@ -319,3 +319,39 @@ func (g ReverseGuard) Check(ctx context.Context, _ flags.Transition) error {
 	}
 	return nil
 }
+
+// FenceStatus is one migration's fence as stored.
+type FenceStatus struct {
+	Migration string
+	// Cut: the old side is no longer written (a cutover released it so).
+	Cut       bool
+	ChangedAt time.Time
+}
+
+// Fences lists the write fences in pool's database (none if no fence was
+// ever installed there), by migration.
+func Fences(ctx context.Context, pool *pgxpool.Pool, schema string) ([]FenceStatus, error) {
+	if schema == "" {
+		schema = DefaultSchema
+	}
+	table := pgx.Identifier{schema, "cdc_fences"}.Sanitize()
+	var exists bool
+	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, table).Scan(&exists); err != nil {
+		return nil, fmt.Errorf("cdc: list fences: %w", err)
+	}
+	if !exists {
+		return nil, nil
+	}
+	rows, err := pool.Query(ctx, `SELECT migration, state = 'cut', changed_at FROM `+table+` ORDER BY migration`)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: list fences: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (FenceStatus, error) {
+		var f FenceStatus
+		return f, r.Scan(&f.Migration, &f.Cut, &f.ChangedAt)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cdc: list fences: %w", err)
+	}
+	return out, nil
+}
