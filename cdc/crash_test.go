@@ -233,7 +233,6 @@ func TestRelayKilledMidStreamResumes(t *testing.T) {
 	assert.Equal(t, keys*txs+dups, len(recs))
 }
 
-
 // The network to Postgres is cut while the relay streams (every connection
 // closed, new ones refused for a while): the relay reconnects, and nothing
 // is lost or reordered.

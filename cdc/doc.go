@@ -78,5 +78,49 @@
 // every change committed after it is streamed, and changes the copy already
 // saw are applied again without effect (the version guard keeps the newer
 // row; a delete followed by a re-insert within a batch is applied as such).
-// Nothing is missed; the overlap costs replay, not correctness.
+// Nothing is missed; the overlap costs replay, not correctness.//
+// # Fenced cutover
+//
+// When the new side is in step, [Cutover] moves the stage to one that no
+// longer writes the old side (complete by default; the flags routing table
+// decides), the way the migration literature describes it, automated:
+//
+//  1. The step is planned with the flags.Controller first: a step its
+//     rules or guards would refuse holds nothing.
+//  2. The migration's [Fence] closes: a row per migration in the old
+//     side's database ([InstallFence]) that every writer of the old side
+//     locks shared in its write transaction ([Fence.Enter]); the cutover
+//     locks it exclusively, so it waits for the writes already inside to
+//     commit and holds new ones, each for at most FenceConfig.MaxWait
+//     ([ErrWriteHeld] past that: the transaction is aborted, nothing
+//     written).
+//  3. It waits until the sync's lag is 0 ([Sync.CaughtUp]: every change
+//     committed before is applied), flips the stage through the
+//     controller (audited), and releases the fence as cut: the held
+//     writers get [ErrCutOver], ask the flag again and write the new side.
+//
+// Every write acknowledged on the old side was committed before the sync
+// caught up, so it is on the new side; every later one goes to the new side
+// only: nothing lost, nothing applied twice. If the sync does not catch up
+// within CutoverConfig.MaxPause, or the flip fails, the fence opens again
+// and the stage stays. [CutoverResult] reports the pause (the longest any
+// writer was held) and its parts. The fence holds writers, so the
+// controller's store should not share their pool. Writers commit with
+// synchronous_commit on (the default): the sync's lag is measured to the
+// flushed end of the log, which an unflushed commit is not yet part of.
+//
+// # Reverse sync for rollback
+//
+// Stepping back from complete would lose every write made on the new side
+// since the cutover, unless they are carried back. A reverse sync is a
+// second [Sync] from the new side to the old with SkipCopy (the old side
+// already holds everything up to the cutover), whose slot [Sync.Prepare]
+// creates before the cutover, so no write to the new side is missed. After
+// the cutover, stop the forward sync and run the reverse one (the two must
+// not run at once: PostgreSQL 15's pgoutput cannot filter a sync's own
+// writes by origin, so each would replay the other's). [ReverseGuard],
+// given to the controller with flags.WithReconciliation, refuses leaving
+// complete while the reverse sync is not streaming or has not applied
+// every change committed on the new side, naming which; after the step
+// back, [Fence.Reopen] lets writers write the old side again.
 package cdc

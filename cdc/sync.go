@@ -112,6 +112,10 @@ type SyncConfig struct {
 	StatusInterval time.Duration
 	// Copy tunes the initial copy (package backfill).
 	Copy backfill.Config
+	// SkipCopy streams only: the target already holds every row the
+	// source held when the slot was created. A reverse sync after a
+	// cutover is one ([Sync.Prepare] its slot before the cutover).
+	SkipCopy bool
 	// OnApplied, if set, is called after each batch of streamed changes is
 	// applied, with the batch and the time it was (for lag monitoring: a
 	// change's lag is at minus its CommitTime). It must not keep the slice.
@@ -309,26 +313,52 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 // on is missed. Run returns ctx's error when ctx ends, or the error that
 // stopped the sync ([ErrSchemaChanged] and friends); a later Run resumes.
 func (s *Sync) Run(ctx context.Context) error {
-	src, err := pgxpool.New(ctx, s.sourceURL)
+	src, sh, err := s.prepare(ctx)
 	if err != nil {
-		return fmt.Errorf("cdc: open source: %w", err)
+		return err
 	}
 	defer src.Close()
-	if err := CheckLogical(ctx, src); err != nil {
-		return err
-	}
-	sh, err := s.describe(ctx, src)
-	if err != nil {
-		return err
-	}
-	if err := CreateSlot(ctx, src, SlotSpec{Slot: s.cfg.Slot, Publication: s.cfg.Slot, Tables: []string{sh.qualified}, Purpose: "sync", Schema: s.cfg.Schema}); err != nil {
-		return err
-	}
-	if err := s.copy(ctx, src, sh); err != nil {
-		return err
+	if !s.cfg.SkipCopy {
+		if err := s.copy(ctx, src, sh); err != nil {
+			return err
+		}
 	}
 	s.copied.Store(true)
 	return s.stream(ctx, sh)
+}
+
+// Prepare checks the source and creates the sync's slot and publication
+// (as Run does first), without copying or streaming: every change
+// committed from now on will be streamed by a later Run. A reverse sync's
+// slot is prepared before the cutover, so no write to the new side after
+// the cutover is missed.
+func (s *Sync) Prepare(ctx context.Context) error {
+	src, _, err := s.prepare(ctx)
+	if err != nil {
+		return err
+	}
+	src.Close()
+	return nil
+}
+
+func (s *Sync) prepare(ctx context.Context) (*pgxpool.Pool, *tableShape, error) {
+	src, err := pgxpool.New(ctx, s.sourceURL)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cdc: open source: %w", err)
+	}
+	if err := CheckLogical(ctx, src); err != nil {
+		src.Close()
+		return nil, nil, err
+	}
+	sh, err := s.describe(ctx, src)
+	if err == nil {
+		err = CreateSlot(ctx, src, SlotSpec{Slot: s.cfg.Slot, Publication: s.cfg.Slot, Tables: []string{sh.qualified}, Purpose: "sync", Schema: s.cfg.Schema})
+	}
+	if err != nil {
+		src.Close()
+		return nil, nil, err
+	}
+	return src, sh, nil
 }
 
 func samePool(a, b *pgxpool.Pool) bool {
@@ -383,7 +413,7 @@ type changeSinkAdapter struct {
 	sink ChangeSink
 }
 
-func (a *changeSinkAdapter) Describe() string                                  { return "cdc-sink#" + a.name }
+func (a *changeSinkAdapter) Describe() string                                    { return "cdc-sink#" + a.name }
 func (a *changeSinkAdapter) Open(ctx context.Context, _ backfill.SinkSpec) error { return nil }
 func (a *changeSinkAdapter) Write(ctx context.Context, rows []backfill.Row) error {
 	cs := make([]Change, len(rows))
@@ -749,8 +779,17 @@ func decodeText(m *pgtype.Map, data []byte, oid uint32) (any, error) {
 // cutover makes while writes to the source are held. source is a pool on
 // the source database.
 func (s *Sync) CaughtUp(ctx context.Context, source *pgxpool.Pool) error {
+	return s.caughtUp(ctx, source)
+}
+
+// caughtUp is CaughtUp reading the position through q (a cutover reads it
+// in its own transaction: the held writers may hold every pooled
+// connection).
+func (s *Sync) caughtUp(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}) error {
 	var target pglogrepl.LSN
-	if err := source.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()`).Scan(&target); err != nil {
+	if err := q.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()`).Scan(&target); err != nil {
 		return fmt.Errorf("cdc: sync %s: read the source's position: %w", s.cfg.Name, err)
 	}
 	t := time.NewTicker(time.Millisecond)

@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
@@ -27,7 +28,9 @@ source database --db (default: --store when it is a postgres:// URL).
 
 A slot keeps WAL on the server until its reader confirms it: a reader that
 stopped for good keeps it forever. "status" shows what each slot holds back
-and fails past --max-retained; "drop" removes a slot with its publication.
+(and each migration's write fence: whether a fenced cutover stopped writes to
+the old side) and fails past --max-retained; "drop" removes a slot with its
+publication.
 
 Exit codes: 0 done (status: every slot within bounds); 1 a slot over its
 bound, lost or missing, or an unreachable database; 2 bad usage.`,
@@ -78,6 +81,24 @@ bound, lost or missing, or an unreachable database; 2 bad usage.`,
 			}
 			if err := w.Flush(); err != nil {
 				return err
+			}
+			fences, err := cdc.Fences(cmd.Context(), pool, c.schema)
+			if err != nil {
+				return err
+			}
+			if len(fences) > 0 {
+				fmt.Fprintln(c.out)
+				fmt.Fprintln(w, "FENCE\tOLD SIDE\tSINCE")
+				for _, f := range fences {
+					state := "written"
+					if f.Cut {
+						state = "cut over"
+					}
+					fmt.Fprintf(w, "%s\t%s\t%s\n", f.Migration, state, f.ChangedAt.UTC().Format(time.RFC3339))
+				}
+				if err := w.Flush(); err != nil {
+					return err
+				}
 			}
 			return cdc.CheckSlots(cmd.Context(), pool, c.schema, maxRetained)
 		},

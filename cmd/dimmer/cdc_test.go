@@ -35,6 +35,13 @@ func TestCDCCommands(t *testing.T) {
 	assert.Regexp(t, `SLOT\s+PURPOSE\s+PUBLICATION\s+READER\s+CONFIRMED\s+LAG\s+RETAINED\s+WAL`, r.stdout)
 	assert.Regexp(t, slot+`\s+relay\s+`+slot+`\s+-\s+\S+\s+\S+B\s+\S+B\s+(reserved|extended)`, r.stdout)
 
+	assert.NotContains(t, r.stdout, "FENCE")
+	_, err = cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: "orders_v2"})
+	require.NoError(t, err)
+	r = dimmer(t, nil, "cdc", "status", "--db", url)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Regexp(t, `FENCE\s+OLD SIDE\s+SINCE\s+orders_v2\s+written\s+\d{4}-`, r.stdout)
+
 	r = dimmer(t, nil, "cdc", "status", "--db", url, "--max-retained", "1024")
 	assert.Equal(t, exitError, r.code)
 	assert.Contains(t, r.stderr, slot+" retains")

@@ -1,0 +1,94 @@
+package cdc_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/cdc"
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
+)
+
+// ExampleCutover moves a table synced by CDC to its new home: writers of
+// the old table check the fence in each write transaction; the cutover
+// holds them while the sync catches up and the stage flips to complete.
+func ExampleCutover() {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	url := exampleURL()
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer pool.Close()
+	suffix := fmt.Sprint(time.Now().UnixNano())
+	src, dst, migration := "orders_"+suffix, "orders_v2_"+suffix, "orders_v2_"+suffix
+	for _, t := range []string{src, dst} {
+		if _, err := pool.Exec(ctx, `CREATE TABLE `+t+` (id int PRIMARY KEY, v int NOT NULL, status text)`); err != nil {
+			fmt.Println(err)
+			return
+		}
+		defer pool.Exec(context.Background(), `DROP TABLE `+t)
+	}
+
+	// The stage flag, at rampdown (the operator's controller has a pool of
+	// its own: held writers may take every connection of theirs).
+	opsPool, _ := pgxpool.New(ctx, url)
+	defer opsPool.Close()
+	store, _ := pgflags.NewStore(opsPool)
+	_ = store.Install(ctx)
+	ctl, _ := flags.NewController(store)
+	for range flags.RampDown {
+		_, _ = ctl.Advance(ctx, migration, "ops", "orders_v2 rollout")
+	}
+
+	s, _ := cdc.NewSync(url, pool, cdc.SyncConfig{Name: "example_" + suffix, Source: backfill.Table{Name: src},
+		Target: backfill.Table{Name: dst}, VersionColumn: "v"})
+	defer cdc.DropSlot(context.Background(), pool, "", "example_"+suffix, true)
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	for !s.Streaming() {
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	fence, err := cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: migration, MaxWait: time.Second})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	// A writer of the old table: the fence first, in the write's transaction.
+	write := func(id int, status string) error {
+		return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			if err := fence.Enter(ctx, tx); err != nil {
+				return err // ErrCutOver: write the new side; ErrWriteHeld: retry
+			}
+			_, err := tx.Exec(ctx, `INSERT INTO `+src+` VALUES ($1, 1, $2)`, id, status)
+			return err
+		})
+	}
+	_ = write(1, "paid")
+
+	res, err := cdc.Cutover(ctx, fence, cdc.CutoverConfig{Controller: ctl, Sync: s, Actor: "ops", Reason: "orders_v2 cutover"})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Println("stage:", res.State.Stage, "held under a second:", res.Pause < time.Second)
+	var status string
+	_ = pool.QueryRow(ctx, `SELECT status FROM `+dst+` WHERE id = 1`).Scan(&status)
+	fmt.Println("new side has order 1:", status)
+	fmt.Println("old side written:", !errors.Is(write(2, "paid"), cdc.ErrCutOver))
+	// Output:
+	// stage: complete held under a second: true
+	// new side has order 1: paid
+	// old side written: false
+}
