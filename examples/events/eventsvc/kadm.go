@@ -1,4 +1,4 @@
-package main
+package eventsvc
 
 import (
 	"github.com/twmb/franz-go/pkg/kadm"
