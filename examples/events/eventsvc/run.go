@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/open-feature/go-sdk/openfeature/isolated"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
@@ -307,6 +308,15 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if err != nil {
 		return rep, err
 	}
+	var adm [2]*kadm.Client // old, new: where the group stands, for the report
+	for i, o := range [][]kgo.Opt{oldOpts, newOpts} {
+		cl, err := kgo.NewClient(o...)
+		if err != nil {
+			return rep, err
+		}
+		defer cl.Close()
+		adm[i] = kadm.NewClient(cl)
+	}
 	l := &ledger{totals: map[string]int64{}, last: map[string]int{}, epochs: map[string]int64{}, times: map[string]int{},
 		moves: map[int64]*Move{}, twiceAt: map[int64]int{}}
 	cons, err := streams.NewConsumer(streams.ConsumerConfig{Migration: migration, Topic: topic, Group: "customer-totals",
@@ -349,7 +359,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 				}
 				st, _ := source.Stage(rctx, migration, "customer-totals")
 				tk := Tick{Stage: st, Produced: produced.Load(), Consumed: l.n.Load()}
-				if gs, err := statusOf(rctx, oldOpts, newOpts); err == nil {
+				if gs, err := statusOf(rctx, adm); err == nil {
 					tk.GroupOn, tk.Lag = gs.group, gs.lag
 				}
 				tk.RepairsPending, _ = repairs.Pending(rctx)
@@ -437,7 +447,7 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	record := func(why string) {
 		st, _ := source.Stage(ctx, migration, "customer-totals")
 		s := Step{Stage: st, Why: why, Produced: produced.Load(), Consumed: l.n.Load()}
-		if gs, err := statusOf(ctx, oldOpts, newOpts); err == nil {
+		if gs, err := statusOf(ctx, adm); err == nil {
 			s.GroupOn, s.Lag = gs.group, gs.lag
 		}
 		s.ProcessedTwice = twiceSoFar()
@@ -577,19 +587,11 @@ type groupPos struct {
 	lag   int64
 }
 
-func statusOf(ctx context.Context, oldOpts, newOpts []kgo.Opt) (groupPos, error) {
+// statusOf reads where the consumer group stands, through admin clients
+// kept for the whole run.
+func statusOf(ctx context.Context, adm [2]*kadm.Client) (groupPos, error) {
 	var pos groupPos
-	ocl, err := kgo.NewClient(oldOpts...)
-	if err != nil {
-		return pos, err
-	}
-	defer ocl.Close()
-	ncl, err := kgo.NewClient(newOpts...)
-	if err != nil {
-		return pos, err
-	}
-	defer ncl.Close()
-	st, err := streams.GroupStatus(ctx, kadmOf(ocl), kadmOf(ncl), topic, "customer-totals", "")
+	st, err := streams.GroupStatus(ctx, adm[0], adm[1], topic, "customer-totals", "")
 	if err != nil {
 		return pos, err
 	}

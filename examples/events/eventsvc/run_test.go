@@ -25,7 +25,7 @@ func TestEventsMove(t *testing.T) {
 		logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	var ticks atomic.Int64
-	rep, err := Run(ctx, Config{PostgresURL: url, Schema: "dimmer_events_test", Rate: 200, Out: os.Stdout, Logger: logger,
+	rep, err := Run(ctx, Config{PostgresURL: url, Schema: "dimmer_events_test", Rate: 100, Out: os.Stdout, Logger: logger, // a rate the repair relay outpaces under -race on a busy machine
 		Tick: func(Tick) { ticks.Add(1) }})
 	require.NoError(t, err)
 	require.Positive(t, ticks.Load(), "the timeline hook is called while the move runs")
