@@ -204,18 +204,18 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		return rep, err
 	}
 	defer pool.Close()
-	store, err := pgflags.NewStore(pool, pgflags.WithSchema(cfg.Schema))
+	store, err := pgflags.NewStore(pool, pgflags.WithSchema(cfg.Schema), pgflags.WithLogger(cfg.Logger))
 	if err != nil {
 		return rep, err
 	}
 	if err := store.Install(ctx); err != nil {
 		return rep, err
 	}
-	ctrl, err := flags.NewController(store)
+	ctrl, err := flags.NewController(store, flags.WithControllerLogger(cfg.Logger))
 	if err != nil {
 		return rep, err
 	}
-	provider, err := pgflags.NewProvider(pool, pgflags.WithSchema(cfg.Schema), pgflags.WithResyncInterval(time.Second))
+	provider, err := pgflags.NewProvider(pool, pgflags.WithSchema(cfg.Schema), pgflags.WithResyncInterval(time.Second), pgflags.WithLogger(cfg.Logger))
 	if err != nil {
 		return rep, err
 	}
