@@ -35,7 +35,8 @@ func TestMigrationUnderLoadWithFaultAndRollback(t *testing.T) {
 	probe.Close(context.Background())
 
 	p := params{Orders: 1500, Customers: 150, Instances: 3, Workers: 6, Pause: 30 * time.Millisecond,
-		MaxRequests: 100000, Window: 3 * time.Second, MinSamples: 40, CanaryHold: 2500 * time.Millisecond, Timeout: 120 * time.Second}
+		MaxRequests: 100000, Window: 3 * time.Second, MinSamples: 40, CanaryHold: 2500 * time.Millisecond, Timeout: 240 * time.Second,
+		EventsRate: 100} // the events' repairs replay at a pace -race on a busy machine keeps up with
 	var out bytes.Buffer
 	rep, err := run(t.Context(), p, &out)
 	t.Log("\n" + out.String())
@@ -71,6 +72,43 @@ func TestMigrationUnderLoadWithFaultAndRollback(t *testing.T) {
 	assert.Contains(t, out.String(), "CANARY")
 	assert.Contains(t, out.String(), "ROLLBACK to shadow")
 	assert.Contains(t, out.String(), "CONTRACT")
+
+	// The order-events topic's move, after the orders migration.
+	require.NotNil(t, rep.Events, "the events move ran")
+	e := rep.Events
+	assert.Positive(t, e.Produced)
+	assert.Equal(t, e.Produced, e.Consumed, "every event produced was consumed")
+	assert.Zero(t, e.Skipped)
+	assert.Zero(t, e.ProcessedTwice)
+	assert.Zero(t, e.Disorder, "per-key order violations")
+	require.GreaterOrEqual(t, len(e.Moves), 3, "to new, back on the rollback, to new again")
+	for i, m := range e.Moves {
+		assert.Positive(t, m.Keys, "move %d", i+1)
+		assert.Equal(t, m.Keys, m.Resumed, "move %d: every customer resumed at its next event", i+1)
+		assert.Zero(t, m.Skipped, "move %d", i+1)
+		assert.Zero(t, m.ProcessedTwice, "move %d", i+1)
+	}
+	assert.True(t, e.Moves[1].Rollback(), "the second move is the watchdog's rollback to old")
+	var stages []string
+	for _, s := range e.Steps {
+		stages = append(stages, s.Stage.String())
+	}
+	assert.Equal(t, []string{"off", "dualwrite", "shadow", "live", "shadow", "shadow", "live", "rampdown", "complete", "complete"}, stages,
+		"a step recorded at every stage, the rollback and the heal")
+	report := out.String()
+	assert.Regexp(t, `(?m)^\s+[0-9.]+s  events live\s+[0-9]+ events/s  consumed [0-9]+\s+group on new\s+lag [0-9]+`, report, "the move shows in the timeline")
+	assert.Contains(t, report, "» events: fault: the new cluster takes produce requests and answers none")
+	assert.Regexp(t, `(?m)^   events produced, consumed\s+([0-9]+), ([0-9]+) `, report)
+	assert.Regexp(t, `(?m)^   events skipped\s+0$`, report)
+	assert.Regexp(t, `(?m)^   events processed twice\s+0$`, report)
+	assert.Regexp(t, `(?m)^   events per-key order violations\s+0$`, report)
+	assert.Regexp(t, `(?m)^   events cutover 1 to new\s+skipped 0, processed twice 0; `, report)
+	assert.Regexp(t, `(?m)^   events rollback 2 to old\s+skipped 0, processed twice 0; `, report)
+	assert.Regexp(t, `(?m)^   events cutover 3 to new\s+skipped 0, processed twice 0; `, report)
+	assert.Regexp(t, `(?m)^   events lag at live\s+[0-9]+ \(group on new\); .*; consumers move to new first$`, report)
+	assert.Regexp(t, `(?m)^   events lag at shadow\s+[0-9]+ \(group on old\); .*; skipped 0, processed twice 0; watchdog rolled back`, report)
+	assert.Regexp(t, `(?m)^   events lag at complete\s+0 \(group on new\); produced ([0-9]+), consumed ([0-9]+); skipped 0, processed twice 0; done$`, report)
+	assert.Contains(t, report, "== every invariant holds")
 
 	// Nothing is left behind.
 	conn, err := pgx.Connect(context.Background(), url)

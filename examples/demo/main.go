@@ -12,6 +12,13 @@
 // watchdogs judged it clean); during live the new store starts failing (a chaos.Injector), the watchdogs roll
 // back to shadow by themselves, the fault clears, the repairs replay, and
 // the migration goes on to complete and contracts the schema.
+//
+// Then the events example (package eventsvc) moves an order-events topic
+// to another Kafka cluster under load, with a fault on the new cluster and
+// the watchdog's rollback; its timeline joins the demo's and its report
+// lines (produced, consumed, skipped, processed twice at every cutover and
+// rollback, per-key order violations, lag at each step) the validation
+// report.
 package main
 
 import (

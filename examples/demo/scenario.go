@@ -23,6 +23,7 @@ import (
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/chaos"
+	"github.com/dimmer-dev/dimmer/examples/events/eventsvc"
 	"github.com/dimmer-dev/dimmer/examples/orders/ordersvc"
 	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/flags"
@@ -43,10 +44,11 @@ type params struct {
 	Hold              time.Duration // how long each stage is shown before the next step
 	CanaryHold        time.Duration // the least a canary runs before every key follows
 	Timeout           time.Duration // the whole run
+	EventsRate        int           // order events per second while the topic moves
 }
 
 var demoParams = params{Orders: 5000, Customers: 400, Instances: 3, Workers: 8, Pause: 40 * time.Millisecond,
-	MaxRequests: 200000, Window: 4 * time.Second, MinSamples: 60, Hold: 5 * time.Second, CanaryHold: 5 * time.Second, Timeout: 170 * time.Second}
+	MaxRequests: 200000, Window: 4 * time.Second, MinSamples: 60, Hold: 5 * time.Second, CanaryHold: 5 * time.Second, Timeout: 175 * time.Second, EventsRate: 200}
 
 // report is the validation report; failures lists every invariant broken.
 type report struct {
@@ -61,7 +63,8 @@ type report struct {
 	Contracted                                                                   bool
 	VerifiedWithWritesHeld                                                       bool // the final verification needed the writes held
 	Canaries                                                                     []canaryResult
-	LiveWithoutCanary                                                            int // full-live steps the audit log shows without a canary before them
+	LiveWithoutCanary                                                            int              // full-live steps the audit log shows without a canary before them
+	Events                                                                       *eventsvc.Report // the order-events topic's move, after the orders migration
 	Notes, Failures                                                              []string
 }
 
@@ -270,6 +273,10 @@ func run(ctx context.Context, p params, out io.Writer) (*report, error) {
 	if err := d.validate(ctx, rep); err != nil {
 		return rep, err
 	}
+	if err := d.moveEvents(ctx, rep); err != nil {
+		return rep, err
+	}
+	validateEvents(rep)
 	return rep, nil
 }
 

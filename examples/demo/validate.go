@@ -172,6 +172,7 @@ func (r *report) print(w io.Writer) {
 	p("   steps to live without a canary             %d", r.LiveWithoutCanary)
 	p("   fault to automatic rollback                %v (to %s)", r.FaultToRollback.Round(time.Millisecond), r.RolledBackTo)
 	p("   schema contracted                          %v", r.Contracted)
+	printEvents(w, r.Events)
 	for _, n := range r.Notes {
 		p("   note: %s", n)
 	}

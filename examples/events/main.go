@@ -1,11 +1,8 @@
 // Command events moves an order-events topic from one Kafka cluster to
-// another under load, with package streams: a producer service writes
-// order events per customer through a streams.Producer, a consumer service
-// keeps per-customer totals through a streams.Consumer, and the topic's
-// stage flag (Postgres provider) goes off -> dualwrite -> shadow -> live,
-// where the new cluster stops answering: the shadow comparison feeds the
-// watchdog, which rolls the flag back to shadow; once the cluster is healed
-// and the repairs replayed, the flag goes on to complete.
+// another under load, with package streams (see package eventsvc for the
+// story): producers and consumers move under the stage flag, the new
+// cluster stops answering during live, the watchdog rolls back, and after
+// the heal and the replayed repairs the move completes.
 //
 //	go run ./examples/events
 //
@@ -21,6 +18,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/dimmer-dev/dimmer/examples/events/eventsvc"
 )
 
 func main() {
@@ -30,7 +29,7 @@ func main() {
 	if url == "" {
 		url = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
 	}
-	rep, err := Run(ctx, Config{PostgresURL: url, Schema: "dimmer_events_example", Rate: 200, Out: os.Stdout})
+	rep, err := eventsvc.Run(ctx, eventsvc.Config{PostgresURL: url, Schema: "dimmer_events_example", Rate: 200, Out: os.Stdout})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "events:", err)
 		os.Exit(1)

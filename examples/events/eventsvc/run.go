@@ -1,4 +1,4 @@
-package main
+package eventsvc
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/open-feature/go-sdk/openfeature/isolated"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
@@ -33,9 +34,37 @@ const (
 type Config struct {
 	PostgresURL, Schema string
 	Rate                int // events per second
-	Out                 io.Writer
-	Logger              *slog.Logger
+	// Out receives the narrative, one line per step (ignored when Say is set).
+	Out io.Writer
+	// Say, when set, receives the narrative instead of Out.
+	Say    func(format string, args ...any)
+	Logger *slog.Logger
+	// Tick, when set, is called about once a second while the move runs.
+	Tick func(Tick)
 }
+
+// Tick is the state of the move at one moment.
+type Tick struct {
+	Stage              flags.Stage
+	Produced, Consumed int64
+	GroupOn            flags.Side // where the consumer group has committed
+	Lag                int64      // the group's lag there, the highest of any partition
+	RepairsPending     int64      // copies still to replay on the other cluster
+}
+
+// Move is one of the consumer's moves between clusters, and what the
+// ledger saw of the records handled after it, until the next move.
+type Move struct {
+	To flags.Side // new: a cutover; old: a rollback
+	// Keys is how many customers had events on both sides of the move;
+	// Resumed how many of those continued at exactly their next event.
+	Keys, Resumed           int
+	Skipped, ProcessedTwice int
+	Pause                   time.Duration // last record on one cluster to the first on the other
+}
+
+// Rollback reports whether the move went back to the old cluster.
+func (m Move) Rollback() bool { return m.To == flags.Old }
 
 // Step is one line of the report: a stage reached and what it cost.
 type Step struct {
@@ -55,20 +84,45 @@ type Report struct {
 	Repairs                           int64
 	Cutovers                          int64
 	Pauses                            []time.Duration
+	Moves                             []Move
 }
 
-// OK reports whether every record was processed once, in key order.
-func (r Report) OK() bool { return r.Skipped == 0 && r.ProcessedTwice == 0 && r.Disorder == 0 }
+// OK reports whether every record was processed once, in key order, and
+// every move resumed each customer at its next event.
+func (r Report) OK() bool {
+	for _, m := range r.Moves {
+		if m.Skipped != 0 || m.ProcessedTwice != 0 || m.Resumed != m.Keys {
+			return false
+		}
+	}
+	return r.Skipped == 0 && r.ProcessedTwice == 0 && r.Disorder == 0
+}
 
 // ledger is the consumer service's state: per customer, the total and the
-// last sequence number seen, and how often each event was applied.
+// last sequence number seen, and how often each event was applied. It also
+// notes, per move of the consumer (epoch), how each customer resumed and
+// which events were handled twice or jumped over.
 type ledger struct {
 	mu     sync.Mutex
 	totals map[string]int64
 	last   map[string]int
+	epochs map[string]int64 // the epoch of each customer's last event
 	times  map[string]int
 	disord int
 	n      atomic.Int64
+
+	epoch   func() int64 // the consumer's moves so far
+	moves   map[int64]*Move
+	gaps    []gap
+	twiceAt map[int64]int
+}
+
+// gap is a run of a customer's events jumped over when the event after it
+// was handled in epoch: skipped unless they arrive later.
+type gap struct {
+	epoch    int64
+	cust     string
+	from, to int
 }
 
 func (l *ledger) apply(_ context.Context, rec *kgo.Record) error {
@@ -77,13 +131,37 @@ func (l *ledger) apply(_ context.Context, rec *kgo.Record) error {
 	if _, err := fmt.Sscanf(string(rec.Value), "%s %d %d", &cust, &seq, &cents); err != nil {
 		return fmt.Errorf("malformed event %q: %w", rec.Value, err)
 	}
+	var e int64
+	if l.epoch != nil {
+		e = l.epoch()
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.times[cust+" "+fmt.Sprint(seq)]++
-	if seq <= l.last[cust] {
+	id := cust + " " + fmt.Sprint(seq)
+	l.times[id]++
+	last := l.last[cust]
+	if e > 0 && last > 0 && l.epochs[cust] != e {
+		m := l.moves[e]
+		if m == nil {
+			m = &Move{}
+			l.moves[e] = m
+		}
+		m.Keys++
+		if seq == last+1 {
+			m.Resumed++
+		}
+	}
+	if l.times[id] > 1 {
+		l.twiceAt[e]++
+	}
+	switch {
+	case seq <= last:
 		l.disord++
+	case seq > last+1:
+		l.gaps = append(l.gaps, gap{epoch: e, cust: cust, from: last + 1, to: seq - 1})
 	}
 	l.last[cust] = seq
+	l.epochs[cust] = e
 	l.totals[cust] += int64(cents)
 	l.n.Add(1)
 	return nil
@@ -95,7 +173,16 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	say := func(format string, args ...any) { fmt.Fprintf(cfg.Out, format+"\n", args...) }
+	say := cfg.Say
+	if say == nil {
+		if cfg.Out == nil {
+			cfg.Out = io.Discard
+		}
+		say = func(format string, args ...any) { fmt.Fprintf(cfg.Out, format+"\n", args...) }
+	}
+	if cfg.Rate <= 0 {
+		return rep, fmt.Errorf("eventsvc: Rate must be positive, got %d", cfg.Rate)
+	}
 
 	// Postgres: the flag store and the outbox holding stream repairs.
 	admin, err := pgxpool.New(ctx, cfg.PostgresURL)
@@ -117,18 +204,18 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		return rep, err
 	}
 	defer pool.Close()
-	store, err := pgflags.NewStore(pool, pgflags.WithSchema(cfg.Schema))
+	store, err := pgflags.NewStore(pool, pgflags.WithSchema(cfg.Schema), pgflags.WithLogger(cfg.Logger))
 	if err != nil {
 		return rep, err
 	}
 	if err := store.Install(ctx); err != nil {
 		return rep, err
 	}
-	ctrl, err := flags.NewController(store)
+	ctrl, err := flags.NewController(store, flags.WithControllerLogger(cfg.Logger))
 	if err != nil {
 		return rep, err
 	}
-	provider, err := pgflags.NewProvider(pool, pgflags.WithSchema(cfg.Schema), pgflags.WithResyncInterval(time.Second))
+	provider, err := pgflags.NewProvider(pool, pgflags.WithSchema(cfg.Schema), pgflags.WithResyncInterval(time.Second), pgflags.WithLogger(cfg.Logger))
 	if err != nil {
 		return rep, err
 	}
@@ -221,13 +308,24 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	if err != nil {
 		return rep, err
 	}
-	l := &ledger{totals: map[string]int64{}, last: map[string]int{}, times: map[string]int{}}
+	var adm [2]*kadm.Client // old, new: where the group stands, for the report
+	for i, o := range [][]kgo.Opt{oldOpts, newOpts} {
+		cl, err := kgo.NewClient(o...)
+		if err != nil {
+			return rep, err
+		}
+		defer cl.Close()
+		adm[i] = kadm.NewClient(cl)
+	}
+	l := &ledger{totals: map[string]int64{}, last: map[string]int{}, epochs: map[string]int64{}, times: map[string]int{},
+		moves: map[int64]*Move{}, twiceAt: map[int64]int{}}
 	cons, err := streams.NewConsumer(streams.ConsumerConfig{Migration: migration, Topic: topic, Group: "customer-totals",
 		Old: oldOpts, New: newOpts, Source: source, Handler: l.apply, PollTimeout: 100 * time.Millisecond, Logger: cfg.Logger})
 	if err != nil {
 		return rep, err
 	}
 	defer cons.Close()
+	l.epoch = func() int64 { return cons.Stats().Cutovers }
 
 	// The services run until the end of the move.
 	rctx, stopAll := context.WithCancel(ctx)
@@ -249,6 +347,28 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		}
 	})
 	var produced atomic.Int64
+	if cfg.Tick != nil {
+		wg.Go(func() {
+			t := time.NewTicker(time.Second)
+			defer t.Stop()
+			for {
+				select {
+				case <-rctx.Done():
+					return
+				case <-t.C:
+				}
+				st, _ := source.Stage(rctx, migration, "customer-totals")
+				tk := Tick{Stage: st, Produced: produced.Load(), Consumed: l.n.Load()}
+				if gs, err := statusOf(rctx, adm); err == nil {
+					tk.GroupOn, tk.Lag = gs.group, gs.lag
+				}
+				tk.RepairsPending, _ = repairs.Pending(rctx)
+				if rctx.Err() == nil {
+					cfg.Tick(tk)
+				}
+			}
+		})
+	}
 	var events []string
 	var evMu sync.Mutex
 	pctx, stopProducing := context.WithCancel(rctx)
@@ -310,26 +430,27 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	stageIs := func(s flags.Stage) func() bool {
 		return func() bool { st, _ := source.Stage(ctx, migration, "customer-totals"); return st == s }
 	}
-	counts := func() (skipped, twice int) {
+	// Processed twice is known when it happens; skipped only once the
+	// consumer has caught up at the end, so the steps get it then.
+	twiceSoFar := func() (twice int) {
 		evMu.Lock()
 		defer evMu.Unlock()
 		l.mu.Lock()
 		defer l.mu.Unlock()
 		for _, e := range events {
-			switch n := l.times[e]; {
-			case n > 1:
+			if n := l.times[e]; n > 1 {
 				twice += n - 1
 			}
 		}
-		return 0, twice
+		return twice
 	}
 	record := func(why string) {
 		st, _ := source.Stage(ctx, migration, "customer-totals")
 		s := Step{Stage: st, Why: why, Produced: produced.Load(), Consumed: l.n.Load()}
-		if gs, err := statusOf(ctx, oldOpts, newOpts); err == nil {
+		if gs, err := statusOf(ctx, adm); err == nil {
 			s.GroupOn, s.Lag = gs.group, gs.lag
 		}
-		s.Skipped, s.ProcessedTwice = counts()
+		s.ProcessedTwice = twiceSoFar()
 		rep.Steps = append(rep.Steps, s)
 		say("%-9s %-44s produced %5d consumed %5d group on %-4s lag %3d twice %d", s.Stage, why, s.Produced, s.Consumed, s.GroupOn, s.Lag, s.ProcessedTwice)
 	}
@@ -407,9 +528,42 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 		}
 	}
 	rep.Disorder = l.disord
+	for i := range rep.Steps {
+		for _, e := range events[:min(len(events), int(rep.Steps[i].Produced))] {
+			if l.times[e] == 0 {
+				rep.Steps[i].Skipped++
+			}
+		}
+	}
+	cs := cons.Stats()
+	// The consumer started on old (stage off), so its moves alternate:
+	// to new, back to old, to new again.
+	for e := int64(1); e <= cs.Cutovers; e++ {
+		m := Move{To: flags.New}
+		if e%2 == 0 {
+			m.To = flags.Old
+		}
+		if lm := l.moves[e]; lm != nil {
+			m.Keys, m.Resumed = lm.Keys, lm.Resumed
+		}
+		m.ProcessedTwice = l.twiceAt[e]
+		for _, g := range l.gaps {
+			if g.epoch != e {
+				continue
+			}
+			for seq := g.from; seq <= g.to; seq++ {
+				if l.times[g.cust+" "+fmt.Sprint(seq)] == 0 {
+					m.Skipped++
+				}
+			}
+		}
+		if len(cs.Pauses) == int(cs.Cutovers) {
+			m.Pause = cs.Pauses[e-1]
+		}
+		rep.Moves = append(rep.Moves, m)
+	}
 	l.mu.Unlock()
 	evMu.Unlock()
-	cs := cons.Stats()
 	rep.Produced, rep.Consumed, rep.Repairs, rep.Cutovers, rep.Pauses = total, cs.Processed, prod.Stats().Repairs, cs.Cutovers, cs.Pauses
 	var pauses []string
 	for _, p := range cs.Pauses {
@@ -417,6 +571,14 @@ func Run(ctx context.Context, cfg Config) (Report, error) {
 	}
 	say("validation: produced %d, consumed %d, skipped %d, processed twice %d, per-key order violations %d, repairs %d, consumer moves %d (pauses %s)",
 		rep.Produced, rep.Consumed, rep.Skipped, rep.ProcessedTwice, rep.Disorder, rep.Repairs, rep.Cutovers, strings.Join(pauses, ", "))
+	for i, m := range rep.Moves {
+		kind := "cutover"
+		if m.Rollback() {
+			kind = "rollback"
+		}
+		say("move %d to %s (%s): %d of %d customers resumed at their next event, skipped %d, processed twice %d",
+			i+1, m.To, kind, m.Resumed, m.Keys, m.Skipped, m.ProcessedTwice)
+	}
 	return rep, nil
 }
 
@@ -425,19 +587,11 @@ type groupPos struct {
 	lag   int64
 }
 
-func statusOf(ctx context.Context, oldOpts, newOpts []kgo.Opt) (groupPos, error) {
+// statusOf reads where the consumer group stands, through admin clients
+// kept for the whole run.
+func statusOf(ctx context.Context, adm [2]*kadm.Client) (groupPos, error) {
 	var pos groupPos
-	ocl, err := kgo.NewClient(oldOpts...)
-	if err != nil {
-		return pos, err
-	}
-	defer ocl.Close()
-	ncl, err := kgo.NewClient(newOpts...)
-	if err != nil {
-		return pos, err
-	}
-	defer ncl.Close()
-	st, err := streams.GroupStatus(ctx, kadmOf(ocl), kadmOf(ncl), topic, "customer-totals", "")
+	st, err := streams.GroupStatus(ctx, adm[0], adm[1], topic, "customer-totals", "")
 	if err != nil {
 		return pos, err
 	}
