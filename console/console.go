@@ -36,10 +36,12 @@ type Server struct {
 	sessionTTL    time.Duration
 	now           func() time.Time
 
-	metrics   http.Handler
-	backfills Backfills
-	repairs   RepairLog
-	plans     SchemaPlans
+	metrics     http.Handler
+	backfills   Backfills
+	repairs     RepairLog
+	plans       SchemaPlans
+	slots       ReplicationSlots
+	maxRetained int64
 
 	tmpl    *template.Template
 	handler http.Handler

@@ -19,6 +19,9 @@
 //     ETA, last verification and whether it is stale); with [WithRepairs],
 //     its repair backlog and dead letters; with [WithSchemaPlans], the
 //     expand/contract plans naming it, with every step's state;
+//   - with [WithSlots], on both pages, the replication slots of change data
+//     capture (reader, lag, retained WAL) and a critical alert for a slot
+//     past the retained-WAL bound, lost or gone, as [cdc.CheckSlots] fails;
 //   - charts over time of the fleet's error rate, lasting and transient
 //     mismatch rate and p99, from samples the console keeps in memory
 //     ([Server.Run], [WithHistory]): the instances only publish their

@@ -18,6 +18,7 @@ import (
 var funcs = template.FuncMap{
 	"pct":    pct,
 	"charts": charts,
+	"bytes":  bytesText,
 	"ago": func(now, t time.Time) string {
 		if t.IsZero() {
 			return "never"
