@@ -36,7 +36,11 @@
 // Content-Security-Policy that allows only the console's own script. The
 // script polls a fragment of the page (?part=live) rendered and escaped by
 // the same templates, so no untrusted text is ever assembled into HTML in
-// the browser.
+// the browser. With [WithChanges] the pages also open a server-sent event
+// stream (GET /api/events) fed by the store's notifications through an
+// OpenFeature provider, and refresh as soon as a stage changes; polling
+// stays for what changes without a notification (heartbeats, refusals,
+// backfills).
 //
 // # Security
 //

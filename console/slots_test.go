@@ -123,4 +123,3 @@ func TestWithSlotsRefusesBadInput(t *testing.T) {
 	_, err = console.New(e.ctrl, e.store, token, console.WithSlots(console.CDCSlots(e.pool, ""), -1))
 	require.ErrorContains(t, err, "maxRetained -1")
 }
-

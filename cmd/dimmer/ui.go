@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/open-feature/go-sdk/openfeature"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -21,6 +22,7 @@ import (
 	"github.com/dimmer-dev/dimmer/cdc"
 	"github.com/dimmer-dev/dimmer/console"
 	"github.com/dimmer-dev/dimmer/expandcontract"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -51,7 +53,11 @@ Prometheus exporter), behind the same token.
 
 Where the replication slot registry of package cdc exists (in DIMMER_CDC_DB,
 else the store's database), both pages show every slot's reader, lag and
-retained WAL, with an alert past --max-retained-wal.`,
+retained WAL, with an alert past --max-retained-wal.
+
+With a Postgres store the pages also listen to its change notifications
+(server-sent events, GET /api/events) and show a new stage at once; they
+poll every --refresh either way.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			token := os.Getenv("DIMMER_UI_TOKEN")
@@ -140,6 +146,19 @@ retained WAL, with an alert past --max-retained-wal.`,
 					}
 					defer func() { _ = stop() }()
 				}
+			}
+			// A Postgres store notifies its changes: pages then show a new
+			// stage at once instead of at their next poll.
+			if pg, ok := be.store.(*pgflags.Store); ok && be.pool != nil {
+				prov, err := pgflags.NewProvider(be.pool, pgflags.WithSchema(pg.Schema()), pgflags.WithLogger(c.logger))
+				if err != nil {
+					return err
+				}
+				if err := prov.InitWithContext(cmd.Context(), openfeature.EvaluationContext{}); err != nil {
+					return fmt.Errorf("flag store notifications: %w", err)
+				}
+				defer prov.Shutdown()
+				opts = append(opts, console.WithChanges(prov.EventChannel()))
 			}
 			srv, err := console.New(ctrl, be.fleet, token, opts...)
 			if err != nil {

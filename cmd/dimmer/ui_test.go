@@ -72,6 +72,18 @@ func TestUIServesUntilCancelled(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Contains(t, string(body), `"describe":"dualwrite"`)
 
+	// A Postgres store's notifications reach the pages as server-sent events.
+	req, err = http.NewRequest("GET", m+"api/events", nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	assert.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
+	first, err := bufio.NewReader(resp.Body).ReadString('\n')
+	require.NoError(t, err)
+	assert.Equal(t, "retry: 2000\n", first)
+	resp.Body.Close()
+
 	req, err = http.NewRequest("GET", m+"metrics", nil)
 	require.NoError(t, err)
 	req.Header.Set("Authorization", "Bearer "+token)
