@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"sync"
 	"time"
 )
 
@@ -184,31 +183,6 @@ func (c *Controller) Plan(ctx context.Context, r Request) (Transition, []CheckRe
 
 // judge runs the rules and guards. refused is non-nil when some check failed
 // that force does not (or may not) override.
-// runGuards runs the guards that apply to t at once, as most of them wait
-// on a store or a database: a verdict takes as long as the slowest check,
-// not their sum. The results keep the guards' order.
-func (c *Controller) runGuards(ctx context.Context, t Transition) []CheckResult {
-	var applying []Guard
-	for _, g := range c.guards {
-		if g.Applies(t) {
-			applying = append(applying, g)
-		}
-	}
-	out := make([]CheckResult, len(applying))
-	var wg sync.WaitGroup
-	for i, g := range applying {
-		wg.Go(func() {
-			res := CheckResult{Name: g.Name(), Passed: true, Detail: "ok"}
-			if err := g.Check(ctx, t); err != nil {
-				res.Passed, res.Detail = false, err.Error()
-			}
-			out[i] = res
-		})
-	}
-	wg.Wait()
-	return out
-}
-
 func (c *Controller) judge(ctx context.Context, t Transition) (checks []CheckResult, refused *RefusedError) {
 	if bad := t.skips(); len(bad) > 0 {
 		for _, m := range bad {
@@ -232,7 +206,16 @@ func (c *Controller) judge(ctx context.Context, t Transition) (checks []CheckRes
 		checks = append(checks, res)
 	}
 	if t.Forward() {
-		checks = append(checks, c.runGuards(ctx, t)...)
+		for _, g := range c.guards {
+			if !g.Applies(t) {
+				continue
+			}
+			res := CheckResult{Name: g.Name(), Passed: true, Detail: "ok"}
+			if err := g.Check(ctx, t); err != nil {
+				res.Passed, res.Detail = false, err.Error()
+			}
+			checks = append(checks, res)
+		}
 	}
 	var failed []CheckResult
 	for _, ch := range checks {

@@ -595,36 +595,3 @@ func TestControllerRefusesRunawayText(t *testing.T) {
 	assert.Less(t, len(err.Error()), 300)
 	assert.Contains(t, err.Error(), "(10000 bytes)")
 }
-
-// The guards of a transition run at the same time (a verdict waits for the
-// slowest check, not their sum) and their results keep the guards' order.
-func TestControllerRunsGuardsAtOnce(t *testing.T) {
-	t.Parallel()
-	store := newStore(t)
-	// Each guard waits until the other has started: run one after the
-	// other, the first would wait until its deadline.
-	aStarted, bStarted := make(chan struct{}), make(chan struct{})
-	waitFor := func(started, other chan struct{}, verdict error) func(context.Context, flags.Transition) error {
-		return func(ctx context.Context, _ flags.Transition) error {
-			close(started)
-			select {
-			case <-other:
-				return verdict
-			case <-time.After(5 * time.Second):
-				return errors.New("the other guard never started: guards ran one after the other")
-			}
-		}
-	}
-	c, err := flags.NewController(store, flags.WithGuards(
-		flags.NewGuard("a", nil, waitFor(aStarted, bStarted, errors.New("a says no"))),
-		flags.NewGuard("b", nil, waitFor(bStarted, aStarted, nil)),
-	))
-	require.NoError(t, err)
-	st, err := c.Status(ctx(t), "orders", nil)
-	require.NoError(t, err)
-	require.Len(t, st.Checks, 3)
-	assert.Equal(t, flags.CheckResult{Name: "one-step-forward", Passed: true, Detail: "no stage is skipped"}, st.Checks[0])
-	assert.Equal(t, flags.CheckResult{Name: "a", Detail: "a says no"}, st.Checks[1])
-	assert.Equal(t, flags.CheckResult{Name: "b", Passed: true, Detail: "ok"}, st.Checks[2])
-	assert.False(t, st.Ready)
-}

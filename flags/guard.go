@@ -8,9 +8,7 @@ import (
 )
 
 // Guard is one go/no-go check the controller runs before a forward
-// transition. Guards never judge a step back. The controller runs the
-// guards of a transition at the same time (and several transitions may be
-// judged at once), so Check must be safe for concurrent use.
+// transition. Guards never judge a step back.
 type Guard interface {
 	// Name identifies the check in refusals, the audit log and status.
 	Name() string
