@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/open-feature/go-sdk/openfeature"
+
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -36,16 +38,24 @@ type Server struct {
 	sessionTTL    time.Duration
 	now           func() time.Time
 
-	metrics   http.Handler
-	backfills Backfills
-	repairs   RepairLog
-	plans     SchemaPlans
+	metrics     http.Handler
+	backfills   Backfills
+	repairs     RepairLog
+	plans       SchemaPlans
+	slots       ReplicationSlots
+	maxRetained int64
 
 	tmpl    *template.Template
 	handler http.Handler
 
 	mu       sync.Mutex
 	sessions map[string]*session
+
+	changes     <-chan openfeature.Event
+	evMu        sync.Mutex
+	streams     map[chan []string]struct{}
+	streamsDone chan struct{}
+	stopStreams sync.Once
 
 	sampleEvery time.Duration
 	sampleKeep  int
@@ -140,7 +150,7 @@ func New(ctrl *flags.Controller, fleet flags.FleetStore, token string, opts ...O
 		ctrl: ctrl, store: ctrl.Store(), fleet: fleet, token: token, logger: slog.Default(),
 		refresh: 2 * time.Second, timelineLimit: 100, sessionTTL: 12 * time.Hour, now: time.Now,
 		sessions: map[string]*session{}, sampleEvery: 10 * time.Second, sampleKeep: 360,
-		hist: map[string]*history{},
+		hist: map[string]*history{}, streams: map[chan []string]struct{}{}, streamsDone: make(chan struct{}),
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {
@@ -176,6 +186,9 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /api/overview", s.authed(http.HandlerFunc(s.overviewJSON)))
 	mux.Handle("GET /m/{name}", s.authed(http.HandlerFunc(s.migrationPage)))
 	mux.Handle("GET /api/m/{name}", s.authed(http.HandlerFunc(s.migrationJSON)))
+	if s.changes != nil {
+		mux.Handle("GET /api/events", s.authed(http.HandlerFunc(s.events)))
+	}
 	if s.metrics != nil {
 		mux.Handle("GET /metrics", s.authed(s.metrics))
 	}

@@ -22,6 +22,10 @@ type Overview struct {
 	Migrations []Summary `json:"migrations"`
 	// BackfillError says why the backfill jobs could not be read.
 	BackfillError string `json:"backfill_error,omitempty"`
+	// Slots are the replication slots of change data capture ([WithSlots]).
+	Slots *SlotsView `json:"slots,omitempty"`
+	// Alerts concern every migration: a slot retaining too much WAL.
+	Alerts []Alert `json:"alerts"`
 }
 
 // Fleet sums up the fleet registry.
@@ -83,6 +87,9 @@ type Migration struct {
 	// PlanError says why they could not be read.
 	Plans     []PlanView `json:"plans"`
 	PlanError string     `json:"plan_error,omitempty"`
+	// Slots are the replication slots of change data capture ([WithSlots]);
+	// their alerts are among the Summary's.
+	Slots *SlotsView `json:"slots,omitempty"`
 }
 
 // InstanceView is one live instance and what it observes of the migration.
@@ -126,7 +133,7 @@ type Event struct {
 
 // overview gathers the overview data.
 func (s *Server) overview(ctx context.Context) (Overview, error) {
-	ov := Overview{GeneratedAt: s.now().UTC()}
+	ov := Overview{GeneratedAt: s.now().UTC(), Alerts: []Alert{}}
 	all, err := s.store.Migrations(ctx)
 	if err != nil {
 		return ov, fmt.Errorf("list migrations: %w", err)
@@ -140,6 +147,8 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 			ov.BackfillError = jerr.Error()
 		}
 	}
+	ov.Slots = s.slotsView(ctx)
+	ov.Alerts = append(ov.Alerts, slotAlerts(ov.Slots)...)
 	slices.SortFunc(all, func(a, b flags.State) int { return strings.Compare(a.Migration, b.Migration) })
 	for _, st := range all {
 		sum, err := s.summary(ctx, st.Migration, insts, ferr)
@@ -279,6 +288,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		rv     *RepairView
 		plans  []expandcontract.Status
 		perr   error
+		slots  *SlotsView
 	)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -315,6 +325,12 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 			return nil
 		})
 	}
+	if s.slots != nil {
+		g.Go(func() error {
+			slots = s.slotsView(gctx)
+			return nil
+		})
+	}
 	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
@@ -325,10 +341,11 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	pviews := planViews(plans, name)
 	sum.Alerts = append(sum.Alerts, planAlerts(pviews)...)
 	sum.Alerts = append(sum.Alerts, s.timelineAlerts(audit)...)
+	sum.Alerts = append(sum.Alerts, slotAlerts(slots)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
 		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: make([]Event, 0, len(audit)),
-		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv, Plans: pviews,
+		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv, Plans: pviews, Slots: slots,
 	}
 	if perr != nil {
 		m.PlanError = perr.Error()

@@ -19,6 +19,9 @@
 //     ETA, last verification and whether it is stale); with [WithRepairs],
 //     its repair backlog and dead letters; with [WithSchemaPlans], the
 //     expand/contract plans naming it, with every step's state;
+//   - with [WithSlots], on both pages, the replication slots of change data
+//     capture (reader, lag, retained WAL) and a critical alert for a slot
+//     past the retained-WAL bound, lost or gone, as [cdc.CheckSlots] fails;
 //   - charts over time of the fleet's error rate, lasting and transient
 //     mismatch rate and p99, from samples the console keeps in memory
 //     ([Server.Run], [WithHistory]): the instances only publish their
@@ -33,7 +36,11 @@
 // Content-Security-Policy that allows only the console's own script. The
 // script polls a fragment of the page (?part=live) rendered and escaped by
 // the same templates, so no untrusted text is ever assembled into HTML in
-// the browser.
+// the browser. With [WithChanges] the pages also open a server-sent event
+// stream (GET /api/events) fed by the store's notifications through an
+// OpenFeature provider, and refresh as soon as a stage changes; polling
+// stays for what changes without a notification (heartbeats, refusals,
+// backfills).
 //
 // # Security
 //

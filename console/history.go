@@ -6,6 +6,7 @@ import (
 	"html/template"
 	"math"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/dimmer-dev/dimmer/flags"
@@ -61,8 +62,15 @@ func WithHistory(every time.Duration, keep int) Option {
 
 // Run samples every migration's fleet windows for the charts until ctx
 // ends. Pages also sample when they are requested, so Run only fills the
-// charts while nobody is looking.
+// charts while nobody is looking. With [WithChanges] it also passes the
+// store's changes to the pages' event streams, and ends them when it
+// returns (so a server's graceful shutdown does not wait on them).
 func (s *Server) Run(ctx context.Context) error {
+	if s.changes != nil {
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		wg.Go(func() { s.forwardChanges(ctx) })
+	}
 	t := time.NewTicker(s.sampleEvery)
 	defer t.Stop()
 	for {

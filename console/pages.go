@@ -18,6 +18,7 @@ import (
 var funcs = template.FuncMap{
 	"pct":    pct,
 	"charts": charts,
+	"bytes":  bytesText,
 	"ago": func(now, t time.Time) string {
 		if t.IsZero() {
 			return "never"
@@ -78,6 +79,8 @@ type pageView struct {
 	Title   string
 	Now     time.Time
 	Refresh int64 // milliseconds
+	// Events: the page listens to GET /api/events ([WithChanges]).
+	Events  bool
 	Actions bool
 	CSRF    string
 	Who     string
@@ -88,7 +91,7 @@ type pageView struct {
 func (s *Server) page(r *http.Request, title string, data any) pageView {
 	p := principalOf(r.Context())
 	return pageView{
-		Title: title, Now: s.now(), Refresh: s.refresh.Milliseconds(), Actions: s.actions,
+		Title: title, Now: s.now(), Refresh: s.refresh.Milliseconds(), Events: s.changes != nil, Actions: s.actions,
 		CSRF: p.csrf, Who: p.operator, Login: !p.viaToken, Data: data,
 	}
 }

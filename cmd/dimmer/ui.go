@@ -9,6 +9,9 @@ import (
 	"os"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/open-feature/go-sdk/openfeature"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
@@ -16,8 +19,10 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
 	"github.com/dimmer-dev/dimmer/backfill"
+	"github.com/dimmer-dev/dimmer/cdc"
 	"github.com/dimmer-dev/dimmer/console"
 	"github.com/dimmer-dev/dimmer/expandcontract"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -27,6 +32,7 @@ func (c *cli) uiCmd() *cobra.Command {
 	var listen string
 	var actions, allowRemote bool
 	var refresh time.Duration
+	var maxRetained int64
 	cmd := &cobra.Command{
 		Use:   "ui [--listen 127.0.0.1:8080] [--actions]",
 		Short: "Serve the operator console: every migration's stage, go/no-go checks, fleet and timeline in the browser",
@@ -43,7 +49,15 @@ each with a reason, audited under the operator's name. It listens on loopback un
 --allow-remote is given.
 
 GET /metrics serves the same figures for Prometheus (OpenTelemetry's
-Prometheus exporter), behind the same token.`,
+Prometheus exporter), behind the same token.
+
+Where the replication slot registry of package cdc exists (in DIMMER_CDC_DB,
+else the store's database), both pages show every slot's reader, lag and
+retained WAL, with an alert past --max-retained-wal.
+
+With a Postgres store the pages also listen to its change notifications
+(server-sent events, GET /api/events) and show a new stage at once; they
+poll every --refresh either way.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			token := os.Getenv("DIMMER_UI_TOKEN")
@@ -104,6 +118,48 @@ Prometheus exporter), behind the same token.`,
 					c.logger.Warn("console: no schema plans shown", "err", err)
 				}
 			}
+			// The replication slots of change data capture, as dimmer cdc
+			// status reads them (DIMMER_CDC_DB, else the store's database),
+			// when their registry exists.
+			slotPool := be.pool
+			if url := os.Getenv("DIMMER_CDC_DB"); url != "" {
+				p, err := pgxpool.New(cmd.Context(), url)
+				if err != nil {
+					return usagef("DIMMER_CDC_DB: %v", err)
+				}
+				defer p.Close()
+				slotPool = p
+			}
+			if slotPool != nil {
+				var reg *string
+				err := slotPool.QueryRow(cmd.Context(), `SELECT to_regclass($1)::text`, pgx.Identifier{c.schema, "cdc_slots"}.Sanitize()).Scan(&reg)
+				switch {
+				case err != nil:
+					c.logger.Warn("console: no replication slots shown", "err", err)
+				case reg == nil:
+					c.logger.Info("console: no replication slot registry", "schema", c.schema)
+				default:
+					opts = append(opts, console.WithSlots(console.CDCSlots(slotPool, c.schema), maxRetained))
+					stop, err := cdc.ObserveSlots(slotPool, c.schema, mp)
+					if err != nil {
+						return err
+					}
+					defer func() { _ = stop() }()
+				}
+			}
+			// A Postgres store notifies its changes: pages then show a new
+			// stage at once instead of at their next poll.
+			if pg, ok := be.store.(*pgflags.Store); ok && be.pool != nil {
+				prov, err := pgflags.NewProvider(be.pool, pgflags.WithSchema(pg.Schema()), pgflags.WithLogger(c.logger))
+				if err != nil {
+					return err
+				}
+				if err := prov.InitWithContext(cmd.Context(), openfeature.EvaluationContext{}); err != nil {
+					return fmt.Errorf("flag store notifications: %w", err)
+				}
+				defer prov.Shutdown()
+				opts = append(opts, console.WithChanges(prov.EventChannel()))
+			}
 			srv, err := console.New(ctrl, be.fleet, token, opts...)
 			if err != nil {
 				return usageError{err}
@@ -134,6 +190,7 @@ Prometheus exporter), behind the same token.`,
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:8080", "address to listen on")
 	cmd.Flags().BoolVar(&actions, "actions", false, "enable advance, roll back and rollout (guarded, audited)")
 	cmd.Flags().BoolVar(&allowRemote, "allow-remote", false, "allow a --listen address other than loopback")
+	cmd.Flags().Int64Var(&maxRetained, "max-retained-wal", 1<<30, "alert when a replication slot retains more WAL than this many bytes (0: no bound), as dimmer cdc status --max-retained")
 	cmd.Flags().DurationVar(&refresh, "refresh", 2*time.Second, "how often the pages refresh themselves")
 	return cmd
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/open-feature/go-sdk/openfeature"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -358,4 +359,52 @@ func TestConsoleInBrowser(t *testing.T) {
 		assert.Equal(t, n, e.auditLen(t), "nothing audited")
 		screenshot(t, tab, "cross-site")
 	})
+}
+
+// With the store's notifications a stage change shows on an open page at
+// once: the page here polls only once an hour, so nothing else could bring
+// the change in time.
+func TestStageChangeArrivesByEvent(t *testing.T) {
+	pool, schema := dimmertest.Schema(t)
+	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(quiet))
+	require.NoError(t, err)
+	bg := context.Background()
+	require.NoError(t, store.Install(bg))
+	ctrl, err := flags.NewController(store, flags.WithControllerLogger(quiet))
+	require.NoError(t, err)
+	_, err = ctrl.Advance(bg, "orders", "alice", "start")
+	require.NoError(t, err)
+	prov, err := pgflags.NewProvider(pool, pgflags.WithSchema(schema), pgflags.WithLogger(quiet))
+	require.NoError(t, err)
+	require.NoError(t, prov.InitWithContext(bg, openfeature.EvaluationContext{}))
+	t.Cleanup(prov.Shutdown)
+	srv, err := console.New(ctrl, store, token, console.WithRefresh(time.Hour), console.WithChanges(prov.EventChannel()), console.WithLogger(quiet))
+	require.NoError(t, err)
+	runCtx, stop := context.WithCancel(bg)
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(runCtx) }()
+	hs := httptest.NewServer(srv)
+	t.Cleanup(func() { stop(); <-ran; hs.Close() }) // Run ends the event streams, so Close does not wait on them
+
+	tab := browser(t)
+	_, err = chromedp.Run(tab, chromedp.NavigateResponse(hs.URL+"/"))
+	require.NoError(t, err)
+	_, err = chromedp.RunResponse(tab,
+		chromedp.SetValue(chromedp.ID("token"), token),
+		chromedp.SetValue(chromedp.ID("operator"), "carol"),
+		chromedp.Click(chromedp.CSS(`#login button`)),
+	)
+	require.NoError(t, err, "log in")
+	step(t, tab, "open orders", chromedp.Navigate(hs.URL+"/m/orders"))
+	waitFor(t, tab, "stage dualwrite", `document.getElementById("stage")?.textContent === "dualwrite"`)
+	eval[bool](t, tab, `window.__sameDocument = true`)
+	// A change made before the stream connects would only show at the next
+	// poll.
+	waitFor(t, tab, "event stream open", `document.body.dataset.stream === "open"`)
+
+	_, err = ctrl.Advance(bg, "orders", "alice", "shadow next")
+	require.NoError(t, err)
+	waitFor(t, tab, "stage shadow", `document.getElementById("stage")?.textContent === "shadow"`)
+	assert.True(t, eval[bool](t, tab, `window.__sameDocument === true`), "the page was not reloaded")
+	screenshot(t, tab, "event")
 }

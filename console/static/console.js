@@ -9,6 +9,7 @@
   var every = parseInt(body.dataset.refresh, 10) || 2000;
   var csrf = body.dataset.csrf || "";
   var busy = false;
+  var again = false;
 
   function say(text) {
     if (!banner) return;
@@ -27,7 +28,8 @@
   }
 
   function refresh() {
-    if (!live || busy) return Promise.resolve();
+    if (!live) return Promise.resolve();
+    if (busy) { again = true; return Promise.resolve(); }
     busy = true;
     var u = new URL(location.href);
     u.searchParams.set("part", "live");
@@ -42,7 +44,11 @@
         });
       })
       .catch(function (e) { say("refresh failed: " + e); })
-      .finally(function () { busy = false; });
+      .finally(function () {
+        busy = false;
+        // A change announced while a refresh was in flight may have missed it.
+        if (again) { again = false; refresh(); }
+      });
   }
 
   document.querySelectorAll("form.action").forEach(function (f) {
@@ -71,4 +77,11 @@
   });
 
   if (live) setInterval(refresh, every);
+  // A stage change shows at once; polling still brings the rest.
+  if (live && body.dataset.events && window.EventSource) {
+    var es = new EventSource(body.dataset.events);
+    es.addEventListener("change", function () { refresh(); });
+    es.onopen = function () { body.dataset.stream = "open"; };
+    es.onerror = function () { body.dataset.stream = "reconnecting"; };
+  }
 })();
