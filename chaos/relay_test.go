@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -228,7 +229,8 @@ func kafkaPublisher(t *testing.T, opts ...kgo.Opt) *kafkasink.Publisher {
 // find its leases taken), then its Run is cancelled and its connections
 // reset (a crash, never shut down). Relay B takes A's buckets over each
 // time. The consumed stream must hold every committed message, per key in
-// commit order, and repeat only messages of the killed batches.
+// commit order, and repeat only messages of the killed batches (or of a
+// publish attempt that failed, which may have landed all the same).
 func TestRelayKilledMidBatch(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Second)
@@ -259,7 +261,8 @@ func TestRelayKilledMidBatch(t *testing.T) {
 	arm := make(chan func(), 1)
 	fired := make(chan struct{}, 1)
 	var publishedByA atomic.Int64
-	kafkaA := kafkaPublisher(t, kafkasink.ClientOptions(seeds...)...)
+	attempts := &publishLog{byID: map[string][]string{}}
+	kafkaA := attempts.wrap("A", kafkaPublisher(t, kafkasink.ClientOptions(seeds...)...))
 	pubA := outbox.PublisherFunc(func(c context.Context, b []outbox.Record) []error {
 		res := kafkaA.Publish(c, b)
 		acked := 0
@@ -303,7 +306,7 @@ func TestRelayKilledMidBatch(t *testing.T) {
 	}
 	relayA, err := led.o.NewRelay(poolA, pubA, rcfg("relay-a"))
 	require.NoError(t, err)
-	relayB, err := led.o.NewRelay(led.pool, kafkaPublisher(t, kafkasink.ClientOptions(seeds...)...), rcfg("relay-b"))
+	relayB, err := led.o.NewRelay(led.pool, attempts.wrap("B", kafkaPublisher(t, kafkasink.ClientOptions(seeds...)...)), rcfg("relay-b"))
 	require.NoError(t, err)
 	ctxA, cancelA := context.WithCancel(ctx)
 	defer cancelA()
@@ -382,20 +385,82 @@ func TestRelayKilledMidBatch(t *testing.T) {
 	dups, records := checkStream(t, ctx, seeds, led.topic, committed)
 	mu.Lock()
 	defer mu.Unlock()
-	repeats, outside := 0, 0
+	repeats, outside, unexplained := 0, 0, 0
+	var why []string
 	for id, c := range dups {
 		repeats += c
-		if !killed[id] {
-			outside += c
+		if killed[id] {
+			continue
+		}
+		outside += c
+		if !attempts.failedOnce(id) {
+			unexplained += c
+			why = append(why, id+": "+strings.Join(attempts.of(id), "; "))
 		}
 	}
-	t.Logf("%d messages committed, %d records consumed, %d repeats (%d outside the killed batches), %d killed messages, %d fenced-off acks",
-		total, records, repeats, outside, len(killed), fenced.Load())
+	t.Logf("%d messages committed, %d records consumed, %d repeats (%d outside the killed batches, %d of messages with a failed publish attempt), %d killed messages, %d fenced-off acks",
+		total, records, repeats, outside, outside-unexplained, len(killed), fenced.Load())
 	assert.Equal(t, total+repeats, records)
 	assert.NotEmpty(t, killed)
 	assert.Positive(t, repeats, "B republishes what the killed batches left unacknowledged")
 	if fenced.Load() == 0 {
-		assert.Zero(t, outside, "with no fenced-off acknowledgement, only the killed batches may repeat")
+		// Besides a killed batch, a message may repeat only if one of its
+		// publish attempts failed: a record the publisher reports as not
+		// acknowledged (the attempt's deadline passed while the broker
+		// was still writing it, kafkasink.ErrNotAcknowledged) may have
+		// landed all the same, and the relay's retry then repeats it, as
+		// at-least-once allows. A message acknowledged at every attempt
+		// repeats only if a relay published it while another held its
+		// bucket, which the fence must refuse and log.
+		assert.Zero(t, unexplained, "with no fenced-off acknowledgement, only the killed batches and failed publish attempts may repeat:\n%s",
+			strings.Join(why, "\n"))
 	}
 	assert.LessOrEqual(t, repeats-outside, len(killed), "each killed message is repeated at most once")
+}
+
+// publishLog records every publish attempt of each message (which relay,
+// which outcome), to tell the repeats at-least-once allows from those it
+// does not, and to show where an unexplained repeat came from.
+type publishLog struct {
+	mu     sync.Mutex
+	byID   map[string][]string
+	failed map[string]bool
+}
+
+func (l *publishLog) wrap(relay string, p outbox.Publisher) outbox.PublisherFunc {
+	return func(ctx context.Context, b []outbox.Record) []error {
+		start := time.Now()
+		res := p.Publish(ctx, b)
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for i, r := range b {
+			id := r.ID.String()
+			outcome := "acknowledged"
+			if i >= len(res) || res[i] != nil {
+				if l.failed == nil {
+					l.failed = map[string]bool{}
+				}
+				l.failed[id] = true
+				outcome = "failed"
+				if i < len(res) {
+					outcome += ": " + res[i].Error()
+				}
+			}
+			l.byID[id] = append(l.byID[id], fmt.Sprintf("relay %s seq %d at %s in a batch of %d, %s",
+				relay, r.Seq, start.Format("15:04:05.000000"), len(b), outcome))
+		}
+		return res
+	}
+}
+
+func (l *publishLog) failedOnce(id string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.failed[id]
+}
+
+func (l *publishLog) of(id string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.byID[id])
 }
