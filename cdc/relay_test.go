@@ -178,6 +178,14 @@ func TestRelayMissingSlot(t *testing.T) {
 	assert.Contains(t, err.Error(), "no_such_slot")
 }
 
+func notSentAll(n int, err error) []error {
+	res := make([]error, n)
+	for i := range res {
+		res[i] = err
+	}
+	return res
+}
+
 // publishLog records which relay published when, to prove that two relays
 // never publish at the same time.
 type publishLog struct {
@@ -203,8 +211,12 @@ func (l *publishLog) wrap(id string, p outbox.Publisher) outbox.Publisher {
 }
 
 // Two relays on one slot: one publishes, the other stands by; when the
-// active one loses its connection (its WAL sender is terminated) the
-// standby takes over, and their publishing never overlaps.
+// active one dies for the database (its connections are cut and its WAL
+// sender terminated, new connections refused) while a Publish call of it
+// hangs at the broker, the standby takes over, waits out the dead one's
+// lease, and their publishing never overlaps. A relay whose connection
+// merely blipped may take its slot back within its own lease, so the test
+// makes sure a cannot come back: only b can take over.
 func TestRelayStandbyTakesOver(t *testing.T) {
 	t.Parallel()
 	url, pool := logicalDB(t)
@@ -215,33 +227,78 @@ func TestRelayStandbyTakesOver(t *testing.T) {
 	kp := producer(t, seeds)
 	log := &publishLog{}
 	ctx := tctx(t, 2*time.Minute)
-	newRelay := func(id string) (*cdc.Relay, chan error) {
-		r, err := cdc.NewRelay(url, log.wrap(id, kp), cdc.RelayConfig{Slot: name, ID: id, BatchSize: 20,
+	newRelay := func(id, connString string, pub outbox.Publisher) (*cdc.Relay, chan error) {
+		r, err := cdc.NewRelay(connString, log.wrap(id, pub), cdc.RelayConfig{Slot: name, ID: id, BatchSize: 20,
 			StandbyPoll: 20 * time.Millisecond, FenceTTL: 2 * time.Second, Logger: quiet(t)})
 		require.NoError(t, err)
 		done := make(chan error, 1)
 		go func() { done <- r.Run(ctx) }()
 		return r, done
 	}
-	a, aDone := newRelay("a")
+	// a reaches Postgres through a proxy that can cut it off for good.
+	// Once stalled, its Publish calls hang until their deadline.
+	proxy := newCutProxy(t, hostOf(t, url))
+	var stall atomic.Bool
+	stalled := make(chan struct{}, 1)
+	aPub := outbox.PublisherFunc(func(ctx context.Context, batch []outbox.Record) []error {
+		if stall.Load() {
+			select {
+			case stalled <- struct{}{}:
+			default:
+			}
+			<-ctx.Done()
+			return notSentAll(len(batch), ctx.Err())
+		}
+		return kp.Publish(ctx, batch)
+	})
+	a, aDone := newRelay("a", proxy.via(t, url), aPub)
 	require.Eventually(t, a.Active, 30*time.Second, 5*time.Millisecond)
-	b, bDone := newRelay("b")
+	var aSender int32
+	require.NoError(t, pool.QueryRow(ctx, `SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1`, name).Scan(&aSender))
+	b, bDone := newRelay("b", url, kp)
 	e, err := cdc.NewEmitter()
 	require.NoError(t, err)
 
+	const keys = 20
+	writeCounted(t, ctx, pool, e, topic, keys, 10, 4)
+	published := func(relay string) func() bool {
+		return func() bool {
+			log.mu.Lock()
+			defer log.mu.Unlock()
+			for _, s := range log.spans {
+				if s.relay == relay {
+					return true
+				}
+			}
+			return false
+		}
+	}
+	require.Eventually(t, published("a"), 30*time.Second, 5*time.Millisecond)
+	assert.False(t, b.Active(), "the standby must not read while a holds the slot")
+	stall.Store(true)
 	writes := make(chan struct{})
 	go func() {
 		defer close(writes)
-		writeCounted(t, ctx, pool, e, topic, 20, 30, 4)
+		writeCounted(t, ctx, pool, e, topic, keys, 10, 4)
 	}()
-	time.Sleep(200 * time.Millisecond)
-	assert.False(t, b.Active(), "the standby must not read while a holds the slot")
-	// Cut a off at the server: its WAL sender ends, as when its connection
-	// or its process dies.
-	_, err = pool.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1`, name)
+	select {
+	case <-stalled:
+	case <-ctx.Done():
+		t.Fatal("a never published after the stall")
+	}
+	// a dies for the database while writes go on and a Publish call of it
+	// hangs: every connection of it is cut, new ones are refused, and its
+	// WAL sender is terminated so the slot is free at once. Only its lease
+	// keeps the hanging call from overlapping b's publishing.
+	proxy.refuse.Store(true)
+	proxy.cut()
+	_, err = pool.Exec(ctx, `SELECT pg_terminate_backend($1)`, aSender)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool { return b.Active() || a.Active() }, 30*time.Second, 5*time.Millisecond)
+	require.Eventually(t, b.Active, 30*time.Second, 5*time.Millisecond, "the standby takes the slot")
+	require.Eventually(t, func() bool { return !a.Active() }, 30*time.Second, 5*time.Millisecond)
 	<-writes
+	// Written after a died: only b can publish these.
+	writeCounted(t, ctx, pool, e, topic, keys, 10, 4)
 	var end string
 	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end))
 	require.Eventually(t, func() bool {
@@ -249,13 +306,15 @@ func TestRelayStandbyTakesOver(t *testing.T) {
 		require.NoError(t, pool.QueryRow(ctx, `SELECT confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1`, name, end).Scan(&ok))
 		return ok
 	}, time.Minute, 20*time.Millisecond)
+	assert.True(t, b.Active(), "b still owns the slot")
+	assert.False(t, a.Active(), "a, cut off from the database, never took the slot back")
 	require.NoError(t, a.Shutdown(ctx))
 	require.NoError(t, b.Shutdown(ctx))
 	require.NoError(t, <-aDone)
 	require.NoError(t, <-bDone)
 
 	want := map[string]int{}
-	for k := range 20 {
+	for k := range keys {
 		want[fmt.Sprint("k", k)] = 30
 	}
 	dups := checkOrder(t, consumeAll(t, seeds, topic), want)
@@ -271,7 +330,7 @@ func TestRelayStandbyTakesOver(t *testing.T) {
 			}
 		}
 	}
-	assert.Len(t, relays, 2, "both relays published, one after the other")
+	assert.Equal(t, map[string]bool{"a": true, "b": true}, relays, "both relays published, one after the other")
 }
 
 // A transaction left open elsewhere (it already emitted a message) stalls
