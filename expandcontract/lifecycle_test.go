@@ -152,6 +152,66 @@ func TestSecondRunnerIsBusy(t *testing.T) {
 	require.NoError(t, <-first)
 }
 
+// planLockHolders counts this database's sessions holding an advisory lock
+// under the plan's application name: the runner's, while it has the plan.
+func planLockHolders(t *testing.T, e env, plan string) int {
+	t.Helper()
+	var n int
+	require.NoError(t, e.pool.QueryRow(context.Background(), `SELECT count(*)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1 AND a.datname = current_database()`,
+		expandcontract.ApplicationName(plan)).Scan(&n))
+	return n
+}
+
+// TestFinishedRunReleasesPlanLock: when a phase returns, its plan lock is
+// free, so a deploy script running phases back to back is never told the
+// plan is busy by its own previous phase. Closing the runner's connection
+// does not do that by itself: the server ends the session (and only then
+// drops its locks) a moment after the client has gone. The same holds when
+// the run ends because its context was cancelled mid-step.
+func TestFinishedRunReleasesPlanLock(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := flagstest.Context(t)
+	e.exec(t, `CREATE TABLE crates (id int PRIMARY KEY)`)
+	reg := e.registry(t)
+	plan := expandcontract.Plan{Name: "crates-lock-release",
+		Expand:   []expandcontract.Step{{Name: "add-tag", SQL: `ALTER TABLE crates ADD COLUMN IF NOT EXISTS tag text`}},
+		Rollback: []expandcontract.Step{{Name: "drop-tag", SQL: `ALTER TABLE crates DROP COLUMN IF EXISTS tag`}},
+		Contract: []expandcontract.Step{{Name: "noop", SQL: `SELECT 1`}}}
+	require.NoError(t, reg.Register(ctx, "test", plan))
+	for i := range 20 {
+		_, err := reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "deploy"})
+		require.NoError(t, err, "round %d", i)
+		require.Zero(t, planLockHolders(t, e, plan.Name), "round %d: expand returned with the plan still locked", i)
+		_, err = reg.Rollback(ctx, plan.Name, expandcontract.Request{Actor: "deploy", Force: true, Reason: "no fleet in this test"})
+		require.NoError(t, err, "round %d: the rollback right after the expand", i)
+		require.Zero(t, planLockHolders(t, e, plan.Name), "round %d: rollback returned with the plan still locked", i)
+	}
+
+	// A run whose context is cancelled while its step waits on a table lock.
+	blocker, err := e.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer blocker.Rollback(context.Background())
+	_, err = blocker.Exec(ctx, `LOCK TABLE crates IN ACCESS SHARE MODE`)
+	require.NoError(t, err)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := reg.Expand(runCtx, plan.Name, expandcontract.Request{Actor: "deploy"})
+		done <- err
+	}()
+	waitForRunner(t, e.pool, plan.Name)
+	cancel()
+	require.ErrorIs(t, <-done, context.Canceled)
+	assert.Zero(t, planLockHolders(t, e, plan.Name), "a cancelled expand returned with the plan still locked")
+	require.NoError(t, blocker.Rollback(ctx))
+	_, err = reg.Expand(ctx, plan.Name, expandcontract.Request{Actor: "deploy"})
+	require.NoError(t, err, "the expand run again right after the cancelled one")
+}
+
 // TestRollbackBeforeContract: rollback waits for the instances that need
 // the new shape and for the migration to be off, listing both; then it
 // undoes the expand, the old build is welcome again, and the plan can be

@@ -148,8 +148,13 @@ func (r *Registry) apply(ctx context.Context, plan, action string, req Request) 
 	}
 	defer conn.Close(context.Background())
 	if err := r.lock(ctx, conn, plan); err != nil {
+		if !errors.Is(err, ErrBusy) {
+			// The lock may have been granted with the answer lost.
+			r.release(ctx, conn, plan)
+		}
 		return st, err
 	}
+	defer r.release(ctx, conn, plan)
 	// Under the lock, the stored state is the truth.
 	if st, err = r.status(ctx, conn, plan); err != nil {
 		return st, err
@@ -378,6 +383,48 @@ LIMIT 1`, r.lockKey(plan)).Scan(&pid, &app, &state, &since)
 		holder = fmt.Sprintf("pid %d (%s, %s, connected %s)", pid, app, state, since.UTC().Format(time.RFC3339))
 	}
 	return fmt.Errorf("%w: plan %s is held by %s", ErrBusy, plan, holder)
+}
+
+// releaseTimeout bounds how long a run waits, on its way out, for the
+// server to give its plan lock back.
+const releaseTimeout = 10 * time.Second
+
+// release gives the plan lock back before the run returns, so whoever runs
+// the next phase right away (a deploy script, the same test) does not find
+// the plan busy. Closing the connection is not enough: the server drops a
+// session's locks when its backend exits, a moment after the client has
+// gone. An unlock on the session is done when the server answers. A session
+// that cannot take it (a query cancelled with the run's context closes the
+// connection; a transaction left aborted) is ended through the pool, and
+// pg_terminate_backend with a timeout waits until its backend is gone.
+func (r *Registry) release(ctx context.Context, conn *pgx.Conn, plan string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), releaseTimeout)
+	defer cancel()
+	if !conn.IsClosed() {
+		_, err := conn.Exec(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, r.lockKey(plan))
+		if err == nil {
+			return
+		}
+		r.logger.Warn("expandcontract: unlock failed; ending the runner's session", "plan", plan, "err", err)
+	}
+	pid := conn.PgConn().PID()
+	conn.Close(ctx)
+	var ended bool
+	err := r.pool.QueryRow(ctx, `
+SELECT pg_terminate_backend(l.pid, $3)
+FROM pg_locks l
+WHERE l.pid = $1 AND l.locktype = 'advisory' AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($2, 0)`,
+		int64(pid), r.lockKey(plan), releaseTimeout.Milliseconds()).Scan(&ended)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		// The session is gone, and its lock with it.
+	case err != nil:
+		r.logger.Warn("expandcontract: the runner's session may still hold the plan lock", "plan", plan, "pid", pid, "err", err)
+	case !ended:
+		r.logger.Warn("expandcontract: the runner's session did not end in time; it still holds the plan lock", "plan", plan, "pid", pid, "waited", releaseTimeout)
+	}
 }
 
 // runStep applies one step with retries on lock timeouts and deadlocks,
