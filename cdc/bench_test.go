@@ -14,12 +14,12 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/cdc"
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/internal/benchgoal"
+	"github.com/dimmer-dev/dimmer/internal/benchloop"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -42,40 +42,7 @@ func BenchmarkLogRelayThroughput(b *testing.B) {
 	url, pool := logicalDB(b)
 
 	handWritten := func() float64 {
-		_, err := pool.Exec(ctx, `DROP TABLE IF EXISTS hw; CREATE TABLE hw (seq bigserial PRIMARY KEY, key text, payload bytea)`)
-		require.NoError(b, err)
-		rows := make([][]any, drainMessages)
-		for i := range rows {
-			rows[i] = []any{fmt.Sprint("k", i%drainKeys), payload}
-		}
-		_, err = pool.CopyFrom(ctx, pgx.Identifier{"hw"}, []string{"key", "payload"}, pgx.CopyFromRows(rows))
-		require.NoError(b, err)
-		cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.ProducerLinger(0), kgo.ProducerBatchMaxBytes(16<<20))
-		require.NoError(b, err)
-		defer cl.Close()
-		start := time.Now()
-		for {
-			rs, err := pool.Query(ctx, `SELECT seq, key, payload FROM hw ORDER BY seq LIMIT 500`)
-			require.NoError(b, err)
-			var seqs []int64
-			var recs []*kgo.Record
-			var seq int64
-			var key string
-			var p []byte
-			_, err = pgx.ForEachRow(rs, []any{&seq, &key, &p}, func() error {
-				seqs = append(seqs, seq)
-				recs = append(recs, &kgo.Record{Topic: topic, Key: []byte(key), Value: slices.Clone(p)})
-				return nil
-			})
-			require.NoError(b, err)
-			if len(seqs) == 0 {
-				break
-			}
-			require.NoError(b, cl.ProduceSync(ctx, recs...).FirstErr())
-			_, err = pool.Exec(ctx, `DELETE FROM hw WHERE seq = ANY($1)`, seqs)
-			require.NoError(b, err)
-		}
-		return drainMessages / time.Since(start).Seconds()
+		return benchloop.Drain(b, ctx, pool, seeds, "hw", topic, drainMessages, drainKeys, payload)
 	}
 	e, err := cdc.NewEmitter()
 	require.NoError(b, err)
