@@ -180,9 +180,14 @@ func relayThroughKafkaOutage(t *testing.T, opts []kgo.Opt) {
 		}
 	}
 	writeRound()
-	require.Eventually(t, func() bool { return led.pending(t, ctx).Pending == 0 }, 20*time.Second, 20*time.Millisecond,
-		"delivered while Kafka is reachable")
-	publishedBefore := metricsOf(t, reader)["dimmer.outbox.published"]
+	// The relay counts a message as published after its acknowledgement is
+	// committed, so the outbox can be empty a moment before the counter
+	// shows it: wait for both before the outage starts.
+	var publishedBefore int64
+	require.Eventually(t, func() bool {
+		publishedBefore = metricsOf(t, reader)["dimmer.outbox.published"]
+		return led.pending(t, ctx).Pending == 0 && publishedBefore == int64(written)
+	}, 20*time.Second, 20*time.Millisecond, "delivered while Kafka is reachable")
 
 	require.NoError(t, link.Blackhole(true))
 	outage := time.Now()
