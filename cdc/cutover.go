@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -135,13 +136,24 @@ func (f *Fence) Cut(ctx context.Context) (bool, error) {
 	return state == fenceCut, nil
 }
 
-// Reopen lets writers write the old side again, after the stage was moved
-// back to one that writes it (a rollback; see [ReverseGuard]).
+// Reopen lets writers write the fence's side again, after the stage was
+// moved back to one that writes it. [StepBack] and [Cutover] (given the
+// other side's fence) do it for you.
 func (f *Fence) Reopen(ctx context.Context) error {
-	if _, err := f.pool.Exec(ctx, `UPDATE `+f.table+` SET state = 'open', changed_at = now() WHERE migration = $1`, f.cfg.Migration); err != nil {
+	tag, err := f.pool.Exec(ctx, `UPDATE `+f.table+` SET state = 'open', changed_at = now() WHERE migration = $1`, f.cfg.Migration)
+	if err != nil {
 		return fmt.Errorf("cdc: reopen fence %s: %w", f.cfg.Migration, err)
 	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("%w: %s in %s (run cdc.InstallFence)", ErrNoFence, f.cfg.Migration, f.table)
+	}
 	return nil
+}
+
+// cut stops writers of the fence's side (undoing a Reopen).
+func (f *Fence) cut(ctx context.Context) error {
+	_, err := f.pool.Exec(ctx, `UPDATE `+f.table+` SET state = 'cut', changed_at = now() WHERE migration = $1`, f.cfg.Migration)
+	return err
 }
 
 // CutoverConfig describes a fenced cutover. Zero fields take the defaults
@@ -156,7 +168,19 @@ type CutoverConfig struct {
 	Actor, Reason string
 	// Sync carries the old side's changes to the new; the cutover waits
 	// until it applied every change committed before the fence closed.
+	// Set Sync or Slot.
 	Sync *Sync
+	// Slot names the sync's replication slot instead, when the sync runs
+	// in another process (`dimmer cdc cutover`): the cutover waits until
+	// the slot's confirmed position (what the sync reported applied)
+	// passes every change committed before the fence closed. The slot
+	// must be registered in the fence's database and schema, with a
+	// reader connected.
+	Slot string
+	// New is the new side's fence, if its writers use one (so that a
+	// [StepBack] can hold them): it is opened again before the stage
+	// flips, so writers sent to the new side may write there.
+	New *Fence
 	// MaxPause bounds how long writers are held: if the sync has not
 	// caught up (or the flip not landed) by then, the cutover gives up,
 	// the stage stays, and writers go on writing old. Default 2s; keep it
@@ -164,10 +188,10 @@ type CutoverConfig struct {
 	MaxPause time.Duration
 }
 
-// CutoverResult reports a cutover.
+// CutoverResult reports a cutover (or a [StepBack]).
 type CutoverResult struct {
-	// Pause is how long writes to the old side were held: from the fence
-	// closing to its release (every writer's wait is at most this).
+	// Pause is how long writes to the fenced side were held: from the
+	// fence closing to its release (every writer's wait is at most this).
 	Pause time.Duration
 	// Drain is the part of Pause spent waiting for writes already inside
 	// the fence to commit; CatchUp the part waiting for the sync's lag to
@@ -189,79 +213,269 @@ func Cutover(ctx context.Context, fence *Fence, cfg CutoverConfig) (CutoverResul
 	if cfg.Stage == flags.Off {
 		cfg.Stage = flags.Complete
 	}
-	if cfg.MaxPause == 0 {
-		cfg.MaxPause = 2 * time.Second
-	}
 	switch {
 	case fence == nil:
 		return CutoverResult{}, badConfig("fence", "is nil")
-	case cfg.Controller == nil:
-		return CutoverResult{}, badConfig("Controller", "is nil")
-	case cfg.Sync == nil:
-		return CutoverResult{}, badConfig("Sync", "is nil")
-	case cfg.Actor == "" || cfg.Reason == "":
-		return CutoverResult{}, badConfig("Actor", "and Reason are required (audit log)")
-	case cfg.MaxPause < time.Millisecond:
-		return CutoverResult{}, badConfig("MaxPause", "must be at least 1ms, got %v", cfg.MaxPause)
 	case !cfg.Stage.Valid() || cfg.Stage.Writes(flags.Old):
 		return CutoverResult{}, badConfig("Stage", "%s still writes the old side: nothing to cut over", cfg.Stage)
 	}
-	migration := fence.cfg.Migration
-	req := flags.Request{Migration: migration, Stage: cfg.Stage, Actor: cfg.Actor, Reason: cfg.Reason}
-	t, _, err := cfg.Controller.Plan(ctx, req)
+	f := flip{fence: fence, ctl: cfg.Controller, stage: cfg.Stage, actor: cfg.Actor, reason: cfg.Reason,
+		maxPause: cfg.MaxPause, other: cfg.New, what: "cutover"}
+	err := f.validate()
 	if err != nil {
-		return CutoverResult{}, fmt.Errorf("cdc: cutover %s: %w", migration, err)
+		return CutoverResult{}, err
 	}
-	for _, m := range t.Moves() {
-		if !m.From.Writes(flags.Old) {
-			return CutoverResult{}, fmt.Errorf("cdc: cutover %s: keys at %s already stopped writing the old side", migration, m.From)
+	if f.wait, err = follower(ctx, fence, cfg.Sync, cfg.Slot, "Sync", "Slot"); err != nil {
+		return CutoverResult{}, err
+	}
+	// Every key must be leaving a stage that writes old: the fence holds
+	// old's writers only.
+	f.fromOK = func(s flags.Stage) bool { return s.Writes(flags.Old) }
+	f.fromBad = "already stopped writing the old side"
+	return f.run(ctx)
+}
+
+// StepBackConfig describes a fenced step back: the rollback after a
+// [Cutover], from a stage that no longer writes the old side to one that
+// does, holding the new side's writers the way the cutover held the old
+// side's. Zero fields take the defaults shown.
+type StepBackConfig struct {
+	// Controller moves the stage. Leaving complete needs its
+	// reconciliation guard ([ReverseGuard] through
+	// flags.WithReconciliation) to pass; give that guard a pool of its
+	// own, as the held writers may hold every connection of theirs.
+	Controller *flags.Controller
+	// Stage is the stage stepped back to; default [flags.RampDown]. It
+	// must write the old side.
+	Stage flags.Stage
+	// Actor and Reason go to the audit log. Required.
+	Actor, Reason string
+	// Reverse is the reverse sync (new side to old); the step back waits
+	// until it applied every change committed on the new side before the
+	// fence closed. Set Reverse or ReverseSlot (its slot, when the reverse
+	// sync runs in another process; registered in the new side's
+	// database).
+	Reverse     *Sync
+	ReverseSlot string
+	// Old is the old side's fence, opened again before the stage flips so
+	// that writers sent back to old may write there. Required.
+	Old *Fence
+	// MaxPause bounds how long the new side's writers are held; default
+	// 2s (see [CutoverConfig]).
+	MaxPause time.Duration
+}
+
+// StepBack moves a migration back from a stage that stopped writing the
+// old side (complete) to one that writes it, fenced like [Cutover] the
+// other way round, so that a write to the new side can neither be lost nor
+// land after the reverse sync caught up: it plans the step with the
+// controller first (its reconciliation guard must pass; nothing is held
+// for a step that would be refused), closes fence (the new side's: writers
+// of the new side wait, writes already inside commit), waits until the
+// reverse sync applied everything committed on the new side, opens the old
+// side's fence, flips the stage, and releases fence as cut (held writers
+// get [ErrCutOver], ask the flag again and write the old side). If any part
+// fails or MaxPause passes, the old fence is cut again, fence released open
+// and the stage left unchanged.
+func StepBack(ctx context.Context, fence *Fence, cfg StepBackConfig) (CutoverResult, error) {
+	if cfg.Stage == flags.Off {
+		cfg.Stage = flags.RampDown
+	}
+	switch {
+	case fence == nil:
+		return CutoverResult{}, badConfig("fence", "is nil (the new side's fence)")
+	case cfg.Old == nil:
+		return CutoverResult{}, badConfig("Old", "is nil: the old side's fence must be opened for the writers sent back")
+	case cfg.Old.cfg.Migration != fence.cfg.Migration:
+		return CutoverResult{}, badConfig("Old", "fences migration %s, not %s", cfg.Old.cfg.Migration, fence.cfg.Migration)
+	case !cfg.Stage.Valid() || !cfg.Stage.Writes(flags.Old):
+		return CutoverResult{}, badConfig("Stage", "%s does not write the old side: not a step back", cfg.Stage)
+	}
+	f := flip{fence: fence, ctl: cfg.Controller, stage: cfg.Stage, actor: cfg.Actor, reason: cfg.Reason,
+		maxPause: cfg.MaxPause, other: cfg.Old, recut: true, what: "step back"}
+	err := f.validate()
+	if err != nil {
+		return CutoverResult{}, err
+	}
+	if f.wait, err = follower(ctx, fence, cfg.Reverse, cfg.ReverseSlot, "Reverse", "ReverseSlot"); err != nil {
+		return CutoverResult{}, err
+	}
+	f.fromOK = func(s flags.Stage) bool { return !s.Writes(flags.Old) }
+	f.fromBad = "still write the old side: nothing to step back"
+	return f.run(ctx)
+}
+
+// flip is the fenced stage change Cutover and StepBack share: fence is the
+// side whose writers are held, wait the sync that carries that side's
+// changes to the other, other the other side's fence (opened before the
+// flip; cut again if the flip does not land and recut).
+type flip struct {
+	fence         *Fence
+	ctl           *flags.Controller
+	stage         flags.Stage
+	actor, reason string
+	maxPause      time.Duration
+	other         *Fence
+	recut         bool
+	what          string
+	wait          func(ctx context.Context, tx pgx.Tx) error
+	fromOK        func(flags.Stage) bool
+	fromBad       string
+}
+
+// follower returns the wait for a sync given in-process (s) or by its slot
+// name, after checking that it is streaming.
+func follower(ctx context.Context, fence *Fence, s *Sync, slot, syncField, slotField string) (func(context.Context, pgx.Tx) error, error) {
+	switch {
+	case s != nil && slot != "":
+		return nil, badConfig(syncField, "is set together with %s: choose one", slotField)
+	case s != nil:
+		if !s.Streaming() {
+			return nil, fmt.Errorf("cdc: %s: sync %s is not streaming", fence.cfg.Migration, s.cfg.Name)
+		}
+		return func(ctx context.Context, tx pgx.Tx) error { return s.caughtUp(ctx, tx) }, nil
+	case slot != "":
+		if err := slotStreaming(ctx, fence, slot); err != nil {
+			return nil, err
+		}
+		return func(ctx context.Context, tx pgx.Tx) error { return slotCaughtUp(ctx, tx, slot) }, nil
+	}
+	return nil, badConfig(syncField, "is nil and %s is empty: the sync to wait for is required", slotField)
+}
+
+// slotStreaming checks that slot is registered in the fence's database and
+// schema and that a reader holds it (otherwise its lag never reaches 0).
+func slotStreaming(ctx context.Context, fence *Fence, slot string) error {
+	all, err := Slots(ctx, fence.pool, fence.cfg.Schema)
+	if err != nil {
+		return err
+	}
+	for _, s := range all {
+		switch {
+		case s.Slot != slot:
+			continue
+		case !s.Exists:
+			return fmt.Errorf("%w: %s is registered in %s but the server has no such slot", ErrNoSlot, slot, fence.cfg.Schema)
+		case !s.Active:
+			return fmt.Errorf("cdc: %s: slot %s has no reader: start its sync first (its lag cannot reach 0)", fence.cfg.Migration, slot)
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: %s is not registered in %s.cdc_slots of this database", ErrNoSlot, slot, fence.cfg.Schema)
+}
+
+// slotCaughtUp waits until slot's confirmed position (what its reader
+// reported applied) reaches the end of the log flushed at the call.
+func slotCaughtUp(ctx context.Context, tx pgx.Tx, slot string) error {
+	var target pglogrepl.LSN
+	if err := tx.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()`).Scan(&target); err != nil {
+		return fmt.Errorf("cdc: slot %s: read the source's position: %w", slot, err)
+	}
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for {
+		var confirmed pglogrepl.LSN
+		var active bool
+		err := tx.QueryRow(ctx, `SELECT coalesce(confirmed_flush_lsn, '0/0'), active FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&confirmed, &active)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			return fmt.Errorf("%w: %s was dropped", ErrNoSlot, slot)
+		case err != nil:
+			return fmt.Errorf("cdc: slot %s: confirmed %s, waiting for %s: %w", slot, confirmed, target, err)
+		case confirmed >= target:
+			return nil
+		case !active:
+			return fmt.Errorf("cdc: slot %s lost its reader (confirmed %s, waiting for %s)", slot, confirmed, target)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cdc: slot %s: confirmed %s, waiting for %s: %w", slot, confirmed, target, ctx.Err())
+		case <-t.C:
 		}
 	}
-	if !cfg.Sync.Streaming() {
-		return CutoverResult{}, fmt.Errorf("cdc: cutover %s: sync %s is not streaming", migration, cfg.Sync.cfg.Name)
+}
+
+func (f *flip) validate() error {
+	if f.maxPause == 0 {
+		f.maxPause = 2 * time.Second
+	}
+	switch {
+	case f.ctl == nil:
+		return badConfig("Controller", "is nil")
+	case f.actor == "" || f.reason == "":
+		return badConfig("Actor", "and Reason are required (audit log)")
+	case f.maxPause < time.Millisecond:
+		return badConfig("MaxPause", "must be at least 1ms, got %v", f.maxPause)
+	}
+	return nil
+}
+
+func (f *flip) run(ctx context.Context) (CutoverResult, error) {
+	migration := f.fence.cfg.Migration
+	req := flags.Request{Migration: migration, Stage: f.stage, Actor: f.actor, Reason: f.reason}
+	t, _, err := f.ctl.Plan(ctx, req)
+	if err != nil {
+		return CutoverResult{}, fmt.Errorf("cdc: %s %s: %w", f.what, migration, err)
+	}
+	for _, m := range t.Moves() {
+		if !f.fromOK(m.From) {
+			return CutoverResult{}, fmt.Errorf("cdc: %s %s: keys at %s %s", f.what, migration, m.From, f.fromBad)
+		}
 	}
 
 	var res CutoverResult
-	pctx, cancel := context.WithTimeout(ctx, cfg.MaxPause)
+	pctx, cancel := context.WithTimeout(ctx, f.maxPause)
 	defer cancel()
-	tx, err := fence.pool.Begin(pctx)
+	tx, err := f.fence.pool.Begin(pctx)
 	if err != nil {
-		return res, fmt.Errorf("cdc: cutover %s: %w", migration, err)
+		return res, fmt.Errorf("cdc: %s %s: %w", f.what, migration, err)
 	}
 	start := time.Now()
-	committed := false
+	committed, otherOpened := false, false
 	defer func() {
-		if !committed {
-			_ = tx.Rollback(context.WithoutCancel(ctx))
-			res.Pause = time.Since(start)
+		if committed {
+			return
+		}
+		_ = tx.Rollback(context.WithoutCancel(ctx))
+		res.Pause = time.Since(start)
+		if otherOpened && f.recut {
+			// Nobody was sent to the other side: keep it fenced as it was.
+			_ = f.other.cut(context.WithoutCancel(ctx))
 		}
 	}()
-	tag, err := tx.Exec(pctx, `UPDATE `+fence.table+` SET state = 'cut', changed_at = now() WHERE migration = $1 AND state = 'open'`, migration)
+	tag, err := tx.Exec(pctx, `UPDATE `+f.fence.table+` SET state = 'cut', changed_at = now() WHERE migration = $1 AND state = 'open'`, migration)
 	if err != nil {
-		return res, fmt.Errorf("cdc: cutover %s: close the fence: %w", migration, err)
+		return res, fmt.Errorf("cdc: %s %s: close the fence: %w", f.what, migration, err)
 	}
 	if tag.RowsAffected() == 0 {
-		return res, fmt.Errorf("%w: %s is already cut or has no fence", ErrCutOver, migration)
+		return res, fmt.Errorf("%w: %s is already cut in %s or has no fence there", ErrCutOver, migration, f.fence.table)
 	}
 	res.Drain = time.Since(start)
-	if err := cfg.Sync.caughtUp(pctx, tx); err != nil {
-		return res, fmt.Errorf("cdc: cutover %s: sync not caught up within %v: %w", migration, cfg.MaxPause, err)
+	if err := f.wait(pctx, tx); err != nil {
+		return res, fmt.Errorf("cdc: %s %s: sync not caught up within %v: %w", f.what, migration, f.maxPause, err)
 	}
 	res.CatchUp = time.Since(start) - res.Drain
-	st, err := cfg.Controller.Set(pctx, req)
+	if f.other != nil {
+		if err := f.other.Reopen(pctx); err != nil {
+			return res, fmt.Errorf("cdc: %s %s: %w", f.what, migration, err)
+		}
+		otherOpened = true
+	}
+	st, err := f.ctl.Set(pctx, req)
 	if err != nil {
 		// The swap may have landed before the error: the stored state
-		// decides whether old is still written.
-		cur, lerr := cfg.Controller.Store().Load(context.WithoutCancel(ctx), migration)
+		// decides whether it did.
+		cur, lerr := f.ctl.Store().Load(context.WithoutCancel(ctx), migration)
 		if lerr != nil || cur.Revision == t.From.Revision {
-			return res, fmt.Errorf("cdc: cutover %s: flip the stage: %w", migration, err)
+			return res, fmt.Errorf("cdc: %s %s: flip the stage: %w", f.what, migration, err)
 		}
 		st = cur
 	}
 	res.Flip = time.Since(start) - res.Drain - res.CatchUp
 	res.State = st
 	if err := tx.Commit(context.WithoutCancel(ctx)); err != nil {
-		return res, fmt.Errorf("cdc: cutover %s: stage is %s but the fence was released open: keep the sync running (it carries old-side writes made since) and check the fence: %w", migration, st, err)
+		committed = true // nothing left to undo: the stage moved
+		return res, fmt.Errorf("cdc: %s %s: stage is %s but the fence in %s was released open: keep the sync running (it carries the writes made since) and check the fence: %w", f.what, migration, st, f.fence.table, err)
 	}
 	committed = true
 	res.Pause = time.Since(start)

@@ -35,6 +35,7 @@ type cutoverEnv struct {
 	old, neu       *pgxpool.Pool
 	store          flags.Store
 	fence          *cdc.Fence
+	newFence       *cdc.Fence // writers of new enter it too (set before the writers start)
 	fwd            *cdc.Sync
 	stopFwd        func()
 
@@ -150,11 +151,35 @@ func (w *writers) run(writer int64) error {
 		id := writer*1_000_000 + n/3 // three versions per row
 		v := versions[id] + 1
 		if cut {
-			if _, err := w.e.neu.Exec(ctx, `INSERT INTO acct VALUES ($1, $2, 'new') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, note = 'new'`, id, v); err != nil {
+			err := pgx.BeginFunc(ctx, w.e.neu, func(tx pgx.Tx) error {
+				if w.e.newFence != nil {
+					if err := w.e.newFence.Enter(ctx, tx); err != nil {
+						return err
+					}
+				}
+				_, err := tx.Exec(ctx, `INSERT INTO acct VALUES ($1, $2, 'new') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, note = 'new'`, id, v)
+				return err
+			})
+			switch {
+			case err == nil:
+				w.ack(id, v, false)
+				versions[id] = v
+			case errors.Is(err, cdc.ErrCutOver): // stepped back
+				st, err := w.e.store.Load(ctx, w.e.mig)
+				if err != nil {
+					return err
+				}
+				if !st.Stage.Writes(flags.Old) {
+					return fmt.Errorf("new side's fence cut while the stage %s does not write old", st)
+				}
+				cut = false
+				n--
+			case errors.Is(err, cdc.ErrWriteHeld):
+				w.held.Add(1)
+				n--
+			default:
 				return err
 			}
-			w.ack(id, v, false)
-			versions[id] = v
 			continue
 		}
 		var entered time.Duration
@@ -239,24 +264,47 @@ func waitFor(t testing.TB, cond func() bool) {
 // A fenced cutover under a concurrent write load on real Postgres: every
 // acknowledged write is in the new side afterwards, none applied twice,
 // and no writer waited longer than the fence's bound.
+// The sync is given in-process (Sync) or, as `dimmer cdc cutover` does
+// from another process, by its slot (Slot: the cutover waits on the
+// position the sync reported to the server).
 func TestFencedCutover(t *testing.T) {
 	t.Parallel()
+	t.Run("sync", func(t *testing.T) { t.Parallel(); testFencedCutover(t, false) })
+	t.Run("slot", func(t *testing.T) { t.Parallel(); testFencedCutover(t, true) })
+}
+
+func testFencedCutover(t *testing.T, bySlot bool) {
 	const fenceWait = 2 * time.Second
 	e := newCutoverEnv(t, fenceWait)
 	ctx := tctx(t, 2*time.Minute)
 	ctl, err := flags.NewController(e.store, flags.WithControllerLogger(quiet(t)))
 	require.NoError(t, err)
+	follow := func(c cdc.CutoverConfig) cdc.CutoverConfig {
+		if bySlot {
+			c.Slot = e.mig + "_fwd"
+		} else {
+			c.Sync = e.fwd
+		}
+		return c
+	}
 
 	// Refused up front, nothing held: a stage that still writes old.
-	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Stage: flags.Live, Sync: e.fwd, Actor: "test", Reason: "cutover"})
+	_, err = cdc.Cutover(ctx, e.fence, follow(cdc.CutoverConfig{Controller: ctl, Stage: flags.Live, Actor: "test", Reason: "cutover"}))
 	require.ErrorIs(t, err, cdc.ErrInvalidConfig)
 	require.ErrorContains(t, err, "still writes the old side")
+	if bySlot {
+		_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Slot: "no_such_slot", Actor: "test", Reason: "cutover"})
+		require.ErrorIs(t, err, cdc.ErrNoSlot)
+		require.ErrorContains(t, err, "no_such_slot")
+		_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Slot: e.mig + "_fwd", Sync: e.fwd, Actor: "test", Reason: "cutover"})
+		require.ErrorIs(t, err, cdc.ErrInvalidConfig)
+	}
 
 	w := startWriters(t, e, 4)
 	waitFor(t, func() bool { o, _ := w.count(); return o >= 100 })
 	// A cutover that cannot finish within its pause gives up: the fence
 	// opens again, the stage stays, writers go on writing old.
-	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, Actor: "test", Reason: "too short", MaxPause: time.Millisecond})
+	_, err = cdc.Cutover(ctx, e.fence, follow(cdc.CutoverConfig{Controller: ctl, Actor: "test", Reason: "too short", MaxPause: time.Millisecond}))
 	require.Error(t, err)
 	st, err := e.store.Load(ctx, e.mig)
 	require.NoError(t, err)
@@ -267,7 +315,7 @@ func TestFencedCutover(t *testing.T) {
 	from, _ := w.count()
 	waitFor(t, func() bool { o, _ := w.count(); return o >= from+100 })
 
-	res, err := cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, Actor: "test", Reason: "cutover", MaxPause: fenceWait})
+	res, err := cdc.Cutover(ctx, e.fence, follow(cdc.CutoverConfig{Controller: ctl, Actor: "test", Reason: "cutover", MaxPause: fenceWait}))
 	require.NoError(t, err)
 	t.Logf("write pause %v (drain %v, catch-up %v, flip %v)", res.Pause, res.Drain, res.CatchUp, res.Flip)
 	assert.Equal(t, flags.Complete, res.State.Stage)
@@ -279,7 +327,7 @@ func TestFencedCutover(t *testing.T) {
 	w.finish(t)
 
 	// A second cutover finds nothing to cut.
-	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, Actor: "test", Reason: "again"})
+	_, err = cdc.Cutover(ctx, e.fence, follow(cdc.CutoverConfig{Controller: ctl, Actor: "test", Reason: "again"}))
 	require.Error(t, err)
 
 	// Every acknowledged write is on the new side, at its last version.
@@ -440,6 +488,112 @@ func TestReverseSyncRollback(t *testing.T) {
 	// The guard judges only steps back onto a stage that writes old.
 	assert.False(t, guard.Applies(flags.Transition{From: flags.State{Stage: flags.RampDown}, To: flags.State{Stage: flags.Complete}}))
 	assert.True(t, guard.Applies(flags.Transition{From: flags.State{Stage: flags.Complete}, To: flags.State{Stage: flags.RampDown}}))
+}
+
+// The rollback after a cutover goes through the fence too, the other way
+// round: the new side's writers are held while the reverse sync catches
+// up and the stage flips back, so the reverse sync can stop the moment the
+// step back returns and still no write made on the new side is lost (a
+// write to new landing after the reverse sync caught up would be).
+func TestFencedStepBack(t *testing.T) {
+	t.Parallel()
+	e := newCutoverEnv(t, 2*time.Second)
+	ctx := tctx(t, 2*time.Minute)
+	newFence, err := cdc.InstallFence(ctx, e.neu, cdc.FenceConfig{Migration: e.mig, MaxWait: 2 * time.Second})
+	require.NoError(t, err)
+	e.newFence = newFence
+	revName := e.mig + "_rev"
+	var mu sync.Mutex
+	back := map[[2]int64]int{} // (id, v) applied to old by the reverse sync -> times
+	rev, err := cdc.NewSync(e.newURL, e.old, cdc.SyncConfig{Name: revName, Source: backfill.Table{Name: "acct"},
+		Target: backfill.Table{Name: "acct"}, VersionColumn: "v", SkipCopy: true, Logger: quiet(t),
+		OnApplied: func(batch []cdc.Change, _ time.Time) {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, c := range batch {
+				if c.Op == cdc.OpInsert || c.Op == cdc.OpUpdate {
+					back[[2]int64{c.Row["id"].(int64), c.Row["v"].(int64)}]++
+				}
+			}
+		}})
+	require.NoError(t, err)
+	require.NoError(t, rev.Prepare(ctx))
+	// The guard has a pool of its own: the held writers may hold every
+	// connection of theirs.
+	ctl, err := flags.NewController(e.store, flags.WithControllerLogger(quiet(t)),
+		flags.WithReconciliation(cdc.ReverseGuard{Sync: rev, NewSide: dimmertest.Pool(t, e.newURL)}))
+	require.NoError(t, err)
+
+	w := startWriters(t, e, 3)
+	waitFor(t, func() bool { o, _ := w.count(); return o >= 100 })
+	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, New: newFence, Actor: "test", Reason: "cutover"})
+	require.NoError(t, err)
+	waitFor(t, func() bool { _, n := w.count(); return n >= 50 })
+	e.stopFwd()
+	stopRev := runUntilStopped(t, rev, e.neu, revName)
+	waitFor(t, rev.Streaming)
+	_, before := w.count()
+	waitFor(t, func() bool { _, n := w.count(); return n >= before+100 })
+
+	// Bad config, refused before anything is held.
+	_, err = cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Stage: flags.Complete, Reverse: rev, Old: e.fence, Actor: "test", Reason: "rollback"})
+	require.ErrorIs(t, err, cdc.ErrInvalidConfig)
+	require.ErrorContains(t, err, "not a step back")
+	_, err = cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Reverse: rev, Actor: "test", Reason: "rollback"})
+	require.ErrorContains(t, err, "Old is nil")
+	// A step back that cannot finish within its pause gives up: the stage
+	// stays, the old side stays fenced, writers go on writing new.
+	_, err = cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Reverse: rev, Old: e.fence, Actor: "test", Reason: "too short", MaxPause: time.Millisecond})
+	require.Error(t, err)
+	st, err := e.store.Load(ctx, e.mig)
+	require.NoError(t, err)
+	require.Equal(t, flags.Complete, st.Stage)
+	cut, err := e.fence.Cut(ctx)
+	require.NoError(t, err)
+	require.True(t, cut, "the old side stays fenced after a step back that gave up")
+	cut, err = newFence.Cut(ctx)
+	require.NoError(t, err)
+	require.False(t, cut)
+	_, before = w.count()
+	waitFor(t, func() bool { _, n := w.count(); return n >= before+50 })
+
+	// Under the writes to new.
+	res, err := cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Reverse: rev, Old: e.fence, Actor: "test", Reason: "rollback", MaxPause: 2 * time.Second})
+	require.NoError(t, err)
+	t.Logf("step back write pause %v (drain %v, catch-up %v, flip %v)", res.Pause, res.Drain, res.CatchUp, res.Flip)
+	assert.Equal(t, flags.RampDown, res.State.Stage)
+	// The reverse sync stops at once: the fence guarantees it has carried
+	// every write the new side acknowledged, and that there are no more.
+	stopRev()
+	_, newWrites := w.count()
+	oldBefore, _ := w.count()
+	waitFor(t, func() bool { o, _ := w.count(); return o >= oldBefore+100 })
+	w.finish(t)
+	_, n := w.count()
+	assert.Equal(t, newWrites, n, "a write went to new after the step back returned")
+	cut, err = newFence.Cut(ctx)
+	require.NoError(t, err)
+	assert.True(t, cut)
+	cut, err = e.fence.Cut(ctx)
+	require.NoError(t, err)
+	assert.False(t, cut)
+
+	// Old holds every acknowledged write: those made on new came back, once.
+	assert.Equal(t, w.acked, rows(t, e.old))
+	mu.Lock()
+	for k := range w.toNew {
+		assert.Equal(t, 1, back[k], "new write %v applied to old %d times", k, back[k])
+	}
+	for k := range back {
+		assert.True(t, w.toNew[k] || w.toOld[k], "applied %v that no writer acknowledged", k)
+	}
+	mu.Unlock()
+	assert.Zero(t, w.held.Load())
+	require.Positive(t, n)
+
+	// The reverse sync has stopped: nothing is stepped back without it.
+	_, err = cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Reverse: rev, Old: e.fence, Actor: "test", Reason: "again"})
+	require.ErrorContains(t, err, "sync "+revName+" is not streaming")
 }
 
 // Enter leaves the writer's own lock_timeout as it was, refuses a

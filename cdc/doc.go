@@ -104,7 +104,10 @@
 // only: nothing lost, nothing applied twice. If the sync does not catch up
 // within CutoverConfig.MaxPause, or the flip fails, the fence opens again
 // and the stage stays. [CutoverResult] reports the pause (the longest any
-// writer was held) and its parts. The fence holds writers, so the
+// writer was held) and its parts. The sync is given in-process
+// (CutoverConfig.Sync) or by its slot (CutoverConfig.Slot, when it runs in
+// another process: the cutover then waits on the position the sync reported
+// to the server); `dimmer cdc cutover` is the latter from the command line. The fence holds writers, so the
 // controller's store should not share their pool. Writers commit with
 // synchronous_commit on (the default): the sync's lag is measured to the
 // flushed end of the log, which an unflushed commit is not yet part of.
@@ -121,6 +124,15 @@
 // writes by origin, so each would replay the other's). [ReverseGuard],
 // given to the controller with flags.WithReconciliation, refuses leaving
 // complete while the reverse sync is not streaming or has not applied
-// every change committed on the new side, naming which; after the step
-// back, [Fence.Reopen] lets writers write the old side again.
+// every change committed on the new side, naming which.
+//
+// [StepBack] is the rollback, fenced like the cutover the other way round:
+// writers of the new side enter a fence of their own (the same migration's
+// [Fence], installed in the new side's database and given to the cutover
+// as CutoverConfig.New); the step back holds them, waits until the reverse
+// sync applied every change committed on the new side, opens the old
+// side's fence, flips the stage back (rampdown by default) and releases the
+// new side's fence as cut: held writers get [ErrCutOver], ask the flag
+// again and write the old side. No write to the new side lands after the
+// reverse sync caught up, so it can stop as soon as the step back returns.
 package cdc
