@@ -63,6 +63,26 @@ type Fence struct {
 // row (open) if missing, in pool's database (the old side's), and returns
 // the fence. Run it before writers use [Fence.Enter].
 func InstallFence(ctx context.Context, pool *pgxpool.Pool, cfg FenceConfig) (*Fence, error) {
+	f, err := newFence(pool, cfg)
+	if err != nil {
+		return nil, err
+	}
+	cfg = f.cfg
+	_, err = pool.Exec(ctx, `CREATE SCHEMA IF NOT EXISTS `+pgx.Identifier{cfg.Schema}.Sanitize()+`;
+CREATE TABLE IF NOT EXISTS `+f.table+` (
+	migration text PRIMARY KEY,
+	state text NOT NULL CHECK (state IN ('open', 'cut')),
+	changed_at timestamptz NOT NULL DEFAULT now())`)
+	if err == nil {
+		_, err = pool.Exec(ctx, `INSERT INTO `+f.table+` (migration, state) VALUES ($1, 'open') ON CONFLICT (migration) DO NOTHING`, cfg.Migration)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("cdc: install fence %s in %s: %w", cfg.Migration, cfg.Schema, err)
+	}
+	return f, nil
+}
+
+func newFence(pool *pgxpool.Pool, cfg FenceConfig) (*Fence, error) {
 	if pool == nil {
 		return nil, badConfig("pool", "is nil")
 	}
@@ -78,20 +98,32 @@ func InstallFence(ctx context.Context, pool *pgxpool.Pool, cfg FenceConfig) (*Fe
 	case cfg.MaxWait < time.Millisecond:
 		return nil, badConfig("MaxWait", "must be at least 1ms, got %v", cfg.MaxWait)
 	}
-	f := &Fence{pool: pool, cfg: cfg, table: pgx.Identifier{cfg.Schema, "cdc_fences"}.Sanitize(),
-		wait: fmt.Sprintf("%dms", cfg.MaxWait.Milliseconds())}
-	_, err := pool.Exec(ctx, `CREATE SCHEMA IF NOT EXISTS `+pgx.Identifier{cfg.Schema}.Sanitize()+`;
-CREATE TABLE IF NOT EXISTS `+f.table+` (
-	migration text PRIMARY KEY,
-	state text NOT NULL CHECK (state IN ('open', 'cut')),
-	changed_at timestamptz NOT NULL DEFAULT now())`)
-	if err == nil {
-		_, err = pool.Exec(ctx, `INSERT INTO `+f.table+` (migration, state) VALUES ($1, 'open') ON CONFLICT (migration) DO NOTHING`, cfg.Migration)
-	}
+	return &Fence{pool: pool, cfg: cfg, table: pgx.Identifier{cfg.Schema, "cdc_fences"}.Sanitize(),
+		wait: fmt.Sprintf("%dms", cfg.MaxWait.Milliseconds())}, nil
+}
+
+// OpenFence returns the migration's fence installed in pool's database,
+// for an operator's cutover (`dimmer cdc cutover`): unlike [InstallFence]
+// it creates nothing, and a migration without a fence there is
+// [ErrNoFence] (its writers check none, so a cutover could not hold them).
+func OpenFence(ctx context.Context, pool *pgxpool.Pool, cfg FenceConfig) (*Fence, error) {
+	f, err := newFence(pool, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("cdc: install fence %s in %s: %w", cfg.Migration, cfg.Schema, err)
+		return nil, err
 	}
-	return f, nil
+	var exists bool
+	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, f.table).Scan(&exists); err != nil {
+		return nil, fmt.Errorf("cdc: fence %s: %w", f.cfg.Migration, err)
+	}
+	if exists {
+		if _, err = f.Cut(ctx); err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, ErrNoFence) {
+			return nil, err
+		}
+	}
+	return nil, fmt.Errorf("%w: %s in %s: its writers check no fence there (cdc.InstallFence), so a cutover could not hold them", ErrNoFence, f.cfg.Migration, f.table)
 }
 
 // Enter is called by a writer of the old side inside its write
@@ -364,9 +396,16 @@ func slotStreaming(ctx context.Context, fence *Fence, slot string) error {
 	return fmt.Errorf("%w: %s is not registered in %s.cdc_slots of this database", ErrNoSlot, slot, fence.cfg.Schema)
 }
 
-// slotCaughtUp waits until slot's confirmed position (what its reader
-// reported applied) reaches the end of the log flushed at the call.
-func slotCaughtUp(ctx context.Context, tx pgx.Tx, slot string) error {
+// WaitSlot waits until the reader of slot (a [Sync] in any process)
+// reported applied every change committed before the call: the slot's
+// confirmed position reaches the end of the log flushed at the call. db is
+// on the slot's database. `dimmer cdc cutover` waits so before it holds
+// writers, so that the fenced wait is only the tail.
+func WaitSlot(ctx context.Context, db Querier, slot string) error {
+	return slotCaughtUp(ctx, db, slot)
+}
+
+func slotCaughtUp(ctx context.Context, tx Querier, slot string) error {
 	var target pglogrepl.LSN
 	if err := tx.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()`).Scan(&target); err != nil {
 		return fmt.Errorf("cdc: slot %s: read the source's position: %w", slot, err)
