@@ -45,10 +45,12 @@ type params struct {
 	CanaryHold        time.Duration // the least a canary runs before every key follows
 	Timeout           time.Duration // the whole run
 	EventsRate        int           // order events per second while the topic moves
+	CDCRows           int           // invoices in the table moved by CDC
 }
 
 var demoParams = params{Orders: 5000, Customers: 400, Instances: 3, Workers: 8, Pause: 40 * time.Millisecond,
-	MaxRequests: 200000, Window: 4 * time.Second, MinSamples: 60, Hold: 5 * time.Second, CanaryHold: 5 * time.Second, Timeout: 175 * time.Second, EventsRate: 200}
+	MaxRequests: 200000, Window: 4 * time.Second, MinSamples: 60, Hold: 5 * time.Second, CanaryHold: 5 * time.Second, Timeout: 175 * time.Second, EventsRate: 200,
+	CDCRows: 20000}
 
 // report is the validation report; failures lists every invariant broken.
 type report struct {
@@ -65,6 +67,7 @@ type report struct {
 	Canaries                                                                     []canaryResult
 	LiveWithoutCanary                                                            int              // full-live steps the audit log shows without a canary before them
 	Events                                                                       *eventsvc.Report // the order-events topic's move, after the orders migration
+	CDC                                                                          *cdcReport       // the invoices table's move by CDC, after the events move
 	Notes, Failures                                                              []string
 }
 
@@ -277,6 +280,10 @@ func run(ctx context.Context, p params, out io.Writer) (*report, error) {
 		return rep, err
 	}
 	validateEvents(rep)
+	if err := d.moveByCDC(ctx, rep); err != nil {
+		return rep, err
+	}
+	validateCDC(rep)
 	return rep, nil
 }
 

@@ -173,6 +173,7 @@ func (r *report) print(w io.Writer) {
 	p("   fault to automatic rollback                %v (to %s)", r.FaultToRollback.Round(time.Millisecond), r.RolledBackTo)
 	p("   schema contracted                          %v", r.Contracted)
 	printEvents(w, r.Events)
+	printCDC(w, r.CDC)
 	for _, n := range r.Notes {
 		p("   note: %s", n)
 	}
