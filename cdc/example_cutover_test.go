@@ -28,30 +28,38 @@ func ExampleCutover() {
 		return
 	}
 	defer pool.Close()
-	suffix := fmt.Sprint(time.Now().UnixNano())
-	src, dst, migration := "orders_"+suffix, "orders_v2_"+suffix, "orders_v2_"+suffix
+	// The tables and dimmer's own (flag store, slot registry, fence, the
+	// copy's checkpoints) go to a schema of the example's, dropped at the
+	// end.
+	migration := fmt.Sprint("orders_v2_", time.Now().UnixNano())
+	schema := migration
+	if _, err := pool.Exec(ctx, `CREATE SCHEMA `+schema); err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer pool.Exec(context.Background(), `DROP SCHEMA `+schema+` CASCADE`)
+	src, dst := schema+".orders", schema+".orders_v2"
 	for _, t := range []string{src, dst} {
 		if _, err := pool.Exec(ctx, `CREATE TABLE `+t+` (id int PRIMARY KEY, v int NOT NULL, status text)`); err != nil {
 			fmt.Println(err)
 			return
 		}
-		defer pool.Exec(context.Background(), `DROP TABLE `+t)
 	}
 
 	// The stage flag, at rampdown (the operator's controller has a pool of
 	// its own: held writers may take every connection of theirs).
 	opsPool, _ := pgxpool.New(ctx, url)
 	defer opsPool.Close()
-	store, _ := pgflags.NewStore(opsPool)
+	store, _ := pgflags.NewStore(opsPool, pgflags.WithSchema(schema))
 	_ = store.Install(ctx)
 	ctl, _ := flags.NewController(store)
 	for range flags.RampDown {
 		_, _ = ctl.Advance(ctx, migration, "ops", "orders_v2 rollout")
 	}
 
-	s, _ := cdc.NewSync(url, pool, cdc.SyncConfig{Name: "example_" + suffix, Source: backfill.Table{Name: src},
-		Target: backfill.Table{Name: dst}, VersionColumn: "v"})
-	defer cdc.DropSlot(context.Background(), pool, "", "example_"+suffix, true)
+	s, _ := cdc.NewSync(url, pool, cdc.SyncConfig{Name: migration, Source: backfill.Table{Schema: schema, Name: "orders"},
+		Target: backfill.Table{Schema: schema, Name: "orders_v2"}, VersionColumn: "v", Schema: schema})
+	defer cdc.DropSlot(context.Background(), pool, schema, migration, true)
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = s.Run(runCtx) }()
@@ -60,7 +68,7 @@ func ExampleCutover() {
 		time.Sleep(10 * time.Millisecond)
 	}
 
-	fence, err := cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: migration, MaxWait: time.Second})
+	fence, err := cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: migration, Schema: schema, MaxWait: time.Second})
 	if err != nil {
 		fmt.Println(err)
 		return

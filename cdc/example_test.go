@@ -35,11 +35,14 @@ func Example() {
 	}
 	defer pool.Close()
 	slot := fmt.Sprintf("example_relay_%d", time.Now().UnixNano())
-	if err := cdc.CreateSlot(ctx, pool, cdc.SlotSpec{Slot: slot, Purpose: "relay"}); err != nil {
+	// The registry goes to a schema of the example's own, dropped at the end.
+	schema := slot
+	defer pool.Exec(context.Background(), `DROP SCHEMA IF EXISTS `+schema+` CASCADE`)
+	if err := cdc.CreateSlot(ctx, pool, cdc.SlotSpec{Slot: slot, Purpose: "relay", Schema: schema}); err != nil {
 		fmt.Println(err)
 		return
 	}
-	defer cdc.DropSlot(context.Background(), pool, "", slot, true)
+	defer cdc.DropSlot(context.Background(), pool, schema, slot, true)
 
 	emitter, _ := cdc.NewEmitter()
 	_ = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
@@ -55,7 +58,7 @@ func Example() {
 		}
 		return make([]error, len(batch)) // all acknowledged
 	})
-	relay, err := cdc.NewRelay(url, pub, cdc.RelayConfig{Slot: slot})
+	relay, err := cdc.NewRelay(url, pub, cdc.RelayConfig{Slot: slot, Schema: schema})
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -79,25 +82,31 @@ func ExampleSync() {
 		return
 	}
 	defer pool.Close()
-	suffix := fmt.Sprint(time.Now().UnixNano())
-	src, dst := "users_"+suffix, "users_copy_"+suffix
+	// The tables, the slot registry and the copy's checkpoints go to a
+	// schema of the example's own, dropped at the end.
+	name := fmt.Sprint("example_sync_", time.Now().UnixNano())
+	schema := name
+	if _, err := pool.Exec(ctx, `CREATE SCHEMA `+schema); err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer pool.Exec(context.Background(), `DROP SCHEMA `+schema+` CASCADE`)
+	src, dst := schema+".users", schema+".users_copy"
 	for _, t := range []string{src, dst} {
 		if _, err := pool.Exec(ctx, `CREATE TABLE `+t+` (id int PRIMARY KEY, v int NOT NULL, email text)`); err != nil {
 			fmt.Println(err)
 			return
 		}
-		defer pool.Exec(context.Background(), `DROP TABLE `+t)
 	}
 	_, _ = pool.Exec(ctx, `INSERT INTO `+src+` VALUES (1, 1, 'ada@example.com')`)
 
-	name := "example_sync_" + suffix
-	s, err := cdc.NewSync(url, pool, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: src},
-		Target: backfill.Table{Name: dst}, VersionColumn: "v"})
+	s, err := cdc.NewSync(url, pool, cdc.SyncConfig{Name: name, Source: backfill.Table{Schema: schema, Name: "users"},
+		Target: backfill.Table{Schema: schema, Name: "users_copy"}, VersionColumn: "v", Schema: schema})
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	defer cdc.DropSlot(context.Background(), pool, "", name, true)
+	defer cdc.DropSlot(context.Background(), pool, schema, name, true)
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = s.Run(runCtx) }()
