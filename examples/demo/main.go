@@ -19,6 +19,16 @@
 // lines (produced, consumed, skipped, processed twice at every cutover and
 // rollback, per-key order violations, lag at each step) the validation
 // report.
+//
+// Last, a billing service's invoices table moves to another database by
+// change data capture instead of dual writes (package cdc, on the server
+// with wal_level = logical at DIMMER_LOGICAL_POSTGRES_URL): a sync copies
+// the table and streams every committed change while the service keeps
+// writing only its own table, and a fenced cutover holds its writers while
+// the sync's lag reaches 0 and the stage flips to complete. The report
+// gives the rows copied and streamed, the lag, the write pause, and the
+// writes lost or applied twice (none); the move drops its slot,
+// publication and databases.
 package main
 
 import (

@@ -128,6 +128,9 @@ func (d *demo) say(format string, args ...any) {
 }
 
 func run(ctx context.Context, p params, out io.Writer) (*report, error) {
+	if logicalURL() == "" { // the CDC move, last, needs it: say so before the rest runs
+		return nil, errors.New("DIMMER_LOGICAL_POSTGRES_URL is not set: run the demo through `make demo` (scripts/need-logical-pg.sh starts a server with wal_level=logical)")
+	}
 	ctx, cancel := context.WithTimeout(ctx, p.Timeout)
 	defer cancel()
 	// The timeline and the events write lines from two goroutines.
