@@ -107,7 +107,9 @@
 // writer was held) and its parts. The sync is given in-process
 // (CutoverConfig.Sync) or by its slot (CutoverConfig.Slot, when it runs in
 // another process: the cutover then waits on the position the sync reported
-// to the server); `dimmer cdc cutover` is the latter from the command line. The fence holds writers, so the
+// to the server); `dimmer cdc cutover` is the latter from the command line,
+// on the fence [OpenFence] finds (it creates none) after waiting, writers
+// not held, for the slot to catch up ([WaitSlot]). The fence holds writers, so the
 // controller's store should not share their pool. Writers commit with
 // synchronous_commit on (the default): the sync's lag is measured to the
 // flushed end of the log, which an unflushed commit is not yet part of.
