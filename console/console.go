@@ -61,6 +61,9 @@ type Server struct {
 	sampleKeep  int
 	histMu      sync.Mutex
 	hist        map[string]*history
+
+	tlMu sync.Mutex
+	tl   map[string]*timelineCache
 }
 
 // Option configures a [Server].
@@ -147,10 +150,10 @@ func New(ctrl *flags.Controller, fleet flags.FleetStore, token string, opts ...O
 		return nil, fmt.Errorf("console.New: token has %d characters: use at least %d random ones", len(token), MinTokenLength)
 	}
 	s := &Server{
-		ctrl: ctrl, store: ctrl.Store(), fleet: fleet, token: token, logger: slog.Default(),
+		ctrl: ctrl, store: ctrl.Store(), fleet: ShareFleet(fleet), token: token, logger: slog.Default(),
 		refresh: 2 * time.Second, timelineLimit: 100, sessionTTL: 12 * time.Hour, now: time.Now,
 		sessions: map[string]*session{}, sampleEvery: 10 * time.Second, sampleKeep: 360,
-		hist: map[string]*history{}, streams: map[chan []string]struct{}{}, streamsDone: make(chan struct{}),
+		hist: map[string]*history{}, tl: map[string]*timelineCache{}, streams: map[chan []string]struct{}{}, streamsDone: make(chan struct{}),
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {

@@ -134,6 +134,7 @@ type Event struct {
 // overview gathers the overview data.
 func (s *Server) overview(ctx context.Context) (Overview, error) {
 	ov := Overview{GeneratedAt: s.now().UTC(), Alerts: []Alert{}}
+	ctx = withFleetRead(ctx)
 	all, err := s.store.Migrations(ctx)
 	if err != nil {
 		return ov, fmt.Errorf("list migrations: %w", err)
@@ -276,13 +277,15 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	if err := flags.ValidateName(name); err != nil {
 		return Migration{}, err
 	}
-	// The three reads are independent: overlapping them keeps the answer
+	ctx = withFleetRead(ctx)
+	// The reads are independent: overlapping them keeps the answer
 	// as fast as the slowest, not their sum.
 	var (
 		insts  []flags.Instance
 		ferr   error
 		status flags.Status
 		audit  []flags.AuditEntry
+		events []Event
 		jobs   []backfill.JobStatus
 		jerr   error
 		rv     *RepairView
@@ -302,10 +305,8 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		return nil
 	})
 	g.Go(func() (err error) {
-		if audit, err = s.store.Audit(gctx, name, s.timelineLimit); err != nil {
-			return fmt.Errorf("%s: audit: %w", name, err)
-		}
-		return nil
+		audit, events, err = s.timeline(gctx, name)
+		return err
 	})
 	if s.backfills != nil {
 		g.Go(func() error {
@@ -344,7 +345,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	sum.Alerts = append(sum.Alerts, slotAlerts(slots)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
-		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: make([]Event, 0, len(audit)),
+		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: events,
 		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv, Plans: pviews, Slots: slots,
 	}
 	if perr != nil {
@@ -358,17 +359,10 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	byRevision := map[int64]string{}
 	rev := sum.State.Revision
 	for _, e := range audit {
-		ev := Event{AuditEntry: e, Automatic: s.automatic(e)}
 		if e.Outcome == flags.Applied {
 			byRevision[rev] = e.To
 			rev--
 		}
-		for _, c := range e.Checks {
-			if !c.Passed {
-				ev.Failed = append(ev.Failed, c)
-			}
-		}
-		m.Timeline = append(m.Timeline, ev)
 	}
 	slices.SortFunc(insts, func(a, b flags.Instance) int { return strings.Compare(a.ID, b.ID) })
 	for _, in := range insts {

@@ -71,7 +71,14 @@ poll every --refresh either way.`,
 			if ip := net.ParseIP(host); !allowRemote && (ip == nil || !ip.IsLoopback()) && host != "localhost" {
 				return usagef("--listen %q is not a loopback address: pass --allow-remote to serve other hosts (put TLS in front)", listen)
 			}
-			be, ctrl, err := c.openController(cmd.Context())
+			be, err := c.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			// The console's data request and the guards it runs for the
+			// next step then read the fleet registry once, not once each.
+			be.fleet = console.ShareFleet(be.fleet)
+			ctrl, err := c.controller(be)
 			if err != nil {
 				return err
 			}
