@@ -61,6 +61,8 @@ type Server struct {
 	sampleKeep  int
 	histMu      sync.Mutex
 	hist        map[string]*history
+	sampleStore SampleStore
+	seeded      map[string]bool // under histMu: history read from sampleStore
 
 	tlMu sync.Mutex
 	tl   map[string]*timelineCache
@@ -153,7 +155,7 @@ func New(ctrl *flags.Controller, fleet flags.FleetStore, token string, opts ...O
 		ctrl: ctrl, store: ctrl.Store(), fleet: ShareFleet(fleet), token: token, logger: slog.Default(),
 		refresh: 2 * time.Second, timelineLimit: 100, sessionTTL: 12 * time.Hour, now: time.Now,
 		sessions: map[string]*session{}, sampleEvery: 10 * time.Second, sampleKeep: 360,
-		hist: map[string]*history{}, tl: map[string]*timelineCache{}, streams: map[chan []string]struct{}{}, streamsDone: make(chan struct{}),
+		hist: map[string]*history{}, seeded: map[string]bool{}, tl: map[string]*timelineCache{}, streams: map[chan []string]struct{}{}, streamsDone: make(chan struct{}),
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {

@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"html/template"
 	"math"
@@ -96,9 +97,57 @@ func (s *Server) SampleOnce(ctx context.Context) error {
 		return err
 	}
 	now := s.now().UTC()
+	var errs []error
 	for _, st := range all {
-		s.record(st.Migration, healthOf(insts, st.Migration), now, true)
+		name := st.Migration
+		if err := s.seed(ctx, name); err != nil {
+			errs = append(errs, err)
+		}
+		smp := Sample{At: now, Stages: healthOf(insts, name)}
+		s.record(name, smp.Stages, now, true)
+		if s.sampleStore != nil {
+			if err := s.sampleStore.AddSample(ctx, name, smp, s.sampleEvery, s.sampleKeep); err != nil {
+				errs = append(errs, err)
+			}
+		}
 	}
+	return errors.Join(errs...)
+}
+
+// seed puts the samples the store holds for the migration before the ones
+// this console took, once: a console started later draws the charts of
+// the consoles before it.
+func (s *Server) seed(ctx context.Context, name string) error {
+	s.histMu.Lock()
+	done := s.sampleStore == nil || s.seeded[name]
+	s.histMu.Unlock()
+	if done {
+		return nil
+	}
+	stored, err := s.sampleStore.Samples(ctx, name, s.sampleKeep)
+	if err != nil {
+		return err
+	}
+	s.histMu.Lock()
+	defer s.histMu.Unlock()
+	if s.seeded[name] {
+		return nil
+	}
+	s.seeded[name] = true
+	var mine []Sample
+	if h := s.hist[name]; h != nil {
+		mine = h.ordered()
+	}
+	h := &history{}
+	for _, smp := range stored {
+		if len(mine) == 0 || smp.At.Before(mine[0].At) {
+			h.add(smp, s.sampleKeep)
+		}
+	}
+	for _, smp := range mine {
+		h.add(smp, s.sampleKeep)
+	}
+	s.hist[name] = h
 	return nil
 }
 
