@@ -2,6 +2,7 @@ package console
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -215,6 +216,29 @@ func (s *Server) act(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(buf.Bytes())
 }
 
+// ActionOutcome marks an audit entry of an action that changes no stage
+// (a backfill paused or resumed, a dead letter retried or skipped): its
+// From names what was acted on and its To what became of it.
+const ActionOutcome flags.Outcome = "action"
+
+// auditAction records an applied action in the migration's audit log, at
+// the migration's current revision, so the timeline shows every hand on
+// the migration, not only stage changes.
+func (s *Server) auditAction(ctx context.Context, name, actor, reason, subject, done string, res *ActionResult) {
+	cur, err := s.store.Load(ctx, name)
+	if err == nil {
+		err = s.store.AppendAudit(ctx, flags.AuditEntry{
+			Migration: name, At: s.now().UTC(), Actor: actor, From: subject, To: done, Reason: reason,
+			Outcome: ActionOutcome, Revision: cur.Revision,
+		})
+	}
+	if err != nil {
+		// The action happened: say so, and that the log misses it.
+		s.logger.Error("console action applied but not audited", "migration", name, "action", subject, "operator", actor, "err", err)
+		res.Describe += " (not recorded in the audit log: " + err.Error() + ")"
+	}
+}
+
 func (s *Server) perform(r *http.Request, name, action string, res *ActionResult) int {
 	bad := func(status int, format string, args ...any) int {
 		res.Error = fmt.Sprintf(format, args...)
@@ -234,11 +258,19 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		return bad(http.StatusBadRequest, "the reason has %d characters: keep it under 1000", len(reason))
 	}
 	actor := principalOf(r.Context()).operator + " (console)"
-	if action == "backfill-pause" || action == "backfill-resume" {
-		return s.backfillAction(r, name, action, actor, reason, res)
-	}
-	if action == "dead-retry" || action == "dead-skip" {
-		return s.deadAction(r, name, action, res)
+	switch action {
+	case "backfill-pause", "backfill-resume", "dead-retry", "dead-skip":
+		var status int
+		var subject, done string
+		if action == "backfill-pause" || action == "backfill-resume" {
+			status, subject, done = s.backfillAction(r, name, action, actor, reason, res)
+		} else {
+			status, subject, done = s.deadAction(r, name, action, res)
+		}
+		if status == http.StatusOK {
+			s.auditAction(r.Context(), name, actor, reason, subject, done, res)
+		}
+		return status
 	}
 	ctx := r.Context()
 	cur, err := s.store.Load(ctx, name)
