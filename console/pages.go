@@ -288,11 +288,29 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 			return bad(http.StatusConflict, "%s changed since the page showed it (revision %d, now %d: %s); look again and retry", name, seen, cur.Revision, cur)
 		}
 	}
+	// Forcing overrides failed guards as dimmer stage advance --force does
+	// (never a skipped stage): offered for an advance only, on the page the
+	// operator looked at, with the migration's name typed as confirmation.
+	force := r.PostFormValue("force") != ""
+	if force {
+		switch {
+		case r.PostFormValue("force") != "yes" || action != "advance":
+			return bad(http.StatusBadRequest, "force=%q with %s: only an advance can be forced (force=yes)", r.PostFormValue("force"), action)
+		case r.PostFormValue("revision") == "":
+			return bad(http.StatusBadRequest, "a forced advance needs the revision the page showed")
+		case r.PostFormValue("confirm") != name:
+			return bad(http.StatusBadRequest, "to force, type the migration's name %q as confirmation", name)
+		}
+	}
 	var st flags.State
 	switch action {
 	case "advance":
 		if cur.Stage == flags.Complete {
 			return bad(http.StatusConflict, "%s is already complete", name)
+		}
+		if force {
+			st, err = s.ctrl.Set(ctx, flags.Request{Migration: name, Stage: cur.Stage + 1, Actor: actor, Reason: reason, Force: true})
+			break
 		}
 		st, err = s.ctrl.Advance(ctx, name, actor, reason)
 	case "rollback":
@@ -332,5 +350,8 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		return bad(http.StatusBadRequest, "%v", err)
 	}
 	res.Applied, res.State, res.Describe = true, &st, st.String()
+	if force {
+		res.Describe += " (FORCED)"
+	}
 	return http.StatusOK
 }
