@@ -230,7 +230,7 @@ func TestRefusalListsEveryFailedCheck(t *testing.T) {
 }
 
 // An on-call engineer can override refused checks from the page, as with
-// dimmer stage advance --force: only with a reason, the revision the page
+// dimmer stage set … --force: only with a reason, the revision the page
 // showed and the migration's name typed; audited as forced.
 func TestForcedAdvance(t *testing.T) {
 	t.Parallel()

@@ -76,7 +76,7 @@
 // and a refusal lists every failed check; the controller audits the request
 // as "<operator> (console)". An action names the revision the page showed,
 // and is refused when the migration changed meanwhile. An advance refused
-// by its checks can be forced, as with dimmer stage advance --force (never
+// by its checks can be forced, as with dimmer stage set … --force (never
 // skipping a stage): the form needs a reason, the revision and the
 // migration's name typed as confirmation, and the controller audits it as
 // forced with the checks it overrode. Pausing and resuming a backfill job

@@ -48,9 +48,10 @@ func (h *history) ordered() []Sample {
 
 // WithHistory sets how often the console samples the fleet's windows for
 // its charts and how many samples it keeps per migration (default every 10s,
-// 360 samples: an hour). The samples live in the console's memory: the
-// services only publish their current windows in the heartbeat, as they do
-// for the guards, so charting adds nothing to their hot paths.
+// 360 samples: an hour). The samples live in the console's memory and,
+// with [WithSampleStore], in the store: the services only publish their
+// current windows in the heartbeat, as they do for the guards, so charting
+// adds nothing to their hot paths.
 func WithHistory(every time.Duration, keep int) Option {
 	return func(s *Server) error {
 		if every < 10*time.Millisecond || keep < 2 {

@@ -288,7 +288,7 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 			return bad(http.StatusConflict, "%s changed since the page showed it (revision %d, now %d: %s); look again and retry", name, seen, cur.Revision, cur)
 		}
 	}
-	// Forcing overrides failed guards as dimmer stage advance --force does
+	// Forcing overrides failed guards as dimmer stage set … --force does
 	// (never a skipped stage): offered for an advance only, on the page the
 	// operator looked at, with the migration's name typed as confirmation.
 	force := r.PostFormValue("force") != ""
