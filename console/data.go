@@ -3,6 +3,7 @@ package console
 import (
 	"context"
 	"fmt"
+	"html/template"
 	"slices"
 	"strings"
 	"time"
@@ -71,6 +72,9 @@ type Migration struct {
 	Health []StageHealth `json:"health"`
 	// Timeline holds the newest audit entries, newest first.
 	Timeline []Event `json:"timeline"`
+	// TimelineHTML is Timeline as the page shows it (pages only).
+	TimelineHTML template.HTML `json:"-"`
+	tl           *timelineCache
 	// TimelineLimit is how many entries Timeline holds at most; when it is
 	// full, older entries exist (dimmer audit prints them all).
 	TimelineLimit int `json:"timeline_limit"`
@@ -284,8 +288,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		insts  []flags.Instance
 		ferr   error
 		status flags.Status
-		audit  []flags.AuditEntry
-		events []Event
+		tl     *timelineCache
 		jobs   []backfill.JobStatus
 		jerr   error
 		rv     *RepairView
@@ -305,7 +308,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		return nil
 	})
 	g.Go(func() (err error) {
-		audit, events, err = s.timeline(gctx, name)
+		tl, err = s.timeline(gctx, name)
 		return err
 	})
 	if s.backfills != nil {
@@ -335,6 +338,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
+	audit := tl.audit
 	sum := s.summarize(status, insts, ferr)
 	bviews := backfillViews(jobs, name, status.State.Epoch)
 	sum.Alerts = append(sum.Alerts, backfillAlerts(bviews)...)
@@ -345,7 +349,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	sum.Alerts = append(sum.Alerts, slotAlerts(slots)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
-		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: events,
+		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: tl.events, tl: tl,
 		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv, Plans: pviews, Slots: slots,
 	}
 	if perr != nil {

@@ -160,6 +160,7 @@ func (s *Server) migrationPage(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Query().Get("part") == "live" {
 		name = "migration-live"
 	}
+	m.TimelineHTML = s.timelineHTML(m.tl)
 	s.render(w, name, s.page(r, m.Name+" - dimmer", m))
 }
 
