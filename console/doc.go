@@ -52,7 +52,8 @@
 // next step's fleet guards share one read of the registry per request, and
 // the timeline is reused while the audit log's newest entry is unchanged
 // (it only grows at its head), so a refresh on a long game day reads one
-// audit entry, not a hundred. Everything the console reads are plain reads
+// audit entry, not a hundred, and the page reuses the timeline's rendered
+// list. Everything the console reads are plain reads
 // of the store and the backfill, outbox and slot tables: no lock, no write
 // on the services' paths; its only writes are the audit entries of its
 // actions and, once per interval, a chart sample.
