@@ -29,7 +29,7 @@ func WithLoginLimit(burst int, every time.Duration) Option {
 }
 
 // maxLimited bounds the clients remembered; past it the ones back to their
-// full allowance are forgotten first.
+// full allowance are forgotten first, then any.
 const maxLimited = 10000
 
 // failures are the wrong-token allowances per client.
@@ -81,6 +81,14 @@ func (s *Server) failedToken(client string) {
 				if l.TokensAt(now) >= float64(s.limitBurst) {
 					delete(s.failed.clients, k)
 				}
+			}
+			// Still full: forget any one, so memory stays bounded (a
+			// guesser with that many addresses is not slowed by one).
+			for k := range s.failed.clients {
+				if len(s.failed.clients) < maxLimited {
+					break
+				}
+				delete(s.failed.clients, k)
 			}
 		}
 		lim = rate.NewLimiter(rate.Every(s.limitEvery), s.limitBurst)
