@@ -160,11 +160,13 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 		if err != nil {
 			return ov, err
 		}
-		recent, err := s.store.Audit(ctx, st.Migration, 20)
+		// The same timeline as the migration's page: one entry read while
+		// the log's head is unchanged.
+		tl, err := s.timeline(ctx, st.Migration)
 		if err != nil {
-			return ov, fmt.Errorf("%s: audit: %w", st.Migration, err)
+			return ov, err
 		}
-		sum.Alerts = append(sum.Alerts, s.timelineAlerts(recent)...)
+		sum.Alerts = append(sum.Alerts, s.timelineAlerts(tl.audit)...)
 		sum.Alerts = append(sum.Alerts, backfillAlerts(backfillViews(jobs, st.Migration, sum.State.Epoch))...)
 		sum.Alerts = append(sum.Alerts, repairAlerts(s.repairView(ctx, st.Migration))...)
 		ov.Migrations = append(ov.Migrations, sum)
