@@ -44,6 +44,11 @@ func (s *Server) tokenOK(got string) bool {
 func (s *Server) authed(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if h := r.Header.Get("Authorization"); h != "" {
+			client := clientOf(r)
+			if wait := s.blocked(client); wait > 0 {
+				s.tooMany(w, r, wait)
+				return
+			}
 			tok, ok := strings.CutPrefix(h, "Bearer ")
 			if ok && s.tokenOK(tok) {
 				op := strings.TrimSpace(r.Header.Get("X-Dimmer-Operator"))
@@ -53,6 +58,7 @@ func (s *Server) authed(next http.Handler) http.Handler {
 				next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, principal{operator: op, viaToken: true})))
 				return
 			}
+			s.failedToken(client)
 		} else if c, err := r.Cookie(sessionCookie); err == nil {
 			if ses := s.session(c.Value); ses != nil {
 				p := principal{operator: ses.operator, csrf: ses.csrf}
@@ -129,8 +135,16 @@ func (s *Server) loginPage(w http.ResponseWriter, r *http.Request) {
 func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	next := safeNext(r.PostFormValue("next"))
 	operator := strings.TrimSpace(r.PostFormValue("operator"))
+	client := clientOf(r)
+	// A client that guessed too often is not even compared: its next guess
+	// waits, right or wrong.
+	if wait := s.blocked(client); wait > 0 {
+		s.tooMany(w, r, wait)
+		return
+	}
 	switch {
 	case !s.tokenOK(r.PostFormValue("token")):
+		s.failedToken(client)
 		s.logger.Warn("console login refused: wrong token", "remote", r.RemoteAddr)
 		w.WriteHeader(http.StatusUnauthorized)
 		s.render(w, "login", loginView{Next: next, Error: "wrong token"})

@@ -108,17 +108,18 @@ func backfillAlerts(views []BackfillView) []Alert {
 	return out
 }
 
-// backfillAction pauses or resumes one of the migration's jobs.
-func (s *Server) backfillAction(r *http.Request, name, action, operator, reason string, res *ActionResult) int {
+// backfillAction pauses or resumes one of the migration's jobs; applied,
+// it names the job and what became of it for the audit log.
+func (s *Server) backfillAction(r *http.Request, name, action, operator, reason string, res *ActionResult) (status int, subject, done string) {
 	if s.backfills == nil {
 		res.Error = "no backfill tables are configured for this console"
-		return http.StatusNotFound
+		return http.StatusNotFound, "", ""
 	}
 	job := strings.TrimSpace(r.PostFormValue("job"))
 	jobs, err := s.backfills.Jobs(r.Context())
 	if err != nil {
 		res.Error = fmt.Sprintf("backfill jobs: %v", err)
-		return http.StatusBadGateway
+		return http.StatusBadGateway, "", ""
 	}
 	found := false
 	for _, j := range jobs {
@@ -126,7 +127,7 @@ func (s *Server) backfillAction(r *http.Request, name, action, operator, reason 
 	}
 	if !found {
 		res.Error = fmt.Sprintf("%s has no backfill job %q", name, job)
-		return http.StatusBadRequest
+		return http.StatusBadRequest, "", ""
 	}
 	if action == "backfill-pause" {
 		err = s.backfills.Pause(r.Context(), job, reason+" ("+operator+")")
@@ -135,9 +136,10 @@ func (s *Server) backfillAction(r *http.Request, name, action, operator, reason 
 	}
 	if err != nil {
 		res.Error = fmt.Sprintf("%s %s: %v", action, job, err)
-		return http.StatusBadGateway
+		return http.StatusBadGateway, "", ""
 	}
+	done = map[bool]string{true: "paused", false: "resumed"}[action == "backfill-pause"]
 	res.Applied = true
-	res.Describe = fmt.Sprintf("backfill %s %s", job, map[bool]string{true: "paused", false: "resumed"}[action == "backfill-pause"])
-	return http.StatusOK
+	res.Describe = fmt.Sprintf("backfill %s %s", job, done)
+	return http.StatusOK, "backfill " + job, done
 }

@@ -74,6 +74,23 @@ INSERT INTO orders SELECT g, g * 100, 1 FROM generate_series(1, 500) g`)
 	require.NoError(t, err)
 	assert.False(t, st.Paused)
 
+	// Both are in the migration's audit log and on its timeline, with who
+	// and why; the refused attempts below are not.
+	audit := e.audit(t, "orders")
+	require.GreaterOrEqual(t, len(audit), 2)
+	for i, want := range []struct{ to, reason string }{{"resumed", "quiet again"}, {"paused", "db is hot"}} {
+		got := audit[i]
+		assert.Equal(t, console.ActionOutcome, got.Outcome)
+		assert.Equal(t, "backfill orders-v2", got.From)
+		assert.Equal(t, want.to, got.To)
+		assert.Equal(t, "bob (console)", got.Actor)
+		assert.Equal(t, want.reason, got.Reason)
+		assert.Equal(t, e.state(t, "orders").Revision, got.Revision)
+	}
+	m = migrationData(t, e)
+	assert.Equal(t, "resumed", m.Timeline[0].To)
+	assert.Contains(t, e.do(t, nil, "GET", "/m/orders", nil, true, nil).body, `<span class="move">backfill orders-v2 → paused</span> by <span class="actor">bob (console)</span>: <span class="reason">db is hot</span>`)
+
 	r = act("backfill-pause", url.Values{"job": {"users-v2"}, "reason": {"x"}})
 	assert.Equal(t, http.StatusBadRequest, r.status)
 	assert.Contains(t, r.body, `orders has no backfill job &#34;users-v2&#34;`)
@@ -86,4 +103,5 @@ INSERT INTO orders SELECT g, g * 100, 1 FROM generate_series(1, 500) g`)
 	r = e.do(t, nil, "GET", "/api/overview", nil, true, nil)
 	require.NoError(t, json.Unmarshal([]byte(r.body), &ov))
 	assert.Empty(t, ov.BackfillError)
+	assert.Len(t, e.audit(t, "orders"), len(audit), "refused and invalid actions add nothing")
 }

@@ -17,8 +17,10 @@ import (
 
 // BenchmarkMigrationData times the data request of a migration page (GET
 // /api/m/{name}: state, every check of the next step, fleet, health,
-// timeline) against a Postgres store holding 50 live instances and 10,000
-// audit entries of the migration.
+// timeline) and the live part an open page polls (GET /m/{name}?part=live,
+// the same data rendered) against a Postgres store holding 50 live
+// instances and 10,000 audit entries of the migration, growing during the
+// run.
 func BenchmarkMigrationData(b *testing.B) {
 	e := newEnv(b)
 	ctx := ctx(b)
@@ -51,25 +53,49 @@ FROM generate_series(1, 10000) g`, string(checks))
 	require.NoError(b, err)
 	require.Len(b, n, 10002)
 
-	get := func() time.Duration {
+	// Each request in turn: the JSON data and the live part of the page
+	// (what an open page polls, rendered by the templates).
+	get := func(path string) time.Duration {
 		start := time.Now()
-		r := e.do(b, nil, "GET", "/api/m/orders", nil, true, nil)
+		r := e.do(b, nil, "GET", path, nil, true, nil)
 		d := time.Since(start)
 		require.Equal(b, http.StatusOK, r.status, r.body)
 		return d
 	}
+	const jsonPath, livePath = "/api/m/orders", "/m/orders?part=live"
 	for range 10 { // warm the pools
-		get()
+		get(jsonPath)
+		get(livePath)
 	}
 	const requests = 300
-	lat := make([]time.Duration, 0, requests)
+	data := make([]time.Duration, 0, requests)
+	live := make([]time.Duration, 0, requests)
 	b.ResetTimer()
-	for range requests {
-		lat = append(lat, get())
+	for i := range requests {
+		if i%10 == 0 {
+			// The log keeps growing during a game day: one request in ten
+			// sees a new entry, so a fresh timeline is part of the p99.
+			b.StopTimer()
+			require.NoError(b, e.store.AppendAudit(ctx, flags.AuditEntry{Migration: "orders", Actor: "bob (console)",
+				From: "shadow", To: "live", Reason: fmt.Sprintf("retry during the run %d", i), Outcome: flags.Refused, Revision: 2}))
+			b.StartTimer()
+		}
+		if i%2 == 0 {
+			data = append(data, get(jsonPath))
+			live = append(live, get(livePath))
+		} else {
+			live = append(live, get(livePath))
+			data = append(data, get(jsonPath))
+		}
 	}
 	b.StopTimer()
-	slices.Sort(lat)
-	p99 := lat[len(lat)*99/100]
-	b.Logf("data request over %d requests: p50 %v, p99 %v, max %v", requests, lat[len(lat)/2], p99, lat[len(lat)-1])
-	benchgoal.Report(b, "console_migration_data_p99_ms", float64(p99)/float64(time.Millisecond), "ms", benchgoal.AtMost, 50)
+	for _, m := range []struct {
+		name, what string
+		lat        []time.Duration
+	}{{"console_migration_data_p99_ms", "data request", data}, {"console_migration_live_p99_ms", "live part of the page", live}} {
+		slices.Sort(m.lat)
+		p99 := m.lat[len(m.lat)*99/100]
+		b.Logf("%s over %d requests: p50 %v, p99 %v, max %v", m.what, len(m.lat), m.lat[len(m.lat)/2], p99, m.lat[len(m.lat)-1])
+		benchgoal.Report(b, m.name, float64(p99)/float64(time.Millisecond), "ms", benchgoal.AtMost, 50)
+	}
 }

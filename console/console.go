@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/open-feature/go-sdk/openfeature"
+	"golang.org/x/time/rate"
 
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -51,6 +52,10 @@ type Server struct {
 	mu       sync.Mutex
 	sessions map[string]*session
 
+	limitBurst int
+	limitEvery time.Duration
+	failed     failures
+
 	changes     <-chan openfeature.Event
 	evMu        sync.Mutex
 	streams     map[chan []string]struct{}
@@ -61,6 +66,11 @@ type Server struct {
 	sampleKeep  int
 	histMu      sync.Mutex
 	hist        map[string]*history
+	sampleStore SampleStore
+	seeded      map[string]bool // under histMu: history read from sampleStore
+
+	tlMu sync.Mutex
+	tl   map[string]*timelineCache
 }
 
 // Option configures a [Server].
@@ -147,10 +157,11 @@ func New(ctrl *flags.Controller, fleet flags.FleetStore, token string, opts ...O
 		return nil, fmt.Errorf("console.New: token has %d characters: use at least %d random ones", len(token), MinTokenLength)
 	}
 	s := &Server{
-		ctrl: ctrl, store: ctrl.Store(), fleet: fleet, token: token, logger: slog.Default(),
+		ctrl: ctrl, store: ctrl.Store(), fleet: ShareFleet(fleet), token: token, logger: slog.Default(),
 		refresh: 2 * time.Second, timelineLimit: 100, sessionTTL: 12 * time.Hour, now: time.Now,
-		sessions: map[string]*session{}, sampleEvery: 10 * time.Second, sampleKeep: 360,
-		hist: map[string]*history{}, streams: map[chan []string]struct{}{}, streamsDone: make(chan struct{}),
+		sessions: map[string]*session{}, limitBurst: 5, limitEvery: 12 * time.Second,
+		failed: failures{clients: map[string]*rate.Limiter{}}, sampleEvery: 10 * time.Second, sampleKeep: 360,
+		hist: map[string]*history{}, seeded: map[string]bool{}, tl: map[string]*timelineCache{}, streams: map[chan []string]struct{}{}, streamsDone: make(chan struct{}),
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"strconv"
 	"testing"
 	"time"
 
@@ -226,6 +227,59 @@ func TestRefusalListsEveryFailedCheck(t *testing.T) {
 	r = e.do(t, nil, "POST", "/m/orders/advance", url.Values{"reason": {"go live"}}, true, nil)
 	assert.Contains(t, r.body, "<b>fleet-acknowledged</b>")
 	assert.Contains(t, r.body, "<b>health</b>")
+}
+
+// An on-call engineer can override refused checks from the page, as with
+// dimmer stage set … --force: only with a reason, the revision the page
+// showed and the migration's name typed; audited as forced.
+func TestForcedAdvance(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, console.WithActions())
+	walk(t, e)
+	e.beat(t, "api-2", "orders", 1, nil) // behind: the fleet barrier fails
+	rev := strconv.FormatInt(e.state(t, "orders").Revision, 10)
+	nAudit := len(e.audit(t, "orders"))
+	force := func(form url.Values) response {
+		return e.do(t, nil, "POST", "/m/orders/advance", form, true, map[string]string{"X-Dimmer-Operator": "carol"})
+	}
+	for _, bad := range []struct {
+		form url.Values
+		want string
+	}{
+		{url.Values{"reason": {"api-2 is gone"}, "force": {"yes"}, "revision": {rev}}, "type the migration&#39;s name"},
+		{url.Values{"reason": {"api-2 is gone"}, "force": {"yes"}, "revision": {rev}, "confirm": {"users"}}, "type the migration&#39;s name"},
+		{url.Values{"reason": {"api-2 is gone"}, "force": {"yes"}, "confirm": {"orders"}}, "needs the revision"},
+		{url.Values{"force": {"yes"}, "revision": {rev}, "confirm": {"orders"}}, "a reason is required"},
+		{url.Values{"reason": {"x"}, "force": {"yes"}, "revision": {"1"}, "confirm": {"orders"}}, "changed since the page showed it"},
+	} {
+		r := force(bad.form)
+		assert.Contains(t, []int{http.StatusBadRequest, http.StatusConflict}, r.status, r.body)
+		assert.Contains(t, r.body, bad.want)
+	}
+	r := e.do(t, nil, "POST", "/m/orders/rollback", url.Values{"reason": {"x"}, "stage": {"off"}, "force": {"yes"}, "confirm": {"orders"}, "revision": {rev}}, true, nil)
+	assert.Equal(t, http.StatusBadRequest, r.status)
+	assert.Contains(t, r.body, "only an advance can be forced")
+	assert.Equal(t, flags.Shadow, e.state(t, "orders").Stage, "nothing applied")
+	assert.Len(t, e.audit(t, "orders"), nAudit, "nothing audited: the guards were never asked")
+
+	r = force(url.Values{"reason": {"api-2 is gone"}, "force": {"yes"}, "revision": {rev}, "confirm": {"orders"}})
+	require.Equal(t, http.StatusOK, r.status, r.body)
+	assert.Contains(t, r.body, "(FORCED)")
+	assert.Equal(t, flags.Live, e.state(t, "orders").Stage)
+	a := e.audit(t, "orders")
+	require.Len(t, a, nAudit+1)
+	assert.True(t, a[0].Forced)
+	assert.Equal(t, flags.Applied, a[0].Outcome)
+	assert.Equal(t, "carol (console)", a[0].Actor)
+	assert.Equal(t, "api-2 is gone", a[0].Reason)
+	var failed []string
+	for _, c := range a[0].Checks {
+		if !c.Passed {
+			failed = append(failed, c.Name)
+		}
+	}
+	assert.Contains(t, failed, "fleet-acknowledged", "the overridden check is in the entry")
+	assert.Contains(t, e.do(t, nil, "GET", "/m/orders", nil, true, nil).body, "applied FORCED")
 }
 
 func TestReadOnlyRefusesActions(t *testing.T) {

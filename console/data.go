@@ -3,6 +3,7 @@ package console
 import (
 	"context"
 	"fmt"
+	"html/template"
 	"slices"
 	"strings"
 	"time"
@@ -71,6 +72,9 @@ type Migration struct {
 	Health []StageHealth `json:"health"`
 	// Timeline holds the newest audit entries, newest first.
 	Timeline []Event `json:"timeline"`
+	// TimelineHTML is Timeline as the page shows it (pages only).
+	TimelineHTML template.HTML `json:"-"`
+	tl           *timelineCache
 	// TimelineLimit is how many entries Timeline holds at most; when it is
 	// full, older entries exist (dimmer audit prints them all).
 	TimelineLimit int `json:"timeline_limit"`
@@ -134,6 +138,7 @@ type Event struct {
 // overview gathers the overview data.
 func (s *Server) overview(ctx context.Context) (Overview, error) {
 	ov := Overview{GeneratedAt: s.now().UTC(), Alerts: []Alert{}}
+	ctx = withFleetRead(ctx)
 	all, err := s.store.Migrations(ctx)
 	if err != nil {
 		return ov, fmt.Errorf("list migrations: %w", err)
@@ -155,11 +160,13 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 		if err != nil {
 			return ov, err
 		}
-		recent, err := s.store.Audit(ctx, st.Migration, 20)
+		// The same timeline as the migration's page: one entry read while
+		// the log's head is unchanged.
+		tl, err := s.timeline(ctx, st.Migration)
 		if err != nil {
-			return ov, fmt.Errorf("%s: audit: %w", st.Migration, err)
+			return ov, err
 		}
-		sum.Alerts = append(sum.Alerts, s.timelineAlerts(recent)...)
+		sum.Alerts = append(sum.Alerts, s.timelineAlerts(tl.audit)...)
 		sum.Alerts = append(sum.Alerts, backfillAlerts(backfillViews(jobs, st.Migration, sum.State.Epoch))...)
 		sum.Alerts = append(sum.Alerts, repairAlerts(s.repairView(ctx, st.Migration))...)
 		ov.Migrations = append(ov.Migrations, sum)
@@ -276,13 +283,14 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	if err := flags.ValidateName(name); err != nil {
 		return Migration{}, err
 	}
-	// The three reads are independent: overlapping them keeps the answer
+	ctx = withFleetRead(ctx)
+	// The reads are independent: overlapping them keeps the answer
 	// as fast as the slowest, not their sum.
 	var (
 		insts  []flags.Instance
 		ferr   error
 		status flags.Status
-		audit  []flags.AuditEntry
+		tl     *timelineCache
 		jobs   []backfill.JobStatus
 		jerr   error
 		rv     *RepairView
@@ -302,10 +310,8 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 		return nil
 	})
 	g.Go(func() (err error) {
-		if audit, err = s.store.Audit(gctx, name, s.timelineLimit); err != nil {
-			return fmt.Errorf("%s: audit: %w", name, err)
-		}
-		return nil
+		tl, err = s.timeline(gctx, name)
+		return err
 	})
 	if s.backfills != nil {
 		g.Go(func() error {
@@ -334,6 +340,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	if err := g.Wait(); err != nil {
 		return Migration{}, err
 	}
+	audit := tl.audit
 	sum := s.summarize(status, insts, ferr)
 	bviews := backfillViews(jobs, name, status.State.Epoch)
 	sum.Alerts = append(sum.Alerts, backfillAlerts(bviews)...)
@@ -344,7 +351,7 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	sum.Alerts = append(sum.Alerts, slotAlerts(slots)...)
 	m := Migration{
 		Summary: sum, GeneratedAt: s.now().UTC(), Fleet: fleetOf(insts, ferr),
-		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: make([]Event, 0, len(audit)),
+		Instances: []InstanceView{}, Health: []StageHealth{}, Timeline: tl.events, tl: tl,
 		TimelineLimit: s.timelineLimit, Backfills: bviews, Repairs: rv, Plans: pviews, Slots: slots,
 	}
 	if perr != nil {
@@ -358,17 +365,10 @@ func (s *Server) migration(ctx context.Context, name string) (Migration, error) 
 	byRevision := map[int64]string{}
 	rev := sum.State.Revision
 	for _, e := range audit {
-		ev := Event{AuditEntry: e, Automatic: s.automatic(e)}
 		if e.Outcome == flags.Applied {
 			byRevision[rev] = e.To
 			rev--
 		}
-		for _, c := range e.Checks {
-			if !c.Passed {
-				ev.Failed = append(ev.Failed, c)
-			}
-		}
-		m.Timeline = append(m.Timeline, ev)
 	}
 	slices.SortFunc(insts, func(a, b flags.Instance) int { return strings.Compare(a.ID, b.ID) })
 	for _, in := range insts {

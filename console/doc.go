@@ -23,9 +23,12 @@
 //     capture (reader, lag, retained WAL) and a critical alert for a slot
 //     past the retained-WAL bound, lost or gone, as [cdc.CheckSlots] fails;
 //   - charts over time of the fleet's error rate, lasting and transient
-//     mismatch rate and p99, from samples the console keeps in memory
-//     ([Server.Run], [WithHistory]): the instances only publish their
-//     current windows with the heartbeat, as they already do for the guards;
+//     mismatch rate and p99, from samples of the windows the instances
+//     publish with their heartbeat (as they already do for the guards),
+//     taken by [Server.Run] ([WithHistory]) and, with [WithSampleStore],
+//     kept beside the flags ([PostgresSamples], [RedisSamples]; one per
+//     interval, bounded), so a console started mid-migration draws the
+//     last hour and not an empty chart;
 //   - the same data as JSON: GET /api/overview and GET /api/m/{name};
 //   - with [WithMetrics] and [Server.RegisterMetrics], the same figures as
 //     OpenTelemetry gauges, read from the store at collection (dimmer ui
@@ -38,15 +41,30 @@
 // the same templates, so no untrusted text is ever assembled into HTML in
 // the browser. With [WithChanges] the pages also open a server-sent event
 // stream (GET /api/events) fed by the store's notifications through an
-// OpenFeature provider, and refresh as soon as a stage changes; polling
-// stays for what changes without a notification (heartbeats, refusals,
-// backfills).
+// OpenFeature provider (pgflags' LISTEN/NOTIFY or redisflags' pub/sub), and
+// refresh as soon as a stage changes; polling stays for what changes
+// without a notification (heartbeats, refusals, backfills).
+//
+// # Speed and load
+//
+// A page's data request reads the state, the fleet, the audit log and the
+// configured panels at the same time. With [ShareFleet] the console and the
+// next step's fleet guards share one read of the registry per request, and
+// the timeline is reused while the audit log's newest entry is unchanged
+// (it only grows at its head), so a refresh on a long game day reads one
+// audit entry, not a hundred, and the page reuses the timeline's rendered
+// list. Everything the console reads are plain reads
+// of the store and the backfill, outbox and slot tables: no lock, no write
+// on the services' paths; its only writes are the audit entries of its
+// actions and, once per interval, a chart sample.
 //
 // # Security
 //
 // Every request carries the token given to [New]: as Authorization:
 // Bearer, or through a session cookie (HttpOnly, SameSite=Strict) set by the
-// login form, which also asks who the operator is for the audit log.
+// login form, which also asks who the operator is for the audit log. Wrong
+// tokens are limited per client ([WithLoginLimit]): past the allowance the
+// next guess is not even compared and gets 429 with Retry-After.
 // Actions are off unless [WithActions]; each needs a reason, and a login
 // session's form must carry its CSRF token. Cross-origin POSTs are refused
 // beforehand by net/http's CrossOriginProtection. A bearer client needs no
@@ -58,8 +76,13 @@
 // [flags.Controller], so the guards refuse exactly as they do for the CLI
 // and a refusal lists every failed check; the controller audits the request
 // as "<operator> (console)". An action names the revision the page showed,
-// and is refused when the migration changed meanwhile. Pausing and resuming
-// a backfill job and retrying or skipping a dead letter act only on the
-// migration's own jobs and repair log; the pause reason records the
-// operator, and every action is logged with operator and reason.
+// and is refused when the migration changed meanwhile. An advance refused
+// by its checks can be forced, as with dimmer stage set … --force (never
+// skipping a stage): the form needs a reason, the revision and the
+// migration's name typed as confirmation, and the controller audits it as
+// forced with the checks it overrode. Pausing and resuming a backfill job
+// and retrying or skipping a dead letter act only on the migration's own
+// jobs and repair log, and are recorded in the migration's audit log
+// ([ActionOutcome]: what was acted on, what became of it, operator and
+// reason), so its timeline shows every hand on the migration.
 package console

@@ -14,7 +14,10 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/console"
+	"github.com/dimmer-dev/dimmer/dimmertest"
+	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
+	"github.com/dimmer-dev/dimmer/flags/redisflags"
 )
 
 // A stage change reaches an open page's event stream through the store's
@@ -91,5 +94,59 @@ func TestEventsAnnounceStageChanges(t *testing.T) {
 			break
 		}
 		assert.True(t, l == "" || strings.HasPrefix(l, ":") || strings.HasPrefix(l, "event:") || strings.HasPrefix(l, "data:"), l)
+	}
+}
+
+// A Redis store pushes its changes too: its provider follows the store's
+// pub/sub channel, and the console streams them like Postgres's.
+func TestEventsFromARedisStore(t *testing.T) {
+	t.Parallel()
+	client, prefix := dimmertest.Redis(t)
+	store, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix), redisflags.WithLogger(quiet))
+	require.NoError(t, err)
+	ctrl, err := flags.NewController(store, flags.WithControllerLogger(quiet))
+	require.NoError(t, err)
+	prov, err := redisflags.NewProvider(client, redisflags.WithPrefix(prefix), redisflags.WithLogger(quiet))
+	require.NoError(t, err)
+	require.NoError(t, prov.InitWithContext(ctx(t), openfeature.EvaluationContext{}))
+	t.Cleanup(prov.Shutdown)
+	srv, err := console.New(ctrl, store, token, console.WithLogger(quiet),
+		console.WithRefresh(time.Hour), console.WithChanges(prov.EventChannel()))
+	require.NoError(t, err)
+	hs := httptest.NewServer(srv)
+	t.Cleanup(hs.Close)
+
+	runCtx, stop := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(runCtx) }()
+	defer func() { stop(); <-ran }()
+	req, err := http.NewRequestWithContext(ctx(t), "GET", hs.URL+"/api/events", nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := hs.Client().Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	sc := bufio.NewScanner(resp.Body)
+	require.True(t, sc.Scan())
+	require.Equal(t, "retry: 3600000", sc.Text())
+
+	// No poll happens within the hour: only the pushed event can arrive.
+	_, err = ctrl.Set(ctx(t), flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "alice", Reason: "start"})
+	require.NoError(t, err)
+	got := make(chan string, 1)
+	go func() {
+		for sc.Scan() {
+			if sc.Text() == "event: change" && sc.Scan() {
+				got <- sc.Text()
+				return
+			}
+		}
+	}()
+	select {
+	case l := <-got:
+		assert.Equal(t, `data: ["orders"]`, l)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no change event within 10s")
 	}
 }

@@ -42,12 +42,14 @@ func ExampleNew() {
 		fmt.Println(err)
 		return
 	}
-	ctrl, _ := flags.NewController(store, flags.WithFleet(store), flags.WithControllerLogger(logger))
+	// The guards and the console share one read of the fleet per page.
+	fleet := console.ShareFleet(store)
+	ctrl, _ := flags.NewController(store, flags.WithFleet(fleet), flags.WithControllerLogger(logger))
 	_ = store.Heartbeat(ctx, flags.Instance{ID: "api-1", Applied: map[string]int64{"orders": 0}}, 60e9)
 	_, _ = ctrl.Advance(ctx, "orders", "alice", "start dual writes")
 
 	// In a service or a tool: mount it on any mux, behind TLS when remote.
-	srv, err := console.New(ctrl, store, "a-long-random-token-from-a-secret", console.WithLogger(logger))
+	srv, err := console.New(ctrl, fleet, "a-long-random-token-from-a-secret", console.WithLogger(logger))
 	if err != nil {
 		fmt.Println(err)
 		return

@@ -42,11 +42,14 @@ func newEnv(t testing.TB, opts ...console.Option) *env {
 	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(quiet))
 	require.NoError(t, err)
 	require.NoError(t, store.Install(ctx(t)))
-	ctrl, err := flags.NewController(store, flags.WithFleet(store),
-		flags.WithGuards(flags.HealthGuard(store, flags.WatchdogConfig{MinSamples: 100})),
+	// As dimmer ui does: the guards and the console share one read of the
+	// fleet per data request.
+	fleet := console.ShareFleet(store)
+	ctrl, err := flags.NewController(store, flags.WithFleet(fleet),
+		flags.WithGuards(flags.HealthGuard(fleet, flags.WatchdogConfig{MinSamples: 100})),
 		flags.WithControllerLogger(quiet))
 	require.NoError(t, err)
-	srv, err := console.New(ctrl, store, token, append([]console.Option{console.WithLogger(quiet)}, opts...)...)
+	srv, err := console.New(ctrl, fleet, token, append([]console.Option{console.WithLogger(quiet)}, opts...)...)
 	require.NoError(t, err)
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)

@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"html/template"
 	"math"
@@ -47,9 +48,10 @@ func (h *history) ordered() []Sample {
 
 // WithHistory sets how often the console samples the fleet's windows for
 // its charts and how many samples it keeps per migration (default every 10s,
-// 360 samples: an hour). The samples live in the console's memory: the
-// services only publish their current windows in the heartbeat, as they do
-// for the guards, so charting adds nothing to their hot paths.
+// 360 samples: an hour). The samples live in the console's memory and,
+// with [WithSampleStore], in the store: the services only publish their
+// current windows in the heartbeat, as they do for the guards, so charting
+// adds nothing to their hot paths.
 func WithHistory(every time.Duration, keep int) Option {
 	return func(s *Server) error {
 		if every < 10*time.Millisecond || keep < 2 {
@@ -96,9 +98,57 @@ func (s *Server) SampleOnce(ctx context.Context) error {
 		return err
 	}
 	now := s.now().UTC()
+	var errs []error
 	for _, st := range all {
-		s.record(st.Migration, healthOf(insts, st.Migration), now, true)
+		name := st.Migration
+		if err := s.seed(ctx, name); err != nil {
+			errs = append(errs, err)
+		}
+		smp := Sample{At: now, Stages: healthOf(insts, name)}
+		s.record(name, smp.Stages, now, true)
+		if s.sampleStore != nil {
+			if err := s.sampleStore.AddSample(ctx, name, smp, s.sampleEvery, s.sampleKeep); err != nil {
+				errs = append(errs, err)
+			}
+		}
 	}
+	return errors.Join(errs...)
+}
+
+// seed puts the samples the store holds for the migration before the ones
+// this console took, once: a console started later draws the charts of
+// the consoles before it.
+func (s *Server) seed(ctx context.Context, name string) error {
+	s.histMu.Lock()
+	done := s.sampleStore == nil || s.seeded[name]
+	s.histMu.Unlock()
+	if done {
+		return nil
+	}
+	stored, err := s.sampleStore.Samples(ctx, name, s.sampleKeep)
+	if err != nil {
+		return err
+	}
+	s.histMu.Lock()
+	defer s.histMu.Unlock()
+	if s.seeded[name] {
+		return nil
+	}
+	s.seeded[name] = true
+	var mine []Sample
+	if h := s.hist[name]; h != nil {
+		mine = h.ordered()
+	}
+	h := &history{}
+	for _, smp := range stored {
+		if len(mine) == 0 || smp.At.Before(mine[0].At) {
+			h.add(smp, s.sampleKeep)
+		}
+	}
+	for _, smp := range mine {
+		h.add(smp, s.sampleKeep)
+	}
+	s.hist[name] = h
 	return nil
 }
 

@@ -2,6 +2,7 @@ package console
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -159,6 +160,7 @@ func (s *Server) migrationPage(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Query().Get("part") == "live" {
 		name = "migration-live"
 	}
+	m.TimelineHTML = s.timelineHTML(m.tl)
 	s.render(w, name, s.page(r, m.Name+" - dimmer", m))
 }
 
@@ -215,6 +217,29 @@ func (s *Server) act(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(buf.Bytes())
 }
 
+// ActionOutcome marks an audit entry of an action that changes no stage
+// (a backfill paused or resumed, a dead letter retried or skipped): its
+// From names what was acted on and its To what became of it.
+const ActionOutcome flags.Outcome = "action"
+
+// auditAction records an applied action in the migration's audit log, at
+// the migration's current revision, so the timeline shows every hand on
+// the migration, not only stage changes.
+func (s *Server) auditAction(ctx context.Context, name, actor, reason, subject, done string, res *ActionResult) {
+	cur, err := s.store.Load(ctx, name)
+	if err == nil {
+		err = s.store.AppendAudit(ctx, flags.AuditEntry{
+			Migration: name, At: s.now().UTC(), Actor: actor, From: subject, To: done, Reason: reason,
+			Outcome: ActionOutcome, Revision: cur.Revision,
+		})
+	}
+	if err != nil {
+		// The action happened: say so, and that the log misses it.
+		s.logger.Error("console action applied but not audited", "migration", name, "action", subject, "operator", actor, "err", err)
+		res.Describe += " (not recorded in the audit log: " + err.Error() + ")"
+	}
+}
+
 func (s *Server) perform(r *http.Request, name, action string, res *ActionResult) int {
 	bad := func(status int, format string, args ...any) int {
 		res.Error = fmt.Sprintf(format, args...)
@@ -234,11 +259,19 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		return bad(http.StatusBadRequest, "the reason has %d characters: keep it under 1000", len(reason))
 	}
 	actor := principalOf(r.Context()).operator + " (console)"
-	if action == "backfill-pause" || action == "backfill-resume" {
-		return s.backfillAction(r, name, action, actor, reason, res)
-	}
-	if action == "dead-retry" || action == "dead-skip" {
-		return s.deadAction(r, name, action, res)
+	switch action {
+	case "backfill-pause", "backfill-resume", "dead-retry", "dead-skip":
+		var status int
+		var subject, done string
+		if action == "backfill-pause" || action == "backfill-resume" {
+			status, subject, done = s.backfillAction(r, name, action, actor, reason, res)
+		} else {
+			status, subject, done = s.deadAction(r, name, action, res)
+		}
+		if status == http.StatusOK {
+			s.auditAction(r.Context(), name, actor, reason, subject, done, res)
+		}
+		return status
 	}
 	ctx := r.Context()
 	cur, err := s.store.Load(ctx, name)
@@ -256,11 +289,29 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 			return bad(http.StatusConflict, "%s changed since the page showed it (revision %d, now %d: %s); look again and retry", name, seen, cur.Revision, cur)
 		}
 	}
+	// Forcing overrides failed guards as dimmer stage set … --force does
+	// (never a skipped stage): offered for an advance only, on the page the
+	// operator looked at, with the migration's name typed as confirmation.
+	force := r.PostFormValue("force") != ""
+	if force {
+		switch {
+		case r.PostFormValue("force") != "yes" || action != "advance":
+			return bad(http.StatusBadRequest, "force=%q with %s: only an advance can be forced (force=yes)", r.PostFormValue("force"), action)
+		case r.PostFormValue("revision") == "":
+			return bad(http.StatusBadRequest, "a forced advance needs the revision the page showed")
+		case r.PostFormValue("confirm") != name:
+			return bad(http.StatusBadRequest, "to force, type the migration's name %q as confirmation", name)
+		}
+	}
 	var st flags.State
 	switch action {
 	case "advance":
 		if cur.Stage == flags.Complete {
 			return bad(http.StatusConflict, "%s is already complete", name)
+		}
+		if force {
+			st, err = s.ctrl.Set(ctx, flags.Request{Migration: name, Stage: cur.Stage + 1, Actor: actor, Reason: reason, Force: true})
+			break
 		}
 		st, err = s.ctrl.Advance(ctx, name, actor, reason)
 	case "rollback":
@@ -300,5 +351,8 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 		return bad(http.StatusBadRequest, "%v", err)
 	}
 	res.Applied, res.State, res.Describe = true, &st, st.String()
+	if force {
+		res.Describe += " (FORCED)"
+	}
 	return http.StatusOK
 }

@@ -129,22 +129,22 @@ func repairAlerts(v *RepairView) []Alert {
 }
 
 // deadAction retries or skips one dead letter of the migration's repair log.
-func (s *Server) deadAction(r *http.Request, name, action string, res *ActionResult) int {
+func (s *Server) deadAction(r *http.Request, name, action string, res *ActionResult) (status int, subject, done string) {
 	if s.repairs == nil {
 		res.Error = "no repair log is configured for this console"
-		return http.StatusNotFound
+		return http.StatusNotFound, "", ""
 	}
 	id, err := uuid.Parse(strings.TrimSpace(r.PostFormValue("id")))
 	if err != nil {
 		res.Error = fmt.Sprintf("dead letter id %q: %v", r.PostFormValue("id"), err)
-		return http.StatusBadRequest
+		return http.StatusBadRequest, "", ""
 	}
 	// Only a dead letter of this migration's own repair log.
 	topic := dualwrite.RepairTopic(name)
 	dead, err := s.repairs.DeadLetters(r.Context(), topic, 100000)
 	if err != nil {
 		res.Error = fmt.Sprintf("repair log: %v", err)
-		return http.StatusBadGateway
+		return http.StatusBadGateway, "", ""
 	}
 	found := false
 	for _, d := range dead {
@@ -152,21 +152,21 @@ func (s *Server) deadAction(r *http.Request, name, action string, res *ActionRes
 	}
 	if !found {
 		res.Error = fmt.Sprintf("%s has no dead letter %s", topic, id)
-		return http.StatusBadRequest
+		return http.StatusBadRequest, "", ""
 	}
 	if action == "dead-retry" {
 		err = s.repairs.RetryDead(r.Context(), id)
-		res.Describe = fmt.Sprintf("dead letter %s is pending again", id)
+		res.Describe, done = fmt.Sprintf("dead letter %s is pending again", id), "retried"
 	} else {
 		var rec outbox.Record
 		rec, err = s.repairs.SkipDead(r.Context(), id)
-		res.Describe = fmt.Sprintf("dead letter %s (key %s) skipped", id, rec.Key)
+		res.Describe, done = fmt.Sprintf("dead letter %s (key %s) skipped", id, rec.Key), "skipped (key "+rec.Key+")"
 	}
 	if err != nil {
 		res.Describe = ""
 		res.Error = fmt.Sprintf("%s %s: %v", action, id, err)
-		return http.StatusConflict
+		return http.StatusConflict, "", ""
 	}
 	res.Applied = true
-	return http.StatusOK
+	return http.StatusOK, "dead letter " + id.String(), done
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/dimmer-dev/dimmer/console"
 	"github.com/dimmer-dev/dimmer/dualwrite"
+	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -108,4 +109,23 @@ func TestRepairBacklogAndDeadLetters(t *testing.T) {
 	require.Equal(t, http.StatusOK, r.status, r.body)
 	assert.Contains(t, r.body, "(key order-7) skipped")
 	assert.Equal(t, int64(0), pending(topic).Pending)
+
+	// The retry and the skip are on the migration's timeline, with the
+	// operator and the reason; the refused attempts are not.
+	var actions []flags.AuditEntry
+	for _, a := range e.audit(t, "orders") {
+		if a.Outcome == console.ActionOutcome {
+			actions = append(actions, a)
+		}
+	}
+	require.Len(t, actions, 2)
+	assert.Equal(t, "dead letter "+dead[0].ID.String(), actions[0].From)
+	assert.Equal(t, "skipped (key order-7)", actions[0].To)
+	assert.Equal(t, "row was deleted since", actions[0].Reason)
+	assert.Equal(t, "dead letter "+d.ID, actions[1].From)
+	assert.Equal(t, "retried", actions[1].To)
+	assert.Equal(t, "new store fixed", actions[1].Reason)
+	assert.Equal(t, "token (console)", actions[1].Actor)
+	m = migrationData(t, e)
+	assert.Equal(t, "skipped (key order-7)", m.Timeline[0].To)
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/dualwrite"
@@ -25,7 +26,10 @@ type backend struct {
 	// DIMMER_GUARDS_DB otherwise; nil when there is none.
 	pool   *pgxpool.Pool
 	schema string
-	close  func()
+	// redis is the store's client when it is Redis (the console follows
+	// its changes and keeps its chart samples there).
+	redis *redis.Client
+	close func()
 }
 
 func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logger *slog.Logger) (*backend, error) {
@@ -55,7 +59,7 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 			client.Close()
 			return nil, err
 		}
-		be := &backend{store: s, fleet: s, schema: "dimmer", close: func() { client.Close() }}
+		be := &backend{store: s, fleet: s, schema: "dimmer", redis: client, close: func() { client.Close() }}
 		if u := os.Getenv("DIMMER_GUARDS_DB"); u != "" {
 			pool, err := c.openPool(ctx, "guards database DIMMER_GUARDS_DB", u, true)
 			if err != nil {

@@ -23,6 +23,7 @@ import (
 	"github.com/dimmer-dev/dimmer/console"
 	"github.com/dimmer-dev/dimmer/expandcontract"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
+	"github.com/dimmer-dev/dimmer/flags/redisflags"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -55,9 +56,12 @@ Where the replication slot registry of package cdc exists (in DIMMER_CDC_DB,
 else the store's database), both pages show every slot's reader, lag and
 retained WAL, with an alert past --max-retained-wal.
 
-With a Postgres store the pages also listen to its change notifications
-(server-sent events, GET /api/events) and show a new stage at once; they
-poll every --refresh either way.`,
+The pages also listen to the store's change notifications (Postgres
+LISTEN/NOTIFY or Redis pub/sub, as server-sent events at GET /api/events)
+and show a new stage at once; they poll every --refresh either way. The
+charts' samples are kept in the store (table console_samples of the
+store's schema, or a sorted set under the Redis prefix; the last hour), so
+a console started mid-migration draws what came before.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			token := os.Getenv("DIMMER_UI_TOKEN")
@@ -71,7 +75,14 @@ poll every --refresh either way.`,
 			if ip := net.ParseIP(host); !allowRemote && (ip == nil || !ip.IsLoopback()) && host != "localhost" {
 				return usagef("--listen %q is not a loopback address: pass --allow-remote to serve other hosts (put TLS in front)", listen)
 			}
-			be, ctrl, err := c.openController(cmd.Context())
+			be, err := c.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			// The console's data request and the guards it runs for the
+			// next step then read the fleet registry once, not once each.
+			be.fleet = console.ShareFleet(be.fleet)
+			ctrl, err := c.controller(be)
 			if err != nil {
 				return err
 			}
@@ -147,18 +158,52 @@ poll every --refresh either way.`,
 					defer func() { _ = stop() }()
 				}
 			}
-			// A Postgres store notifies its changes: pages then show a new
-			// stage at once instead of at their next poll.
-			if pg, ok := be.store.(*pgflags.Store); ok && be.pool != nil {
-				prov, err := pgflags.NewProvider(be.pool, pgflags.WithSchema(pg.Schema()), pgflags.WithLogger(c.logger))
+			// The store notifies its changes (Postgres LISTEN/NOTIFY, Redis
+			// pub/sub): pages then show a new stage at once instead of at
+			// their next poll. The chart samples are kept beside the flags,
+			// so a console started later draws the last hour too.
+			var changes interface {
+				openfeature.FeatureProvider
+				openfeature.EventHandler
+				InitWithContext(context.Context, openfeature.EvaluationContext) error
+				Shutdown()
+			}
+			var samples console.SampleStore
+			switch st := be.store.(type) {
+			case *pgflags.Store:
+				prov, err := pgflags.NewProvider(be.pool, pgflags.WithSchema(st.Schema()), pgflags.WithLogger(c.logger))
 				if err != nil {
 					return err
 				}
-				if err := prov.InitWithContext(cmd.Context(), openfeature.EvaluationContext{}); err != nil {
+				changes = prov
+				pgs, err := console.PostgresSamples(be.pool, st.Schema())
+				if err != nil {
+					return err
+				}
+				if err := pgs.Install(cmd.Context()); err != nil {
+					c.logger.Warn("console: chart samples kept in memory only", "err", err)
+				} else {
+					samples = pgs
+				}
+			case *redisflags.Store:
+				prov, err := redisflags.NewProvider(be.redis, redisflags.WithPrefix(st.Prefix()), redisflags.WithLogger(c.logger))
+				if err != nil {
+					return err
+				}
+				changes = prov
+				if samples, err = console.RedisSamples(be.redis, st.Prefix()); err != nil {
+					return err
+				}
+			}
+			if changes != nil {
+				if err := changes.InitWithContext(cmd.Context(), openfeature.EvaluationContext{}); err != nil {
 					return fmt.Errorf("flag store notifications: %w", err)
 				}
-				defer prov.Shutdown()
-				opts = append(opts, console.WithChanges(prov.EventChannel()))
+				defer changes.Shutdown()
+				opts = append(opts, console.WithChanges(changes.EventChannel()))
+			}
+			if samples != nil {
+				opts = append(opts, console.WithSampleStore(samples))
 			}
 			srv, err := console.New(ctrl, be.fleet, token, opts...)
 			if err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/dimmer-dev/dimmer/cdc"
 	"github.com/dimmer-dev/dimmer/dimmertest"
+	"github.com/dimmer-dev/dimmer/flags"
 )
 
 func TestUIRefusesWithoutTokenOrOffLoopback(t *testing.T) {
@@ -35,8 +36,17 @@ func TestUIRefusesWithoutTokenOrOffLoopback(t *testing.T) {
 	assert.Contains(t, r.stderr, "not a loopback address")
 }
 
+// Both stores push their changes to the pages (LISTEN/NOTIFY, pub/sub).
 func TestUIServesUntilCancelled(t *testing.T) {
-	s := stores(t)["postgres"]
+	for _, name := range []string{"postgres", "redis"} {
+		t.Run(name, func(t *testing.T) { testUIServes(t, stores(t)[name]) })
+	}
+}
+
+func testUIServes(t *testing.T, s struct {
+	args  []string
+	fleet flags.FleetStore
+}) {
 	register(t, s.fleet, "api-1", 0)
 	require.Equal(t, exitOK, dimmer(t, s.args, "stage", "set", "orders", "dualwrite", "--reason", "start").code)
 	const token = "cli-token-0123456789abcdef"
@@ -72,7 +82,7 @@ func TestUIServesUntilCancelled(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Contains(t, string(body), `"describe":"dualwrite"`)
 
-	// A Postgres store's notifications reach the pages as server-sent events.
+	// The store's notifications reach the pages as server-sent events.
 	req, err = http.NewRequest("GET", m+"api/events", nil)
 	require.NoError(t, err)
 	req.Header.Set("Authorization", "Bearer "+token)

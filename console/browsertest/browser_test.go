@@ -336,7 +336,38 @@ func TestConsoleInBrowser(t *testing.T) {
 			chromedp.Click(chromedp.CSS(`#backfill button[formaction$="backfill-resume"]`)),
 		)
 		waitFor(t, tab, "resumed row", `document.querySelector("#backfills tr.job") !== null && document.querySelector("#backfills tr.job.paused") === null`)
+		// Both are on the migration's timeline, with who and why.
+		waitFor(t, tab, "actions in the timeline", `[...document.querySelectorAll("#timeline li.event.action .move")].map(e => e.textContent).join("|") === "backfill orders-v2 → resumed|backfill orders-v2 → paused"`)
+		assert.Equal(t, "lag gone", eval[string](t, tab, `document.querySelector("#timeline li.event.action .reason").textContent`))
 		assert.True(t, eval[bool](t, tab, `window.__sameDocument === true`), "the page was not reloaded")
+	})
+
+	t.Run("ForcedAdvanceOverridesRefusedChecks", func(t *testing.T) {
+		// After the automatic rollback the fleet has not applied the new
+		// revision: an advance is refused, but the on-call engineer knows
+		// why and forces it, typing the migration's name.
+		require.Equal(t, flags.Shadow, e.state(t).Stage)
+		step(t, tab, "open the override", chromedp.Click(chromedp.CSS(`details.force summary`)))
+		step(t, tab, "force without confirmation",
+			chromedp.SetValue(chromedp.CSS(`#force input[name=reason]`), "rollback was a false alarm"),
+			chromedp.SetValue(chromedp.CSS(`#force input[name=confirm]`), "users"),
+			chromedp.Click(chromedp.CSS(`#force button`)),
+		)
+		waitFor(t, tab, "confirmation refused", `document.getElementById("action-result")?.innerText.includes("type the migration's name")`)
+		assert.Equal(t, flags.Shadow, e.state(t).Stage)
+		step(t, tab, "force",
+			chromedp.SetValue(chromedp.CSS(`#force input[name=confirm]`), "orders"),
+			chromedp.Click(chromedp.CSS(`#force button`)),
+		)
+		waitFor(t, tab, "stage live", `document.getElementById("stage")?.textContent === "live"`)
+		waitFor(t, tab, "forced in the timeline", `document.querySelector("#timeline li.event")?.classList.contains("forced")`)
+		first := eval[string](t, tab, `document.querySelector("#timeline li.event").innerText`)
+		assert.Contains(t, first, "FORCED")
+		assert.Contains(t, first, "rollback was a false alarm")
+		assert.Contains(t, first, "carol (console)")
+		assert.Contains(t, first, "fleet-acknowledged", "the overridden check is listed")
+		assert.True(t, eval[bool](t, tab, `window.__sameDocument === true`), "the page was not reloaded")
+		screenshot(t, tab, "forced")
 	})
 
 	t.Run("CrossSitePostIsRefused", func(t *testing.T) {

@@ -66,7 +66,7 @@
       }).then(function (r) {
         return r.text().then(function (t) {
           out.innerHTML = t;
-          if (r.ok) f.querySelectorAll("input[name=reason], input[name=percent]").forEach(function (i) { i.value = ""; });
+          if (r.ok) f.querySelectorAll("input[name=reason], input[name=percent], input[name=confirm]").forEach(function (i) { i.value = ""; });
           busy = false;
           return refresh();
         });
