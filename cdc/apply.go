@@ -3,6 +3,7 @@ package cdc
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -81,14 +82,13 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 		return nil
 	}
 	net := make(map[string]*merged, len(batch))
-	order := make([]string, 0, len(batch))
+	order := make([]*merged, 0, len(batch))
 	for _, c := range batch {
-		k := strings.Join(c.keyText, "\x00")
-		m, ok := net[k]
+		m, ok := net[c.key]
 		if !ok {
 			m = &merged{}
-			net[k] = m
-			order = append(order, k)
+			net[c.key] = m
+			order = append(order, m)
 		}
 		switch c.Op {
 		case OpDelete:
@@ -98,64 +98,76 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 			if m.upsert && len(c.Unchanged) > 0 {
 				// An earlier change of this batch carries the value the
 				// update left unchanged.
-				row := make(map[string]any, len(c.Row)+len(c.Unchanged))
-				text := make(map[string]*string, len(c.text)+len(c.Unchanged))
-				for k, v := range c.Row {
-					row[k] = v
-				}
-				for k, v := range c.text {
-					text[k] = v
+				vals := slices.Clone(c.vals)
+				if c.Row != nil {
+					c.Row = maps.Clone(c.Row)
 				}
 				var still []string
 				for _, u := range c.Unchanged {
-					if v, ok := m.last.Row[u]; ok {
-						row[u], text[u] = v, m.last.text[u]
+					col, _ := a.sh.col(u)
+					if v := m.last.vals[col.idx]; v.set {
+						vals[col.idx] = v
+						if c.Row != nil {
+							c.Row[u] = m.last.Row[u]
+						}
 					} else {
 						still = append(still, u)
 					}
 				}
-				c.Row, c.text, c.Unchanged = row, text, still
+				c.vals, c.Unchanged = vals, still
 			}
 			m.last, m.upsert = c, true
 		}
 	}
-	var delKeys [][]string
+	var dels []*change
+	// Upserts are grouped by the columns they carry (a bit per synced
+	// column), one statement per group.
 	groups := map[string][]*change{}
-	groupCols := map[string][]string{}
-	for _, k := range order {
-		m := net[k]
+	var sigs []string
+	sig := make([]byte, (len(a.sh.cols)+7)/8)
+	for _, m := range order {
 		if m.deleteFirst {
-			delKeys = append(delKeys, m.last.keyText)
+			dels = append(dels, &m.last)
 		}
 		if !m.upsert {
 			continue
 		}
-		cols := make([]string, 0, len(m.last.text))
-		for c := range m.last.text {
-			cols = append(cols, c)
+		clear(sig)
+		for i, v := range m.last.vals {
+			if v.set {
+				sig[i/8] |= 1 << (i % 8)
+			}
 		}
-		slices.Sort(cols)
-		sig := strings.Join(cols, "\x00")
-		c := m.last
-		groups[sig] = append(groups[sig], &c)
-		groupCols[sig] = cols
+		g, ok := groups[string(sig)]
+		if !ok {
+			sigs = append(sigs, string(sig))
+		}
+		groups[string(sig)] = append(g, &m.last)
 	}
-	if len(delKeys) > 0 {
-		if err := a.deleteKeys(ctx, delKeys); err != nil {
+	if len(dels) > 0 {
+		if err := a.deleteKeys(ctx, dels); err != nil {
 			return err
 		}
 	}
-	for sig, cs := range groups {
-		cols := groupCols[sig]
-		q, err := a.upsertSQL(sig, cols)
+	for _, sig := range sigs {
+		cs := groups[sig]
+		var idx []int
+		for i := range a.sh.cols {
+			if sig[i/8]&(1<<(i%8)) != 0 {
+				idx = append(idx, i)
+			}
+		}
+		q, err := a.upsertSQL(sig, idx)
 		if err != nil {
 			return err
 		}
-		args := make([]any, len(cols))
-		for i, col := range cols {
+		args := make([]any, len(idx))
+		for i, ci := range idx {
 			vals := make([]*string, len(cs))
 			for j, c := range cs {
-				vals[j] = c.text[col]
+				if v := &c.vals[ci]; !v.null {
+					vals[j] = &v.text
+				}
 			}
 			args[i] = vals
 		}
@@ -168,9 +180,13 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 
 // upsertSQL is one statement upserting rows given as text arrays, one per
 // column, cast to the target's types, under the version guard.
-func (a *applier) upsertSQL(sig string, cols []string) (string, error) {
+func (a *applier) upsertSQL(sig string, idx []int) (string, error) {
 	if q, ok := a.upserts[sig]; ok {
 		return q, nil
+	}
+	cols := make([]string, len(idx))
+	for i, ci := range idx {
+		cols[i] = a.sh.cols[ci].name
 	}
 	for _, k := range append(slices.Clone(a.sh.key), a.s.cfg.VersionColumn) {
 		if !slices.Contains(cols, k) {
@@ -204,15 +220,15 @@ ON CONFLICT (` + strings.Join(keys, ", ") + `) DO `
 	return q, nil
 }
 
-func (a *applier) deleteKeys(ctx context.Context, keys [][]string) error {
+func (a *applier) deleteKeys(ctx context.Context, dels []*change) error {
 	n := len(a.sh.key)
 	arrays := make([]any, n)
 	var sel, cols []string
 	for i, k := range a.sh.key {
 		col, _ := a.sh.col(k)
-		vals := make([]string, len(keys))
-		for j, key := range keys {
-			vals[j] = key[i]
+		vals := make([]string, len(dels))
+		for j, d := range dels {
+			vals[j] = d.vals[col.idx].text
 		}
 		arrays[i] = vals
 		sel = append(sel, fmt.Sprintf("u.c%d::%s", i, col.typ))

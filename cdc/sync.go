@@ -218,6 +218,8 @@ type column struct {
 	name string
 	oid  uint32
 	typ  string // format_type, for casts
+	idx  int    // position among the synced columns (tableShape.cols)
+	key  int    // position in the key, or -1
 }
 
 type tableShape struct {
@@ -296,6 +298,7 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 	sh.all = len(want) == 0
 	for _, c := range all {
 		if sh.all || slices.Contains(want, c.name) {
+			c.idx, c.key = len(sh.cols), slices.Index(sh.key, c.name)
 			sh.cols = append(sh.cols, c)
 		}
 	}
@@ -428,8 +431,15 @@ var _ backfill.Sink = (*changeSinkAdapter)(nil)
 // change is a decoded stream change with what applying it needs.
 type change struct {
 	Change
-	keyText []string           // key values as text, for deletes
-	text    map[string]*string // every column carried, as the server's text (nil: NULL)
+	key  string   // the key values as text, NUL-separated: what a batch merges by
+	vals []colVal // by synced column (tableShape.cols), as the server's text
+}
+
+// colVal is a column's value as the server's text. A column not carried
+// (an unchanged TOAST value, a delete's non-key column) is not set.
+type colVal struct {
+	text      string
+	null, set bool
 }
 
 // stream applies the slot's changes until ctx ends or an error.
@@ -499,7 +509,9 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		queued     pglogrepl.LSN // the last position handed to the applier
 		confirmed  pglogrepl.LSN
 		nextStatus = time.Now()
+		rctx       = &deadlineCtx{parent: ctx}
 	)
+	defer rctx.stop()
 	flush := func() error {
 		if len(pending) == 0 && queued >= lastCommit {
 			return nil
@@ -541,9 +553,9 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		if len(pending) > 0 && !inTx {
 			deadline = oldest.Add(s.cfg.MaxDelay)
 		}
-		rctx, rcancel := context.WithDeadline(ctx, deadline)
-		raw, err := conn.ReceiveMessage(rctx)
-		rcancel()
+		// A deadline context costs a timer: keep one while the deadline
+		// stands (thousands of messages in a large transaction).
+		raw, err := conn.ReceiveMessage(rctx.until(deadline))
 		if err != nil {
 			if ctx.Err() != nil {
 				return fail(ctx.Err())
@@ -643,6 +655,30 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 	}
 }
 
+// deadlineCtx hands out a context that ends at a deadline, reusing it
+// while the deadline stands.
+type deadlineCtx struct {
+	parent context.Context
+	ctx    context.Context
+	cancel context.CancelFunc
+	at     time.Time
+}
+
+func (d *deadlineCtx) until(at time.Time) context.Context {
+	if d.ctx == nil || !at.Equal(d.at) || d.ctx.Err() != nil {
+		d.stop()
+		d.ctx, d.cancel = context.WithDeadline(d.parent, at)
+		d.at = at
+	}
+	return d.ctx
+}
+
+func (d *deadlineCtx) stop() {
+	if d.cancel != nil {
+		d.cancel()
+	}
+}
+
 // applyJob is a batch for the applier; end is the position confirmed once
 // it is applied (0: none).
 type applyJob struct {
@@ -722,47 +758,60 @@ func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.Relat
 	if tuple == nil {
 		return change{}, false, fmt.Errorf("%w: a %s on %s carried no row", ErrNoReplicaIdentity, op, sh.qualified)
 	}
-	c := change{Change: Change{Op: op, Row: make(map[string]any, len(cols)), CommitTime: commit}, text: make(map[string]*string, len(cols))}
-	keyText := map[string]string{}
+	c := change{Change: Change{Op: op, CommitTime: commit}, vals: make([]colVal, len(sh.cols))}
+	// Go values are made only for someone who reads them (a Go sink,
+	// OnApplied): a table target is written from the server's text.
+	goValues := s.cfg.Sink != nil || s.cfg.OnApplied != nil
+	if goValues {
+		c.Row = make(map[string]any, len(sh.cols))
+	}
+	keys := make([]string, len(sh.key))
+	haveKeys := 0
 	for i, col := range tuple.Columns {
 		if i >= len(cols) || cols[i].name == "" {
 			continue
 		}
-		name := cols[i].name
+		sc := cols[i]
 		switch col.DataType {
 		case 'n':
-			c.Row[name] = nil
-			c.text[name] = nil
+			if op == OpDelete && sc.key < 0 {
+				// Under REPLICA IDENTITY DEFAULT only the key is sent;
+				// the other columns are absent (n), not null.
+				continue
+			}
+			c.vals[sc.idx] = colVal{null: true, set: true}
+			if goValues {
+				c.Row[sc.name] = nil
+			}
 		case 'u':
-			c.Unchanged = append(c.Unchanged, name)
+			c.Unchanged = append(c.Unchanged, sc.name)
 		case 't':
-			v, err := decodeText(tm, col.Data, cols[i].oid)
-			if err != nil {
-				return change{}, false, fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, name, err)
-			}
-			c.Row[name] = v
 			txt := string(col.Data)
-			c.text[name] = &txt
-			if slices.Contains(sh.key, name) {
-				keyText[name] = txt
+			c.vals[sc.idx] = colVal{text: txt, set: true}
+			if goValues {
+				v, err := decodeText(tm, col.Data, sc.oid)
+				if err != nil {
+					return change{}, false, fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, sc.name, err)
+				}
+				c.Row[sc.name] = v
+			}
+			if sc.key >= 0 {
+				keys[sc.key] = txt
+				haveKeys++
 			}
 		}
 	}
-	for _, k := range sh.key {
-		t, ok := keyText[k]
-		if !ok {
-			return change{}, false, fmt.Errorf("%w: a %s on %s lacks key column %q", ErrNoReplicaIdentity, op, sh.qualified, k)
-		}
-		c.keyText = append(c.keyText, t)
-	}
-	if op == OpDelete {
-		// Under REPLICA IDENTITY DEFAULT only the key is sent; the other
-		// columns are absent (n), not null.
-		for name := range c.Row {
-			if !slices.Contains(sh.key, name) && c.Row[name] == nil {
-				delete(c.Row, name)
+	if haveKeys < len(sh.key) {
+		for _, k := range sh.key {
+			if col, _ := sh.col(k); !c.vals[col.idx].set || c.vals[col.idx].null {
+				return change{}, false, fmt.Errorf("%w: a %s on %s lacks key column %q", ErrNoReplicaIdentity, op, sh.qualified, k)
 			}
 		}
+	}
+	if len(keys) == 1 {
+		c.key = keys[0]
+	} else {
+		c.key = strings.Join(keys, "\x00")
 	}
 	return c, true, nil
 }
