@@ -183,6 +183,7 @@ type Sync struct {
 	copied   atomic.Bool
 	changes  atomic.Int64
 	streamed atomic.Bool
+	buffered atomic.Int64 // changes read from the slot and not yet applied
 }
 
 // NewSync returns a sync from the table cfg.Source in the database of
@@ -205,6 +206,12 @@ func NewSync(sourceURL string, target *pgxpool.Pool, cfg SyncConfig) (*Sync, err
 // Applied is the source log position up to which every change is applied
 // and confirmed.
 func (s *Sync) Applied() string { return pglogrepl.LSN(s.applied.Load()).String() }
+
+// Buffered is the number of changes the sync has read from the slot and
+// not yet applied: what it holds in memory. It stays under 4 × BatchSize
+// (the batch being read, two queued, the one being applied) however large
+// a source transaction is: reading waits for applying.
+func (s *Sync) Buffered() int { return int(s.buffered.Load()) }
 
 // Copied reports whether the initial copy has finished.
 func (s *Sync) Copied() bool { return s.copied.Load() }
@@ -475,7 +482,9 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		for j := range jobs {
 			if err := s.runJob(ctx, ap, j); err != nil {
 				cancel(err)
-				for range jobs {
+				s.buffered.Add(-int64(len(j.changes)))
+				for j := range jobs {
+					s.buffered.Add(-int64(len(j.changes)))
 					inFlight.Add(-1)
 				}
 				return
@@ -483,16 +492,23 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 			if j.end > 0 {
 				appliedPos.Store(uint64(j.end))
 			}
+			s.buffered.Add(-int64(len(j.changes)))
 			inFlight.Add(-1)
 		}
 	}()
-	defer func() { close(jobs); <-applierDone }()
+	var pending []change
+	defer func() {
+		close(jobs)
+		<-applierDone
+		s.buffered.Add(-int64(len(pending)))
+	}()
 	send := func(j applyJob) error {
 		inFlight.Add(1)
 		select {
 		case jobs <- j:
 			return nil
 		case <-ctx.Done():
+			s.buffered.Add(-int64(len(j.changes)))
 			inFlight.Add(-1)
 			return context.Cause(ctx)
 		}
@@ -501,7 +517,6 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 	var (
 		rel        *pglogrepl.RelationMessage
 		relCols    []column
-		pending    []change
 		oldest     time.Time
 		inTx       bool
 		commitTime time.Time
@@ -634,6 +649,7 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 				oldest = time.Now()
 			}
 			pending = append(pending, c)
+			s.buffered.Add(1)
 			if len(pending) >= s.cfg.BatchSize {
 				// A large transaction is applied in parts; its position is
 				// confirmed only once all of it is.

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
@@ -231,4 +233,79 @@ func TestSyncStopsOnSchemaChange(t *testing.T) {
 		ops = append(ops, fmt.Sprintf("%s:%v", c.Op, c.Row["id"]))
 	}
 	assert.Equal(t, "copy:1 insert:2 truncate:<nil> insert:3", strings.Join(ops, " "))
+}
+
+// A source transaction of 200,000 rows is streamed and applied in
+// batches, never held whole: while the target is locked (the apply
+// waits), reading stops once four batches are held, and the transaction's
+// end is not confirmed until all of it is applied. Then every row arrives.
+func TestSyncLargeTransactionBoundedMemory(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	dst := dimmertest.Pool(t, dimmertest.Database(t))
+	ctx := tctx(t, 2*time.Minute)
+	const rows, batch = 200_000, 2000
+	// The bound Buffered documents: the batch being read, two queued, the
+	// one being applied.
+	const bound = 4 * batch
+	_, err := src.Exec(ctx, `CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL, name text)`)
+	require.NoError(t, err)
+	_, err = dst.Exec(ctx, `CREATE TABLE items_copy (id bigint PRIMARY KEY, v bigint NOT NULL, name text)`)
+	require.NoError(t, err)
+	name := dimmertest.Name("sync_")
+	s, done, runErr := runSync(t, srcURL, src, dst, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "items"},
+		Target: backfill.Table{Name: "items_copy"}, VersionColumn: "v", BatchSize: batch, Logger: quiet(t)})
+	require.Eventually(t, s.Streaming, time.Minute, 5*time.Millisecond)
+
+	var peak atomic.Int64
+	stopWatch := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for {
+			if n := int64(s.Buffered()); n > peak.Load() {
+				peak.Store(n)
+			}
+			select {
+			case <-stopWatch:
+				return
+			case <-time.After(200 * time.Microsecond):
+			}
+		}
+	}()
+
+	// Writes to the target wait behind this lock.
+	lock, err := dst.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = lock.Rollback(context.WithoutCancel(ctx)) }()
+	_, err = lock.Exec(ctx, `LOCK TABLE items_copy IN EXCLUSIVE MODE`)
+	require.NoError(t, err)
+
+	_, err = src.Exec(ctx, `INSERT INTO items SELECT i, 1, 'row ' || i FROM generate_series(1, $1) i`, rows)
+	require.NoError(t, err)
+	var end pglogrepl.LSN
+	require.NoError(t, src.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()`).Scan(&end))
+
+	// The reader fills the pipeline and then waits for the apply.
+	require.Eventually(t, func() bool { return s.Buffered() >= bound-batch }, time.Minute, time.Millisecond)
+	require.Never(t, func() bool { return s.Buffered() > bound }, 300*time.Millisecond, time.Millisecond,
+		"the sync kept reading while nothing could be applied")
+	applied, err := pglogrepl.ParseLSN(s.Applied())
+	require.NoError(t, err)
+	assert.Less(t, applied, end, "the transaction was confirmed before it was applied")
+	require.NoError(t, lock.Rollback(ctx))
+
+	require.NoError(t, s.CaughtUp(ctx, src))
+	close(stopWatch)
+	<-watched
+	assert.Equal(t, rows, count(t, dst, `SELECT count(*) FROM items_copy`))
+	assert.Equal(t, rows, count(t, dst, `SELECT count(DISTINCT id) FROM items_copy WHERE name = 'row ' || id AND v = 1`))
+	assert.LessOrEqual(t, peak.Load(), int64(bound), "changes held at once")
+	assert.Zero(t, s.Buffered())
+	t.Logf("%d rows in one transaction; at most %d changes held at once (bound %d)", rows, peak.Load(), bound)
+	select {
+	case <-done:
+		t.Fatalf("sync ended: %v", *runErr)
+	default:
+	}
 }
