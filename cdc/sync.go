@@ -320,8 +320,12 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 // Run copies the source (unless a previous run finished the copy), then
 // applies the stream until ctx ends. The slot and publication are created
 // first (registered as in [CreateSlot]), so no change committed from then
-// on is missed. Run returns ctx's error when ctx ends, or the error that
-// stopped the sync ([ErrSchemaChanged] and friends); a later Run resumes.
+// on is missed. When the replication connection breaks (the network, a
+// server restart, the WAL sender terminated) Run reconnects with backoff
+// and resumes from the confirmed position: changes applied but not yet
+// confirmed come again and the version guard leaves them without effect.
+// Run returns ctx's error when ctx ends, or the error that stopped the
+// sync ([ErrSchemaChanged] and friends); a later Run resumes.
 func (s *Sync) Run(ctx context.Context) error {
 	src, sh, err := s.prepare(ctx)
 	if err != nil {
@@ -334,7 +338,52 @@ func (s *Sync) Run(ctx context.Context) error {
 		}
 	}
 	s.copied.Store(true)
-	return s.stream(ctx, sh)
+	const minBackoff, maxBackoff = 50 * time.Millisecond, 2 * time.Second
+	backoff := minBackoff
+	reconnecting := false
+	for {
+		started, err := s.stream(ctx, sh, reconnecting)
+		var lost *connLostError
+		switch {
+		case ctx.Err() != nil:
+			return err
+		case errors.As(err, &lost):
+		case reconnecting && errors.Is(err, errBusy):
+			// The server has not yet noticed that the previous
+			// connection is gone (at most wal_sender_timeout).
+		default:
+			return err
+		}
+		if started {
+			backoff = minBackoff
+		}
+		reconnecting = true
+		s.log.Warn("cdc sync: replication connection lost; reconnecting", "err", err, "in", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+// connLostError: the replication connection broke; the stream can resume
+// on a new one.
+type connLostError struct{ err error }
+
+func (e *connLostError) Error() string { return e.err.Error() }
+func (e *connLostError) Unwrap() error { return e.err }
+
+// lostIfConn marks err as a lost connection when it is one: anything but
+// an error the server sent, except the server ending the session
+// (shutdown, terminated backend, connection failure classes).
+func lostIfConn(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && !strings.HasPrefix(pgErr.Code, "57") && !strings.HasPrefix(pgErr.Code, "08") {
+		return err
+	}
+	return &connLostError{err}
 }
 
 // Prepare checks the source and creates the sync's slot and publication
@@ -449,25 +498,40 @@ type colVal struct {
 	null, set bool
 }
 
-// stream applies the slot's changes until ctx ends or an error.
-func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
+// stream applies the slot's changes until ctx ends or an error; started
+// reports whether it got to streaming. When reconnecting, failing to
+// connect at all counts as a lost connection too.
+func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (started bool, err error) {
 	conn, err := replicationConnect(ctx, s.sourceURL)
 	if err != nil {
-		return err
+		if reconnecting {
+			return false, &connLostError{err}
+		}
+		return false, err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	if err := startStreaming(ctx, conn, s.cfg.Slot, s.cfg.Slot, false); err != nil {
-		if errors.Is(err, errBusy) {
-			return fmt.Errorf("cdc: sync %s: slot %s is read by another process: %w", s.cfg.Name, s.cfg.Slot, err)
+		switch {
+		case errors.Is(err, errBusy):
+			return false, fmt.Errorf("cdc: sync %s: slot %s is read by another process: %w", s.cfg.Name, s.cfg.Slot, err)
+		case errors.Is(err, ErrNoSlot), errors.Is(err, ErrWalLevel):
+			return false, err
+		case reconnecting:
+			return false, lostIfConn(err)
 		}
-		return err
+		return false, err
+	}
+	ap, err := s.newApplier(ctx, sh)
+	if err != nil {
+		return false, err
 	}
 	s.streamed.Store(true)
 	defer s.streamed.Store(false)
-	ap, err := s.newApplier(ctx, sh)
-	if err != nil {
-		return err
-	}
+	return true, s.apply(ctx, conn, sh, ap)
+}
+
+// apply reads conn's stream and applies it through ap.
+func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, ap *applier) error {
 	// Reading and applying overlap: the reader hands batches to one
 	// applier goroutine, in order, and reports the position the applier
 	// reached.
@@ -560,7 +624,7 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		}
 		if !now.Before(nextStatus) {
 			if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: confirmed}); err != nil {
-				return fail(fmt.Errorf("cdc: sync %s: report position: %w", s.cfg.Name, err))
+				return fail(&connLostError{fmt.Errorf("cdc: sync %s: report position: %w", s.cfg.Name, err)})
 			}
 			nextStatus = now.Add(s.cfg.StatusInterval)
 		}
@@ -578,14 +642,14 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 			if pgconn.Timeout(err) {
 				continue
 			}
-			return fmt.Errorf("cdc: sync %s: read slot: %w", s.cfg.Name, err)
+			return fail(&connLostError{fmt.Errorf("cdc: sync %s: read slot: %w", s.cfg.Name, err)})
 		}
 		var data []byte
 		switch msg := raw.(type) {
 		case *pgproto3.ErrorResponse:
-			return fmt.Errorf("cdc: sync %s: %w", s.cfg.Name, pgconn.ErrorResponseToPgError(msg))
+			return fail(lostIfConn(fmt.Errorf("cdc: sync %s: %w", s.cfg.Name, pgconn.ErrorResponseToPgError(msg))))
 		case *pgproto3.CopyDone:
-			return fmt.Errorf("cdc: sync %s: the server ended the stream", s.cfg.Name)
+			return fail(&connLostError{fmt.Errorf("cdc: sync %s: the server ended the stream", s.cfg.Name)})
 		case *pgproto3.CopyData:
 			data = msg.Data
 		default:
