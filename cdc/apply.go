@@ -2,6 +2,7 @@ package cdc
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // applier writes a batch of stream changes to the sync's destination.
@@ -41,12 +43,86 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`, a.target())
 	return a, nil
 }
 
-func (a *applier) target() string {
-	t := a.s.cfg.Target
+func (a *applier) target() string { return a.s.targetName() }
+
+func (s *Sync) targetName() string {
+	t := s.cfg.Target
 	if t.Schema == "" {
 		return pgx.Identifier{t.Name}.Sanitize()
 	}
 	return pgx.Identifier{t.Schema, t.Name}.Sanitize()
+}
+
+// checkTarget refuses a target table that cannot take the synced rows: it
+// is missing, lacks a synced column, cannot hold a column's type (a
+// [*ColumnTypeError]) or has no unique index on the key to upsert by.
+func (s *Sync) checkTarget(ctx context.Context, sh *tableShape) error {
+	name := s.targetName()
+	var qualified *string
+	err := s.target.QueryRow(ctx, `SELECT to_regclass($1)::text`, name).Scan(&qualified)
+	if err != nil {
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) || pgErr.Code != "3F000" {
+			return fmt.Errorf("cdc: sync %s: look up target %s: %w", s.cfg.Name, name, err)
+		}
+	}
+	if qualified == nil {
+		return fmt.Errorf("%w: target %s (of sync %s)", ErrNoTable, name, s.cfg.Name)
+	}
+	srcTypes := make([]string, len(sh.cols))
+	names := make([]string, len(sh.cols))
+	for i, c := range sh.cols {
+		names[i], srcTypes[i] = c.name, c.typ
+	}
+	// For each synced column: the target's column type, and whether a
+	// value of the source's type (looked up by name in the target's
+	// database) is assignable to it.
+	rows, err := s.target.Query(ctx, `
+SELECT c.name, a.attname IS NOT NULL, coalesce(format_type(a.atttypid, a.atttypmod), ''),
+	coalesce(src.t = base.oid OR t.typcategory = 'S'
+		OR EXISTS (SELECT 1 FROM pg_cast k WHERE k.castsource = src.t AND k.casttarget = base.oid AND k.castcontext IN ('i', 'a')), false)
+FROM unnest($2::text[], $3::text[]) AS c(name, srctype)
+LEFT JOIN pg_attribute a ON a.attrelid = $1::regclass AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type base ON base.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN LATERAL (SELECT to_regtype(c.srctype)::oid AS t) src ON true`, *qualified, names, srcTypes)
+	if err != nil {
+		return fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, *qualified, err)
+	}
+	var col, typ string
+	var exists, ok bool
+	var bad error
+	_, err = pgx.ForEachRow(rows, []any{&col, &exists, &typ, &ok}, func() error {
+		if bad != nil {
+			return nil
+		}
+		src, _ := sh.col(col)
+		switch {
+		case !exists:
+			bad = badConfig("Target", "%s has no column %q (synced from %s)", *qualified, col, sh.qualified)
+		case !ok:
+			bad = &ColumnTypeError{Table: *qualified, Column: col, SourceType: src.typ, TargetType: typ}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, *qualified, err)
+	}
+	if bad != nil {
+		return bad
+	}
+	var keyed bool
+	if err := s.target.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1::regclass AND i.indisunique
+	AND i.indpred IS NULL AND i.indexprs IS NULL
+	AND (SELECT array_agg(a.attname::text COLLATE "C" ORDER BY a.attname::text COLLATE "C") FROM pg_attribute a
+	     WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey))
+	    = (SELECT array_agg(k COLLATE "C" ORDER BY k COLLATE "C") FROM unnest($2::text[]) k))`, *qualified, sh.key).Scan(&keyed); err != nil {
+		return fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, *qualified, err)
+	}
+	if !keyed {
+		return badConfig("Target", "%s has no unique index on exactly the key (%s) to upsert by", *qualified, strings.Join(sh.key, ", "))
+	}
+	return nil
 }
 
 func (a *applier) truncate(ctx context.Context, commit time.Time) error {

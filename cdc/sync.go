@@ -27,6 +27,30 @@ import (
 // shape; nothing is dropped silently.
 var ErrSchemaChanged = errors.New("cdc: source table changed shape during the sync")
 
+// ErrColumnType: the target table cannot hold a synced source column's
+// type (a [*ColumnTypeError] names which). Refused when the sync starts,
+// before its slot, publication or copy exist.
+var ErrColumnType = errors.New("cdc: target column cannot hold the source column's type")
+
+// ColumnTypeError names a synced column whose source type the target
+// column cannot take. A table sync writes each value into the target
+// column as PostgreSQL's assignment would (INSERT semantics): the same
+// type or a domain over it, a type with an implicit or assignment cast to
+// it, or any type into a string column. Anything else (an explicit-only
+// cast such as jsonb to integer or boolean to integer, a type the target
+// database does not know) needs a Go sink that converts it.
+type ColumnTypeError struct {
+	Table, Column          string // the target table and column
+	SourceType, TargetType string // as format_type prints them
+}
+
+func (e *ColumnTypeError) Error() string {
+	return fmt.Sprintf("%v: %s column %q is %s, the source's is %s (no implicit or assignment cast; convert it in a Go sink or change the target column)",
+		ErrColumnType, e.Table, e.Column, e.TargetType, e.SourceType)
+}
+
+func (e *ColumnTypeError) Unwrap() error { return ErrColumnType }
+
 // Op is what a [Change] does.
 type Op byte
 
@@ -410,6 +434,9 @@ func (s *Sync) prepare(ctx context.Context) (*pgxpool.Pool, *tableShape, error) 
 		return nil, nil, err
 	}
 	sh, err := s.describe(ctx, src)
+	if err == nil && s.cfg.Sink == nil {
+		err = s.checkTarget(ctx, sh)
+	}
 	if err == nil {
 		err = CreateSlot(ctx, src, SlotSpec{Slot: s.cfg.Slot, Publication: s.cfg.Slot, Tables: []string{sh.qualified}, Purpose: "sync", Schema: s.cfg.Schema})
 	}

@@ -184,6 +184,43 @@ func TestSyncRefusesBadInput(t *testing.T) {
 		require.ErrorIs(t, s.Run(ctx), cdc.ErrNoTable)
 		nothingLeft(t)
 	})
+	t.Run("target cannot hold a source type", func(t *testing.T) {
+		_, err := src.Exec(ctx, `CREATE TABLE typed (id int PRIMARY KEY, v int NOT NULL, doc jsonb, n int, s varchar(10));
+CREATE TABLE typed_copy (id bigint PRIMARY KEY, v bigint NOT NULL, doc int, n numeric, s text);
+CREATE TABLE typed_ok (id bigint PRIMARY KEY, v bigint NOT NULL, doc text, n numeric, s text);
+CREATE TABLE typed_nokey (id bigint, v bigint NOT NULL, doc text, n numeric, s text)`)
+		require.NoError(t, err)
+		s, err := cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: "typed_sync", Source: backfill.Table{Name: "typed"},
+			Target: backfill.Table{Name: "typed_copy"}, VersionColumn: "v"})
+		require.NoError(t, err)
+		err = s.Run(ctx)
+		require.ErrorIs(t, err, cdc.ErrColumnType)
+		var te *cdc.ColumnTypeError
+		require.ErrorAs(t, err, &te)
+		assert.Equal(t, cdc.ColumnTypeError{Table: "typed_copy", Column: "doc", SourceType: "jsonb", TargetType: "integer"}, *te)
+		assert.Contains(t, err.Error(), `typed_copy column "doc" is integer, the source's is jsonb`)
+		nothingLeft(t)
+		assert.Zero(t, count(t, src, `SELECT count(*) FROM typed_copy`))
+
+		// No unique index on the key to upsert by.
+		s, err = cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: "typed_sync", Source: backfill.Table{Name: "typed"},
+			Target: backfill.Table{Name: "typed_nokey"}, VersionColumn: "v"})
+		require.NoError(t, err)
+		var fe *cdc.FieldError
+		require.ErrorAs(t, s.Run(ctx), &fe)
+		assert.Equal(t, "Target", fe.Field)
+		assert.Contains(t, fe.Reason, "unique index on exactly the key (id)")
+		nothingLeft(t)
+
+		// Assignment casts (int to bigint and numeric, varchar to text) and
+		// any type into a string column are taken.
+		s, err = cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: "typed_sync", Source: backfill.Table{Name: "typed"},
+			Target: backfill.Table{Name: "typed_ok"}, VersionColumn: "v"})
+		require.NoError(t, err)
+		require.NoError(t, s.Prepare(ctx))
+		require.NoError(t, cdc.DropSlot(ctx, src, "", "typed_sync", true))
+		nothingLeft(t)
+	})
 	t.Run("config", func(t *testing.T) {
 		_, err := cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: "y", Source: backfill.Table{Name: "t"}, Sink: sink})
 		var fe *cdc.FieldError
