@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // applier writes a batch of stream changes to the sync's destination.
@@ -321,4 +322,75 @@ func (a *applier) deleteKeys(ctx context.Context, dels []*change) error {
 		return fmt.Errorf("cdc: sync %s: delete from %s: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil
+}
+
+// ErrOppositeSync: a table sync was started while another sync streams
+// the other way between the same two tables (a reverse sync while the
+// forward one still runs, or the other way round). pgoutput as dimmer
+// reads it does not filter a sync's own writes by origin (PostgreSQL 15
+// cannot), so each sync would stream the other's writes back: stop the
+// running one first.
+var ErrOppositeSync = errors.New("cdc: a sync runs the other way between the same tables")
+
+// directionLock is the first key of the advisory locks a running table
+// sync holds on its target database.
+const directionLock = "dimmer.cdc.sync"
+
+// claimDirection marks, for as long as the sync runs, that it writes its
+// target from its source: an advisory lock in the target database keyed
+// by both tables' identities (server, database, table). It then refuses
+// to run if the opposite sync holds the same mark in the source database.
+// Both take their own mark before looking for the other's, so of two
+// started at once at least one sees the other.
+func (s *Sync) claimDirection(ctx context.Context, src *pgxpool.Pool, sh *tableShape) (release func(), err error) {
+	srcID, srcName, err := tableIdentity(ctx, src, sh.qualified)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: source %s: %w", s.cfg.Name, sh.qualified, err)
+	}
+	dstID, dstName, err := tableIdentity(ctx, s.target, s.targetName())
+	if err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, s.targetName(), err)
+	}
+	pc, err := s.target.Acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: target: %w", s.cfg.Name, err)
+	}
+	// The mark lives as long as this session: the connection leaves the
+	// pool, and closing it ends the mark (also if this process dies).
+	conn := pc.Hijack()
+	release = func() { _ = conn.Close(context.WithoutCancel(ctx)) }
+	var got bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))`, directionLock, dstID+" <- "+srcID).Scan(&got); err != nil {
+		release()
+		return nil, fmt.Errorf("cdc: sync %s: mark the target: %w", s.cfg.Name, err)
+	}
+	// Not got: a sync of this same direction runs (its slot will say it
+	// is busy); not our concern here.
+	var opposite bool
+	err = pgx.BeginFunc(ctx, src, func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, `SELECT NOT pg_try_advisory_xact_lock_shared(hashtext($1), hashtext($2))`, directionLock, srcID+" <- "+dstID).Scan(&opposite)
+	})
+	if err != nil {
+		release()
+		return nil, fmt.Errorf("cdc: sync %s: look for a sync the other way: %w", s.cfg.Name, err)
+	}
+	if opposite {
+		release()
+		return nil, fmt.Errorf("%w: sync %s would stream %s into %s while a sync streams %s into %s; without origin filtering (PostgreSQL 15's pgoutput has none) each would replay the other's writes: stop that sync first (after a cutover: stop the forward sync, then run the reverse one)",
+			ErrOppositeSync, s.cfg.Name, srcName, dstName, dstName, srcName)
+	}
+	return release, nil
+}
+
+// tableIdentity names a table across servers: id adds the server's
+// system identifier (when readable) to name, the database and the
+// qualified table.
+func tableIdentity(ctx context.Context, db *pgxpool.Pool, table string) (id, name string, err error) {
+	var sys string
+	if err := db.QueryRow(ctx, `SELECT system_identifier::text FROM pg_control_system()`).Scan(&sys); err != nil {
+		sys = "" // not readable by this role: the database and table still tell
+	}
+	err = db.QueryRow(ctx, `SELECT current_database() || '/' || format('%I.%I', n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::regclass`, table).Scan(&name)
+	return sys + "/" + name, name, err
 }

@@ -351,10 +351,11 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 // Run returns ctx's error when ctx ends, or the error that stopped the
 // sync ([ErrSchemaChanged] and friends); a later Run resumes.
 func (s *Sync) Run(ctx context.Context) error {
-	src, sh, err := s.prepare(ctx)
+	src, sh, release, err := s.prepare(ctx, true)
 	if err != nil {
 		return err
 	}
+	defer release()
 	defer src.Close()
 	if !s.cfg.SkipCopy {
 		if err := s.copy(ctx, src, sh); err != nil {
@@ -416,35 +417,47 @@ func lostIfConn(err error) error {
 // slot is prepared before the cutover, so no write to the new side after
 // the cutover is missed.
 func (s *Sync) Prepare(ctx context.Context) error {
-	src, _, err := s.prepare(ctx)
+	src, _, release, err := s.prepare(ctx, false)
 	if err != nil {
 		return err
 	}
+	release()
 	src.Close()
 	return nil
 }
 
-func (s *Sync) prepare(ctx context.Context) (*pgxpool.Pool, *tableShape, error) {
+// prepare checks the source and target and creates the slot. With claim
+// (Run), it first claims the direction (see claimDirection); the returned
+// release ends the claim.
+func (s *Sync) prepare(ctx context.Context, claim bool) (*pgxpool.Pool, *tableShape, func(), error) {
 	src, err := pgxpool.New(ctx, s.sourceURL)
 	if err != nil {
-		return nil, nil, fmt.Errorf("cdc: open source: %w", err)
+		return nil, nil, nil, fmt.Errorf("cdc: open source: %w", err)
 	}
-	if err := CheckLogical(ctx, src); err != nil {
-		src.Close()
-		return nil, nil, err
+	release := func() {}
+	err = CheckLogical(ctx, src)
+	var sh *tableShape
+	if err == nil {
+		sh, err = s.describe(ctx, src)
 	}
-	sh, err := s.describe(ctx, src)
 	if err == nil && s.cfg.Sink == nil {
 		err = s.checkTarget(ctx, sh)
+		if err == nil && claim {
+			var r func()
+			if r, err = s.claimDirection(ctx, src, sh); err == nil {
+				release = r
+			}
+		}
 	}
 	if err == nil {
 		err = CreateSlot(ctx, src, SlotSpec{Slot: s.cfg.Slot, Publication: s.cfg.Slot, Tables: []string{sh.qualified}, Purpose: "sync", Schema: s.cfg.Schema})
 	}
 	if err != nil {
+		release()
 		src.Close()
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return src, sh, nil
+	return src, sh, release, nil
 }
 
 func samePool(a, b *pgxpool.Pool) bool {

@@ -346,3 +346,61 @@ func TestSyncLargeTransactionBoundedMemory(t *testing.T) {
 	default:
 	}
 }
+
+// A sync the other way between the same two tables is refused while the
+// first runs, naming both tables and why, and nothing of it is created;
+// once the first stops, it runs.
+func TestSyncRefusesOppositeSync(t *testing.T) {
+	t.Parallel()
+	aURL, a := logicalDB(t)
+	bURL, b := logicalDB(t)
+	ctx := tctx(t, time.Minute)
+	for _, db := range []*pgxpool.Pool{a, b} {
+		_, err := db.Exec(ctx, fmt.Sprintf(syncTable, "acct"))
+		require.NoError(t, err)
+	}
+	fwdName, revName := dimmertest.Name("fwd_"), dimmertest.Name("rev_")
+	fwd, err := cdc.NewSync(aURL, b, cdc.SyncConfig{Name: fwdName, Source: backfill.Table{Name: "acct"}, Target: backfill.Table{Name: "acct"},
+		VersionColumn: "v", Logger: quiet(t)})
+	require.NoError(t, err)
+	fctx, stopFwd := context.WithCancel(ctx)
+	fwdDone := make(chan error, 1)
+	go func() { fwdDone <- fwd.Run(fctx) }()
+	defer func() {
+		stopFwd()
+		<-fwdDone
+		require.NoError(t, cdc.DropSlot(context.Background(), a, "", fwdName, true))
+	}()
+	require.Eventually(t, fwd.Streaming, 30*time.Second, 5*time.Millisecond)
+
+	rev, err := cdc.NewSync(bURL, a, cdc.SyncConfig{Name: revName, Source: backfill.Table{Name: "acct"}, Target: backfill.Table{Name: "acct"},
+		VersionColumn: "v", SkipCopy: true, Logger: quiet(t)})
+	require.NoError(t, err)
+	err = rev.Run(ctx)
+	require.ErrorIs(t, err, cdc.ErrOppositeSync)
+	aDB, bDB := a.Config().ConnConfig.Database, b.Config().ConnConfig.Database
+	assert.Contains(t, err.Error(), bDB+"/public.acct into "+aDB+"/public.acct")
+	assert.Contains(t, err.Error(), "replay the other's writes")
+	assert.Zero(t, count(t, b, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1`, revName), "slot created")
+	// A sync that runs the same way is not mistaken for one the other way.
+	_, err = a.Exec(ctx, `INSERT INTO acct VALUES (1, 1, 'a', 'b')`)
+	require.NoError(t, err)
+	require.NoError(t, fwd.CaughtUp(ctx, a))
+	assert.Equal(t, 1, count(t, b, `SELECT count(*) FROM acct`))
+
+	// The forward sync stops: the reverse one runs.
+	stopFwd()
+	require.ErrorIs(t, <-fwdDone, context.Canceled)
+	fwdDone <- nil
+	rctx, stopRev := context.WithCancel(ctx)
+	revDone := make(chan error, 1)
+	go func() { revDone <- rev.Run(rctx) }()
+	require.Eventually(t, rev.Streaming, 30*time.Second, 5*time.Millisecond)
+	_, err = b.Exec(ctx, `INSERT INTO acct VALUES (2, 1, 'b', 'b')`)
+	require.NoError(t, err)
+	require.NoError(t, rev.CaughtUp(ctx, b))
+	assert.Equal(t, 2, count(t, a, `SELECT count(*) FROM acct`))
+	stopRev()
+	require.ErrorIs(t, <-revDone, context.Canceled)
+	require.NoError(t, cdc.DropSlot(ctx, b, "", revName, true))
+}
