@@ -158,6 +158,54 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 		}
 		return nil
 	}
+	// A change of key moves the row in place (so the columns an update left
+	// unchanged keep their values): what comes before it is applied first.
+	for {
+		i := slices.IndexFunc(batch, func(c change) bool { return c.moveFrom != "" })
+		if i < 0 {
+			return a.applyNet(ctx, batch)
+		}
+		if err := a.applyNet(ctx, batch[:i]); err != nil {
+			return err
+		}
+		if err := a.move(ctx, batch[i]); err != nil {
+			return err
+		}
+		rest := slices.Clone(batch[i:])
+		rest[0].moveFrom = ""
+		batch = rest
+	}
+}
+
+// move re-keys the row of c's old key to its new key, unless a row holds
+// the new key already (a replay after the move was applied).
+func (a *applier) move(ctx context.Context, c change) error {
+	oldKey := strings.Split(c.moveFrom, "\x00")
+	var cols, olds, news []string
+	var args []any
+	for i, k := range a.sh.key {
+		col, _ := a.sh.col(k)
+		id := pgx.Identifier{k}.Sanitize()
+		cols = append(cols, id)
+		args = append(args, oldKey[i], c.vals[col.idx].text)
+		olds = append(olds, fmt.Sprintf("$%d::text::%s", 2*i+1, col.typ))
+		news = append(news, fmt.Sprintf("$%d::text::%s", 2*i+2, col.typ))
+	}
+	tuple := func(xs []string) string { return "(" + strings.Join(xs, ", ") + ")" }
+	q := `UPDATE ` + a.target() + ` SET ` + tuple(cols) + ` = ROW` + tuple(news) + ` WHERE ` + tuple(cols) + ` = ` + tuple(olds) +
+		` AND NOT EXISTS (SELECT 1 FROM ` + a.target() + ` WHERE ` + tuple(cols) + ` = ` + tuple(news) + `)`
+	if _, err := a.s.target.Exec(ctx, q, args...); err != nil {
+		return fmt.Errorf("cdc: sync %s: move a row of %s to a new key: %w", a.s.cfg.Name, a.target(), err)
+	}
+	return nil
+}
+
+// applyNet writes each key's net effect of batch (which has no change of
+// key).
+func (a *applier) applyNet(ctx context.Context, batch []change) error {
+	if len(batch) == 0 {
+		return nil
+	}
 	net := make(map[string]*merged, len(batch))
 	order := make([]*merged, 0, len(batch))
 	for _, c := range batch {

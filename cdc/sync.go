@@ -89,6 +89,10 @@ type Change struct {
 	// Unchanged names the columns of an update whose (TOASTed) value did
 	// not change and is therefore not in Row: keep the value you have.
 	Unchanged []string
+	// OldKey is set on an update that changed the row's key: the previous
+	// key's values (decoded like Row). Move the row: the columns in
+	// Unchanged keep the values the row had under the old key.
+	OldKey map[string]any
 	// CommitTime is the source transaction's commit time (zero for copies).
 	CommitTime time.Time
 }
@@ -527,8 +531,9 @@ var _ backfill.Sink = (*changeSinkAdapter)(nil)
 // change is a decoded stream change with what applying it needs.
 type change struct {
 	Change
-	key  string   // the key values as text, NUL-separated: what a batch merges by
-	vals []colVal // by synced column (tableShape.cols), as the server's text
+	key      string   // the key values as text, NUL-separated: what a batch merges by
+	vals     []colVal // by synced column (tableShape.cols), as the server's text
+	moveFrom string   // an update that changed the key: the old key, as key
 }
 
 // colVal is a column's value as the server's text. A column not carried
@@ -751,6 +756,24 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			}
 			if len(pending) == 0 {
 				oldest = time.Now()
+			}
+			if u, isUpdate := lm.(*pglogrepl.UpdateMessage); isUpdate && u.OldTuple != nil {
+				// The old row comes along when its key changed (or under
+				// REPLICA IDENTITY FULL): a changed key moves the row.
+				old, _, err := s.decodeChange(typeMap, sh, rel, relCols,
+					&pglogrepl.DeleteMessage{RelationID: u.RelationID, OldTupleType: u.OldTupleType, OldTuple: u.OldTuple}, commitTime)
+				if err != nil {
+					return err
+				}
+				if old.key != c.key {
+					c.moveFrom = old.key
+					if old.Row != nil {
+						c.OldKey = make(map[string]any, len(sh.key))
+						for _, k := range sh.key {
+							c.OldKey[k] = old.Row[k]
+						}
+					}
+				}
 			}
 			pending = append(pending, c)
 			s.buffered.Add(1)

@@ -138,6 +138,9 @@ func TestSyncCopiesThenStreams(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	// Keys change: the rows leave their old keys on the target too.
+	_, err = src.Exec(ctx, `UPDATE items SET id = id + 50000, v = v + 1 WHERE id <= 50`)
+	require.NoError(t, err)
 	// A transaction larger than a batch: applied in parts, confirmed once.
 	_, err = src.Exec(ctx, `INSERT INTO items SELECT i, 1, 'bulk', 'b' FROM generate_series(20001, 23000) i`)
 	require.NoError(t, err)
