@@ -66,7 +66,8 @@
 // package backfill (resumable, chunked, version-guarded upserts), then
 // applies the stream: inserts and updates as version-guarded upserts by key,
 // deletes by key, truncates; reading and applying overlap. Updates that leave
-// a TOASTed value unchanged do not overwrite it; a column added, dropped or
+// a TOASTed value unchanged do not overwrite it; an update that changes the
+// key moves the target row in place; a column added, dropped or
 // retyped in the source stops the sync with [ErrSchemaChanged] naming it
 // (nothing is silently dropped).
 //

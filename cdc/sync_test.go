@@ -254,9 +254,9 @@ func TestSyncStopsOnSchemaChange(t *testing.T) {
 	name := dimmertest.Name("sync_")
 	s, done, runErr := runSync(t, srcURL, src, nil, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "t"}, Sink: sink, VersionColumn: "v", Logger: quiet(t)})
 	require.Eventually(t, s.Streaming, time.Minute, 10*time.Millisecond)
-	_, err = src.Exec(ctx, `INSERT INTO t VALUES (2, 1); TRUNCATE t; INSERT INTO t VALUES (3, 1)`)
+	_, err = src.Exec(ctx, `INSERT INTO t VALUES (2, 1); TRUNCATE t; INSERT INTO t VALUES (3, 1); UPDATE t SET id = 30, v = 2 WHERE id = 3`)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) >= 4 }, 30*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) >= 5 }, 30*time.Second, 10*time.Millisecond)
 	_, err = src.Exec(ctx, `ALTER TABLE t ADD COLUMN secret text; INSERT INTO t VALUES (4, 1, 's')`)
 	require.NoError(t, err)
 	select {
@@ -270,9 +270,13 @@ func TestSyncStopsOnSchemaChange(t *testing.T) {
 	defer mu.Unlock()
 	var ops []string
 	for _, c := range got {
-		ops = append(ops, fmt.Sprintf("%s:%v", c.Op, c.Row["id"]))
+		op := fmt.Sprintf("%s:%v", c.Op, c.Row["id"])
+		if c.OldKey != nil {
+			op += fmt.Sprintf("(from %v)", c.OldKey["id"])
+		}
+		ops = append(ops, op)
 	}
-	assert.Equal(t, "copy:1 insert:2 truncate:<nil> insert:3", strings.Join(ops, " "))
+	assert.Equal(t, "copy:1 insert:2 truncate:<nil> insert:3 update:30(from 3)", strings.Join(ops, " "))
 }
 
 // A source transaction of 200,000 rows is streamed and applied in
