@@ -390,7 +390,7 @@ const directionLock = "dimmer.cdc.sync"
 // to run if the opposite sync holds the same mark in the source database.
 // Both take their own mark before looking for the other's, so of two
 // started at once at least one sees the other.
-func (s *Sync) claimDirection(ctx context.Context, src *pgxpool.Pool, sh *tableShape) (release func(), err error) {
+func (s *Sync) claimDirection(ctx context.Context, src *pgxpool.Pool, sh *tableShape) (*directionClaim, error) {
 	srcID, srcName, err := tableIdentity(ctx, src, sh.qualified)
 	if err != nil {
 		return nil, fmt.Errorf("cdc: sync %s: source %s: %w", s.cfg.Name, sh.qualified, err)
@@ -405,10 +405,10 @@ func (s *Sync) claimDirection(ctx context.Context, src *pgxpool.Pool, sh *tableS
 	}
 	// The mark lives as long as this session: the connection leaves the
 	// pool, and closing it ends the mark (also if this process dies).
-	conn := pc.Hijack()
-	release = func() { _ = conn.Close(context.WithoutCancel(ctx)) }
+	claim := &directionClaim{conn: pc.Hijack()}
+	release := claim.release
 	var got bool
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))`, directionLock, dstID+" <- "+srcID).Scan(&got); err != nil {
+	if err := claim.conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))`, directionLock, dstID+" <- "+srcID).Scan(&got); err != nil {
 		release()
 		return nil, fmt.Errorf("cdc: sync %s: mark the target: %w", s.cfg.Name, err)
 	}
@@ -427,7 +427,30 @@ func (s *Sync) claimDirection(ctx context.Context, src *pgxpool.Pool, sh *tableS
 		return nil, fmt.Errorf("%w: sync %s would stream %s into %s while a sync streams %s into %s; without origin filtering (PostgreSQL 15's pgoutput has none) each would replay the other's writes: stop that sync first (after a cutover: stop the forward sync, then run the reverse one)",
 			ErrOppositeSync, s.cfg.Name, srcName, dstName, dstName, srcName)
 	}
-	return release, nil
+	return claim, nil
+}
+
+// directionClaim is a running sync's mark (see claimDirection).
+type directionClaim struct{ conn *pgx.Conn }
+
+func (c *directionClaim) release() {
+	if c != nil && c.conn != nil {
+		_ = c.conn.Close(context.Background())
+	}
+}
+
+// lost reports whether the mark's session ended (its connection broke):
+// an idle connection's break shows only when it is used, so it is pinged.
+func (c *directionClaim) lost(ctx context.Context) bool {
+	if c == nil {
+		return false
+	}
+	if c.conn == nil || c.conn.IsClosed() {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	return c.conn.Ping(ctx) != nil
 }
 
 // tableIdentity names a table across servers: id adds the server's

@@ -297,9 +297,10 @@ func TestRelaySurvivesNetworkCut(t *testing.T) {
 	t.Logf("re-sent after the cut: %d", dups)
 }
 
-// The network between the sync and the source is cut while it streams
-// (every connection closed, reconnects refused for a while), and later its
-// WAL sender is terminated on the server: the sync reconnects by itself
+// The network between the sync and both the source and the target is cut
+// while it streams (every connection closed, reconnects refused for a
+// while), and later its WAL sender is terminated on the server: the sync
+// reconnects by itself
 // and resumes from its confirmed position. Nothing is lost (the target
 // ends equal to the source), per key the versions the target takes never
 // go backwards (commit order kept, no older change applied over a newer
@@ -308,7 +309,8 @@ func TestRelaySurvivesNetworkCut(t *testing.T) {
 func TestSyncSurvivesNetworkCut(t *testing.T) {
 	t.Parallel()
 	srcURL, src := logicalDB(t)
-	dst := dimmertest.Pool(t, dimmertest.Database(t))
+	dstURL := dimmertest.Database(t)
+	dst := dimmertest.Pool(t, dstURL)
 	ctx := tctx(t, 2*time.Minute)
 	const keys, writes = 100, 1200
 	_, err := src.Exec(ctx, fmt.Sprintf(syncTable, "items")+fmt.Sprintf(`; INSERT INTO items SELECT i, 1, 'n', 'b' FROM generate_series(1, %d) i`, keys))
@@ -319,9 +321,13 @@ CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO applied_log (id, v) VALUES (NEW.id, NEW.v); RETURN NEW; END $$;
 CREATE TRIGGER log_apply AFTER INSERT OR UPDATE ON items_copy FOR EACH ROW EXECUTE FUNCTION log_apply()`)
 	require.NoError(t, err)
+	// Both the source and the target are reached through the network
+	// that fails.
 	proxy := newCutProxy(t, hostOf(t, srcURL))
+	tproxy := newCutProxy(t, hostOf(t, dstURL))
+	target := dimmertest.Pool(t, tproxy.via(t, dstURL))
 	name := dimmertest.Name("sync_")
-	s, done, runErr := runSync(t, proxy.via(t, srcURL), src, dst, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "items"},
+	s, done, runErr := runSync(t, proxy.via(t, srcURL), src, target, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "items"},
 		Target: backfill.Table{Name: "items_copy"}, VersionColumn: "v", BatchSize: 50, Logger: quiet(t)})
 	running := func() bool {
 		select {
@@ -357,13 +363,22 @@ CREATE TRIGGER log_apply AFTER INSERT OR UPDATE ON items_copy FOR EACH ROW EXECU
 	// The network fails mid-stream: reconnects are refused until it is back.
 	require.Eventually(t, streamedSome(writes/5), time.Minute, time.Millisecond)
 	proxy.refuse.Store(true)
+	tproxy.refuse.Store(true)
 	proxy.cut()
+	tproxy.cut()
 	require.Eventually(t, func() bool { return running() && !s.Streaming() }, 30*time.Second, time.Millisecond)
 	refusedFrom := proxy.accepts.Load()
 	require.Eventually(t, func() bool { return proxy.accepts.Load() >= refusedFrom+2 }, 30*time.Second, time.Millisecond,
 		"the sync did not try to reconnect during the outage")
 	proxy.refuse.Store(false)
+	tproxy.refuse.Store(false)
 	require.Eventually(t, func() bool { return running() && s.Streaming() }, 30*time.Second, time.Millisecond)
+	// The sync marked its direction on the target again (the mark went
+	// with its cut connection).
+	require.Eventually(t, func() bool {
+		return count(t, dst, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+	AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`) == 1
+	}, 30*time.Second, 5*time.Millisecond)
 
 	// Then the server ends the WAL sender (FATAL: terminating connection).
 	n := count(t, dst, `SELECT count(*) FROM applied_log`)

@@ -75,8 +75,9 @@
 // whole, and reading waits for applying: the sync holds at most 4 ×
 // BatchSize changes ([Sync.Buffered]) whatever the size of a source
 // transaction (PostgreSQL itself spills a large one to disk before sending
-// it). When the replication connection breaks (the network, a restarted
-// server, a terminated WAL sender) Run reconnects with backoff and resumes
+// it). When the replication connection or the target's breaks (the
+// network, a restarted server, a terminated WAL sender) Run reconnects with
+// backoff (taking its direction mark again, see below) and resumes
 // from the confirmed position; what was applied but not yet confirmed comes
 // again and the version guard leaves it without effect.
 //

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -348,18 +350,18 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 // Run copies the source (unless a previous run finished the copy), then
 // applies the stream until ctx ends. The slot and publication are created
 // first (registered as in [CreateSlot]), so no change committed from then
-// on is missed. When the replication connection breaks (the network, a
-// server restart, the WAL sender terminated) Run reconnects with backoff
-// and resumes from the confirmed position: changes applied but not yet
+// on is missed. When the replication connection or the target's breaks
+// (the network, a server restart, the WAL sender terminated) Run
+// reconnects with backoff and resumes from the confirmed position: changes applied but not yet
 // confirmed come again and the version guard leaves them without effect.
 // Run returns ctx's error when ctx ends, or the error that stopped the
 // sync ([ErrSchemaChanged] and friends); a later Run resumes.
 func (s *Sync) Run(ctx context.Context) error {
-	src, sh, release, err := s.prepare(ctx, true)
+	src, sh, claim, err := s.prepare(ctx, true)
 	if err != nil {
 		return err
 	}
-	defer release()
+	defer func() { claim.release() }()
 	defer src.Close()
 	if !s.cfg.SkipCopy {
 		if err := s.copy(ctx, src, sh); err != nil {
@@ -371,7 +373,24 @@ func (s *Sync) Run(ctx context.Context) error {
 	backoff := minBackoff
 	reconnecting := false
 	for {
-		started, err := s.stream(ctx, sh, reconnecting)
+		var err error
+		started := false
+		if reconnecting && claim.lost(ctx) {
+			// The direction mark went with its connection: take it again
+			// (and look again for a sync the other way) before streaming.
+			claim.release()
+			claim, err = s.claimDirection(ctx, src, sh)
+			if errors.Is(err, ErrOppositeSync) {
+				return err
+			}
+			if err != nil {
+				claim = &directionClaim{} // still lost: try again
+				err = &connLostError{err}
+			}
+		}
+		if err == nil {
+			started, err = s.stream(ctx, sh, reconnecting)
+		}
 		var lost *connLostError
 		switch {
 		case ctx.Err() != nil:
@@ -387,7 +406,7 @@ func (s *Sync) Run(ctx context.Context) error {
 			backoff = minBackoff
 		}
 		reconnecting = true
-		s.log.Warn("cdc sync: replication connection lost; reconnecting", "err", err, "in", backoff)
+		s.log.Warn("cdc sync: connection lost; reconnecting", "err", err, "in", backoff)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -397,8 +416,21 @@ func (s *Sync) Run(ctx context.Context) error {
 	}
 }
 
-// connLostError: the replication connection broke; the stream can resume
-// on a new one.
+// targetLost reports whether an error writing the target is its
+// connection failing (worth reconnecting for), not the write being
+// refused.
+func targetLost(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return strings.HasPrefix(pgErr.Code, "57P") || strings.HasPrefix(pgErr.Code, "08")
+	}
+	var ne net.Error
+	var ce *pgconn.ConnectError
+	return errors.As(err, &ne) || errors.As(err, &ce) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.SafeToRetry(err)
+}
+
+// connLostError: the replication connection (or the target's) broke; the
+// stream can resume on a new one.
 type connLostError struct{ err error }
 
 func (e *connLostError) Error() string { return e.err.Error() }
@@ -421,24 +453,23 @@ func lostIfConn(err error) error {
 // slot is prepared before the cutover, so no write to the new side after
 // the cutover is missed.
 func (s *Sync) Prepare(ctx context.Context) error {
-	src, _, release, err := s.prepare(ctx, false)
+	src, _, _, err := s.prepare(ctx, false)
 	if err != nil {
 		return err
 	}
-	release()
 	src.Close()
 	return nil
 }
 
 // prepare checks the source and target and creates the slot. With claim
-// (Run), it first claims the direction (see claimDirection); the returned
-// release ends the claim.
-func (s *Sync) prepare(ctx context.Context, claim bool) (*pgxpool.Pool, *tableShape, func(), error) {
+// (Run), it first claims the direction (see claimDirection); release the
+// returned claim when done.
+func (s *Sync) prepare(ctx context.Context, claim bool) (*pgxpool.Pool, *tableShape, *directionClaim, error) {
 	src, err := pgxpool.New(ctx, s.sourceURL)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("cdc: open source: %w", err)
 	}
-	release := func() {}
+	var claimed *directionClaim
 	err = CheckLogical(ctx, src)
 	var sh *tableShape
 	if err == nil {
@@ -447,21 +478,18 @@ func (s *Sync) prepare(ctx context.Context, claim bool) (*pgxpool.Pool, *tableSh
 	if err == nil && s.cfg.Sink == nil {
 		err = s.checkTarget(ctx, sh)
 		if err == nil && claim {
-			var r func()
-			if r, err = s.claimDirection(ctx, src, sh); err == nil {
-				release = r
-			}
+			claimed, err = s.claimDirection(ctx, src, sh)
 		}
 	}
 	if err == nil {
 		err = CreateSlot(ctx, src, SlotSpec{Slot: s.cfg.Slot, Publication: s.cfg.Slot, Tables: []string{sh.qualified}, Purpose: "sync", Schema: s.cfg.Schema})
 	}
 	if err != nil {
-		release()
+		claimed.release()
 		src.Close()
 		return nil, nil, nil, err
 	}
-	return src, sh, release, nil
+	return src, sh, claimed, nil
 }
 
 func samePool(a, b *pgxpool.Pool) bool {
@@ -590,6 +618,9 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 		defer close(applierDone)
 		for j := range jobs {
 			if err := s.runJob(ctx, ap, j); err != nil {
+				if s.cfg.Sink == nil && ctx.Err() == nil && targetLost(err) {
+					err = &connLostError{err}
+				}
 				cancel(err)
 				s.buffered.Add(-int64(len(j.changes)))
 				for j := range jobs {
