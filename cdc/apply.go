@@ -2,12 +2,16 @@ package cdc
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // applier writes a batch of stream changes to the sync's destination.
@@ -40,12 +44,86 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`, a.target())
 	return a, nil
 }
 
-func (a *applier) target() string {
-	t := a.s.cfg.Target
+func (a *applier) target() string { return a.s.targetName() }
+
+func (s *Sync) targetName() string {
+	t := s.cfg.Target
 	if t.Schema == "" {
 		return pgx.Identifier{t.Name}.Sanitize()
 	}
 	return pgx.Identifier{t.Schema, t.Name}.Sanitize()
+}
+
+// checkTarget refuses a target table that cannot take the synced rows: it
+// is missing, lacks a synced column, cannot hold a column's type (a
+// [*ColumnTypeError]) or has no unique index on the key to upsert by.
+func (s *Sync) checkTarget(ctx context.Context, sh *tableShape) error {
+	name := s.targetName()
+	var qualified *string
+	err := s.target.QueryRow(ctx, `SELECT to_regclass($1)::text`, name).Scan(&qualified)
+	if err != nil {
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) || pgErr.Code != "3F000" {
+			return fmt.Errorf("cdc: sync %s: look up target %s: %w", s.cfg.Name, name, err)
+		}
+	}
+	if qualified == nil {
+		return fmt.Errorf("%w: target %s (of sync %s)", ErrNoTable, name, s.cfg.Name)
+	}
+	srcTypes := make([]string, len(sh.cols))
+	names := make([]string, len(sh.cols))
+	for i, c := range sh.cols {
+		names[i], srcTypes[i] = c.name, c.typ
+	}
+	// For each synced column: the target's column type, and whether a
+	// value of the source's type (looked up by name in the target's
+	// database) is assignable to it.
+	rows, err := s.target.Query(ctx, `
+SELECT c.name, a.attname IS NOT NULL, coalesce(format_type(a.atttypid, a.atttypmod), ''),
+	coalesce(src.t = base.oid OR t.typcategory = 'S'
+		OR EXISTS (SELECT 1 FROM pg_cast k WHERE k.castsource = src.t AND k.casttarget = base.oid AND k.castcontext IN ('i', 'a')), false)
+FROM unnest($2::text[], $3::text[]) AS c(name, srctype)
+LEFT JOIN pg_attribute a ON a.attrelid = $1::regclass AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type base ON base.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN LATERAL (SELECT to_regtype(c.srctype)::oid AS t) src ON true`, *qualified, names, srcTypes)
+	if err != nil {
+		return fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, *qualified, err)
+	}
+	var col, typ string
+	var exists, ok bool
+	var bad error
+	_, err = pgx.ForEachRow(rows, []any{&col, &exists, &typ, &ok}, func() error {
+		if bad != nil {
+			return nil
+		}
+		src, _ := sh.col(col)
+		switch {
+		case !exists:
+			bad = badConfig("Target", "%s has no column %q (synced from %s)", *qualified, col, sh.qualified)
+		case !ok:
+			bad = &ColumnTypeError{Table: *qualified, Column: col, SourceType: src.typ, TargetType: typ}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, *qualified, err)
+	}
+	if bad != nil {
+		return bad
+	}
+	var keyed bool
+	if err := s.target.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1::regclass AND i.indisunique
+	AND i.indpred IS NULL AND i.indexprs IS NULL
+	AND (SELECT array_agg(a.attname::text COLLATE "C" ORDER BY a.attname::text COLLATE "C") FROM pg_attribute a
+	     WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey))
+	    = (SELECT array_agg(k COLLATE "C" ORDER BY k COLLATE "C") FROM unnest($2::text[]) k))`, *qualified, sh.key).Scan(&keyed); err != nil {
+		return fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, *qualified, err)
+	}
+	if !keyed {
+		return badConfig("Target", "%s has no unique index on exactly the key (%s) to upsert by", *qualified, strings.Join(sh.key, ", "))
+	}
+	return nil
 }
 
 func (a *applier) truncate(ctx context.Context, commit time.Time) error {
@@ -80,15 +158,62 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 		}
 		return nil
 	}
+	// A change of key moves the row in place (so the columns an update left
+	// unchanged keep their values): what comes before it is applied first.
+	for {
+		i := slices.IndexFunc(batch, func(c change) bool { return c.moveFrom != "" })
+		if i < 0 {
+			return a.applyNet(ctx, batch)
+		}
+		if err := a.applyNet(ctx, batch[:i]); err != nil {
+			return err
+		}
+		if err := a.move(ctx, batch[i]); err != nil {
+			return err
+		}
+		rest := slices.Clone(batch[i:])
+		rest[0].moveFrom = ""
+		batch = rest
+	}
+}
+
+// move re-keys the row of c's old key to its new key, unless a row holds
+// the new key already (a replay after the move was applied).
+func (a *applier) move(ctx context.Context, c change) error {
+	oldKey := strings.Split(c.moveFrom, "\x00")
+	var cols, olds, news []string
+	var args []any
+	for i, k := range a.sh.key {
+		col, _ := a.sh.col(k)
+		id := pgx.Identifier{k}.Sanitize()
+		cols = append(cols, id)
+		args = append(args, oldKey[i], c.vals[col.idx].text)
+		olds = append(olds, fmt.Sprintf("$%d::text::%s", 2*i+1, col.typ))
+		news = append(news, fmt.Sprintf("$%d::text::%s", 2*i+2, col.typ))
+	}
+	tuple := func(xs []string) string { return "(" + strings.Join(xs, ", ") + ")" }
+	q := `UPDATE ` + a.target() + ` SET ` + tuple(cols) + ` = ROW` + tuple(news) + ` WHERE ` + tuple(cols) + ` = ` + tuple(olds) +
+		` AND NOT EXISTS (SELECT 1 FROM ` + a.target() + ` WHERE ` + tuple(cols) + ` = ` + tuple(news) + `)`
+	if _, err := a.s.target.Exec(ctx, q, args...); err != nil {
+		return fmt.Errorf("cdc: sync %s: move a row of %s to a new key: %w", a.s.cfg.Name, a.target(), err)
+	}
+	return nil
+}
+
+// applyNet writes each key's net effect of batch (which has no change of
+// key).
+func (a *applier) applyNet(ctx context.Context, batch []change) error {
+	if len(batch) == 0 {
+		return nil
+	}
 	net := make(map[string]*merged, len(batch))
-	order := make([]string, 0, len(batch))
+	order := make([]*merged, 0, len(batch))
 	for _, c := range batch {
-		k := strings.Join(c.keyText, "\x00")
-		m, ok := net[k]
+		m, ok := net[c.key]
 		if !ok {
 			m = &merged{}
-			net[k] = m
-			order = append(order, k)
+			net[c.key] = m
+			order = append(order, m)
 		}
 		switch c.Op {
 		case OpDelete:
@@ -98,64 +223,76 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 			if m.upsert && len(c.Unchanged) > 0 {
 				// An earlier change of this batch carries the value the
 				// update left unchanged.
-				row := make(map[string]any, len(c.Row)+len(c.Unchanged))
-				text := make(map[string]*string, len(c.text)+len(c.Unchanged))
-				for k, v := range c.Row {
-					row[k] = v
-				}
-				for k, v := range c.text {
-					text[k] = v
+				vals := slices.Clone(c.vals)
+				if c.Row != nil {
+					c.Row = maps.Clone(c.Row)
 				}
 				var still []string
 				for _, u := range c.Unchanged {
-					if v, ok := m.last.Row[u]; ok {
-						row[u], text[u] = v, m.last.text[u]
+					col, _ := a.sh.col(u)
+					if v := m.last.vals[col.idx]; v.set {
+						vals[col.idx] = v
+						if c.Row != nil {
+							c.Row[u] = m.last.Row[u]
+						}
 					} else {
 						still = append(still, u)
 					}
 				}
-				c.Row, c.text, c.Unchanged = row, text, still
+				c.vals, c.Unchanged = vals, still
 			}
 			m.last, m.upsert = c, true
 		}
 	}
-	var delKeys [][]string
+	var dels []*change
+	// Upserts are grouped by the columns they carry (a bit per synced
+	// column), one statement per group.
 	groups := map[string][]*change{}
-	groupCols := map[string][]string{}
-	for _, k := range order {
-		m := net[k]
+	var sigs []string
+	sig := make([]byte, (len(a.sh.cols)+7)/8)
+	for _, m := range order {
 		if m.deleteFirst {
-			delKeys = append(delKeys, m.last.keyText)
+			dels = append(dels, &m.last)
 		}
 		if !m.upsert {
 			continue
 		}
-		cols := make([]string, 0, len(m.last.text))
-		for c := range m.last.text {
-			cols = append(cols, c)
+		clear(sig)
+		for i, v := range m.last.vals {
+			if v.set {
+				sig[i/8] |= 1 << (i % 8)
+			}
 		}
-		slices.Sort(cols)
-		sig := strings.Join(cols, "\x00")
-		c := m.last
-		groups[sig] = append(groups[sig], &c)
-		groupCols[sig] = cols
+		g, ok := groups[string(sig)]
+		if !ok {
+			sigs = append(sigs, string(sig))
+		}
+		groups[string(sig)] = append(g, &m.last)
 	}
-	if len(delKeys) > 0 {
-		if err := a.deleteKeys(ctx, delKeys); err != nil {
+	if len(dels) > 0 {
+		if err := a.deleteKeys(ctx, dels); err != nil {
 			return err
 		}
 	}
-	for sig, cs := range groups {
-		cols := groupCols[sig]
-		q, err := a.upsertSQL(sig, cols)
+	for _, sig := range sigs {
+		cs := groups[sig]
+		var idx []int
+		for i := range a.sh.cols {
+			if sig[i/8]&(1<<(i%8)) != 0 {
+				idx = append(idx, i)
+			}
+		}
+		q, err := a.upsertSQL(sig, idx)
 		if err != nil {
 			return err
 		}
-		args := make([]any, len(cols))
-		for i, col := range cols {
+		args := make([]any, len(idx))
+		for i, ci := range idx {
 			vals := make([]*string, len(cs))
 			for j, c := range cs {
-				vals[j] = c.text[col]
+				if v := &c.vals[ci]; !v.null {
+					vals[j] = &v.text
+				}
 			}
 			args[i] = vals
 		}
@@ -168,9 +305,13 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 
 // upsertSQL is one statement upserting rows given as text arrays, one per
 // column, cast to the target's types, under the version guard.
-func (a *applier) upsertSQL(sig string, cols []string) (string, error) {
+func (a *applier) upsertSQL(sig string, idx []int) (string, error) {
 	if q, ok := a.upserts[sig]; ok {
 		return q, nil
+	}
+	cols := make([]string, len(idx))
+	for i, ci := range idx {
+		cols[i] = a.sh.cols[ci].name
 	}
 	for _, k := range append(slices.Clone(a.sh.key), a.s.cfg.VersionColumn) {
 		if !slices.Contains(cols, k) {
@@ -204,15 +345,15 @@ ON CONFLICT (` + strings.Join(keys, ", ") + `) DO `
 	return q, nil
 }
 
-func (a *applier) deleteKeys(ctx context.Context, keys [][]string) error {
+func (a *applier) deleteKeys(ctx context.Context, dels []*change) error {
 	n := len(a.sh.key)
 	arrays := make([]any, n)
 	var sel, cols []string
 	for i, k := range a.sh.key {
 		col, _ := a.sh.col(k)
-		vals := make([]string, len(keys))
-		for j, key := range keys {
-			vals[j] = key[i]
+		vals := make([]string, len(dels))
+		for j, d := range dels {
+			vals[j] = d.vals[col.idx].text
 		}
 		arrays[i] = vals
 		sel = append(sel, fmt.Sprintf("u.c%d::%s", i, col.typ))
@@ -229,4 +370,98 @@ func (a *applier) deleteKeys(ctx context.Context, keys [][]string) error {
 		return fmt.Errorf("cdc: sync %s: delete from %s: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil
+}
+
+// ErrOppositeSync: a table sync was started while another sync streams
+// the other way between the same two tables (a reverse sync while the
+// forward one still runs, or the other way round). pgoutput as dimmer
+// reads it does not filter a sync's own writes by origin (PostgreSQL 15
+// cannot), so each sync would stream the other's writes back: stop the
+// running one first.
+var ErrOppositeSync = errors.New("cdc: a sync runs the other way between the same tables")
+
+// directionLock is the first key of the advisory locks a running table
+// sync holds on its target database.
+const directionLock = "dimmer.cdc.sync"
+
+// claimDirection marks, for as long as the sync runs, that it writes its
+// target from its source: an advisory lock in the target database keyed
+// by both tables' identities (server, database, table). It then refuses
+// to run if the opposite sync holds the same mark in the source database.
+// Both take their own mark before looking for the other's, so of two
+// started at once at least one sees the other.
+func (s *Sync) claimDirection(ctx context.Context, src *pgxpool.Pool, sh *tableShape) (*directionClaim, error) {
+	srcID, srcName, err := tableIdentity(ctx, src, sh.qualified)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: source %s: %w", s.cfg.Name, sh.qualified, err)
+	}
+	dstID, dstName, err := tableIdentity(ctx, s.target, s.targetName())
+	if err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: target %s: %w", s.cfg.Name, s.targetName(), err)
+	}
+	pc, err := s.target.Acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: sync %s: target: %w", s.cfg.Name, err)
+	}
+	// The mark lives as long as this session: the connection leaves the
+	// pool, and closing it ends the mark (also if this process dies).
+	claim := &directionClaim{conn: pc.Hijack()}
+	release := claim.release
+	var got bool
+	if err := claim.conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))`, directionLock, dstID+" <- "+srcID).Scan(&got); err != nil {
+		release()
+		return nil, fmt.Errorf("cdc: sync %s: mark the target: %w", s.cfg.Name, err)
+	}
+	// Not got: a sync of this same direction runs (its slot will say it
+	// is busy); not our concern here.
+	var opposite bool
+	err = pgx.BeginFunc(ctx, src, func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, `SELECT NOT pg_try_advisory_xact_lock_shared(hashtext($1), hashtext($2))`, directionLock, srcID+" <- "+dstID).Scan(&opposite)
+	})
+	if err != nil {
+		release()
+		return nil, fmt.Errorf("cdc: sync %s: look for a sync the other way: %w", s.cfg.Name, err)
+	}
+	if opposite {
+		release()
+		return nil, fmt.Errorf("%w: sync %s would stream %s into %s while a sync streams %s into %s; without origin filtering (PostgreSQL 15's pgoutput has none) each would replay the other's writes: stop that sync first (after a cutover: stop the forward sync, then run the reverse one)",
+			ErrOppositeSync, s.cfg.Name, srcName, dstName, dstName, srcName)
+	}
+	return claim, nil
+}
+
+// directionClaim is a running sync's mark (see claimDirection).
+type directionClaim struct{ conn *pgx.Conn }
+
+func (c *directionClaim) release() {
+	if c != nil && c.conn != nil {
+		_ = c.conn.Close(context.Background())
+	}
+}
+
+// lost reports whether the mark's session ended (its connection broke):
+// an idle connection's break shows only when it is used, so it is pinged.
+func (c *directionClaim) lost(ctx context.Context) bool {
+	if c == nil {
+		return false
+	}
+	if c.conn == nil || c.conn.IsClosed() {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	return c.conn.Ping(ctx) != nil
+}
+
+// tableIdentity names a table across servers: id adds the server's
+// system identifier (when readable) to name, the database and the
+// qualified table.
+func tableIdentity(ctx context.Context, db *pgxpool.Pool, table string) (id, name string, err error) {
+	var sys string
+	if err := db.QueryRow(ctx, `SELECT system_identifier::text FROM pg_control_system()`).Scan(&sys); err != nil {
+		sys = "" // not readable by this role: the database and table still tell
+	}
+	err = db.QueryRow(ctx, `SELECT current_database() || '/' || format('%I.%I', n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::regclass`, table).Scan(&name)
+	return sys + "/" + name, name, err
 }

@@ -66,11 +66,37 @@
 // package backfill (resumable, chunked, version-guarded upserts), then
 // applies the stream: inserts and updates as version-guarded upserts by key,
 // deletes by key, truncates; reading and applying overlap. Updates that leave
-// a TOASTed value unchanged do not overwrite it; a transaction larger than a
-// batch is applied in parts and confirmed once whole; a column added,
-// dropped or retyped in the source stops the sync with [ErrSchemaChanged]
-// naming it (nothing is silently dropped); a key outside the REPLICA
-// IDENTITY is refused up front.
+// a TOASTed value unchanged do not overwrite it; an update that changes the
+// key moves the target row in place; a column added, dropped or
+// retyped in the source stops the sync with [ErrSchemaChanged] naming it
+// (nothing is silently dropped).
+//
+// A transaction larger than a batch is applied in parts and confirmed once
+// whole, and reading waits for applying: the sync holds at most 4 ×
+// BatchSize changes ([Sync.Buffered]) whatever the size of a source
+// transaction (PostgreSQL itself spills a large one to disk before sending
+// it). When the replication connection or the target's breaks (the
+// network, a restarted server, a terminated WAL sender) Run reconnects with
+// backoff (taking its direction mark again, see below) and resumes
+// from the confirmed position; what was applied but not yet confirmed comes
+// again and the version guard leaves it without effect.
+//
+// Refused before the slot, publication or copy exist: a key outside the
+// REPLICA IDENTITY ([ErrNoReplicaIdentity]); a target missing a synced
+// column or a unique index on the key ([*FieldError]); a target column that
+// cannot hold the source column's type ([*ColumnTypeError]: values are
+// written with INSERT's assignment rules, so an explicit-only conversion
+// such as jsonb to integer needs a [ChangeSink] that converts it — the Go
+// sink is the transform hook); and a sync started while another streams the
+// other way between the same two tables ([ErrOppositeSync]).
+//
+// A table target is written from the server's text form of each value
+// (cast to the target's types in one multi-row upsert per batch), so Go
+// values are decoded only for a [ChangeSink] or OnApplied. What bounds the
+// streamed apply rate is the server: PostgreSQL 15 decodes a transaction
+// only once it commits and its WAL sender sends every row as a message of
+// its own, and a version-guarded upsert costs the target more than a plain
+// insert (BenchmarkSyncApply logs both next to INSERT … SELECT).
 //
 // The copy does not read the slot's exported snapshot: backfill copies in
 // many short transactions, possibly from several processes, which cannot
@@ -78,7 +104,8 @@
 // every change committed after it is streamed, and changes the copy already
 // saw are applied again without effect (the version guard keeps the newer
 // row; a delete followed by a re-insert within a batch is applied as such).
-// Nothing is missed; the overlap costs replay, not correctness.//
+// Nothing is missed; the overlap costs replay, not correctness.
+//
 // # Fenced cutover
 //
 // When the new side is in step, [Cutover] moves the stage to one that no
@@ -126,7 +153,11 @@
 // writes by origin, so each would replay the other's). [ReverseGuard],
 // given to the controller with flags.WithReconciliation, refuses leaving
 // complete while the reverse sync is not streaming or has not applied
-// every change committed on the new side, naming which.
+// every change committed on the new side, naming which. While a sync
+// runs it marks its direction with an advisory lock in its target database
+// held by its own session (gone with it, even after kill -9), and a sync
+// the other way refuses to start while the mark is there
+// ([ErrOppositeSync]).
 //
 // [StepBack] is the rollback, fenced like the cutover the other way round:
 // writers of the new side enter a fence of their own (the same migration's

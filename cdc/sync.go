@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -26,6 +28,30 @@ import (
 // column is synced). The sync stops before applying anything of the new
 // shape; nothing is dropped silently.
 var ErrSchemaChanged = errors.New("cdc: source table changed shape during the sync")
+
+// ErrColumnType: the target table cannot hold a synced source column's
+// type (a [*ColumnTypeError] names which). Refused when the sync starts,
+// before its slot, publication or copy exist.
+var ErrColumnType = errors.New("cdc: target column cannot hold the source column's type")
+
+// ColumnTypeError names a synced column whose source type the target
+// column cannot take. A table sync writes each value into the target
+// column as PostgreSQL's assignment would (INSERT semantics): the same
+// type or a domain over it, a type with an implicit or assignment cast to
+// it, or any type into a string column. Anything else (an explicit-only
+// cast such as jsonb to integer or boolean to integer, a type the target
+// database does not know) needs a Go sink that converts it.
+type ColumnTypeError struct {
+	Table, Column          string // the target table and column
+	SourceType, TargetType string // as format_type prints them
+}
+
+func (e *ColumnTypeError) Error() string {
+	return fmt.Sprintf("%v: %s column %q is %s, the source's is %s (no implicit or assignment cast; convert it in a Go sink or change the target column)",
+		ErrColumnType, e.Table, e.Column, e.TargetType, e.SourceType)
+}
+
+func (e *ColumnTypeError) Unwrap() error { return ErrColumnType }
 
 // Op is what a [Change] does.
 type Op byte
@@ -65,6 +91,10 @@ type Change struct {
 	// Unchanged names the columns of an update whose (TOASTed) value did
 	// not change and is therefore not in Row: keep the value you have.
 	Unchanged []string
+	// OldKey is set on an update that changed the row's key: the previous
+	// key's values (decoded like Row). Move the row: the columns in
+	// Unchanged keep the values the row had under the old key.
+	OldKey map[string]any
 	// CommitTime is the source transaction's commit time (zero for copies).
 	CommitTime time.Time
 }
@@ -183,6 +213,7 @@ type Sync struct {
 	copied   atomic.Bool
 	changes  atomic.Int64
 	streamed atomic.Bool
+	buffered atomic.Int64 // changes read from the slot and not yet applied
 }
 
 // NewSync returns a sync from the table cfg.Source in the database of
@@ -206,6 +237,12 @@ func NewSync(sourceURL string, target *pgxpool.Pool, cfg SyncConfig) (*Sync, err
 // and confirmed.
 func (s *Sync) Applied() string { return pglogrepl.LSN(s.applied.Load()).String() }
 
+// Buffered is the number of changes the sync has read from the slot and
+// not yet applied: what it holds in memory. It stays under 4 × BatchSize
+// (the batch being read, two queued, the one being applied) however large
+// a source transaction is: reading waits for applying.
+func (s *Sync) Buffered() int { return int(s.buffered.Load()) }
+
 // Copied reports whether the initial copy has finished.
 func (s *Sync) Copied() bool { return s.copied.Load() }
 
@@ -218,6 +255,8 @@ type column struct {
 	name string
 	oid  uint32
 	typ  string // format_type, for casts
+	idx  int    // position among the synced columns (tableShape.cols)
+	key  int    // position in the key, or -1
 }
 
 type tableShape struct {
@@ -296,6 +335,7 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 	sh.all = len(want) == 0
 	for _, c := range all {
 		if sh.all || slices.Contains(want, c.name) {
+			c.idx, c.key = len(sh.cols), slices.Index(sh.key, c.name)
 			sh.cols = append(sh.cols, c)
 		}
 	}
@@ -310,13 +350,18 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 // Run copies the source (unless a previous run finished the copy), then
 // applies the stream until ctx ends. The slot and publication are created
 // first (registered as in [CreateSlot]), so no change committed from then
-// on is missed. Run returns ctx's error when ctx ends, or the error that
-// stopped the sync ([ErrSchemaChanged] and friends); a later Run resumes.
+// on is missed. When the replication connection or the target's breaks
+// (the network, a server restart, the WAL sender terminated) Run
+// reconnects with backoff and resumes from the confirmed position: changes applied but not yet
+// confirmed come again and the version guard leaves them without effect.
+// Run returns ctx's error when ctx ends, or the error that stopped the
+// sync ([ErrSchemaChanged] and friends); a later Run resumes.
 func (s *Sync) Run(ctx context.Context) error {
-	src, sh, err := s.prepare(ctx)
+	src, sh, claim, err := s.prepare(ctx, true)
 	if err != nil {
 		return err
 	}
+	defer func() { claim.release() }()
 	defer src.Close()
 	if !s.cfg.SkipCopy {
 		if err := s.copy(ctx, src, sh); err != nil {
@@ -324,7 +369,82 @@ func (s *Sync) Run(ctx context.Context) error {
 		}
 	}
 	s.copied.Store(true)
-	return s.stream(ctx, sh)
+	const minBackoff, maxBackoff = 50 * time.Millisecond, 2 * time.Second
+	backoff := minBackoff
+	reconnecting := false
+	for {
+		var err error
+		started := false
+		if reconnecting && claim.lost(ctx) {
+			// The direction mark went with its connection: take it again
+			// (and look again for a sync the other way) before streaming.
+			claim.release()
+			claim, err = s.claimDirection(ctx, src, sh)
+			if errors.Is(err, ErrOppositeSync) {
+				return err
+			}
+			if err != nil {
+				claim = &directionClaim{} // still lost: try again
+				err = &connLostError{err}
+			}
+		}
+		if err == nil {
+			started, err = s.stream(ctx, sh, reconnecting)
+		}
+		var lost *connLostError
+		switch {
+		case ctx.Err() != nil:
+			return err
+		case errors.As(err, &lost):
+		case reconnecting && errors.Is(err, errBusy):
+			// The server has not yet noticed that the previous
+			// connection is gone (at most wal_sender_timeout).
+		default:
+			return err
+		}
+		if started {
+			backoff = minBackoff
+		}
+		reconnecting = true
+		s.log.Warn("cdc sync: connection lost; reconnecting", "err", err, "in", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+// targetLost reports whether an error writing the target is its
+// connection failing (worth reconnecting for), not the write being
+// refused.
+func targetLost(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return strings.HasPrefix(pgErr.Code, "57P") || strings.HasPrefix(pgErr.Code, "08")
+	}
+	var ne net.Error
+	var ce *pgconn.ConnectError
+	return errors.As(err, &ne) || errors.As(err, &ce) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.SafeToRetry(err)
+}
+
+// connLostError: the replication connection (or the target's) broke; the
+// stream can resume on a new one.
+type connLostError struct{ err error }
+
+func (e *connLostError) Error() string { return e.err.Error() }
+func (e *connLostError) Unwrap() error { return e.err }
+
+// lostIfConn marks err as a lost connection when it is one: anything but
+// an error the server sent, except the server ending the session
+// (shutdown, terminated backend, connection failure classes).
+func lostIfConn(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && !strings.HasPrefix(pgErr.Code, "57") && !strings.HasPrefix(pgErr.Code, "08") {
+		return err
+	}
+	return &connLostError{err}
 }
 
 // Prepare checks the source and creates the sync's slot and publication
@@ -333,7 +453,7 @@ func (s *Sync) Run(ctx context.Context) error {
 // slot is prepared before the cutover, so no write to the new side after
 // the cutover is missed.
 func (s *Sync) Prepare(ctx context.Context) error {
-	src, _, err := s.prepare(ctx)
+	src, _, _, err := s.prepare(ctx, false)
 	if err != nil {
 		return err
 	}
@@ -341,24 +461,35 @@ func (s *Sync) Prepare(ctx context.Context) error {
 	return nil
 }
 
-func (s *Sync) prepare(ctx context.Context) (*pgxpool.Pool, *tableShape, error) {
+// prepare checks the source and target and creates the slot. With claim
+// (Run), it first claims the direction (see claimDirection); release the
+// returned claim when done.
+func (s *Sync) prepare(ctx context.Context, claim bool) (*pgxpool.Pool, *tableShape, *directionClaim, error) {
 	src, err := pgxpool.New(ctx, s.sourceURL)
 	if err != nil {
-		return nil, nil, fmt.Errorf("cdc: open source: %w", err)
+		return nil, nil, nil, fmt.Errorf("cdc: open source: %w", err)
 	}
-	if err := CheckLogical(ctx, src); err != nil {
-		src.Close()
-		return nil, nil, err
+	var claimed *directionClaim
+	err = CheckLogical(ctx, src)
+	var sh *tableShape
+	if err == nil {
+		sh, err = s.describe(ctx, src)
 	}
-	sh, err := s.describe(ctx, src)
+	if err == nil && s.cfg.Sink == nil {
+		err = s.checkTarget(ctx, sh)
+		if err == nil && claim {
+			claimed, err = s.claimDirection(ctx, src, sh)
+		}
+	}
 	if err == nil {
 		err = CreateSlot(ctx, src, SlotSpec{Slot: s.cfg.Slot, Publication: s.cfg.Slot, Tables: []string{sh.qualified}, Purpose: "sync", Schema: s.cfg.Schema})
 	}
 	if err != nil {
+		claimed.release()
 		src.Close()
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return src, sh, nil
+	return src, sh, claimed, nil
 }
 
 func samePool(a, b *pgxpool.Pool) bool {
@@ -428,29 +559,52 @@ var _ backfill.Sink = (*changeSinkAdapter)(nil)
 // change is a decoded stream change with what applying it needs.
 type change struct {
 	Change
-	keyText []string           // key values as text, for deletes
-	text    map[string]*string // every column carried, as the server's text (nil: NULL)
+	key      string   // the key values as text, NUL-separated: what a batch merges by
+	vals     []colVal // by synced column (tableShape.cols), as the server's text
+	moveFrom string   // an update that changed the key: the old key, as key
 }
 
-// stream applies the slot's changes until ctx ends or an error.
-func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
+// colVal is a column's value as the server's text. A column not carried
+// (an unchanged TOAST value, a delete's non-key column) is not set.
+type colVal struct {
+	text      string
+	null, set bool
+}
+
+// stream applies the slot's changes until ctx ends or an error; started
+// reports whether it got to streaming. When reconnecting, failing to
+// connect at all counts as a lost connection too.
+func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (started bool, err error) {
 	conn, err := replicationConnect(ctx, s.sourceURL)
 	if err != nil {
-		return err
+		if reconnecting {
+			return false, &connLostError{err}
+		}
+		return false, err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	if err := startStreaming(ctx, conn, s.cfg.Slot, s.cfg.Slot, false); err != nil {
-		if errors.Is(err, errBusy) {
-			return fmt.Errorf("cdc: sync %s: slot %s is read by another process: %w", s.cfg.Name, s.cfg.Slot, err)
+		switch {
+		case errors.Is(err, errBusy):
+			return false, fmt.Errorf("cdc: sync %s: slot %s is read by another process: %w", s.cfg.Name, s.cfg.Slot, err)
+		case errors.Is(err, ErrNoSlot), errors.Is(err, ErrWalLevel):
+			return false, err
+		case reconnecting:
+			return false, lostIfConn(err)
 		}
-		return err
+		return false, err
+	}
+	ap, err := s.newApplier(ctx, sh)
+	if err != nil {
+		return false, err
 	}
 	s.streamed.Store(true)
 	defer s.streamed.Store(false)
-	ap, err := s.newApplier(ctx, sh)
-	if err != nil {
-		return err
-	}
+	return true, s.apply(ctx, conn, sh, ap)
+}
+
+// apply reads conn's stream and applies it through ap.
+func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, ap *applier) error {
 	// Reading and applying overlap: the reader hands batches to one
 	// applier goroutine, in order, and reports the position the applier
 	// reached.
@@ -464,8 +618,13 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		defer close(applierDone)
 		for j := range jobs {
 			if err := s.runJob(ctx, ap, j); err != nil {
+				if s.cfg.Sink == nil && ctx.Err() == nil && targetLost(err) {
+					err = &connLostError{err}
+				}
 				cancel(err)
-				for range jobs {
+				s.buffered.Add(-int64(len(j.changes)))
+				for j := range jobs {
+					s.buffered.Add(-int64(len(j.changes)))
 					inFlight.Add(-1)
 				}
 				return
@@ -473,16 +632,23 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 			if j.end > 0 {
 				appliedPos.Store(uint64(j.end))
 			}
+			s.buffered.Add(-int64(len(j.changes)))
 			inFlight.Add(-1)
 		}
 	}()
-	defer func() { close(jobs); <-applierDone }()
+	var pending []change
+	defer func() {
+		close(jobs)
+		<-applierDone
+		s.buffered.Add(-int64(len(pending)))
+	}()
 	send := func(j applyJob) error {
 		inFlight.Add(1)
 		select {
 		case jobs <- j:
 			return nil
 		case <-ctx.Done():
+			s.buffered.Add(-int64(len(j.changes)))
 			inFlight.Add(-1)
 			return context.Cause(ctx)
 		}
@@ -491,7 +657,6 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 	var (
 		rel        *pglogrepl.RelationMessage
 		relCols    []column
-		pending    []change
 		oldest     time.Time
 		inTx       bool
 		commitTime time.Time
@@ -499,7 +664,9 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		queued     pglogrepl.LSN // the last position handed to the applier
 		confirmed  pglogrepl.LSN
 		nextStatus = time.Now()
+		rctx       = &deadlineCtx{parent: ctx}
 	)
+	defer rctx.stop()
 	flush := func() error {
 		if len(pending) == 0 && queued >= lastCommit {
 			return nil
@@ -533,7 +700,7 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		}
 		if !now.Before(nextStatus) {
 			if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: confirmed}); err != nil {
-				return fail(fmt.Errorf("cdc: sync %s: report position: %w", s.cfg.Name, err))
+				return fail(&connLostError{fmt.Errorf("cdc: sync %s: report position: %w", s.cfg.Name, err)})
 			}
 			nextStatus = now.Add(s.cfg.StatusInterval)
 		}
@@ -541,9 +708,9 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 		if len(pending) > 0 && !inTx {
 			deadline = oldest.Add(s.cfg.MaxDelay)
 		}
-		rctx, rcancel := context.WithDeadline(ctx, deadline)
-		raw, err := conn.ReceiveMessage(rctx)
-		rcancel()
+		// A deadline context costs a timer: keep one while the deadline
+		// stands (thousands of messages in a large transaction).
+		raw, err := conn.ReceiveMessage(rctx.until(deadline))
 		if err != nil {
 			if ctx.Err() != nil {
 				return fail(ctx.Err())
@@ -551,14 +718,14 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 			if pgconn.Timeout(err) {
 				continue
 			}
-			return fmt.Errorf("cdc: sync %s: read slot: %w", s.cfg.Name, err)
+			return fail(&connLostError{fmt.Errorf("cdc: sync %s: read slot: %w", s.cfg.Name, err)})
 		}
 		var data []byte
 		switch msg := raw.(type) {
 		case *pgproto3.ErrorResponse:
-			return fmt.Errorf("cdc: sync %s: %w", s.cfg.Name, pgconn.ErrorResponseToPgError(msg))
+			return fail(lostIfConn(fmt.Errorf("cdc: sync %s: %w", s.cfg.Name, pgconn.ErrorResponseToPgError(msg))))
 		case *pgproto3.CopyDone:
-			return fmt.Errorf("cdc: sync %s: the server ended the stream", s.cfg.Name)
+			return fail(&connLostError{fmt.Errorf("cdc: sync %s: the server ended the stream", s.cfg.Name)})
 		case *pgproto3.CopyData:
 			data = msg.Data
 		default:
@@ -621,7 +788,26 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 			if len(pending) == 0 {
 				oldest = time.Now()
 			}
+			if u, isUpdate := lm.(*pglogrepl.UpdateMessage); isUpdate && u.OldTuple != nil {
+				// The old row comes along when its key changed (or under
+				// REPLICA IDENTITY FULL): a changed key moves the row.
+				old, _, err := s.decodeChange(typeMap, sh, rel, relCols,
+					&pglogrepl.DeleteMessage{RelationID: u.RelationID, OldTupleType: u.OldTupleType, OldTuple: u.OldTuple}, commitTime)
+				if err != nil {
+					return err
+				}
+				if old.key != c.key {
+					c.moveFrom = old.key
+					if old.Row != nil {
+						c.OldKey = make(map[string]any, len(sh.key))
+						for _, k := range sh.key {
+							c.OldKey[k] = old.Row[k]
+						}
+					}
+				}
+			}
 			pending = append(pending, c)
+			s.buffered.Add(1)
 			if len(pending) >= s.cfg.BatchSize {
 				// A large transaction is applied in parts; its position is
 				// confirmed only once all of it is.
@@ -640,6 +826,30 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape) error {
 				return fail(err)
 			}
 		}
+	}
+}
+
+// deadlineCtx hands out a context that ends at a deadline, reusing it
+// while the deadline stands.
+type deadlineCtx struct {
+	parent context.Context
+	ctx    context.Context
+	cancel context.CancelFunc
+	at     time.Time
+}
+
+func (d *deadlineCtx) until(at time.Time) context.Context {
+	if d.ctx == nil || !at.Equal(d.at) || d.ctx.Err() != nil {
+		d.stop()
+		d.ctx, d.cancel = context.WithDeadline(d.parent, at)
+		d.at = at
+	}
+	return d.ctx
+}
+
+func (d *deadlineCtx) stop() {
+	if d.cancel != nil {
+		d.cancel()
 	}
 }
 
@@ -722,47 +932,60 @@ func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.Relat
 	if tuple == nil {
 		return change{}, false, fmt.Errorf("%w: a %s on %s carried no row", ErrNoReplicaIdentity, op, sh.qualified)
 	}
-	c := change{Change: Change{Op: op, Row: make(map[string]any, len(cols)), CommitTime: commit}, text: make(map[string]*string, len(cols))}
-	keyText := map[string]string{}
+	c := change{Change: Change{Op: op, CommitTime: commit}, vals: make([]colVal, len(sh.cols))}
+	// Go values are made only for someone who reads them (a Go sink,
+	// OnApplied): a table target is written from the server's text.
+	goValues := s.cfg.Sink != nil || s.cfg.OnApplied != nil
+	if goValues {
+		c.Row = make(map[string]any, len(sh.cols))
+	}
+	keys := make([]string, len(sh.key))
+	haveKeys := 0
 	for i, col := range tuple.Columns {
 		if i >= len(cols) || cols[i].name == "" {
 			continue
 		}
-		name := cols[i].name
+		sc := cols[i]
 		switch col.DataType {
 		case 'n':
-			c.Row[name] = nil
-			c.text[name] = nil
+			if op == OpDelete && sc.key < 0 {
+				// Under REPLICA IDENTITY DEFAULT only the key is sent;
+				// the other columns are absent (n), not null.
+				continue
+			}
+			c.vals[sc.idx] = colVal{null: true, set: true}
+			if goValues {
+				c.Row[sc.name] = nil
+			}
 		case 'u':
-			c.Unchanged = append(c.Unchanged, name)
+			c.Unchanged = append(c.Unchanged, sc.name)
 		case 't':
-			v, err := decodeText(tm, col.Data, cols[i].oid)
-			if err != nil {
-				return change{}, false, fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, name, err)
-			}
-			c.Row[name] = v
 			txt := string(col.Data)
-			c.text[name] = &txt
-			if slices.Contains(sh.key, name) {
-				keyText[name] = txt
+			c.vals[sc.idx] = colVal{text: txt, set: true}
+			if goValues {
+				v, err := decodeText(tm, col.Data, sc.oid)
+				if err != nil {
+					return change{}, false, fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, sc.name, err)
+				}
+				c.Row[sc.name] = v
+			}
+			if sc.key >= 0 {
+				keys[sc.key] = txt
+				haveKeys++
 			}
 		}
 	}
-	for _, k := range sh.key {
-		t, ok := keyText[k]
-		if !ok {
-			return change{}, false, fmt.Errorf("%w: a %s on %s lacks key column %q", ErrNoReplicaIdentity, op, sh.qualified, k)
-		}
-		c.keyText = append(c.keyText, t)
-	}
-	if op == OpDelete {
-		// Under REPLICA IDENTITY DEFAULT only the key is sent; the other
-		// columns are absent (n), not null.
-		for name := range c.Row {
-			if !slices.Contains(sh.key, name) && c.Row[name] == nil {
-				delete(c.Row, name)
+	if haveKeys < len(sh.key) {
+		for _, k := range sh.key {
+			if col, _ := sh.col(k); !c.vals[col.idx].set || c.vals[col.idx].null {
+				return change{}, false, fmt.Errorf("%w: a %s on %s lacks key column %q", ErrNoReplicaIdentity, op, sh.qualified, k)
 			}
 		}
+	}
+	if len(keys) == 1 {
+		c.key = keys[0]
+	} else {
+		c.key = strings.Join(keys, "\x00")
 	}
 	return c, true, nil
 }

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
@@ -136,6 +138,9 @@ func TestSyncCopiesThenStreams(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	// Keys change: the rows leave their old keys on the target too.
+	_, err = src.Exec(ctx, `UPDATE items SET id = id + 50000, v = v + 1 WHERE id <= 50`)
+	require.NoError(t, err)
 	// A transaction larger than a batch: applied in parts, confirmed once.
 	_, err = src.Exec(ctx, `INSERT INTO items SELECT i, 1, 'bulk', 'b' FROM generate_series(20001, 23000) i`)
 	require.NoError(t, err)
@@ -182,6 +187,43 @@ func TestSyncRefusesBadInput(t *testing.T) {
 		require.ErrorIs(t, s.Run(ctx), cdc.ErrNoTable)
 		nothingLeft(t)
 	})
+	t.Run("target cannot hold a source type", func(t *testing.T) {
+		_, err := src.Exec(ctx, `CREATE TABLE typed (id int PRIMARY KEY, v int NOT NULL, doc jsonb, n int, s varchar(10));
+CREATE TABLE typed_copy (id bigint PRIMARY KEY, v bigint NOT NULL, doc int, n numeric, s text);
+CREATE TABLE typed_ok (id bigint PRIMARY KEY, v bigint NOT NULL, doc text, n numeric, s text);
+CREATE TABLE typed_nokey (id bigint, v bigint NOT NULL, doc text, n numeric, s text)`)
+		require.NoError(t, err)
+		s, err := cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: "typed_sync", Source: backfill.Table{Name: "typed"},
+			Target: backfill.Table{Name: "typed_copy"}, VersionColumn: "v"})
+		require.NoError(t, err)
+		err = s.Run(ctx)
+		require.ErrorIs(t, err, cdc.ErrColumnType)
+		var te *cdc.ColumnTypeError
+		require.ErrorAs(t, err, &te)
+		assert.Equal(t, cdc.ColumnTypeError{Table: "typed_copy", Column: "doc", SourceType: "jsonb", TargetType: "integer"}, *te)
+		assert.Contains(t, err.Error(), `typed_copy column "doc" is integer, the source's is jsonb`)
+		nothingLeft(t)
+		assert.Zero(t, count(t, src, `SELECT count(*) FROM typed_copy`))
+
+		// No unique index on the key to upsert by.
+		s, err = cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: "typed_sync", Source: backfill.Table{Name: "typed"},
+			Target: backfill.Table{Name: "typed_nokey"}, VersionColumn: "v"})
+		require.NoError(t, err)
+		var fe *cdc.FieldError
+		require.ErrorAs(t, s.Run(ctx), &fe)
+		assert.Equal(t, "Target", fe.Field)
+		assert.Contains(t, fe.Reason, "unique index on exactly the key (id)")
+		nothingLeft(t)
+
+		// Assignment casts (int to bigint and numeric, varchar to text) and
+		// any type into a string column are taken.
+		s, err = cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: "typed_sync", Source: backfill.Table{Name: "typed"},
+			Target: backfill.Table{Name: "typed_ok"}, VersionColumn: "v"})
+		require.NoError(t, err)
+		require.NoError(t, s.Prepare(ctx))
+		require.NoError(t, cdc.DropSlot(ctx, src, "", "typed_sync", true))
+		nothingLeft(t)
+	})
 	t.Run("config", func(t *testing.T) {
 		_, err := cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: "y", Source: backfill.Table{Name: "t"}, Sink: sink})
 		var fe *cdc.FieldError
@@ -212,9 +254,9 @@ func TestSyncStopsOnSchemaChange(t *testing.T) {
 	name := dimmertest.Name("sync_")
 	s, done, runErr := runSync(t, srcURL, src, nil, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "t"}, Sink: sink, VersionColumn: "v", Logger: quiet(t)})
 	require.Eventually(t, s.Streaming, time.Minute, 10*time.Millisecond)
-	_, err = src.Exec(ctx, `INSERT INTO t VALUES (2, 1); TRUNCATE t; INSERT INTO t VALUES (3, 1)`)
+	_, err = src.Exec(ctx, `INSERT INTO t VALUES (2, 1); TRUNCATE t; INSERT INTO t VALUES (3, 1); UPDATE t SET id = 30, v = 2 WHERE id = 3`)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) >= 4 }, 30*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) >= 5 }, 30*time.Second, 10*time.Millisecond)
 	_, err = src.Exec(ctx, `ALTER TABLE t ADD COLUMN secret text; INSERT INTO t VALUES (4, 1, 's')`)
 	require.NoError(t, err)
 	select {
@@ -228,7 +270,144 @@ func TestSyncStopsOnSchemaChange(t *testing.T) {
 	defer mu.Unlock()
 	var ops []string
 	for _, c := range got {
-		ops = append(ops, fmt.Sprintf("%s:%v", c.Op, c.Row["id"]))
+		op := fmt.Sprintf("%s:%v", c.Op, c.Row["id"])
+		if c.OldKey != nil {
+			op += fmt.Sprintf("(from %v)", c.OldKey["id"])
+		}
+		ops = append(ops, op)
 	}
-	assert.Equal(t, "copy:1 insert:2 truncate:<nil> insert:3", strings.Join(ops, " "))
+	assert.Equal(t, "copy:1 insert:2 truncate:<nil> insert:3 update:30(from 3)", strings.Join(ops, " "))
+}
+
+// A source transaction of 200,000 rows is streamed and applied in
+// batches, never held whole: while the target is locked (the apply
+// waits), reading stops once four batches are held, and the transaction's
+// end is not confirmed until all of it is applied. Then every row arrives.
+func TestSyncLargeTransactionBoundedMemory(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	dst := dimmertest.Pool(t, dimmertest.Database(t))
+	ctx := tctx(t, 2*time.Minute)
+	const rows, batch = 200_000, 2000
+	// The bound Buffered documents: the batch being read, two queued, the
+	// one being applied.
+	const bound = 4 * batch
+	_, err := src.Exec(ctx, `CREATE TABLE items (id bigint PRIMARY KEY, v bigint NOT NULL, name text)`)
+	require.NoError(t, err)
+	_, err = dst.Exec(ctx, `CREATE TABLE items_copy (id bigint PRIMARY KEY, v bigint NOT NULL, name text)`)
+	require.NoError(t, err)
+	name := dimmertest.Name("sync_")
+	s, done, runErr := runSync(t, srcURL, src, dst, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "items"},
+		Target: backfill.Table{Name: "items_copy"}, VersionColumn: "v", BatchSize: batch, Logger: quiet(t)})
+	require.Eventually(t, s.Streaming, time.Minute, 5*time.Millisecond)
+
+	var peak atomic.Int64
+	stopWatch := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for {
+			if n := int64(s.Buffered()); n > peak.Load() {
+				peak.Store(n)
+			}
+			select {
+			case <-stopWatch:
+				return
+			case <-time.After(200 * time.Microsecond):
+			}
+		}
+	}()
+
+	// Writes to the target wait behind this lock.
+	lock, err := dst.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = lock.Rollback(context.WithoutCancel(ctx)) }()
+	_, err = lock.Exec(ctx, `LOCK TABLE items_copy IN EXCLUSIVE MODE`)
+	require.NoError(t, err)
+
+	_, err = src.Exec(ctx, `INSERT INTO items SELECT i, 1, 'row ' || i FROM generate_series(1, $1) i`, rows)
+	require.NoError(t, err)
+	var end pglogrepl.LSN
+	require.NoError(t, src.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()`).Scan(&end))
+
+	// The reader fills the pipeline and then waits for the apply.
+	require.Eventually(t, func() bool { return s.Buffered() >= bound-batch }, time.Minute, time.Millisecond)
+	require.Never(t, func() bool { return s.Buffered() > bound }, 300*time.Millisecond, time.Millisecond,
+		"the sync kept reading while nothing could be applied")
+	applied, err := pglogrepl.ParseLSN(s.Applied())
+	require.NoError(t, err)
+	assert.Less(t, applied, end, "the transaction was confirmed before it was applied")
+	require.NoError(t, lock.Rollback(ctx))
+
+	require.NoError(t, s.CaughtUp(ctx, src))
+	close(stopWatch)
+	<-watched
+	assert.Equal(t, rows, count(t, dst, `SELECT count(*) FROM items_copy`))
+	assert.Equal(t, rows, count(t, dst, `SELECT count(DISTINCT id) FROM items_copy WHERE name = 'row ' || id AND v = 1`))
+	assert.LessOrEqual(t, peak.Load(), int64(bound), "changes held at once")
+	assert.Zero(t, s.Buffered())
+	t.Logf("%d rows in one transaction; at most %d changes held at once (bound %d)", rows, peak.Load(), bound)
+	select {
+	case <-done:
+		t.Fatalf("sync ended: %v", *runErr)
+	default:
+	}
+}
+
+// A sync the other way between the same two tables is refused while the
+// first runs, naming both tables and why, and nothing of it is created;
+// once the first stops, it runs.
+func TestSyncRefusesOppositeSync(t *testing.T) {
+	t.Parallel()
+	aURL, a := logicalDB(t)
+	bURL, b := logicalDB(t)
+	ctx := tctx(t, time.Minute)
+	for _, db := range []*pgxpool.Pool{a, b} {
+		_, err := db.Exec(ctx, fmt.Sprintf(syncTable, "acct"))
+		require.NoError(t, err)
+	}
+	fwdName, revName := dimmertest.Name("fwd_"), dimmertest.Name("rev_")
+	fwd, err := cdc.NewSync(aURL, b, cdc.SyncConfig{Name: fwdName, Source: backfill.Table{Name: "acct"}, Target: backfill.Table{Name: "acct"},
+		VersionColumn: "v", Logger: quiet(t)})
+	require.NoError(t, err)
+	fctx, stopFwd := context.WithCancel(ctx)
+	fwdDone := make(chan error, 1)
+	go func() { fwdDone <- fwd.Run(fctx) }()
+	defer func() {
+		stopFwd()
+		<-fwdDone
+		require.NoError(t, cdc.DropSlot(context.Background(), a, "", fwdName, true))
+	}()
+	require.Eventually(t, fwd.Streaming, 30*time.Second, 5*time.Millisecond)
+
+	rev, err := cdc.NewSync(bURL, a, cdc.SyncConfig{Name: revName, Source: backfill.Table{Name: "acct"}, Target: backfill.Table{Name: "acct"},
+		VersionColumn: "v", SkipCopy: true, Logger: quiet(t)})
+	require.NoError(t, err)
+	err = rev.Run(ctx)
+	require.ErrorIs(t, err, cdc.ErrOppositeSync)
+	aDB, bDB := a.Config().ConnConfig.Database, b.Config().ConnConfig.Database
+	assert.Contains(t, err.Error(), bDB+"/public.acct into "+aDB+"/public.acct")
+	assert.Contains(t, err.Error(), "replay the other's writes")
+	assert.Zero(t, count(t, b, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1`, revName), "slot created")
+	// A sync that runs the same way is not mistaken for one the other way.
+	_, err = a.Exec(ctx, `INSERT INTO acct VALUES (1, 1, 'a', 'b')`)
+	require.NoError(t, err)
+	require.NoError(t, fwd.CaughtUp(ctx, a))
+	assert.Equal(t, 1, count(t, b, `SELECT count(*) FROM acct`))
+
+	// The forward sync stops: the reverse one runs.
+	stopFwd()
+	require.ErrorIs(t, <-fwdDone, context.Canceled)
+	fwdDone <- nil
+	rctx, stopRev := context.WithCancel(ctx)
+	revDone := make(chan error, 1)
+	go func() { revDone <- rev.Run(rctx) }()
+	require.Eventually(t, rev.Streaming, 30*time.Second, 5*time.Millisecond)
+	_, err = b.Exec(ctx, `INSERT INTO acct VALUES (2, 1, 'b', 'b')`)
+	require.NoError(t, err)
+	require.NoError(t, rev.CaughtUp(ctx, b))
+	assert.Equal(t, 2, count(t, a, `SELECT count(*) FROM acct`))
+	stopRev()
+	require.ErrorIs(t, <-revDone, context.Canceled)
+	require.NoError(t, cdc.DropSlot(ctx, b, "", revName, true))
 }
