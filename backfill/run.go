@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -58,6 +59,10 @@ type runner struct {
 	epoch int64
 	// sess holds this process's range locks (see session).
 	sess *session
+	// endgame is set once this process found no free range left besides the
+	// one it claimed: every range left is being copied, and the workers
+	// that finish first can only split the others' (see chunkSize).
+	endgame atomic.Bool
 }
 
 func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
@@ -392,6 +397,15 @@ ORDER BY lease_until < clock_timestamp() DESC, id`, r.j.Name)
 	if err != nil {
 		return nil, "", 0, fmt.Errorf("backfill: %s: claim a range: %w", r.j.Name, err)
 	}
+	free := 0
+	for _, c := range cands {
+		if c.expired {
+			free++
+		}
+	}
+	if free <= 1 {
+		r.endgame.Store(true)
+	}
 	for _, c := range cands {
 		locked, ours, err := r.sess.tryLock(ctx, c.id)
 		if err != nil {
@@ -457,7 +471,7 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 		if err != nil {
 			return err
 		}
-		size := sz.size
+		size := r.chunkSize(sz)
 		started := time.Now()
 		var n int
 		var done bool
@@ -510,6 +524,23 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 			return nil
 		}
 	}
+}
+
+// endgameShare divides the chunk size in the endgame.
+const endgameShare = 4
+
+// chunkSize is the size of the next chunk. In the endgame of a process with
+// several workers it is a quarter of the sizer's: a worker done with its
+// last range can only split another's after that one's chunk in flight
+// commits (the split waits for the range's lock), and a chunk is often
+// most of a range by then, so it would wait idle through most of the last
+// range. Quarter chunks cost a few more round trips on the job's last
+// ranges only.
+func (r *runner) chunkSize(sz *sizer) int {
+	if r.cfg.Workers > 1 && r.endgame.Load() {
+		return max(sz.size/endgameShare, sz.min)
+	}
+	return sz.size
 }
 
 // holdForSignals waits while any signal holds the job; each hold halves
