@@ -60,8 +60,9 @@ type runner struct {
 	// sess holds this process's range locks (see session).
 	sess *session
 	// endgame is set once this process found no free range left besides the
-	// one it claimed: every range left is being copied, and the workers
-	// that finish first can only split the others' (see chunkSize).
+	// one it claimed, or none at all: every range left is being copied, and
+	// the workers that finish first can only split the others' (see
+	// chunkSize).
 	endgame atomic.Bool
 }
 
@@ -346,6 +347,7 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 			// Every remaining range is leased: split the one with the most
 			// left, or, when none is worth splitting, wait for the others to
 			// finish (or for the lease of a dead one to expire).
+			r.endgame.Store(true)
 			if l, err = r.steal(ctx, w); err != nil {
 				return err
 			}
@@ -397,15 +399,6 @@ ORDER BY lease_until < clock_timestamp() DESC, id`, r.j.Name)
 	if err != nil {
 		return nil, "", 0, fmt.Errorf("backfill: %s: claim a range: %w", r.j.Name, err)
 	}
-	free := 0
-	for _, c := range cands {
-		if c.expired {
-			free++
-		}
-	}
-	if free <= 1 {
-		r.endgame.Store(true)
-	}
 	for _, c := range cands {
 		locked, ours, err := r.sess.tryLock(ctx, c.id)
 		if err != nil {
@@ -431,6 +424,18 @@ WHERE (job, id) = (SELECT job, id FROM `+b.t.ranges+` WHERE job = $1 AND id = $2
 	FOR UPDATE SKIP LOCKED) AND EXISTS (SELECT FROM async)
 RETURNING id, hi, cursor, token`, r.j.Name, c.id, worker, r.cfg.LeaseTTL.Seconds(), locked).Scan(&l.id, &l.hi, &l.cursor, &l.token)
 		if err == nil {
+			// The endgame starts with the claim of the last free range. Of
+			// two workers claiming at once, the one that locked last sees
+			// the other's range as held here.
+			free := 0
+			for _, o := range cands {
+				if o.id != l.id && o.expired && !r.sess.holds(o.id) {
+					free++
+				}
+			}
+			if free == 0 {
+				r.endgame.Store(true)
+			}
 			return &l, "", 1, nil
 		}
 		if locked {
