@@ -192,10 +192,7 @@
 // key or most of the way to it, the split key is placed again halfway
 // through what the holder has left. The holder reads its range's end again
 // at the start of every chunk, so a chunk runs wholly before or wholly
-// after a split, and no row is copied by both or by neither. Once no free
-// range is left, a process with several workers copies quarter chunks, so
-// the first worker done soon finds a split point in the others' last
-// ranges instead of waiting through their last big chunks.
+// after a split, and no row is copied by both or by neither.
 //
 // # Progress
 //

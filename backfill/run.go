@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -59,11 +58,6 @@ type runner struct {
 	epoch int64
 	// sess holds this process's range locks (see session).
 	sess *session
-	// endgame is set once this process found no free range left besides the
-	// one it claimed, or none at all: every range left is being copied, and
-	// the workers that finish first can only split the others' (see
-	// chunkSize).
-	endgame atomic.Bool
 }
 
 func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
@@ -347,7 +341,6 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 			// Every remaining range is leased: split the one with the most
 			// left, or, when none is worth splitting, wait for the others to
 			// finish (or for the lease of a dead one to expire).
-			r.endgame.Store(true)
 			if l, err = r.steal(ctx, w); err != nil {
 				return err
 			}
@@ -424,18 +417,6 @@ WHERE (job, id) = (SELECT job, id FROM `+b.t.ranges+` WHERE job = $1 AND id = $2
 	FOR UPDATE SKIP LOCKED) AND EXISTS (SELECT FROM async)
 RETURNING id, hi, cursor, token`, r.j.Name, c.id, worker, r.cfg.LeaseTTL.Seconds(), locked).Scan(&l.id, &l.hi, &l.cursor, &l.token)
 		if err == nil {
-			// The endgame starts with the claim of the last free range. Of
-			// two workers claiming at once, the one that locked last sees
-			// the other's range as held here.
-			free := 0
-			for _, o := range cands {
-				if o.id != l.id && o.expired && !r.sess.holds(o.id) {
-					free++
-				}
-			}
-			if free == 0 {
-				r.endgame.Store(true)
-			}
 			return &l, "", 1, nil
 		}
 		if locked {
@@ -476,7 +457,7 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 		if err != nil {
 			return err
 		}
-		size := r.chunkSize(sz)
+		size := sz.size
 		started := time.Now()
 		var n int
 		var done bool
@@ -529,23 +510,6 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 			return nil
 		}
 	}
-}
-
-// endgameShare divides the chunk size in the endgame.
-const endgameShare = 4
-
-// chunkSize is the size of the next chunk. In the endgame of a process with
-// several workers it is a quarter of the sizer's: a worker done with its
-// last range can only split another's after that one's chunk in flight
-// commits (the split waits for the range's lock), and a chunk is often
-// most of a range by then, so it would wait idle through most of the last
-// range. Quarter chunks cost a few more round trips on the job's last
-// ranges only.
-func (r *runner) chunkSize(sz *sizer) int {
-	if r.cfg.Workers > 1 && r.endgame.Load() {
-		return max(sz.size/endgameShare, sz.min)
-	}
-	return sz.size
 }
 
 // holdForSignals waits while any signal holds the job; each hold halves

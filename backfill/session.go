@@ -93,13 +93,6 @@ func (s *session) tryLock(ctx context.Context, id int) (got, ours bool, err erro
 	return got, false, nil
 }
 
-// holds reports whether a worker of this process holds range id's lock.
-func (s *session) holds(id int) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.held[id]
-}
-
 // unlock lets range id's lock go (the range is done, released or lost).
 func (s *session) unlock(ctx context.Context, id int) {
 	s.mu.Lock()

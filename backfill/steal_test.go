@@ -219,41 +219,6 @@ func TestIdleWorkerSplitsRangeOfFewChunks(t *testing.T) {
 	assertExactlyOnce(t, e, 120)
 }
 
-// Once every range is being copied, a process with several workers copies
-// quarter chunks, so the first worker done soon finds a split point in the
-// others' ranges; a lone worker keeps its full chunks.
-func TestEndgameChunksShrinkWithSeveralWorkers(t *testing.T) {
-	t.Parallel()
-	for _, workers := range []int{1, 2} {
-		e := newEnv(t)
-		e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 800)`)
-		j := ordersJob("endgame")
-		j.Config.Workers, j.Config.Ranges = workers, 2
-		j.Config.InitialChunk, j.Config.MinChunk, j.Config.MaxChunk = 80, 10, 80
-		var mu sync.Mutex
-		sizes := map[int]bool{}
-		j.Config.Progress = func(p backfill.Progress) {
-			mu.Lock()
-			defer mu.Unlock()
-			for _, w := range p.Workers {
-				sizes[w.ChunkSize] = true
-			}
-		}
-		res, err := e.bf.Run(tctx(t), j)
-		require.NoError(t, err)
-		assert.Equal(t, int64(800), res.Rows)
-		mu.Lock()
-		if workers == 1 {
-			assert.Equal(t, map[int]bool{80: true}, sizes, "a lone worker copies full chunks")
-		} else {
-			// The first claim may start a full chunk before the second
-			// finds no free range left.
-			assert.True(t, sizes[20], "two workers on the last two ranges copy quarter chunks: %v", sizes)
-		}
-		mu.Unlock()
-	}
-}
-
 // Workers of one process claiming at once never take a range from one
 // another: each range is claimed once (its fencing token is never bumped
 // past the first claim).
