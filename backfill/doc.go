@@ -178,16 +178,21 @@
 // live holder's range may be taken over early (its next chunk then fails
 // the token check and nothing is copied twice).
 //
-// A worker that finds no free range steals: it splits the leased range with
-// the most rows left (counted from the holder's cursor, up to 64 chunks)
-// and leases the upper half as a new range, so no worker of any process
-// sits idle while another has a long range to go (planned ranges hold about
-// equal row counts, but rows differ in cost and processes join late). The
-// split takes the range row's lock that every chunk takes first and checks
-// that the holder has not passed the split key; the holder reads its
-// range's end again at the start of every chunk, so a chunk runs wholly
-// before or wholly after a split, and no row is copied by both or by
-// neither.
+// Ranges are planned to hold about equal row counts: exactly on small
+// tables, from a block sample of big ones (about 300 blocks per range:
+// a table stored in about its key order holds neighbouring keys in each
+// block, so the block is the sample's unit, not the row). A worker that
+// finds no free range steals: it splits the leased range with the most
+// rows left (counted from the holder's cursor, up to 64 chunks) when each
+// half holds at least a quarter of its chunk, and leases the upper half as
+// a new range, so no worker of any process sits idle while another has a
+// long range to go (rows differ in cost and processes join late). The
+// split takes the range row's lock that every chunk takes first, so it
+// waits for the holder's chunk in flight; when that chunk passed the split
+// key or most of the way to it, the split key is placed again halfway
+// through what the holder has left. The holder reads its range's end again
+// at the start of every chunk, so a chunk runs wholly before or wholly
+// after a split, and no row is copied by both or by neither.
 //
 // # Progress
 //

@@ -33,8 +33,9 @@ func planKeyspace(ctx context.Context, q querier, sh *shape, c Config) (keyspace
 		return ks, fmt.Errorf("backfill: upper bound of %s: %w", sh.spec.Source, err)
 	}
 	var reltuples float64
-	var relpages int64
-	if err := q.QueryRow(ctx, `SELECT reltuples::float8, relpages::int8 FROM pg_class WHERE oid = to_regclass($1)`, src).Scan(&reltuples, &relpages); err != nil {
+	var relpages, pages int64
+	if err := q.QueryRow(ctx, `SELECT reltuples::float8, relpages::int8, pg_relation_size(oid) / current_setting('block_size')::int8
+FROM pg_class WHERE oid = to_regclass($1)`, src).Scan(&reltuples, &relpages, &pages); err != nil {
 		return ks, fmt.Errorf("backfill: size of %s: %w", sh.spec.Source, err)
 	}
 	ks.estimate = int64(reltuples)
@@ -49,18 +50,29 @@ func planKeyspace(ctx context.Context, q querier, sh *shape, c Config) (keyspace
 		return ks, nil
 	}
 	// The last key of each of n tiles of the key order: over the whole
-	// table when small, over a block sample of it when big (about 300 keys
-	// per range, at most 50,000: enough for even ranges, and work stealing
-	// evens out the rest). Only the n keys leave the server, and only the
-	// key columns are sorted: a big sort or a burst of rows decoded in the
-	// caller's process would stall what else runs there.
+	// table when small, over a block sample of it when big. Only the n keys
+	// leave the server, and only the key columns are sorted: a big sort or
+	// a burst of rows decoded in the caller's process would stall what
+	// else runs there.
+	//
+	// A block sample's unit is the block, not the row: a table is mostly
+	// stored in about its key order, so the rows of one block are
+	// neighbours in the key order and tell little more than one of them.
+	// About 300 blocks per range (at most 20,000 in all) place each split
+	// to within about a tenth of a range, and work stealing evens out the
+	// rest; of each block about two rows are kept for the sort.
 	var args []any
 	w := sh.where(nil, ks.upper, &args, "")
 	from := src
-	if ks.estimate > 200000 {
-		pct := min(100, 100*float64(min(50000, 300*n))/float64(ks.estimate))
-		args = append(args, pct)
+	if ks.estimate > 200000 && pages > 0 {
+		blocks := min(pages, int64(min(20000, 300*n)))
+		perBlock := float64(ks.estimate) / float64(pages)
+		args = append(args, 100*float64(blocks)/float64(pages))
 		from = src + fmt.Sprintf(` TABLESAMPLE SYSTEM ($%d)`, len(args))
+		if perBlock > 2 {
+			args = append(args, 2/perBlock)
+			w += fmt.Sprintf(` AND random() < $%d`, len(args))
+		}
 	}
 	rows, err := q.Query(ctx, `SELECT DISTINCT ON (b) `+sh.cursor+` FROM (SELECT `+sh.keyList+`, ntile(`+fmt.Sprint(n)+
 		`) OVER (ORDER BY `+sh.keyList+`) AS b FROM `+from+` WHERE `+w+`) s ORDER BY b, `+sh.keyDesc, args...)
@@ -70,6 +82,11 @@ func planKeyspace(ctx context.Context, q querier, sh *shape, c Config) (keyspace
 	picks, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
 	if err != nil {
 		return ks, fmt.Errorf("backfill: split %s: %w", sh.spec.Source, err)
+	}
+	// The last tile ends at the upper bound, whatever the sample's last
+	// key: a range of its own from there would hold a sliver.
+	if len(picks) > 0 {
+		picks = picks[:len(picks)-1]
 	}
 	for _, p := range picks {
 		if len(ks.splits) > 0 && slices.Equal(ks.splits[len(ks.splits)-1], p) {

@@ -346,7 +346,7 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 			}
 			if l != nil {
 				// A new range: nobody else can hold its lock.
-				if _, err := r.sess.tryLock(ctx, l.id); err != nil {
+				if _, _, err := r.sess.tryLock(ctx, l.id); err != nil {
 					r.b.logger.Warn("backfill: lease session", "job", r.j.Name, "err", err)
 				}
 			}
@@ -393,13 +393,17 @@ ORDER BY lease_until < clock_timestamp() DESC, id`, r.j.Name)
 		return nil, "", 0, fmt.Errorf("backfill: %s: claim a range: %w", r.j.Name, err)
 	}
 	for _, c := range cands {
-		locked, err := r.sess.tryLock(ctx, c.id)
+		locked, ours, err := r.sess.tryLock(ctx, c.id)
 		if err != nil {
 			// Without the session, ranges are claimed by lease expiry alone.
 			b.logger.Warn("backfill: lease session", "job", r.j.Name, "err", err)
 		}
-		if !c.expired && !locked {
-			continue // its holder lives
+		if ours || (!c.expired && !locked) {
+			// Its holder lives. A range another worker of this process
+			// holds may still look expired here (its claim not committed
+			// yet): taking it would cost that worker its lease, and the
+			// loser would let go of the lock the winner then holds.
+			continue
 		}
 		// The claim commits without waiting for the WAL flush: a claim a
 		// server crash loses leaves the range free and the token where it

@@ -70,26 +70,27 @@ func (s *session) preconnect(ctx context.Context) {
 
 // tryLock takes range id's lock unless another session holds it, or a
 // worker of this process does (the lock is re-entrant per session, so the
-// process's own holdings are kept here).
-func (s *session) tryLock(ctx context.Context, id int) (bool, error) {
+// process's own holdings are kept here): ours reports the latter, a range
+// this process's other worker is copying, which no claim may take whatever
+// its lease row says (its claim may not have committed yet).
+func (s *session) tryLock(ctx context.Context, id int) (got, ours bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.held[id] {
-		return false, nil
+		return false, true, nil
 	}
 	c, err := s.connLocked(ctx)
 	if err != nil {
-		return false, err
+		return false, false, err
 	}
-	var got bool
 	if err := c.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, s.lockKey(id)).Scan(&got); err != nil {
 		s.broken = true
-		return false, fmt.Errorf("backfill: %s: lock range %d: %w", s.job, id, err)
+		return false, false, fmt.Errorf("backfill: %s: lock range %d: %w", s.job, id, err)
 	}
 	if got {
 		s.held[id] = true
 	}
-	return got, nil
+	return got, false, nil
 }
 
 // unlock lets range id's lock go (the range is done, released or lost).

@@ -26,13 +26,22 @@ import (
 // otherwise the chunk is redone up to the new end and the rows written past
 // it are written again by the stealer (the sink is idempotent).
 
-// Stealing pays when each half holds a few chunks; counting what is left is
-// capped so a huge range costs a bounded scan (the holder then keeps part
-// of it and steals back when done).
+// Stealing pays when each half holds a good part of a chunk (a chunk is
+// TargetChunkTime of work, far more than a split costs): splitting only
+// ranges of several chunks left the other workers idle through the last
+// range of a job, since a chunk then often is most of a range. Counting
+// what is left is capped so a huge range costs a bounded scan (the holder
+// then keeps part of it and steals back when done).
 const (
-	stealMinChunks = 4
+	stealMinShare  = 4 // each half holds at least 1/stealMinShare of a chunk
 	stealCapChunks = 64
 )
+
+// stealMinHalf is the fewest rows each half of a split holds, for a stealer
+// whose chunk is chunk rows.
+func stealMinHalf(chunk, minChunk int) int64 {
+	return int64(max(chunk/stealMinShare, minChunk, 1))
+}
 
 type stealCandidate struct {
 	id       int
@@ -71,7 +80,8 @@ ORDER BY est_rows - rows_done DESC, id LIMIT 4`, r.j.Name, w.id)
 		if err := r.src.QueryRow(ctx, sql, args...).Scan(&left); err != nil {
 			return nil, fmt.Errorf("backfill: %s: count range %d: %w", r.j.Name, c.id, err)
 		}
-		if left < int64(stealMinChunks*chunk) {
+		minHalf := stealMinHalf(chunk, w.sz.min)
+		if left < 2*minHalf {
 			// Not worth it; correct the estimate so the next look starts
 			// elsewhere.
 			if _, err := b.pool.Exec(ctx, `UPDATE `+b.t.ranges+` SET est_rows = rows_done + $3 WHERE job = $1 AND id = $2`,
@@ -96,7 +106,7 @@ ORDER BY est_rows - rows_done DESC, id LIMIT 4`, r.j.Name, w.id)
 		if left == int64(limit) {
 			rest = -1 // unknown: at least as much as counted
 		}
-		l, err := r.split(ctx, w, c, mid, keep, rest)
+		l, err := r.split(ctx, w, c, split{mid: mid, keep: keep, rest: rest, left: left, capped: left == int64(limit), minHalf: minHalf})
 		if err != nil || l != nil {
 			return l, err
 		}
@@ -104,9 +114,21 @@ ORDER BY est_rows - rows_done DESC, id LIMIT 4`, r.j.Name, w.id)
 	return nil, nil
 }
 
-// split moves the end of range c down to mid and leases (mid, c.hi] to w as
-// a new range, if c still ends at c.hi and its holder has not passed mid.
-func (r *runner) split(ctx context.Context, w *worker, c stealCandidate, mid []string, keep, rest int64) (*lease, error) {
+// split is where a stealer means to split a range: mid closes the keep rows
+// the holder keeps, counted from the cursor the stealer saw, of the left
+// rows it counted (capped: at least that many); rest is what the new range
+// is estimated to hold (-1: unknown).
+type split struct {
+	mid              []string
+	keep, rest, left int64
+	capped           bool
+	minHalf          int64
+}
+
+// split moves the end of range c down to a split point and leases the rows
+// above it to w as a new range, if c still ends at c.hi and its holder
+// still has rows before that point.
+func (r *runner) split(ctx context.Context, w *worker, c stealCandidate, s split) (*lease, error) {
 	b := r.b
 	var l *lease
 	err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
@@ -125,18 +147,12 @@ WHERE job = $1 AND id = $2 AND NOT done AND lease_until >= clock_timestamp() FOR
 			return nil // split by another stealer meanwhile
 		}
 		if !slices.Equal(cursor, c.cursor) {
-			// The holder moved on: it must still have rows before mid. The
-			// source decides, in the key's own type and collation.
-			var args []any
-			var ahead bool
-			if err := r.src.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+r.sh.spec.Source.sql()+` WHERE `+
-				r.sh.where(cursor, mid, &args, "")+`)`, args...).Scan(&ahead); err != nil {
+			ok, err := r.resplit(ctx, c, cursor, &s)
+			if err != nil || !ok {
 				return err
 			}
-			if !ahead {
-				return nil
-			}
 		}
+		mid, keep, rest := s.mid, s.keep, s.rest
 		var id int
 		if err := tx.QueryRow(ctx, `UPDATE `+b.t.jobs+` SET ranges = ranges + 1, updated_at = now() WHERE name = $1 RETURNING ranges - 1`,
 			r.j.Name).Scan(&id); err != nil {
@@ -164,7 +180,57 @@ VALUES ($1, $2, $3, $4, $3, $5, $6, clock_timestamp() + make_interval(secs => $7
 	}
 	if l != nil {
 		r.track.split()
-		r.b.logger.Info("backfill: split a busy range", "job", r.j.Name, "range", c.id, "new_range", l.id, "at", mid, "worker", w.id)
+		r.b.logger.Info("backfill: split a busy range", "job", r.j.Name, "range", c.id, "new_range", l.id, "at", s.mid, "worker", w.id)
 	}
 	return l, nil
+}
+
+// resplit moves the split point after the holder's cursor moved from the
+// one the stealer counted from to cursor: the lock waited for the holder's
+// chunk in flight, which, with chunks about as big as ranges, may have
+// passed the split point or most of the way to it. What it passed is
+// counted (at most one of its chunks) and, where the holder would keep too
+// little, the point is placed again halfway through what is left (a scan of
+// about a chunk or two). The holder's next chunk waits meanwhile. It
+// reports whether the split is still worth it.
+func (r *runner) resplit(ctx context.Context, c stealCandidate, cursor []string, s *split) (bool, error) {
+	src := r.sh.spec.Source.sql()
+	var args []any
+	var passed int64
+	if err := r.src.QueryRow(ctx, `SELECT count(*) FROM `+src+` WHERE `+r.sh.where(c.cursor, cursor, &args, ""), args...).Scan(&passed); err != nil {
+		return false, err
+	}
+	left := s.left - passed
+	if left < 2*s.minHalf {
+		return false, nil
+	}
+	if s.keep-passed >= max(left/4, s.minHalf) {
+		// The holder keeps enough below the same point. The source decides
+		// that it still has rows there, in the key's own type and collation.
+		args = nil
+		var ahead bool
+		if err := r.src.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+src+` WHERE `+
+			r.sh.where(cursor, s.mid, &args, "")+`)`, args...).Scan(&ahead); err != nil {
+			return false, err
+		}
+		s.keep -= passed
+		return ahead, nil
+	}
+	s.keep = left / 2
+	sql, args := r.sh.boundarySQL(cursor, c.hi, int(s.keep))
+	var mid []string
+	if err := r.src.QueryRow(ctx, sql, args...).Scan(&mid); err != nil {
+		if errors.Is(err, pgx.ErrNoRows) {
+			return false, nil // rows went away meanwhile
+		}
+		return false, err
+	}
+	if slices.Equal(mid, c.hi) {
+		return false, nil
+	}
+	s.mid, s.rest = mid, left-s.keep
+	if s.capped {
+		s.rest = -1
+	}
+	return true, nil
 }

@@ -183,3 +183,56 @@ func TestSplitWhileSinkWritesElsewhere(t *testing.T) {
 	assert.Equal(t, int64(600), count(t, other, `SELECT count(*) FROM orders`))
 	assert.Equal(t, int64(600*601/2), count(t, other, `SELECT sum(amount)::int8 FROM orders`))
 }
+
+// A range of three chunks, two workers: the idle one splits it although each
+// half holds less than two chunks, placing the split after the holder's chunk
+// in flight (which the split waits for), so both copy part of it.
+func TestIdleWorkerSplitsRangeOfFewChunks(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id, amount) SELECT g, g FROM generate_series(1, 120) g`)
+	logApplies(t, e)
+	j := ordersJob("few")
+	j.Spec.TransformVersion = "slow"
+	j.Transform = func(ctx context.Context, r backfill.Row) (backfill.Row, error) {
+		time.Sleep(2 * time.Millisecond) // a chunk of 40 takes about 80ms
+		return r, nil
+	}
+	j.Config.Workers, j.Config.Ranges = 2, 1
+	j.Config.InitialChunk, j.Config.MinChunk, j.Config.MaxChunk = 40, 10, 40
+	var mu sync.Mutex
+	perWorker := map[string]int64{}
+	j.Config.Progress = func(p backfill.Progress) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, w := range p.Workers {
+			perWorker[w.ID] = w.Rows
+		}
+	}
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, int64(120), res.Rows)
+	mu.Lock()
+	assert.Len(t, perWorker, 2, "both workers copied rows")
+	mu.Unlock()
+	assert.Greater(t, count(t, e.pool, `SELECT count(*) FROM backfill_ranges`), int64(1), "the range was split")
+	assertExactlyOnce(t, e, 120)
+}
+
+// Workers of one process claiming at once never take a range from one
+// another: each range is claimed once (its fencing token is never bumped
+// past the first claim).
+func TestWorkersOfOneProcessClaimEachRangeOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 2000)`)
+	logApplies(t, e)
+	j := ordersJob("once")
+	j.Config.Workers, j.Config.Ranges = 4, 40
+	j.Config.InitialChunk, j.Config.MinChunk, j.Config.MaxChunk = 50, 50, 50
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, int64(2000), res.Rows)
+	assert.Equal(t, int64(1), count(t, e.pool, `SELECT max(token) FROM backfill_ranges`), "no range was claimed twice")
+	assertExactlyOnce(t, e, 2000)
+}

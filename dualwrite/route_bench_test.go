@@ -2,18 +2,16 @@ package dualwrite_test
 
 import (
 	"context"
-	"runtime"
-	"slices"
 	"strconv"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/internal/benchgoal"
+	"github.com/dimmer-dev/dimmer/internal/benchroute"
 )
 
 // BenchmarkRouteOverhead measures, in every stage, what Write costs the
@@ -22,15 +20,16 @@ import (
 //
 // Write is timed against the same stage evaluation plus bare calls of the
 // user functions the stage writes (the authoritative one, and the secondary
-// one where the stage has a secondary), interleaved in the same process (the median of 21 rounds),
-// and its allocations are counted. While Write is measured, the secondary
-// worker is held, so what is timed and counted is the caller's path alone
-// and not the background writes competing with it for the machine's two
-// cores; the secondary writes then run, the benchmark fails if any write
-// became a repair (a shed write would measure the repair path, not the
-// route), and what they allocate on the worker is logged apart. Also
-// logged: the wall-clock overhead with the workers running alongside, which
-// on a small loaded machine includes their share of the cores.
+// one where the stage has a secondary), interleaved in the same process (the
+// median of 21 rounds), and its allocations are counted (see
+// internal/benchroute). While Write is measured, the secondary worker is
+// held, so what is timed and counted is the caller's path alone and not the
+// background writes competing with it for the machine's two cores; the
+// secondary writes then run, the benchmark fails if any write became a
+// repair (a shed write would measure the repair path, not the route), and
+// what they allocate on the worker is logged apart. Also logged: the
+// wall-clock overhead with the workers running alongside, which on a small
+// loaded machine includes their share of the cores.
 func BenchmarkRouteOverhead(b *testing.B) {
 	// Untimed first pass: it grows the heap to hold the tasks queued behind
 	// the held worker (fresh pages, GC pacing), a cost of this measurement
@@ -38,14 +37,12 @@ func BenchmarkRouteOverhead(b *testing.B) {
 	_ = measureRoute(b, flags.Live)
 	for _, st := range flags.Stages() {
 		m := measureRoute(b, st)
-		benchgoal.Report(b, "dualwrite_route_overhead_"+st.String()+"_ns", m.ns, "ns", benchgoal.AtMost, 2000)
-		benchgoal.Report(b, "dualwrite_route_overhead_"+st.String()+"_allocs", m.allocs, "allocs", benchgoal.AtMost, 3)
+		benchgoal.Report(b, "dualwrite_route_overhead_"+st.String()+"_ns", m.NS, "ns", benchgoal.AtMost, 2000)
+		benchgoal.Report(b, "dualwrite_route_overhead_"+st.String()+"_allocs", m.Allocs, "allocs", benchgoal.AtMost, 3)
 		b.Logf("%s: %.1f allocs per secondary write on its worker; %.0f ns per write with the workers running alongside",
-			st, m.background, routeWallNanos(b, st))
+			st, m.Background, routeWallNanos(b, st))
 	}
 }
-
-type routeCost struct{ ns, allocs, background float64 }
 
 func benchInputs() []memIn {
 	in := make([]memIn, 64)
@@ -63,103 +60,58 @@ func benchWrite(_ context.Context, in memIn) (int, error) { return in.v, nil }
 
 func benchKey(in memIn) string { return in.key }
 
-func measureRoute(b *testing.B, st flags.Stage) routeCost {
-	const n, allocRuns, warm = 105_000, 20_000, 100
-	gate := make(chan struct{})
-	held := func(ctx context.Context, in memIn) (int, error) { <-gate; return benchWrite(ctx, in) }
-	fns := [3]dualwrite.Func[memIn, int]{flags.Old: benchWrite, flags.New: benchWrite}
+// routeBaseline is the i-th write's stage evaluation and bare write calls.
+func routeBaseline(st flags.Stage) func(context.Context, int) {
+	src, ins := fixedStage(st), benchInputs()
 	both := st.Secondary() != flags.NoSide
-	if both {
-		fns[st.Secondary()] = held
-	}
-	var repairs atomic.Int64
-	log := dualwrite.RepairLogFunc(func(context.Context, dualwrite.Repair) error { repairs.Add(1); return nil })
-	src := fixedStage(st)
-	w, err := dualwrite.New("bench", src, fns[flags.Old], fns[flags.New], benchKey, dualwrite.WithRepairLog(log),
-		dualwrite.WithObserver(flags.ObserverFunc(func(flags.Observation) {})), dualwrite.WithAsync(1, n+allocRuns+warm))
-	require.NoError(b, err)
-	ctx := context.Background()
-	ins := benchInputs()
-	for i := range warm { // lazily built state is not the route
-		_, _ = w.Write(ctx, ins[i%len(ins)])
-	}
-	perRound := make([]float64, 0, rounds)
-	for round := range rounds {
-		start := time.Now()
-		for i := range n / rounds {
-			_, _ = w.Write(ctx, ins[(round+i)%len(ins)])
-		}
-		through := time.Since(start)
-		start = time.Now()
-		for i := range n / rounds {
-			in := ins[(round+i)%len(ins)]
-			_, _ = src(ctx, "bench", in.key)
+	return func(ctx context.Context, i int) {
+		in := ins[i%len(ins)]
+		_, _ = src(ctx, "bench", in.key)
+		_, _ = benchWrite(ctx, in)
+		if both {
 			_, _ = benchWrite(ctx, in)
-			if both {
-				_, _ = benchWrite(ctx, in)
-			}
 		}
-		perRound = append(perRound, float64(through-time.Since(start))/(n/rounds))
 	}
-	var before, after, drained runtime.MemStats
-	runtime.ReadMemStats(&before)
-	for i := range allocRuns {
-		_, _ = w.Write(ctx, ins[i%len(ins)])
+}
+
+// writeCalls makes the i-th write through w.
+func writeCalls(w *dualwrite.Writer[memIn, int]) benchroute.Subject {
+	ins := benchInputs()
+	return benchroute.Subject{
+		Call:  func(ctx context.Context, i int) { _, _ = w.Write(ctx, ins[i%len(ins)]) },
+		Close: w.Close,
 	}
-	runtime.ReadMemStats(&after)
-	close(gate)
-	require.NoError(b, w.Close())
-	runtime.ReadMemStats(&drained)
-	require.Zero(b, repairs.Load(), "%s: writes were shed or failed; the route was not what was measured", st)
-	return routeCost{
-		ns:         medianOf(perRound),
-		allocs:     float64(after.Mallocs-before.Mallocs) / allocRuns,
-		background: float64(drained.Mallocs-after.Mallocs) / float64(n+allocRuns+warm),
+}
+
+func measureRoute(b *testing.B, st flags.Stage) benchroute.Cost {
+	var repairs atomic.Int64
+	build := func(hold func(), queue int) benchroute.Subject {
+		held := func(ctx context.Context, in memIn) (int, error) { hold(); return benchWrite(ctx, in) }
+		fns := [3]dualwrite.Func[memIn, int]{flags.Old: benchWrite, flags.New: benchWrite}
+		if st.Secondary() != flags.NoSide {
+			fns[st.Secondary()] = held
+		}
+		log := dualwrite.RepairLogFunc(func(context.Context, dualwrite.Repair) error { repairs.Add(1); return nil })
+		w, err := dualwrite.New("bench", fixedStage(st), fns[flags.Old], fns[flags.New], benchKey, dualwrite.WithRepairLog(log),
+			dualwrite.WithObserver(flags.ObserverFunc(func(flags.Observation) {})), dualwrite.WithAsync(1, queue))
+		require.NoError(b, err)
+		return writeCalls(w)
 	}
+	return benchroute.Measure(b, build, routeBaseline(st), func(int) {
+		require.Zero(b, repairs.Load(), "%s: writes were shed or failed; the route was not what was measured", st)
+	})
 }
 
 // routeWallNanos is the overhead per Write with the secondary workers
 // running alongside the caller; here handing a write to an idle worker
 // wakes it, which the caller pays for.
 func routeWallNanos(b *testing.B, st flags.Stage) float64 {
-	const n = 105_000
-	src := fixedStage(st)
-	log := dualwrite.RepairLogFunc(func(context.Context, dualwrite.Repair) error { return nil })
-	w, err := dualwrite.New("bench", src, benchWrite, benchWrite, benchKey, dualwrite.WithRepairLog(log),
-		dualwrite.WithObserver(flags.ObserverFunc(func(flags.Observation) {})), dualwrite.WithAsync(8, n))
-	require.NoError(b, err)
-	ctx := context.Background()
-	ins := benchInputs()
-	both := st.Secondary() != flags.NoSide
-	perRound := make([]float64, 0, rounds)
-	for round := range rounds {
-		start := time.Now()
-		for i := range n / rounds {
-			_, _ = w.Write(ctx, ins[(round+i)%len(ins)])
-		}
-		through := time.Since(start)
-		start = time.Now()
-		for i := range n / rounds {
-			in := ins[(round+i)%len(ins)]
-			_, _ = src(ctx, "bench", in.key)
-			_, _ = benchWrite(ctx, in)
-			if both {
-				_, _ = benchWrite(ctx, in)
-			}
-		}
-		perRound = append(perRound, float64(through-time.Since(start))/(n/rounds))
+	build := func(queue int) benchroute.Subject {
+		log := dualwrite.RepairLogFunc(func(context.Context, dualwrite.Repair) error { return nil })
+		w, err := dualwrite.New("bench", fixedStage(st), benchWrite, benchWrite, benchKey, dualwrite.WithRepairLog(log),
+			dualwrite.WithObserver(flags.ObserverFunc(func(flags.Observation) {})), dualwrite.WithAsync(8, queue))
+		require.NoError(b, err)
+		return writeCalls(w)
 	}
-	require.NoError(b, w.Close())
-	return medianOf(perRound)
-}
-
-// rounds is how many interleaved rounds of the call and its baseline are
-// timed; the overhead is the median of the rounds', so a burst of load from
-// a neighbour on the shared machine moves one round, not the result.
-const rounds = 21
-
-func medianOf(xs []float64) float64 {
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	return s[len(s)/2]
+	return benchroute.Wall(b, build, routeBaseline(st))
 }
