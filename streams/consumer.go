@@ -106,6 +106,12 @@ type ConsumerStats struct {
 	Duplicates int64 // records skipped because their origin was processed already
 	Unknown    int64 // records whose origin header did not parse
 	Cutovers   int64 // moves from one cluster to the other
+	// Rescanned counts the records read after a move, already processed,
+	// before the first one processed: what finding the position cost.
+	Rescanned int64
+	// Followed counts the other cluster's records checked ahead of a move
+	// (their origin processed), which raised the bound a move starts at.
+	Followed int64
 	// Pauses are the cutover pauses: last record processed on one cluster
 	// to the first processed on the other.
 	Pauses []time.Duration
@@ -249,7 +255,14 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 			}
 			at = starts[p]
 		}
+		// The bound the state carries was checked record by record
+		// against a set this one contains: a lower bound too, and the
+		// nearer one after a long stay on the other cluster.
+		at = max(at, ost.other)
 		ost.epoch++
+		// Every record below the position committed on the cluster left
+		// was processed or dropped as processed there.
+		ost.other = o.At
 		md, err := ost.encode()
 		if err != nil {
 			return err
@@ -323,6 +336,10 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		return side, fmt.Errorf("streams: %s cluster consumer: %w", side, err)
 	}
 	defer cl.Close()
+	fctx, fstop := context.WithCancel(ctx)
+	var fwg sync.WaitGroup
+	fwg.Go(func() { c.follow(fctx, side) })
+	defer func() { fstop(); fwg.Wait() }()
 	for {
 		if ctx.Err() != nil {
 			return side, c.leave(cl)
@@ -439,6 +456,9 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		process = false
 		c.mu.Lock()
 		c.stats.Duplicates++
+		if c.switching {
+			c.stats.Rescanned++
+		}
 		c.mu.Unlock()
 		c.count(ctx, side, "duplicate")
 	}
@@ -457,10 +477,13 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		c.lastOn, c.lastAt = side, now
 		c.mu.Unlock()
 	}
+	// The follower reads the set concurrently: changes under the lock.
+	c.mu.Lock()
 	if err == nil && o.Side != side {
 		st.side[o.Side].add(o.Offset)
 	}
 	st.side[side].reachTo(rec.Offset + 1)
+	c.mu.Unlock()
 	return nil
 }
 

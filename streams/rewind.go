@@ -173,6 +173,9 @@ func Rewind(ctx context.Context, cfg RewindConfig) ([]RewindResult, error) {
 	offs := kadm.Offsets{}
 	for _, r := range results {
 		st := states[r.Partition]
+		// The other cluster's bound was checked against the set before
+		// these removals: records below it may now be unprocessed.
+		st.other = 0
 		md, err := st.encode()
 		if err != nil {
 			return nil, err

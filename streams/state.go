@@ -88,10 +88,13 @@ func (s *seen) reachTo(off int64) {
 // partState is what a group processed of one partition, whichever cluster
 // it was read on: per origin side, a seen set. Epoch counts the group's
 // moves between clusters; the commit with the higher epoch is the current
-// one.
+// one. Other is a bound on the cluster the state is not committed on: every
+// record there below it has its origin in the set (0: nothing known), so a
+// move there starts reading at Other rather than at the log start.
 type partState struct {
 	epoch uint64
 	side  [3]seen // indexed by flags.Side
+	other int64
 }
 
 func (p *partState) processed(o Origin) bool { return p.side[o.Side].has(o.Offset) }
@@ -107,7 +110,7 @@ var ErrStateTooLarge = errors.New("streams: processed set has too many holes to 
 const stateVersion = "dimmer1"
 
 // encode renders the state as commit metadata:
-// "dimmer1 e=<epoch> old=<next>[,lo-hi...] new=<next>[,lo-hi...]".
+// "dimmer1 e=<epoch> old=<next>[,lo-hi...] new=<next>[,lo-hi...] x=<other>".
 func (p *partState) encode() (string, error) {
 	var b strings.Builder
 	b.WriteString(stateVersion)
@@ -126,6 +129,8 @@ func (p *partState) encode() (string, error) {
 			fmt.Fprintf(&b, ",%d-%d", sp.lo, sp.hi)
 		}
 	}
+	b.WriteString(" x=")
+	b.WriteString(strconv.FormatInt(p.other, 10))
 	return b.String(), nil
 }
 
@@ -139,7 +144,9 @@ func decodeState(md string) (p partState, ok bool, err error) {
 		return p, false, nil
 	}
 	fields := strings.Fields(md)
-	if len(fields) != 4 || fields[0] != stateVersion {
+	// A state written before the other cluster's bound existed has four
+	// fields: its bound is 0.
+	if (len(fields) != 4 && len(fields) != 5) || fields[0] != stateVersion {
 		return p, false, fmt.Errorf("%w: %q", ErrBadState, md)
 	}
 	e, found := strings.CutPrefix(fields[1], "e=")
@@ -167,6 +174,15 @@ func decodeState(md string) (p partState, ok bool, err error) {
 				return p, false, fmt.Errorf("%w: %q: bad span %q", ErrBadState, md, r)
 			}
 			s.done = append(s.done, span{l, h})
+		}
+	}
+	if len(fields) == 5 {
+		x, found := strings.CutPrefix(fields[4], "x=")
+		if !found {
+			return p, false, fmt.Errorf("%w: %q: no other-cluster bound", ErrBadState, md)
+		}
+		if p.other, err = strconv.ParseInt(x, 10, 64); err != nil || p.other < 0 {
+			return p, false, fmt.Errorf("%w: %q: other-cluster bound %q", ErrBadState, md, x)
 		}
 	}
 	return p, true, nil
