@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
@@ -53,6 +55,10 @@ type ConsumerConfig struct {
 	// whether to process it (first=true), e.g. through the inbox
 	// ([InboxDedup]). Nil processes it. Either way it is counted.
 	UnknownOrigin func(ctx context.Context, rec *kgo.Record) (first bool, err error)
+	// Overflow takes the spans of a processed set too fragmented for the
+	// commit metadata (copies arriving far out of origin order); without
+	// one such a set stops the consumer with [ErrStateTooLarge].
+	Overflow Overflow
 	// PollTimeout bounds one poll, hence how soon a stage change is seen.
 	// Default 250ms.
 	PollTimeout time.Duration
@@ -109,6 +115,12 @@ type ConsumerStats struct {
 	// Rescanned counts the records read after a move, already processed,
 	// before the first one processed: what finding the position cost.
 	Rescanned int64
+	// Spilled counts spans moved to the Overflow; Lookups the records
+	// whose origin only the Overflow could place.
+	Spilled, Lookups int64
+	// Fenced counts the times this instance held back from a cluster
+	// because members of its group still consumed the other one.
+	Fenced int64
 	// Followed counts the other cluster's records checked ahead of a move
 	// (their origin processed), which raised the bound a move starts at.
 	Followed int64
@@ -225,6 +237,14 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 	if _, err := samePartitions(ctx, c.adm, [3]string{flags.Old: topic, flags.New: topic}); err != nil {
 		return err
 	}
+	return c.prepareParts(ctx, side, nil, nil)
+}
+
+// prepareParts is prepare for the partitions ps (nil: all). A member of
+// the group on side commits through its client cl (an active group
+// refuses commits from outside); nil commits through the admin client.
+func (c *Consumer) prepareParts(ctx context.Context, side flags.Side, ps []int32, cl *kgo.Client) error {
+	topic := c.cfg.Topic
 	here, err := committed(ctx, c.adm[side], c.cfg.Group, topic)
 	if err != nil {
 		return err
@@ -236,6 +256,9 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 	var starts map[int32]int64
 	moves := kadm.Offsets{}
 	for p, o := range there {
+		if ps != nil && !slices.Contains(ps, p) {
+			continue
+		}
 		ost, ok, err := c.stateOf(o, side.Other())
 		if err != nil || !ok {
 			continue
@@ -272,9 +295,14 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 	if len(moves) == 0 {
 		return nil
 	}
-	rs, err := c.adm[side].CommitOffsets(ctx, c.cfg.Group, moves)
-	if err == nil {
-		err = rs.Error()
+	if cl != nil {
+		err = commitOffsets(ctx, cl, moves)
+	} else {
+		var rs kadm.OffsetResponses
+		rs, err = c.adm[side].CommitOffsets(ctx, c.cfg.Group, moves)
+		if err == nil {
+			err = rs.Error()
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("streams: commit the move of group %q to the %s cluster: %w", c.cfg.Group, side, err)
@@ -298,8 +326,12 @@ func (c *Consumer) stateOf(o kadm.Offset, side flags.Side) (partState, bool, err
 }
 
 func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, error) {
-	if err := c.prepare(ctx, side); err != nil {
+	topic := c.cfg.Topic
+	if _, err := samePartitions(ctx, c.adm, [3]string{flags.Old: topic, flags.New: topic}); err != nil {
 		return side, err
+	}
+	if next, err := c.awaitHandoff(ctx, side); err != nil || next != side {
+		return next, err
 	}
 	opts := c.cfg.Old
 	if side == flags.New {
@@ -310,6 +342,7 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 	c.mu.Unlock()
 	var loadErr error
 	var loadMu sync.Mutex
+	var checked, fenced bool // guarded by loadMu
 	cl, err := kgo.NewClient(append(append([]kgo.Opt(nil), opts...),
 		kgo.ConsumerGroup(c.cfg.Group),
 		kgo.ConsumeTopics(c.cfg.Topic),
@@ -317,15 +350,42 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		kgo.BlockRebalanceOnPoll(),
 		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
-		kgo.OnPartitionsAssigned(func(ctx context.Context, _ *kgo.Client, assigned map[string][]int32) {
-			if err := c.load(ctx, side, assigned[c.cfg.Topic]); err != nil {
-				loadMu.Lock()
+		kgo.OnPartitionsAssigned(func(ctx context.Context, cl *kgo.Client, assigned map[string][]int32) {
+			loadMu.Lock()
+			defer loadMu.Unlock()
+			if fenced || loadErr != nil {
+				return
+			}
+			if !checked {
+				// Checked again now that this instance is a member here:
+				// of two instances joining opposite clusters at once, at
+				// least one sees the other (see awaitHandoff).
+				n, err := c.members(ctx, side.Other())
+				if err != nil {
+					loadErr = err
+					return
+				}
+				if n > 0 {
+					fenced = true
+					return
+				}
+				checked = true
+			}
+			if err := c.prepareParts(ctx, side, assigned[c.cfg.Topic], cl); err != nil {
 				loadErr = err
-				loadMu.Unlock()
+				return
+			}
+			if err := c.load(ctx, side, assigned[c.cfg.Topic]); err != nil {
+				loadErr = err
 			}
 		}),
 		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {
-			_ = c.commit(ctx, cl)
+			loadMu.Lock()
+			f := fenced
+			loadMu.Unlock()
+			if !f {
+				_ = c.commit(ctx, cl)
+			}
 			c.forget(revoked[c.cfg.Topic])
 		}),
 		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, lost map[string][]int32) {
@@ -351,11 +411,23 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		fs := cl.PollRecords(pctx, 1000)
 		cancel()
 		loadMu.Lock()
-		lerr := loadErr
+		lerr, f := loadErr, fenced
 		loadMu.Unlock()
 		if lerr != nil {
 			cl.AllowRebalance()
 			return side, lerr
+		}
+		if f {
+			// Nothing was loaded or processed here: leave without a commit
+			// and wait for the group to leave the other cluster.
+			c.mu.Lock()
+			c.stats.Fenced++
+			c.mu.Unlock()
+			cl.AllowRebalance()
+			lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_ = cl.LeaveGroupContext(lctx)
+			cancel()
+			return side, nil
 		}
 		var ferr error
 		fs.EachError(func(t string, p int32, err error) {
@@ -452,6 +524,27 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		}
 	case o.Partition != rec.Partition:
 		return fmt.Errorf("%w: record %d@%d on the %s cluster came from partition %d", ErrPartitionMismatch, rec.Partition, rec.Offset, side, o.Partition)
+	case st.side[o.Side].unsure(o.Offset):
+		if c.cfg.Overflow == nil {
+			return fmt.Errorf("streams: record %d@%d on the %s cluster: its origin %s is in a spilled region and ConsumerConfig.Overflow is not set", rec.Partition, rec.Offset, side, o)
+		}
+		had, err := c.cfg.Overflow.Has(ctx, OverflowKey{Group: c.cfg.Group, Topic: c.cfg.Topic, Side: o.Side, Partition: o.Partition}, o.Offset)
+		if err != nil {
+			return err
+		}
+		c.mu.Lock()
+		c.stats.Lookups++
+		c.mu.Unlock()
+		if had {
+			process = false
+			c.mu.Lock()
+			c.stats.Duplicates++
+			if c.switching {
+				c.stats.Rescanned++
+			}
+			c.mu.Unlock()
+			c.count(ctx, side, "duplicate")
+		}
 	case st.processed(o):
 		process = false
 		c.mu.Lock()
@@ -490,6 +583,9 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 // commit commits every assigned partition's position with its state as
 // metadata.
 func (c *Consumer) commit(ctx context.Context, cl *kgo.Client) error {
+	if err := c.spill(ctx); err != nil {
+		return err
+	}
 	c.mu.Lock()
 	md := map[int32]string{}
 	for p, st := range c.parts {
@@ -505,4 +601,104 @@ func (c *Consumer) commit(ctx context.Context, cl *kgo.Client) error {
 		return fmt.Errorf("streams: commit group %q: %w", c.cfg.Group, err)
 	}
 	return nil
+}
+
+// spill moves the smallest spans of every set past spillAt to the
+// Overflow, durably, before the commit that no longer carries them.
+func (c *Consumer) spill(ctx context.Context) error {
+	if c.cfg.Overflow == nil {
+		return nil
+	}
+	type job struct {
+		st   *partState
+		key  OverflowKey
+		out  []span
+		left seen
+	}
+	var jobs []job
+	c.mu.Lock()
+	for p, st := range c.parts {
+		for _, side := range []flags.Side{flags.Old, flags.New} {
+			if len(st.side[side].done) <= spillAt {
+				continue
+			}
+			left := st.side[side]
+			left.done = slices.Clone(left.done)
+			out := left.spill(keepSpans)
+			jobs = append(jobs, job{st: st, out: out, left: left,
+				key: OverflowKey{Group: c.cfg.Group, Topic: c.cfg.Topic, Side: side, Partition: p}})
+		}
+	}
+	c.mu.Unlock()
+	for _, j := range jobs {
+		lo, hi := make([]int64, len(j.out)), make([]int64, len(j.out))
+		for i, sp := range j.out {
+			lo[i], hi[i] = sp.lo, sp.hi
+		}
+		if err := c.cfg.Overflow.Put(ctx, j.key, lo, hi); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		s := &j.st.side[j.key.Side]
+		gone := map[span]bool{}
+		for _, sp := range j.out {
+			gone[sp] = true
+		}
+		// Only the spans put are dropped: one that grew meanwhile stays,
+		// known both here and there.
+		s.done = slices.DeleteFunc(s.done, func(sp span) bool { return gone[sp] })
+		s.spilled = max(s.spilled, j.left.spilled)
+		s.settle()
+		c.stats.Spilled += int64(len(j.out))
+		c.mu.Unlock()
+	}
+	return nil
+}
+
+// members returns how many members the group has on side.
+func (c *Consumer) members(ctx context.Context, side flags.Side) (int, error) {
+	ds, err := c.adm[side].DescribeGroups(ctx, c.cfg.Group)
+	if err != nil {
+		return 0, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, err)
+	}
+	d, ok := ds[c.cfg.Group]
+	if !ok || d.Err != nil && errors.Is(d.Err, kerr.GroupIDNotFound) {
+		return 0, nil
+	}
+	if d.Err != nil {
+		return 0, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, d.Err)
+	}
+	return len(d.Members), nil
+}
+
+// awaitHandoff waits until no member of the group consumes the other
+// cluster, so that the group moves as a whole: an instance that sees the
+// stage change first leaves, and joins the new side only after the last
+// instance still following the former stage left it too; meanwhile those
+// consume every partition where they are. It returns early, with the side
+// to consume, when this instance's stage goes back.
+func (c *Consumer) awaitHandoff(ctx context.Context, side flags.Side) (flags.Side, error) {
+	logged := false
+	for {
+		n, err := c.members(ctx, side.Other())
+		if err != nil || n == 0 {
+			return side, err
+		}
+		if !logged {
+			logged = true
+			c.mu.Lock()
+			c.stats.Fenced++
+			c.mu.Unlock()
+			c.cfg.Logger.Info("streams: waiting for the group to leave the other cluster", "group", c.cfg.Group, "topic", c.cfg.Topic,
+				"to", side, "members there", n)
+		}
+		select {
+		case <-ctx.Done():
+			return side, nil
+		case <-time.After(c.cfg.PollTimeout):
+		}
+		if next := c.side(ctx); next != side {
+			return next, nil
+		}
+	}
 }

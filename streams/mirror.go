@@ -209,7 +209,10 @@ func (m *Mirror) produce(ctx context.Context, dst *kgo.Client, copies []*kgo.Rec
 // commitWithMetadata commits the client's consumed positions, with md's
 // string as the metadata of its partitions.
 func commitWithMetadata(ctx context.Context, cl *kgo.Client, md map[int32]string) error {
-	uncommitted := cl.UncommittedOffsets()
+	return commitAt(ctx, cl, cl.UncommittedOffsets(), md)
+}
+
+func commitAt(ctx context.Context, cl *kgo.Client, uncommitted map[string]map[int32]kgo.EpochOffset, md map[int32]string) error {
 	if len(uncommitted) == 0 {
 		return nil
 	}
@@ -239,4 +242,19 @@ func commitWithMetadata(ctx context.Context, cl *kgo.Client, md map[int32]string
 		}
 	})
 	return cerr
+}
+
+// commitOffsets commits offs (their offsets and metadata) as a member of
+// the client's group, so the commit is fenced by its generation.
+func commitOffsets(ctx context.Context, cl *kgo.Client, offs kadm.Offsets) error {
+	at := map[string]map[int32]kgo.EpochOffset{}
+	md := map[int32]string{}
+	offs.Each(func(o kadm.Offset) {
+		if at[o.Topic] == nil {
+			at[o.Topic] = map[int32]kgo.EpochOffset{}
+		}
+		at[o.Topic][o.Partition] = kgo.EpochOffset{Epoch: o.LeaderEpoch, Offset: o.At}
+		md[o.Partition] = o.Metadata
+	})
+	return commitAt(ctx, cl, at, md)
 }
