@@ -146,7 +146,9 @@ func BenchmarkDualProduceLatency(b *testing.B) {
 	require.NoError(b, p.Flush(ctx))
 	require.Zero(b, p.Stats().Repairs, "every copy reached new")
 	bp, dp := flagstest.Percentile(base, 99), flagstest.Percentile(dual, 99)
-	b.Logf("single p99 %s, dual p99 %s", bp, dp)
+	// The median shows the dual path's fixed cost on the caller (stage
+	// evaluation, the promise hand-off), which the p99 ratio hides in noise.
+	b.Logf("single p50 %s p99 %s, dual p50 %s p99 %s", flagstest.Percentile(base, 50), bp, flagstest.Percentile(dual, 50), dp)
 	benchgoal.Report(b, "streams_dual_produce_p99_vs_single", dp.Seconds()/bp.Seconds(), "x", benchgoal.AtMost, 1.1)
 }
 

@@ -343,7 +343,10 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 	var loadErr error
 	var loadMu sync.Mutex
 	var checked, fenced bool // guarded by loadMu
-	cl, err := kgo.NewClient(append(append([]kgo.Opt(nil), opts...),
+	// A killed instance's membership holds the group's move to the other
+	// cluster (awaitHandoff) until its session times out: 10s rather than
+	// franz-go's 45s, unless the caller's options say otherwise.
+	cl, err := kgo.NewClient(append(append([]kgo.Opt{kgo.SessionTimeout(10 * time.Second)}, opts...),
 		kgo.ConsumerGroup(c.cfg.Group),
 		kgo.ConsumeTopics(c.cfg.Topic),
 		kgo.DisableAutoCommit(),
