@@ -342,7 +342,10 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 	c.mu.Unlock()
 	var loadErr error
 	var loadMu sync.Mutex
-	var checked, fenced bool // guarded by loadMu
+	// fenced: this session may not consume here; abandoned: it stopped on
+	// an error with records polled but not handled, which no commit (the
+	// revocation's, on close) may cover.
+	var checked, fenced, abandoned bool // guarded by loadMu
 	// A killed instance's membership holds the group's move to the other
 	// cluster (awaitHandoff) until its session times out: 10s rather than
 	// franz-go's 45s, unless the caller's options say otherwise.
@@ -384,9 +387,9 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		}),
 		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {
 			loadMu.Lock()
-			f := fenced
+			skip := fenced || abandoned
 			loadMu.Unlock()
-			if !f {
+			if !skip {
 				_ = c.commit(ctx, cl)
 			}
 			c.forget(revoked[c.cfg.Topic])
@@ -399,6 +402,12 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		return side, fmt.Errorf("streams: %s cluster consumer: %w", side, err)
 	}
 	defer cl.Close()
+	abandon := func() {
+		loadMu.Lock()
+		abandoned = true
+		loadMu.Unlock()
+		cl.AllowRebalance()
+	}
 	fctx, fstop := context.WithCancel(ctx)
 	var fwg sync.WaitGroup
 	fwg.Go(func() { c.follow(fctx, side) })
@@ -417,7 +426,7 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		lerr, f := loadErr, fenced
 		loadMu.Unlock()
 		if lerr != nil {
-			cl.AllowRebalance()
+			abandon()
 			return side, lerr
 		}
 		if f {
@@ -439,21 +448,32 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 			}
 		})
 		if ferr != nil {
-			cl.AllowRebalance()
+			abandon()
 			return side, ferr
 		}
 		var herr error
+		handled := map[int32]int64{}
 		fs.EachRecord(func(rec *kgo.Record) {
 			if herr == nil {
-				herr = c.handle(ctx, side, rec)
+				if herr = c.handle(ctx, side, rec); herr == nil {
+					handled[rec.Partition] = rec.Offset + 1
+				}
 			}
 		})
 		if herr != nil {
-			cl.AllowRebalance()
+			// The records handled before the failure are committed, the
+			// failed one and the rest of the batch are not.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			if err := c.commitHandled(cctx, cl, handled); err != nil {
+				c.cfg.Logger.Warn("streams: commit of the records handled before a handler error failed; they will be handled again",
+					"group", c.cfg.Group, "err", err)
+			}
+			cancel()
+			abandon()
 			return side, herr
 		}
 		if err := c.commit(ctx, cl); err != nil && ctx.Err() == nil {
-			cl.AllowRebalance()
+			abandon()
 			return side, err
 		}
 		cl.AllowRebalance()
@@ -704,4 +724,33 @@ func (c *Consumer) awaitHandoff(ctx context.Context, side flags.Side) (flags.Sid
 			return next, nil
 		}
 	}
+}
+
+// commitHandled commits, for the partitions in at, the position at (the
+// record after the last one handled) with the state.
+func (c *Consumer) commitHandled(ctx context.Context, cl *kgo.Client, at map[int32]int64) error {
+	if len(at) == 0 {
+		return nil
+	}
+	if err := c.spill(ctx); err != nil {
+		return err
+	}
+	offs := map[string]map[int32]kgo.EpochOffset{c.cfg.Topic: {}}
+	md := map[int32]string{}
+	c.mu.Lock()
+	for p, o := range at {
+		st := c.parts[p]
+		if st == nil {
+			continue
+		}
+		s, err := st.encode()
+		if err != nil {
+			c.mu.Unlock()
+			return fmt.Errorf("streams: group %q partition %d: %w", c.cfg.Group, p, err)
+		}
+		md[p] = s
+		offs[c.cfg.Topic][p] = kgo.EpochOffset{Epoch: -1, Offset: o}
+	}
+	c.mu.Unlock()
+	return commitAt(ctx, cl, offs, md)
 }
