@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
@@ -53,6 +55,10 @@ type ConsumerConfig struct {
 	// whether to process it (first=true), e.g. through the inbox
 	// ([InboxDedup]). Nil processes it. Either way it is counted.
 	UnknownOrigin func(ctx context.Context, rec *kgo.Record) (first bool, err error)
+	// Overflow takes the spans of a processed set too fragmented for the
+	// commit metadata (copies arriving far out of origin order); without
+	// one such a set stops the consumer with [ErrStateTooLarge].
+	Overflow Overflow
 	// PollTimeout bounds one poll, hence how soon a stage change is seen.
 	// Default 250ms.
 	PollTimeout time.Duration
@@ -106,6 +112,18 @@ type ConsumerStats struct {
 	Duplicates int64 // records skipped because their origin was processed already
 	Unknown    int64 // records whose origin header did not parse
 	Cutovers   int64 // moves from one cluster to the other
+	// Rescanned counts the records read after a move, already processed,
+	// before the first one processed: what finding the position cost.
+	Rescanned int64
+	// Spilled counts spans moved to the Overflow; Lookups the records
+	// whose origin only the Overflow could place.
+	Spilled, Lookups int64
+	// Fenced counts the times this instance held back from a cluster
+	// because members of its group still consumed the other one.
+	Fenced int64
+	// Followed counts the other cluster's records checked ahead of a move
+	// (their origin processed), which raised the bound a move starts at.
+	Followed int64
 	// Pauses are the cutover pauses: last record processed on one cluster
 	// to the first processed on the other.
 	Pauses []time.Duration
@@ -219,6 +237,14 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 	if _, err := samePartitions(ctx, c.adm, [3]string{flags.Old: topic, flags.New: topic}); err != nil {
 		return err
 	}
+	return c.prepareParts(ctx, side, nil, nil)
+}
+
+// prepareParts is prepare for the partitions ps (nil: all). A member of
+// the group on side commits through its client cl (an active group
+// refuses commits from outside); nil commits through the admin client.
+func (c *Consumer) prepareParts(ctx context.Context, side flags.Side, ps []int32, cl *kgo.Client) error {
+	topic := c.cfg.Topic
 	here, err := committed(ctx, c.adm[side], c.cfg.Group, topic)
 	if err != nil {
 		return err
@@ -230,6 +256,9 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 	var starts map[int32]int64
 	moves := kadm.Offsets{}
 	for p, o := range there {
+		if ps != nil && !slices.Contains(ps, p) {
+			continue
+		}
 		ost, ok, err := c.stateOf(o, side.Other())
 		if err != nil || !ok {
 			continue
@@ -249,7 +278,14 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 			}
 			at = starts[p]
 		}
+		// The bound the state carries was checked record by record
+		// against a set this one contains: a lower bound too, and the
+		// nearer one after a long stay on the other cluster.
+		at = max(at, ost.other)
 		ost.epoch++
+		// Every record below the position committed on the cluster left
+		// was processed or dropped as processed there.
+		ost.other = o.At
 		md, err := ost.encode()
 		if err != nil {
 			return err
@@ -259,9 +295,14 @@ func (c *Consumer) prepare(ctx context.Context, side flags.Side) error {
 	if len(moves) == 0 {
 		return nil
 	}
-	rs, err := c.adm[side].CommitOffsets(ctx, c.cfg.Group, moves)
-	if err == nil {
-		err = rs.Error()
+	if cl != nil {
+		err = commitOffsets(ctx, cl, moves)
+	} else {
+		var rs kadm.OffsetResponses
+		rs, err = c.adm[side].CommitOffsets(ctx, c.cfg.Group, moves)
+		if err == nil {
+			err = rs.Error()
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("streams: commit the move of group %q to the %s cluster: %w", c.cfg.Group, side, err)
@@ -285,8 +326,12 @@ func (c *Consumer) stateOf(o kadm.Offset, side flags.Side) (partState, bool, err
 }
 
 func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, error) {
-	if err := c.prepare(ctx, side); err != nil {
+	topic := c.cfg.Topic
+	if _, err := samePartitions(ctx, c.adm, [3]string{flags.Old: topic, flags.New: topic}); err != nil {
 		return side, err
+	}
+	if next, err := c.awaitHandoff(ctx, side); err != nil || next != side {
+		return next, err
 	}
 	opts := c.cfg.Old
 	if side == flags.New {
@@ -297,22 +342,56 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 	c.mu.Unlock()
 	var loadErr error
 	var loadMu sync.Mutex
-	cl, err := kgo.NewClient(append(append([]kgo.Opt(nil), opts...),
+	// fenced: this session may not consume here; abandoned: it stopped on
+	// an error with records polled but not handled, which no commit (the
+	// revocation's, on close) may cover.
+	var checked, fenced, abandoned bool // guarded by loadMu
+	// A killed instance's membership holds the group's move to the other
+	// cluster (awaitHandoff) until its session times out: 10s rather than
+	// franz-go's 45s, unless the caller's options say otherwise.
+	cl, err := kgo.NewClient(append(append([]kgo.Opt{kgo.SessionTimeout(10 * time.Second)}, opts...),
 		kgo.ConsumerGroup(c.cfg.Group),
 		kgo.ConsumeTopics(c.cfg.Topic),
 		kgo.DisableAutoCommit(),
 		kgo.BlockRebalanceOnPoll(),
 		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
-		kgo.OnPartitionsAssigned(func(ctx context.Context, _ *kgo.Client, assigned map[string][]int32) {
-			if err := c.load(ctx, side, assigned[c.cfg.Topic]); err != nil {
-				loadMu.Lock()
+		kgo.OnPartitionsAssigned(func(ctx context.Context, cl *kgo.Client, assigned map[string][]int32) {
+			loadMu.Lock()
+			defer loadMu.Unlock()
+			if fenced || loadErr != nil {
+				return
+			}
+			if !checked {
+				// Checked again now that this instance is a member here:
+				// of two instances joining opposite clusters at once, at
+				// least one sees the other (see awaitHandoff).
+				n, err := c.members(ctx, side.Other())
+				if err != nil {
+					loadErr = err
+					return
+				}
+				if n > 0 {
+					fenced = true
+					return
+				}
+				checked = true
+			}
+			if err := c.prepareParts(ctx, side, assigned[c.cfg.Topic], cl); err != nil {
 				loadErr = err
-				loadMu.Unlock()
+				return
+			}
+			if err := c.load(ctx, side, assigned[c.cfg.Topic]); err != nil {
+				loadErr = err
 			}
 		}),
 		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {
-			_ = c.commit(ctx, cl)
+			loadMu.Lock()
+			skip := fenced || abandoned
+			loadMu.Unlock()
+			if !skip {
+				_ = c.commit(ctx, cl)
+			}
 			c.forget(revoked[c.cfg.Topic])
 		}),
 		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, lost map[string][]int32) {
@@ -323,6 +402,16 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		return side, fmt.Errorf("streams: %s cluster consumer: %w", side, err)
 	}
 	defer cl.Close()
+	abandon := func() {
+		loadMu.Lock()
+		abandoned = true
+		loadMu.Unlock()
+		cl.AllowRebalance()
+	}
+	fctx, fstop := context.WithCancel(ctx)
+	var fwg sync.WaitGroup
+	fwg.Go(func() { c.follow(fctx, side) })
+	defer func() { fstop(); fwg.Wait() }()
 	for {
 		if ctx.Err() != nil {
 			return side, c.leave(cl)
@@ -334,11 +423,23 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 		fs := cl.PollRecords(pctx, 1000)
 		cancel()
 		loadMu.Lock()
-		lerr := loadErr
+		lerr, f := loadErr, fenced
 		loadMu.Unlock()
 		if lerr != nil {
-			cl.AllowRebalance()
+			abandon()
 			return side, lerr
+		}
+		if f {
+			// Nothing was loaded or processed here: leave without a commit
+			// and wait for the group to leave the other cluster.
+			c.mu.Lock()
+			c.stats.Fenced++
+			c.mu.Unlock()
+			cl.AllowRebalance()
+			lctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_ = cl.LeaveGroupContext(lctx)
+			cancel()
+			return side, nil
 		}
 		var ferr error
 		fs.EachError(func(t string, p int32, err error) {
@@ -347,21 +448,32 @@ func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, erro
 			}
 		})
 		if ferr != nil {
-			cl.AllowRebalance()
+			abandon()
 			return side, ferr
 		}
 		var herr error
+		handled := map[int32]int64{}
 		fs.EachRecord(func(rec *kgo.Record) {
 			if herr == nil {
-				herr = c.handle(ctx, side, rec)
+				if herr = c.handle(ctx, side, rec); herr == nil {
+					handled[rec.Partition] = rec.Offset + 1
+				}
 			}
 		})
 		if herr != nil {
-			cl.AllowRebalance()
+			// The records handled before the failure are committed, the
+			// failed one and the rest of the batch are not.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			if err := c.commitHandled(cctx, cl, handled); err != nil {
+				c.cfg.Logger.Warn("streams: commit of the records handled before a handler error failed; they will be handled again",
+					"group", c.cfg.Group, "err", err)
+			}
+			cancel()
+			abandon()
 			return side, herr
 		}
 		if err := c.commit(ctx, cl); err != nil && ctx.Err() == nil {
-			cl.AllowRebalance()
+			abandon()
 			return side, err
 		}
 		cl.AllowRebalance()
@@ -435,10 +547,34 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		}
 	case o.Partition != rec.Partition:
 		return fmt.Errorf("%w: record %d@%d on the %s cluster came from partition %d", ErrPartitionMismatch, rec.Partition, rec.Offset, side, o.Partition)
+	case st.side[o.Side].unsure(o.Offset):
+		if c.cfg.Overflow == nil {
+			return fmt.Errorf("streams: record %d@%d on the %s cluster: its origin %s is in a spilled region and ConsumerConfig.Overflow is not set", rec.Partition, rec.Offset, side, o)
+		}
+		had, err := c.cfg.Overflow.Has(ctx, OverflowKey{Group: c.cfg.Group, Topic: c.cfg.Topic, Side: o.Side, Partition: o.Partition}, o.Offset)
+		if err != nil {
+			return err
+		}
+		c.mu.Lock()
+		c.stats.Lookups++
+		c.mu.Unlock()
+		if had {
+			process = false
+			c.mu.Lock()
+			c.stats.Duplicates++
+			if c.switching {
+				c.stats.Rescanned++
+			}
+			c.mu.Unlock()
+			c.count(ctx, side, "duplicate")
+		}
 	case st.processed(o):
 		process = false
 		c.mu.Lock()
 		c.stats.Duplicates++
+		if c.switching {
+			c.stats.Rescanned++
+		}
 		c.mu.Unlock()
 		c.count(ctx, side, "duplicate")
 	}
@@ -457,16 +593,22 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		c.lastOn, c.lastAt = side, now
 		c.mu.Unlock()
 	}
+	// The follower reads the set concurrently: changes under the lock.
+	c.mu.Lock()
 	if err == nil && o.Side != side {
 		st.side[o.Side].add(o.Offset)
 	}
 	st.side[side].reachTo(rec.Offset + 1)
+	c.mu.Unlock()
 	return nil
 }
 
 // commit commits every assigned partition's position with its state as
 // metadata.
 func (c *Consumer) commit(ctx context.Context, cl *kgo.Client) error {
+	if err := c.spill(ctx); err != nil {
+		return err
+	}
 	c.mu.Lock()
 	md := map[int32]string{}
 	for p, st := range c.parts {
@@ -482,4 +624,133 @@ func (c *Consumer) commit(ctx context.Context, cl *kgo.Client) error {
 		return fmt.Errorf("streams: commit group %q: %w", c.cfg.Group, err)
 	}
 	return nil
+}
+
+// spill moves the smallest spans of every set past spillAt to the
+// Overflow, durably, before the commit that no longer carries them.
+func (c *Consumer) spill(ctx context.Context) error {
+	if c.cfg.Overflow == nil {
+		return nil
+	}
+	type job struct {
+		st   *partState
+		key  OverflowKey
+		out  []span
+		left seen
+	}
+	var jobs []job
+	c.mu.Lock()
+	for p, st := range c.parts {
+		for _, side := range []flags.Side{flags.Old, flags.New} {
+			if len(st.side[side].done) <= spillAt {
+				continue
+			}
+			left := st.side[side]
+			left.done = slices.Clone(left.done)
+			out := left.spill(keepSpans)
+			jobs = append(jobs, job{st: st, out: out, left: left,
+				key: OverflowKey{Group: c.cfg.Group, Topic: c.cfg.Topic, Side: side, Partition: p}})
+		}
+	}
+	c.mu.Unlock()
+	for _, j := range jobs {
+		lo, hi := make([]int64, len(j.out)), make([]int64, len(j.out))
+		for i, sp := range j.out {
+			lo[i], hi[i] = sp.lo, sp.hi
+		}
+		if err := c.cfg.Overflow.Put(ctx, j.key, lo, hi); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		s := &j.st.side[j.key.Side]
+		gone := map[span]bool{}
+		for _, sp := range j.out {
+			gone[sp] = true
+		}
+		// Only the spans put are dropped: one that grew meanwhile stays,
+		// known both here and there.
+		s.done = slices.DeleteFunc(s.done, func(sp span) bool { return gone[sp] })
+		s.spilled = max(s.spilled, j.left.spilled)
+		s.settle()
+		c.stats.Spilled += int64(len(j.out))
+		c.mu.Unlock()
+	}
+	return nil
+}
+
+// members returns how many members the group has on side.
+func (c *Consumer) members(ctx context.Context, side flags.Side) (int, error) {
+	ds, err := c.adm[side].DescribeGroups(ctx, c.cfg.Group)
+	if err != nil {
+		return 0, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, err)
+	}
+	d, ok := ds[c.cfg.Group]
+	if !ok || d.Err != nil && errors.Is(d.Err, kerr.GroupIDNotFound) {
+		return 0, nil
+	}
+	if d.Err != nil {
+		return 0, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, d.Err)
+	}
+	return len(d.Members), nil
+}
+
+// awaitHandoff waits until no member of the group consumes the other
+// cluster, so that the group moves as a whole: an instance that sees the
+// stage change first leaves, and joins the new side only after the last
+// instance still following the former stage left it too; meanwhile those
+// consume every partition where they are. It returns early, with the side
+// to consume, when this instance's stage goes back.
+func (c *Consumer) awaitHandoff(ctx context.Context, side flags.Side) (flags.Side, error) {
+	logged := false
+	for {
+		n, err := c.members(ctx, side.Other())
+		if err != nil || n == 0 {
+			return side, err
+		}
+		if !logged {
+			logged = true
+			c.mu.Lock()
+			c.stats.Fenced++
+			c.mu.Unlock()
+			c.cfg.Logger.Info("streams: waiting for the group to leave the other cluster", "group", c.cfg.Group, "topic", c.cfg.Topic,
+				"to", side, "members there", n)
+		}
+		select {
+		case <-ctx.Done():
+			return side, nil
+		case <-time.After(c.cfg.PollTimeout):
+		}
+		if next := c.side(ctx); next != side {
+			return next, nil
+		}
+	}
+}
+
+// commitHandled commits, for the partitions in at, the position at (the
+// record after the last one handled) with the state.
+func (c *Consumer) commitHandled(ctx context.Context, cl *kgo.Client, at map[int32]int64) error {
+	if len(at) == 0 {
+		return nil
+	}
+	if err := c.spill(ctx); err != nil {
+		return err
+	}
+	offs := map[string]map[int32]kgo.EpochOffset{c.cfg.Topic: {}}
+	md := map[int32]string{}
+	c.mu.Lock()
+	for p, o := range at {
+		st := c.parts[p]
+		if st == nil {
+			continue
+		}
+		s, err := st.encode()
+		if err != nil {
+			c.mu.Unlock()
+			return fmt.Errorf("streams: group %q partition %d: %w", c.cfg.Group, p, err)
+		}
+		md[p] = s
+		offs[c.cfg.Topic][p] = kgo.EpochOffset{Epoch: -1, Offset: o}
+	}
+	c.mu.Unlock()
+	return commitAt(ctx, cl, offs, md)
 }

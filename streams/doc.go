@@ -40,14 +40,28 @@
 //
 // To move from cluster A to cluster B it commits on A, leaves A's group,
 // and commits on B the same set one epoch up at a lower bound L of B's
-// unprocessed records: the group's earlier commit on B if there is one,
-// else B's log start. Then it joins B's group and reads from L.
+// unprocessed records: the highest of the group's earlier commit on B, the
+// bound on B its state carries, and B's log start. Then it joins B's group
+// and reads from L.
+//
+// The bound on B is what keeps a first move onto a cluster the group never
+// read from scanning the whole log. While a consumer reads A and the stage
+// writes B too, it follows B's copies of its partitions: it reads them in
+// offset order and raises the bound over each record whose origin its set
+// holds, and stops at the first one it does not (until the consumer
+// processes that origin on A). The bound is committed with the set, in the
+// same metadata, so it is always checked against a set the commit holds.
+// A move then reads on B only what was copied since the follower last
+// caught up (BENCH streams_cutover_long_topic_rescanned_max), whatever the
+// length of the topic. A move also records the position it leaves on A as
+// the state's bound on A.
 //
 //   - Nothing is skipped: every record on B at or after L is read; one is
 //     dropped only when its origin is in the set, that is, when the same
 //     record (from whichever cluster) was processed. Before L every record
 //     is processed: L is an earlier commit on B (processed then, and the set
-//     only grows) or the log start.
+//     only grows), a bound every record below which was checked against the
+//     set (which only grows), or the log start.
 //   - Nothing is processed twice: the set holds every origin processed on
 //     either cluster; a record is processed only when its origin is absent,
 //     and is added as it is processed. A mirror that re-sends a tail after
@@ -62,8 +76,37 @@
 // ConsumerConfig.UnknownOrigin, de-duplicated another way, e.g. through
 // the inbox.
 //
-// The processed set stays small while the copies are in origin order; a
-// commit carries at most 120 spans ([ErrStateTooLarge] past that).
+// The processed set stays small while the copies are in origin order. When
+// they arrive far out of order its holes can outgrow the commit metadata
+// (Kafka's offset.metadata.max.bytes, 4096 by default): a consumer with a
+// ConsumerConfig.Overflow ([PostgresOverflow]) then spills the smallest
+// spans there before the commit, durably, and keeps in the metadata only
+// the region they came from; a record whose origin falls in that region
+// and not in a span still held is asked of the overflow (counted,
+// ConsumerStats.Lookups). The set stays exact, so the argument above holds;
+// the cost is a lookup per record of the region, which only late or
+// repeated copies fall in. Without an overflow such a set stops the
+// consumer with [ErrStateTooLarge] rather than commit a set that lies.
+// [Rewind] refuses a range reaching into a spilled region.
+//
+// # A group moves as a whole
+//
+// Every instance of a group evaluates the stage with the group id as the
+// targeting key, but flag providers see a change at different times. So an
+// instance joins a cluster only when no member of its group consumes the
+// other one: it waits before joining, and checks again once it is a member
+// and before it moves or loads any state, so of two instances joining
+// opposite clusters at once at least one sees the other and backs off
+// (ConsumerStats.Fenced). The first instance to see a change leaves; the
+// others, still on the former stage, take over its partitions there and
+// consume every record until they see the change too; the group then moves.
+// No record is processed on both clusters, and the group does not stop
+// meanwhile. A killed instance holds the move until its session times out
+// (10s by default). The consumer's stage stays per group rather than per
+// record key: keys of one partition are read in one offset order on one
+// cluster, and the exactness above is per partition, so a share of keys
+// cannot read another cluster without giving up per-key order across the
+// move; producers, whose flag is per key, are where a canary moves keys.
 //
 // # Dual produce and repairs
 //

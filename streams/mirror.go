@@ -21,8 +21,12 @@ import (
 type MirrorConfig struct {
 	// Topic is read on the old cluster. Required.
 	Topic string
-	// TargetTopic is written on the new cluster. Default: Topic.
+	// TargetTopic is written on the other cluster. Default: Topic.
 	TargetTopic string
+	// From is the cluster copied from: Old (the default) fills new before
+	// consumers move; New fills old back after producers that cannot be
+	// changed moved to new (complete), so that consumers can roll back.
+	From flags.Side
 	// Old and New are the client options of each cluster. Both required.
 	Old, New []kgo.Opt
 	// Group holds the mirror's durable position on the old cluster.
@@ -41,6 +45,9 @@ func (c *MirrorConfig) withDefaults() {
 	if c.Group == "" {
 		c.Group = "dimmer-mirror." + c.Topic
 	}
+	if c.From == flags.NoSide {
+		c.From = flags.Old
+	}
 	if c.MaxBatch == 0 {
 		c.MaxBatch = 10000
 	}
@@ -58,6 +65,8 @@ func (c MirrorConfig) Validate() error {
 		return fmt.Errorf("%w: MirrorConfig.Old", ErrMissingCluster)
 	case len(c.New) == 0:
 		return fmt.Errorf("%w: MirrorConfig.New", ErrMissingCluster)
+	case c.From != flags.NoSide && c.From != flags.Old && c.From != flags.New:
+		return fmt.Errorf("streams: MirrorConfig.From must be old or new, got %d", c.From)
 	case c.MaxBatch < 1:
 		return fmt.Errorf("streams: MirrorConfig.MaxBatch must be positive, got %d", c.MaxBatch)
 	}
@@ -119,13 +128,20 @@ func (m *Mirror) Run(ctx context.Context) error {
 		defer cl.Close()
 		adm[side] = kadm.NewClient(cl)
 	}
-	if _, err := samePartitions(ctx, adm, [3]string{flags.Old: m.cfg.Topic, flags.New: m.cfg.TargetTopic}); err != nil {
+	from, to := m.cfg.From, m.cfg.From.Other()
+	var topics [3]string
+	topics[from], topics[to] = m.cfg.Topic, m.cfg.TargetTopic
+	if _, err := samePartitions(ctx, adm, topics); err != nil {
 		return err
+	}
+	srcOpts, dstOpts := m.cfg.Old, m.cfg.New
+	if from == flags.New {
+		srcOpts, dstOpts = m.cfg.New, m.cfg.Old
 	}
 	// A killed mirror's group membership blocks its successor until the
 	// session times out: 10s rather than franz-go's 45s, unless the
 	// caller's options say otherwise.
-	src, err := kgo.NewClient(append(append([]kgo.Opt{kgo.SessionTimeout(10 * time.Second)}, m.cfg.Old...),
+	src, err := kgo.NewClient(append(append([]kgo.Opt{kgo.SessionTimeout(10 * time.Second)}, srcOpts...),
 		kgo.ConsumerGroup(m.cfg.Group),
 		kgo.ConsumeTopics(m.cfg.Topic),
 		kgo.DisableAutoCommit(),
@@ -137,7 +153,7 @@ func (m *Mirror) Run(ctx context.Context) error {
 		return fmt.Errorf("streams: mirror source client: %w", err)
 	}
 	defer src.Close()
-	dst, err := kgo.NewClient(append(append([]kgo.Opt(nil), m.cfg.New...),
+	dst, err := kgo.NewClient(append(append([]kgo.Opt(nil), dstOpts...),
 		kgo.RecordPartitioner(kgo.ManualPartitioner()),
 		kgo.RequiredAcks(kgo.AllISRAcks()),
 		kgo.ProducerLinger(0),
@@ -169,7 +185,7 @@ func (m *Mirror) Run(ctx context.Context) error {
 				m.skipped.Add(1)
 				return
 			}
-			copies = append(copies, copyOf(m.cfg.TargetTopic, rec, Origin{Side: flags.Old, Partition: rec.Partition, Offset: rec.Offset}))
+			copies = append(copies, copyOf(m.cfg.TargetTopic, rec, Origin{Side: from, Partition: rec.Partition, Offset: rec.Offset}))
 		})
 		// A stop (ctx) lets the round in flight finish: produced and
 		// committed, so a graceful stop re-sends nothing.
@@ -201,7 +217,7 @@ func (m *Mirror) produce(ctx context.Context, dst *kgo.Client, copies []*kgo.Rec
 		return nil
 	}
 	if err := dst.ProduceSync(ctx, copies...).FirstErr(); err != nil {
-		return fmt.Errorf("streams: mirror produce to the new cluster: %w", err)
+		return fmt.Errorf("streams: mirror produce to the target cluster: %w", err)
 	}
 	return nil
 }
@@ -209,7 +225,10 @@ func (m *Mirror) produce(ctx context.Context, dst *kgo.Client, copies []*kgo.Rec
 // commitWithMetadata commits the client's consumed positions, with md's
 // string as the metadata of its partitions.
 func commitWithMetadata(ctx context.Context, cl *kgo.Client, md map[int32]string) error {
-	uncommitted := cl.UncommittedOffsets()
+	return commitAt(ctx, cl, cl.UncommittedOffsets(), md)
+}
+
+func commitAt(ctx context.Context, cl *kgo.Client, uncommitted map[string]map[int32]kgo.EpochOffset, md map[int32]string) error {
 	if len(uncommitted) == 0 {
 		return nil
 	}
@@ -239,4 +258,19 @@ func commitWithMetadata(ctx context.Context, cl *kgo.Client, md map[int32]string
 		}
 	})
 	return cerr
+}
+
+// commitOffsets commits offs (their offsets and metadata) as a member of
+// the client's group, so the commit is fenced by its generation.
+func commitOffsets(ctx context.Context, cl *kgo.Client, offs kadm.Offsets) error {
+	at := map[string]map[int32]kgo.EpochOffset{}
+	md := map[int32]string{}
+	offs.Each(func(o kadm.Offset) {
+		if at[o.Topic] == nil {
+			at[o.Topic] = map[int32]kgo.EpochOffset{}
+		}
+		at[o.Topic][o.Partition] = kgo.EpochOffset{Epoch: o.LeaderEpoch, Offset: o.At}
+		md[o.Partition] = o.Metadata
+	})
+	return commitAt(ctx, cl, at, md)
 }

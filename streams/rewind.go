@@ -136,6 +136,7 @@ func Rewind(ctx context.Context, cfg RewindConfig) ([]RewindResult, error) {
 	}
 	left := len(assign)
 	finished := map[int32]bool{}
+	var spillErr error
 	for left > 0 {
 		fs := rd.PollFetches(ctx)
 		if ctx.Err() != nil {
@@ -161,6 +162,9 @@ func Rewind(ctx context.Context, cfg RewindConfig) ([]RewindResult, error) {
 				return
 			}
 			if o, err := OriginOf(rec, cfg.Side); err == nil {
+				if s := &states[p].side[o.Side]; o.Offset >= s.next && o.Offset < s.spilled && spillErr == nil {
+					spillErr = fmt.Errorf("streams: rewind of group %q: origin %s is in a region of its processed set spilled to the overflow, which a rewind does not change", cfg.Group, o)
+				}
 				states[p].side[o.Side].remove(o.Offset)
 				r.Undone++
 			}
@@ -170,9 +174,15 @@ func Rewind(ctx context.Context, cfg RewindConfig) ([]RewindResult, error) {
 			}
 		})
 	}
+	if spillErr != nil {
+		return nil, spillErr
+	}
 	offs := kadm.Offsets{}
 	for _, r := range results {
 		st := states[r.Partition]
+		// The other cluster's bound was checked against the set before
+		// these removals: records below it may now be unprocessed.
+		st.other = 0
 		md, err := st.encode()
 		if err != nil {
 			return nil, err

@@ -18,9 +18,46 @@ type span struct{ lo, hi int64 }
 // next). Copies of one origin partition can reach the other cluster out of
 // origin order (several producer instances, a repair replayed after a later
 // record), so processing on the other cluster leaves holes that done keeps.
+//
+// A set with more holes than a commit carries spills its smallest spans to
+// an [Overflow] and remembers only the region they were in: an offset in
+// [next, spilled) that done does not hold is asked of the overflow.
 type seen struct {
-	next int64
-	done []span
+	next    int64
+	spilled int64
+	done    []span
+}
+
+// unsure reports whether off is in the spilled region and not known here:
+// only the overflow can tell whether it was processed.
+func (s *seen) unsure(off int64) bool {
+	return off >= s.next && off < s.spilled && !s.has(off)
+}
+
+// settle drops the spilled region once the frontier passed it.
+func (s *seen) settle() {
+	if s.spilled <= s.next {
+		s.spilled = 0
+	}
+}
+
+// spill removes the smallest spans until keep remain and returns them;
+// the region they were in is asked of the overflow from then on.
+func (s *seen) spill(keep int) []span {
+	if len(s.done) <= keep {
+		return nil
+	}
+	bySize := slices.Clone(s.done)
+	slices.SortStableFunc(bySize, func(a, b span) int { return int((a.hi - a.lo) - (b.hi - b.lo)) })
+	out := bySize[:len(s.done)-keep]
+	drop := map[span]bool{}
+	for _, sp := range out {
+		drop[sp] = true
+		s.spilled = max(s.spilled, sp.hi)
+	}
+	s.done = slices.DeleteFunc(s.done, func(sp span) bool { return drop[sp] })
+	slices.SortFunc(out, func(a, b span) int { return int(a.lo - b.lo) })
+	return out
 }
 
 func (s *seen) has(off int64) bool {
@@ -70,6 +107,7 @@ func (s *seen) add(off int64) {
 		s.next = max(s.next, s.done[0].hi)
 		s.done = s.done[1:]
 	}
+	s.settle()
 }
 
 // reachTo records that every offset below off was processed or skipped on
@@ -83,31 +121,45 @@ func (s *seen) reachTo(off int64) {
 		s.next = max(s.next, s.done[0].hi)
 		s.done = s.done[1:]
 	}
+	s.settle()
 }
 
 // partState is what a group processed of one partition, whichever cluster
 // it was read on: per origin side, a seen set. Epoch counts the group's
 // moves between clusters; the commit with the higher epoch is the current
-// one.
+// one. Other is a bound on the cluster the state is not committed on: every
+// record there below it has its origin in the set (0: nothing known), so a
+// move there starts reading at Other rather than at the log start.
 type partState struct {
 	epoch uint64
 	side  [3]seen // indexed by flags.Side
+	other int64
 }
 
+// processed reports whether o is known processed; an origin in a spilled
+// region is not known (see [seen.unsure]).
 func (p *partState) processed(o Origin) bool { return p.side[o.Side].has(o.Offset) }
 
 // maxSpans bounds the holes one commit carries (Kafka's default
 // offset.metadata.max.bytes is 4096).
 const maxSpans = 120
 
+// A consumer with an [Overflow] spills a set past spillAt spans down to
+// keepSpans, so that a set hovering there does not spill on every commit
+// and both sides' sets fit the metadata together.
+const (
+	spillAt   = maxSpans / 2
+	keepSpans = spillAt / 2
+)
+
 // ErrStateTooLarge is returned when a partition's processed set has more
-// holes than a commit can carry.
-var ErrStateTooLarge = errors.New("streams: processed set has too many holes to commit")
+// holes than a commit can carry and the consumer has no [Overflow].
+var ErrStateTooLarge = errors.New("streams: processed set has too many holes to commit (set ConsumerConfig.Overflow)")
 
 const stateVersion = "dimmer1"
 
 // encode renders the state as commit metadata:
-// "dimmer1 e=<epoch> old=<next>[,lo-hi...] new=<next>[,lo-hi...]".
+// "dimmer1 e=<epoch> old=<next>[~<spilled>][,lo-hi...] new=... x=<other>".
 func (p *partState) encode() (string, error) {
 	var b strings.Builder
 	b.WriteString(stateVersion)
@@ -122,10 +174,16 @@ func (p *partState) encode() (string, error) {
 		b.WriteString(side.String())
 		b.WriteString("=")
 		b.WriteString(strconv.FormatInt(s.next, 10))
+		if s.spilled > s.next {
+			b.WriteString("~")
+			b.WriteString(strconv.FormatInt(s.spilled, 10))
+		}
 		for _, sp := range s.done {
 			fmt.Fprintf(&b, ",%d-%d", sp.lo, sp.hi)
 		}
 	}
+	b.WriteString(" x=")
+	b.WriteString(strconv.FormatInt(p.other, 10))
 	return b.String(), nil
 }
 
@@ -139,7 +197,9 @@ func decodeState(md string) (p partState, ok bool, err error) {
 		return p, false, nil
 	}
 	fields := strings.Fields(md)
-	if len(fields) != 4 || fields[0] != stateVersion {
+	// A state written before the other cluster's bound existed has four
+	// fields: its bound is 0.
+	if (len(fields) != 4 && len(fields) != 5) || fields[0] != stateVersion {
 		return p, false, fmt.Errorf("%w: %q", ErrBadState, md)
 	}
 	e, found := strings.CutPrefix(fields[1], "e=")
@@ -156,8 +216,14 @@ func decodeState(md string) (p partState, ok bool, err error) {
 		}
 		parts := strings.Split(v, ",")
 		s := &p.side[side]
-		if s.next, err = strconv.ParseInt(parts[0], 10, 64); err != nil {
+		next, spilled, hasSpilled := strings.Cut(parts[0], "~")
+		if s.next, err = strconv.ParseInt(next, 10, 64); err != nil {
 			return p, false, fmt.Errorf("%w: %q: %s next: %v", ErrBadState, md, side, err)
+		}
+		if hasSpilled {
+			if s.spilled, err = strconv.ParseInt(spilled, 10, 64); err != nil || s.spilled <= s.next {
+				return p, false, fmt.Errorf("%w: %q: %s spilled region %q", ErrBadState, md, side, parts[0])
+			}
 		}
 		for _, r := range parts[1:] {
 			lo, hi, found := strings.Cut(r, "-")
@@ -167,6 +233,15 @@ func decodeState(md string) (p partState, ok bool, err error) {
 				return p, false, fmt.Errorf("%w: %q: bad span %q", ErrBadState, md, r)
 			}
 			s.done = append(s.done, span{l, h})
+		}
+	}
+	if len(fields) == 5 {
+		x, found := strings.CutPrefix(fields[4], "x=")
+		if !found {
+			return p, false, fmt.Errorf("%w: %q: no other-cluster bound", ErrBadState, md)
+		}
+		if p.other, err = strconv.ParseInt(x, 10, 64); err != nil || p.other < 0 {
+			return p, false, fmt.Errorf("%w: %q: other-cluster bound %q", ErrBadState, md, x)
 		}
 	}
 	return p, true, nil

@@ -57,7 +57,7 @@ func TestDecodeStateRefusesOthers(t *testing.T) {
 	_, ok, err := decodeState("")
 	assert.NoError(t, err)
 	assert.False(t, ok)
-	for _, md := range []string{"x", "dimmer1 e=1 old=3", "dimmer1 e=x old=0 new=0", "dimmer1 e=1 old=0,5-3 new=0"} {
+	for _, md := range []string{"x", "dimmer1 e=1 old=3", "dimmer1 e=x old=0 new=0", "dimmer1 e=1 old=0,5-3 new=0", "dimmer1 e=1 old=5~3 new=0", "dimmer1 e=1 old=0 new=0 y=3"} {
 		_, _, err := decodeState(md)
 		assert.ErrorIs(t, err, ErrBadState, md)
 	}

@@ -27,8 +27,9 @@ type Translation struct {
 
 // Translate computes, for every partition, where group would resume on
 // cluster to: the first record there whose origin it has not processed,
-// found by reading from a lower bound (the group's commit on to, or the log
-// start) with the processed set of its current state. It changes nothing.
+// found by reading from a lower bound (the highest of the group's commit on
+// to, the bound its current state carries for to, and the log start) with
+// the processed set of its current state. It changes nothing.
 // The clients are one per cluster (opts, for reading records; adm derived).
 func Translate(ctx context.Context, opts [3][]kgo.Opt, topic, group string, to flags.Side) ([]Translation, error) {
 	var adm [3]*kadm.Client
@@ -91,6 +92,8 @@ func Translate(ctx context.Context, opts [3][]kgo.Opt, topic, group string, to f
 		}
 		if best == nil {
 			best = &partState{} // never consumed: every record is unprocessed
+		} else if tr.From != to {
+			lower = max(lower, best.other)
 		}
 		states[p] = best
 		if lower < ends[p] {

@@ -156,21 +156,26 @@ func (c *cli) streamLagCmd(o *streamOpts) *cobra.Command {
 
 func (c *cli) streamMirrorCmd(o *streamOpts) *cobra.Command {
 	cfg := streams.MirrorConfig{}
+	from := "old"
 	cmd := &cobra.Command{
 		Use:   "mirror TOPIC",
-		Short: "Copy the topic from old to new until SIGTERM or SIGINT, resuming where it stopped",
+		Short: "Copy the topic from old to new (or --from new: back) until SIGTERM or SIGINT, resuming where it stopped",
 		Args:  exactArgs(1, "TOPIC"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			side, err := parseSide(from)
+			if err != nil {
+				return usagef("--from %q: want old or new", from)
+			}
 			opts, err := o.opts()
 			if err != nil {
 				return err
 			}
-			cfg.Topic, cfg.Old, cfg.New = args[0], opts[flags.Old], opts[flags.New]
+			cfg.Topic, cfg.Old, cfg.New, cfg.From = args[0], opts[flags.Old], opts[flags.New], side
 			m, err := streams.NewMirror(cfg)
 			if err != nil {
 				return usageError{err}
 			}
-			fmt.Fprintf(c.out, "mirroring %s from old to new\n", args[0])
+			fmt.Fprintf(c.out, "mirroring %s from %s to %s\n", args[0], side, side.Other())
 			if err := m.Run(cmd.Context()); err != nil {
 				return streamErr(err)
 			}
@@ -179,8 +184,9 @@ func (c *cli) streamMirrorCmd(o *streamOpts) *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&cfg.TargetTopic, "target", "", "topic on new (default: TOPIC)")
-	cmd.Flags().StringVar(&cfg.Group, "group", "", "the mirror's position group on old (default dimmer-mirror.TOPIC)")
+	cmd.Flags().StringVar(&from, "from", from, "the cluster copied from: old, or new after complete so consumers can roll back")
+	cmd.Flags().StringVar(&cfg.TargetTopic, "target", "", "topic on the cluster copied to (default: TOPIC)")
+	cmd.Flags().StringVar(&cfg.Group, "group", "", "the mirror's position group on the cluster copied from (default dimmer-mirror.TOPIC)")
 	cmd.Flags().IntVar(&cfg.MaxBatch, "batch", 0, "records per round (default 10000)")
 	return cmd
 }

@@ -110,6 +110,7 @@ func TestStreamCommands(t *testing.T) {
 		{"replay", "events", "--group", "billing", "--side", "mid", "--from-offset", "0"},
 		{"replay", "events", "--group", "billing", "--side", "new"},
 		{"translate", "events"},
+		{"mirror", "events", "--from", "mid"},
 	} {
 		r := stream(bad...)
 		assert.Equal(t, exitUsage, r.code, "%v: %s", bad, r.stderr)

@@ -1,0 +1,84 @@
+package streams_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/streams"
+)
+
+// Two instances of one group whose flag providers see each change at
+// different times: the first to see it waits until the other left the
+// cluster it leaves, and meanwhile the other consumes every partition
+// there, so no record is processed on both clusters. Forward to live and
+// back to shadow: exactly once, each key in order.
+func TestGroupMovesAsAWholeWhenInstancesSeeTheFlipApart(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	oldSeeds, newSeeds := clusters(t)
+	name := uniqueTopic("handoff")
+	topic(t, oldSeeds, name, 3)
+	topic(t, newSeeds, name, 3)
+	oldOpts, newOpts := []kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, []kgo.Opt{kgo.SeedBrokers(newSeeds...)}
+	w := newWriter(t, oldSeeds, name, 20)
+	mirror, err := streams.NewMirror(streams.MirrorConfig{Topic: name, Old: oldOpts, New: newOpts})
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	mctx, mstop := context.WithCancel(ctx)
+	wg.Go(func() { assert.NoError(t, mirror.Run(mctx)) })
+
+	l := newLedger()
+	stages := []*stageVar{newStage(flags.Shadow), newStage(flags.Shadow)}
+	cs := make([]*streams.Consumer, 2)
+	cctx, cstop := context.WithCancel(ctx)
+	for i := range cs {
+		c, err := streams.NewConsumer(streams.ConsumerConfig{Migration: "events", Topic: name, Group: "totals",
+			Old: oldOpts, New: newOpts, Source: stages[i], Handler: l.handle, PollTimeout: 50 * time.Millisecond})
+		require.NoError(t, err)
+		defer c.Close()
+		cs[i] = c
+		wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	}
+	produced := func(n int) func() bool {
+		return func() bool { return l.n.Load() >= int64(n) }
+	}
+	w.produce(t, ctx, 600)
+	eventually(t, 30*time.Second, "both on old processed", produced(600))
+
+	for i, s := range []flags.Stage{flags.Live, flags.Shadow} {
+		stages[0].set(s)
+		eventually(t, 30*time.Second, "the first to see the change left", func() bool { return cs[0].Stats().Cutovers > int64(i) })
+		w.produce(t, ctx, 300)
+		n := len(w.all())
+		eventually(t, 30*time.Second, "the other instance processes everything meanwhile", produced(n))
+		stages[1].set(s)
+		w.produce(t, ctx, 300)
+		n = len(w.all())
+		eventually(t, 30*time.Second, "both moved", produced(n))
+	}
+	want := w.all()
+	time.Sleep(300 * time.Millisecond) // a record processed twice would show up now
+	cstop()
+	mstop()
+	wg.Wait()
+	skipped, twice, disorder := l.check(t, want)
+	assert.Zero(t, skipped, "skipped")
+	assert.Zero(t, twice, "processed twice")
+	assert.Zero(t, disorder, "per-key order violations")
+	for i, c := range cs {
+		st := c.Stats()
+		assert.EqualValues(t, 2, st.Cutovers, "instance %d moved forward and back", i)
+		if i == 0 {
+			assert.Positive(t, st.Fenced, "the first instance waited for the other")
+		}
+		t.Logf("instance %d: processed %d, duplicates %d, fenced %d, cutovers %d", i, st.Processed, st.Duplicates, st.Fenced, st.Cutovers)
+	}
+}
