@@ -3,13 +3,17 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"time"
 
+	"github.com/open-feature/go-sdk/openfeature"
+
 	"github.com/dimmer-dev/dimmer/console"
+	"github.com/dimmer-dev/dimmer/flags/pgflags"
 )
 
 // serveConsole serves the operator console (read-only) over the demo's
@@ -25,11 +29,30 @@ func (d *demo) serveConsole(ctx context.Context) (stop func(), err error) {
 		token = randomHex(16)
 		login = "log in with token " + token
 	}
-	srv, err := console.New(d.ctrl, d.shared.Flags, token, console.WithThresholds(d.wd),
+	// As dimmer ui: the chart samples are kept beside the flags (table
+	// console_samples of the demo's schema), so a console restarted
+	// mid-run draws what came before, and the store's notifications show a
+	// new stage at once.
+	samples, err := console.PostgresSamples(d.pool, d.shared.Schema)
+	if err != nil {
+		return nil, err
+	}
+	if err := samples.Install(ctx); err != nil {
+		return nil, err
+	}
+	changes, err := pgflags.NewProvider(d.pool, pgflags.WithSchema(d.shared.Schema), pgflags.WithLogger(slog.New(slog.DiscardHandler)))
+	if err != nil {
+		return nil, err
+	}
+	if err := changes.InitWithContext(ctx, openfeature.EvaluationContext{}); err != nil {
+		return nil, fmt.Errorf("flag store notifications: %w", err)
+	}
+	srv, err := console.New(d.ctrl, d.shared.Fleet, token, console.WithThresholds(d.wd),
 		console.WithBackfills(d.shared.Backfill), console.WithRepairs(console.OutboxRepairs(d.shared.Repairs, d.pool)),
-		console.WithSchemaPlans(d.shared.Registry),
+		console.WithSchemaPlans(d.shared.Registry), console.WithSampleStore(samples), console.WithChanges(changes.EventChannel()),
 		console.WithRefresh(time.Second), console.WithHistory(time.Second, 600), console.WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
+		changes.Shutdown()
 		return nil, err
 	}
 	addr := os.Getenv("DIMMER_DEMO_UI")
@@ -41,6 +64,7 @@ func (d *demo) serveConsole(ctx context.Context) (stop func(), err error) {
 		ln, err = net.Listen("tcp", "127.0.0.1:0")
 	}
 	if err != nil {
+		changes.Shutdown()
 		return nil, err
 	}
 	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 5 * time.Second}
@@ -58,5 +82,6 @@ func (d *demo) serveConsole(ctx context.Context) (stop func(), err error) {
 		if err := <-served; !errors.Is(err, http.ErrServerClosed) {
 			d.say("console stopped: %v", err)
 		}
+		changes.Shutdown()
 	}, nil
 }

@@ -23,6 +23,7 @@ import (
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/chaos"
+	"github.com/dimmer-dev/dimmer/console"
 	"github.com/dimmer-dev/dimmer/examples/events/eventsvc"
 	"github.com/dimmer-dev/dimmer/examples/orders/ordersvc"
 	"github.com/dimmer-dev/dimmer/expandcontract"
@@ -210,7 +211,10 @@ func run(ctx context.Context, p params, out io.Writer) (*report, error) {
 
 	d.wd = flags.WatchdogConfig{Window: p.Window, Interval: 200 * time.Millisecond, MinSamples: p.MinSamples,
 		MaxMismatchRate: 0.02, MaxErrorRate: 0.05, Cooldown: 2 * time.Minute}
-	d.ctrl, err = flags.NewController(d.shared.Flags, flags.WithFleet(d.shared.Flags),
+	// As dimmer ui: the console's page and the guards it runs for the next
+	// step read the fleet registry once per request, not once each.
+	d.shared.Fleet = console.ShareFleet(d.shared.Flags)
+	d.ctrl, err = flags.NewController(d.shared.Flags, flags.WithFleet(d.shared.Fleet),
 		flags.WithGuards(d.shared.Guards(d.wd)...), flags.WithControllerLogger(quiet))
 	if err != nil {
 		return nil, err

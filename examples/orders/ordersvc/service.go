@@ -31,7 +31,10 @@ type Shared struct {
 	Pool   *pgxpool.Pool // search_path: Schema
 	Schema string
 
-	Flags     *pgflags.Store
+	Flags *pgflags.Store
+	// Fleet is the instance registry the guards read: Flags, unless a
+	// console shares one read per request (console.ShareFleet, as the demo does).
+	Fleet     flags.FleetStore
 	Registry  *expandcontract.Registry
 	Backfill  *backfill.Backfiller
 	Events    *outbox.Outbox // business events, relayed to Kafka
@@ -71,7 +74,7 @@ func Open(pool *pgxpool.Pool, schema string, logger *slog.Logger) (*Shared, erro
 	if err != nil {
 		return nil, err
 	}
-	return &Shared{Pool: pool, Schema: schema, Flags: store, Registry: reg, Backfill: bf, Events: events, Repairs: repairs, Heartbeat: time.Second}, nil
+	return &Shared{Pool: pool, Schema: schema, Flags: store, Fleet: store, Registry: reg, Backfill: bf, Events: events, Repairs: repairs, Heartbeat: time.Second}, nil
 }
 
 // Install creates the legacy table and every dimmer store (idempotent), and
@@ -98,9 +101,9 @@ func (s *Shared) Install(ctx context.Context) error {
 // stage, under the thresholds ([flags.CanaryGuard]).
 func (s *Shared) Guards(wd flags.WatchdogConfig) []flags.Guard {
 	return []flags.Guard{
-		flags.CanaryGuard(s.Flags, wd),
+		flags.CanaryGuard(s.Fleet, wd),
 		s.Backfill.Guard(),
-		flags.HealthGuard(s.Flags, wd),
+		flags.HealthGuard(s.Fleet, wd),
 		dualwrite.NoPendingRepairsGuard(s.Repairs, s.Pool),
 		flags.NewGuard("no-pending-repairs-before-live", flags.Entering(flags.Live), func(ctx context.Context, _ flags.Transition) error {
 			st, err := s.Repairs.Stats(ctx, s.Pool, dualwrite.RepairTopic(Migration))
