@@ -136,7 +136,8 @@
 // as a compared read, so a [flags.Watchdog] steps the flag back when new
 // goes wrong. [MirrorCaughtUpGuard], [RepairsGuard] and [ConsumerLagGuard]
 // are the topic's go/no-go checks beside [flags.FleetGuard].
-// [GroupStatus] and [Translate] say where a group stands on both clusters;
+// [GroupStatus] and [Translate] say where a group stands on both clusters
+// (and a mirror on the one it copies from, new for a mirror back);
 // [Rewind] moves a stopped group back so it processes a range again, once;
 // [Replay] applies a range through the inbox, keyed by origin, so an
 // effect applied on one cluster is not applied again from the other. The

@@ -15,9 +15,10 @@ import (
 // current stage). Each names what fails.
 
 // MirrorCaughtUpGuard refuses entering live, rampdown or complete while the
-// mirror of topic (its position in group mirrorGroup on old) is more than
-// maxLag records behind old in any partition: consumers moving to new would
-// wait for records, and at complete they would be lost.
+// mirror of topic (its position in group mirrorGroup on the cluster it
+// copies from, see [GroupStatus]) is more than maxLag records behind that
+// cluster in any partition: consumers moving to new would wait for
+// records, and at complete they would be lost.
 func MirrorCaughtUpGuard(old, new *kadm.Client, topic, mirrorGroup string, maxLag int64) flags.Guard {
 	return flags.NewGuard("stream-mirror-caught-up", flags.Entering(flags.Live, flags.RampDown, flags.Complete),
 		func(ctx context.Context, _ flags.Transition) error {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/dimmer-dev/dimmer/flags"
@@ -73,4 +74,84 @@ func TestMirrorFromNewAfterCompleteRollsBack(t *testing.T) {
 		require.Equal(t, flags.New, o.Side, "copy at old %d@%d", r.Partition, r.Offset)
 		require.Equal(t, r.Partition, o.Partition)
 	}
+}
+
+// A mirror back from new after complete commits its position on new, under
+// the same default group as the mirror to new before it: status finds it
+// there and measures its lag against new's end, and shows the mirror to new
+// again while that one runs (a rollback restarted it).
+func TestGroupStatusOfMirrorFromNew(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	oldSeeds, newSeeds := clusters(t)
+	name := uniqueTopic("statusback")
+	topic(t, oldSeeds, name, 2)
+	topic(t, newSeeds, name, 2)
+	oldOpts, newOpts := []kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, []kgo.Opt{kgo.SeedBrokers(newSeeds...)}
+	adm := func(seeds []string) *kadm.Client {
+		cl, err := kgo.NewClient(kgo.SeedBrokers(seeds...))
+		require.NoError(t, err)
+		t.Cleanup(cl.Close)
+		return kadm.NewClient(cl)
+	}
+	oldAdm, newAdm := adm(oldSeeds), adm(newSeeds)
+	status := func() (on flags.Side, at, lag int64) {
+		st, err := streams.GroupStatus(ctx, oldAdm, newAdm, name, "", "dimmer-mirror."+name)
+		require.NoError(t, err)
+		require.Len(t, st.Partitions, 2)
+		on = st.Partitions[0].MirrorOn
+		for _, p := range st.Partitions {
+			require.Equal(t, on, p.MirrorOn, "one mirror, one cluster")
+			at += p.MirrorAt
+			lag += p.MirrorLag
+		}
+		return on, at, lag
+	}
+	run := func(cfg streams.MirrorConfig) (m *streams.Mirror, stop func()) {
+		cfg.Topic, cfg.Old, cfg.New = name, oldOpts, newOpts
+		m, err := streams.NewMirror(cfg)
+		require.NoError(t, err)
+		mctx, mstop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); assert.NoError(t, m.Run(mctx)) }()
+		return m, func() { mstop(); <-done }
+	}
+
+	// Before complete: the mirror to new, its group on old.
+	oldW := newWriter(t, oldSeeds, name, 4)
+	oldW.produce(t, ctx, 30)
+	fwd, stopFwd := run(streams.MirrorConfig{})
+	eventually(t, 30*time.Second, "mirrored to new", func() bool { return fwd.Stats().Copied >= 30 })
+	stopFwd()
+	on, at, lag := status()
+	assert.Equal(t, flags.Old, on)
+	assert.EqualValues(t, 30, at)
+	assert.Zero(t, lag)
+
+	// After complete: producers write new, a mirror copies them back.
+	newW := newWriter(t, newSeeds, name, 4)
+	newW.produce(t, ctx, 20)
+	back, stopBack := run(streams.MirrorConfig{From: flags.New})
+	eventually(t, 30*time.Second, "mirrored back to old", func() bool { return back.Stats().Copied >= 20 })
+	stopBack()
+	newW.produce(t, ctx, 7) // not copied back yet
+	on, at, lag = status()
+	assert.Equal(t, flags.New, on, "the mirror back commits on new")
+	assert.EqualValues(t, 50, at, "its position on new: the 30 copies and the 20 it copied back")
+	assert.EqualValues(t, 7, lag, "the 7 records of new it has not copied back")
+
+	// Rolled back: the mirror to new runs again (it copies nothing back
+	// to new: old's new records are copies from new), and status shows it.
+	fwd, stopFwd = run(streams.MirrorConfig{})
+	defer stopFwd()
+	// Its skips are committed after they are counted: wait for the commit.
+	eventually(t, 30*time.Second, "the running mirror to new shown, past old's copies", func() bool {
+		on, at, _ = status()
+		return on == flags.Old && at == 50
+	})
+	_, _, lag = status()
+	assert.Zero(t, lag)
+	assert.EqualValues(t, 20, fwd.Stats().Skipped)
+	assert.Zero(t, fwd.Stats().Copied)
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -20,8 +21,12 @@ var ErrUnknownGroup = errors.New("streams: unknown consumer group")
 type PartitionStatus struct {
 	Partition      int32
 	OldEnd, NewEnd int64 // high watermarks
-	// MirrorAt is the mirror's committed position on old (-1: no mirror),
-	// MirrorLag the records of old it has not copied yet.
+	// MirrorOn is the cluster the mirror copies from, where its group
+	// commits (NoSide: no mirror asked for): old, or new for a mirror back
+	// to old after complete ([MirrorConfig.From]). MirrorAt is the mirror's
+	// committed position there (-1: no mirror), MirrorLag the records of
+	// that cluster it has not copied yet.
+	MirrorOn            flags.Side
 	MirrorAt, MirrorLag int64
 	// GroupOn is the cluster holding the group's current state (NoSide: the
 	// group has not consumed this partition), At its committed position
@@ -63,6 +68,13 @@ func (s Status) MaxMirrorLag() int64 {
 // clusters, and the mirror's position when mirrorGroup is not "". Unknown
 // topics, differing partition counts and a group that committed nothing on
 // either cluster are errors naming them.
+//
+// The mirror's group is looked for on both clusters, as a mirror from new
+// ([MirrorConfig.From]) commits on new. When both hold it (the default
+// group name is the same both ways: a mirror to new before complete, one
+// back to old after), the cluster where the group has members, a running
+// mirror, is the one shown; with members on neither, new, since a mirror
+// from new only runs once the one from old is done.
 func GroupStatus(ctx context.Context, old, new *kadm.Client, topic, group, mirrorGroup string) (Status, error) {
 	adm := [3]*kadm.Client{flags.Old: old, flags.New: new}
 	n, err := samePartitions(ctx, adm, [3]string{flags.Old: topic, flags.New: topic})
@@ -77,8 +89,9 @@ func GroupStatus(ctx context.Context, old, new *kadm.Client, topic, group, mirro
 		}
 	}
 	var mirror map[int32]kadm.Offset
+	mirrorOn := flags.NoSide
 	if mirrorGroup != "" {
-		if mirror, err = committed(ctx, old, mirrorGroup, topic); err != nil {
+		if mirrorOn, mirror, err = mirrorPosition(ctx, adm, mirrorGroup, topic); err != nil {
 			return Status{}, err
 		}
 	}
@@ -97,11 +110,11 @@ func GroupStatus(ctx context.Context, old, new *kadm.Client, topic, group, mirro
 		p := int32(i)
 		ps := PartitionStatus{Partition: p, OldEnd: ends[flags.Old][p], NewEnd: ends[flags.New][p], MirrorAt: -1}
 		if mirrorGroup != "" {
-			ps.MirrorAt = 0
+			ps.MirrorOn, ps.MirrorAt = mirrorOn, 0
 			if o, ok := mirror[p]; ok {
 				ps.MirrorAt = o.At
 			}
-			ps.MirrorLag = max(0, ps.OldEnd-ps.MirrorAt)
+			ps.MirrorLag = max(0, ends[mirrorOn][p]-ps.MirrorAt)
 		}
 		var best *partState
 		for _, side := range []flags.Side{flags.Old, flags.New} {
@@ -128,6 +141,56 @@ func GroupStatus(ctx context.Context, old, new *kadm.Client, topic, group, mirro
 		st.Partitions[i] = ps
 	}
 	return st, nil
+}
+
+// mirrorPosition finds the cluster the mirror's group consumes (see
+// [GroupStatus]) and its commits there. A group committed on neither is a
+// mirror from old (the default) that has copied nothing yet.
+func mirrorPosition(ctx context.Context, adm [3]*kadm.Client, group, topic string) (flags.Side, map[int32]kadm.Offset, error) {
+	var commits [3]map[int32]kadm.Offset
+	for _, side := range []flags.Side{flags.Old, flags.New} {
+		var err error
+		if commits[side], err = committed(ctx, adm[side], group, topic); err != nil {
+			return flags.NoSide, nil, err
+		}
+	}
+	switch {
+	case len(commits[flags.New]) == 0:
+		return flags.Old, commits[flags.Old], nil
+	case len(commits[flags.Old]) == 0:
+		return flags.New, commits[flags.New], nil
+	}
+	var running [3]bool
+	for _, side := range []flags.Side{flags.Old, flags.New} {
+		var err error
+		if running[side], err = hasMembers(ctx, adm[side], group); err != nil {
+			return flags.NoSide, nil, err
+		}
+	}
+	if running[flags.Old] && !running[flags.New] {
+		return flags.Old, commits[flags.Old], nil
+	}
+	return flags.New, commits[flags.New], nil
+}
+
+// hasMembers says whether group has members on the cluster: a running
+// mirror is one.
+func hasMembers(ctx context.Context, adm *kadm.Client, group string) (bool, error) {
+	gs, err := adm.DescribeGroups(ctx, group)
+	if err != nil {
+		return false, fmt.Errorf("streams: describe group %q: %w", group, err)
+	}
+	g, ok := gs[group]
+	if !ok {
+		return false, nil
+	}
+	if g.Err != nil {
+		if errors.Is(g.Err, kerr.GroupIDNotFound) {
+			return false, nil
+		}
+		return false, fmt.Errorf("streams: describe group %q: %w", group, g.Err)
+	}
+	return len(g.Members) > 0, nil
 }
 
 // ParseMirrorCheckpoint reads the new cluster's offset a mirror commit

@@ -105,16 +105,16 @@ func (c *cli) streamStatusCmd(o *streamOpts) *cobra.Command {
 				return streamErr(err)
 			}
 			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "PARTITION\tOLD END\tNEW END\tMIRROR AT\tMIRROR LAG\tGROUP ON\tEPOCH\tAT\tLAG\tHOLES")
+			fmt.Fprintln(tw, "PARTITION\tOLD END\tNEW END\tMIRROR FROM\tMIRROR AT\tMIRROR LAG\tGROUP ON\tEPOCH\tAT\tLAG\tHOLES")
 			for _, p := range st.Partitions {
-				fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%d\n", p.Partition, p.OldEnd, p.NewEnd, p.MirrorAt, p.MirrorLag,
+				fmt.Fprintf(tw, "%d\t%d\t%d\t%s\t%d\t%d\t%s\t%d\t%d\t%d\t%d\n", p.Partition, p.OldEnd, p.NewEnd, p.MirrorOn, p.MirrorAt, p.MirrorLag,
 					p.GroupOn, p.Epoch, p.At, p.Lag, p.Holes)
 			}
 			return tw.Flush()
 		},
 	}
 	cmd.Flags().StringVar(&group, "group", "", "consumer group to show (default: none)")
-	cmd.Flags().StringVar(&mirrorGroup, "mirror-group", "", "the mirror's group on old (default dimmer-mirror.TOPIC)")
+	cmd.Flags().StringVar(&mirrorGroup, "mirror-group", "", "the mirror's group, looked for on both clusters: old, or new for a mirror back (default dimmer-mirror.TOPIC)")
 	return cmd
 }
 
@@ -141,7 +141,11 @@ func (c *cli) streamLagCmd(o *streamOpts) *cobra.Command {
 			if err != nil {
 				return streamErr(err)
 			}
-			fmt.Fprintf(c.out, "group %s lag %d\nmirror %s lag %d\n", group, st.MaxGroupLag(), mirrorGroup, st.MaxMirrorLag())
+			mirrorFrom := flags.Old
+			if len(st.Partitions) > 0 {
+				mirrorFrom = st.Partitions[0].MirrorOn
+			}
+			fmt.Fprintf(c.out, "group %s lag %d\nmirror %s from %s lag %d\n", group, st.MaxGroupLag(), mirrorGroup, mirrorFrom, st.MaxMirrorLag())
 			if maxLag >= 0 && (st.MaxGroupLag() > maxLag || st.MaxMirrorLag() > maxLag) {
 				return fmt.Errorf("lag over --max-lag %d", maxLag)
 			}
@@ -149,7 +153,7 @@ func (c *cli) streamLagCmd(o *streamOpts) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&group, "group", "", "consumer group (required)")
-	cmd.Flags().StringVar(&mirrorGroup, "mirror-group", "", "the mirror's group on old (default dimmer-mirror.TOPIC)")
+	cmd.Flags().StringVar(&mirrorGroup, "mirror-group", "", "the mirror's group, looked for on both clusters: old, or new for a mirror back (default dimmer-mirror.TOPIC)")
 	cmd.Flags().Int64Var(&maxLag, "max-lag", -1, "exit 1 when a partition lags more than this (default: never)")
 	return cmd
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,7 +91,7 @@ func TestStreamCommands(t *testing.T) {
 
 	r = stream("lag", "events", "--group", "billing", "--max-lag", "0")
 	require.Zero(t, r.code, r.stderr)
-	assert.Contains(t, r.stdout, "group billing lag 0\nmirror dimmer-mirror.events lag 0")
+	assert.Contains(t, r.stdout, "group billing lag 0\nmirror dimmer-mirror.events from old lag 0")
 	require.NoError(t, prod.ProduceSync(ctx, &kgo.Record{Value: []byte("late")}).FirstErr())
 	r = stream("lag", "events", "--group", "billing", "--max-lag", "0")
 	assert.Equal(t, exitError, r.code)
@@ -102,6 +104,51 @@ func TestStreamCommands(t *testing.T) {
 	r = stream("replay", "events", "--group", "billing", "--side", "new", "--from-offset", "0")
 	require.Zero(t, r.code, r.stderr)
 	assert.Contains(t, r.stdout, "RECORDS TO REDO")
+
+	// After complete, producers write new and a mirror copies back to old
+	// (its group, the same default name, commits on new): status and lag
+	// show that mirror, behind new by what it has not copied back.
+	newProd, err := kgo.NewClient(kgo.SeedBrokers(seeds[flags.New]...), kgo.DefaultProduceTopic("events"),
+		kgo.RecordPartitioner(kgo.ManualPartitioner()))
+	require.NoError(t, err)
+	defer newProd.Close()
+	for i := range 4 {
+		require.NoError(t, newProd.ProduceSync(ctx, &kgo.Record{Partition: int32(i % 2), Value: fmt.Appendf(nil, "on new %d", i)}).FirstErr())
+	}
+	bctx, bstop := context.WithCancel(ctx)
+	mout.Reset()
+	wg.Go(func() {
+		mcode.Store(int32(run(bctx, append([]string{"stream", "mirror", "events", "--from", "new"}, brokers...), &mout, &merr)))
+	})
+	oldCl, err := kgo.NewClient(kgo.SeedBrokers(seeds[flags.Old]...))
+	require.NoError(t, err)
+	defer oldCl.Close()
+	require.Eventually(t, func() bool {
+		ends, err := kadm.NewClient(oldCl).ListEndOffsets(ctx, "events")
+		var n int64
+		ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
+		return err == nil && n == 21+4 // the 20, "late" and the 4 copied back
+	}, 30*time.Second, 20*time.Millisecond)
+	bstop()
+	wg.Wait()
+	assert.Zero(t, mcode.Load(), merr.String())
+	assert.Contains(t, mout.String(), "mirror stopped: 4 copied, 20 copies not copied back")
+	for range 3 { // not copied back yet
+		require.NoError(t, newProd.ProduceSync(ctx, &kgo.Record{Partition: 1, Value: []byte("later")}).FirstErr())
+	}
+	r = stream("status", "events")
+	require.Zero(t, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "MIRROR FROM")
+	// Partition 1 of new: its copies and 2 records copied back (at), 3 not yet (lag).
+	p1 := regexp.MustCompile(`(?m)^1 +\d+ +(\d+) +(\w+) +(\d+) +(\d+) `).FindStringSubmatch(r.stdout)
+	require.NotNil(t, p1, r.stdout)
+	newEnd, _ := strconv.Atoi(p1[1])
+	assert.Equal(t, "new", p1[2], "the mirror back reads new:\n%s", r.stdout)
+	assert.Equal(t, strconv.Itoa(newEnd-3), p1[3], "its position on new:\n%s", r.stdout)
+	assert.Equal(t, "3", p1[4], "behind new by the 3 records not copied back:\n%s", r.stdout)
+	r = stream("lag", "events", "--group", "billing")
+	require.Zero(t, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "mirror dimmer-mirror.events from new lag 3")
 
 	for _, bad := range [][]string{
 		{"status", "nothing"},
