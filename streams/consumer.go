@@ -327,10 +327,17 @@ func (c *Consumer) stateOf(o kadm.Offset, side flags.Side) (partState, bool, err
 
 func (c *Consumer) runOn(ctx context.Context, side flags.Side) (flags.Side, error) {
 	topic := c.cfg.Topic
+	// A request ctx cancelled is Run stopped, not failed: it returns nil.
 	if _, err := samePartitions(ctx, c.adm, [3]string{flags.Old: topic, flags.New: topic}); err != nil {
+		if ctx.Err() != nil {
+			return side, nil
+		}
 		return side, err
 	}
 	if next, err := c.awaitHandoff(ctx, side); err != nil || next != side {
+		if ctx.Err() != nil {
+			return next, nil
+		}
 		return next, err
 	}
 	opts := c.cfg.Old
