@@ -49,14 +49,23 @@ func TestDashboardQueriesServedMetrics(t *testing.T) {
 	store, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(quiet))
 	require.NoError(t, err)
 	require.NoError(t, store.Install(ctx))
-	ctrl, err := flags.NewController(store, flags.WithControllerLogger(quiet))
+	// Built as dimmer ui builds it: one fleet read per request, samples
+	// kept in the store's schema.
+	fleet := console.ShareFleet(store)
+	samples, err := console.PostgresSamples(pool, schema)
 	require.NoError(t, err)
+	require.NoError(t, samples.Install(ctx))
+	ctrl, err := flags.NewController(store, flags.WithFleet(fleet), flags.WithControllerLogger(quiet))
+	require.NoError(t, err)
+	// The fleet barrier lets the rollout through once an instance applied
+	// the current revision.
+	require.NoError(t, store.Heartbeat(ctx, flags.Instance{ID: "api-1", Applied: map[string]int64{"orders": 0}}, time.Minute))
 	_, err = ctrl.Rollout(ctx, "orders", flags.DualWrite, 10, "alice", "canary")
 	require.NoError(t, err)
 	hb, _ := json.Marshal(flags.Health{Ops: 10, Errors: 1, Compared: 10, Mismatches: 2, Lasting: 1, P99: time.Millisecond})
 	require.NoError(t, store.Heartbeat(ctx, flags.Instance{ID: "api-1", Applied: map[string]int64{"orders": 1},
 		Attributes: map[string]string{"dimmer.health/orders/dualwrite": string(hb)}}, time.Minute))
-	srv, err := console.New(ctrl, store, "dashboard-token-0123456789", console.WithLogger(quiet))
+	srv, err := console.New(ctrl, fleet, "dashboard-token-0123456789", console.WithLogger(quiet), console.WithSampleStore(samples))
 	require.NoError(t, err)
 	reg := prometheus.NewRegistry()
 	exp, err := otelprom.New(otelprom.WithRegisterer(reg))
