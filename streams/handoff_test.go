@@ -133,3 +133,48 @@ func TestRunStoppedWhileCheckingTheOtherClusterReturnsNil(t *testing.T) {
 		t.Fatal("Run did not return once stopped")
 	}
 }
+
+// The mirror's first step asks both clusters for the topic; stopped while
+// the new cluster has not answered, it returns nil as it does when stopped
+// while copying.
+func TestMirrorStoppedWhileCheckingTheTopicReturnsNil(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	oldC, err := kfake.NewCluster(kfake.NumBrokers(1))
+	require.NoError(t, err)
+	t.Cleanup(oldC.Close)
+	newC, err := kfake.NewCluster(kfake.NumBrokers(1))
+	require.NoError(t, err)
+	t.Cleanup(newC.Close)
+	name := uniqueTopic("stopmirror")
+	topic(t, oldC.ListenAddrs(), name, 2)
+	topic(t, newC.ListenAddrs(), name, 2)
+	held, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { close(release) })
+	newC.ControlKey(int16(kmsg.Metadata), func(kmsg.Request) (kmsg.Response, error, bool) {
+		once.Do(func() { close(held) })
+		newC.SleepControl(func() { <-release })
+		return nil, nil, false
+	})
+
+	m, err := streams.NewMirror(streams.MirrorConfig{Topic: name,
+		Old: []kgo.Opt{kgo.SeedBrokers(oldC.ListenAddrs()...)}, New: []kgo.Opt{kgo.SeedBrokers(newC.ListenAddrs()...)}})
+	require.NoError(t, err)
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(rctx) }()
+	select {
+	case <-held:
+	case <-ctx.Done():
+		t.Fatal("the mirror never asked the new cluster for the topic")
+	}
+	stop()
+	select {
+	case err := <-done:
+		assert.NoError(t, err)
+	case <-ctx.Done():
+		t.Fatal("Run did not return once stopped")
+	}
+}

@@ -132,6 +132,9 @@ func (m *Mirror) Run(ctx context.Context) error {
 	var topics [3]string
 	topics[from], topics[to] = m.cfg.Topic, m.cfg.TargetTopic
 	if _, err := samePartitions(ctx, adm, topics); err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped while asking, not failed
+		}
 		return err
 	}
 	srcOpts, dstOpts := m.cfg.Old, m.cfg.New
