@@ -90,10 +90,10 @@
 // hot key, or a backlog held behind a backing-off or dead message) the
 // relay also walks the buckets' lanes (a loose index scan with a
 // round-robin cursor per bucket, one index probe per lane) to find the
-// other lanes' heads. After a full batch, the next one is fetched while
-// the current one is published and acknowledged: its rows are skipped by
-// index range and its lanes left out, so a key still has one message in
-// flight at a time. A failed publish is retried with exponential backoff
+// other lanes' heads. The next batch is fetched once this one is
+// acknowledged, not while it is published: overlapped, the fetch and the
+// acknowledgement slowed each other more than the overlap saved, most of
+// all with several relays on one table. A failed publish is retried with exponential backoff
 // and jitter (BackoffMin..BackoffMax); after MaxAttempts it becomes a dead
 // letter that holds back only its own key until [Outbox.RetryDead] or
 // [Outbox.SkipDead] ([Outbox.DeadLetters]

@@ -340,12 +340,16 @@ func (o *Outbox) enqueue(ctx context.Context, db Execer, m Message) (uuid.UUID, 
 	if payload == nil {
 		payload = []byte{}
 	}
+	// As [16]byte, as in EnqueueBatch: pgx encodes that straight to uuid,
+	// where a uuid.UUID first fails a formatted lookup and then goes
+	// through its driver.Valuer.
+	id := [16]byte(m.ID)
 	var err error
 	if m.Key == "" {
 		lane := keylessLane(m.ID)
-		_, err = db.Exec(ctx, o.insertKeyless, m.ID, o.Bucket(lane), lane, m.Topic, payload, headers, o.lockNS, o.channel, int32(0))
+		_, err = db.Exec(ctx, o.insertKeyless, id, o.Bucket(lane), lane, m.Topic, payload, headers, o.lockNS, o.channel, int32(0))
 	} else {
-		_, err = db.Exec(ctx, o.insertKeyed, m.ID, o.Bucket(m.Key), m.Key, m.Topic, payload, headers, o.lockNS, o.channel, keyLock(m.Key), o.lockNS+3)
+		_, err = db.Exec(ctx, o.insertKeyed, id, o.Bucket(m.Key), m.Key, m.Topic, payload, headers, o.lockNS, o.channel, keyLock(m.Key), o.lockNS+3)
 	}
 	if err != nil {
 		return uuid.Nil, fmt.Errorf("outbox: enqueue to %s: %w", o.table, err)
