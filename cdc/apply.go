@@ -20,6 +20,11 @@ type applier struct {
 	sh      *tableShape
 	types   map[string]string // target column -> its type, for casts from text
 	upserts map[string]string // by the sorted list of columns written
+	// db is where the changes go: the target pool, or the open target
+	// transaction of a source transaction streamed while in progress.
+	db interface {
+		Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	}
 }
 
 func (s *Sync) newApplier(ctx context.Context, sh *tableShape) (*applier, error) {
@@ -27,6 +32,7 @@ func (s *Sync) newApplier(ctx context.Context, sh *tableShape) (*applier, error)
 	if s.cfg.Sink != nil {
 		return a, nil
 	}
+	a.db = s.target
 	rows, err := s.target.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
 WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`, a.target())
 	if err != nil {
@@ -130,7 +136,7 @@ func (a *applier) truncate(ctx context.Context, commit time.Time) error {
 	if a.s.cfg.Sink != nil {
 		return a.s.cfg.Sink(ctx, []Change{{Op: OpTruncate, CommitTime: commit}})
 	}
-	if _, err := a.s.target.Exec(ctx, `TRUNCATE `+a.target()); err != nil {
+	if _, err := a.db.Exec(ctx, `TRUNCATE `+a.target()); err != nil {
 		return fmt.Errorf("cdc: sync %s: truncate %s: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil
@@ -194,7 +200,7 @@ func (a *applier) move(ctx context.Context, c change) error {
 	tuple := func(xs []string) string { return "(" + strings.Join(xs, ", ") + ")" }
 	q := `UPDATE ` + a.target() + ` SET ` + tuple(cols) + ` = ROW` + tuple(news) + ` WHERE ` + tuple(cols) + ` = ` + tuple(olds) +
 		` AND NOT EXISTS (SELECT 1 FROM ` + a.target() + ` WHERE ` + tuple(cols) + ` = ` + tuple(news) + `)`
-	if _, err := a.s.target.Exec(ctx, q, args...); err != nil {
+	if _, err := a.db.Exec(ctx, q, args...); err != nil {
 		return fmt.Errorf("cdc: sync %s: move a row of %s to a new key: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil
@@ -296,7 +302,7 @@ func (a *applier) applyNet(ctx context.Context, batch []change) error {
 			}
 			args[i] = vals
 		}
-		if _, err := a.s.target.Exec(ctx, q, args...); err != nil {
+		if _, err := a.db.Exec(ctx, q, args...); err != nil {
 			return fmt.Errorf("cdc: sync %s: apply to %s: %w", a.s.cfg.Name, a.target(), err)
 		}
 	}
@@ -366,7 +372,7 @@ func (a *applier) deleteKeys(ctx context.Context, dels []*change) error {
 	}
 	q := `DELETE FROM ` + a.target() + ` WHERE (` + strings.Join(cols, ", ") + `) IN (SELECT ` + strings.Join(sel, ", ") +
 		` FROM unnest(` + strings.Join(params, ", ") + `) AS u(` + strings.Join(names, ", ") + `))`
-	if _, err := a.s.target.Exec(ctx, q, arrays...); err != nil {
+	if _, err := a.db.Exec(ctx, q, arrays...); err != nil {
 		return fmt.Errorf("cdc: sync %s: delete from %s: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil

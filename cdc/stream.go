@@ -15,12 +15,15 @@ var errBusy = errors.New("cdc: slot is active for another reader")
 
 // replicationConnect opens a logical replication connection (a WAL sender
 // bound to the database of connString).
-func replicationConnect(ctx context.Context, connString string) (*pgconn.PgConn, error) {
+func replicationConnect(ctx context.Context, connString string, params ...string) (*pgconn.PgConn, error) {
 	cfg, err := pgconn.ParseConfig(connString)
 	if err != nil {
 		return nil, fmt.Errorf("cdc: parse connection string: %w", err)
 	}
 	cfg.RuntimeParams["replication"] = "database"
+	for i := 0; i+1 < len(params); i += 2 {
+		cfg.RuntimeParams[params[i]] = params[i+1]
+	}
 	if cfg.RuntimeParams["application_name"] == "" {
 		cfg.RuntimeParams["application_name"] = "dimmer-cdc"
 	}
@@ -35,7 +38,18 @@ func replicationConnect(ctx context.Context, connString string) (*pgconn.PgConn,
 // position. It maps a missing slot to [ErrNoSlot] and a slot in use to
 // errBusy.
 func startStreaming(ctx context.Context, conn *pgconn.PgConn, slot, publication string, messages bool) error {
+	return startDecoding(ctx, conn, slot, publication, messages, false)
+}
+
+// startDecoding is startStreaming, with inProgress asking pgoutput
+// (protocol 2, PostgreSQL 14+) to stream large transactions while they
+// run.
+func startDecoding(ctx context.Context, conn *pgconn.PgConn, slot, publication string, messages, inProgress bool) error {
 	args := []string{"proto_version '1'", "publication_names '" + strings.ReplaceAll(publication, "'", "''") + "'"}
+	if inProgress {
+		args[0] = "proto_version '2'"
+		args = append(args, "streaming 'on'")
+	}
 	if messages {
 		args = append(args, "messages 'true'")
 	}

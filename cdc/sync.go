@@ -140,6 +140,21 @@ type SyncConfig struct {
 	// StatusInterval is how often the applied position is reported to the
 	// server. Default 100ms.
 	StatusInterval time.Duration
+	// StreamInProgress asks the server (PostgreSQL 14 or later) to send a
+	// large source transaction while it still runs, once its changes pass
+	// StreamWorkMem, and applies it into an open target transaction (one
+	// per source transaction, a savepoint per subtransaction) committed
+	// when the source commits and rolled back when it aborts. Only with a
+	// Target table (a Go sink cannot roll back).
+	StreamInProgress bool
+	// StreamWorkMem is the WAL sender's logical_decoding_work_mem with
+	// StreamInProgress: how much of a transaction it holds before it
+	// streams it. Default "1MB".
+	StreamWorkMem string
+	// MaxStreams bounds the source transactions applied in progress at
+	// once (each holds a target connection). Past it the sync reconnects
+	// without StreamInProgress for the rest of Run. Default 4.
+	MaxStreams int
 	// Copy tunes the initial copy (package backfill).
 	Copy backfill.Config
 	// SkipCopy streams only: the target already holds every row the
@@ -149,6 +164,7 @@ type SyncConfig struct {
 	// OnApplied, if set, is called after each batch of streamed changes is
 	// applied, with the batch and the time it was (for lag monitoring: a
 	// change's lag is at minus its CommitTime). It must not keep the slice.
+	// Not called for transactions applied in progress (StreamInProgress).
 	OnApplied func(batch []Change, at time.Time)
 	// Logger; default slog.Default().
 	Logger *slog.Logger
@@ -173,6 +189,12 @@ func (c *SyncConfig) withDefaults() {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	if c.StreamWorkMem == "" {
+		c.StreamWorkMem = "1MB"
+	}
+	if c.MaxStreams == 0 {
+		c.MaxStreams = 4
+	}
 }
 
 // Validate reports the first field out of range.
@@ -194,6 +216,10 @@ func (c SyncConfig) Validate() error {
 		return badConfig("VersionColumn", "is empty: without a version guard a replayed change could overwrite a newer one")
 	case c.BatchSize < 1:
 		return badConfig("BatchSize", "must be positive, got %d", c.BatchSize)
+	case c.StreamInProgress && c.Sink != nil:
+		return badConfig("StreamInProgress", "needs a Target table: a Go sink cannot roll back a source transaction that aborts")
+	case c.MaxStreams < 1:
+		return badConfig("MaxStreams", "must be positive, got %d", c.MaxStreams)
 	case c.MaxDelay < 0 || c.StatusInterval <= 0:
 		return badConfig("MaxDelay", "and StatusInterval must not be negative")
 	}
@@ -214,6 +240,9 @@ type Sync struct {
 	changes  atomic.Int64
 	streamed atomic.Bool
 	buffered atomic.Int64 // changes read from the slot and not yet applied
+	// wholeOnly: more source transactions were in progress at once than
+	// MaxStreams; read whole transactions only from then on.
+	wholeOnly atomic.Bool
 }
 
 // NewSync returns a sync from the table cfg.Source in the database of
@@ -357,6 +386,7 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnu
 // Run returns ctx's error when ctx ends, or the error that stopped the
 // sync ([ErrSchemaChanged] and friends); a later Run resumes.
 func (s *Sync) Run(ctx context.Context) error {
+	s.wholeOnly.Store(false)
 	src, sh, claim, err := s.prepare(ctx, true)
 	if err != nil {
 		return err
@@ -575,7 +605,12 @@ type colVal struct {
 // reports whether it got to streaming. When reconnecting, failing to
 // connect at all counts as a lost connection too.
 func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (started bool, err error) {
-	conn, err := replicationConnect(ctx, s.sourceURL)
+	inProgress := s.cfg.StreamInProgress && !s.wholeOnly.Load()
+	var params []string
+	if inProgress {
+		params = []string{"logical_decoding_work_mem", s.cfg.StreamWorkMem}
+	}
+	conn, err := replicationConnect(ctx, s.sourceURL, params...)
 	if err != nil {
 		if reconnecting {
 			return false, &connLostError{err}
@@ -583,7 +618,7 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (s
 		return false, err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	if err := startStreaming(ctx, conn, s.cfg.Slot, s.cfg.Slot, false); err != nil {
+	if err := startDecoding(ctx, conn, s.cfg.Slot, s.cfg.Slot, false, inProgress); err != nil {
 		switch {
 		case errors.Is(err, errBusy):
 			return false, fmt.Errorf("cdc: sync %s: slot %s is read by another process: %w", s.cfg.Name, s.cfg.Slot, err)
@@ -600,11 +635,11 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (s
 	}
 	s.streamed.Store(true)
 	defer s.streamed.Store(false)
-	return true, s.apply(ctx, conn, sh, ap)
+	return true, s.apply(ctx, conn, sh, ap, inProgress)
 }
 
 // apply reads conn's stream and applies it through ap.
-func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, ap *applier) error {
+func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, ap *applier, inProgress bool) error {
 	// Reading and applying overlap: the reader hands batches to one
 	// applier goroutine, in order, and reports the position the applier
 	// reached.
@@ -616,9 +651,21 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 	applierDone := make(chan struct{})
 	go func() {
 		defer close(applierDone)
+		// Source transactions applied in progress, by xid; what is still
+		// open when the stream ends is rolled back (it comes again whole).
+		open := map[uint32]*streamTx{}
+		defer func() {
+			for _, st := range open {
+				_ = st.conn.Close(context.WithoutCancel(ctx))
+			}
+		}()
 		for j := range jobs {
-			if err := s.runJob(ctx, ap, j); err != nil {
-				if s.cfg.Sink == nil && ctx.Err() == nil && targetLost(err) {
+			if err := s.runJob(ctx, ap, open, j); err != nil {
+				switch {
+				case errors.Is(err, errTooManyStreams):
+					s.wholeOnly.Store(true)
+					err = &connLostError{err}
+				case s.cfg.Sink == nil && ctx.Err() == nil && targetLost(err):
 					err = &connLostError{err}
 				}
 				cancel(err)
@@ -655,6 +702,10 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 	}
 	typeMap := pgtype.NewMap()
 	var (
+		inStream   bool                     // between Stream Start and Stop
+		streamXid  uint32                   // the transaction of the stream block
+		pendingSub uint32                   // the (sub)transaction of pending's changes in a block
+		streamRels = map[uint32]*relState{} // the table's shape as sent to a transaction in progress
 		rel        *pglogrepl.RelationMessage
 		relCols    []column
 		oldest     time.Time
@@ -675,6 +726,16 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 		// or an earlier one (a part of the open transaction may be too).
 		err := send(applyJob{changes: pending, end: lastCommit})
 		pending, queued = nil, lastCommit
+		return err
+	}
+	// flushStream hands the stream block's pending changes (all of one
+	// subtransaction) to the applier.
+	flushStream := func() error {
+		if len(pending) == 0 {
+			return nil
+		}
+		err := send(applyJob{kind: jobInProgress, xid: streamXid, subxid: pendingSub, changes: pending})
+		pending = nil
 		return err
 	}
 	fail := func(err error) error {
@@ -758,11 +819,70 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 		if err != nil {
 			return err
 		}
-		lm, err := pglogrepl.Parse(xld.WALData)
+		var lm pglogrepl.Message
+		var xid uint32 // in a stream block: the (sub)transaction of the change
+		if inProgress {
+			lm, err = pglogrepl.ParseV2(xld.WALData, inStream)
+			switch m := lm.(type) {
+			case *pglogrepl.InsertMessageV2:
+				lm, xid = &m.InsertMessage, m.Xid
+			case *pglogrepl.UpdateMessageV2:
+				lm, xid = &m.UpdateMessage, m.Xid
+			case *pglogrepl.DeleteMessageV2:
+				lm, xid = &m.DeleteMessage, m.Xid
+			case *pglogrepl.TruncateMessageV2:
+				lm, xid = &m.TruncateMessage, m.Xid
+			case *pglogrepl.RelationMessageV2:
+				lm, xid = &m.RelationMessage, m.Xid
+			}
+		} else {
+			lm, err = pglogrepl.Parse(xld.WALData)
+		}
 		if err != nil {
 			return fmt.Errorf("cdc: sync %s: decode: %w", s.cfg.Name, err)
 		}
 		switch m := lm.(type) {
+		case *pglogrepl.StreamStartMessageV2:
+			// What waits for MaxDelay belongs to whole transactions
+			// before this block.
+			if err := flush(); err != nil {
+				return fail(err)
+			}
+			inStream, inTx, streamXid, commitTime = true, true, m.Xid, time.Time{}
+		case *pglogrepl.StreamStopMessageV2:
+			if err := flushStream(); err != nil {
+				return fail(err)
+			}
+			inStream, inTx = false, false
+
+		case *pglogrepl.StreamCommitMessageV2:
+			if err := flush(); err != nil {
+				return fail(err)
+			}
+			if r := streamRels[m.Xid]; r != nil {
+				if r.err != nil {
+					return fail(r.err)
+				}
+				rel, relCols = r.rel, r.cols
+				delete(streamRels, m.Xid)
+			}
+			if err := send(applyJob{kind: jobCommit, xid: m.Xid, end: m.TransactionEndLSN}); err != nil {
+				return fail(err)
+			}
+			lastCommit = max(lastCommit, m.TransactionEndLSN)
+			queued = lastCommit
+		case *pglogrepl.StreamAbortMessageV2:
+			if err := flush(); err != nil {
+				return fail(err)
+			}
+			if err := send(applyJob{kind: jobAbort, xid: m.Xid, subxid: m.SubXid}); err != nil {
+				return fail(err)
+			}
+			if m.SubXid == m.Xid {
+				delete(streamRels, m.Xid)
+			}
+			if m.SubXid == m.Xid {
+			}
 		case *pglogrepl.BeginMessage:
 			inTx, commitTime = true, m.CommitTime
 		case *pglogrepl.CommitMessage:
@@ -773,11 +893,25 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 				continue
 			}
 			cols, err := s.checkRelation(sh, m)
+			if inStream {
+				// The shape a transaction in progress sees is its own
+				// until it commits (it may yet roll its change back): a
+				// shape the sync cannot take stops it only at that commit.
+				streamRels[streamXid] = &relState{rel: m, cols: cols, err: err}
+				continue
+			}
 			if err != nil {
 				return err
 			}
 			rel, relCols = m, cols
 		case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage:
+			rel, relCols := rel, relCols
+			if r := streamRels[streamXid]; inStream && r != nil {
+				if r.err != nil {
+					continue
+				}
+				rel, relCols = r.rel, r.cols
+			}
 			c, ok, err := s.decodeChange(typeMap, sh, rel, relCols, lm, commitTime)
 			if err != nil {
 				return err
@@ -785,6 +919,14 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			if !ok {
 				continue
 			}
+			if inStream && len(pending) > 0 && xid != pendingSub {
+				// A batch stays within one subtransaction: it may be
+				// rolled back alone.
+				if err := flushStream(); err != nil {
+					return fail(err)
+				}
+			}
+			pendingSub = xid
 			if len(pending) == 0 {
 				oldest = time.Now()
 			}
@@ -811,18 +953,34 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			if len(pending) >= s.cfg.BatchSize {
 				// A large transaction is applied in parts; its position is
 				// confirmed only once all of it is.
-				if err := flush(); err != nil {
+				f := flush
+				if inStream {
+					f = flushStream
+				}
+				if err := f(); err != nil {
 					return fail(err)
 				}
 			}
 		case *pglogrepl.TruncateMessage:
+			rel := rel
+			if r := streamRels[streamXid]; inStream && r != nil {
+				if r.err != nil {
+					continue
+				}
+				rel = r.rel
+			}
 			if rel == nil || !slices.Contains(m.RelationIDs, rel.RelationID) {
 				continue
 			}
-			if err := flush(); err != nil {
+			j := applyJob{truncate: true, commit: commitTime}
+			f := flush
+			if inStream {
+				f, j.kind, j.xid, j.subxid = flushStream, jobInProgress, streamXid, xid
+			}
+			if err := f(); err != nil {
 				return fail(err)
 			}
-			if err := send(applyJob{truncate: true, commit: commitTime}); err != nil {
+			if err := send(j); err != nil {
 				return fail(err)
 			}
 		}
@@ -856,13 +1014,116 @@ func (d *deadlineCtx) stop() {
 // applyJob is a batch for the applier; end is the position confirmed once
 // it is applied (0: none).
 type applyJob struct {
+	kind     jobKind
+	xid      uint32 // with jobInProgress, jobCommit, jobAbort: the source transaction
+	subxid   uint32 // with jobInProgress, jobAbort: its subtransaction (xid itself at the top)
 	changes  []change
 	truncate bool
 	commit   time.Time
 	end      pglogrepl.LSN
 }
 
-func (s *Sync) runJob(ctx context.Context, ap *applier, j applyJob) error {
+// relState is a relation message as a transaction in progress saw it.
+type relState struct {
+	rel  *pglogrepl.RelationMessage
+	cols []column
+	err  error // the shape cannot be synced
+}
+
+// jobKind: what an applyJob does.
+type jobKind byte
+
+const (
+	jobWhole      jobKind = iota // changes of transactions read whole (committed)
+	jobInProgress                // changes of a transaction still in progress
+	jobCommit                    // the in-progress transaction xid committed
+	jobAbort                     // it (subxid = xid) or its subtransaction subxid aborted
+)
+
+// errTooManyStreams: more source transactions in progress at once than
+// SyncConfig.MaxStreams.
+var errTooManyStreams = errors.New("cdc: more source transactions in progress at once than MaxStreams")
+
+// streamTx is the open target transaction of a source transaction applied
+// while in progress.
+type streamTx struct {
+	conn  *pgx.Conn
+	ap    applier  // writing through the transaction
+	saves []uint32 // subtransactions with a savepoint, in order of their first change
+}
+
+// runInProgress applies a job of a transaction still in progress on the
+// source.
+func (s *Sync) runInProgress(ctx context.Context, ap *applier, open map[uint32]*streamTx, j applyJob) error {
+	st := open[j.xid]
+	switch j.kind {
+	case jobCommit, jobAbort:
+		if st == nil {
+			return nil // nothing of the table in it
+		}
+		q := "COMMIT"
+		if j.kind == jobAbort {
+			if j.subxid != j.xid {
+				// Rolling back to a savepoint discards the later ones too,
+				// as the source did: a subtransaction whose first change
+				// came later is nested in this one or ended with it.
+				i := slices.Index(st.saves, j.subxid)
+				if i < 0 {
+					return nil // it changed nothing of the table
+				}
+				sp := pgx.Identifier{fmt.Sprint("s", j.subxid)}.Sanitize()
+				if _, err := st.conn.Exec(ctx, "ROLLBACK TO SAVEPOINT "+sp+"; RELEASE SAVEPOINT "+sp); err != nil {
+					return fmt.Errorf("cdc: sync %s: roll back subtransaction %d of %d: %w", s.cfg.Name, j.subxid, j.xid, err)
+				}
+				st.saves = st.saves[:i]
+				return nil
+			}
+			q = "ROLLBACK"
+		}
+		_, err := st.conn.Exec(ctx, q)
+		_ = st.conn.Close(context.WithoutCancel(ctx))
+		delete(open, j.xid)
+		if err != nil {
+			return fmt.Errorf("cdc: sync %s: %s source transaction %d: %w", s.cfg.Name, strings.ToLower(q), j.xid, err)
+		}
+		return nil
+	}
+	if st == nil {
+		if len(open) >= s.cfg.MaxStreams {
+			return errTooManyStreams
+		}
+		conn, err := pgx.ConnectConfig(ctx, s.target.Config().ConnConfig.Copy())
+		if err != nil {
+			return fmt.Errorf("cdc: sync %s: connect to the target: %w", s.cfg.Name, err)
+		}
+		if _, err := conn.Exec(ctx, "BEGIN"); err != nil {
+			_ = conn.Close(context.WithoutCancel(ctx))
+			return fmt.Errorf("cdc: sync %s: begin: %w", s.cfg.Name, err)
+		}
+		st = &streamTx{conn: conn, ap: *ap}
+		st.ap.db = conn
+		open[j.xid] = st
+	}
+	if j.subxid != j.xid && !slices.Contains(st.saves, j.subxid) {
+		if _, err := st.conn.Exec(ctx, "SAVEPOINT "+pgx.Identifier{fmt.Sprint("s", j.subxid)}.Sanitize()); err != nil {
+			return fmt.Errorf("cdc: sync %s: savepoint: %w", s.cfg.Name, err)
+		}
+		st.saves = append(st.saves, j.subxid)
+	}
+	if j.truncate {
+		return st.ap.truncate(ctx, j.commit)
+	}
+	if err := st.ap.apply(ctx, j.changes); err != nil {
+		return err
+	}
+	s.changes.Add(int64(len(j.changes)))
+	return nil
+}
+
+func (s *Sync) runJob(ctx context.Context, ap *applier, open map[uint32]*streamTx, j applyJob) error {
+	if j.kind != jobWhole {
+		return s.runInProgress(ctx, ap, open, j)
+	}
 	if j.truncate {
 		return ap.truncate(ctx, j.commit)
 	}
