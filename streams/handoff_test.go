@@ -95,15 +95,7 @@ func TestRunStoppedWhileCheckingTheOtherClusterReturnsNil(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	oldC, err := kfake.NewCluster(kfake.NumBrokers(1))
-	require.NoError(t, err)
-	t.Cleanup(oldC.Close)
-	newC, err := kfake.NewCluster(kfake.NumBrokers(1))
-	require.NoError(t, err)
-	t.Cleanup(newC.Close)
-	name := uniqueTopic("stopask")
-	topic(t, oldC.ListenAddrs(), name, 2)
-	topic(t, newC.ListenAddrs(), name, 2)
+	oldC, newC, name := twoClustersWithTopic(t, "stopask")
 	held, release := make(chan struct{}), make(chan struct{})
 	t.Cleanup(func() { close(release) }) // before the topic's deletion and the cluster's close
 	newC.ControlKey(int16(kmsg.DescribeGroups), func(kmsg.Request) (kmsg.Response, error, bool) {
@@ -141,15 +133,7 @@ func TestMirrorStoppedWhileCheckingTheTopicReturnsNil(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	oldC, err := kfake.NewCluster(kfake.NumBrokers(1))
-	require.NoError(t, err)
-	t.Cleanup(oldC.Close)
-	newC, err := kfake.NewCluster(kfake.NumBrokers(1))
-	require.NoError(t, err)
-	t.Cleanup(newC.Close)
-	name := uniqueTopic("stopmirror")
-	topic(t, oldC.ListenAddrs(), name, 2)
-	topic(t, newC.ListenAddrs(), name, 2)
+	oldC, newC, name := twoClustersWithTopic(t, "stopmirror")
 	held, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	t.Cleanup(func() { close(release) })
@@ -177,4 +161,21 @@ func TestMirrorStoppedWhileCheckingTheTopicReturnsNil(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("Run did not return once stopped")
 	}
+}
+
+// twoClustersWithTopic starts an old and a new cluster whose control hooks
+// a test can use, each with a two-partition topic of the same name.
+func twoClustersWithTopic(t *testing.T, prefix string) (oldC, newC *kfake.Cluster, name string) {
+	t.Helper()
+	var err error
+	oldC, err = kfake.NewCluster(kfake.NumBrokers(1))
+	require.NoError(t, err)
+	t.Cleanup(oldC.Close)
+	newC, err = kfake.NewCluster(kfake.NumBrokers(1))
+	require.NoError(t, err)
+	t.Cleanup(newC.Close)
+	name = uniqueTopic(prefix)
+	topic(t, oldC.ListenAddrs(), name, 2)
+	topic(t, newC.ListenAddrs(), name, 2)
+	return oldC, newC, name
 }
