@@ -10,7 +10,6 @@ import (
 
 	"github.com/dimmer-dev/dimmer/dualwrite"
 	"github.com/dimmer-dev/dimmer/flags"
-	"github.com/dimmer-dev/dimmer/internal/benchgoal"
 	"github.com/dimmer-dev/dimmer/internal/benchroute"
 )
 
@@ -31,17 +30,7 @@ import (
 // wall-clock overhead with the workers running alongside, which on a small
 // loaded machine includes their share of the cores.
 func BenchmarkRouteOverhead(b *testing.B) {
-	// Untimed first pass: it grows the heap to hold the tasks queued behind
-	// the held worker (fresh pages, GC pacing), a cost of this measurement
-	// and not of the route; measured first, it would land on one stage.
-	_ = measureRoute(b, flags.Live)
-	for _, st := range flags.Stages() {
-		m := measureRoute(b, st)
-		benchgoal.Report(b, "dualwrite_route_overhead_"+st.String()+"_ns", m.NS, "ns", benchgoal.AtMost, 2000)
-		benchgoal.Report(b, "dualwrite_route_overhead_"+st.String()+"_allocs", m.Allocs, "allocs", benchgoal.AtMost, 3)
-		b.Logf("%s: %.1f allocs per secondary write on its worker; %.0f ns per write with the workers running alongside",
-			st, m.Background, routeWallNanos(b, st))
-	}
+	benchroute.EveryStage(b, "dualwrite", "secondary write", "write", measureRoute, routeWallNanos)
 }
 
 func benchInputs() []memIn {

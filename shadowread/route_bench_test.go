@@ -9,7 +9,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/flags"
-	"github.com/dimmer-dev/dimmer/internal/benchgoal"
 	"github.com/dimmer-dev/dimmer/internal/benchroute"
 	"github.com/dimmer-dev/dimmer/shadowread"
 )
@@ -31,17 +30,7 @@ import (
 // overhead with the workers running alongside, which on a small loaded
 // machine includes their share of the cores.
 func BenchmarkRouteOverhead(b *testing.B) {
-	// Untimed first pass: it grows the heap to hold the tasks queued behind
-	// the held worker (fresh pages, GC pacing), a cost of this measurement
-	// and not of the route; measured first, it would land on one stage.
-	_ = measureRoute(b, flags.Live)
-	for _, st := range flags.Stages() {
-		m := measureRoute(b, st)
-		benchgoal.Report(b, "shadowread_route_overhead_"+st.String()+"_ns", m.NS, "ns", benchgoal.AtMost, 2000)
-		benchgoal.Report(b, "shadowread_route_overhead_"+st.String()+"_allocs", m.Allocs, "allocs", benchgoal.AtMost, 3)
-		b.Logf("%s: %.1f allocs per shadow read and comparison on its worker; %.0f ns per read with the workers running alongside",
-			st, m.Background, routeWallNanos(b, st))
-	}
+	benchroute.EveryStage(b, "shadowread", "shadow read and comparison", "read", measureRoute, routeWallNanos)
 }
 
 func benchKeys() []string {

@@ -22,6 +22,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/internal/benchgoal"
 )
 
 // Rounds is how many interleaved rounds of the call and its baseline are
@@ -130,4 +133,25 @@ func median(xs []float64) float64 {
 	s := slices.Clone(xs)
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+// EveryStage measures the route in every stage and reports its goals as
+// <prefix>_route_overhead_<stage>_ns and _allocs (at most 2µs and 3
+// allocations per call). measure is first run once untimed, in live: it grows
+// the heap to hold the calls queued behind the held background side (fresh
+// pages, GC pacing), a cost of this measurement and not of the route, which
+// measured first would land on one stage. Logged beside each stage: the
+// background allocations per call and wall's overhead with the workers
+// running alongside; work and call name what the background side does and
+// what a call is, for the log.
+func EveryStage(b *testing.B, prefix, work, call string, measure func(*testing.B, flags.Stage) Cost, wall func(*testing.B, flags.Stage) float64) {
+	b.Helper()
+	_ = measure(b, flags.Live)
+	for _, st := range flags.Stages() {
+		m := measure(b, st)
+		benchgoal.Report(b, prefix+"_route_overhead_"+st.String()+"_ns", m.NS, "ns", benchgoal.AtMost, 2000)
+		benchgoal.Report(b, prefix+"_route_overhead_"+st.String()+"_allocs", m.Allocs, "allocs", benchgoal.AtMost, 3)
+		b.Logf("%s: %.1f allocs per %s on its worker; %.0f ns per %s with the workers running alongside",
+			st, m.Background, work, wall(b, st), call)
+	}
 }
