@@ -115,22 +115,8 @@ func BenchmarkLogRelayLatency(b *testing.B) {
 	url, pool := logicalDB(b)
 	name := slot(b, pool, cdc.SlotSpec{Purpose: "relay"})
 	kp := producer(b, seeds)
-	var mu sync.Mutex
-	committed := map[uuid.UUID]time.Time{}
-	acked := map[uuid.UUID]time.Time{}
-	pub := outbox.PublisherFunc(func(c context.Context, batch []outbox.Record) []error {
-		res := kp.Publish(c, batch)
-		now := time.Now()
-		mu.Lock()
-		for i, r := range batch {
-			if res[i] == nil {
-				acked[r.ID] = now
-			}
-		}
-		mu.Unlock()
-		return res
-	})
-	r, err := cdc.NewRelay(url, pub, cdc.RelayConfig{Slot: name, Logger: quiet(b)})
+	clock := benchloop.NewAckClock()
+	r, err := cdc.NewRelay(url, clock.Publisher(kp), cdc.RelayConfig{Slot: name, Logger: quiet(b)})
 	require.NoError(b, err)
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
@@ -142,10 +128,7 @@ func BenchmarkLogRelayLatency(b *testing.B) {
 		id := uuid.Must(uuid.NewV7())
 		_, err := e.EnqueuePool(ctx, pool, outbox.Message{ID: id, Topic: topic, Key: fmt.Sprint("k", i%500), Payload: []byte("x")})
 		require.NoError(b, err)
-		now := time.Now()
-		mu.Lock()
-		committed[id] = now
-		mu.Unlock()
+		clock.Committed(id)
 	}
 	tick := time.NewTicker(time.Millisecond)
 	for i := range 3000 {
@@ -153,23 +136,8 @@ func BenchmarkLogRelayLatency(b *testing.B) {
 		send(pool, i)
 	}
 	tick.Stop()
-	require.Eventually(b, func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		for id := range committed {
-			if _, ok := acked[id]; !ok {
-				return false
-			}
-		}
-		return true
-	}, 30*time.Second, time.Millisecond)
-	mu.Lock()
-	var lat []time.Duration
-	for id, t0 := range committed {
-		lat = append(lat, acked[id].Sub(t0))
-	}
-	mu.Unlock()
-	slices.Sort(lat)
+	require.Eventually(b, clock.AllAcked, 30*time.Second, time.Millisecond)
+	lat := clock.Take()
 	p50, p99 := lat[len(lat)/2], lat[len(lat)*99/100]
 	b.Logf("commit-to-ack at 1,000 msg/s: p50 %v, p99 %v", p50, p99)
 	benchgoal.Report(b, "cdc_log_relay_commit_to_ack_p99", float64(p99)/float64(time.Millisecond), "ms", benchgoal.AtMost, 10)

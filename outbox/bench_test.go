@@ -196,22 +196,8 @@ func BenchmarkLatency(b *testing.B) {
 	ctx := tctx(b, 5*time.Minute)
 	pool, o := setup(b, outbox.Config{})
 	_, kp := producer(b, seeds)
-	var mu sync.Mutex
-	committed := map[uuid.UUID]time.Time{}
-	acked := map[uuid.UUID]time.Time{}
-	pub := outbox.PublisherFunc(func(c context.Context, batch []outbox.Record) []error {
-		res := kp.Publish(c, batch)
-		now := time.Now()
-		mu.Lock()
-		for i, r := range batch {
-			if res[i] == nil {
-				acked[r.ID] = now
-			}
-		}
-		mu.Unlock()
-		return res
-	})
-	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: time.Second, Logger: quiet(b)})
+	clock := benchloop.NewAckClock()
+	r, err := o.NewRelay(pool, clock.Publisher(kp), outbox.RelayConfig{PollInterval: time.Second, Logger: quiet(b)})
 	require.NoError(b, err)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = r.Run(ctx) }()
@@ -224,35 +210,13 @@ func BenchmarkLatency(b *testing.B) {
 			_, err := o.Enqueue(ctx, tx, outbox.Message{ID: id, Topic: lat, Key: fmt.Sprint("k", i%500), Payload: []byte("x")})
 			return err
 		}))
-		mu.Lock()
-		committed[id] = time.Now()
-		mu.Unlock()
+		clock.Committed(id)
 	}
 	p99 := func() time.Duration {
-		mu.Lock()
-		defer mu.Unlock()
-		var lat []time.Duration
-		for id, t0 := range committed {
-			lat = append(lat, acked[id].Sub(t0))
-		}
-		clear(committed)
-		clear(acked)
-		slices.Sort(lat)
-		v := lat[len(lat)*99/100]
-		return v
+		lat := clock.Take()
+		return lat[len(lat)*99/100]
 	}
-	wait := func() {
-		require.Eventually(b, func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			for id := range committed {
-				if _, ok := acked[id]; !ok {
-					return false
-				}
-			}
-			return true
-		}, 30*time.Second, time.Millisecond)
-	}
+	wait := func() { require.Eventually(b, clock.AllAcked, 30*time.Second, time.Millisecond) }
 	// Steady 1,000 msg/s for 3 s.
 	tick := time.NewTicker(time.Millisecond)
 	for i := range 3000 {
@@ -302,9 +266,7 @@ func BenchmarkLatencyAcrossRelayChanges(b *testing.B) {
 	createTopic(b, seeds, topic, 8)
 	ctx := tctx(b, 5*time.Minute)
 	pool, o := setup(b, outbox.Config{})
-	var mu sync.Mutex
-	committed := map[uuid.UUID]time.Time{}
-	acked := map[uuid.UUID]time.Time{}
+	clock := benchloop.NewAckClock()
 	type running struct {
 		r      *outbox.Relay
 		cancel context.CancelFunc
@@ -313,20 +275,7 @@ func BenchmarkLatencyAcrossRelayChanges(b *testing.B) {
 	}
 	start := func(i int) *running {
 		_, kp := producer(b, seeds)
-		pub := outbox.PublisherFunc(func(c context.Context, batch []outbox.Record) []error {
-			res := kp.Publish(c, batch)
-			now := time.Now()
-			mu.Lock()
-			for j, r := range batch {
-				if res[j] == nil {
-					if _, ok := acked[r.ID]; !ok {
-						acked[r.ID] = now
-					}
-				}
-			}
-			mu.Unlock()
-			return res
-		})
+		pub := clock.Publisher(kp)
 		rp := relayPool(b)
 		warm(b, rp)
 		r, err := o.NewRelay(rp, pub, outbox.RelayConfig{ID: fmt.Sprint("lat-", i), Logger: quiet(b)})
@@ -342,30 +291,11 @@ func BenchmarkLatencyAcrossRelayChanges(b *testing.B) {
 			_, err := o.Enqueue(ctx, tx, outbox.Message{ID: id, Topic: topic, Key: fmt.Sprint("k", i%500), Payload: []byte("x")})
 			return err
 		}))
-		mu.Lock()
-		committed[id] = time.Now()
-		mu.Unlock()
+		clock.Committed(id)
 	}
 	p99 := func() (time.Duration, time.Duration) {
-		require.Eventually(b, func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			for id := range committed {
-				if _, ok := acked[id]; !ok {
-					return false
-				}
-			}
-			return true
-		}, 60*time.Second, time.Millisecond)
-		mu.Lock()
-		defer mu.Unlock()
-		var lat []time.Duration
-		for id, t0 := range committed {
-			lat = append(lat, max(0, acked[id].Sub(t0)))
-		}
-		clear(committed)
-		clear(acked)
-		slices.Sort(lat)
+		require.Eventually(b, clock.AllAcked, 60*time.Second, time.Millisecond)
+		lat := clock.Take()
 		return lat[len(lat)*99/100], lat[len(lat)-1]
 	}
 	// steady sends at 1,000 msg/s for d, calling at(t) as time passes.
