@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -20,11 +21,11 @@ type applier struct {
 	sh      *tableShape
 	types   map[string]string // target column -> its type, for casts from text
 	upserts map[string]string // by the sorted list of columns written
-	// db is where the changes go: the target pool, or the open target
-	// transaction of a source transaction streamed while in progress.
-	db interface {
-		Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
-	}
+	// conn, when set, is where the changes go: the open target transaction
+	// of a source transaction streamed while in progress. Else the target
+	// pool.
+	conn *pgx.Conn
+	buf  []byte // the parameters of the statement being sent
 }
 
 func (s *Sync) newApplier(ctx context.Context, sh *tableShape) (*applier, error) {
@@ -32,7 +33,6 @@ func (s *Sync) newApplier(ctx context.Context, sh *tableShape) (*applier, error)
 	if s.cfg.Sink != nil {
 		return a, nil
 	}
-	a.db = s.target
 	rows, err := s.target.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
 WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`, a.target())
 	if err != nil {
@@ -136,7 +136,7 @@ func (a *applier) truncate(ctx context.Context, commit time.Time) error {
 	if a.s.cfg.Sink != nil {
 		return a.s.cfg.Sink(ctx, []Change{{Op: OpTruncate, CommitTime: commit}})
 	}
-	if _, err := a.db.Exec(ctx, `TRUNCATE `+a.target()); err != nil {
+	if err := a.exec(ctx, `TRUNCATE `+a.target(), nil, nil); err != nil {
 		return fmt.Errorf("cdc: sync %s: truncate %s: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil
@@ -167,7 +167,7 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 	// A change of key moves the row in place (so the columns an update left
 	// unchanged keep their values): what comes before it is applied first.
 	for {
-		i := slices.IndexFunc(batch, func(c change) bool { return c.moveFrom != "" })
+		i := slices.IndexFunc(batch, func(c change) bool { return c.moveFrom != nil })
 		if i < 0 {
 			return a.applyNet(ctx, batch)
 		}
@@ -178,7 +178,7 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 			return err
 		}
 		rest := slices.Clone(batch[i:])
-		rest[0].moveFrom = ""
+		rest[0].moveFrom = nil
 		batch = rest
 	}
 }
@@ -186,21 +186,26 @@ func (a *applier) apply(ctx context.Context, batch []change) error {
 // move re-keys the row of c's old key to its new key, unless a row holds
 // the new key already (a replay after the move was applied).
 func (a *applier) move(ctx context.Context, c change) error {
-	oldKey := strings.Split(c.moveFrom, "\x00")
 	var cols, olds, news []string
-	var args []any
+	var args [][]byte
+	var oids []uint32
 	for i, k := range a.sh.key {
 		col, _ := a.sh.col(k)
 		id := pgx.Identifier{k}.Sanitize()
 		cols = append(cols, id)
-		args = append(args, oldKey[i], c.vals[col.idx].text)
-		olds = append(olds, fmt.Sprintf("$%d::text::%s", 2*i+1, col.typ))
-		news = append(news, fmt.Sprintf("$%d::text::%s", 2*i+2, col.typ))
+		args = append(args, c.moveFrom[i].data, c.vals[col.idx].data)
+		oid, cast := uint32(textOID), "::text::"+col.typ
+		if a.sh.binary {
+			oid, cast = col.oid, ""
+		}
+		oids = append(oids, oid, oid)
+		olds = append(olds, fmt.Sprintf("$%d%s", 2*i+1, cast))
+		news = append(news, fmt.Sprintf("$%d%s", 2*i+2, cast))
 	}
 	tuple := func(xs []string) string { return "(" + strings.Join(xs, ", ") + ")" }
 	q := `UPDATE ` + a.target() + ` SET ` + tuple(cols) + ` = ROW` + tuple(news) + ` WHERE ` + tuple(cols) + ` = ` + tuple(olds) +
 		` AND NOT EXISTS (SELECT 1 FROM ` + a.target() + ` WHERE ` + tuple(cols) + ` = ` + tuple(news) + `)`
-	if _, err := a.db.Exec(ctx, q, args...); err != nil {
+	if err := a.exec(ctx, q, args, oids); err != nil {
 		return fmt.Errorf("cdc: sync %s: move a row of %s to a new key: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil
@@ -292,17 +297,8 @@ func (a *applier) applyNet(ctx context.Context, batch []change) error {
 		if err != nil {
 			return err
 		}
-		args := make([]any, len(idx))
-		for i, ci := range idx {
-			vals := make([]*string, len(cs))
-			for j, c := range cs {
-				if v := &c.vals[ci]; !v.null {
-					vals[j] = &v.text
-				}
-			}
-			args[i] = vals
-		}
-		if _, err := a.db.Exec(ctx, q, args...); err != nil {
+		args, oids := a.arrays(idx, len(cs), func(row, ci int) colVal { return cs[row].vals[ci] })
+		if err := a.exec(ctx, q, args, oids); err != nil {
 			return fmt.Errorf("cdc: sync %s: apply to %s: %w", a.s.cfg.Name, a.target(), err)
 		}
 	}
@@ -329,7 +325,7 @@ func (a *applier) upsertSQL(sig string, idx []int) (string, error) {
 		id := pgx.Identifier{c}.Sanitize()
 		names = append(names, id)
 		sel = append(sel, fmt.Sprintf("u.c%d::%s", i, a.types[c]))
-		params = append(params, fmt.Sprintf("$%d::text[]", i+1))
+		params = append(params, fmt.Sprintf("$%d", i+1))
 		aliases = append(aliases, fmt.Sprintf("c%d", i))
 		if !slices.Contains(a.sh.key, c) {
 			sets = append(sets, id+" = EXCLUDED."+id)
@@ -353,29 +349,72 @@ ON CONFLICT (` + strings.Join(keys, ", ") + `) DO `
 
 func (a *applier) deleteKeys(ctx context.Context, dels []*change) error {
 	n := len(a.sh.key)
-	arrays := make([]any, n)
+	idx := make([]int, n)
 	var sel, cols []string
 	for i, k := range a.sh.key {
 		col, _ := a.sh.col(k)
-		vals := make([]string, len(dels))
-		for j, d := range dels {
-			vals[j] = d.vals[col.idx].text
-		}
-		arrays[i] = vals
+		idx[i] = col.idx
 		sel = append(sel, fmt.Sprintf("u.c%d::%s", i, col.typ))
 		cols = append(cols, pgx.Identifier{k}.Sanitize())
 	}
+	arrays, oids := a.arrays(idx, len(dels), func(row, ci int) colVal { return dels[row].vals[ci] })
 	var params, names []string
 	for i := range n {
-		params = append(params, fmt.Sprintf("$%d::text[]", i+1))
+		params = append(params, fmt.Sprintf("$%d", i+1))
 		names = append(names, fmt.Sprintf("c%d", i))
 	}
 	q := `DELETE FROM ` + a.target() + ` WHERE (` + strings.Join(cols, ", ") + `) IN (SELECT ` + strings.Join(sel, ", ") +
 		` FROM unnest(` + strings.Join(params, ", ") + `) AS u(` + strings.Join(names, ", ") + `))`
-	if _, err := a.db.Exec(ctx, q, arrays...); err != nil {
+	if err := a.exec(ctx, q, arrays, oids); err != nil {
 		return fmt.Errorf("cdc: sync %s: delete from %s: %w", a.s.cfg.Name, a.target(), err)
 	}
 	return nil
+}
+
+// arrays makes one array parameter per synced column in idx, of n rows:
+// the values as the server sent them, as elements of the column's type
+// (binary) or of text, in PostgreSQL's binary array format.
+func (a *applier) arrays(idx []int, n int, val func(row, col int) colVal) ([][]byte, []uint32) {
+	args := make([][]byte, len(idx))
+	oids := make([]uint32, len(idx))
+	b := a.buf[:0]
+	ends := make([]int, len(idx))
+	for i, ci := range idx {
+		elem, arr := uint32(textOID), uint32(textArrayOID)
+		if a.sh.binary {
+			elem, arr = a.sh.cols[ci].oid, a.sh.cols[ci].arrayOID
+		}
+		oids[i] = arr
+		b = appendArray(b, elem, n, func(row int) ([]byte, bool) {
+			v := val(row, ci)
+			return v.data, v.null
+		})
+		ends[i] = len(b)
+	}
+	start := 0
+	for i, end := range ends {
+		args[i] = b[start:end:end]
+		start = end
+	}
+	a.buf = b
+	return args, oids
+}
+
+// exec runs sql with parameters in binary format (args of types oids) on
+// the applier's connection, or one of the target pool's.
+func (a *applier) exec(ctx context.Context, sql string, args [][]byte, oids []uint32) error {
+	formats := make([]int16, len(args))
+	for i := range formats {
+		formats[i] = pgtype.BinaryFormatCode
+	}
+	run := func(pc *pgconn.PgConn) error {
+		_, err := pc.ExecParams(ctx, sql, args, oids, formats, nil).Close()
+		return err
+	}
+	if a.conn != nil {
+		return run(a.conn.PgConn())
+	}
+	return a.s.target.AcquireFunc(ctx, func(c *pgxpool.Conn) error { return run(c.Conn().PgConn()) })
 }
 
 // ErrOppositeSync: a table sync was started while another sync streams

@@ -44,8 +44,9 @@ func startStreaming(ctx context.Context, conn *pgconn.PgConn, slot, publication 
 // startDecoding is startStreaming, with inProgress asking pgoutput
 // (protocol 2, PostgreSQL 14+) to stream large transactions while they
 // run.
-func startDecoding(ctx context.Context, conn *pgconn.PgConn, slot, publication string, messages, inProgress bool) error {
+func startDecoding(ctx context.Context, conn *pgconn.PgConn, slot, publication string, messages, inProgress bool, extra ...string) error {
 	args := []string{"proto_version '1'", "publication_names '" + strings.ReplaceAll(publication, "'", "''") + "'"}
+	args = append(args, extra...)
 	if inProgress {
 		args[0] = "proto_version '2'"
 		args = append(args, "streaming 'on'")

@@ -243,6 +243,10 @@ type Sync struct {
 	// wholeOnly: more source transactions were in progress at once than
 	// MaxStreams; read whole transactions only from then on.
 	wholeOnly atomic.Bool
+	// textValues reads values in text form even where binary would do
+	// (tests of the text path).
+	textValues bool
+	binary     atomic.Bool // the running sync reads values in binary
 }
 
 // NewSync returns a sync from the table cfg.Source in the database of
@@ -286,6 +290,9 @@ type column struct {
 	typ  string // format_type, for casts
 	idx  int    // position among the synced columns (tableShape.cols)
 	key  int    // position in the key, or -1
+	// arrayOID is the OID of the array of the column's type, for values
+	// read in binary (see binaryColumns).
+	arrayOID uint32
 }
 
 type tableShape struct {
@@ -293,6 +300,9 @@ type tableShape struct {
 	cols                    []column
 	key                     []string
 	all                     bool // every column synced
+	// binary: the slot is read with pgoutput's binary option and values
+	// are applied in their types' binary form (see binaryColumns).
+	binary bool
 }
 
 func (t *tableShape) col(name string) (column, bool) {
@@ -399,6 +409,10 @@ func (s *Sync) Run(ctx context.Context) error {
 		}
 	}
 	s.copied.Store(true)
+	if sh.binary, err = s.binaryValues(ctx, src, sh); err != nil {
+		return err
+	}
+	s.binary.Store(sh.binary)
 	const minBackoff, maxBackoff = 50 * time.Millisecond, 2 * time.Second
 	backoff := minBackoff
 	reconnecting := false
@@ -589,15 +603,18 @@ var _ backfill.Sink = (*changeSinkAdapter)(nil)
 // change is a decoded stream change with what applying it needs.
 type change struct {
 	Change
-	key      string   // the key values as text, NUL-separated: what a batch merges by
-	vals     []colVal // by synced column (tableShape.cols), as the server's text
-	moveFrom string   // an update that changed the key: the old key, as key
+	key  string   // the key's values joined (keyOf): what a batch merges by
+	vals []colVal // by synced column (tableShape.cols), as the server sent them
+	// moveFrom is set on an update that changed the key: the old key's
+	// values, by key column.
+	moveFrom []colVal
 }
 
-// colVal is a column's value as the server's text. A column not carried
-// (an unchanged TOAST value, a delete's non-key column) is not set.
+// colVal is a column's value as the server sent it: its text form, or its
+// type's binary (send) form when the slot is read in binary. A column not
+// carried (an unchanged TOAST value, a delete's non-key column) is not set.
 type colVal struct {
-	text      string
+	data      []byte
 	null, set bool
 }
 
@@ -618,7 +635,11 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (s
 		return false, err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	if err := startDecoding(ctx, conn, s.cfg.Slot, s.cfg.Slot, false, inProgress); err != nil {
+	var extra []string
+	if sh.binary {
+		extra = append(extra, "binary 'true'")
+	}
+	if err := startDecoding(ctx, conn, s.cfg.Slot, s.cfg.Slot, false, inProgress, extra...); err != nil {
 		switch {
 		case errors.Is(err, errBusy):
 			return false, fmt.Errorf("cdc: sync %s: slot %s is read by another process: %w", s.cfg.Name, s.cfg.Slot, err)
@@ -702,6 +723,8 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 	}
 	typeMap := pgtype.NewMap()
 	var (
+		values     arena                    // the bytes of the values read
+		slab       []colVal                 // where changes' vals come from
 		inStream   bool                     // between Stream Start and Stop
 		streamXid  uint32                   // the transaction of the stream block
 		pendingSub uint32                   // the (sub)transaction of pending's changes in a block
@@ -819,9 +842,18 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 		if err != nil {
 			return err
 		}
-		var lm pglogrepl.Message
+		var lm any
 		var xid uint32 // in a stream block: the (sub)transaction of the change
-		if inProgress {
+		// Rows, nearly every message, are read in place; the rest through
+		// pglogrepl.
+		row, isRow, err := parseRow(xld.WALData, inStream)
+		if err != nil {
+			return fmt.Errorf("cdc: sync %s: decode: %w", s.cfg.Name, err)
+		}
+		if isRow {
+			xid = row.xid
+			lm = &row
+		} else if inProgress {
 			lm, err = pglogrepl.ParseV2(xld.WALData, inStream)
 			switch m := lm.(type) {
 			case *pglogrepl.InsertMessageV2:
@@ -904,7 +936,7 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 				return err
 			}
 			rel, relCols = m, cols
-		case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage:
+		case *rowMsg:
 			rel, relCols := rel, relCols
 			if r := streamRels[streamXid]; inStream && r != nil {
 				if r.err != nil {
@@ -912,12 +944,12 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 				}
 				rel, relCols = r.rel, r.cols
 			}
-			c, ok, err := s.decodeChange(typeMap, sh, rel, relCols, lm, commitTime)
+			if rel == nil || m.relID != rel.RelationID {
+				continue
+			}
+			c, err := s.decodeChange(typeMap, sh, relCols, m.op, m.tuple, commitTime, &values, &slab)
 			if err != nil {
 				return err
-			}
-			if !ok {
-				continue
 			}
 			if inStream && len(pending) > 0 && xid != pendingSub {
 				// A batch stays within one subtransaction: it may be
@@ -930,16 +962,19 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			if len(pending) == 0 {
 				oldest = time.Now()
 			}
-			if u, isUpdate := lm.(*pglogrepl.UpdateMessage); isUpdate && u.OldTuple != nil {
+			if m.op == OpUpdate && m.oldTuple != nil {
 				// The old row comes along when its key changed (or under
 				// REPLICA IDENTITY FULL): a changed key moves the row.
-				old, _, err := s.decodeChange(typeMap, sh, rel, relCols,
-					&pglogrepl.DeleteMessage{RelationID: u.RelationID, OldTupleType: u.OldTupleType, OldTuple: u.OldTuple}, commitTime)
+				old, err := s.decodeChange(typeMap, sh, relCols, OpDelete, m.oldTuple, commitTime, &values, &slab)
 				if err != nil {
 					return err
 				}
 				if old.key != c.key {
-					c.moveFrom = old.key
+					c.moveFrom = make([]colVal, len(sh.key))
+					for i, k := range sh.key {
+						col, _ := sh.col(k)
+						c.moveFrom[i] = old.vals[col.idx]
+					}
 					if old.Row != nil {
 						c.OldKey = make(map[string]any, len(sh.key))
 						for _, k := range sh.key {
@@ -1101,7 +1136,7 @@ func (s *Sync) runInProgress(ctx context.Context, ap *applier, open map[uint32]*
 			return fmt.Errorf("cdc: sync %s: begin: %w", s.cfg.Name, err)
 		}
 		st = &streamTx{conn: conn, ap: *ap}
-		st.ap.db = conn
+		st.ap.conn, st.ap.buf = conn, nil
 		open[j.xid] = st
 	}
 	if j.subxid != j.xid && !slices.Contains(st.saves, j.subxid) {
@@ -1175,44 +1210,35 @@ func (s *Sync) checkRelation(sh *tableShape, m *pglogrepl.RelationMessage) ([]co
 	return cols, nil
 }
 
-func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.RelationMessage, cols []column, lm pglogrepl.Message, commit time.Time) (change, bool, error) {
-	var relID uint32
-	var tuple *pglogrepl.TupleData
-	var op Op
-	switch m := lm.(type) {
-	case *pglogrepl.InsertMessage:
-		relID, tuple, op = m.RelationID, m.Tuple, OpInsert
-	case *pglogrepl.UpdateMessage:
-		relID, tuple, op = m.RelationID, m.NewTuple, OpUpdate
-	case *pglogrepl.DeleteMessage:
-		relID, tuple, op = m.RelationID, m.OldTuple, OpDelete
-	}
-	if rel == nil || relID != rel.RelationID {
-		return change{}, false, nil
-	}
+// decodeChange reads a row of the table (a tuple of message op) into a
+// change, copying its values into values.
+func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, cols []column, op Op, tuple []byte, commit time.Time, values *arena, slab *[]colVal) (change, error) {
 	if tuple == nil {
-		return change{}, false, fmt.Errorf("%w: a %s on %s carried no row", ErrNoReplicaIdentity, op, sh.qualified)
+		return change{}, fmt.Errorf("%w: a %s on %s carried no row", ErrNoReplicaIdentity, op, sh.qualified)
 	}
-	c := change{Change: Change{Op: op, CommitTime: commit}, vals: make([]colVal, len(sh.cols))}
+	c := change{Change: Change{Op: op, CommitTime: commit}, vals: values.vals(slab, len(sh.cols))}
 	// Go values are made only for someone who reads them (a Go sink,
-	// OnApplied): a table target is written from the server's text.
+	// OnApplied): a table target is written from the bytes the server sent.
 	goValues := s.cfg.Sink != nil || s.cfg.OnApplied != nil
 	if goValues {
 		c.Row = make(map[string]any, len(sh.cols))
 	}
-	keys := make([]string, len(sh.key))
+	var keys []colVal
+	if len(sh.key) > 1 {
+		keys = make([]colVal, len(sh.key))
+	}
 	haveKeys := 0
-	for i, col := range tuple.Columns {
+	err := eachCol(tuple, func(i int, col tupleCol) error {
 		if i >= len(cols) || cols[i].name == "" {
-			continue
+			return nil
 		}
 		sc := cols[i]
-		switch col.DataType {
+		switch col.kind {
 		case 'n':
 			if op == OpDelete && sc.key < 0 {
 				// Under REPLICA IDENTITY DEFAULT only the key is sent;
 				// the other columns are absent (n), not null.
-				continue
+				return nil
 			}
 			c.vals[sc.idx] = colVal{null: true, set: true}
 			if goValues {
@@ -1220,40 +1246,60 @@ func (s *Sync) decodeChange(tm *pgtype.Map, sh *tableShape, rel *pglogrepl.Relat
 			}
 		case 'u':
 			c.Unchanged = append(c.Unchanged, sc.name)
-		case 't':
-			txt := string(col.Data)
-			c.vals[sc.idx] = colVal{text: txt, set: true}
+		case 't', 'b':
+			if (col.kind == 'b') != sh.binary {
+				return fmt.Errorf("cdc: sync %s: column %q came in %s form, the sync reads %s", s.cfg.Name, sc.name, form(col.kind == 'b'), form(sh.binary))
+			}
+			v := colVal{data: values.copy(col.data), set: true}
+			c.vals[sc.idx] = v
 			if goValues {
-				v, err := decodeText(tm, col.Data, sc.oid)
-				if err != nil {
-					return change{}, false, fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, sc.name, err)
+				format := int16(pgtype.TextFormatCode)
+				if sh.binary {
+					format = pgtype.BinaryFormatCode
 				}
-				c.Row[sc.name] = v
+				x, err := decodeValue(tm, v.data, sc.oid, format)
+				if err != nil {
+					return fmt.Errorf("cdc: sync %s: column %q: %w", s.cfg.Name, sc.name, err)
+				}
+				c.Row[sc.name] = x
 			}
 			if sc.key >= 0 {
-				keys[sc.key] = txt
+				if keys != nil {
+					keys[sc.key] = v
+				} else {
+					c.key = string(v.data)
+				}
 				haveKeys++
 			}
 		}
+		return nil
+	})
+	if err != nil {
+		return change{}, err
 	}
 	if haveKeys < len(sh.key) {
 		for _, k := range sh.key {
 			if col, _ := sh.col(k); !c.vals[col.idx].set || c.vals[col.idx].null {
-				return change{}, false, fmt.Errorf("%w: a %s on %s lacks key column %q", ErrNoReplicaIdentity, op, sh.qualified, k)
+				return change{}, fmt.Errorf("%w: a %s on %s lacks key column %q", ErrNoReplicaIdentity, op, sh.qualified, k)
 			}
 		}
 	}
-	if len(keys) == 1 {
-		c.key = keys[0]
-	} else {
-		c.key = strings.Join(keys, "\x00")
+	if keys != nil {
+		c.key = keyOf(keys)
 	}
-	return c, true, nil
+	return c, nil
 }
 
-func decodeText(m *pgtype.Map, data []byte, oid uint32) (any, error) {
+func form(binary bool) string {
+	if binary {
+		return "binary"
+	}
+	return "text"
+}
+
+func decodeValue(m *pgtype.Map, data []byte, oid uint32, format int16) (any, error) {
 	if dt, ok := m.TypeForOID(oid); ok {
-		return dt.Codec.DecodeValue(m, oid, pgtype.TextFormatCode, data)
+		return dt.Codec.DecodeValue(m, oid, format, data)
 	}
 	return string(data), nil
 }
