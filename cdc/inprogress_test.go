@@ -252,3 +252,37 @@ func waitDecoded(t *testing.T, src *pgxpool.Pool, slot string) {
 		return err == nil && ok
 	}, 30*time.Second, 10*time.Millisecond, "the WAL sender never read up to %s", end)
 }
+
+// A column added in a subtransaction that is rolled back, inside a
+// transaction applied while it runs that then commits: the sync goes on
+// (the shape the rolled-back subtransaction saw is dropped with it), with
+// or without a change of the table after the rollback.
+func TestSyncInProgressSubtransactionSchemaChangeRolledBack(t *testing.T) {
+	t.Parallel()
+	_, src, name, _, done, runErr := inProgressSync(t, 0)
+	ctx := tctx(t, 2*time.Minute)
+	for round, changeAfter := range []bool{false, true} {
+		base := 10000 * (round + 1)
+		tx, err := src.Begin(ctx)
+		require.NoError(t, err)
+		txExec(t, tx, `INSERT INTO items SELECT i, 1, 'before', 'small' FROM generate_series($1::int, $1::int + 2999) i`, base)
+		waitApplying(t, src, 1)
+		txExec(t, tx, `SAVEPOINT ddl`)
+		txExec(t, tx, `ALTER TABLE items ADD COLUMN extra int`)
+		txExec(t, tx, `INSERT INTO items SELECT i, 1, 'gone', 'small', 7 FROM generate_series($1::int + 3000, $1::int + 5999) i`, base)
+		waitDecoded(t, src, name)
+		txExec(t, tx, `ROLLBACK TO SAVEPOINT ddl`)
+		if changeAfter {
+			txExec(t, tx, `INSERT INTO items SELECT i, 1, 'after', 'small' FROM generate_series($1::int + 6000, $1::int + 6999) i`, base)
+		}
+		require.NoError(t, tx.Commit(ctx))
+		_, err = src.Exec(ctx, `UPDATE items SET v = v + 1 WHERE id = 7`)
+		require.NoError(t, err)
+		waitSame(t, src, src, "items", "items_copy")
+		select {
+		case <-done:
+			t.Fatalf("the sync stopped: %v", *runErr)
+		default:
+		}
+	}
+}

@@ -723,12 +723,12 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 	}
 	typeMap := pgtype.NewMap()
 	var (
-		values     arena                    // the bytes of the values read
-		slab       []colVal                 // where changes' vals come from
-		inStream   bool                     // between Stream Start and Stop
-		streamXid  uint32                   // the transaction of the stream block
-		pendingSub uint32                   // the (sub)transaction of pending's changes in a block
-		streamRels = map[uint32]*relState{} // the table's shape as sent to a transaction in progress
+		values     arena            // the bytes of the values read
+		slab       []colVal         // where changes' vals come from
+		inStream   bool             // between Stream Start and Stop
+		streamXid  uint32           // the transaction of the stream block
+		pendingSub uint32           // the (sub)transaction of pending's changes in a block
+		streamRels = streamShapes{} // the table's shape as sent to a transaction in progress
 		rel        *pglogrepl.RelationMessage
 		relCols    []column
 		oldest     time.Time
@@ -891,13 +891,13 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			if err := flush(); err != nil {
 				return fail(err)
 			}
-			if r := streamRels[m.Xid]; r != nil {
+			if r := streamRels.current(m.Xid); r != nil {
 				if r.err != nil {
 					return fail(r.err)
 				}
 				rel, relCols = r.rel, r.cols
-				delete(streamRels, m.Xid)
 			}
+			delete(streamRels, m.Xid)
 			if err := send(applyJob{kind: jobCommit, xid: m.Xid, end: m.TransactionEndLSN}); err != nil {
 				return fail(err)
 			}
@@ -910,11 +910,7 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			if err := send(applyJob{kind: jobAbort, xid: m.Xid, subxid: m.SubXid}); err != nil {
 				return fail(err)
 			}
-			if m.SubXid == m.Xid {
-				delete(streamRels, m.Xid)
-			}
-			if m.SubXid == m.Xid {
-			}
+			streamRels.abort(m.Xid, m.SubXid)
 		case *pglogrepl.BeginMessage:
 			inTx, commitTime = true, m.CommitTime
 		case *pglogrepl.CommitMessage:
@@ -929,7 +925,7 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 				// The shape a transaction in progress sees is its own
 				// until it commits (it may yet roll its change back): a
 				// shape the sync cannot take stops it only at that commit.
-				streamRels[streamXid] = &relState{rel: m, cols: cols, err: err}
+				streamRels[streamXid] = append(streamRels[streamXid], relState{sub: xid, rel: m, cols: cols, err: err})
 				continue
 			}
 			if err != nil {
@@ -938,7 +934,7 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			rel, relCols = m, cols
 		case *rowMsg:
 			rel, relCols := rel, relCols
-			if r := streamRels[streamXid]; inStream && r != nil {
+			if r := streamRels.current(streamXid); inStream && r != nil {
 				if r.err != nil {
 					continue
 				}
@@ -998,7 +994,7 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			}
 		case *pglogrepl.TruncateMessage:
 			rel := rel
-			if r := streamRels[streamXid]; inStream && r != nil {
+			if r := streamRels.current(streamXid); inStream && r != nil {
 				if r.err != nil {
 					continue
 				}
@@ -1060,9 +1056,37 @@ type applyJob struct {
 
 // relState is a relation message as a transaction in progress saw it.
 type relState struct {
+	sub  uint32 // the (sub)transaction it was sent in
 	rel  *pglogrepl.RelationMessage
 	cols []column
 	err  error // the shape cannot be synced
+}
+
+// streamShapes holds, by transaction in progress, the relation messages
+// sent to it, in order: the last one is the shape its changes have.
+type streamShapes map[uint32][]relState
+
+func (m streamShapes) current(xid uint32) *relState {
+	if rs := m[xid]; len(rs) > 0 {
+		return &rs[len(rs)-1]
+	}
+	return nil
+}
+
+// abort drops what a rolled-back subtransaction (or the whole transaction,
+// sub = xid) saw: a schema change it made is gone with it. Later messages
+// came from it or from subtransactions nested in it (while it was open,
+// every change was its own or theirs), so they go too, as the savepoints
+// do on the target.
+func (m streamShapes) abort(xid, sub uint32) {
+	if sub == xid {
+		delete(m, xid)
+		return
+	}
+	rs := m[xid]
+	if i := slices.IndexFunc(rs, func(r relState) bool { return r.sub == sub }); i >= 0 {
+		m[xid] = rs[:i]
+	}
 }
 
 // jobKind: what an applyJob does.
