@@ -90,13 +90,27 @@
 // sink is the transform hook); and a sync started while another streams the
 // other way between the same two tables ([ErrOppositeSync]).
 //
-// A table target is written from the server's text form of each value
-// (cast to the target's types in one multi-row upsert per batch), so Go
-// values are decoded only for a [ChangeSink] or OnApplied. What bounds the
-// streamed apply rate is the server: PostgreSQL 15 decodes a transaction
-// only once it commits and its WAL sender sends every row as a message of
-// its own, and a version-guarded upsert costs the target more than a plain
-// insert (BenchmarkSyncApply logs both next to INSERT … SELECT).
+// A table target is written from the bytes the WAL sender sent, untouched:
+// each column of a batch is one array parameter of a multi-row upsert,
+// cast to the target's types. Where every synced column's type is built in
+// (with send and receive functions and an array type), the source runs
+// PostgreSQL 14 or later and a table target the same major version, the
+// slot is read with pgoutput's binary option and values travel in their
+// types' binary form (no text round trip, no dependence on DateStyle or
+// float output settings); otherwise, an enum or a domain column for
+// instance, in text form, as the log says once. Go values are decoded only
+// for a [ChangeSink] or OnApplied.
+//
+// What bounds the streamed apply rate is the server's WAL sender:
+// PostgreSQL 15 decodes a transaction only once it commits, looks at its
+// client's socket once per log record read and sends every row as a
+// message of its own, each a system call. For a 100,000-row insert on a loaded
+// 2-core machine it takes about 0.8–1.2 s of CPU after the commit, binary
+// or text alike, and a bare receive loop applying nothing gets the rows at
+// 0.2–0.4× the rate of INSERT … SELECT (BenchmarkSyncApply logs it as
+// "the WAL sender alone"), against the goal of 0.5× for the whole sync.
+// A version-guarded upsert also costs the target more than a plain insert
+// (logged there too).
 //
 // SyncConfig.StreamInProgress (off by default; PostgreSQL 14 or later, a
 // table target) asks the WAL sender for pgoutput protocol 2 with streaming,
@@ -111,13 +125,16 @@
 // transaction back, and its commit commits it before the position is
 // confirmed. Changes are applied in the order the server sent them, whole
 // transactions on the pool in between. A relation message sent inside such
-// a transaction holds for it alone until it commits, so a schema change
-// that is rolled back does not stop the sync. OnApplied is not called for
-// changes applied this way. On a loaded 2-core machine it did not raise
-// the apply rate (BenchmarkSyncApply 0.14–0.17 with it, 0.17–0.19
-// without): the WAL sender's decoding, not the wait for the commit, is
-// what bounds the rate there; streaming only overlaps the source
-// statement's own run time.
+// a transaction holds for it alone until it commits, and one sent in a
+// subtransaction goes when that subtransaction is rolled back, so a schema
+// change that is rolled back (whole or to a savepoint) does not stop the
+// sync. OnApplied is not called for changes applied this way. On a loaded
+// 2-core machine it did not raise the apply rate (BenchmarkSyncApply
+// 0.14–0.17 with it, 0.17–0.19 without): the WAL sender sees the log only
+// as far as it is flushed, which during one long statement is every
+// wal_writer_delay or so, and it shares the CPU with that statement, so by
+// the commit it had done 10–30% of its work even with StreamWorkMem at
+// 64kB; the rest, and the apply behind it, still come after the commit.
 //
 // The copy does not read the slot's exported snapshot: backfill copies in
 // many short transactions, possibly from several processes, which cannot
