@@ -623,9 +623,14 @@ type colVal struct {
 // connect at all counts as a lost connection too.
 func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (started bool, err error) {
 	inProgress := s.cfg.StreamInProgress && !s.wholeOnly.Load()
-	var params []string
+	// Values read in text form are the WAL sender's output functions'
+	// under its session's settings, parsed by the target under its own:
+	// the formats are pinned to ones every server reads back the same
+	// (a source whose DateStyle is "SQL, DMY" would otherwise send
+	// 05/12/2026 for 5 December, which a target in MDY reads as 12 May).
+	params := []string{"DateStyle", "ISO", "IntervalStyle", "iso_8601", "extra_float_digits", "3"}
 	if inProgress {
-		params = []string{"logical_decoding_work_mem", s.cfg.StreamWorkMem}
+		params = append(params, "logical_decoding_work_mem", s.cfg.StreamWorkMem)
 	}
 	conn, err := replicationConnect(ctx, s.sourceURL, params...)
 	if err != nil {

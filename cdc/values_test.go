@@ -185,3 +185,50 @@ func TestSyncSinkValuesBinaryAndText(t *testing.T) {
 		}
 	}
 }
+
+// A source whose sessions print dates day first and intervals in SQL
+// style: values reach a target that reads month first unchanged, read in
+// binary or in text (the sync pins the text formats of its replication
+// session).
+func TestSyncValuesUnderSourceDateStyle(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	ctx := tctx(t, 2*time.Minute)
+	srcURL += "&options=-c%20DateStyle%3DSQL%2CDMY%20-c%20IntervalStyle%3Dsql_standard%20-c%20extra_float_digits%3D-3"
+	for _, text := range []bool{false, true} {
+		tbl := fmt.Sprintf("ds_%v", text)
+		_, err := src.Exec(ctx, `SET DateStyle = 'ISO, MDY'; CREATE TABLE `+tbl+` (id int PRIMARY KEY, v int NOT NULL, d date, ts timestamp, tz timestamptz, iv interval, f float8);
+CREATE TABLE `+tbl+`_copy (LIKE `+tbl+` INCLUDING ALL)`)
+		require.NoError(t, err)
+		name := dimmertest.Name("ds_")
+		s, err := cdc.NewSync(srcURL, src, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: tbl}, Target: backfill.Table{Name: tbl + "_copy"},
+			VersionColumn: "v", Logger: quiet(t)})
+		require.NoError(t, err)
+		if text {
+			cdc.TextValues(s)
+		}
+		runCtx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- s.Run(runCtx) }()
+		require.Eventually(t, s.Streaming, time.Minute, 10*time.Millisecond)
+		_, err = src.Exec(ctx, `INSERT INTO `+tbl+` VALUES (1, 1, '2026-12-05', '2026-12-05 01:02:03.5', '2026-12-05 01:02:03.5+02', '1 day -02:00:00.25', 0.1),
+	(2, 1, '0044-03-15 BC', '1999-01-02', 'epoch', '-1 year 2 mons', 1e-300)`)
+		require.NoError(t, err)
+		require.NoError(t, s.CaughtUp(ctx, src))
+		q := `SELECT (id, d, ts, tz, iv, f)::text FROM %s ORDER BY id`
+		want, got := dumpWith(t, src, fmt.Sprintf(q, tbl)), dumpWith(t, src, fmt.Sprintf(q, tbl+"_copy"))
+		require.Len(t, want, 2)
+		require.Equal(t, want, got, "text form: %v", text)
+		cancel()
+		require.ErrorIs(t, <-done, context.Canceled)
+		require.NoError(t, cdc.DropSlot(context.Background(), src, "", name, true))
+	}
+}
+
+func dumpWith(t *testing.T, db *pgxpool.Pool, q string) []string {
+	rows, err := db.Query(tctx(t, 30*time.Second), q)
+	require.NoError(t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	return out
+}
