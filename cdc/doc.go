@@ -96,10 +96,11 @@
 // (with send and receive functions and an array type), the source runs
 // PostgreSQL 14 or later and a table target the same major version, the
 // slot is read with pgoutput's binary option and values travel in their
-// types' binary form (no text round trip, no dependence on DateStyle or
-// float output settings); otherwise, an enum or a domain column for
-// instance, in text form, as the log says once. Go values are decoded only
-// for a [ChangeSink] or OnApplied.
+// types' binary form (no text round trip); otherwise, an enum or a domain
+// column for instance, in text form, as the log says once, printed by the
+// WAL sender in formats every server reads back the same (DateStyle ISO,
+// IntervalStyle iso_8601, extra_float_digits 3, whatever the source's
+// settings). Go values are decoded only for a [ChangeSink] or OnApplied.
 //
 // What bounds the streamed apply rate is the server's WAL sender:
 // PostgreSQL 15 decodes a transaction only once it commits, looks at its
