@@ -99,7 +99,7 @@
 // types' binary form (no text round trip); otherwise, an enum or a domain
 // column for instance, in text form, as the log says once, printed by the
 // WAL sender in formats every server reads back the same (DateStyle ISO,
-// IntervalStyle iso_8601, extra_float_digits 3, whatever the source's
+// IntervalStyle postgres, extra_float_digits 3, whatever the source's
 // settings). Go values are decoded only for a [ChangeSink] or OnApplied.
 //
 // What bounds the streamed apply rate is the server's WAL sender:

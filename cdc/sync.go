@@ -627,8 +627,11 @@ func (s *Sync) stream(ctx context.Context, sh *tableShape, reconnecting bool) (s
 	// under its session's settings, parsed by the target under its own:
 	// the formats are pinned to ones every server reads back the same
 	// (a source whose DateStyle is "SQL, DMY" would otherwise send
-	// 05/12/2026 for 5 December, which a target in MDY reads as 12 May).
-	params := []string{"DateStyle", "ISO", "IntervalStyle", "iso_8601", "extra_float_digits", "3"}
+	// 05/12/2026 for 5 December, which a target in MDY reads as 12 May),
+	// and pgx too, for Go values (it reads intervals in the postgres
+	// style only; that style signs every field after a negative one, so
+	// a target in sql_standard reads it the same).
+	params := []string{"DateStyle", "ISO", "IntervalStyle", "postgres", "extra_float_digits", "3"}
 	if inProgress {
 		params = append(params, "logical_decoding_work_mem", s.cfg.StreamWorkMem)
 	}
