@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/dimmer-dev/dimmer/flags"
@@ -780,7 +781,7 @@ func (r *runner) read(ctx context.Context, q querier, lo, hi []string, limit int
 		}
 		row := make(Row, len(vals)-1)
 		for i, v := range vals[:len(vals)-1] {
-			row[fds[i].Name] = v
+			row[fds[i].Name] = writable(v, fds[i].DataTypeOID)
 		}
 		last = toStrings(vals[len(vals)-1])
 		out = append(out, row)
@@ -789,6 +790,25 @@ func (r *runner) read(ctx context.Context, q querier, lo, hi []string, limit int
 		return nil, nil, fmt.Errorf("backfill: read %s: %w", r.j.Spec.Source, err)
 	}
 	return out, last, nil
+}
+
+// writable returns v as a value pgx can write back into a column of the
+// type it was read from. pgx reads an infinite date or timestamp into `any`
+// as a bare pgtype.InfinityModifier, which it cannot encode again.
+func writable(v any, oid uint32) any {
+	inf, ok := v.(pgtype.InfinityModifier)
+	if !ok {
+		return v
+	}
+	switch oid {
+	case pgtype.TimestamptzOID:
+		return pgtype.Timestamptz{InfinityModifier: inf, Valid: true}
+	case pgtype.TimestampOID:
+		return pgtype.Timestamp{InfinityModifier: inf, Valid: true}
+	case pgtype.DateOID:
+		return pgtype.Date{InfinityModifier: inf, Valid: true}
+	}
+	return v
 }
 
 func toStrings(v any) []string {

@@ -204,3 +204,32 @@ func TestSignalsHoldTheJob(t *testing.T) {
 	require.ErrorAs(t, err, &fe)
 	assert.Equal(t, "Spec.Source.Name", fe.Field)
 }
+
+// Infinite dates and timestamps are copied to another database (through
+// COPY into a staging table) as they are, not refused by the encoder.
+func TestOtherDatabaseInfiniteTimes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const ddl = `CREATE TABLE times (id int PRIMARY KEY, tz timestamptz, ts timestamp, d date, version bigint NOT NULL)`
+	exec(t, e.pool, ddl)
+	exec(t, e.pool, `INSERT INTO times VALUES (1, 'infinity', 'infinity', 'infinity', 1), (2, '-infinity', '-infinity', '-infinity', 1),
+	(3, '2026-12-05 06:01:02.123456+00', '2026-12-05 06:01:02', '1999-12-31', 1), (4, NULL, NULL, NULL, 1)`)
+	other := dimmertest.Pool(t, dimmertest.Database(t))
+	exec(t, other, ddl)
+	sink, err := backfill.NewPGSink(other, backfill.Table{Name: "times"})
+	require.NoError(t, err)
+	j := ordersJob("times")
+	j.Sink = sink
+	j.Spec.Source, j.Spec.Target = backfill.Table{Name: "times"}, backfill.Table{Name: "times"}
+	res, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	assert.Equal(t, int64(4), res.Rows)
+	dump := `SELECT string_agg(format('%s %s %s %s', id, tz AT TIME ZONE 'UTC', ts, d), '; ' ORDER BY id) FROM times`
+	var want, got string
+	require.NoError(t, e.pool.QueryRow(tctx(t), dump).Scan(&want))
+	require.NoError(t, other.QueryRow(tctx(t), dump).Scan(&got))
+	assert.Equal(t, want, got)
+	v, err := e.bf.Verify(tctx(t), j, backfill.VerifyOptions{})
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+}

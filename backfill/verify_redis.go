@@ -94,7 +94,7 @@ func (r *runner) readKeyed(ctx context.Context, lo, hi []string) ([]redisRow, er
 		}
 		row := make(Row, len(vals)-1)
 		for i, v := range vals[:len(vals)-1] {
-			row[fds[i].Name] = v
+			row[fds[i].Name] = writable(v, fds[i].DataTypeOID)
 		}
 		out = append(out, redisRow{key: toStrings(vals[len(vals)-1]), row: row})
 	}
