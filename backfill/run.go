@@ -561,12 +561,19 @@ func (r *runner) chunk(ctx context.Context, w *worker, l *lease, size int) (n in
 	if r.txPG != nil {
 		syncCommit = "off"
 	}
+	//
+	// The chunk's statements are planned for their own keys, never by a
+	// generic plan: a connection that had run them a few times builds one
+	// after the target's next invalidation (a TRUNCATE, the first rows),
+	// when the target looks empty, and then lists the target's keys of
+	// every chunk by a sequential scan of the whole target, which grows
+	// with every chunk. Planning costs a fraction of a millisecond.
 	var paused bool
-	var setting string
+	var setting, planMode string
 	err = tx.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET lease_until = clock_timestamp() + make_interval(secs => $4)
 WHERE job = $1 AND id = $2 AND token = $3 RETURNING hi, (SELECT paused FROM `+b.t.jobs+` WHERE name = $1),
-	set_config('synchronous_commit', $5, true)`,
-		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds(), syncCommit).Scan(&l.hi, &paused, &setting)
+	set_config('synchronous_commit', $5, true), set_config('plan_cache_mode', 'force_custom_plan', true)`,
+		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds(), syncCommit).Scan(&l.hi, &paused, &setting, &planMode)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, false, ErrLeaseLost
 	}
