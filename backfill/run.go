@@ -577,19 +577,12 @@ func (r *runner) chunk(ctx context.Context, w *worker, l *lease, size int) (n in
 	if r.txPG != nil {
 		syncCommit = "off"
 	}
-	//
-	// The chunk's statements are planned for their own keys, never by a
-	// generic plan: a connection that had run them a few times builds one
-	// after the target's next invalidation (a TRUNCATE, the first rows),
-	// when the target looks empty, and then lists the target's keys of
-	// every chunk by a sequential scan of the whole target, which grows
-	// with every chunk. Planning costs a fraction of a millisecond.
 	var paused bool
-	var setting, planMode string
+	var setting string
 	err = tx.QueryRow(ctx, `UPDATE `+b.t.ranges+` SET lease_until = clock_timestamp() + make_interval(secs => $4)
 WHERE job = $1 AND id = $2 AND token = $3 RETURNING hi, (SELECT paused FROM `+b.t.jobs+` WHERE name = $1),
-	set_config('synchronous_commit', $5, true), set_config('plan_cache_mode', 'force_custom_plan', true)`,
-		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds(), syncCommit).Scan(&l.hi, &paused, &setting, &planMode)
+	set_config('synchronous_commit', $5, true)`,
+		r.j.Name, l.id, l.token, r.cfg.LeaseTTL.Seconds(), syncCommit).Scan(&l.hi, &paused, &setting)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, false, ErrLeaseLost
 	}
@@ -737,8 +730,14 @@ func (r *runner) copyKeys(ctx context.Context, tx pgx.Tx, w *worker, lo, hi []st
 	// Up to a quarter of the chunk may be upserted by key; beyond, one
 	// upsert of the whole range is cheaper than shipping the keys.
 	limit := max(n/4, 16)
+	// Planned for this chunk's keys every time (an unnamed statement), not
+	// by a cached generic plan: a pooled connection that had run it a few
+	// times built one after the target's next invalidation (a TRUNCATE,
+	// its first rows), when the target looked empty, and then listed the
+	// keys of every chunk by a sequential scan of the whole target, 25-80ms
+	// a chunk and growing with it.
 	sql, args := r.sh.presentSQL(lo, hi, limit+1)
-	rows, err := tx.Query(ctx, sql, args...)
+	rows, err := tx.Query(ctx, sql, append([]any{pgx.QueryExecModeExec}, args...)...)
 	if err != nil {
 		return err
 	}
