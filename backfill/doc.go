@@ -134,9 +134,15 @@
 //
 // A chunk that holds locks the service's writes wait for until it commits
 // — an in-place fill (Target is Source: every copied row is updated) or
-// Config.LockSourceRows — follows Config.LockTime (50ms) instead, so a
+// Config.LockSourceRows — follows Config.LockTime instead (50ms; 20ms for
+// an in-place fill, whose rows are locked against every write), so a
 // write meeting a chunk's row waits a few tens of milliseconds, not half
-// a second.
+// a second. An in-place chunk is one UPDATE of the columns Spec.Exprs
+// computes, not the upsert: an upsert of a table into itself probes the
+// key and locks each row (a WAL record of its own) before updating it,
+// twice the work while the chunk's rows are held, and the version guard
+// has nothing to compare (READ COMMITTED updates the newest version of a
+// row the service wrote meanwhile, computed from it).
 //
 // Chunk sizes follow Config.TargetChunkTime by an EWMA of the time per row,
 // within bounds; Config.RowsPerSecond caps the rate (every chunk is charged,

@@ -191,6 +191,33 @@ func (sh *shape) copySQL(lo, hi []string, lockSource bool) (string, []any) {
 	return sh.copyKeysSQL(lo, hi, nil, keysAll, lockSource)
 }
 
+// fillSQL is an in-place chunk (Target is Source): one UPDATE of the
+// columns Spec.Exprs computes over the key range (lo, hi], the other
+// columns being the row's own. An upsert of the table into itself
+// probes the key index for each row, locks it (a WAL record of its own)
+// and only then updates it: about twice an UPDATE's work, all of it done
+// while the chunk's earlier rows stay locked against the service's
+// writes. The version guard has nothing to compare here: a row the
+// service updated after the chunk's snapshot is updated in its newest
+// version (READ COMMITTED rereads it after the service commits), so the
+// service's write is kept and its computed columns follow it. Empty when
+// Exprs writes no column: the upsert then rewrites nothing anyway.
+func (sh *shape) fillSQL(lo, hi []string) (string, []any) {
+	var sets []string
+	for _, c := range sh.cols {
+		if e, ok := sh.spec.Exprs[c]; ok {
+			sets = append(sets, ident(c)+" = ("+e+")")
+		}
+	}
+	if len(sets) == 0 {
+		return "", nil
+	}
+	var args []any
+	src := sh.spec.Source.sql()
+	// Unaliased: Exprs may name the table as FROM exposes it.
+	return `UPDATE ` + src + ` SET ` + strings.Join(sets, ", ") + ` WHERE ` + sh.where(lo, hi, &args, src+"."), args
+}
+
 // keyFilter restricts a chunk's copy to some of its keys.
 type keyFilter int
 

@@ -149,9 +149,14 @@ func (b *Backfiller) DryRun(ctx context.Context, j Job) (Plan, error) {
 		return p, fmt.Errorf("backfill: dry run: %w", err)
 	}
 	p.Ranges = rangesOf(ks)
-	if r.fast {
+	switch {
+	case r.inPlace && r.fast:
+		if p.CopySQL, _ = r.sh.fillSQL(nil, ks.upper); p.CopySQL == "" {
+			p.CopySQL, _ = r.sh.copySQL(nil, ks.upper, cfg.LockSourceRows)
+		}
+	case r.fast:
 		p.CopySQL, _ = r.sh.copySQL(nil, ks.upper, cfg.LockSourceRows)
-	} else {
+	default:
 		p.CopySQL, _ = r.sh.readSQL(nil, ks.upper, cfg.InitialChunk)
 	}
 	if ks.upper != nil {

@@ -3,6 +3,7 @@ package backfill_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -103,6 +104,9 @@ func TestInPlaceFill(t *testing.T) {
 	// A dual write (the service's own update, version bumped, its value
 	// computed by the service) during the fill is never overwritten.
 	exec(t, e.pool, `UPDATE old_orders SET amount = 7, cents = 700, version = 2 WHERE id = 2500`)
+	p, err := e.bf.DryRun(tctx(t), j)
+	require.NoError(t, err)
+	assert.True(t, strings.HasPrefix(p.CopySQL, `UPDATE "old_orders" SET "cents" = ((amount * 100)::bigint) WHERE`), "an in-place chunk is one UPDATE: %s", p.CopySQL)
 	res, err := e.bf.Run(tctx(t), j)
 	require.NoError(t, err)
 	assert.Equal(t, int64(3000), res.Rows)
