@@ -329,6 +329,64 @@ func TestFencedAck(t *testing.T) {
 	<-d2
 }
 
+// TestAckDeletesOnlyHeldBuckets: a batch spans two buckets and one of them
+// is taken over while the batch is published. The acknowledgement deletes
+// the row of the bucket still held and leaves the other for its new owner.
+func TestAckDeletesOnlyHeldBuckets(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 2})
+	ctx := tctx(t, 30*time.Second)
+	keyOf := map[int]string{}
+	for i := 0; len(keyOf) < 2; i++ {
+		k := fmt.Sprint("k", i)
+		if _, ok := keyOf[o.Bucket(k)]; !ok {
+			keyOf[o.Bucket(k)] = k
+		}
+	}
+	for _, k := range keyOf {
+		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: k})
+		require.NoError(t, err)
+	}
+	c := o.Config()
+	stalled := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	var mu sync.Mutex
+	published := map[string]int{}
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		for _, rec := range b {
+			published[rec.Key]++
+		}
+		mu.Unlock()
+		once.Do(func() {
+			assert.Len(t, b, 2, "one batch carries both buckets' rows")
+			close(stalled)
+			<-release
+		})
+		return make([]error, len(b))
+	})
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: "r", Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	<-stalled
+	_, err = pool.Exec(ctx, `UPDATE `+c.Schema+`.`+c.Table+`_leases SET owner = 'other', epoch = epoch + 1,
+	expires_at = now() + interval '1 hour' WHERE bucket = 1`)
+	require.NoError(t, err)
+	close(release)
+	require.Eventually(t, func() bool { return pending(t, pool, o) == 1 }, 10*time.Second, 5*time.Millisecond,
+		"the held bucket's row is acknowledged")
+	require.NoError(t, r.Shutdown(ctx))
+	<-done
+	var key string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT key FROM `+c.Schema+`.`+c.Table).Scan(&key))
+	assert.Equal(t, keyOf[1], key, "the taken-over bucket's row stays for its new owner")
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, 1, published[keyOf[0]], "the held bucket's row was acknowledged by that batch, not published again")
+}
+
 // TestPipelinedBatchesKeepOrder: with far more keys than the batch size the
 // relay publishes full batches back to back (many keys in flight at once),
 // and failed publishes are retried; per key, the acknowledged messages must
