@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -385,6 +386,59 @@ func TestAckDeletesOnlyHeldBuckets(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	assert.Equal(t, 1, published[keyOf[0]], "the held bucket's row was acknowledged by that batch, not published again")
+}
+
+// TestFencedOffAckHoldsBackSuccessors: the bucket is taken over just as the
+// broker acknowledges a batch, so that batch's deletion is fenced off. The
+// next batch, fetched while the deletion ran, holds those keys' next
+// messages: it must not be published, since their predecessors stay in the
+// table for the new owner, who will publish them again.
+func TestFencedOffAckHoldsBackSuccessors(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 1})
+	ctx := tctx(t, 30*time.Second)
+	const keys = 10
+	for round := range 2 {
+		for k := range keys {
+			_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", k), Payload: []byte(fmt.Sprint(round))})
+			require.NoError(t, err)
+		}
+	}
+	c := o.Config()
+	var mu sync.Mutex
+	var published []string
+	first := true
+	tookOver := make(chan struct{})
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, rec := range b {
+			published = append(published, rec.Key+"/"+string(rec.Payload))
+		}
+		if first {
+			first = false
+			_, err := pool.Exec(ctx, `UPDATE `+c.Schema+`.`+c.Table+`_leases SET owner = 'other', epoch = epoch + 1,
+	expires_at = now() + interval '1 hour'`)
+			assert.NoError(t, err)
+			close(tookOver)
+		}
+		return make([]error, len(b))
+	})
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: "r", Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	<-tookOver
+	require.Eventually(t, func() bool { return len(r.Buckets()) == 0 }, 10*time.Second, 5*time.Millisecond,
+		"the relay learns it lost the bucket")
+	require.NoError(t, r.Shutdown(ctx))
+	<-done
+	assert.Equal(t, 2*keys, pending(t, pool, o), "nothing was deleted under the lost lease")
+	mu.Lock()
+	defer mu.Unlock()
+	for _, p := range published {
+		assert.True(t, strings.HasSuffix(p, "/0"), "a key's second message was published while its first stayed: %s", p)
+	}
 }
 
 // TestPipelinedBatchesKeepOrder: with far more keys than the batch size the
