@@ -261,6 +261,13 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	// every bucket of the batch still held at its epoch, or nothing is
 	// deleted. Only then (a lease lost mid-batch) does ackEachSQL delete
 	// the rows of the buckets still held.
+	// Recording a failure locks the lease rows it checks: unlike a
+	// deletion, an attempt counted under a lease being taken over would
+	// delay, or dead-letter, a message its new owner is publishing. A
+	// takeover in progress is waited for, then its new epoch seen.
+	lockedFence := `t.bucket = ANY(ARRAY(
+	SELECT l.bucket FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
+	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4 FOR SHARE OF l))`
 	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND (
 	SELECT count(*) FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
 	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4) = cardinality($2::int4[])`
@@ -269,7 +276,7 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	next_attempt_at = clock_timestamp() + f.delay_ms * interval '1 millisecond',
 	dead_at = CASE WHEN t.attempts + 1 >= $5 THEN clock_timestamp() END
 FROM unnest($1::int8[], $6::text[], $7::float8[]) AS f(seq, err, delay_ms)
-WHERE t.seq = f.seq AND ` + fence + `
+WHERE t.seq = f.seq AND ` + lockedFence + `
 RETURNING t.seq, t.id, t.lane, t.dead_at IS NOT NULL, t.last_error`
 	return r, nil
 }

@@ -441,6 +441,63 @@ func TestFencedOffAckHoldsBackSuccessors(t *testing.T) {
 	}
 }
 
+// TestFailureWaitsForTakeover: a publish fails while another relay's
+// takeover of the bucket is in progress. Recording the failure waits for
+// the takeover and then counts nothing: an attempt counted under the lost
+// lease would delay (or dead-letter) a message its new owner publishes.
+func TestFailureWaitsForTakeover(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 1})
+	ctx := tctx(t, 30*time.Second)
+	_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: "k"})
+	require.NoError(t, err)
+	c := o.Config()
+	table := c.Schema + "." + c.Table
+
+	publishing := make(chan struct{})
+	fail := make(chan struct{})
+	var once sync.Once
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		once.Do(func() { close(publishing); <-fail })
+		errs := make([]error, len(b))
+		for i := range errs {
+			errs[i] = fmt.Errorf("broker says no")
+		}
+		return errs
+	})
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: "r", BackoffMin: time.Minute, BackoffMax: time.Minute, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	<-publishing
+
+	takeover, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer takeover.Rollback(ctx)
+	_, err = takeover.Exec(ctx, `UPDATE `+table+`_leases SET owner = 'other', epoch = epoch + 1, expires_at = now() + interval '1 hour'`)
+	require.NoError(t, err)
+	close(fail)
+	attempts := func() int {
+		var n int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT attempts FROM `+table).Scan(&n))
+		return n
+	}
+	waiting := func() bool {
+		var n int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+	WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%SET attempts = t.attempts + 1%'`,
+			pgx.Identifier{c.Schema, c.Table}.Sanitize()).Scan(&n))
+		return n > 0
+	}
+	require.Eventually(t, func() bool { return waiting() || attempts() > 0 }, 10*time.Second, 5*time.Millisecond)
+	require.NoError(t, takeover.Commit(ctx))
+	require.Eventually(t, func() bool { return len(r.Buckets()) == 0 }, 10*time.Second, 5*time.Millisecond,
+		"the relay learns it lost the bucket")
+	assert.Equal(t, 0, attempts(), "no attempt counted under the lost lease")
+	require.NoError(t, r.Shutdown(ctx))
+	<-done
+}
+
 // TestPipelinedBatchesKeepOrder: with far more keys than the batch size the
 // relay publishes full batches back to back (many keys in flight at once),
 // and failed publishes are retried; per key, the acknowledged messages must
