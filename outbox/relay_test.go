@@ -330,6 +330,27 @@ func TestFencedAck(t *testing.T) {
 	<-d2
 }
 
+// takeOverSQL hands the buckets matching cond to another relay for an
+// hour, as a takeover commits it.
+func takeOverSQL(o *outbox.Outbox, cond string) string {
+	c := o.Config()
+	return `UPDATE ` + pgx.Identifier{c.Schema, c.Table + "_leases"}.Sanitize() + ` SET owner = 'other', epoch = epoch + 1,
+	expires_at = now() + interval '1 hour' WHERE ` + cond
+}
+
+// startRelay runs a relay with ID "r"; stop shuts it down and waits for Run.
+func startRelay(t *testing.T, ctx context.Context, o *outbox.Outbox, pool *pgxpool.Pool, pub outbox.Publisher, cfg outbox.RelayConfig) (r *outbox.Relay, stop func()) {
+	cfg.ID, cfg.Logger = "r", quiet(t)
+	r, err := o.NewRelay(pool, pub, cfg)
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	return r, func() {
+		require.NoError(t, r.Shutdown(ctx))
+		<-done
+	}
+}
+
 // TestAckDeletesOnlyHeldBuckets: a batch spans two buckets and one of them
 // is taken over while the batch is published. The acknowledgement deletes
 // the row of the bucket still held and leaves the other for its new owner.
@@ -367,19 +388,14 @@ func TestAckDeletesOnlyHeldBuckets(t *testing.T) {
 		})
 		return make([]error, len(b))
 	})
-	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: "r", Logger: quiet(t)})
-	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = r.Run(ctx) }()
+	_, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{})
 	<-stalled
-	_, err = pool.Exec(ctx, `UPDATE `+c.Schema+`.`+c.Table+`_leases SET owner = 'other', epoch = epoch + 1,
-	expires_at = now() + interval '1 hour' WHERE bucket = 1`)
+	_, err := pool.Exec(ctx, takeOverSQL(o, "bucket = 1"))
 	require.NoError(t, err)
 	close(release)
 	require.Eventually(t, func() bool { return pending(t, pool, o) == 1 }, 10*time.Second, 5*time.Millisecond,
 		"the held bucket's row is acknowledged")
-	require.NoError(t, r.Shutdown(ctx))
-	<-done
+	stop()
 	var key string
 	require.NoError(t, pool.QueryRow(ctx, `SELECT key FROM `+c.Schema+`.`+c.Table).Scan(&key))
 	assert.Equal(t, keyOf[1], key, "the taken-over bucket's row stays for its new owner")
@@ -404,7 +420,6 @@ func TestFencedOffAckHoldsBackSuccessors(t *testing.T) {
 			require.NoError(t, err)
 		}
 	}
-	c := o.Config()
 	var mu sync.Mutex
 	var published []string
 	first := true
@@ -417,22 +432,17 @@ func TestFencedOffAckHoldsBackSuccessors(t *testing.T) {
 		}
 		if first {
 			first = false
-			_, err := pool.Exec(ctx, `UPDATE `+c.Schema+`.`+c.Table+`_leases SET owner = 'other', epoch = epoch + 1,
-	expires_at = now() + interval '1 hour'`)
+			_, err := pool.Exec(ctx, takeOverSQL(o, "true"))
 			assert.NoError(t, err)
 			close(tookOver)
 		}
 		return make([]error, len(b))
 	})
-	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: "r", Logger: quiet(t)})
-	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = r.Run(ctx) }()
+	r, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{})
 	<-tookOver
 	require.Eventually(t, func() bool { return len(r.Buckets()) == 0 }, 10*time.Second, 5*time.Millisecond,
 		"the relay learns it lost the bucket")
-	require.NoError(t, r.Shutdown(ctx))
-	<-done
+	stop()
 	assert.Equal(t, 2*keys, pending(t, pool, o), "nothing was deleted under the lost lease")
 	mu.Lock()
 	defer mu.Unlock()
@@ -465,16 +475,13 @@ func TestFailureWaitsForTakeover(t *testing.T) {
 		}
 		return errs
 	})
-	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: "r", BackoffMin: time.Minute, BackoffMax: time.Minute, Logger: quiet(t)})
-	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = r.Run(ctx) }()
+	r, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{BackoffMin: time.Minute, BackoffMax: time.Minute})
 	<-publishing
 
 	takeover, err := pool.Begin(ctx)
 	require.NoError(t, err)
 	defer takeover.Rollback(ctx)
-	_, err = takeover.Exec(ctx, `UPDATE `+table+`_leases SET owner = 'other', epoch = epoch + 1, expires_at = now() + interval '1 hour'`)
+	_, err = takeover.Exec(ctx, takeOverSQL(o, "true"))
 	require.NoError(t, err)
 	close(fail)
 	attempts := func() int {
@@ -494,8 +501,7 @@ func TestFailureWaitsForTakeover(t *testing.T) {
 	require.Eventually(t, func() bool { return len(r.Buckets()) == 0 }, 10*time.Second, 5*time.Millisecond,
 		"the relay learns it lost the bucket")
 	assert.Equal(t, 0, attempts(), "no attempt counted under the lost lease")
-	require.NoError(t, r.Shutdown(ctx))
-	<-done
+	stop()
 }
 
 // TestPipelinedBatchesKeepOrder: with far more keys than the batch size the
