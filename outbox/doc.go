@@ -93,17 +93,12 @@
 // hot key, or a backlog held behind a backing-off or dead message) the
 // relay also walks the buckets' lanes (a loose index scan with a
 // round-robin cursor per bucket, one index probe per lane) to find the
-// other lanes' heads. Once the broker has acknowledged a whole batch, its
-// rows are deleted while the next batch is fetched: the fetch leaves them
-// out (one hashed probe per row), so the next row of each of their lanes is
-// that lane's head, and that batch is published only after the deletion
-// committed for every row, so a takeover finds nothing of a lane out of
-// order. A batch with failures, a lease change or a deletion fenced off is
-// finished in turn. (Fetching while a batch was published, skipping its
-// lanes, slowed both statements more than it saved.) A failed publish is
-// retried with exponential backoff and jitter (BackoffMin..BackoffMax);
-// after MaxAttempts it becomes a dead letter that holds back only its own
-// key until [Outbox.RetryDead] or
+// other lanes' heads. The next batch is fetched once this one is
+// acknowledged, not while it is published: overlapped, the fetch and the
+// acknowledgement slowed each other more than the overlap saved, most of
+// all with several relays on one table. A failed publish is retried with exponential backoff
+// and jitter (BackoffMin..BackoffMax); after MaxAttempts it becomes a dead
+// letter that holds back only its own key until [Outbox.RetryDead] or
 // [Outbox.SkipDead] ([Outbox.DeadLetters]
 // lists them). Relays wake on LISTEN/NOTIFY (Enqueue notifies) and poll
 // every PollInterval as a fallback.

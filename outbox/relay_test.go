@@ -406,9 +406,8 @@ func TestAckDeletesOnlyHeldBuckets(t *testing.T) {
 
 // TestFencedOffAckHoldsBackSuccessors: the bucket is taken over just as the
 // broker acknowledges a batch, so that batch's deletion is fenced off. The
-// next batch, fetched while the deletion ran, holds those keys' next
-// messages: it must not be published, since their predecessors stay in the
-// table for the new owner, who will publish them again.
+// keys' next messages must not be published: their predecessors stay in
+// the table for the new owner, who will publish them again.
 func TestFencedOffAckHoldsBackSuccessors(t *testing.T) {
 	t.Parallel()
 	pool, o := setup(t, outbox.Config{Buckets: 1})
