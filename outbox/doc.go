@@ -59,9 +59,12 @@
 // rows (or records a failure) checks in its own snapshot that the relay
 // still owns each bucket at the epoch it published under, so once a
 // takeover has committed the stale relay can neither publish nor
-// acknowledge; its rows stay for the new owner. No lease row is locked: an
-// acknowledgement racing a takeover deletes only rows the broker already
-// acknowledged, which at worst the new owner publishes again.
+// acknowledge; its rows stay for the new owner. An acknowledgement locks
+// no lease row: racing a takeover, it deletes only rows the broker already
+// acknowledged, which at worst the new owner publishes again. Recording a
+// failure does lock them (FOR SHARE), so it waits for a takeover in
+// progress and then counts nothing: an attempt counted under a lost lease
+// would delay, or dead-letter, a message the new owner is publishing.
 //
 // Hand-offs are immediate. A relay registers in <table>_relays on a
 // connection of its own that holds a session-level advisory lock keyed by

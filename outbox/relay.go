@@ -140,7 +140,7 @@ type Relay struct {
 	log  *slog.Logger
 	m    *metrics
 
-	fastSQL, walkSQL, ackSQL, failSQL string
+	fastSQL, walkSQL, ackSQL, ackEachSQL, failSQL string
 	// The relays' registration: control is the NOTIFY channel of joins and
 	// releases; sessionClass the advisory lock class of registration
 	// sessions; alive is the SQL test that relay row r's session lives.
@@ -249,14 +249,26 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	fence := `t.bucket = ANY(ARRAY(
 	SELECT l.bucket FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
 	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4))`
-	r.ackSQL = `WITH d AS (DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence + `
-	RETURNING t.created_at)
-SELECT count(*), clock_timestamp() FROM d`
+	// The acknowledgement checks the fence once per statement, not per row:
+	// every bucket of the batch still held at its epoch, or nothing is
+	// deleted. Only then (a lease lost mid-batch) does ackEachSQL delete
+	// the rows of the buckets still held.
+	// Recording a failure locks the lease rows it checks: unlike a
+	// deletion, an attempt counted under a lease being taken over would
+	// delay, or dead-letter, a message its new owner is publishing. A
+	// takeover in progress is waited for, then its new epoch seen.
+	lockedFence := `t.bucket = ANY(ARRAY(
+	SELECT l.bucket FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
+	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4 FOR SHARE OF l))`
+	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND (
+	SELECT count(*) FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
+	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4) = cardinality($2::int4[])`
+	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
 	r.failSQL = `UPDATE ` + t + ` t SET attempts = t.attempts + 1, last_error = f.err,
 	next_attempt_at = clock_timestamp() + f.delay_ms * interval '1 millisecond',
 	dead_at = CASE WHEN t.attempts + 1 >= $5 THEN clock_timestamp() END
 FROM unnest($1::int8[], $6::text[], $7::float8[]) AS f(seq, err, delay_ms)
-WHERE t.seq = f.seq AND ` + fence + `
+WHERE t.seq = f.seq AND ` + lockedFence + `
 RETURNING t.seq, t.id, t.lane, t.dead_at IS NOT NULL, t.last_error`
 	return r, nil
 }
@@ -907,13 +919,28 @@ func fenceArgs(bs []int32, epochOf map[int32]int64) ([]int32, []int64) {
 
 func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs []int32, epochOf map[int32]int64) error {
 	buckets, epochs := fenceArgs(bs, epochOf)
-	var n int
+	var affected int64
 	var now time.Time
-	if err := r.pool.QueryRow(ctx, r.ackSQL, seqs, buckets, epochs, r.cfg.ID).Scan(&n, &now); err != nil {
+	b := &pgx.Batch{}
+	b.Queue(r.ackSQL, seqs, buckets, epochs, r.cfg.ID).Exec(func(ct pgconn.CommandTag) error {
+		affected = ct.RowsAffected()
+		return nil
+	})
+	// The database clock, as the rows' created_at, in the same round trip.
+	b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&now) })
+	if err := r.pool.SendBatch(ctx, b).Close(); err != nil {
 		return fmt.Errorf("ack: %w", err)
 	}
+	if affected == 0 && len(buckets) > 1 {
+		// A bucket changed hands since fetch: delete what is still held.
+		ct, err := r.pool.Exec(ctx, r.ackEachSQL, seqs, buckets, epochs, r.cfg.ID)
+		if err != nil {
+			return fmt.Errorf("ack: %w", err)
+		}
+		affected = ct.RowsAffected()
+	}
+	n := int(affected)
 	if n == len(seqs) {
-		// Commit-to-ack on the database clock, as the rows' created_at.
 		for _, c := range created {
 			r.m.commitToAck.Record(ctx, now.Sub(c).Seconds(), r.m.attrs)
 		}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -327,6 +328,179 @@ func TestFencedAck(t *testing.T) {
 	require.NoError(t, r2.Shutdown(ctx))
 	<-d1
 	<-d2
+}
+
+// takeOverSQL hands the buckets matching cond to another relay for an
+// hour, as a takeover commits it.
+func takeOverSQL(o *outbox.Outbox, cond string) string {
+	c := o.Config()
+	return `UPDATE ` + pgx.Identifier{c.Schema, c.Table + "_leases"}.Sanitize() + ` SET owner = 'other', epoch = epoch + 1,
+	expires_at = now() + interval '1 hour' WHERE ` + cond
+}
+
+// startRelay runs a relay with ID "r"; stop shuts it down and waits for Run.
+func startRelay(t *testing.T, ctx context.Context, o *outbox.Outbox, pool *pgxpool.Pool, pub outbox.Publisher, cfg outbox.RelayConfig) (r *outbox.Relay, stop func()) {
+	cfg.ID, cfg.Logger = "r", quiet(t)
+	r, err := o.NewRelay(pool, pub, cfg)
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	return r, func() {
+		require.NoError(t, r.Shutdown(ctx))
+		<-done
+	}
+}
+
+// TestAckDeletesOnlyHeldBuckets: a batch spans two buckets and one of them
+// is taken over while the batch is published. The acknowledgement deletes
+// the row of the bucket still held and leaves the other for its new owner.
+func TestAckDeletesOnlyHeldBuckets(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 2})
+	ctx := tctx(t, 30*time.Second)
+	keyOf := map[int]string{}
+	for i := 0; len(keyOf) < 2; i++ {
+		k := fmt.Sprint("k", i)
+		if _, ok := keyOf[o.Bucket(k)]; !ok {
+			keyOf[o.Bucket(k)] = k
+		}
+	}
+	for _, k := range keyOf {
+		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: k})
+		require.NoError(t, err)
+	}
+	c := o.Config()
+	stalled := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	var mu sync.Mutex
+	published := map[string]int{}
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		for _, rec := range b {
+			published[rec.Key]++
+		}
+		mu.Unlock()
+		once.Do(func() {
+			assert.Len(t, b, 2, "one batch carries both buckets' rows")
+			close(stalled)
+			<-release
+		})
+		return make([]error, len(b))
+	})
+	_, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{})
+	<-stalled
+	_, err := pool.Exec(ctx, takeOverSQL(o, "bucket = 1"))
+	require.NoError(t, err)
+	close(release)
+	require.Eventually(t, func() bool { return pending(t, pool, o) == 1 }, 10*time.Second, 5*time.Millisecond,
+		"the held bucket's row is acknowledged")
+	stop()
+	var key string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT key FROM `+c.Schema+`.`+c.Table).Scan(&key))
+	assert.Equal(t, keyOf[1], key, "the taken-over bucket's row stays for its new owner")
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, 1, published[keyOf[0]], "the held bucket's row was acknowledged by that batch, not published again")
+}
+
+// TestFencedOffAckHoldsBackSuccessors: the bucket is taken over just as the
+// broker acknowledges a batch, so that batch's deletion is fenced off. The
+// keys' next messages must not be published: their predecessors stay in
+// the table for the new owner, who will publish them again.
+func TestFencedOffAckHoldsBackSuccessors(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 1})
+	ctx := tctx(t, 30*time.Second)
+	const keys = 10
+	for round := range 2 {
+		for k := range keys {
+			_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", k), Payload: []byte(fmt.Sprint(round))})
+			require.NoError(t, err)
+		}
+	}
+	var mu sync.Mutex
+	var published []string
+	first := true
+	tookOver := make(chan struct{})
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, rec := range b {
+			published = append(published, rec.Key+"/"+string(rec.Payload))
+		}
+		if first {
+			first = false
+			_, err := pool.Exec(ctx, takeOverSQL(o, "true"))
+			assert.NoError(t, err)
+			close(tookOver)
+		}
+		return make([]error, len(b))
+	})
+	r, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{})
+	<-tookOver
+	require.Eventually(t, func() bool { return len(r.Buckets()) == 0 }, 10*time.Second, 5*time.Millisecond,
+		"the relay learns it lost the bucket")
+	stop()
+	assert.Equal(t, 2*keys, pending(t, pool, o), "nothing was deleted under the lost lease")
+	mu.Lock()
+	defer mu.Unlock()
+	for _, p := range published {
+		assert.True(t, strings.HasSuffix(p, "/0"), "a key's second message was published while its first stayed: %s", p)
+	}
+}
+
+// TestFailureWaitsForTakeover: a publish fails while another relay's
+// takeover of the bucket is in progress. Recording the failure waits for
+// the takeover and then counts nothing: an attempt counted under the lost
+// lease would delay (or dead-letter) a message its new owner publishes.
+func TestFailureWaitsForTakeover(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 1})
+	ctx := tctx(t, 30*time.Second)
+	_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: "k"})
+	require.NoError(t, err)
+	c := o.Config()
+	table := c.Schema + "." + c.Table
+
+	publishing := make(chan struct{})
+	fail := make(chan struct{})
+	var once sync.Once
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		once.Do(func() { close(publishing); <-fail })
+		errs := make([]error, len(b))
+		for i := range errs {
+			errs[i] = fmt.Errorf("broker says no")
+		}
+		return errs
+	})
+	r, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{BackoffMin: time.Minute, BackoffMax: time.Minute})
+	<-publishing
+
+	takeover, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer takeover.Rollback(ctx)
+	_, err = takeover.Exec(ctx, takeOverSQL(o, "true"))
+	require.NoError(t, err)
+	close(fail)
+	attempts := func() int {
+		var n int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT attempts FROM `+table).Scan(&n))
+		return n
+	}
+	waiting := func() bool {
+		var n int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+	WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%SET attempts = t.attempts + 1%'`,
+			pgx.Identifier{c.Schema, c.Table}.Sanitize()).Scan(&n))
+		return n > 0
+	}
+	require.Eventually(t, func() bool { return waiting() || attempts() > 0 }, 10*time.Second, 5*time.Millisecond)
+	require.NoError(t, takeover.Commit(ctx))
+	require.Eventually(t, func() bool { return len(r.Buckets()) == 0 }, 10*time.Second, 5*time.Millisecond,
+		"the relay learns it lost the bucket")
+	assert.Equal(t, 0, attempts(), "no attempt counted under the lost lease")
+	stop()
 }
 
 // TestPipelinedBatchesKeepOrder: with far more keys than the batch size the

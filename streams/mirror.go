@@ -106,9 +106,14 @@ func (m *Mirror) Stats() MirrorStats {
 	return MirrorStats{Copied: m.copied.Load(), Skipped: m.skipped.Load(), Rounds: m.rounds.Load()}
 }
 
-// MirrorCheckpoint is what the mirror's commit metadata records per
-// partition: the new cluster's offset after the last copy it committed.
-const mirrorMetaPrefix = "dimmer-mirror1 new="
+// mirrorMetaPrefix starts what the mirror's commit metadata records per
+// partition: the offset, on the cluster it copies to, after the last copy
+// it committed. Mirrors before MirrorConfig.From wrote legacyMirrorMetaPrefix
+// (they only copied to new); it is still read.
+const (
+	mirrorMetaPrefix       = "dimmer-mirror1 to="
+	legacyMirrorMetaPrefix = "dimmer-mirror1 new="
+)
 
 // Run copies until ctx ends (then it returns nil) or a cluster fails. It
 // first checks that the topic exists on both clusters with the same

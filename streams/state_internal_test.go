@@ -73,3 +73,21 @@ func TestParseOrigin(t *testing.T) {
 		assert.ErrorIs(t, err, ErrBadOrigin, v)
 	}
 }
+
+func TestParseMirrorCheckpoint(t *testing.T) {
+	for _, c := range []struct {
+		md   string
+		want int64
+		ok   bool
+	}{
+		{mirrorMetaPrefix + "42", 42, true},
+		{"dimmer-mirror1 new=7", 7, true}, // written before mirrors could copy back
+		{"dimmer-mirror1 to=x", 0, false},
+		{"dimmer1 e=1 old=3", 0, false},
+		{"", 0, false},
+	} {
+		got, ok := ParseMirrorCheckpoint(c.md)
+		assert.Equal(t, c.ok, ok, c.md)
+		assert.Equal(t, c.want, got, c.md)
+	}
+}

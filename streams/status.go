@@ -193,12 +193,15 @@ func hasMembers(ctx context.Context, adm *kadm.Client, group string) (bool, erro
 	return len(g.Members) > 0, nil
 }
 
-// ParseMirrorCheckpoint reads the new cluster's offset a mirror commit
-// records ("dimmer-mirror1 new=<offset>").
+// ParseMirrorCheckpoint reads the offset a mirror commit records on the
+// cluster the mirror copies to ("dimmer-mirror1 to=<offset>", or "new=" as
+// written before mirrors could copy back to old).
 func ParseMirrorCheckpoint(md string) (int64, bool) {
 	v, ok := strings.CutPrefix(md, mirrorMetaPrefix)
 	if !ok {
-		return 0, false
+		if v, ok = strings.CutPrefix(md, legacyMirrorMetaPrefix); !ok {
+			return 0, false
+		}
 	}
 	n, err := strconv.ParseInt(v, 10, 64)
 	return n, err == nil
