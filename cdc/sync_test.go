@@ -58,10 +58,13 @@ func slices_equal(a, b []string) bool {
 }
 
 // runSync runs a sync until the test ends; done is closed when Run
-// returns, with its error in *runErr.
-func runSync(t testing.TB, srcURL string, src *pgxpool.Pool, target *pgxpool.Pool, cfg cdc.SyncConfig) (s *cdc.Sync, done <-chan struct{}, runErr *error) {
+// returns, with its error in *runErr. prepare runs before Run.
+func runSync(t testing.TB, srcURL string, src *pgxpool.Pool, target *pgxpool.Pool, cfg cdc.SyncConfig, prepare ...func(*cdc.Sync)) (s *cdc.Sync, done <-chan struct{}, runErr *error) {
 	s, err := cdc.NewSync(srcURL, target, cfg)
 	require.NoError(t, err)
+	for _, p := range prepare {
+		p(s)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	closed := make(chan struct{})
 	runErr = new(error)

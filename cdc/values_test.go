@@ -36,6 +36,16 @@ const (
 	($1::int + 2, 'nulls', 3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL%s)`
 )
 
+// textValuesIf makes a sync read text values when text is set, as it does
+// for a type without a built-in binary form.
+func textValuesIf(text bool) func(*cdc.Sync) {
+	return func(s *cdc.Sync) {
+		if text {
+			cdc.TextValues(s)
+		}
+	}
+}
+
 // Values of every form reach the target unchanged, read in binary (the
 // default for built-in types), in text (forced, as for a type without a
 // built-in binary form) and in text because a column is an enum: through
@@ -77,21 +87,8 @@ func TestSyncValueForms(t *testing.T) {
 			require.NoError(t, err)
 			// The initial copy is package backfill's; rows here come
 			// from the stream.
-			name := dimmertest.Name("vals_")
-			s, err := cdc.NewSync(srcURL, dst, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: tbl},
-				Target: backfill.Table{Name: tbl}, VersionColumn: "v", Logger: quiet(t)})
-			require.NoError(t, err)
-			if c.text {
-				cdc.TextValues(s)
-			}
-			runCtx, cancel := context.WithCancel(ctx)
-			done := make(chan error, 1)
-			go func() { done <- s.Run(runCtx) }()
-			defer func() {
-				cancel()
-				require.ErrorIs(t, <-done, context.Canceled)
-				require.NoError(t, cdc.DropSlot(context.Background(), src, "", name, true))
-			}()
+			s, _, _ := runSync(t, srcURL, src, dst, cdc.SyncConfig{Name: dimmertest.Name("vals_"), Source: backfill.Table{Name: tbl},
+				Target: backfill.Table{Name: tbl}, VersionColumn: "v", Logger: quiet(t)}, textValuesIf(c.text))
 			require.Eventually(t, s.Streaming, time.Minute, 10*time.Millisecond)
 			require.Equal(t, c.name == "binary", cdc.BinaryValues(s))
 			for id := 10; id < 100; id += 10 {
@@ -135,8 +132,7 @@ func TestSyncSinkValuesBinaryAndText(t *testing.T) {
 	var mu sync.Mutex
 	var syncs []*cdc.Sync
 	for _, text := range []bool{false, true} {
-		name := dimmertest.Name("sv_")
-		s, err := cdc.NewSync(srcURL, nil, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "sv"}, VersionColumn: "v",
+		s, _, _ := runSync(t, srcURL, src, nil, cdc.SyncConfig{Name: dimmertest.Name("sv_"), Source: backfill.Table{Name: "sv"}, VersionColumn: "v",
 			Logger: quiet(t), Sink: func(_ context.Context, cs []cdc.Change) error {
 				mu.Lock()
 				defer mu.Unlock()
@@ -146,19 +142,7 @@ func TestSyncSinkValuesBinaryAndText(t *testing.T) {
 					}
 				}
 				return nil
-			}})
-		require.NoError(t, err)
-		if text {
-			cdc.TextValues(s)
-		}
-		runCtx, cancel := context.WithCancel(ctx)
-		done := make(chan error, 1)
-		go func() { done <- s.Run(runCtx) }()
-		defer func() {
-			cancel()
-			require.ErrorIs(t, <-done, context.Canceled)
-			require.NoError(t, cdc.DropSlot(context.Background(), src, "", name, true))
-		}()
+			}}, textValuesIf(text))
 		require.Eventually(t, s.Streaming, time.Minute, 10*time.Millisecond)
 		require.Equal(t, !text, cdc.BinaryValues(s))
 		syncs = append(syncs, s)
