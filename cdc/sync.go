@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -137,8 +138,9 @@ type SyncConfig struct {
 	// MaxDelay bounds how long a committed change waits to be batched with
 	// later ones. Default 5ms.
 	MaxDelay time.Duration
-	// StatusInterval is how often the applied position is reported to the
-	// server. Default 100ms.
+	// StatusInterval is how often the position is reported to the server
+	// when nothing new was applied (a keepalive); a newly applied position
+	// is reported at once. Default 100ms.
 	StatusInterval time.Duration
 	// StreamInProgress asks the server (PostgreSQL 14 or later) to send a
 	// large source transaction while it still runs, once its changes pass
@@ -677,6 +679,11 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 	jobs := make(chan applyJob, 2)
 	var inFlight atomic.Int64
 	var appliedPos atomic.Uint64
+	// The reader waits for the server with a deadline; a position the
+	// applier confirms ends that wait, so it is reported at once rather
+	// than at the next StatusInterval (a cutover waits for it).
+	rctx := &deadlineCtx{parent: ctx}
+	defer rctx.stop()
 	applierDone := make(chan struct{})
 	go func() {
 		defer close(applierDone)
@@ -705,8 +712,8 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 				}
 				return
 			}
-			if j.end > 0 {
-				appliedPos.Store(uint64(j.end))
+			if j.end > 0 && pglogrepl.LSN(appliedPos.Swap(uint64(j.end))) < j.end {
+				rctx.wake()
 			}
 			s.buffered.Add(-int64(len(j.changes)))
 			inFlight.Add(-1)
@@ -746,9 +753,7 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 		queued     pglogrepl.LSN // the last position handed to the applier
 		confirmed  pglogrepl.LSN
 		nextStatus = time.Now()
-		rctx       = &deadlineCtx{parent: ctx}
 	)
-	defer rctx.stop()
 	flush := func() error {
 		if len(pending) == 0 && queued >= lastCommit {
 			return nil
@@ -807,8 +812,8 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 			if ctx.Err() != nil {
 				return fail(ctx.Err())
 			}
-			if pgconn.Timeout(err) {
-				continue
+			if pgconn.Timeout(err) || errors.Is(err, context.Canceled) {
+				continue // the deadline, or the applier's wake-up (ctx itself stands)
 			}
 			return fail(&connLostError{fmt.Errorf("cdc: sync %s: read slot: %w", s.cfg.Name, err)})
 		}
@@ -1027,24 +1032,33 @@ func (s *Sync) apply(ctx context.Context, conn *pgconn.PgConn, sh *tableShape, a
 }
 
 // deadlineCtx hands out a context that ends at a deadline, reusing it
-// while the deadline stands.
+// while the deadline stands; wake, safe from any goroutine, ends it early.
 type deadlineCtx struct {
 	parent context.Context
+	mu     sync.Mutex
 	ctx    context.Context
 	cancel context.CancelFunc
 	at     time.Time
 }
 
 func (d *deadlineCtx) until(at time.Time) context.Context {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if d.ctx == nil || !at.Equal(d.at) || d.ctx.Err() != nil {
-		d.stop()
+		if d.cancel != nil {
+			d.cancel()
+		}
 		d.ctx, d.cancel = context.WithDeadline(d.parent, at)
 		d.at = at
 	}
 	return d.ctx
 }
 
+func (d *deadlineCtx) wake() { d.stop() }
+
 func (d *deadlineCtx) stop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if d.cancel != nil {
 		d.cancel()
 	}

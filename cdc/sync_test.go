@@ -414,3 +414,25 @@ func TestSyncRefusesOppositeSync(t *testing.T) {
 	require.ErrorIs(t, <-revDone, context.Canceled)
 	require.NoError(t, cdc.DropSlot(ctx, b, "", revName, true))
 }
+
+// A position the sync has applied is confirmed to the server at once, not
+// at the next StatusInterval: a cutover waits for it with writers held.
+func TestSyncConfirmsAppliedPositionAtOnce(t *testing.T) {
+	t.Parallel()
+	srcURL, src := logicalDB(t)
+	ctx := tctx(t, time.Minute)
+	_, err := src.Exec(ctx, fmt.Sprintf(syncTable, "conf")+`; `+fmt.Sprintf(syncTable, "conf_copy"))
+	require.NoError(t, err)
+	name := dimmertest.Name("conf_")
+	s, _, _ := runSync(t, srcURL, src, src, cdc.SyncConfig{Name: name, Source: backfill.Table{Name: "conf"},
+		Target: backfill.Table{Name: "conf_copy"}, VersionColumn: "v", StatusInterval: 30 * time.Second, Logger: quiet(t)})
+	require.Eventually(t, s.Streaming, time.Minute, 10*time.Millisecond)
+	for i := range 3 {
+		_, err := src.Exec(ctx, `INSERT INTO conf VALUES ($1, 1, 'n', '')`, i)
+		require.NoError(t, err)
+		start := time.Now()
+		require.NoError(t, cdc.WaitSlot(ctx, src, name))
+		assert.Less(t, time.Since(start), 5*time.Second, "the slot's confirmed position waited for the status interval")
+	}
+	assert.Equal(t, 3, count(t, src, `SELECT count(*) FROM conf_copy`))
+}
