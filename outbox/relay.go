@@ -241,29 +241,27 @@ SELECT w.bucket, CASE WHEN t.key IS NULL THEN t.lane END, t.seq, ` + readyExpr +
 FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t`
 	// The fence: the statement that deletes (or records a failure) checks,
 	// in its own snapshot, that this relay still holds each bucket at the
-	// epoch it published under. No lease row is locked: an acknowledgement
-	// racing a takeover can only delete rows this relay published and the
-	// broker acknowledged, so the worst case is a duplicate publish by the
-	// new owner, never a loss or a reordered first delivery; once the
-	// takeover has committed, the stale relay's statements match nothing.
-	fence := `t.bucket = ANY(ARRAY(
-	SELECT l.bucket FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
-	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4))`
+	// epoch it published under: the lease rows in held, of the batch's
+	// buckets ($2) still owned by this relay ($4) at those epochs ($3). An
+	// acknowledgement locks no lease row: racing a takeover it can only
+	// delete rows this relay published and the broker acknowledged, so the
+	// worst case is a duplicate publish by the new owner, never a loss or a
+	// reordered first delivery; once the takeover has committed, the stale
+	// relay's statements match nothing.
+	held := `FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
+	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4`
+	fence := `t.bucket = ANY(ARRAY(SELECT l.bucket ` + held + `))`
 	// The acknowledgement checks the fence once per statement, not per row:
 	// every bucket of the batch still held at its epoch, or nothing is
 	// deleted. Only then (a lease lost mid-batch) does ackEachSQL delete
 	// the rows of the buckets still held.
+	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND (SELECT count(*) ` + held + `) = cardinality($2::int4[])`
+	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
 	// Recording a failure locks the lease rows it checks: unlike a
 	// deletion, an attempt counted under a lease being taken over would
 	// delay, or dead-letter, a message its new owner is publishing. A
 	// takeover in progress is waited for, then its new epoch seen.
-	lockedFence := `t.bucket = ANY(ARRAY(
-	SELECT l.bucket FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
-	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4 FOR SHARE OF l))`
-	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND (
-	SELECT count(*) FROM ` + l + ` l JOIN unnest($2::int4[], $3::int8[]) AS m(bucket, epoch)
-	ON l.bucket = m.bucket AND l.epoch = m.epoch WHERE l.owner = $4) = cardinality($2::int4[])`
-	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
+	lockedFence := `t.bucket = ANY(ARRAY(SELECT l.bucket ` + held + ` FOR SHARE OF l))`
 	r.failSQL = `UPDATE ` + t + ` t SET attempts = t.attempts + 1, last_error = f.err,
 	next_attempt_at = clock_timestamp() + f.delay_ms * interval '1 millisecond',
 	dead_at = CASE WHEN t.attempts + 1 >= $5 THEN clock_timestamp() END
