@@ -104,6 +104,11 @@ func tupleLen(b []byte) (int, error) {
 		}
 		k := b[p]
 		p++
+		switch k {
+		case 'n', 'u', 't', 'b':
+		default:
+			return 0, fmt.Errorf("cdc: pgoutput column of unknown kind %q", k)
+		}
 		if k == 't' || k == 'b' {
 			if len(b) < p+4 {
 				return 0, errShortMessage
