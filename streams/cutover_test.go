@@ -34,8 +34,7 @@ func TestMirroredCutoverIsExact(t *testing.T) {
 		Old: []kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, New: []kgo.Opt{kgo.SeedBrokers(newSeeds...)}})
 	require.NoError(t, err)
 	var wg sync.WaitGroup
-	mctx, mstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, mirror.Run(mctx)) })
+	mstop := goRun(t, &wg, ctx, mirror.Run)
 
 	stage := newStage(flags.Shadow)
 	l := newLedger()
@@ -44,8 +43,7 @@ func TestMirroredCutoverIsExact(t *testing.T) {
 		Source: stage, Handler: l.handle, PollTimeout: 50 * time.Millisecond})
 	require.NoError(t, err)
 	defer c.Close()
-	cctx, cstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	cstop := goRun(t, &wg, ctx, c.Run)
 
 	eventually(t, 30*time.Second, "consumer on old processed some", func() bool { return l.n.Load() >= 200 })
 	w.produce(t, ctx, 300)
@@ -125,8 +123,7 @@ func TestDualProducedCutoverUnderLoad(t *testing.T) {
 	require.NoError(t, err)
 	defer c.Close()
 	var wg sync.WaitGroup
-	cctx, cstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	cstop := goRun(t, &wg, ctx, c.Run)
 
 	for i, s := range []flags.Stage{flags.Live, flags.Shadow, flags.Live} {
 		eventually(t, 30*time.Second, "consumer progresses", func() bool { return l.n.Load() >= int64(150*(i+1)) })

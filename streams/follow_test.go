@@ -36,8 +36,7 @@ func TestFirstMoveOnALongTopicReadsABoundedWindow(t *testing.T) {
 	mirror, err := streams.NewMirror(streams.MirrorConfig{Topic: name, Old: oldOpts, New: newOpts})
 	require.NoError(t, err)
 	var wg sync.WaitGroup
-	mctx, mstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, mirror.Run(mctx)) })
+	mstop := goRun(t, &wg, ctx, mirror.Run)
 
 	stage := newStage(flags.Shadow)
 	l := newLedger()
@@ -45,8 +44,7 @@ func TestFirstMoveOnALongTopicReadsABoundedWindow(t *testing.T) {
 		Old: oldOpts, New: newOpts, Source: stage, Handler: l.handle, PollTimeout: 50 * time.Millisecond})
 	require.NoError(t, err)
 	defer c.Close()
-	cctx, cstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	cstop := goRun(t, &wg, ctx, c.Run)
 
 	eventually(t, 60*time.Second, "old processed and new followed", func() bool {
 		return l.n.Load() >= long && c.Stats().Followed >= long

@@ -50,8 +50,7 @@ func TestGuards(t *testing.T) {
 	m, err := streams.NewMirror(streams.MirrorConfig{Topic: name, Old: oldOpts, New: newOpts})
 	require.NoError(t, err)
 	var wg sync.WaitGroup
-	mctx, mstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, m.Run(mctx)) })
+	mstop := goRun(t, &wg, ctx, m.Run)
 	eventually(t, 30*time.Second, "mirrored", func() bool { return m.Stats().Copied >= 20 })
 	require.NoError(t, mirrorGuard.Check(ctx, move(flags.Shadow, flags.Live)))
 
@@ -67,8 +66,7 @@ func TestGuards(t *testing.T) {
 		Source: stage, Handler: l.handle, PollTimeout: 50 * time.Millisecond})
 	require.NoError(t, err)
 	defer c.Close()
-	cctx, cstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	cstop := goRun(t, &wg, ctx, c.Run)
 	eventually(t, 30*time.Second, "consumed on old", func() bool { return l.n.Load() >= 20 })
 	err = lagGuard.Check(ctx, move(flags.Live, flags.RampDown))
 	require.Error(t, err)

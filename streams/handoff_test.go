@@ -34,8 +34,7 @@ func TestGroupMovesAsAWholeWhenInstancesSeeTheFlipApart(t *testing.T) {
 	mirror, err := streams.NewMirror(streams.MirrorConfig{Topic: name, Old: oldOpts, New: newOpts})
 	require.NoError(t, err)
 	var wg sync.WaitGroup
-	mctx, mstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, mirror.Run(mctx)) })
+	mstop := goRun(t, &wg, ctx, mirror.Run)
 
 	l := newLedger()
 	stages := []*stageVar{newStage(flags.Shadow), newStage(flags.Shadow)}

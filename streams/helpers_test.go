@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kfake"
@@ -170,4 +171,12 @@ func eventually(t testing.TB, d time.Duration, msg string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// goRun runs run in wg until the returned stop is called; run must then
+// return nil (a Consumer, Mirror or Shadow stopped by its context does).
+func goRun(t testing.TB, wg *sync.WaitGroup, ctx context.Context, run func(context.Context) error) (stop context.CancelFunc) {
+	ctx, stop = context.WithCancel(ctx)
+	wg.Go(func() { assert.NoError(t, run(ctx)) })
+	return stop
 }

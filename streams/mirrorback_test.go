@@ -34,8 +34,7 @@ func TestMirrorFromNewAfterCompleteRollsBack(t *testing.T) {
 	mirror, err := streams.NewMirror(streams.MirrorConfig{Topic: name, From: flags.New, Old: oldOpts, New: newOpts})
 	require.NoError(t, err)
 	var wg sync.WaitGroup
-	mctx, mstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, mirror.Run(mctx)) })
+	mstop := goRun(t, &wg, ctx, mirror.Run)
 
 	stage := newStage(flags.Complete)
 	l := newLedger()
@@ -43,8 +42,7 @@ func TestMirrorFromNewAfterCompleteRollsBack(t *testing.T) {
 		Old: oldOpts, New: newOpts, Source: stage, Handler: l.handle, PollTimeout: 50 * time.Millisecond})
 	require.NoError(t, err)
 	defer c.Close()
-	cctx, cstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	cstop := goRun(t, &wg, ctx, c.Run)
 
 	eventually(t, 30*time.Second, "consumer on new processed some", func() bool { return l.n.Load() >= 200 })
 	w.produce(t, ctx, 200)

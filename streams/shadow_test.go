@@ -41,8 +41,7 @@ func TestShadowComparesPerKey(t *testing.T) {
 		})})
 	require.NoError(t, err)
 	var wg sync.WaitGroup
-	sctx, sstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, sh.Run(sctx)) })
+	sstop := goRun(t, &wg, ctx, sh.Run)
 	eventually(t, 20*time.Second, "a session started", func() bool { return sh.Stats().Sessions == 1 })
 
 	p, err := streams.NewProducer("events", name, stage, oldOpts, newOpts, streams.WithRepairLog(nilLog{}))

@@ -35,8 +35,7 @@ func TestTranslate(t *testing.T) {
 	require.NoError(t, err)
 	defer c.Close()
 	var wg sync.WaitGroup
-	cctx, cstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	cstop := goRun(t, &wg, ctx, c.Run)
 	eventually(t, 30*time.Second, "consumed", func() bool { return l.n.Load() >= 30 })
 	cstop()
 	wg.Wait()
@@ -44,8 +43,7 @@ func TestTranslate(t *testing.T) {
 
 	m, err := streams.NewMirror(streams.MirrorConfig{Topic: name, Old: opts[flags.Old], New: opts[flags.New]})
 	require.NoError(t, err)
-	mctx, mstop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, m.Run(mctx)) })
+	mstop := goRun(t, &wg, ctx, m.Run)
 	eventually(t, 30*time.Second, "mirrored", func() bool { return m.Stats().Copied >= 40 })
 	mstop()
 	wg.Wait()

@@ -53,8 +53,7 @@ func TestUnknownOriginFallsBackToInbox(t *testing.T) {
 	require.NoError(t, err)
 	defer c.Close()
 	var wg sync.WaitGroup
-	cctx, stop := context.WithCancel(ctx)
-	wg.Go(func() { assert.NoError(t, c.Run(cctx)) })
+	stop := goRun(t, &wg, ctx, c.Run)
 	eventually(t, 30*time.Second, "three records met", func() bool {
 		s := c.Stats()
 		return s.Processed == 2 && s.Unknown == 2
