@@ -95,34 +95,14 @@ func TestRunStoppedWhileCheckingTheOtherClusterReturnsNil(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	oldC, newC, name := twoClustersWithTopic(t, "stopask")
-	held, release := make(chan struct{}), make(chan struct{})
-	t.Cleanup(func() { close(release) }) // before the topic's deletion and the cluster's close
-	newC.ControlKey(int16(kmsg.DescribeGroups), func(kmsg.Request) (kmsg.Response, error, bool) {
-		close(held)
-		newC.SleepControl(func() { <-release })
-		return nil, nil, false
-	})
+	held := holdRequests(t, newC, kmsg.DescribeGroups)
 
 	c, err := streams.NewConsumer(streams.ConsumerConfig{Migration: "events", Topic: name, Group: "totals",
 		Old: []kgo.Opt{kgo.SeedBrokers(oldC.ListenAddrs()...)}, New: []kgo.Opt{kgo.SeedBrokers(newC.ListenAddrs()...)},
 		Source: newStage(flags.Shadow), Handler: func(context.Context, *kgo.Record) error { return nil }, PollTimeout: 50 * time.Millisecond})
 	require.NoError(t, err)
 	defer c.Close()
-	rctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- c.Run(rctx) }()
-	select {
-	case <-held:
-	case <-ctx.Done():
-		t.Fatal("the consumer never asked the new cluster for the group's members")
-	}
-	stop()
-	select {
-	case err := <-done:
-		assert.NoError(t, err)
-	case <-ctx.Done():
-		t.Fatal("Run did not return once stopped")
-	}
+	stopWhileHeld(t, ctx, c.Run, held, "the consumer never asked the new cluster for the group's members")
 }
 
 // The mirror's first step asks both clusters for the topic; stopped while
@@ -133,25 +113,38 @@ func TestMirrorStoppedWhileCheckingTheTopicReturnsNil(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	oldC, newC, name := twoClustersWithTopic(t, "stopmirror")
-	held, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	t.Cleanup(func() { close(release) })
-	newC.ControlKey(int16(kmsg.Metadata), func(kmsg.Request) (kmsg.Response, error, bool) {
-		once.Do(func() { close(held) })
-		newC.SleepControl(func() { <-release })
-		return nil, nil, false
-	})
+	held := holdRequests(t, newC, kmsg.Metadata)
 
 	m, err := streams.NewMirror(streams.MirrorConfig{Topic: name,
 		Old: []kgo.Opt{kgo.SeedBrokers(oldC.ListenAddrs()...)}, New: []kgo.Opt{kgo.SeedBrokers(newC.ListenAddrs()...)}})
 	require.NoError(t, err)
+	stopWhileHeld(t, ctx, m.Run, held, "the mirror never asked the new cluster for the topic")
+}
+
+// holdRequests leaves every request of key to c unanswered until the test
+// ends; held is closed at the first.
+func holdRequests(t *testing.T, c *kfake.Cluster, key kmsg.Key) (held <-chan struct{}) {
+	h, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { close(release) }) // before the topic's deletion and the cluster's close
+	c.ControlKey(int16(key), func(kmsg.Request) (kmsg.Response, error, bool) {
+		once.Do(func() { close(h) })
+		c.SleepControl(func() { <-release })
+		return nil, nil, false
+	})
+	return h
+}
+
+// stopWhileHeld runs run until held is closed, stops it there and expects
+// it to return nil, as it does when stopped anywhere else.
+func stopWhileHeld(t *testing.T, ctx context.Context, run func(context.Context) error, held <-chan struct{}, never string) {
 	rctx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
-	go func() { done <- m.Run(rctx) }()
+	go func() { done <- run(rctx) }()
 	select {
 	case <-held:
 	case <-ctx.Done():
-		t.Fatal("the mirror never asked the new cluster for the topic")
+		t.Fatal(never)
 	}
 	stop()
 	select {
