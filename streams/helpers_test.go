@@ -117,6 +117,16 @@ func (l *ledger) check(t testing.TB, want []string) (skipped, twice, disorder in
 	return skipped, twice, disorder
 }
 
+// assertExact asserts every record of want was processed exactly once,
+// in per-key order.
+func (l *ledger) assertExact(t testing.TB, want []string) {
+	t.Helper()
+	skipped, twice, disorder := l.check(t, want)
+	assert.Zero(t, skipped, "skipped")
+	assert.Zero(t, twice, "processed twice")
+	assert.Zero(t, disorder, "per-key order violations")
+}
+
 // writer produces "key seq" values, keyed, to one cluster in the
 // background, as producers that cannot be changed would.
 type writer struct {
