@@ -567,23 +567,11 @@ func (c *Consumer) handle(ctx context.Context, side flags.Side, rec *kgo.Record)
 		c.mu.Unlock()
 		if had {
 			process = false
-			c.mu.Lock()
-			c.stats.Duplicates++
-			if c.switching {
-				c.stats.Rescanned++
-			}
-			c.mu.Unlock()
-			c.count(ctx, side, "duplicate")
+			c.duplicate(ctx, side)
 		}
 	case st.processed(o):
 		process = false
-		c.mu.Lock()
-		c.stats.Duplicates++
-		if c.switching {
-			c.stats.Rescanned++
-		}
-		c.mu.Unlock()
-		c.count(ctx, side, "duplicate")
+		c.duplicate(ctx, side)
 	}
 	if process {
 		if err := c.cfg.Handler(ctx, rec); err != nil {
@@ -760,4 +748,16 @@ func (c *Consumer) commitHandled(ctx context.Context, cl *kgo.Client, at map[int
 	}
 	c.mu.Unlock()
 	return commitAt(ctx, cl, offs, md)
+}
+
+// duplicate counts a record skipped because its origin was processed
+// already (read again while finding the position after a move: rescanned).
+func (c *Consumer) duplicate(ctx context.Context, side flags.Side) {
+	c.mu.Lock()
+	c.stats.Duplicates++
+	if c.switching {
+		c.stats.Rescanned++
+	}
+	c.mu.Unlock()
+	c.count(ctx, side, "duplicate")
 }
