@@ -549,13 +549,6 @@ WHERE slot = $1 AND (SELECT active_pid FROM pg_replication_slots WHERE slot_name
 	return err
 }
 
-func deref32(p *uint32) any {
-	if p == nil {
-		return "(none)"
-	}
-	return *p
-}
-
 // read decodes the stream into committed transactions and reports the
 // acknowledged position to the server.
 func (r *Relay) read(ctx context.Context, conn *pgconn.PgConn, st *relayState) error {

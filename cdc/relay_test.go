@@ -83,13 +83,6 @@ func checkOrder(t testing.TB, recs []*kgo.Record, want map[string]int) (dups int
 	return dups
 }
 
-func confirmedLSN(t testing.TB, pool *pgxpool.Pool, slotName string) (confirmedPastEnd bool) {
-	var ok bool
-	require.NoError(t, pool.QueryRow(tctx(t, 10*time.Second), `SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 0
-FROM pg_replication_slots WHERE slot_name = $1`, slotName).Scan(&ok))
-	return ok
-}
-
 // A flaky publisher fails some records once: their keys wait and retry,
 // other keys go on, and per key the order is still commit order.
 func TestRelayPublishesCommittedMessagesInOrder(t *testing.T) {

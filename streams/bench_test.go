@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/dimmer-dev/dimmer/flags"
@@ -17,14 +16,6 @@ import (
 	"github.com/dimmer-dev/dimmer/internal/benchgoal"
 	"github.com/dimmer-dev/dimmer/streams"
 )
-
-func endTotal(b testing.TB, cl *kgo.Client, topic string) int64 {
-	ends, err := kadm.NewClient(cl).ListEndOffsets(context.Background(), topic)
-	require.NoError(b, err)
-	var n int64
-	ends.Each(func(o kadm.ListedOffset) { n += o.Offset })
-	return n
-}
 
 // handLoop is the baseline a team would write: consume a batch, produce it
 // to the same partition of the target, wait for the acks, commit.
