@@ -103,15 +103,11 @@
 // settings). Go values are decoded only for a [ChangeSink] or OnApplied.
 //
 // What bounds the streamed apply rate is the server's WAL sender:
-// PostgreSQL 15 decodes a transaction only once it commits, looks at its
-// client's socket once per log record read and sends every row as a
-// message of its own, each a system call. For a 100,000-row insert on a loaded
-// 2-core machine it takes about 0.8–1.2 s of CPU after the commit, binary
-// or text alike, and a bare receive loop applying nothing gets the rows at
-// 0.2–0.4× the rate of INSERT … SELECT (BenchmarkSyncApply logs it as
-// "the WAL sender alone"), against the goal of 0.5× for the whole sync.
-// A version-guarded upsert also costs the target more than a plain insert
-// (logged there too).
+// PostgreSQL 15 decodes a transaction only once it commits and sends every
+// row as a message of its own. BenchmarkSyncApply logs, beside the sync's
+// rate, that of a bare receive loop on the same slot options applying
+// nothing ("the WAL sender alone"), and what the version-guarded upsert
+// alone costs the target against a plain insert.
 //
 // SyncConfig.StreamInProgress (off by default; PostgreSQL 14 or later, a
 // table target) asks the WAL sender for pgoutput protocol 2 with streaming,
@@ -129,13 +125,12 @@
 // a transaction holds for it alone until it commits, and one sent in a
 // subtransaction goes when that subtransaction is rolled back, so a schema
 // change that is rolled back (whole or to a savepoint) does not stop the
-// sync. OnApplied is not called for changes applied this way. On a loaded
-// 2-core machine it did not raise the apply rate (BenchmarkSyncApply
-// 0.14–0.17 with it, 0.17–0.19 without): the WAL sender sees the log only
+// sync. OnApplied is not called for changes applied this way. It is off
+// by default because it did not raise the apply rate when measured
+// against BenchmarkSyncApply on 2 cores: the WAL sender sees the log only
 // as far as it is flushed, which during one long statement is every
-// wal_writer_delay or so, and it shares the CPU with that statement, so by
-// the commit it had done 10–30% of its work even with StreamWorkMem at
-// 64kB; the rest, and the apply behind it, still come after the commit.
+// wal_writer_delay or so, and it shares the CPU with that statement, so
+// most of its work, and the apply behind it, still come after the commit.
 //
 // The copy does not read the slot's exported snapshot: backfill copies in
 // many short transactions, possibly from several processes, which cannot
