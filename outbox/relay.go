@@ -714,27 +714,24 @@ type head struct {
 const readyExpr = `(t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()))`
 
 // queryHeads runs a head query.
-func (r *Relay) queryHeads(ctx context.Context, sql string, args ...any) ([]head, error) {
-	rows, err := r.pool.Query(ctx, sql, args...)
+func (r *Relay) queryHeads(ctx context.Context, sql string, capacity int, args ...any) ([]head, error) {
+	rows, err := r.pool.Query(ctx, sql, append([]any{headFormats}, args...)...)
 	if err != nil {
 		return nil, err
 	}
-	var heads []head
-	var h head
-	var lane, key *string
-	var headers map[string]string
-	_, err = pgx.ForEachRow(rows, []any{&h.bucket, &lane, &h.rec.Seq, &h.ready, &h.rec.ID, &key, &h.rec.Topic, &h.rec.Payload, &headers, &h.rec.Attempts, &h.rec.CreatedAt}, func() error {
-		if key != nil {
-			h.rec.Key, h.lane = *key, *key
-		} else if lane != nil {
-			h.lane = *lane
+	defer rows.Close()
+	var d headDecoder
+	if err := d.check(rows.FieldDescriptions()); err != nil {
+		return nil, err
+	}
+	heads := make([]head, 0, capacity)
+	for rows.Next() {
+		heads = append(heads, head{})
+		if err := d.decode(rows.RawValues(), &heads[len(heads)-1]); err != nil {
+			return nil, err
 		}
-		h.rec.Headers = headers
-		heads = append(heads, h)
-		h, lane, key, headers = head{}, nil, nil, nil
-		return nil
-	})
-	return heads, err
+	}
+	return heads, rows.Err()
 }
 
 // walk runs the slow path over the leased buckets, advancing each
@@ -747,7 +744,7 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
 		afters[i] = r.cursor[int(b)]
 	}
 	r.mu.Unlock()
-	heads, err := r.queryHeads(ctx, r.walkSQL, buckets, afters, depth)
+	heads, err := r.queryHeads(ctx, r.walkSQL, depth*len(buckets), buckets, afters, depth)
 	if err != nil {
 		return nil, err
 	}
@@ -778,19 +775,19 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
 // order.
 func (r *Relay) fetch(ctx context.Context, buckets []int32, epochOf map[int32]int64) ([]head, error) {
 	window := r.cfg.BatchSize
-	heads, err := r.queryHeads(ctx, r.fastSQL, buckets, window)
+	heads, err := r.queryHeads(ctx, r.fastSQL, window, buckets, window)
 	if err != nil {
 		return nil, fmt.Errorf("fetch: %w", err)
 	}
 	scanned := len(heads)
-	var batch []head
-	seen := make(map[string]bool, len(heads))
+	batch := make([]head, 0, len(heads))
+	seen := make(map[string]struct{}, len(heads))
 	take := func(heads []head) {
 		for _, h := range heads {
-			if seen[h.lane] {
+			if _, ok := seen[h.lane]; ok {
 				continue
 			}
-			seen[h.lane] = true
+			seen[h.lane] = struct{}{}
 			if h.ready && len(batch) < r.cfg.BatchSize {
 				h.epoch = epochOf[h.bucket]
 				batch = append(batch, h)

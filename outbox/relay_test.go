@@ -853,3 +853,75 @@ func TestRegistrationSessionKilled(t *testing.T) {
 		assert.Equal(t, want, firsts, "key k%d: every message, first deliveries in order", k)
 	}
 }
+
+// TestRelayHandsOverRecordsAsEnqueued: the publisher gets every field of a
+// message as it was enqueued (keyed or not, with or without headers, an
+// empty payload as an empty value, not a Kafka tombstone), with its
+// sequence, creation time and the attempts made before.
+func TestRelayHandsOverRecordsAsEnqueued(t *testing.T) {
+	ctx := tctx(t, time.Minute)
+	pool, o := setup(t, outbox.Config{})
+	before := time.Now()
+	binaryPayload := make([]byte, 256)
+	for i := range binaryPayload {
+		binaryPayload[i] = byte(i)
+	}
+	msgs := []outbox.Message{
+		{Topic: "a", Key: "k1", Payload: []byte("p1"), Headers: map[string]string{"x": "1", "y": "ü"}},
+		{Topic: "b", Payload: []byte{}},
+		{Topic: "a", Key: "k2", Payload: binaryPayload},
+	}
+	for i := range msgs {
+		id, err := o.EnqueuePool(ctx, pool, msgs[i])
+		require.NoError(t, err)
+		msgs[i].ID = id
+	}
+	after := time.Now()
+
+	var mu sync.Mutex
+	var got []outbox.Record
+	failedOnce := false
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		res := make([]error, len(b))
+		for i, r := range b {
+			r.Payload = slices.Clone(r.Payload) // the relay may reuse it
+			got = append(got, r)
+			if r.ID == msgs[2].ID && !failedOnce {
+				failedOnce = true
+				res[i] = fmt.Errorf("refused once")
+			}
+		}
+		return res
+	})
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{BackoffMin: time.Millisecond, BackoffMax: 2 * time.Millisecond, PollInterval: 10 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(rctx) }()
+	waitDrained(t, pool, o, 30*time.Second)
+	require.NoError(t, r.Shutdown(ctx))
+	cancel()
+	<-done
+
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, got, 4, "three messages, one of them twice")
+	attempts := map[string][]int{}
+	var seqs []int64
+	for _, rec := range got {
+		i := slices.IndexFunc(msgs, func(m outbox.Message) bool { return m.ID == rec.ID })
+		require.GreaterOrEqual(t, i, 0, "unknown record %v", rec.ID)
+		assert.Equal(t, msgs[i], rec.Message)
+		assert.NotNil(t, rec.Payload)
+		assert.WithinRange(t, rec.CreatedAt, before.Add(-time.Second), after.Add(time.Second))
+		attempts[rec.ID.String()] = append(attempts[rec.ID.String()], rec.Attempts)
+		if len(attempts[rec.ID.String()]) == 1 {
+			seqs = append(seqs, rec.Seq)
+		}
+	}
+	assert.Equal(t, []int{0, 1}, attempts[msgs[2].ID.String()])
+	assert.Equal(t, []int{0}, attempts[msgs[0].ID.String()])
+	assert.True(t, slices.IsSorted(seqs) && seqs[0] > 0, "seqs %v", seqs)
+}

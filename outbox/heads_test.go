@@ -1,0 +1,51 @@
+package outbox
+
+import (
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// The relay's queries are decoded column by column from raw bytes; a
+// result that is not what the decoder expects must be refused by name,
+// never read as something else.
+func TestHeadDecoderRefusesUnexpectedRows(t *testing.T) {
+	var d headDecoder
+	fds := make([]pgconn.FieldDescription, len(headOIDs))
+	for i := range fds {
+		fds[i] = pgconn.FieldDescription{Name: "c", DataTypeOID: headOIDs[i], Format: pgtype.BinaryFormatCode}
+	}
+	require.NoError(t, d.check(fds))
+	assert.ErrorContains(t, d.check(fds[:10]), "returned 10 columns, want 11")
+	fds[8].DataTypeOID = pgtype.JSONOID
+	assert.ErrorContains(t, d.check(fds), "column 8")
+	fds[8].DataTypeOID, fds[10].Format = pgtype.JSONBOID, pgtype.TextFormatCode
+	assert.ErrorContains(t, d.check(fds), "column 10")
+
+	row := func() [][]byte {
+		return [][]byte{
+			{0, 0, 0, 7}, nil, {0, 0, 0, 0, 0, 0, 0, 42}, {1}, make([]byte, 16), []byte("key"),
+			[]byte("topic"), []byte("payload"), nil, {0, 0, 0, 2}, make([]byte, 8),
+		}
+	}
+	var h head
+	require.NoError(t, d.decode(row(), &h))
+	assert.Equal(t, head{bucket: 7, lane: "key", ready: true, rec: Record{
+		Message: Message{Key: "key", Topic: "topic", Payload: []byte("payload")}, Seq: 42, Attempts: 2,
+		CreatedAt: h.rec.CreatedAt}}, h)
+	assert.Equal(t, "2000-01-01T00:00:00Z", h.rec.CreatedAt.UTC().Format("2006-01-02T15:04:05Z07:00"))
+
+	for col, name := range map[int]string{0: "bucket", 2: "seq", 3: "ready", 4: "id", 6: "topic", 7: "payload", 9: "attempts", 10: "created_at"} {
+		v := row()
+		v[col] = nil
+		assert.ErrorContains(t, d.decode(v, &head{}), name, "column %d missing", col)
+	}
+	v := row()
+	v[8] = []byte{2, '{', '}'}
+	assert.ErrorContains(t, d.decode(v, &head{}), "jsonb version")
+	v[8] = []byte{1, '['}
+	assert.ErrorContains(t, d.decode(v, &head{}), "headers")
+}
