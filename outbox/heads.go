@@ -54,8 +54,8 @@ func (d *headDecoder) check(fds []pgconn.FieldDescription) error {
 	return nil
 }
 
-// decode fills h from one row's raw values.
-func (d *headDecoder) decode(v [][]byte, h *head) error {
+// decode fills rec and m from one row's raw values.
+func (d *headDecoder) decode(v [][]byte, rec *Record, m *headMeta) error {
 	bad := func(col string, n int) error {
 		return fmt.Errorf("head column %s: %d bytes", col, n)
 	}
@@ -77,33 +77,33 @@ func (d *headDecoder) decode(v [][]byte, h *head) error {
 	case len(v[10]) != 8:
 		return bad("created_at", len(v[10]))
 	}
-	h.bucket = int32(binary.BigEndian.Uint32(v[0]))
-	h.rec.Seq = int64(binary.BigEndian.Uint64(v[2]))
-	h.ready = v[3][0] != 0
-	copy(h.rec.ID[:], v[4])
+	m.bucket = int32(binary.BigEndian.Uint32(v[0]))
+	rec.Seq = int64(binary.BigEndian.Uint64(v[2]))
+	m.ready = v[3][0] != 0
+	copy(rec.ID[:], v[4])
 	if v[5] != nil {
-		h.rec.Key = string(v[5])
-		h.lane = h.rec.Key
+		rec.Key = string(v[5])
+		m.lane = rec.Key
 	} else if v[1] != nil {
-		h.lane = string(v[1])
+		m.lane = string(v[1])
 	}
 	if string(v[6]) != d.topic {
 		d.topic = string(v[6])
 	}
-	h.rec.Topic = d.topic
+	rec.Topic = d.topic
 	// Never nil: an empty payload is an empty value, not a Kafka tombstone.
-	h.rec.Payload = append(make([]byte, 0, len(v[7])), v[7]...)
+	rec.Payload = append(make([]byte, 0, len(v[7])), v[7]...)
 	if v[8] != nil {
 		// jsonb in binary: a version byte, then the document as text.
 		if len(v[8]) < 1 || v[8][0] != 1 {
 			return fmt.Errorf("head column headers: unknown jsonb version")
 		}
-		if err := json.Unmarshal(v[8][1:], &h.rec.Headers); err != nil {
+		if err := json.Unmarshal(v[8][1:], &rec.Headers); err != nil {
 			return fmt.Errorf("head column headers: %w", err)
 		}
 	}
-	h.rec.Attempts = int(int32(binary.BigEndian.Uint32(v[9])))
+	rec.Attempts = int(int32(binary.BigEndian.Uint32(v[9])))
 	us := int64(binary.BigEndian.Uint64(v[10]))
-	h.rec.CreatedAt = time.UnixMicro(pgEpoch + us)
+	rec.CreatedAt = time.UnixMicro(pgEpoch + us)
 	return nil
 }

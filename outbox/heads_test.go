@@ -31,21 +31,22 @@ func TestHeadDecoderRefusesUnexpectedRows(t *testing.T) {
 			[]byte("topic"), []byte("payload"), nil, {0, 0, 0, 2}, make([]byte, 8),
 		}
 	}
-	var h head
-	require.NoError(t, d.decode(row(), &h))
-	assert.Equal(t, head{bucket: 7, lane: "key", ready: true, rec: Record{
-		Message: Message{Key: "key", Topic: "topic", Payload: []byte("payload")}, Seq: 42, Attempts: 2,
-		CreatedAt: h.rec.CreatedAt}}, h)
-	assert.Equal(t, "2000-01-01T00:00:00Z", h.rec.CreatedAt.UTC().Format("2006-01-02T15:04:05Z07:00"))
+	var rec Record
+	var m headMeta
+	require.NoError(t, d.decode(row(), &rec, &m))
+	assert.Equal(t, headMeta{bucket: 7, lane: "key", ready: true}, m)
+	assert.Equal(t, Record{Message: Message{Key: "key", Topic: "topic", Payload: []byte("payload")}, Seq: 42, Attempts: 2,
+		CreatedAt: rec.CreatedAt}, rec)
+	assert.Equal(t, "2000-01-01T00:00:00Z", rec.CreatedAt.UTC().Format("2006-01-02T15:04:05Z07:00"))
 
 	for col, name := range map[int]string{0: "bucket", 2: "seq", 3: "ready", 4: "id", 6: "topic", 7: "payload", 9: "attempts", 10: "created_at"} {
 		v := row()
 		v[col] = nil
-		assert.ErrorContains(t, d.decode(v, &head{}), name, "column %d missing", col)
+		assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), name, "column %d missing", col)
 	}
 	v := row()
 	v[8] = []byte{2, '{', '}'}
-	assert.ErrorContains(t, d.decode(v, &head{}), "jsonb version")
+	assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), "jsonb version")
 	v[8] = []byte{1, '['}
-	assert.ErrorContains(t, d.decode(v, &head{}), "headers")
+	assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), "headers")
 }

@@ -167,6 +167,8 @@ type Relay struct {
 	vacuuming atomic.Bool
 	deleted   int
 	noVacuum  bool
+
+	seen map[string]struct{} // fetch's lanes, kept between cycles to reuse its memory
 }
 
 // NewRelay returns a relay that publishes o's messages from pool through
@@ -702,41 +704,52 @@ func toInt32(bs []int) []int32 {
 	return out
 }
 
-type head struct {
-	epoch  int64 // of the bucket's lease when fetched
+// heads are rows of a head query, as two parallel slices: recs is what
+// the publisher is handed, without another copy.
+type heads struct {
+	recs []Record
+	meta []headMeta
+}
+
+// headMeta is what the relay needs of a head besides the record.
+type headMeta struct {
 	bucket int32
 	lane   string
 	ready  bool
-	rec    Record
+}
+
+func (h *heads) add(rec Record, m headMeta) {
+	h.recs = append(h.recs, rec)
+	h.meta = append(h.meta, m)
 }
 
 // readyExpr: a row may be published now (not dead, not backing off).
 const readyExpr = `(t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()))`
 
 // queryHeads runs a head query.
-func (r *Relay) queryHeads(ctx context.Context, sql string, capacity int, args ...any) ([]head, error) {
+func (r *Relay) queryHeads(ctx context.Context, sql string, capacity int, args ...any) (heads, error) {
 	rows, err := r.pool.Query(ctx, sql, append([]any{headFormats}, args...)...)
 	if err != nil {
-		return nil, err
+		return heads{}, err
 	}
 	defer rows.Close()
 	var d headDecoder
 	if err := d.check(rows.FieldDescriptions()); err != nil {
-		return nil, err
+		return heads{}, err
 	}
-	heads := make([]head, 0, capacity)
+	hs := heads{recs: make([]Record, 0, capacity), meta: make([]headMeta, 0, capacity)}
 	for rows.Next() {
-		heads = append(heads, head{})
-		if err := d.decode(rows.RawValues(), &heads[len(heads)-1]); err != nil {
-			return nil, err
+		hs.add(Record{}, headMeta{})
+		if err := d.decode(rows.RawValues(), &hs.recs[len(hs.recs)-1], &hs.meta[len(hs.meta)-1]); err != nil {
+			return heads{}, err
 		}
 	}
-	return heads, rows.Err()
+	return hs, rows.Err()
 }
 
 // walk runs the slow path over the leased buckets, advancing each
 // bucket's round-robin cursor.
-func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
+func (r *Relay) walk(ctx context.Context, buckets []int32) (heads, error) {
 	depth := max(1, (r.cfg.BatchSize+len(buckets)-1)/len(buckets))
 	afters := make([]string, len(buckets))
 	r.mu.Lock()
@@ -744,17 +757,17 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
 		afters[i] = r.cursor[int(b)]
 	}
 	r.mu.Unlock()
-	heads, err := r.queryHeads(ctx, r.walkSQL, depth*len(buckets), buckets, afters, depth)
+	hs, err := r.queryHeads(ctx, r.walkSQL, depth*len(buckets), buckets, afters, depth)
 	if err != nil {
-		return nil, err
+		return heads{}, err
 	}
 	// Advance each bucket's cursor; a bucket that had fewer lanes than the
 	// depth was walked to its end and starts over.
 	perBucket := map[int32]int{}
 	last := map[int32]string{}
-	for _, h := range heads {
-		perBucket[h.bucket]++
-		last[h.bucket] = h.lane
+	for _, m := range hs.meta {
+		perBucket[m.bucket]++
+		last[m.bucket] = m.lane
 	}
 	r.mu.Lock()
 	for _, b := range buckets {
@@ -768,39 +781,43 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) ([]head, error) {
 		}
 	}
 	r.mu.Unlock()
-	return heads, nil
+	return hs, nil
 }
 
 // fetch returns up to BatchSize ready heads of the leased buckets, in seq
 // order.
-func (r *Relay) fetch(ctx context.Context, buckets []int32, epochOf map[int32]int64) ([]head, error) {
+func (r *Relay) fetch(ctx context.Context, buckets []int32) (heads, error) {
 	window := r.cfg.BatchSize
-	heads, err := r.queryHeads(ctx, r.fastSQL, window, buckets, window)
+	hs, err := r.queryHeads(ctx, r.fastSQL, window, buckets, window)
 	if err != nil {
-		return nil, fmt.Errorf("fetch: %w", err)
+		return heads{}, fmt.Errorf("fetch: %w", err)
 	}
-	scanned := len(heads)
-	batch := make([]head, 0, len(heads))
-	seen := make(map[string]struct{}, len(heads))
-	take := func(heads []head) {
-		for _, h := range heads {
-			if _, ok := seen[h.lane]; ok {
+	scanned := len(hs.recs)
+	// The batch is gathered in place, over the rows already read.
+	batch := heads{recs: hs.recs[:0], meta: hs.meta[:0]}
+	if r.seen == nil {
+		r.seen = make(map[string]struct{}, window)
+	}
+	seen := r.seen
+	clear(seen)
+	take := func(from heads) {
+		for i, m := range from.meta {
+			if _, ok := seen[m.lane]; ok {
 				continue
 			}
-			seen[h.lane] = struct{}{}
-			if h.ready && len(batch) < r.cfg.BatchSize {
-				h.epoch = epochOf[h.bucket]
-				batch = append(batch, h)
+			seen[m.lane] = struct{}{}
+			if m.ready && len(batch.recs) < r.cfg.BatchSize {
+				batch.add(from.recs[i], m)
 			}
 		}
 	}
-	take(heads)
-	if scanned >= window && len(batch) < max(1, r.cfg.BatchSize/4) {
+	take(hs)
+	if scanned >= window && len(batch.recs) < max(1, r.cfg.BatchSize/4) {
 		// The window was full but yielded few heads: a few lanes crowd the
 		// front of the queue. Find the other lanes' heads past them.
 		more, err := r.walk(ctx, buckets)
 		if err != nil {
-			return nil, fmt.Errorf("fetch: %w", err)
+			return heads{}, fmt.Errorf("fetch: %w", err)
 		}
 		take(more)
 	}
@@ -824,16 +841,15 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 	for i, b := range buckets {
 		epochOf[b] = epochs[i]
 	}
-	heads, err := r.fetch(ctx, buckets, epochOf)
-	if err != nil || len(heads) == 0 {
+	hs, err := r.fetch(ctx, buckets)
+	if err != nil || len(hs.recs) == 0 {
 		return 0, err
 	}
-	batch := make([]Record, len(heads))
-	bucketOf := make([]int32, len(heads))
-	for i, h := range heads {
-		batch[i], bucketOf[i] = h.rec, h.bucket
+	bucketOf := make([]int32, len(hs.meta))
+	for i, m := range hs.meta {
+		bucketOf[i] = m.bucket
 	}
-	return r.deliver(ctx, batch, bucketOf, epochOf, deadline)
+	return r.deliver(ctx, hs.recs, bucketOf, epochOf, deadline)
 }
 
 // deliver publishes a batch and acknowledges or records the failure of
@@ -852,9 +868,11 @@ func (r *Relay) deliver(ctx context.Context, batch []Record, bucketOf []int32, e
 			results[i] = err
 		}
 	}
-	var okSeqs, failSeqs []int64
-	var okCreated []time.Time
-	var okB, failB []int32
+	okSeqs := make([]int64, 0, len(batch))
+	okCreated := make([]time.Time, 0, len(batch))
+	okB := make([]int32, 0, len(batch))
+	var failSeqs []int64
+	var failB []int32
 	var failErrs []string
 	var failDelay []float64
 	for i, err := range results {
