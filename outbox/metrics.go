@@ -73,6 +73,21 @@ func newMetrics(mp metric.MeterProvider, o *Outbox) (*metrics, error) {
 	return m, nil
 }
 
+// refreshStatsEvery refreshes the gauges now and then every interval
+// until ctx ends.
+func (r *Relay) refreshStatsEvery(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		r.refreshStats(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
 // refreshStats updates the gauges for the buckets this relay leases, so the
 // sum over relays is the whole outbox.
 func (r *Relay) refreshStats(ctx context.Context) {

@@ -309,14 +309,20 @@ func (r *Relay) Run(ctx context.Context) error {
 		r.bg.Wait()
 	}()
 
-	r.bg.Add(1)
+	r.bg.Add(2)
 	go func() {
 		defer r.bg.Done()
 		r.listen(ctx)
 	}()
+	// The gauges are refreshed beside the publishing loop: counting a long
+	// backlog is not the loop's work and would hold up its next batch.
+	go func() {
+		defer r.bg.Done()
+		r.refreshStatsEvery(ctx, r.cfg.StatsInterval)
+	}()
 
 	r.log.Info("outbox relay started")
-	var nextLease, nextStats time.Time
+	var nextLease time.Time
 	errDelay := 50 * time.Millisecond
 	for {
 		select {
@@ -333,10 +339,6 @@ func (r *Relay) Run(ctx context.Context) error {
 				r.log.Warn("outbox lease maintenance failed", "err", err)
 			}
 			nextLease = now.Add(r.cfg.LeaseTTL / 3)
-		}
-		if !now.Before(nextStats) {
-			r.refreshStats(ctx)
-			nextStats = now.Add(r.cfg.StatsInterval)
 		}
 		n, err := r.cycle(ctx)
 		if ctx.Err() != nil {
