@@ -11,8 +11,9 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 )
 
-// The head queries' columns, in order: bucket, lane (NULL when it is the
-// key), seq, ready, id, key, topic, payload, headers, attempts, created_at.
+// The head queries' columns ([headColumns]), in order: bucket, lane (NULL:
+// the key), seq, ready (NULL: true), id, key, topic, payload, headers,
+// attempts (NULL: 0), created_at.
 // Every one is asked for in binary, so a row is decoded from its raw
 // values here rather than through pgx's per-column scan plans, which cost
 // the relay more CPU per row than the database spent finding the row.
@@ -64,7 +65,7 @@ func (d *headDecoder) decode(v [][]byte, rec *Record, m *headMeta) error {
 		return bad("bucket", len(v[0]))
 	case len(v[2]) != 8:
 		return bad("seq", len(v[2]))
-	case len(v[3]) != 1:
+	case v[3] != nil && len(v[3]) != 1:
 		return bad("ready", len(v[3]))
 	case len(v[4]) != 16:
 		return bad("id", len(v[4]))
@@ -72,15 +73,16 @@ func (d *headDecoder) decode(v [][]byte, rec *Record, m *headMeta) error {
 		return bad("topic", -1)
 	case v[7] == nil:
 		return bad("payload", -1)
-	case len(v[9]) != 4:
+	case v[9] != nil && len(v[9]) != 4:
 		return bad("attempts", len(v[9]))
 	case len(v[10]) != 8:
 		return bad("created_at", len(v[10]))
 	}
 	m.bucket = int32(binary.BigEndian.Uint32(v[0]))
 	rec.Seq = int64(binary.BigEndian.Uint64(v[2]))
-	m.ready = v[3][0] != 0
+	m.ready = v[3] == nil || v[3][0] != 0
 	copy(rec.ID[:], v[4])
+	rec.Key, m.lane = "", ""
 	if v[5] != nil {
 		rec.Key = string(v[5])
 		m.lane = rec.Key
@@ -93,6 +95,7 @@ func (d *headDecoder) decode(v [][]byte, rec *Record, m *headMeta) error {
 	rec.Topic = d.topic
 	// Never nil: an empty payload is an empty value, not a Kafka tombstone.
 	rec.Payload = append(make([]byte, 0, len(v[7])), v[7]...)
+	rec.Headers = nil
 	if v[8] != nil {
 		// jsonb in binary: a version byte, then the document as text.
 		if len(v[8]) < 1 || v[8][0] != 1 {
@@ -102,7 +105,10 @@ func (d *headDecoder) decode(v [][]byte, rec *Record, m *headMeta) error {
 			return fmt.Errorf("head column headers: %w", err)
 		}
 	}
-	rec.Attempts = int(int32(binary.BigEndian.Uint32(v[9])))
+	rec.Attempts = 0
+	if v[9] != nil {
+		rec.Attempts = int(int32(binary.BigEndian.Uint32(v[9])))
+	}
 	us := int64(binary.BigEndian.Uint64(v[10]))
 	rec.CreatedAt = time.UnixMicro(pgEpoch + us)
 	return nil

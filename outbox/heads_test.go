@@ -39,12 +39,26 @@ func TestHeadDecoderRefusesUnexpectedRows(t *testing.T) {
 		CreatedAt: rec.CreatedAt}, rec)
 	assert.Equal(t, "2000-01-01T00:00:00Z", rec.CreatedAt.UTC().Format("2006-01-02T15:04:05Z07:00"))
 
-	for col, name := range map[int]string{0: "bucket", 2: "seq", 3: "ready", 4: "id", 6: "topic", 7: "payload", 9: "attempts", 10: "created_at"} {
+	for col, name := range map[int]string{0: "bucket", 2: "seq", 4: "id", 6: "topic", 7: "payload", 10: "created_at"} {
 		v := row()
 		v[col] = nil
 		assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), name, "column %d missing", col)
 	}
+	for col, name := range map[int]string{0: "bucket", 2: "seq", 3: "ready", 4: "id", 9: "attempts", 10: "created_at"} {
+		v := row()
+		v[col] = append(v[col], 0)
+		assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), name, "column %d too long", col)
+	}
+	// NULL stands for the values almost every row has.
 	v := row()
+	v[3], v[9] = nil, nil
+	require.NoError(t, d.decode(v, &rec, &m))
+	assert.True(t, m.ready)
+	assert.Zero(t, rec.Attempts)
+	v[3] = []byte{0}
+	require.NoError(t, d.decode(v, &rec, &m))
+	assert.False(t, m.ready)
+	v = row()
 	v[8] = []byte{2, '{', '}'}
 	assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), "jsonb version")
 	v[8] = []byte{1, '['}

@@ -214,8 +214,7 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	// the heads of every lane present in the first $2 rows; only those are
 	// read in full, ready ones first.
 	// A keyed row's lane is its key: read it once.
-	cols := `t.bucket, CASE WHEN t.key IS NULL THEN t.lane END AS lane, t.seq, ` + readyExpr + ` AS ready,
-	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at`
+	cols := headColumns
 	r.fastSQL = `SELECT ` + cols + ` FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) ORDER BY t.seq LIMIT $2`
 	// The slow path, for when the prefix is crowded by a few lanes (a hot
 	// key, a dead letter or a backing-off message holding many successors):
@@ -238,8 +237,7 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 		ORDER BY t.lane, t.seq LIMIT 1) n
 	WHERE w.depth < $3
 )
-SELECT w.bucket, CASE WHEN t.key IS NULL THEN t.lane END, t.seq, ` + readyExpr + `,
-	t.id, t.key, t.topic, t.payload, t.headers, t.attempts, t.created_at
+SELECT ` + headColumns + `
 FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t`
 	// The fence: the statement that deletes (or records a failure) checks,
 	// in its own snapshot, that this relay still holds each bucket at the
@@ -727,6 +725,13 @@ func (h *heads) add(rec Record, m headMeta) {
 
 // readyExpr: a row may be published now (not dead, not backing off).
 const readyExpr = `(t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()))`
+
+// headColumns are the head queries' columns, which [headDecoder] reads.
+// A column sent as NULL costs the server no output function, so the
+// values almost every row has are sent as NULL: a keyed row's lane (its
+// key), readiness when ready, and attempts when none.
+const headColumns = `t.bucket, CASE WHEN t.key IS NULL THEN t.lane END, t.seq, NULLIF(` + readyExpr + `, true),
+	t.id, t.key, t.topic, t.payload, t.headers, NULLIF(t.attempts, 0), t.created_at`
 
 // queryHeads runs a head query.
 func (r *Relay) queryHeads(ctx context.Context, sql string, capacity int, args ...any) (heads, error) {
