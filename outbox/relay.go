@@ -10,6 +10,8 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -169,6 +171,8 @@ type Relay struct {
 	noVacuum  bool
 
 	seen map[string]struct{} // fetch's lanes, kept between cycles to reuse its memory
+
+	fastKey, fastText string // the fast path's statement for the buckets in fastKey
 }
 
 // NewRelay returns a relay that publishes o's messages from pool through
@@ -212,10 +216,9 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	// leased buckets' rows in seq order, read in one snapshot, the first row
 	// of each lane is that lane's head. One walk of the primary key gives
 	// the heads of every lane present in the first $2 rows; only those are
-	// read in full, ready ones first.
-	// A keyed row's lane is its key: read it once.
-	cols := headColumns
-	r.fastSQL = `SELECT ` + cols + ` FROM ` + t + ` t WHERE t.bucket = ANY($1::int4[]) ORDER BY t.seq LIMIT $2`
+	// read in full, ready ones first. The leased buckets are written into
+	// the statement (see fastSQLFor).
+	r.fastSQL = `SELECT ` + headColumns + ` FROM ` + t + ` t ` + bucketFilter + ` ORDER BY t.seq LIMIT $1`
 	// The slow path, for when the prefix is crowded by a few lanes (a hot
 	// key, a dead letter or a backing-off message holding many successors):
 	// a loose index scan. Per leased bucket, walk the lanes after the
@@ -791,11 +794,42 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) (heads, error) {
 	return hs, nil
 }
 
+// bucketFilter marks where fastSQLFor writes the bucket filter.
+const bucketFilter = "/* buckets */"
+
+// fastSQLFor is the fast path's statement for the leased buckets. They are
+// written into it rather than passed: a parameter makes the planner's
+// generic plan search the array row by row, while a constant array is
+// searched by hash, and holding every bucket needs no filter at all
+// (about a fifth of the fetch's time on a backlog of 100k rows). A
+// relay's bucket set changes only when leases move, so it prepares few
+// statements.
+func (r *Relay) fastSQLFor(buckets []int32) string {
+	sorted := slices.Clone(buckets)
+	slices.Sort(sorted)
+	var key strings.Builder
+	for i, b := range sorted {
+		if i > 0 {
+			key.WriteByte(',')
+		}
+		key.WriteString(strconv.Itoa(int(b)))
+	}
+	if key.String() == r.fastKey {
+		return r.fastText
+	}
+	filter := `WHERE t.bucket = ANY('{` + key.String() + `}'::int4[])`
+	if len(sorted) == r.o.cfg.Buckets {
+		filter = ""
+	}
+	r.fastKey, r.fastText = key.String(), strings.Replace(r.fastSQL, bucketFilter, filter, 1)
+	return r.fastText
+}
+
 // fetch returns up to BatchSize ready heads of the leased buckets, in seq
 // order.
 func (r *Relay) fetch(ctx context.Context, buckets []int32) (heads, error) {
 	window := r.cfg.BatchSize
-	hs, err := r.queryHeads(ctx, r.fastSQL, window, buckets, window)
+	hs, err := r.queryHeads(ctx, r.fastSQLFor(buckets), window, window)
 	if err != nil {
 		return heads{}, fmt.Errorf("fetch: %w", err)
 	}
