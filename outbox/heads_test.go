@@ -1,10 +1,12 @@
 package outbox
 
 import (
+	"context"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -63,4 +65,21 @@ func TestHeadDecoderRefusesUnexpectedRows(t *testing.T) {
 	assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), "jsonb version")
 	v[8] = []byte{1, '['}
 	assert.ErrorContains(t, d.decode(v, &Record{}, &headMeta{}), "headers")
+}
+
+// The fast path's statement names the leased buckets in a stable order (one
+// prepared statement per bucket set, whatever order leases come in), and
+// has no filter when the relay holds them all.
+func TestFastSQLForBuckets(t *testing.T) {
+	o, err := New(Config{Buckets: 4})
+	require.NoError(t, err)
+	r, err := o.NewRelay(&pgxpool.Pool{}, PublisherFunc(func(context.Context, []Record) []error { return nil }), RelayConfig{})
+	require.NoError(t, err)
+	some := r.fastSQLFor([]int32{3, 1})
+	assert.Contains(t, some, `WHERE t.bucket = ANY('{1,3}'::int4[])`)
+	assert.Equal(t, some, r.fastSQLFor([]int32{1, 3}))
+	all := r.fastSQLFor([]int32{2, 0, 3, 1})
+	assert.NotContains(t, all, "WHERE")
+	assert.NotContains(t, all, bucketFilter)
+	assert.Contains(t, all, "ORDER BY t.seq LIMIT $1")
 }
