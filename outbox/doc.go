@@ -44,7 +44,13 @@
 // acknowledgement and its own may cause a message to be published again;
 // consumers de-duplicate with package inbox on the message ID carried in
 // [HeaderMessageID]. A repeat is always of a message already published, so
-// the first deliveries per key keep commit order.
+// the first deliveries per key keep commit order. For the same reason the
+// relay's own acknowledgement (the deletion of published rows) commits
+// without waiting for its WAL to reach disk (synchronous_commit off for
+// that transaction alone): a database crash can undo the last fraction of
+// a second of acknowledgements, and those messages are published again,
+// never lost. Enqueue is untouched: a message is as durable as the
+// transaction that wrote it.
 //
 // # The relay
 //

@@ -976,6 +976,11 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	var affected int64
 	var now time.Time
 	b := &pgx.Batch{}
+	// An acknowledgement lost with a database crash only makes a duplicate
+	// (the row is published again, after its earlier attempt), so its
+	// commit does not wait for the WAL to reach disk. The setting is local
+	// to the batch's transaction; the pooled connection keeps its own.
+	b.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
 	b.Queue(r.ackSQL, seqs, buckets, epochs, r.cfg.ID).Exec(func(ct pgconn.CommandTag) error {
 		affected = ct.RowsAffected()
 		return nil

@@ -925,3 +925,43 @@ func TestRelayHandsOverRecordsAsEnqueued(t *testing.T) {
 	assert.Equal(t, []int{0}, attempts[msgs[0].ID.String()])
 	assert.True(t, slices.IsSorted(seqs) && seqs[0] > 0, "seqs %v", seqs)
 }
+
+// TestAckCommitSettingStaysLocal: the acknowledgement commits without
+// waiting for the WAL flush, and that setting must not outlive its
+// transaction on a pooled connection the service shares.
+func TestAckCommitSettingStaysLocal(t *testing.T) {
+	ctx := tctx(t, time.Minute)
+	pool, o := setup(t, outbox.Config{})
+	for i := range 50 {
+		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i)})
+		require.NoError(t, err)
+	}
+	rp := relayPool(t)
+	var n atomic.Int64
+	r, err := o.NewRelay(rp, outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		n.Add(int64(len(b)))
+		return make([]error, len(b))
+	}), outbox.RelayConfig{PollInterval: 10 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	waitDrained(t, pool, o, 30*time.Second)
+	require.NoError(t, r.Shutdown(ctx))
+	<-done
+	require.EqualValues(t, 50, n.Load())
+
+	// Every connection the relay's pool holds, acquired at once.
+	var conns []*pgxpool.Conn
+	for range rp.Stat().IdleConns() {
+		c, err := rp.Acquire(ctx)
+		require.NoError(t, err)
+		conns = append(conns, c)
+	}
+	require.NotEmpty(t, conns)
+	for _, c := range conns {
+		var setting string
+		require.NoError(t, c.QueryRow(ctx, `SHOW synchronous_commit`).Scan(&setting))
+		assert.Equal(t, "on", setting)
+		c.Release()
+	}
+}
