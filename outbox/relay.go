@@ -168,7 +168,6 @@ type Relay struct {
 	bg        sync.WaitGroup
 	vacuuming atomic.Bool
 	deleted   int
-	noVacuum  bool
 
 	seen map[string]struct{} // fetch's lanes, kept between cycles to reuse its memory
 
@@ -800,8 +799,7 @@ const bucketFilter = "/* buckets */"
 // fastSQLFor is the fast path's statement for the leased buckets. They are
 // written into it rather than passed: a parameter makes the planner's
 // generic plan search the array row by row, while a constant array is
-// searched by hash, and holding every bucket needs no filter at all
-// (about a fifth of the fetch's time on a backlog of 100k rows). A
+// searched by hash, and holding every bucket needs no filter at all. A
 // relay's bucket set changes only when leases move, so it prepares few
 // statements.
 func (r *Relay) fastSQLFor(buckets []int32) string {
@@ -1071,7 +1069,7 @@ func (r *Relay) backoff(attempt int) time.Duration {
 // VacuumEvery deletions it vacuums the table in the background, one relay
 // at a time (a session advisory lock), without blocking publishing.
 func (r *Relay) maybeVacuum(ctx context.Context) {
-	if r.cfg.VacuumEvery < 0 || r.noVacuum || r.deleted < r.cfg.VacuumEvery || !r.vacuuming.CompareAndSwap(false, true) {
+	if r.cfg.VacuumEvery < 0 || r.deleted < r.cfg.VacuumEvery || !r.vacuuming.CompareAndSwap(false, true) {
 		return
 	}
 	r.deleted = 0
