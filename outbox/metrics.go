@@ -73,18 +73,20 @@ func newMetrics(mp metric.MeterProvider, o *Outbox) (*metrics, error) {
 	return m, nil
 }
 
-// refreshStatsEvery refreshes the gauges now and then every interval
-// until ctx ends.
+// refreshStatsEvery refreshes the gauges every interval until ctx ends.
+// The first refresh waits an interval too: a relay just started holds no
+// buckets yet, and counting then would only add a query on a cold
+// connection to its start.
 func (r *Relay) refreshStatsEvery(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		r.refreshStats(ctx)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		r.refreshStats(ctx)
 	}
 }
 
