@@ -451,23 +451,19 @@ func (r *Relay) listenOnce(ctx context.Context) error {
 	}
 	conn := c.Hijack() // session lock and LISTEN state must not go back to the pool
 	defer conn.Close(context.Background())
+	// Register, in one round trip: lock (sessionClass, pid) for the
+	// session's life, listen, and give back buckets still leased under
+	// this ID (they belong to a dead predecessor, a restart with the same
+	// ID, or to this relay before its registration was lost).
 	var pid int32
-	if err := conn.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
-		return err
-	}
-	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1::int4, $2::int4)`, r.sessionClass, pid); err != nil {
-		return err
-	}
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{r.o.channel}.Sanitize()+"; LISTEN "+pgx.Identifier{r.control}.Sanitize()); err != nil {
-		return err
-	}
-	// Register: buckets still leased under this ID belong to a dead
-	// predecessor (a restart with the same ID) or to this relay before
-	// its registration was lost; they are given back at once.
 	batch := &pgx.Batch{}
+	batch.Queue(`SELECT pg_backend_pid() FROM pg_advisory_lock($1::int4, pg_backend_pid())`, r.sessionClass).
+		QueryRow(func(row pgx.Row) error { return row.Scan(&pid) })
+	batch.Queue("LISTEN " + pgx.Identifier{r.o.channel}.Sanitize())
+	batch.Queue("LISTEN " + pgx.Identifier{r.control}.Sanitize())
 	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
-	batch.Queue(`INSERT INTO `+r.o.relays+` (id, seen_at, pid) VALUES ($1, now(), $2)
-ON CONFLICT (id) DO UPDATE SET seen_at = now(), pid = EXCLUDED.pid`, r.cfg.ID, pid)
+	batch.Queue(`INSERT INTO `+r.o.relays+` (id, seen_at, pid) VALUES ($1, now(), pg_backend_pid())
+ON CONFLICT (id) DO UPDATE SET seen_at = now(), pid = EXCLUDED.pid`, r.cfg.ID)
 	batch.Queue(`SELECT pg_notify($1, $2)`, r.control, r.cfg.ID) // the others rebalance now
 	if err := conn.SendBatch(ctx, batch).Close(); err != nil {
 		return fmt.Errorf("register relay: %w", err)
