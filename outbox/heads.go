@@ -11,12 +11,20 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 )
 
-// The head queries' columns ([headColumns]), in order: bucket, lane (NULL:
-// the key), seq, ready (NULL: true), id, key, topic, payload, headers,
-// attempts (NULL: 0), created_at.
-// Every one is asked for in binary, so a row is decoded from its raw
-// values here rather than through pgx's per-column scan plans, which cost
-// the relay more CPU per row than the database spent finding the row.
+// readyExpr: a row may be published now (not dead, not backing off).
+const readyExpr = `(t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()))`
+
+// headColumns are the head queries' columns; headOIDs are their types, in
+// the same order, which [headDecoder] reads. A column sent as NULL costs
+// the server no output function, so the values almost every row has are
+// sent as NULL: a keyed row's lane (its key), readiness when ready, and
+// attempts when none. Every column is asked for in binary, so a row is
+// decoded from its raw values rather than through pgx's per-column scan
+// plans, which cost the relay more CPU per row than the database spent
+// finding the row.
+const headColumns = `t.bucket, CASE WHEN t.key IS NULL THEN t.lane END, t.seq, NULLIF(` + readyExpr + `, true),
+	t.id, t.key, t.topic, t.payload, t.headers, NULLIF(t.attempts, 0), t.created_at`
+
 var (
 	headOIDs = [...]uint32{
 		pgtype.Int4OID, pgtype.TextOID, pgtype.Int8OID, pgtype.BoolOID, pgtype.UUIDOID, pgtype.TextOID,

@@ -721,16 +721,6 @@ func (h *heads) add(rec Record, m headMeta) {
 	h.meta = append(h.meta, m)
 }
 
-// readyExpr: a row may be published now (not dead, not backing off).
-const readyExpr = `(t.dead_at IS NULL AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= clock_timestamp()))`
-
-// headColumns are the head queries' columns, which [headDecoder] reads.
-// A column sent as NULL costs the server no output function, so the
-// values almost every row has are sent as NULL: a keyed row's lane (its
-// key), readiness when ready, and attempts when none.
-const headColumns = `t.bucket, CASE WHEN t.key IS NULL THEN t.lane END, t.seq, NULLIF(` + readyExpr + `, true),
-	t.id, t.key, t.topic, t.payload, t.headers, NULLIF(t.attempts, 0), t.created_at`
-
 // queryHeads runs a head query.
 func (r *Relay) queryHeads(ctx context.Context, sql string, capacity int, args ...any) (heads, error) {
 	rows, err := r.pool.Query(ctx, sql, append([]any{headFormats}, args...)...)
