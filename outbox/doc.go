@@ -95,7 +95,10 @@
 // Within one snapshot, per key, the first row of a lane in that prefix is
 // its head, so the relay publishes the ready heads all at once (one
 // message in flight per key, pipelined across keys) and deletes the
-// acknowledged rows in one statement. When a few lanes crowd the prefix (a
+// acknowledged rows in one statement: by seq range when the batch holds
+// every seq between its first and last (seq is unique, so no other row
+// can be in that range, even one committed since the read), by a list of
+// seqs otherwise. When a few lanes crowd the prefix (a
 // hot key, or a backlog held behind a backing-off or dead message) the
 // relay also walks the buckets' lanes (a loose index scan with a
 // round-robin cursor per bucket, one index probe per lane) to find the

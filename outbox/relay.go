@@ -142,7 +142,7 @@ type Relay struct {
 	log  *slog.Logger
 	m    *metrics
 
-	fastSQL, walkSQL, ackSQL, ackEachSQL, failSQL string
+	fastSQL, walkSQL, ackSQL, ackRunSQL, ackEachSQL, failSQL string
 	// The relays' registration: control is the NOTIFY channel of joins and
 	// releases; sessionClass the advisory lock class of registration
 	// sessions; alive is the SQL test that relay row r's session lives.
@@ -257,7 +257,14 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	// every bucket of the batch still held at its epoch, or nothing is
 	// deleted. Only then (a lease lost mid-batch) does ackEachSQL delete
 	// the rows of the buckets still held.
-	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND (SELECT count(*) ` + held + `) = cardinality($2::int4[])`
+	allHeld := `(SELECT count(*) ` + held + `) = cardinality($2::int4[])`
+	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + allHeld
+	// A batch whose seqs are a run with no gap (a backlog of distinct keys,
+	// read by a relay holding every bucket) is deleted by range: one walk
+	// of the primary key rather than a descent per row. The run holds every
+	// seq between its ends and seq is unique, so no other row, not even
+	// one committed since the fetch, is in the range.
+	r.ackRunSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8 AND ` + allHeld
 	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
 	// Recording a failure locks the lease rows it checks: unlike a
 	// deletion, an attempt counted under a lease being taken over would
@@ -965,7 +972,13 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	// commit does not wait for the WAL to reach disk. The setting is local
 	// to the batch's transaction; the pooled connection keeps its own.
 	b.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
-	b.Queue(r.ackSQL, seqs, buckets, epochs, r.cfg.ID).Exec(func(ct pgconn.CommandTag) error {
+	var del *pgx.QueuedQuery
+	if first, last, ok := run(seqs); ok {
+		del = b.Queue(r.ackRunSQL, first, buckets, epochs, r.cfg.ID, last)
+	} else {
+		del = b.Queue(r.ackSQL, seqs, buckets, epochs, r.cfg.ID)
+	}
+	del.Exec(func(ct pgconn.CommandTag) error {
 		affected = ct.RowsAffected()
 		return nil
 	})
@@ -998,6 +1011,16 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	r.deleted += n
 	r.maybeVacuum(ctx)
 	return nil
+}
+
+// run reports whether seqs, distinct, are every integer from first to
+// last.
+func run(seqs []int64) (first, last int64, ok bool) {
+	if len(seqs) == 0 {
+		return 0, 0, false
+	}
+	first, last = slices.Min(seqs), slices.Max(seqs)
+	return first, last, last-first == int64(len(seqs)-1)
 }
 
 // forceRenew re-checks leases right away after a fenced-off write.

@@ -965,3 +965,53 @@ func TestAckCommitSettingStaysLocal(t *testing.T) {
 		c.Release()
 	}
 }
+
+// TestAckLeavesLateCommitOutsideRun: a message whose transaction commits
+// while the batch around it (by seq) is being published was not in that
+// batch, so its seq is a gap in the batch's seqs; the acknowledgement must
+// not delete it, and it is published next. Deleting the batch's seq range
+// instead of its rows would lose it.
+func TestAckLeavesLateCommitOutsideRun(t *testing.T) {
+	ctx := tctx(t, time.Minute)
+	pool, o := setup(t, outbox.Config{})
+	_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: "before"})
+	require.NoError(t, err)
+	late, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer late.Rollback(ctx)
+	_, err = o.Enqueue(ctx, late, outbox.Message{Topic: "t", Key: "late"})
+	require.NoError(t, err)
+	for _, k := range []string{"after1", "after2"} {
+		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: k})
+		require.NoError(t, err)
+	}
+
+	var mu sync.Mutex
+	var batches [][]string
+	var commitOnce sync.Once
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		var keys []string
+		for _, r := range b {
+			keys = append(keys, r.Key)
+		}
+		mu.Lock()
+		batches = append(batches, keys)
+		mu.Unlock()
+		// The late transaction commits between the fetch and the ack.
+		commitOnce.Do(func() { require.NoError(t, late.Commit(ctx)) })
+		return make([]error, len(b))
+	})
+	r, err := o.NewRelay(relayPool(t), pub, outbox.RelayConfig{PollInterval: 10 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	waitDrained(t, pool, o, 30*time.Second)
+	require.NoError(t, r.Shutdown(ctx))
+	<-done
+
+	mu.Lock()
+	defer mu.Unlock()
+	require.GreaterOrEqual(t, len(batches), 2, "batches %v", batches)
+	assert.Equal(t, []string{"before", "after1", "after2"}, batches[0])
+	assert.Equal(t, []string{"late"}, slices.Concat(batches[1:]...))
+}
