@@ -128,6 +128,16 @@ func pending(t testing.TB, pool *pgxpool.Pool, o *outbox.Outbox) int {
 	return n
 }
 
+// runUntilDrained runs r until o's table is empty, then shuts it down.
+func runUntilDrained(t testing.TB, ctx context.Context, pool *pgxpool.Pool, o *outbox.Outbox, r *outbox.Relay, within time.Duration) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	waitDrained(t, pool, o, within)
+	require.NoError(t, r.Shutdown(ctx))
+	<-done
+}
+
 func waitDrained(t testing.TB, pool *pgxpool.Pool, o *outbox.Outbox, within time.Duration) {
 	deadline := time.Now().Add(within)
 	for {

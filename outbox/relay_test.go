@@ -575,11 +575,7 @@ func TestPipelinedBatchesKeepOrder(t *testing.T) {
 	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{BatchSize: 16, PollInterval: 10 * time.Millisecond,
 		BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond, Logger: quiet(t)})
 	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = r.Run(ctx) }()
-	waitDrained(t, pool, o, 40*time.Second)
-	require.NoError(t, r.Shutdown(ctx))
-	<-done
+	runUntilDrained(t, ctx, pool, o, r, 40*time.Second)
 
 	rows, err := pool.Query(ctx, `SELECT key, n FROM counters WHERE n > 0`)
 	require.NoError(t, err)
@@ -943,11 +939,7 @@ func TestAckCommitSettingStaysLocal(t *testing.T) {
 		return make([]error, len(b))
 	}), outbox.RelayConfig{PollInterval: 10 * time.Millisecond, Logger: quiet(t)})
 	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = r.Run(ctx) }()
-	waitDrained(t, pool, o, 30*time.Second)
-	require.NoError(t, r.Shutdown(ctx))
-	<-done
+	runUntilDrained(t, ctx, pool, o, r, 30*time.Second)
 	require.EqualValues(t, 50, n.Load())
 
 	// Every connection the relay's pool holds, acquired at once.
@@ -1003,11 +995,7 @@ func TestAckLeavesLateCommitOutsideRun(t *testing.T) {
 	})
 	r, err := o.NewRelay(relayPool(t), pub, outbox.RelayConfig{PollInterval: 10 * time.Millisecond, Logger: quiet(t)})
 	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = r.Run(ctx) }()
-	waitDrained(t, pool, o, 30*time.Second)
-	require.NoError(t, r.Shutdown(ctx))
-	<-done
+	runUntilDrained(t, ctx, pool, o, r, 30*time.Second)
 
 	mu.Lock()
 	defer mu.Unlock()
