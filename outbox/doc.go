@@ -112,6 +112,11 @@
 // lists them). Relays wake on LISTEN/NOTIFY (Enqueue notifies) and poll
 // every PollInterval as a fallback.
 //
+// Several relays share the work, but on one database their drain rate does
+// not add up: each reads past the other relays' rows, and only a relay
+// holding every bucket gets gapless batches to delete by range. Run more
+// than one for availability, or for a publisher slower than the database.
+//
 // Retention: delivered rows are deleted in bulk by the acknowledging
 // statement; the relay runs VACUUM on the table every VacuumEvery deletions
 // (one relay at a time) and the table is installed with a low autovacuum
