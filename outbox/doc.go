@@ -95,10 +95,11 @@
 // Within one snapshot, per key, the first row of a lane in that prefix is
 // its head, so the relay publishes the ready heads all at once (one
 // message in flight per key, pipelined across keys) and deletes the
-// acknowledged rows in one statement: by seq range when the batch holds
-// every seq between its first and last (seq is unique, so no other row
-// can be in that range, even one committed since the read), by a list of
-// seqs otherwise. When a few lanes crowd the prefix (a
+// acknowledged rows in one statement, by seq range: all of it when the
+// batch holds every seq between its first and last (seq is unique, so no
+// other row can be in that range, even one committed since the read), and
+// the batch's rows picked out by a bitmap when it has gaps in a short
+// range (several relays share the table); by a list of seqs otherwise. When a few lanes crowd the prefix (a
 // hot key, or a backlog held behind a backing-off or dead message) the
 // relay also walks the buckets' lanes (a loose index scan with a
 // round-robin cursor per bucket, one index probe per lane) to find the
@@ -113,9 +114,9 @@
 // every PollInterval as a fallback.
 //
 // Several relays share the work, but on one database their drain rate does
-// not add up: each reads past the other relays' rows, and only a relay
-// holding every bucket gets gapless batches to delete by range. Run more
-// than one for availability, or for a publisher slower than the database.
+// not add up: each reads, and deletes by range, past the other relays'
+// rows. Run more than one for availability, or for a publisher slower than
+// the database.
 //
 // Retention: delivered rows are deleted in bulk by the acknowledging
 // statement; the relay runs VACUUM on the table every VacuumEvery deletions

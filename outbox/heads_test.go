@@ -106,3 +106,11 @@ func TestRunOfSeqs(t *testing.T) {
 	_, _, ok := run(nil)
 	assert.False(t, ok)
 }
+
+// A batch with gaps is picked out of its range by a bitmap, bit i (least
+// significant first in each byte, as get_bit counts) for seq first+i.
+func TestBitmapOfSeqs(t *testing.T) {
+	bits := bitmap([]int64{3, 5, 12, 4}, 3, 12)
+	assert.Equal(t, []byte{0b0000_0111, 0b0000_0010}, bits)
+	assert.Equal(t, []byte{1}, bitmap([]int64{9}, 9, 9))
+}

@@ -142,7 +142,7 @@ type Relay struct {
 	log  *slog.Logger
 	m    *metrics
 
-	fastSQL, walkSQL, ackSQL, ackRunSQL, ackEachSQL, failSQL string
+	fastSQL, walkSQL, ackSQL, ackRunSQL, ackSpanSQL, ackEachSQL, failSQL string
 	// The relays' registration: control is the NOTIFY channel of joins and
 	// releases; sessionClass the advisory lock class of registration
 	// sessions; alive is the SQL test that relay row r's session lives.
@@ -265,6 +265,12 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	// seq between its ends and seq is unique, so no other row, not even
 	// one committed since the fetch, is in the range.
 	r.ackRunSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8 AND ` + allHeld
+	// A batch with gaps in a short range (several relays share the table,
+	// so each batch is every few seqs) is deleted by range too, the rows of
+	// the batch picked out of it by a bitmap over the range ($6, bit i for
+	// seq $1+i): one walk of the primary key, and exact, like the list.
+	r.ackSpanSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8
+	AND get_bit($6::bytea, t.seq - $1::int8) = 1 AND ` + allHeld
 	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
 	// Recording a failure locks the lease rows it checks: unlike a
 	// deletion, an attempt counted under a lease being taken over would
@@ -973,9 +979,13 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	// to the batch's transaction; the pooled connection keeps its own.
 	b.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
 	var del *pgx.QueuedQuery
-	if first, last, ok := run(seqs); ok {
+	first, last, gapless := run(seqs)
+	switch {
+	case gapless:
 		del = b.Queue(r.ackRunSQL, first, buckets, epochs, r.cfg.ID, last)
-	} else {
+	case last-first < maxSpan*int64(len(seqs)):
+		del = b.Queue(r.ackSpanSQL, first, buckets, epochs, r.cfg.ID, last, bitmap(seqs, first, last))
+	default:
 		del = b.Queue(r.ackSQL, seqs, buckets, epochs, r.cfg.ID)
 	}
 	del.Exec(func(ct pgconn.CommandTag) error {
@@ -1021,6 +1031,21 @@ func run(seqs []int64) (first, last int64, ok bool) {
 	}
 	first, last = slices.Min(seqs), slices.Max(seqs)
 	return first, last, last-first == int64(len(seqs)-1)
+}
+
+// maxSpan bounds the range a batch with gaps is deleted by, in rows of the
+// range per row of the batch: the walk of the range reads every row in it.
+const maxSpan = 8
+
+// bitmap has bit i set, least significant first within each byte (as
+// PostgreSQL's get_bit counts), for each seq first+i in seqs.
+func bitmap(seqs []int64, first, last int64) []byte {
+	bits := make([]byte, (last-first)/8+1)
+	for _, s := range seqs {
+		i := s - first
+		bits[i/8] |= 1 << (i % 8)
+	}
+	return bits
 }
 
 // forceRenew re-checks leases right away after a fenced-off write.
