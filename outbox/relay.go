@@ -268,9 +268,10 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	// A batch with gaps in a short range (several relays share the table,
 	// so each batch is every few seqs) is deleted by range too, the rows of
 	// the batch picked out of it by a bitmap over the range ($6, bit i for
-	// seq $1+i): one walk of the primary key, and exact, like the list.
+	// seq $1+i; the offset is int4, which get_bit takes in every version):
+	// one walk of the primary key, and exact, like the list.
 	r.ackSpanSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8
-	AND get_bit($6::bytea, t.seq - $1::int8) = 1 AND ` + allHeld
+	AND get_bit($6::bytea, (t.seq - $1::int8)::int4) = 1 AND ` + allHeld
 	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
 	// Recording a failure locks the lease rows it checks: unlike a
 	// deletion, an attempt counted under a lease being taken over would
