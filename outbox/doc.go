@@ -95,11 +95,11 @@
 // Within one snapshot, per key, the first row of a lane in that prefix is
 // its head, so the relay publishes the ready heads all at once (one
 // message in flight per key, pipelined across keys) and deletes the
-// acknowledged rows in one statement, by seq range: all of it when the
-// batch holds every seq between its first and last (seq is unique, so no
-// other row can be in that range, even one committed since the read), and
-// the batch's rows picked out by a bitmap when it has gaps in a short
-// range (several relays share the table); by a list of seqs otherwise. When a few lanes crowd the prefix (a
+// acknowledged rows in one statement: by walking their range of seqs and
+// picking them out of it with a bitmap, when the range is short (a backlog
+// of distinct keys, or several relays sharing the table), so a row that
+// came into the range since the read is not taken; by a list of seqs
+// otherwise. When a few lanes crowd the prefix (a
 // hot key, or a backlog held behind a backing-off or dead message) the
 // relay also walks the buckets' lanes (a loose index scan with a
 // round-robin cursor per bucket, one index probe per lane) to find the

@@ -84,30 +84,7 @@ func TestFastSQLForBuckets(t *testing.T) {
 	assert.Contains(t, all, "ORDER BY t.seq LIMIT $1")
 }
 
-// Only a batch holding every seq between its ends may be deleted by range.
-func TestRunOfSeqs(t *testing.T) {
-	for _, c := range []struct {
-		seqs        []int64
-		first, last int64
-		ok          bool
-	}{
-		{[]int64{7}, 7, 7, true},
-		{[]int64{3, 4, 5, 6}, 3, 6, true},
-		{[]int64{5, 3, 6, 4}, 3, 6, true}, // the walk appends heads out of seq order
-		{[]int64{3, 4, 6}, 3, 6, false},
-		{[]int64{1, 100}, 1, 100, false},
-	} {
-		first, last, ok := run(c.seqs)
-		assert.Equal(t, c.ok, ok, "%v", c.seqs)
-		if ok {
-			assert.Equal(t, []int64{c.first, c.last}, []int64{first, last}, "%v", c.seqs)
-		}
-	}
-	_, _, ok := run(nil)
-	assert.False(t, ok)
-}
-
-// A batch with gaps is picked out of its range by a bitmap, bit i (least
+// A batch is picked out of its range of seqs by a bitmap, bit i (least
 // significant first in each byte, as get_bit counts) for seq first+i.
 func TestBitmapOfSeqs(t *testing.T) {
 	bits := bitmap([]int64{3, 5, 12, 4}, 3, 12)

@@ -142,7 +142,7 @@ type Relay struct {
 	log  *slog.Logger
 	m    *metrics
 
-	fastSQL, walkSQL, ackSQL, ackRunSQL, ackSpanSQL, ackEachSQL, failSQL string
+	fastSQL, walkSQL, ackSQL, ackSpanSQL, ackEachSQL, failSQL string
 	// The relays' registration: control is the NOTIFY channel of joins and
 	// releases; sessionClass the advisory lock class of registration
 	// sessions; alive is the SQL test that relay row r's session lives.
@@ -259,17 +259,14 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	// the rows of the buckets still held.
 	allHeld := `(SELECT count(*) ` + held + `) = cardinality($2::int4[])`
 	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + allHeld
-	// A batch whose seqs are a run with no gap (a backlog of distinct keys,
-	// read by a relay holding every bucket) is deleted by range: one walk
-	// of the primary key rather than a descent per row. The run holds every
-	// seq between its ends and seq is unique, so no other row, not even
-	// one committed since the fetch, is in the range.
-	r.ackRunSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8 AND ` + allHeld
-	// A batch with gaps in a short range (several relays share the table,
-	// so each batch is every few seqs) is deleted by range too, the rows of
-	// the batch picked out of it by a bitmap over the range ($6, bit i for
-	// seq $1+i; the offset is int4, which get_bit takes in every version):
-	// one walk of the primary key, and exact, like the list.
+	// A batch in a short range of seqs (all of it, for one relay holding
+	// every bucket on a backlog of distinct keys; every few seqs, when
+	// several relays share the table) is deleted by that range: one walk
+	// of the primary key rather than a descent per row. A bitmap over the
+	// range ($6, bit i for seq $1+i; the offset is int4, which get_bit
+	// takes in every version) picks the batch's rows out of it, so it is
+	// exact like the list: a row that came into the range since the fetch
+	// is not taken.
 	r.ackSpanSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8
 	AND get_bit($6::bytea, (t.seq - $1::int8)::int4) = 1 AND ` + allHeld
 	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
@@ -980,13 +977,9 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	// to the batch's transaction; the pooled connection keeps its own.
 	b.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
 	var del *pgx.QueuedQuery
-	first, last, gapless := run(seqs)
-	switch {
-	case gapless:
-		del = b.Queue(r.ackRunSQL, first, buckets, epochs, r.cfg.ID, last)
-	case last-first < maxSpan*int64(len(seqs)):
+	if first, last := slices.Min(seqs), slices.Max(seqs); last-first < maxSpan*int64(len(seqs)) {
 		del = b.Queue(r.ackSpanSQL, first, buckets, epochs, r.cfg.ID, last, bitmap(seqs, first, last))
-	default:
+	} else {
 		del = b.Queue(r.ackSQL, seqs, buckets, epochs, r.cfg.ID)
 	}
 	del.Exec(func(ct pgconn.CommandTag) error {
@@ -1024,18 +1017,8 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	return nil
 }
 
-// run reports whether seqs, distinct, are every integer from first to
-// last.
-func run(seqs []int64) (first, last int64, ok bool) {
-	if len(seqs) == 0 {
-		return 0, 0, false
-	}
-	first, last = slices.Min(seqs), slices.Max(seqs)
-	return first, last, last-first == int64(len(seqs)-1)
-}
-
-// maxSpan bounds the range a batch with gaps is deleted by, in rows of the
-// range per row of the batch: the walk of the range reads every row in it.
+// maxSpan bounds the range a batch is deleted by, in rows of the range per
+// row of the batch: the walk of the range reads every row in it.
 const maxSpan = 8
 
 // bitmap has bit i set, least significant first within each byte (as

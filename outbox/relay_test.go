@@ -958,12 +958,12 @@ func TestAckCommitSettingStaysLocal(t *testing.T) {
 	}
 }
 
-// TestAckLeavesLateCommitOutsideRun: a message whose transaction commits
+// TestAckLeavesLateCommitInBatchGap: a message whose transaction commits
 // while the batch around it (by seq) is being published was not in that
 // batch, so its seq is a gap in the batch's seqs; the acknowledgement must
 // not delete it, and it is published next. Deleting the batch's seq range
 // instead of its rows would lose it.
-func TestAckLeavesLateCommitOutsideRun(t *testing.T) {
+func TestAckLeavesLateCommitInBatchGap(t *testing.T) {
 	ctx := tctx(t, time.Minute)
 	pool, o := setup(t, outbox.Config{})
 	_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: "before"})
