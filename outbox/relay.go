@@ -472,9 +472,11 @@ func (r *Relay) listenOnce(ctx context.Context) error {
 		QueryRow(func(row pgx.Row) error { return row.Scan(&pid) })
 	batch.Queue("LISTEN " + pgx.Identifier{r.o.channel}.Sanitize())
 	batch.Queue("LISTEN " + pgx.Identifier{r.control}.Sanitize())
-	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
+	// The registration row is locked before the leases, the order in which
+	// another relay reaping a dead predecessor of this ID locks them.
 	batch.Queue(`INSERT INTO `+r.o.relays+` (id, seen_at, pid) VALUES ($1, now(), pg_backend_pid())
 ON CONFLICT (id) DO UPDATE SET seen_at = now(), pid = EXCLUDED.pid`, r.cfg.ID)
+	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
 	batch.Queue(`SELECT pg_notify($1, $2)`, r.control, r.cfg.ID) // the others rebalance now
 	if err := conn.SendBatch(ctx, batch).Close(); err != nil {
 		return fmt.Errorf("register relay: %w", err)
@@ -695,8 +697,11 @@ func (r *Relay) release(ctx context.Context) bool {
 	held := r.Buckets()
 	r.drop(held...)
 	batch := &pgx.Batch{}
-	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
+	// The registration row goes before the leases: by now the session is
+	// closed, so another relay may be reaping this one, and it locks them in
+	// that order; the other order deadlocks with it.
 	batch.Queue(`DELETE FROM `+r.o.relays+` WHERE id = $1`, r.cfg.ID)
+	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
 	batch.Queue(`SELECT pg_notify($1, $2)`, r.control, r.cfg.ID) // the others take over now
 	if err := r.pool.SendBatch(ctx, batch).Close(); err != nil {
 		r.log.Warn("outbox lease release failed; the leases lapse after LeaseTTL", "err", err)

@@ -647,6 +647,103 @@ func TestShutdownAfterRunContextEnded(t *testing.T) {
 	require.NoError(t, r.Shutdown(outer), "a second Shutdown does nothing more")
 }
 
+// TestReleaseAndRegisterWhileReaped: a relay stopping, or starting under
+// the ID of a dead predecessor, while another relay reaps that ID. The
+// reaper deletes the registration row, then frees the ID's leases, in one
+// transaction; the test plays that reaper, holding the row while the
+// relay's own statements run. A relay that took the leases first would
+// wait for the row while the reaper waits for the leases: a deadlock,
+// which aborts the release or the registration (a warning, leases left to
+// lapse) or the reaper's maintenance.
+func TestReleaseAndRegisterWhileReaped(t *testing.T) {
+	t.Parallel()
+	// reapDuring holds the registration row of id as a reaper does, then,
+	// once a statement of the relay waits for it, frees id's leases and
+	// commits.
+	reapDuring := func(t *testing.T, ctx context.Context, o *outbox.Outbox, id string) (finish func()) {
+		schema := o.Config().Schema
+		// Connections of their own: the relay's pool may be all in use
+		// by statements waiting for this transaction.
+		reaper, err := pgx.Connect(ctx, dimmertest.PostgresURL())
+		require.NoError(t, err)
+		t.Cleanup(func() { reaper.Close(context.Background()) })
+		observer, err := pgx.Connect(ctx, dimmertest.PostgresURL())
+		require.NoError(t, err)
+		t.Cleanup(func() { observer.Close(context.Background()) })
+		tx, err := reaper.Begin(ctx)
+		require.NoError(t, err)
+		_, err = tx.Exec(ctx, `DELETE FROM `+schema+`.outbox_relays WHERE id = $1`, id)
+		require.NoError(t, err)
+		return func() {
+			require.Eventually(t, func() bool {
+				var waiting bool
+				err := observer.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%outbox_relays%')`, schema).Scan(&waiting)
+				return err == nil && waiting
+			}, 10*time.Second, 5*time.Millisecond, "the relay's statement waits for the registration row")
+			_, err := tx.Exec(ctx, `UPDATE `+schema+`.outbox_leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, id)
+			require.NoError(t, err, "the relay holds none of its leases while it waits for the row")
+			require.NoError(t, tx.Commit(ctx))
+		}
+	}
+	noop := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error { return make([]error, len(b)) })
+	count := func(t *testing.T, ctx context.Context, pool *pgxpool.Pool, sql string) (n int) {
+		require.NoError(t, pool.QueryRow(ctx, sql).Scan(&n))
+		return n
+	}
+
+	t.Run("shutdown", func(t *testing.T) {
+		t.Parallel()
+		pool, o := setup(t, outbox.Config{Buckets: 4})
+		ctx := tctx(t, 30*time.Second)
+		w := &warnings{}
+		r, err := o.NewRelay(pool, noop, outbox.RelayConfig{ID: "svc-1", LeaseTTL: 30 * time.Second, Logger: slog.New(w)})
+		require.NoError(t, err)
+		go func() { _ = r.Run(ctx) }()
+		require.Eventually(t, func() bool { return len(r.Buckets()) == 4 }, 10*time.Second, 5*time.Millisecond)
+
+		finish := reapDuring(t, ctx, o, "svc-1")
+		stopped := make(chan error, 1)
+		go func() { stopped <- r.Shutdown(ctx) }()
+		finish()
+		require.NoError(t, <-stopped)
+		s := o.Config().Schema
+		assert.Zero(t, count(t, ctx, pool, `SELECT count(*) FROM `+s+`.outbox_leases WHERE owner IS NOT NULL`))
+		assert.Zero(t, count(t, ctx, pool, `SELECT count(*) FROM `+s+`.outbox_relays`))
+		w.mu.Lock()
+		assert.Empty(t, w.msgs, "the release went through")
+		w.mu.Unlock()
+	})
+
+	t.Run("register", func(t *testing.T) {
+		t.Parallel()
+		pool, o := setup(t, outbox.Config{Buckets: 4})
+		ctx := tctx(t, 30*time.Second)
+		s := o.Config().Schema
+		// A predecessor that died holding two buckets: its pid holds no
+		// registration lock.
+		_, err := pool.Exec(ctx, `INSERT INTO `+s+`.outbox_relays (id, seen_at, pid) VALUES ('svc-1', now(), 0)`)
+		require.NoError(t, err)
+		_, err = pool.Exec(ctx, `UPDATE `+s+`.outbox_leases SET owner = 'svc-1', epoch = epoch + 1,
+	expires_at = now() + interval '30 seconds' WHERE bucket < 2`)
+		require.NoError(t, err)
+
+		finish := reapDuring(t, ctx, o, "svc-1")
+		w := &warnings{}
+		r, err := o.NewRelay(pool, noop, outbox.RelayConfig{ID: "svc-1", LeaseTTL: 30 * time.Second, Logger: slog.New(w)})
+		require.NoError(t, err)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = r.Run(ctx) }()
+		finish()
+		require.Eventually(t, func() bool { return len(r.Buckets()) == 4 }, 10*time.Second, 5*time.Millisecond)
+		require.NoError(t, r.Shutdown(ctx))
+		<-done
+		w.mu.Lock()
+		assert.Empty(t, w.msgs, "the registration went through at once")
+		w.mu.Unlock()
+	})
+}
+
 // TestHandOffsAreImmediate: with a LeaseTTL of 30s (a lease tick every
 // 10s), relays joining, a relay killed (its session ends without any
 // release) and restarted under the same ID, and a graceful leave must each
