@@ -419,8 +419,14 @@ func (s *Store) Heartbeat(ctx context.Context, inst flags.Instance, ttl time.Dur
 	if err != nil {
 		return fmt.Errorf("pgflags: heartbeat %s: %w", inst.ID, err)
 	}
+	// The prune runs after the upsert, holding this instance's row. It skips
+	// a row another statement has locked: that instance is beating now, and
+	// its own beat prunes the rows expired for an hour, this one's among
+	// them when both come back after so long (a fleet started again under
+	// the same IDs). Waiting for it would deadlock the two beats.
 	_, err = s.pool.Exec(ctx, `
-WITH pruned AS (DELETE FROM `+s.t.fleet+` WHERE expires_at < clock_timestamp() - interval '1 hour' AND id <> $1)
+WITH pruned AS (DELETE FROM `+s.t.fleet+` WHERE id IN (SELECT id FROM `+s.t.fleet+`
+	WHERE expires_at < clock_timestamp() - interval '1 hour' AND id <> $1 FOR UPDATE SKIP LOCKED))
 INSERT INTO `+s.t.fleet+` (id, doc, expires_at)
 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
 ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, expires_at = excluded.expires_at`,
