@@ -147,7 +147,17 @@ WHERE job = $1 AND id = $2 AND NOT done AND lease_until >= clock_timestamp() FOR
 			return nil // split by another stealer meanwhile
 		}
 		if !slices.Equal(cursor, c.cursor) {
-			ok, err := r.resplit(ctx, c, cursor, &s)
+			// The source is read in this transaction where it is in this
+			// database: through another of the pool's connections, the
+			// split would wait for one while holding the row lock that the
+			// holder's next chunk and other stealers wait for, each on a
+			// connection of that pool, and with as many workers as
+			// connections none would ever come free.
+			src := r.src
+			if src == querier(b.pool) {
+				src = tx
+			}
+			ok, err := r.resplit(ctx, src, c, cursor, &s)
 			if err != nil || !ok {
 				return err
 			}
@@ -193,11 +203,11 @@ VALUES ($1, $2, $3, $4, $3, $5, $6, clock_timestamp() + make_interval(secs => $7
 // little, the point is placed again halfway through what is left (a scan of
 // about a chunk or two). The holder's next chunk waits meanwhile. It
 // reports whether the split is still worth it.
-func (r *runner) resplit(ctx context.Context, c stealCandidate, cursor []string, s *split) (bool, error) {
+func (r *runner) resplit(ctx context.Context, q querier, c stealCandidate, cursor []string, s *split) (bool, error) {
 	src := r.sh.spec.Source.sql()
 	var args []any
 	var passed int64
-	if err := r.src.QueryRow(ctx, `SELECT count(*) FROM `+src+` WHERE `+r.sh.where(c.cursor, cursor, &args, ""), args...).Scan(&passed); err != nil {
+	if err := q.QueryRow(ctx, `SELECT count(*) FROM `+src+` WHERE `+r.sh.where(c.cursor, cursor, &args, ""), args...).Scan(&passed); err != nil {
 		return false, err
 	}
 	left := s.left - passed
@@ -209,7 +219,7 @@ func (r *runner) resplit(ctx context.Context, c stealCandidate, cursor []string,
 		// that it still has rows there, in the key's own type and collation.
 		args = nil
 		var ahead bool
-		if err := r.src.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+src+` WHERE `+
+		if err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+src+` WHERE `+
 			r.sh.where(cursor, s.mid, &args, "")+`)`, args...).Scan(&ahead); err != nil {
 			return false, err
 		}
@@ -219,7 +229,7 @@ func (r *runner) resplit(ctx context.Context, c stealCandidate, cursor []string,
 	s.keep = left / 2
 	sql, args := r.sh.boundarySQL(cursor, c.hi, int(s.keep))
 	var mid []string
-	if err := r.src.QueryRow(ctx, sql, args...).Scan(&mid); err != nil {
+	if err := q.QueryRow(ctx, sql, args...).Scan(&mid); err != nil {
 		if errors.Is(err, pgx.ErrNoRows) {
 			return false, nil // rows went away meanwhile
 		}
