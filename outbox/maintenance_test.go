@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -108,4 +109,57 @@ func TestDeadTuplesStayBounded(t *testing.T) {
 	t.Logf("table size after each round of %d: %v bytes", perRound, sizes)
 	// Without vacuum the heap grows by a round's worth every round (8x).
 	assert.LessOrEqual(t, sizes[7], 3*sizes[0], "the heap is reused, not grown")
+}
+
+// TestVacuumEveryCountsTheTablesDeletions: VacuumEvery bounds the dead rows
+// of the table, however many relays share it. Four relays, each deleting a
+// quarter of 6,000 rows with VacuumEvery 2,000, vacuum about every 2,000
+// deletions of the table, not once a relay has deleted 2,000 (none has).
+func TestVacuumEveryCountsTheTablesDeletions(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 16})
+	ctx := tctx(t, 60*time.Second)
+	var n atomic.Int64
+	var relays []*outbox.Relay
+	for i := range 4 {
+		r, err := o.NewRelay(pool, counting(&n), outbox.RelayConfig{ID: fmt.Sprint("r", i), VacuumEvery: 2000, Logger: quiet(t)})
+		require.NoError(t, err)
+		relays = append(relays, r)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = r.Run(ctx) }()
+		t.Cleanup(func() { require.NoError(t, r.Shutdown(ctx)); <-done })
+	}
+	require.Eventually(t, func() bool {
+		for _, r := range relays {
+			if len(r.Buckets()) != 4 {
+				return false
+			}
+		}
+		return true
+	}, 10*time.Second, 5*time.Millisecond, "the relays share the buckets evenly")
+
+	const total = 6000
+	table := o.Config().Schema + "." + o.Config().Table
+	vacuums := func() (n int64) {
+		require.NoError(t, pool.QueryRow(ctx, `SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = $1::regclass`, table).Scan(&n))
+		return n
+	}
+	before := vacuums()
+	for range total / 500 {
+		tx, err := pool.Begin(ctx)
+		require.NoError(t, err)
+		msgs := make([]outbox.Message, 500)
+		for i := range msgs {
+			msgs[i] = outbox.Message{Topic: "t", Key: fmt.Sprint("k", rand.IntN(1<<30)), Payload: []byte("x")}
+		}
+		_, err = o.EnqueueBatch(ctx, tx, msgs)
+		require.NoError(t, err)
+		require.NoError(t, tx.Commit(ctx))
+		require.Eventually(t, func() bool { return pending(t, pool, o) == 0 }, 10*time.Second, 5*time.Millisecond)
+	}
+	require.Equal(t, int64(total), n.Load())
+	// Each relay's share is 500 deletions; whichever reaches it first while
+	// no vacuum runs vacuums, and the count of the others restarts too.
+	require.Eventually(t, func() bool { return vacuums()-before >= 2 }, 10*time.Second, 10*time.Millisecond,
+		"about one vacuum per 2,000 deletions of the table (counting its own against 2,000, no relay would vacuum)")
 }

@@ -53,9 +53,10 @@ type RelayConfig struct {
 	// BackoffMin and BackoffMax bound the exponential retry delay (with
 	// jitter). Defaults 100ms and 1m.
 	BackoffMin, BackoffMax time.Duration
-	// VacuumEvery runs VACUUM on the table after this many rows deleted by
-	// this relay (one relay at a time), keeping dead tuples bounded between
-	// autovacuum runs. Default 50000; negative disables.
+	// VacuumEvery runs VACUUM on the table after about this many rows
+	// deleted from it (one relay at a time; each relay counts its own
+	// deletions against its share of the buckets), keeping dead tuples
+	// bounded between autovacuum runs. Default 50000; negative disables.
 	VacuumEvery int
 	// StatsInterval is how often backlog and oldest-age gauges refresh.
 	// Default 10s.
@@ -1092,7 +1093,7 @@ func (r *Relay) backoff(attempt int) time.Duration {
 // VacuumEvery deletions it vacuums the table in the background, one relay
 // at a time (a session advisory lock), without blocking publishing.
 func (r *Relay) maybeVacuum(ctx context.Context) {
-	if r.cfg.VacuumEvery < 0 || r.deleted < r.cfg.VacuumEvery || !r.vacuuming.CompareAndSwap(false, true) {
+	if r.cfg.VacuumEvery < 0 || r.deleted < r.vacuumShare() || !r.vacuuming.CompareAndSwap(false, true) {
 		return
 	}
 	r.deleted = 0
@@ -1104,6 +1105,18 @@ func (r *Relay) maybeVacuum(ctx context.Context) {
 			r.log.Warn("outbox vacuum failed; relying on autovacuum", "err", err)
 		}
 	}()
+}
+
+// vacuumShare is how many of VacuumEvery deletions this relay makes: its
+// share of the buckets. Counting its own deletions against the whole of
+// VacuumEvery, each of n relays would vacuum n times less often than the
+// table's deletions call for, and an index scan of the fetch walks every
+// dead entry left since the last vacuum.
+func (r *Relay) vacuumShare() int {
+	r.mu.Lock()
+	held := len(r.held)
+	r.mu.Unlock()
+	return max(1, r.cfg.VacuumEvery*held/r.o.cfg.Buckets)
 }
 
 func (o *Outbox) vacuum(ctx context.Context, pool *pgxpool.Pool) error {
