@@ -42,9 +42,7 @@ func TestSplitAfterHolderMovedNeedsNoSecondConnection(t *testing.T) {
 
 	// The holder: another process leases the range and holds its lock.
 	ctx := tctx(t)
-	holder, err := pgx.Connect(ctx, dimmertest.PostgresURL())
-	require.NoError(t, err)
-	t.Cleanup(func() { holder.Close(context.Background()) })
+	holder, observer := dimmertest.Conn(t), dimmertest.Conn(t)
 	_, err = holder.Exec(ctx, `SELECT pg_advisory_lock(hashtextextended($1, 0))`,
 		"dimmer.backfill.range/"+e.schema+"/resplit/0")
 	require.NoError(t, err)
@@ -52,9 +50,6 @@ func TestSplitAfterHolderMovedNeedsNoSecondConnection(t *testing.T) {
 	_, err = holder.Exec(ctx, `UPDATE `+ranges+` SET owner = 'holder', token = token + 1,
 	lease_until = clock_timestamp() + interval '1 minute' WHERE job = 'resplit' AND id = 0`)
 	require.NoError(t, err)
-	observer, err := pgx.Connect(ctx, dimmertest.PostgresURL())
-	require.NoError(t, err)
-	t.Cleanup(func() { observer.Close(context.Background()) })
 
 	// Its chunk in flight holds the range row.
 	chunk, err := holder.Begin(ctx)
@@ -78,12 +73,8 @@ func TestSplitAfterHolderMovedNeedsNoSecondConnection(t *testing.T) {
 	ran := make(chan error, 1)
 	go func() { _, err := stealer.Run(runCtx, j); ran <- err }()
 
-	require.Eventually(t, func() bool {
-		var waiting bool
-		err := observer.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%backfill_ranges%FOR UPDATE%')`, e.schema).Scan(&waiting)
-		return err == nil && waiting
-	}, 10*time.Second, 5*time.Millisecond, "the split waits for the holder's chunk")
+	require.Eventually(t, func() bool { return dimmertest.LockWaiting(t, observer, e.schema, "backfill_ranges", "FOR UPDATE") },
+		10*time.Second, 5*time.Millisecond, "the split waits for the holder's chunk")
 	// The chunk moves the cursor 100 rows on and commits.
 	_, err = chunk.Exec(ctx, `UPDATE `+ranges+` SET rows_done = rows_done + 100,
 	cursor = ARRAY[(SELECT id FROM `+pgx.Identifier{e.schema, "old_orders"}.Sanitize()+` WHERE id > cursor[1]::bigint ORDER BY id OFFSET 99 LIMIT 1)::text]

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/url"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -162,6 +163,39 @@ func Pool(t testing.TB, url string) *pgxpool.Pool {
 		Unavailable(t, "PostgreSQL", err)
 	}
 	return pool
+}
+
+// Conn opens a connection to DIMMER_POSTGRES_URL of the test's own, closed
+// when the test ends. A test playing another party beside the code under
+// test (a second process, a transaction holding a lock) uses it rather than
+// the code's pool, which that party's locks may leave with no connection
+// free.
+func Conn(t testing.TB) *pgx.Conn {
+	t.Helper()
+	c, err := pgx.Connect(ctx(t), PostgresURL())
+	if err != nil {
+		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+// LockWaiting reports, through observer (a [Conn]), whether a session whose
+// current statement contains each of parts, in order, waits for a lock:
+// how a test holding a lock in a transaction of its own learns that the
+// code under test has reached it. An error reads as not waiting.
+func LockWaiting(t testing.TB, observer *pgx.Conn, parts ...string) bool {
+	t.Helper()
+	pattern := "%"
+	for _, p := range parts {
+		pattern += strings.NewReplacer(`\`, `\\`, "%", `\%`, "_", `\_`).Replace(p) + "%"
+	}
+	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var waiting bool
+	err := observer.QueryRow(c, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+WHERE wait_event_type = 'Lock' AND query LIKE $1)`, pattern).Scan(&waiting)
+	return err == nil && waiting
 }
 
 // Schema creates a schema in the shared test database and returns a pool

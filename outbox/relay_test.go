@@ -664,23 +664,14 @@ func TestReleaseAndRegisterWhileReaped(t *testing.T) {
 		schema := o.Config().Schema
 		// Connections of their own: the relay's pool may be all in use
 		// by statements waiting for this transaction.
-		reaper, err := pgx.Connect(ctx, dimmertest.PostgresURL())
-		require.NoError(t, err)
-		t.Cleanup(func() { reaper.Close(context.Background()) })
-		observer, err := pgx.Connect(ctx, dimmertest.PostgresURL())
-		require.NoError(t, err)
-		t.Cleanup(func() { observer.Close(context.Background()) })
+		reaper, observer := dimmertest.Conn(t), dimmertest.Conn(t)
 		tx, err := reaper.Begin(ctx)
 		require.NoError(t, err)
 		_, err = tx.Exec(ctx, `DELETE FROM `+schema+`.outbox_relays WHERE id = $1`, id)
 		require.NoError(t, err)
 		return func() {
-			require.Eventually(t, func() bool {
-				var waiting bool
-				err := observer.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%outbox_relays%')`, schema).Scan(&waiting)
-				return err == nil && waiting
-			}, 10*time.Second, 5*time.Millisecond, "the relay's statement waits for the registration row")
+			require.Eventually(t, func() bool { return dimmertest.LockWaiting(t, observer, schema, "outbox_relays") },
+				10*time.Second, 5*time.Millisecond, "the relay's statement waits for the registration row")
 			_, err := tx.Exec(ctx, `UPDATE `+schema+`.outbox_leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, id)
 			require.NoError(t, err, "the relay holds none of its leases while it waits for the row")
 			require.NoError(t, tx.Commit(ctx))

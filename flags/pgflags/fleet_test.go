@@ -34,12 +34,7 @@ func TestHeartbeatWhileAnotherPrunes(t *testing.T) {
 	require.NoError(t, err)
 
 	// Connections of their own, not the store's pool.
-	other, err := pgx.Connect(ctx, dimmertest.PostgresURL())
-	require.NoError(t, err)
-	t.Cleanup(func() { other.Close(context.Background()) })
-	observer, err := pgx.Connect(ctx, dimmertest.PostgresURL())
-	require.NoError(t, err)
-	t.Cleanup(func() { observer.Close(context.Background()) })
+	other, observer := dimmertest.Conn(t), dimmertest.Conn(t)
 
 	tx, err := other.Begin(ctx)
 	require.NoError(t, err)
@@ -59,11 +54,7 @@ ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, expires_at = excluded.expires
 			return true
 		default:
 		}
-		var waiting bool
-		err := observer.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%fleet_instances%' AND pid <> $2)`,
-			schema, other.PgConn().PID()).Scan(&waiting)
-		return err == nil && waiting
+		return dimmertest.LockWaiting(t, observer, schema, "fleet_instances")
 	}, 10*time.Second, 5*time.Millisecond, "a's beat returns or waits for b's row")
 
 	// b's prune, in the same transaction as its upsert.
