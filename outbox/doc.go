@@ -119,11 +119,9 @@
 // the database.
 //
 // Retention: delivered rows are deleted in bulk by the acknowledging
-// statement; the relays run VACUUM on the table about every VacuumEvery
-// deletions from it, however many relays share it (one at a time, and not
-// again if another relay or autovacuum just did), and the table is
-// installed with a low autovacuum threshold, so dead tuples and the heap
-// stay bounded under steady load.
+// statement; the relay runs VACUUM on the table every VacuumEvery deletions
+// (one relay at a time) and the table is installed with a low autovacuum
+// threshold, so dead tuples and the heap stay bounded under steady load.
 // Dead letters stay until handled.
 //
 // Metrics (OpenTelemetry, no-op unless a provider is set):

@@ -53,11 +53,9 @@ type RelayConfig struct {
 	// BackoffMin and BackoffMax bound the exponential retry delay (with
 	// jitter). Defaults 100ms and 1m.
 	BackoffMin, BackoffMax time.Duration
-	// VacuumEvery runs VACUUM on the table after about this many rows
-	// deleted from it, keeping dead tuples bounded between autovacuum runs.
-	// Each relay counts its own deletions against its share of the buckets
-	// and vacuums unless another relay, or autovacuum, did since its count
-	// began. Default 50000; negative disables.
+	// VacuumEvery runs VACUUM on the table after this many rows deleted by
+	// this relay (one relay at a time), keeping dead tuples bounded between
+	// autovacuum runs. Default 50000; negative disables.
 	VacuumEvery int
 	// StatsInterval is how often backlog and oldest-age gauges refresh.
 	// Default 10s.
@@ -170,10 +168,6 @@ type Relay struct {
 	bg        sync.WaitGroup
 	vacuuming atomic.Bool
 	deleted   int
-	// vacuums is the table's count of vacuums (by any relay, or
-	// autovacuum) when this relay last started counting deletions from
-	// zero; see vacuum.
-	vacuums atomic.Int64
 
 	seen map[string]struct{} // fetch's lanes, kept between cycles to reuse its memory
 
@@ -484,12 +478,6 @@ func (r *Relay) listenOnce(ctx context.Context) error {
 ON CONFLICT (id) DO UPDATE SET seen_at = now(), pid = EXCLUDED.pid`, r.cfg.ID)
 	batch.Queue(`UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity' WHERE owner = $1`, r.cfg.ID)
 	batch.Queue(`SELECT pg_notify($1, $2)`, r.control, r.cfg.ID) // the others rebalance now
-	batch.Queue(vacuumsSQL, r.o.table).QueryRow(func(row pgx.Row) error {
-		var n int64
-		err := row.Scan(&n)
-		r.vacuums.Store(n)
-		return err
-	})
 	if err := conn.SendBatch(ctx, batch).Close(); err != nil {
 		return fmt.Errorf("register relay: %w", err)
 	}
@@ -1030,7 +1018,7 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 		r.forceRenew(ctx)
 	}
 	r.deleted += n
-	r.maybeVacuum(ctx, len(seqs) >= r.cfg.BatchSize)
+	r.maybeVacuum(ctx)
 	return nil
 }
 
@@ -1103,18 +1091,8 @@ func (r *Relay) backoff(attempt int) time.Duration {
 // maybeVacuum keeps dead tuples of delivered rows bounded: after
 // VacuumEvery deletions it vacuums the table in the background, one relay
 // at a time (a session advisory lock), without blocking publishing.
-//
-// Draining a backlog (a full batch), it waits, up to four shares: with
-// several relays the drain is bound by the database's CPU, which a vacuum
-// takes a share of (0.12 CPU-s per 100k rows drained by four relays, about
-// 6%), and the vacuum once caught up clears the drain's dead rows all the
-// same.
-func (r *Relay) maybeVacuum(ctx context.Context, backlog bool) {
-	if r.cfg.VacuumEvery < 0 {
-		return
-	}
-	share := r.vacuumShare()
-	if r.deleted < share || backlog && r.deleted < 4*share || !r.vacuuming.CompareAndSwap(false, true) {
+func (r *Relay) maybeVacuum(ctx context.Context) {
+	if r.cfg.VacuumEvery < 0 || r.deleted < r.cfg.VacuumEvery || !r.vacuuming.CompareAndSwap(false, true) {
 		return
 	}
 	r.deleted = 0
@@ -1122,65 +1100,26 @@ func (r *Relay) maybeVacuum(ctx context.Context, backlog bool) {
 	go func() {
 		defer r.bg.Done()
 		defer r.vacuuming.Store(false)
-		if err := r.vacuum(ctx); err != nil && ctx.Err() == nil {
+		if err := r.o.vacuum(ctx, r.pool); err != nil && ctx.Err() == nil {
 			r.log.Warn("outbox vacuum failed; relying on autovacuum", "err", err)
 		}
 	}()
 }
 
-// vacuumShare is how many of VacuumEvery deletions this relay makes: its
-// share of the buckets. Counting its own deletions against the whole of
-// VacuumEvery, n relays started together would each reach it only after
-// n times VacuumEvery deletions of the table, and the fetch's index scan
-// walks every dead entry left since the last vacuum.
-func (r *Relay) vacuumShare() int {
-	r.mu.Lock()
-	held := len(r.held)
-	r.mu.Unlock()
-	return max(1, r.cfg.VacuumEvery*held/r.o.cfg.Buckets)
-}
-
-// vacuumsSQL reads how often the table ($1) has been vacuumed, by VACUUM
-// or by autovacuum.
-const vacuumsSQL = `SELECT coalesce((SELECT vacuum_count + autovacuum_count
-FROM pg_stat_user_tables WHERE relid = $1::regclass), 0)`
-
-// vacuum vacuums the table, one relay at a time (a session advisory lock),
-// unless it was vacuumed since this relay last started counting its
-// deletions: each relay counts only its share of the table's deletions, so
-// relays counting from different moments would otherwise vacuum once each
-// per VacuumEvery deletions of the table.
-func (r *Relay) vacuum(ctx context.Context) error {
-	c, err := r.pool.Acquire(ctx)
+func (o *Outbox) vacuum(ctx context.Context, pool *pgxpool.Pool) error {
+	c, err := pool.Acquire(ctx)
 	if err != nil {
 		return err
 	}
 	defer c.Release()
-	lockNS := r.o.lockNS + 1
 	var got bool
-	if err := c.QueryRow(ctx, `SELECT pg_try_advisory_lock($1::int4, -2)`, lockNS).Scan(&got); err != nil {
+	if err := c.QueryRow(ctx, `SELECT pg_try_advisory_lock($1::int4, -2)`, o.lockNS+1).Scan(&got); err != nil {
 		return err
 	}
 	if !got {
-		return nil // another relay is vacuuming
-	}
-	defer c.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1::int4, -2)`, lockNS)
-	var n int64
-	if err := c.QueryRow(ctx, vacuumsSQL, r.o.table).Scan(&n); err != nil {
-		return err
-	}
-	if n != r.vacuums.Swap(n) {
-		r.log.Debug("outbox vacuum skipped: the table was vacuumed since this relay's count began")
 		return nil
 	}
-	began := time.Now()
-	if _, err := c.Exec(ctx, `VACUUM `+r.o.table); err != nil {
-		return err
-	}
-	r.log.Debug("outbox table vacuumed", "took", time.Since(began))
-	if err := c.QueryRow(ctx, vacuumsSQL, r.o.table).Scan(&n); err != nil {
-		return err
-	}
-	r.vacuums.Store(n)
-	return nil
+	defer c.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1::int4, -2)`, o.lockNS+1)
+	_, err = c.Exec(ctx, `VACUUM `+o.table)
+	return err
 }
