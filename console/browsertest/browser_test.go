@@ -98,12 +98,32 @@ func waitFor(t *testing.T, tab context.Context, what, predicate string) {
 	t.Helper()
 	c, cancel := context.WithTimeout(tab, 30*time.Second)
 	defer cancel()
-	_, err := chromedp.Run(c, chromedp.Poll[chromedp.Void](predicate, chromedp.WithPollingInterval(50*time.Millisecond)))
+	var err error
+	for {
+		_, err = chromedp.Run(c, chromedp.Poll[chromedp.Void](predicate, chromedp.WithPollingInterval(50*time.Millisecond)))
+		// A poll runs in the page's JavaScript context of the moment; one
+		// started as a navigation ends may be handed the context that
+		// navigation destroyed, and is started again in the new one.
+		if err == nil || c.Err() != nil || !contextGone(err) {
+			break
+		}
+	}
 	if err != nil {
 		body, _ := chromedp.Run(tab, chromedp.Evaluate[string](`document.body ? document.body.innerText : ""`))
 		screenshot(t, tab, "failed-"+strings.ReplaceAll(what, " ", "-"))
 		t.Fatalf("waiting for %s (%s): %v\npage text:\n%s", what, predicate, err, body)
 	}
+}
+
+// contextGone reports whether err says the JavaScript context an
+// evaluation ran in went away with a navigation.
+func contextGone(err error) bool {
+	for _, m := range []string{"Cannot find context with specified id", "Execution context was destroyed", "Inspected target navigated or closed"} {
+		if strings.Contains(err.Error(), m) {
+			return true
+		}
+	}
+	return false
 }
 
 func screenshot(t *testing.T, tab context.Context, name string) {
