@@ -180,6 +180,8 @@ func Conn(t testing.TB) *pgx.Conn {
 	return c
 }
 
+var likeEscaper = strings.NewReplacer(`\`, `\\`, "%", `\%`, "_", `\_`)
+
 // LockWaiting reports, through observer (a [Conn]), whether a session whose
 // current statement contains each of parts, in order, waits for a lock:
 // how a test holding a lock in a transaction of its own learns that the
@@ -188,7 +190,7 @@ func LockWaiting(t testing.TB, observer *pgx.Conn, parts ...string) bool {
 	t.Helper()
 	pattern := "%"
 	for _, p := range parts {
-		pattern += strings.NewReplacer(`\`, `\\`, "%", `\%`, "_", `\_`).Replace(p) + "%"
+		pattern += likeEscaper.Replace(p) + "%"
 	}
 	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -419,11 +419,12 @@ func (s *Store) Heartbeat(ctx context.Context, inst flags.Instance, ttl time.Dur
 	if err != nil {
 		return fmt.Errorf("pgflags: heartbeat %s: %w", inst.ID, err)
 	}
-	// The prune runs after the upsert, holding this instance's row. It skips
-	// a row another statement has locked: that instance is beating now, and
-	// its own beat prunes the rows expired for an hour, this one's among
-	// them when both come back after so long (a fleet started again under
-	// the same IDs). Waiting for it would deadlock the two beats.
+	// The prune is in the statement that upserts this instance's row, so it
+	// holds that row. It skips a row another statement has locked: that
+	// instance is beating now, and its own beat prunes the rows expired for
+	// an hour, this one's among them when both come back after so long (a
+	// fleet started again under the same IDs). Waiting for it would
+	// deadlock the two beats.
 	_, err = s.pool.Exec(ctx, `
 WITH pruned AS (DELETE FROM `+s.t.fleet+` WHERE id IN (SELECT id FROM `+s.t.fleet+`
 	WHERE expires_at < clock_timestamp() - interval '1 hour' AND id <> $1 FOR UPDATE SKIP LOCKED))
