@@ -211,7 +211,9 @@ type CutoverConfig struct {
 	Slot string
 	// New is the new side's fence, if its writers use one (so that a
 	// [StepBack] can hold them): it is opened again before the stage
-	// flips, so writers sent to the new side may write there.
+	// flips, so writers sent to the new side may write there. It must
+	// fence the same migration in the new side's database: the cutover's
+	// own fence given again (even through another pool) is refused.
 	New *Fence
 	// MaxPause bounds how long writers are held: if the sync has not
 	// caught up (or the flip not landed) by then, the cutover gives up,
@@ -250,10 +252,12 @@ func Cutover(ctx context.Context, fence *Fence, cfg CutoverConfig) (CutoverResul
 		return CutoverResult{}, badConfig("fence", "is nil")
 	case !cfg.Stage.Valid() || cfg.Stage.Writes(flags.Old):
 		return CutoverResult{}, badConfig("Stage", "%s still writes the old side: nothing to cut over", cfg.Stage)
+	case cfg.New != nil && cfg.New.cfg.Migration != fence.cfg.Migration:
+		return CutoverResult{}, badConfig("New", "fences migration %s, not %s", cfg.New.cfg.Migration, fence.cfg.Migration)
 	}
 	f := flip{fence: fence, ctl: cfg.Controller, stage: cfg.Stage, actor: cfg.Actor, reason: cfg.Reason,
-		maxPause: cfg.MaxPause, other: cfg.New, what: "cutover"}
-	err := f.validate()
+		maxPause: cfg.MaxPause, other: cfg.New, otherField: "New", what: "cutover"}
+	err := f.validate(ctx)
 	if err != nil {
 		return CutoverResult{}, err
 	}
@@ -290,7 +294,8 @@ type StepBackConfig struct {
 	Reverse     *Sync
 	ReverseSlot string
 	// Old is the old side's fence, opened again before the stage flips so
-	// that writers sent back to old may write there. Required.
+	// that writers sent back to old may write there. Required; like
+	// [CutoverConfig].New, it must not be the fence being closed.
 	Old *Fence
 	// MaxPause bounds how long the new side's writers are held; default
 	// 2s (see [CutoverConfig]).
@@ -324,8 +329,8 @@ func StepBack(ctx context.Context, fence *Fence, cfg StepBackConfig) (CutoverRes
 		return CutoverResult{}, badConfig("Stage", "%s does not write the old side: not a step back", cfg.Stage)
 	}
 	f := flip{fence: fence, ctl: cfg.Controller, stage: cfg.Stage, actor: cfg.Actor, reason: cfg.Reason,
-		maxPause: cfg.MaxPause, other: cfg.Old, recut: true, what: "step back"}
-	err := f.validate()
+		maxPause: cfg.MaxPause, other: cfg.Old, otherField: "Old", recut: true, what: "step back"}
+	err := f.validate(ctx)
 	if err != nil {
 		return CutoverResult{}, err
 	}
@@ -348,6 +353,7 @@ type flip struct {
 	actor, reason string
 	maxPause      time.Duration
 	other         *Fence
+	otherField    string // the config field that gave other
 	recut         bool
 	what          string
 	wait          func(ctx context.Context, tx pgx.Tx) error
@@ -434,7 +440,7 @@ func slotCaughtUp(ctx context.Context, tx Querier, slot string) error {
 	}
 }
 
-func (f *flip) validate() error {
+func (f *flip) validate(ctx context.Context) error {
 	if f.maxPause == 0 {
 		f.maxPause = 2 * time.Second
 	}
@@ -446,7 +452,36 @@ func (f *flip) validate() error {
 	case f.maxPause < time.Millisecond:
 		return badConfig("MaxPause", "must be at least 1ms, got %v", f.maxPause)
 	}
+	if f.other == nil {
+		return nil
+	}
+	// The other side's fence is opened while this one is held: were they
+	// the same row, the opening would wait for the cutover's own lock
+	// until MaxPause and fail with a timeout that names neither. Two pools
+	// can reach one database, so the row is compared, not the handles.
+	here, err := f.fence.where(ctx)
+	if err != nil {
+		return err
+	}
+	there, err := f.other.where(ctx)
+	if err != nil {
+		return err
+	}
+	if here == there {
+		return badConfig(f.otherField, "is the fence being closed (%s): give the other side's fence, in that side's database", here)
+	}
 	return nil
+}
+
+// where names the fence's row: the cluster (by its system identifier),
+// database, table and migration.
+func (f *Fence) where(ctx context.Context) (string, error) {
+	var cluster int64
+	var db string
+	if err := f.pool.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()), current_database()`).Scan(&cluster, &db); err != nil {
+		return "", fmt.Errorf("cdc: fence %s: %w", f.cfg.Migration, err)
+	}
+	return fmt.Sprintf("%s in %s of database %s on cluster %d", f.cfg.Migration, f.table, db, cluster), nil
 }
 
 func (f *flip) run(ctx context.Context) (CutoverResult, error) {

@@ -526,6 +526,17 @@ func TestFencedStepBack(t *testing.T) {
 
 	w := startWriters(t, e, 3)
 	waitFor(t, func() bool { o, _ := w.count(); return o >= 100 })
+	// The old side's fence given as the new side's, through a pool of its
+	// own, is refused before anything is held: the cutover would wait on
+	// its own lock.
+	oldAgain, err := cdc.OpenFence(ctx, dimmertest.Pool(t, e.oldURL), cdc.FenceConfig{Migration: e.mig})
+	require.NoError(t, err)
+	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, New: oldAgain, Actor: "test", Reason: "cutover"})
+	require.ErrorIs(t, err, cdc.ErrInvalidConfig)
+	require.ErrorContains(t, err, "New is the fence being closed ("+e.mig+" in")
+	cut, err := e.fence.Cut(ctx)
+	require.NoError(t, err)
+	require.False(t, cut)
 	_, err = cdc.Cutover(ctx, e.fence, cdc.CutoverConfig{Controller: ctl, Sync: e.fwd, New: newFence, Actor: "test", Reason: "cutover"})
 	require.NoError(t, err)
 	waitFor(t, func() bool { _, n := w.count(); return n >= 50 })
@@ -541,6 +552,9 @@ func TestFencedStepBack(t *testing.T) {
 	require.ErrorContains(t, err, "not a step back")
 	_, err = cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Reverse: rev, Actor: "test", Reason: "rollback"})
 	require.ErrorContains(t, err, "Old is nil")
+	_, err = cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Reverse: rev, Old: newFence, Actor: "test", Reason: "rollback"})
+	require.ErrorIs(t, err, cdc.ErrInvalidConfig)
+	require.ErrorContains(t, err, "Old is the fence being closed")
 	// A step back that cannot finish within its pause gives up: the stage
 	// stays, the old side stays fenced, writers go on writing new.
 	_, err = cdc.StepBack(ctx, newFence, cdc.StepBackConfig{Controller: ctl, Reverse: rev, Old: e.fence, Actor: "test", Reason: "too short", MaxPause: time.Millisecond})
@@ -548,7 +562,7 @@ func TestFencedStepBack(t *testing.T) {
 	st, err := e.store.Load(ctx, e.mig)
 	require.NoError(t, err)
 	require.Equal(t, flags.Complete, st.Stage)
-	cut, err := e.fence.Cut(ctx)
+	cut, err = e.fence.Cut(ctx)
 	require.NoError(t, err)
 	require.True(t, cut, "the old side stays fenced after a step back that gave up")
 	cut, err = newFence.Cut(ctx)
