@@ -137,7 +137,10 @@
 // Config.LockSourceRows — follows Config.LockTime instead (50ms; 20ms for
 // an in-place fill, whose rows are locked against every write), so a
 // write meeting a chunk's row waits a few tens of milliseconds, not half
-// a second. An in-place chunk is one UPDATE of the columns Spec.Exprs
+// a second. An in-place chunk also stays under 0.5% of the table's
+// estimated rows (at least Config.MinChunk): the share of the service's
+// writes that meet a locked row is the chunk's share of the table. An
+// in-place chunk is one UPDATE of the columns Spec.Exprs
 // computes, not the upsert: an upsert of a table into itself probes the
 // key and locks each row (a WAL record of its own) before updating it,
 // twice the work while the chunk's rows are held, and the version guard

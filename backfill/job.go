@@ -110,7 +110,8 @@ type Config struct {
 	// service's own writes wait for until it commits: an in-place fill
 	// (Target is Source, so every copied row is updated) or LockSourceRows.
 	// A write meeting a locked row waits up to a chunk (50ms; 20ms for an
-	// in-place fill, whose UPDATE holds its rows against every write).
+	// in-place fill, whose UPDATE holds its rows against every write; its
+	// chunk also stays under 0.5% of the table's rows, at least MinChunk).
 	LockTime time.Duration
 	// InitialChunk, MinChunk and MaxChunk bound the chunk size in rows
 	// (1000, 100, 100000).

@@ -131,6 +131,10 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 // moment, enough to reach the service's p99.
 const inPlaceLockTime = 20 * time.Millisecond
 
+// inPlaceTableShare bounds an in-place fill's chunk, as a share of the
+// table's estimated rows (never below MinChunk).
+const inPlaceTableShare = 0.005
+
 // stageOf reads the migration's stage and epoch (off and 0 without a store).
 func (b *Backfiller) stageOf(ctx context.Context, migration string) (flags.State, error) {
 	if b.store == nil {
@@ -175,6 +179,16 @@ func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
 		res.AlreadyDone = true
 		res.Elapsed = time.Since(start)
 		return res, nil
+	}
+	if r.inPlace && r.track.total > 0 {
+		// A service write waits when it meets a row of the chunk being
+		// filled, so the share of writes that wait is the chunk's share of
+		// the table, whatever its time: a 20ms chunk of a fast fill is
+		// thousands of rows, several percent of a small table. Holding
+		// the chunk under inPlaceTableShare keeps that share under the
+		// service's p99.
+		r.cfg.MaxChunk = min(r.cfg.MaxChunk, max(r.cfg.MinChunk, int(float64(r.track.total)*inPlaceTableShare)))
+		r.cfg.InitialChunk = min(r.cfg.InitialChunk, r.cfg.MaxChunk)
 	}
 	if r.cfg.RowsPerSecond > 0 {
 		r.pace = &pacer{rate: r.cfg.RowsPerSecond}
