@@ -95,7 +95,11 @@ func BenchmarkMirrorThroughput(b *testing.B) {
 
 // BenchmarkDualProduceLatency: the caller's latency of a dual produce (old
 // authoritative, copy to new off the path) against a single franz-go
-// produce to old, interleaved, both acks=all and idempotent.
+// produce to old, interleaved, both acks=all and idempotent. A p99 of a few
+// thousand 40µs produces on a shared machine moves by a quarter from one
+// run to the next, for either path alike, so the goal is the median over
+// windows of 1,000 pairs of the window's p99 ratio: each window compares
+// the two paths under the same load.
 func BenchmarkDualProduceLatency(b *testing.B) {
 	oldSeeds, newSeeds := clusters(b)
 	name := uniqueTopic("dpl")
@@ -109,17 +113,21 @@ func BenchmarkDualProduceLatency(b *testing.B) {
 		[]kgo.Opt{kgo.SeedBrokers(oldSeeds...)}, []kgo.Opt{kgo.SeedBrokers(newSeeds...)}, streams.WithRepairLog(nilLog{}))
 	require.NoError(b, err)
 	defer func() { require.NoError(b, p.Close(ctx)) }()
-	var base, dual []time.Duration
-	for round := range 20 {
-		for i := range 200 {
+	const windows, pairs = 11, 1000
+	var allBase, allDual []time.Duration
+	ratios := make([]float64, 0, windows)
+	for w := range windows {
+		base := make([]time.Duration, 0, pairs)
+		dual := make([]time.Duration, 0, pairs)
+		for i := range pairs {
 			one := func() {
-				rec := &kgo.Record{Key: fmt.Appendf(nil, "k%d", i%50), Value: fmt.Appendf(nil, "v%d-%d", round, i)}
+				rec := &kgo.Record{Key: fmt.Appendf(nil, "k%d", i%50), Value: fmt.Appendf(nil, "v%d-%d", w, i)}
 				start := time.Now()
 				require.NoError(b, single.ProduceSync(ctx, rec).FirstErr())
 				base = append(base, time.Since(start))
 			}
 			two := func() {
-				rec := &kgo.Record{Key: fmt.Appendf(nil, "k%d", i%50), Value: fmt.Appendf(nil, "v%d-%d", round, i)}
+				rec := &kgo.Record{Key: fmt.Appendf(nil, "k%d", i%50), Value: fmt.Appendf(nil, "v%d-%d", w, i)}
 				start := time.Now()
 				_, err := p.Produce(ctx, rec)
 				require.NoError(b, err)
@@ -133,14 +141,17 @@ func BenchmarkDualProduceLatency(b *testing.B) {
 				one()
 			}
 		}
+		ratios = append(ratios, flagstest.Percentile(dual, 99).Seconds()/flagstest.Percentile(base, 99).Seconds())
+		allBase, allDual = append(allBase, base...), append(allDual, dual...)
 	}
 	require.NoError(b, p.Flush(ctx))
 	require.Zero(b, p.Stats().Repairs, "every copy reached new")
-	bp, dp := flagstest.Percentile(base, 99), flagstest.Percentile(dual, 99)
+	slices.Sort(ratios)
 	// The median shows the dual path's fixed cost on the caller (stage
 	// evaluation, the promise hand-off), which the p99 ratio hides in noise.
-	b.Logf("single p50 %s p99 %s, dual p50 %s p99 %s", flagstest.Percentile(base, 50), bp, flagstest.Percentile(dual, 50), dp)
-	benchgoal.Report(b, "streams_dual_produce_p99_vs_single", dp.Seconds()/bp.Seconds(), "x", benchgoal.AtMost, 1.1)
+	b.Logf("single p50 %s p99 %s, dual p50 %s p99 %s; p99 ratio per window %.2f", flagstest.Percentile(allBase, 50), flagstest.Percentile(allBase, 99),
+		flagstest.Percentile(allDual, 50), flagstest.Percentile(allDual, 99), ratios)
+	benchgoal.Report(b, "streams_dual_produce_p99_vs_single", ratios[windows/2], "x", benchgoal.AtMost, 1.1)
 }
 
 // BenchmarkCutover: a consumer group moved old→new→old… ten times while
