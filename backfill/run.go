@@ -492,19 +492,10 @@ func (r *runner) copyRange(ctx context.Context, w *worker, l *lease) (err error)
 		started := time.Now()
 		var n int
 		var done bool
-		for attempt := 0; ; attempt++ {
+		if err := r.retry(ctx, "chunk", func() (err error) {
 			n, done, err = r.chunk(ctx, w, l, size)
-			if err == nil || !transient(ctx, err) || attempt >= r.cfg.MaxRetries {
-				break
-			}
-			r.b.m.retries.Add(ctx, 1, r.track.attrs)
-			wait := min(100*time.Millisecond<<attempt, 5*time.Second)
-			r.b.logger.Warn("backfill: chunk failed, retrying", "job", r.j.Name, "range", l.id, "attempt", attempt+1, "wait", wait, "err", err)
-			if err := sleep(ctx, wait); err != nil {
-				return err
-			}
-		}
-		if err != nil {
+			return err
+		}, "range", l.id); err != nil {
 			return err
 		}
 		took := time.Since(started)
@@ -877,6 +868,26 @@ func (r *runner) transform(ctx context.Context, rows []Row) ([]Row, error) {
 		}
 	}
 	return out, nil
+}
+
+// retry runs f (op: a chunk, a repair) until it succeeds, fails with an
+// error not worth retrying, or has been retried MaxRetries times, waiting
+// longer after each failure. where is logged with each retry.
+func (r *runner) retry(ctx context.Context, op string, f func() error, where ...any) error {
+	for attempt := 0; ; attempt++ {
+		err := f()
+		if err == nil || !transient(ctx, err) || attempt >= r.cfg.MaxRetries {
+			return err
+		}
+		if r.track != nil { // a verify's repair runs without one
+			r.b.m.retries.Add(ctx, 1, r.track.attrs)
+		}
+		wait := min(100*time.Millisecond<<attempt, 5*time.Second)
+		r.b.logger.Warn("backfill: "+op+" failed, retrying", append([]any{"job", r.j.Name}, append(where, "attempt", attempt+1, "wait", wait, "err", err)...)...)
+		if err := sleep(ctx, wait); err != nil {
+			return err
+		}
+	}
 }
 
 // transient reports whether a failed chunk is worth retrying: lost

@@ -40,7 +40,9 @@ type VerifyOptions struct {
 	ChunkRows int
 	// Repair recopies the ranges holding a lasting difference (and deletes
 	// the target rows of their differing keys the source does not have)
-	// and checks those keys again.
+	// and checks those keys again. A range's repair is one transaction
+	// against the service's writes; one lost to a deadlock or a dropped
+	// connection is retried as a chunk is (Config.MaxRetries).
 	Repair bool
 	// RecheckDelay separates the looks at a differing range's keys (200ms):
 	// a dual write in flight at one look has landed on both sides by the
@@ -683,11 +685,15 @@ func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResu
 	if v.o.OverwriteNewer {
 		overwrite = keysOf(newer)
 	}
-	if v.rs != nil {
-		err = v.recopyRedis(ctx, lo, hi, keysOf(lasting), overwrite)
-	} else {
-		err = v.r.recopy(ctx, lo, hi, keysOf(lasting), overwrite)
-	}
+	// The repair rewrites the range in one transaction against the
+	// service's own writes (and a copy still running), so it can lose a
+	// deadlock or its connection as a chunk can, and is retried like one.
+	err = v.r.retry(ctx, "repair", func() error {
+		if v.rs != nil {
+			return v.recopyRedis(ctx, lo, hi, keysOf(lasting), overwrite)
+		}
+		return v.r.recopy(ctx, lo, hi, keysOf(lasting), overwrite)
+	}, "lo", lo, "hi", hi)
 	if err != nil {
 		return res, err
 	}

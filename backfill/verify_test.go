@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -386,5 +387,58 @@ func TestVerifyNewerInTarget(t *testing.T) {
 	assert.True(t, v.OK, "%v", v.Problems)
 	assert.Equal(t, int64(1), v.NewerInTarget)
 	assert.Equal(t, int64(1), v.Repaired)
+	assert.Zero(t, e.diff(t))
+}
+
+// A repair rewrites its range in one transaction against the service's own
+// writes. One that loses a deadlock to them is retried, not failed.
+func TestVerifyRepairRetriesDeadlock(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id, amount) SELECT g, g FROM generate_series(1, 100) g`)
+	j := ordersJob("repair-deadlock")
+	_, err := e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	exec(t, e.pool, `UPDATE new_orders SET amount = -1 WHERE id = 10`)
+
+	// The service: a transaction holding row 90 of new, which then wants
+	// row 2 while the repair holds row 2 and waits for row 90. The
+	// service's deadlock check is put off, so the repair's finds the cycle
+	// and the repair is the transaction aborted.
+	svc, observer := dimmertest.Conn(t), dimmertest.Conn(t)
+	ctx := tctx(t)
+	newOrders := pgx.Identifier{e.schema, "new_orders"}.Sanitize()
+	_, err = svc.Exec(ctx, `SET deadlock_timeout = '1min'`)
+	require.NoError(t, err)
+	tx, err := svc.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	_, err = tx.Exec(ctx, `SELECT 1 FROM `+newOrders+` WHERE id = 90 FOR UPDATE`)
+	require.NoError(t, err)
+
+	type verdict struct {
+		v   backfill.Verification
+		err error
+	}
+	done := make(chan verdict, 1)
+	go func() {
+		v, err := e.bf.Verify(ctx, j, backfill.VerifyOptions{Repair: true, RecheckDelay: time.Millisecond})
+		done <- verdict{v, err}
+	}()
+	blocked := func() bool {
+		var yes bool
+		err := observer.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))`, svc.PgConn().PID()).Scan(&yes)
+		return err == nil && yes
+	}
+	require.Eventually(t, blocked, 30*time.Second, 5*time.Millisecond, "the repair never reached row 90")
+	// Waits until the repair is aborted and its row 2 freed.
+	_, err = tx.Exec(ctx, `SELECT 1 FROM `+newOrders+` WHERE id = 2 FOR UPDATE`)
+	require.NoError(t, err)
+	require.NoError(t, tx.Commit(ctx))
+
+	got := <-done
+	require.NoError(t, got.err)
+	assert.True(t, got.v.OK, "%v", got.v.Problems)
+	assert.Equal(t, int64(1), got.v.Repaired)
 	assert.Zero(t, e.diff(t))
 }
