@@ -40,7 +40,9 @@
 // skips none, whenever the process died; such a transaction commits with
 // synchronous_commit off, since a server crash loses chunk and cursor
 // together and a resume redoes them, which keeps the backfill's WAL flushes
-// out of the way of the service's commits. Elsewhere the sink commits first
+// out of the way of the service's commits (an in-place fill commits
+// synchronously: the service's commits, right behind its chunks, would
+// flush their WAL themselves). Elsewhere the sink commits first
 // and the cursor right after: a crash in between redoes one chunk, which
 // the idempotent, version-guarded sink absorbs. A job resumed with another
 // definition (its [Spec], sink or TransformVersion) is refused with a
