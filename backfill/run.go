@@ -894,8 +894,9 @@ func (r *runner) retry(ctx context.Context, op string, f func() error, where ...
 	}
 }
 
-// transient reports whether a failed chunk is worth retrying: lost
-// connections, a terminated backend, serialisation failures, deadlocks.
+// transient reports whether a failed chunk or repair is worth retrying:
+// lost connections, a terminated backend, serialisation failures,
+// deadlocks.
 func transient(ctx context.Context, err error) bool {
 	if ctx.Err() != nil {
 		return false
