@@ -473,15 +473,26 @@ func (f *flip) validate(ctx context.Context) error {
 	return nil
 }
 
-// where names the fence's row: the cluster (by its system identifier),
+// where names the fence's row: the cluster (by its system identifier, or
+// by the server's address where a managed service withholds that), the
 // database, table and migration.
 func (f *Fence) where(ctx context.Context) (string, error) {
-	var cluster int64
-	var db string
-	if err := f.pool.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()), current_database()`).Scan(&cluster, &db); err != nil {
+	var allowed bool
+	var cluster, db string
+	err := f.pool.QueryRow(ctx, `SELECT has_function_privilege('pg_control_system()', 'execute'), current_database()`).Scan(&allowed, &db)
+	if err == nil {
+		// Privileges are checked when a statement starts, whichever
+		// branch of a CASE it would take: two statements.
+		q := `SELECT system_identifier::text FROM pg_control_system()`
+		if !allowed {
+			q = `SELECT coalesce(host(inet_server_addr()), 'local') || ':' || current_setting('port')`
+		}
+		err = f.pool.QueryRow(ctx, q).Scan(&cluster)
+	}
+	if err != nil {
 		return "", fmt.Errorf("cdc: fence %s: %w", f.cfg.Migration, err)
 	}
-	return fmt.Sprintf("%s in %s of database %s on cluster %d", f.cfg.Migration, f.table, db, cluster), nil
+	return fmt.Sprintf("%s in %s of database %s on cluster %s", f.cfg.Migration, f.table, db, cluster), nil
 }
 
 func (f *flip) run(ctx context.Context) (CutoverResult, error) {
