@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -32,7 +33,7 @@ func ExampleNew() {
 		return
 	}
 	defer pool.Close()
-	const schema = "dimmer_example_console"
+	schema := "dimmer_example_console_" + strconv.Itoa(os.Getpid())
 	drop := func() { _, _ = pool.Exec(ctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{schema}.Sanitize()+" CASCADE") }
 	drop()
 	defer drop()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -37,26 +38,26 @@ func Example() {
 		fmt.Println(err)
 		return
 	}
-	cfg.ConnConfig.RuntimeParams["search_path"] = "dimmer_example_dualwrite"
+	schema := "dimmer_example_dualwrite_" + strconv.Itoa(os.Getpid())
+	cfg.ConnConfig.RuntimeParams["search_path"] = schema
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
 	defer pool.Close()
-	// A fixed name, dropped first in case a killed run left it behind.
-	const setup = `DROP SCHEMA IF EXISTS dimmer_example_dualwrite CASCADE;
-CREATE SCHEMA dimmer_example_dualwrite;
+	setup := `DROP SCHEMA IF EXISTS ` + schema + ` CASCADE;
+CREATE SCHEMA ` + schema + `;
 CREATE TABLE balances_old (id text PRIMARY KEY, cents bigint NOT NULL);
 CREATE TABLE balances_new (id text PRIMARY KEY, cents bigint NOT NULL CONSTRAINT no_overdraft CHECK (cents >= 0));`
 	if _, err := pool.Exec(ctx, setup); err != nil {
 		fmt.Println(err)
 		return
 	}
-	defer pool.Exec(context.Background(), `DROP SCHEMA IF EXISTS dimmer_example_dualwrite CASCADE`)
+	defer pool.Exec(context.Background(), `DROP SCHEMA IF EXISTS `+schema+` CASCADE`)
 
 	// The repair log: an outbox table of its own.
-	ob, err := outbox.New(outbox.Config{Schema: "dimmer_example_dualwrite", Table: "repairs"})
+	ob, err := outbox.New(outbox.Config{Schema: schema, Table: "repairs"})
 	if err != nil {
 		fmt.Println(err)
 		return

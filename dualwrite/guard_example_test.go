@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -31,7 +32,7 @@ func ExampleNoPendingRepairsGuard() {
 		return
 	}
 	defer pool.Close()
-	const schema = "dimmer_example_guard" // fixed: dropped first in case a killed run left it
+	schema := "dimmer_example_guard_" + strconv.Itoa(os.Getpid())
 	drop := func() { _, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+schema+" CASCADE") }
 	drop()
 	defer drop()

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -27,6 +28,7 @@ func postgresURL() string {
 
 // exampleStore opens a Postgres flag store in a throwaway schema.
 func exampleStore(ctx context.Context, schema string) (*pgflags.Store, func(), error) {
+	schema += "_" + strconv.Itoa(os.Getpid()) // two test runs at once keep apart
 	pool, err := pgxpool.New(ctx, postgresURL())
 	if err != nil {
 		return nil, nil, err
