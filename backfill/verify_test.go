@@ -425,12 +425,8 @@ func TestVerifyRepairRetriesDeadlock(t *testing.T) {
 		v, err := e.bf.Verify(ctx, j, backfill.VerifyOptions{Repair: true, RecheckDelay: time.Millisecond})
 		done <- verdict{v, err}
 	}()
-	blocked := func() bool {
-		var yes bool
-		err := observer.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))`, svc.PgConn().PID()).Scan(&yes)
-		return err == nil && yes
-	}
-	require.Eventually(t, blocked, 30*time.Second, 5*time.Millisecond, "the repair never reached row 90")
+	require.Eventually(t, func() bool { return dimmertest.Blocks(t, observer, svc) }, 30*time.Second, 5*time.Millisecond,
+		"the repair never reached row 90")
 	// Waits until the repair is aborted and its row 2 freed.
 	_, err = tx.Exec(ctx, `SELECT 1 FROM `+newOrders+` WHERE id = 2 FOR UPDATE`)
 	require.NoError(t, err)

@@ -200,6 +200,21 @@ WHERE wait_event_type = 'Lock' AND query LIKE $1)`, pattern).Scan(&waiting)
 	return err == nil && waiting
 }
 
+// Blocks reports, through observer (a [Conn]), whether some session waits
+// for a lock that holder holds: how a test holding a lock learns that the
+// code under test has reached it when no text of the code's statement is
+// the test's own to match (see [LockWaiting]). An error reads as not
+// blocking.
+func Blocks(t testing.TB, observer, holder *pgx.Conn) bool {
+	t.Helper()
+	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var blocks bool
+	err := observer.QueryRow(c, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))`,
+		holder.PgConn().PID()).Scan(&blocks)
+	return err == nil && blocks
+}
+
 // Schema creates a schema in the shared test database and returns a pool
 // whose search_path is that schema, and the schema's name. The schema is
 // dropped when the test ends. Cheaper than [Database]; use it unless the test

@@ -68,10 +68,9 @@ ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, expires_at = excluded.expires
 	require.NoError(t, beatErr, "a's beat went through")
 	require.NoError(t, pruneErr, "b's beat went through")
 
-	var live []string
 	rows, err := pool.Query(ctx, `SELECT id FROM `+fleet+` WHERE expires_at > clock_timestamp() ORDER BY id`)
 	require.NoError(t, err)
-	live, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	live, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
 	assert.Equal(t, []string{"a", "b"}, live, "both instances are registered")
 }
