@@ -70,6 +70,10 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill
 	if b.workerID != "" {
 		opts = append(opts, backfill.WithWorkerID(b.workerID))
 	}
+	if needFlags && b.storeURL == "" {
+		pool.Close()
+		return nil, usagef("no store: a backfill reads its migration's stage and epoch from the flag store (it runs from dualwrite on, and stops when the epoch changes); pass --store postgres://... or redis://..., or set DIMMER_STORE")
+	}
 	if needFlags || b.storeURL != "" {
 		be, err := b.open(ctx)
 		if err != nil {

@@ -32,6 +32,11 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	assert.Equal(t, exitUsage, r.code)
 	assert.Contains(t, r.stderr, "job copy is not stored: define it with --migration")
 
+	noStore := []string{"--store", "", "backfill", "--db", dimmertest.PostgresURL(), "--backfill-schema", schema}
+	r = dimmer(t, noStore, append([]string{"run", "copy"}, def...)...)
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, "no store: a backfill reads its migration's stage and epoch from the flag store")
+
 	r = dimmer(t, store, append([]string{"run", "copy"}, def...)...)
 	assert.Equal(t, exitError, r.code, "the migration is off")
 	assert.Contains(t, r.stderr, "orders is off; run the backfill in dualwrite")
