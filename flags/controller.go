@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"strings"
 	"time"
 )
 
@@ -125,16 +126,39 @@ func (r Request) validate() error {
 	if !r.Stage.Valid() {
 		return &UnknownStageError{Value: r.Stage.String()}
 	}
-	if math.IsNaN(r.Percent) || r.Percent < 0 || r.Percent > 100 {
-		return fmt.Errorf("%s: percent %v: must be between 0 and 100", r.Migration, r.Percent)
+	if err := checkPercent(r.Migration, r.Percent); err != nil {
+		return err
 	}
-	if r.Actor == "" {
-		return fmt.Errorf("%s: actor is required (who asks for the change)", r.Migration)
+	if strings.TrimSpace(r.Actor) == "" {
+		return fmt.Errorf("%s: %w: actor is required (who asks for the change)", r.Migration, ErrInvalidRequest)
 	}
-	if r.Reason == "" {
-		return fmt.Errorf("%s: reason is required (why the change is made)", r.Migration)
+	if strings.TrimSpace(r.Reason) == "" {
+		return fmt.Errorf("%s: %w: reason is required (why the change is made)", r.Migration, ErrInvalidRequest)
 	}
 	return checkText(r.Migration, r.Actor, r.Reason)
+}
+
+// checkPercent refuses a percentage a rollout cannot serve. A rollout's
+// share is a whole number of [Bucket]'s buckets, so a percentage that
+// rounds to none of them would be stored as a rollout moving no key, and
+// one that rounds to all of them would move every key without the checks
+// that finishing a rollout gets (100 %).
+func checkPercent(migration string, pct float64) error {
+	if math.IsNaN(pct) || pct < 0 || pct > 100 {
+		return fmt.Errorf("%s: %w: percent %v: must be between 0 and 100", migration, ErrInvalidRequest, pct)
+	}
+	if pct == 0 || pct == 100 {
+		return nil
+	}
+	switch n := math.Round(pct * BucketCount / 100); {
+	case n < 1:
+		return fmt.Errorf("%s: %w: percent %v rounds to no key (a rollout moves keys in steps of %v %%): use at least %[4]v, or 0 to end the rollout",
+			migration, ErrInvalidRequest, pct, 100.0/BucketCount)
+	case n >= BucketCount:
+		return fmt.Errorf("%s: %w: percent %v rounds to every key (a rollout moves keys in steps of %v %%): use 100 to move every key, which is checked as finishing the rollout",
+			migration, ErrInvalidRequest, pct, 100.0/BucketCount)
+	}
+	return nil
 }
 
 // checkText refuses an actor or reason longer than [MaxText]: the audit
@@ -347,17 +371,27 @@ func (c *Controller) Advance(ctx context.Context, migration, actor, reason strin
 // current base stage to the rest, guarded like an advance. 0 % ends a rollout
 // (every key on the base stage), 100 % moves every key to stage.
 func (c *Controller) Rollout(ctx context.Context, migration string, stage Stage, percent float64, actor, reason string) (State, error) {
-	if math.IsNaN(percent) || percent < 0 || percent > 100 {
-		return State{}, fmt.Errorf("%s: percent %v: must be between 0 and 100", migration, percent)
+	r, err := c.RolloutRequest(ctx, migration, stage, percent, actor, reason)
+	if err != nil {
+		return State{}, err
+	}
+	return c.Set(ctx, r)
+}
+
+// RolloutRequest is the request [Controller.Rollout] applies, for a caller
+// that sets Force on it: a 0 % rollout asks for the current base stage.
+func (c *Controller) RolloutRequest(ctx context.Context, migration string, stage Stage, percent float64, actor, reason string) (Request, error) {
+	if err := checkPercent(migration, percent); err != nil {
+		return Request{}, err
 	}
 	if percent == 0 {
 		cur, err := c.store.Load(ctx, migration)
 		if err != nil {
-			return State{}, err
+			return Request{}, err
 		}
 		stage = cur.Stage
 	}
-	return c.Set(ctx, Request{Migration: migration, Stage: stage, Percent: percent, Actor: actor, Reason: reason})
+	return Request{Migration: migration, Stage: stage, Percent: percent, Actor: actor, Reason: reason}, nil
 }
 
 // StepBack moves every key served stage from to the stage before it, leaving

@@ -267,6 +267,26 @@ func TestControllerRollout(t *testing.T) {
 
 	_, err = c.Rollout(ctx(t), "orders", flags.Live, 101, "alice", "bad")
 	require.ErrorContains(t, err, "percent 101")
+	require.ErrorIs(t, err, flags.ErrInvalidRequest)
+
+	// A rollout serves whole buckets of 0.01 %: a share that rounds to all
+	// of them would move every key without the canary check, one that
+	// rounds to none would move nobody. Both are refused, forced or not.
+	_, err = c.Rollout(ctx(t), "orders", flags.Live, 5, "alice", "canary")
+	require.NoError(t, err)
+	for _, pct := range []float64{99.999, 99.995, 0.004} {
+		_, err = c.Rollout(ctx(t), "orders", flags.Live, pct, "alice", "almost")
+		require.ErrorIs(t, err, flags.ErrInvalidRequest, "%v", pct)
+		_, err = c.Set(ctx(t), flags.Request{Migration: "orders", Stage: flags.Live, Percent: pct, Actor: "alice", Reason: "almost", Force: true})
+		require.ErrorIs(t, err, flags.ErrInvalidRequest, "%v", pct)
+	}
+	require.ErrorContains(t, err, "percent 0.004 rounds to no key")
+	st, err = c.Rollout(ctx(t), "orders", flags.Live, 99.99, "alice", "all but one bucket")
+	require.NoError(t, err)
+	assert.Equal(t, flags.Rollout{Stage: flags.Live, Percent: 99.99}, *st.Rollout)
+	st, err = c.Rollout(ctx(t), "orders", flags.Live, 0.01, "alice", "one bucket")
+	require.NoError(t, err)
+	assert.Equal(t, flags.Rollout{Stage: flags.Live, Percent: 0.01}, *st.Rollout)
 }
 
 func TestControllerBadInput(t *testing.T) {
@@ -286,9 +306,14 @@ func TestControllerBadInput(t *testing.T) {
 		{flags.Request{Migration: "orders", Stage: flags.Stage(9), Actor: "a", Reason: "r"}, "unknown stage"},
 		{flags.Request{Migration: "orders", Stage: flags.DualWrite, Reason: "r"}, "actor is required"},
 		{flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "a"}, "reason is required"},
+		{flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "a", Reason: " \t\n"}, "reason is required"},
+		{flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "a", Reason: "r", Percent: 99.999}, "rounds to every key"},
 	} {
 		_, err := c.Set(ctx(t), tc.r)
 		require.ErrorContains(t, err, tc.want)
+		if tc.r.Stage.Valid() && flags.ValidateName(tc.r.Migration) == nil {
+			require.ErrorIs(t, err, flags.ErrInvalidRequest)
+		}
 	}
 	st, err := store.Load(ctx(t), "orders")
 	require.NoError(t, err)

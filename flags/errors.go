@@ -28,6 +28,10 @@ var (
 	ErrCorruptFlag = errors.New("flags: corrupt stored flag")
 	// ErrTextTooLong: a reason or actor is longer than MaxText.
 	ErrTextTooLong = errors.New("flags: text too long")
+	// ErrInvalidRequest: a change asked of the controller is malformed (no
+	// actor or reason, a percentage out of range or finer than a rollout
+	// can serve), so it was neither checked nor applied.
+	ErrInvalidRequest = errors.New("flags: invalid request")
 )
 
 // Echo returns s as it may be quoted back in an error: at most 64 bytes,

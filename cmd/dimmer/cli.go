@@ -85,7 +85,7 @@ func exitCode(err error) int {
 	var refused *flags.RefusedError
 	var ue usageError
 	switch {
-	case errors.As(err, &ue):
+	case errors.As(err, &ue), errors.Is(err, flags.ErrInvalidRequest):
 		return exitUsage
 	case errors.As(err, &refused):
 		return exitRefused
@@ -413,12 +413,12 @@ Valid stages: ` + flags.ValidStages,
 			if err != nil {
 				return err
 			}
-			var st flags.State
-			if force {
-				st, err = ctrl.Set(cmd.Context(), flags.Request{Migration: args[0], Stage: to, Percent: pct, Actor: c.actor, Reason: reason, Force: true})
-			} else {
-				st, err = ctrl.Rollout(cmd.Context(), args[0], to, pct, c.actor, reason)
+			req, err := ctrl.RolloutRequest(cmd.Context(), args[0], to, pct, c.actor, reason)
+			if err != nil {
+				return err
 			}
+			req.Force = force
+			st, err := ctrl.Set(cmd.Context(), req)
 			if err != nil {
 				return err
 			}
