@@ -112,7 +112,10 @@ func TestDecodeStateRejectsBadDocuments(t *testing.T) {
 		`{"migration":"orders","stage":"sideways"}`:                                     `unknown stage "sideways"`,
 		`{"migration":"Orders!","stage":"off"}`:                                         `invalid migration name "Orders!"`,
 		`{"migration":"orders","stage":"off","rollout":{"stage":"live","percent":120}}`: "percent 120",
-		`not json`: "decode stage flag document",
+		`not json`:                            "decode stage flag document",
+		`{"migration":"orders","revision":1}`: `it has no "stage"`,
+		`{"migration":"orders","stage":null,"revision":1}`: `it has no "stage"`,
+		`null`: "the document is null",
 	} {
 		_, err := flags.DecodeState([]byte(doc))
 		require.Error(t, err, doc)

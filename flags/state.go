@@ -1,7 +1,9 @@
 package flags
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"regexp"
@@ -136,6 +138,20 @@ func (s State) Encode() ([]byte, error) {
 // DecodeState parses a stored document, rejecting unknown stages and bad
 // rollouts with an error that names what is wrong.
 func DecodeState(b []byte) (State, error) {
+	// A missing or null stage would decode as the zero Stage, off: a
+	// service in live would quietly read old again, so it is an error.
+	var present struct {
+		Stage json.RawMessage `json:"stage"`
+	}
+	if err := json.Unmarshal(b, &present); err != nil {
+		return State{}, fmt.Errorf("decode stage flag document: %w", err)
+	}
+	if string(bytes.TrimSpace(b)) == "null" {
+		return State{}, errors.New("decode stage flag document: the document is null")
+	}
+	if len(present.Stage) == 0 || string(present.Stage) == "null" {
+		return State{}, errors.New(`decode stage flag document: it has no "stage"`)
+	}
 	var s State
 	if err := json.Unmarshal(b, &s); err != nil {
 		return State{}, fmt.Errorf("decode stage flag document: %w", err)

@@ -432,3 +432,42 @@ func RunFleet(t *testing.T, newFleet func(t *testing.T) flags.FleetStore) {
 		assert.Error(t, f.Deregister(ctx, ""))
 	})
 }
+
+// RunHandEdited checks what a store makes of documents edited by hand
+// behind its back. newStore returns an empty store of its own and a
+// function that replaces a migration's stored document and nothing else
+// (neither the store's revision nor its audit log).
+//
+// A document without a stage must not read as off (a service in live
+// would quietly go back to old), and one whose revision is not the store's
+// must not lock the flag for good (a swap compares the store's revision):
+// both are corrupt, and a forced change overwrites them.
+func RunHandEdited(t *testing.T, newStore func(t *testing.T) (flags.Store, func(ctx context.Context, migration string, doc []byte) error)) {
+	for name, doc := range map[string]string{
+		"NoStage":          `{"migration":"orders","revision":1,"epoch":0}`,
+		"NullStage":        `{"migration":"orders","stage":null,"revision":1}`,
+		"RevisionMismatch": `{"migration":"orders","stage":"live","revision":99}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			s, writeDoc := newStore(t)
+			ctx := Context(t)
+			Set(t, s, "orders", flags.Live, nil)
+			require.NoError(t, writeDoc(ctx, "orders", []byte(doc)))
+			_, err := s.Load(ctx, "orders")
+			var corrupt *flags.CorruptFlagError
+			require.ErrorAs(t, err, &corrupt)
+			assert.Equal(t, int64(1), corrupt.Revision, "the store's revision, which a swap compares")
+			c, err := flags.NewController(s)
+			require.NoError(t, err)
+			_, err = c.Set(ctx, flags.Request{Migration: "orders", Stage: flags.Live, Actor: "alice", Reason: "repair"})
+			require.ErrorIs(t, err, flags.ErrCorruptFlag)
+			st, err := c.Set(ctx, flags.Request{Migration: "orders", Stage: flags.Live, Actor: "alice", Reason: "repair", Force: true})
+			require.NoError(t, err)
+			assert.Equal(t, int64(2), st.Revision)
+			st, err = s.Load(ctx, "orders")
+			require.NoError(t, err)
+			assert.Equal(t, flags.Live, st.Stage)
+		})
+	}
+}

@@ -46,6 +46,17 @@ func TestStore(t *testing.T) {
 	})
 }
 
+func TestHandEdited(t *testing.T) {
+	t.Parallel()
+	flagstest.RunHandEdited(t, func(t *testing.T) (flags.Store, func(context.Context, string, []byte) error) {
+		s, pool, schema := newStore(t)
+		return s, func(ctx context.Context, migration string, doc []byte) error {
+			_, err := pool.Exec(ctx, `UPDATE `+pgx.Identifier{schema, "stage_flags"}.Sanitize()+` SET doc = $2 WHERE migration = $1`, migration, doc)
+			return err
+		}
+	})
+}
+
 func TestFleet(t *testing.T) {
 	t.Parallel()
 	flagstest.RunFleet(t, func(t *testing.T) flags.FleetStore {

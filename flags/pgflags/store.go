@@ -245,6 +245,12 @@ func (s *Store) Load(ctx context.Context, migration string) (flags.State, error)
 // that does not decode is a *flags.CorruptFlagError.
 func decode(migration string, doc []byte, revision int64) (flags.State, error) {
 	st, err := flags.DecodeStateOf(migration, doc)
+	if err == nil && st.Revision != revision {
+		// A swap compares the row's revision: a document saying another
+		// one could never be changed, forced or not, until it is treated
+		// as corrupt and overwritten at the row's revision.
+		err = fmt.Errorf("flag %s: the document says revision %d, the row's revision is %d", migration, st.Revision, revision)
+	}
 	if err != nil {
 		return flags.State{}, fmt.Errorf("pgflags: %w", &flags.CorruptFlagError{Migration: migration, Revision: revision, Raw: doc, Err: err})
 	}

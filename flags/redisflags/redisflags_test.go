@@ -74,6 +74,16 @@ func TestStore(t *testing.T) {
 	})
 }
 
+func TestHandEdited(t *testing.T) {
+	t.Parallel()
+	flagstest.RunHandEdited(t, func(t *testing.T) (flags.Store, func(context.Context, string, []byte) error) {
+		s, client, prefix := newStore(t)
+		return s, func(ctx context.Context, migration string, doc []byte) error {
+			return client.HSet(ctx, prefix+"{stage}:flags", migration, doc).Err()
+		}
+	})
+}
+
 func TestFleet(t *testing.T) {
 	t.Parallel()
 	flagstest.RunFleet(t, func(t *testing.T) flags.FleetStore {

@@ -5,13 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"go.opentelemetry.io/otel/metric"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/metric"
 
 	"github.com/dimmer-dev/dimmer/flags"
 )
@@ -147,26 +148,20 @@ func (s *Store) Prefix() string { return s.cfg.prefix }
 // Channel is the channel every applied change is published on.
 func (s *Store) Channel() string { return s.k.channel }
 
-// decode parses a stored document and checks it belongs to migration; one
-// that does not decode is a *flags.CorruptFlagError, with the revision
-// rev reads (the revisions hash keeps it apart from the document).
-func decode(migration string, doc string, rev func() int64) (flags.State, error) {
+// decode parses a stored document and checks it belongs to migration and
+// carries the revision the revisions hash keeps for it (rev, 0 when
+// absent), which is the one a swap compares; one that does not is a
+// *flags.CorruptFlagError with that revision, which a forced change
+// overwrites.
+func decode(migration string, doc string, rev int64) (flags.State, error) {
 	st, err := flags.DecodeStateOf(migration, []byte(doc))
+	if err == nil && st.Revision != rev {
+		err = fmt.Errorf("flag %s: the document says revision %d, the store's revision is %d", migration, st.Revision, rev)
+	}
 	if err != nil {
-		return flags.State{}, fmt.Errorf("redisflags: %w", &flags.CorruptFlagError{Migration: migration, Revision: rev(), Raw: []byte(doc), Err: err})
+		return flags.State{}, fmt.Errorf("redisflags: %w", &flags.CorruptFlagError{Migration: migration, Revision: rev, Raw: []byte(doc), Err: err})
 	}
 	return st, nil
-}
-
-// revision reads a migration's stored revision (0 when it cannot).
-func (s *Store) revision(ctx context.Context, migration string) func() int64 {
-	return func() int64 {
-		n, err := s.client.HGet(ctx, s.k.revisions, migration).Int64()
-		if err != nil {
-			return 0
-		}
-		return n
-	}
 }
 
 // Load implements [flags.Store].
@@ -174,14 +169,19 @@ func (s *Store) Load(ctx context.Context, migration string) (flags.State, error)
 	if err := flags.ValidateName(migration); err != nil {
 		return flags.State{}, err
 	}
-	doc, err := s.client.HGet(ctx, s.k.flags, migration).Result()
-	if errors.Is(err, redis.Nil) {
-		return flags.State{Migration: migration, Stage: flags.Off}, nil
-	}
-	if err != nil {
+	var doc, rev *redis.StringCmd
+	if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		doc = p.HGet(ctx, s.k.flags, migration)
+		rev = p.HGet(ctx, s.k.revisions, migration)
+		return nil
+	}); err != nil && !errors.Is(err, redis.Nil) {
 		return flags.State{}, fmt.Errorf("redisflags: load %s: %w", migration, err)
 	}
-	return decode(migration, doc, s.revision(ctx, migration))
+	if errors.Is(doc.Err(), redis.Nil) {
+		return flags.State{Migration: migration, Stage: flags.Off}, nil
+	}
+	n, _ := rev.Int64()
+	return decode(migration, doc.Val(), n)
 }
 
 // swapScript checks the revision, stores the document and revision, appends
@@ -232,14 +232,20 @@ func parsePayload(p string) (migration string, doc []byte) {
 // does not decode is a *flags.CorruptFlagError in the returned error, which
 // joins one per corrupt migration; every other migration is still returned.
 func (s *Store) Migrations(ctx context.Context) ([]flags.State, error) {
-	all, err := s.client.HGetAll(ctx, s.k.flags).Result()
-	if err != nil {
+	var docs, revs *redis.MapStringStringCmd
+	if _, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		docs = p.HGetAll(ctx, s.k.flags)
+		revs = p.HGetAll(ctx, s.k.revisions)
+		return nil
+	}); err != nil {
 		return nil, fmt.Errorf("redisflags: list migrations: %w", err)
 	}
+	all, revOf := docs.Val(), revs.Val()
 	out := make([]flags.State, 0, len(all))
 	var bad []error
 	for m, doc := range all {
-		st, err := decode(m, doc, s.revision(ctx, m))
+		rev, _ := strconv.ParseInt(revOf[m], 10, 64)
+		st, err := decode(m, doc, rev)
 		if err != nil {
 			bad = append(bad, err)
 			continue
