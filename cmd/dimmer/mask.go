@@ -19,9 +19,21 @@ import (
 //     DIMMER_* / PG* environment variables) and replaces them in every
 //     byte written to stdout and stderr, so a password a client library
 //     quotes in an unexpected shape is caught too.
+//
+// A URL's userinfo ends at the last '@' of its authority (as Go's and
+// libpq's parsers read it), so the mask runs to the last '@' of the word,
+// over-masking a query that holds one rather than showing a password that
+// does. An unquoted keyword value may carry backslash escapes.
 var (
-	userinfoPW = regexp.MustCompile(`(://[^:/@\s]*:)([^@\s]*)@`)
-	keywordPW  = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&'"]+)`)
+	userinfoPW = regexp.MustCompile(`(://[^:/@\s]*:)(\S*)@`)
+	keywordPW  = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^\s&'"\\])+)`)
+	// argPW is userinfo in an argument that is one URL, which may hold a
+	// space or a character a parser stops at (#, /, ?) where it should
+	// have been percent-encoded: the parser's error quotes what it read.
+	argPW = regexp.MustCompile(`^[a-z][a-z0-9+.-]*://[^:/@\s]*:(.*)@[^@]*$`)
+	// urlStops are where a URL parser cuts a userinfo that holds them
+	// (pgx takes the host from the first '@').
+	urlStops = regexp.MustCompile(`[\s#/?@]+`)
 )
 
 const masked = "***"
@@ -53,6 +65,12 @@ func secretsIn(s string) []string {
 	}
 	for _, m := range userinfoPW.FindAllStringSubmatch(s, -1) {
 		add(m[2])
+	}
+	if m := argPW.FindStringSubmatch(s); m != nil {
+		add(m[1])
+		for _, piece := range urlStops.Split(m[1], -1) {
+			add(piece)
+		}
 	}
 	for _, m := range keywordPW.FindAllStringSubmatch(s, -1) {
 		add(m[2])

@@ -22,12 +22,19 @@ func TestMaskDSN(t *testing.T) {
 		"rediss://default:pw1234@127.0.0.1:6379/0?dial_timeout=1": "rediss://default:***@127.0.0.1:6379/0?dial_timeout=1",
 		"redis://127.0.0.1:6379/0?password=pw1234":                "redis://127.0.0.1:6379/0?password=***",
 		"postgres://u@h/db":                                       "postgres://u@h/db",
+		"postgres://u:pw12@34@h:5432/db":                          "postgres://u:***@h:5432/db",
+		"host=h password=pw12\\ 34 dbname=d":                      "host=h password=*** dbname=d",
+		"host=h password=pw12\\'34 dbname=d":                      "host=h password=*** dbname=d",
 	} {
 		assert.Equal(t, want, maskDSN(in), in)
 		assert.NotContains(t, maskDSN("error: cannot reach `"+in+"` now"), "pw1234")
 	}
 	r := newRedactor([]string{"--store", "postgres://u:S%40cret99@h/db"}, []string{"PGPASSWORD=fromenv1", "DIMMER_DB=host=h password=kv-secret"})
 	assert.Equal(t, "a *** b *** c *** d ***", r.String("a S%40cret99 b S@cret99 c fromenv1 d kv-secret"))
+	// pgx takes the host from the first '@' of a password holding one
+	// (and would look it up, so this is not run as a command).
+	r = newRedactor([]string{"--db", "postgres://u:Sup3r@S3cretPw@127.0.0.1:1/db"}, nil)
+	assert.Equal(t, "lookup ***@127.0.0.1: no such host", r.String("lookup S3cretPw@127.0.0.1: no such host"))
 }
 
 // A battery of failing (and some succeeding) commands, each given a known
@@ -55,6 +62,15 @@ func TestCLINoSecretInOutput(t *testing.T) {
 		{"--store", "redis://:" + secret + "@127.0.0.1:1/0", "stage", "get", "orders"},
 		{"--store", "redis://default:" + secret + "@127.0.0.1:6379/0", "--prefix", prefix, "stage", "get", "orders"},
 		{"--store", "redis://u:" + secret + "@127.0.0.1:6379/notadb", "stage", "get", "orders"},
+		// Characters a URL must percent-encode: the parsers' errors quote
+		// the URL up to where they stopped.
+		{"--store", "redis://:" + secret + "#x@127.0.0.1:6379/0", "stage", "get", "orders"},
+		{"--store", "redis://:" + secret + "/x@127.0.0.1:6379/0", "stage", "get", "orders"},
+		{"--store", "redis://:" + secret + "?x@127.0.0.1:6379/0", "stage", "get", "orders"},
+		{"--store", "redis://:" + secret + " x@127.0.0.1:6379/0", "stage", "get", "orders"},
+		{"--store", "postgres://u:" + secret + "#x@127.0.0.1:1/db", "stage", "get", "orders"},
+		{"--store", "postgres://u:" + secret + " x@127.0.0.1:1/db", "stage", "get", "orders"},
+		{"backfill", "status", "--db", "host=127.0.0.1 port=1 password=Sup3r\\ S3cretPw connect_timeout=2"},
 		{"--store", "mysql://u:" + secret + "@127.0.0.1/db", "stage", "get", "orders"},
 		{"outbox", "status", "--db", "postgres://u:" + secret + "@127.0.0.1:1/db?connect_timeout=2"},
 		{"schema", "status", "--db", "host=127.0.0.1 port=1 password=" + secret + " connect_timeout=2"},
@@ -70,7 +86,7 @@ func TestCLINoSecretInOutput(t *testing.T) {
 	}
 	check := func(args []string, r result) {
 		t.Helper()
-		for _, s := range []string{secret, encoded, "Pa@ss0rdX"} {
+		for _, s := range []string{secret, encoded, "Pa@ss0rdX", "S3cretPw"} {
 			assert.NotContains(t, r.stdout, s, "%q: stdout", args)
 			assert.NotContains(t, r.stderr, s, "%q: stderr", args)
 		}
