@@ -50,7 +50,11 @@ is a postgres:// URL).`,
 
 // backfiller opens the backfill tables; with a flag store it reads stages and
 // epochs (needed to run and verify).
-func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill.Backfiller, error) {
+// backfiller opens the backfill's database. The commands that only read or
+// flip a job's state (bounded) give each statement --timeout; a run and a
+// verification wait for the service's locks as long as their chunks and
+// repairs do (their retries bound them).
+func (b *backfillCLI) backfiller(ctx context.Context, needFlags, bounded bool) (*backfill.Backfiller, error) {
 	url := b.db
 	if url == "" && isPostgres(b.storeURL) {
 		url = b.storeURL
@@ -58,7 +62,7 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags bool) (*backfill
 	if url == "" {
 		return nil, usagef("no database for the backfill tables: pass --db postgres://... (or a postgres:// --store)")
 	}
-	pool, err := b.openPool(ctx, "backfill database --db", url, false)
+	pool, err := b.openPool(ctx, "backfill database --db", url, bounded)
 	if err != nil {
 		return nil, err
 	}
@@ -112,7 +116,7 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 		Args: exactArgs(1, "JOB"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			bf, err := b.backfiller(ctx, true)
+			bf, err := b.backfiller(ctx, true, false)
 			if err != nil {
 				return err
 			}
@@ -269,7 +273,7 @@ func (b *backfillCLI) statusCmd() *cobra.Command {
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			bf, err := b.backfiller(cmd.Context(), false)
+			bf, err := b.backfiller(cmd.Context(), false, true)
 			if err != nil {
 				return err
 			}
@@ -345,7 +349,7 @@ when the source is right, add --overwrite-newer to --repair. Exit 1 when
 they differ.`,
 		Args: exactArgs(1, "JOB"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			bf, err := b.backfiller(cmd.Context(), true)
+			bf, err := b.backfiller(cmd.Context(), true, false)
 			if err != nil {
 				return err
 			}
@@ -397,7 +401,7 @@ func (b *backfillCLI) pauseCmd(pause bool) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			bf, err := b.backfiller(cmd.Context(), false)
+			bf, err := b.backfiller(cmd.Context(), false, true)
 			if err != nil {
 				return err
 			}

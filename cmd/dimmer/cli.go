@@ -46,6 +46,7 @@ type cli struct {
 	actor    string
 	out      io.Writer
 	timeout  time.Duration
+	envErr   error // a DIMMER_* default that does not parse
 	logger   *slog.Logger
 	be       *backend
 	red      *redactor
@@ -160,11 +161,20 @@ func defaultActor() string {
 	return name
 }
 
-func envDuration(k string, def time.Duration) time.Duration {
-	if d, err := time.ParseDuration(os.Getenv(k)); err == nil {
-		return d
+// envDuration is the duration in the environment variable k, or def when it
+// is unset. A value that does not parse is kept in bad, so the command can
+// refuse it as it refuses a bad flag rather than run with the default.
+func envDuration(k string, def time.Duration, bad *error) time.Duration {
+	v, ok := os.LookupEnv(k)
+	if !ok || v == "" {
+		return def
 	}
-	return def
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		*bad = usagef("%s=%q: want a duration with a unit, such as 30s or 2m", k, flags.Echo(v))
+		return def
+	}
+	return d
 }
 
 func envOr(k, def string) string {
@@ -196,8 +206,10 @@ no pending repairs (the outbox table DIMMER_OUTBOX_TABLE of --schema) before
 complete, read from the Postgres store's database, or from DIMMER_GUARDS_DB
 with a Redis store. --force with a reason overrides a failed guard.
 
---timeout bounds connecting to each store and database and each
-statement. Passwords in URLs and DSNs are never printed.
+--timeout bounds connecting to each store and database, and each
+statement of the commands that read or flip state (backfill run and verify,
+and schema's steps, wait for locks within their own retries and lock
+timeouts). Passwords in URLs and DSNs are never printed.
 
 Exit codes: 0 done; 2 bad usage (an unknown stage or command, an unparsable
 URL, a bad number, a --reason over 1 KiB); 3 refused by the transition rules
@@ -208,7 +220,7 @@ be reached, a corrupt stored flag).`,
 	root.PersistentFlags().StringVar(&c.schema, "schema", envOr("DIMMER_SCHEMA", "dimmer"), "Postgres schema of the flag store (env DIMMER_SCHEMA)")
 	root.PersistentFlags().StringVar(&c.prefix, "prefix", envOr("DIMMER_PREFIX", "dimmer:"), "Redis key prefix of the flag store (env DIMMER_PREFIX)")
 	root.PersistentFlags().StringVar(&c.actor, "actor", envOr("DIMMER_ACTOR", defaultActor()), "who is acting, for the audit log (env DIMMER_ACTOR)")
-	root.PersistentFlags().DurationVar(&c.timeout, "timeout", envDuration("DIMMER_TIMEOUT", defaultTimeout),
+	root.PersistentFlags().DurationVar(&c.timeout, "timeout", envDuration("DIMMER_TIMEOUT", defaultTimeout, &c.envErr),
 		"give up connecting to a store or database, and each statement, after this long (env DIMMER_TIMEOUT)")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 
@@ -223,6 +235,9 @@ be reached, a corrupt stored flag).`,
 	root.PersistentPreRunE = func(*cobra.Command, []string) error {
 		// The actor is stored in the audit log and shown by status.
 		c.actor = c.red.String(c.actor)
+		if c.envErr != nil && !root.PersistentFlags().Changed("timeout") {
+			return c.envErr
+		}
 		if c.timeout <= 0 {
 			return usagef("--timeout %v: must be positive", c.timeout)
 		}

@@ -401,3 +401,47 @@ func TestCLICanaryGuard(t *testing.T) {
 	require.Equal(t, exitOK, r.code, r.stderr)
 	assert.Contains(t, r.stdout, "orders: live")
 }
+
+// A DIMMER_TIMEOUT that does not parse is refused as a bad --timeout is,
+// rather than silently replaced by the default.
+func TestCLIBadEnvTimeout(t *testing.T) {
+	t.Setenv("DIMMER_TIMEOUT", "30")
+	r := dimmer(t, nil, "stage", "get", "orders")
+	assert.Equal(t, exitUsage, r.code)
+	assert.Contains(t, r.stderr, `DIMMER_TIMEOUT="30": want a duration with a unit`)
+	r = dimmer(t, nil, "--help")
+	assert.Equal(t, exitOK, r.code, "help still shows")
+}
+
+// The backfill's and the schema's inspection commands give up on a
+// statement after --timeout, as the stage commands do: a table held by a
+// lock costs seconds, not the lock's lifetime.
+func TestCLIInspectionBoundedByTimeout(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, schema := dimmertest.Schema(t)
+	store := []string{"--store", dimmertest.PostgresURL(), "--schema", schema, "--timeout", "1s"}
+	r := dimmer(t, store, "backfill", "--backfill-schema", schema, "status")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	r = dimmer(t, store, "schema", "status")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	for _, tc := range []struct {
+		table string
+		args  []string
+	}{
+		{"backfill_jobs", []string{"backfill", "--backfill-schema", schema, "status"}},
+		{"schema_plans", []string{"schema", "status"}},
+	} {
+		tx, err := pool.Begin(ctx)
+		require.NoError(t, err)
+		_, err = tx.Exec(ctx, `LOCK TABLE `+pgx.Identifier{schema, tc.table}.Sanitize()+` IN ACCESS EXCLUSIVE MODE`)
+		require.NoError(t, err, tc.table)
+		start := time.Now()
+		r := dimmer(t, store, tc.args...)
+		took := time.Since(start)
+		require.NoError(t, tx.Rollback(ctx))
+		assert.Equal(t, exitError, r.code, "%v: %s", tc.args, r.stderr)
+		assert.Contains(t, r.stderr, "statement timeout", "%v", tc.args)
+		assert.Less(t, took, 5*time.Second, "%v", tc.args)
+	}
+}

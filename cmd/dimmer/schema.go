@@ -57,7 +57,7 @@ again, for up to --lock-wait-budget (5m). Each retry names the sessions
 holding the lock (pid, application, user, state, transaction age).`,
 	}
 	cmd.PersistentFlags().StringVar(&o.db, "db", os.Getenv("DIMMER_SCHEMA_DB"), "Postgres URL of the database the plans change (env DIMMER_SCHEMA_DB; default --store)")
-	cmd.PersistentFlags().StringVar(&o.backfillSchema, "backfill-schema", backfill.DefaultSchema, "schema of the backfill tables, for the backfill-verified check")
+	cmd.PersistentFlags().StringVar(&o.backfillSchema, "backfill-schema", envOr("DIMMER_BACKFILL_SCHEMA", backfill.DefaultSchema), "schema of the backfill tables, for the backfill-verified check (env DIMMER_BACKFILL_SCHEMA)")
 	cmd.PersistentFlags().DurationVar(&o.lockTimeout, "lock-timeout", expandcontract.DefaultLockTimeout,
 		"lock_timeout of each attempt of a step: the longest the service's queries queue behind it")
 	cmd.PersistentFlags().DurationVar(&o.lockWaitBudget, "lock-wait-budget", expandcontract.DefaultLockWaitBudget,
@@ -73,7 +73,11 @@ holding the lock (pid, application, user, state, transaction age).`,
 
 // registry opens the plans' database and a registry over it, with the
 // fleet, flag store and backfill verifier when --store is given.
-func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Registry, func(), error) {
+// registry opens the plans' database. The commands that only read
+// (bounded) give each statement --timeout; applying a step waits for locks
+// within --lock-timeout and --lock-wait-budget, and builds indexes for as
+// long as they take.
+func (c *cli) registry(ctx context.Context, o *schemaOpts, bounded bool) (*expandcontract.Registry, func(), error) {
 	url := o.db
 	if url == "" && isPostgres(c.storeURL) {
 		url = c.storeURL
@@ -90,7 +94,7 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts) (*expandcontract.Regi
 	if o.lockWaitBudget <= 0 {
 		return nil, nil, usagef("--lock-wait-budget %v: must be positive", o.lockWaitBudget)
 	}
-	pool, err := c.openPool(ctx, "schema database --db", url, false)
+	pool, err := c.openPool(ctx, "schema database --db", url, bounded)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -155,7 +159,7 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 			if err != nil {
 				return err
 			}
-			reg, closeDB, err := c.registry(cmd.Context(), o)
+			reg, closeDB, err := c.registry(cmd.Context(), o, false)
 			if err != nil {
 				return err
 			}
@@ -212,7 +216,7 @@ migration is complete. Exits 1 when rows are pending.`,
 			if err := expandcontract.ValidateName(plan); err != nil {
 				return usageError{err}
 			}
-			reg, closeDB, err := c.registry(cmd.Context(), o)
+			reg, closeDB, err := c.registry(cmd.Context(), o, false)
 			if err != nil {
 				return err
 			}
@@ -250,7 +254,7 @@ func (c *cli) schemaStatusCmd(o *schemaOpts) *cobra.Command {
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			reg, closeDB, err := c.registry(cmd.Context(), o)
+			reg, closeDB, err := c.registry(cmd.Context(), o, true)
 			if err != nil {
 				return err
 			}
@@ -382,7 +386,7 @@ func (c *cli) schemaAuditCmd(o *schemaOpts) *cobra.Command {
 			if limit < 0 {
 				return usagef("--limit %d: must not be negative", limit)
 			}
-			reg, closeDB, err := c.registry(cmd.Context(), o)
+			reg, closeDB, err := c.registry(cmd.Context(), o, true)
 			if err != nil {
 				return err
 			}
