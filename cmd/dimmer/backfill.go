@@ -163,6 +163,10 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 			j.Config.Progress = pr.update
 			res, err := bf.Run(ctx, j)
 			pr.flush()
+			if err != nil && ctx.Err() != nil {
+				// Interrupted: what a user needs is that nothing is lost.
+				return fmt.Errorf("%s: interrupted%s; run the same command again to resume from its checkpoints", j.Name, pr.done())
+			}
 			if err != nil {
 				return err
 			}
@@ -228,10 +232,23 @@ type progressLine struct {
 func (l *progressLine) update(p backfill.Progress) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	// A hold (a pause, a signal) and its end are shown at once: a line a
+	// second later would come after the rate had already said it.
+	heldChanged := l.p != nil && l.p.Held != p.Held || l.p == nil && p.Held != ""
 	l.p = &p
-	if time.Since(l.last) >= time.Second {
+	if heldChanged || time.Since(l.last) >= time.Second {
 		l.print()
 	}
+}
+
+// done describes how far the job got, as this process last saw it.
+func (l *progressLine) done() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.p == nil {
+		return ""
+	}
+	return fmt.Sprintf(" at %d of ~%d rows", l.p.RowsDone, l.p.RowsTotal)
 }
 
 func (l *progressLine) flush() {

@@ -3,14 +3,18 @@ package main
 import (
 	"bytes"
 	"context"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/flags/flagstest"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
 )
 
@@ -38,7 +42,7 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	assert.Contains(t, r.stderr, "no store: a backfill reads its migration's stage and epoch from the flag store")
 
 	r = dimmer(t, store, append([]string{"run", "copy"}, def...)...)
-	assert.Equal(t, exitError, r.code, "the migration is off")
+	assert.Equal(t, exitRefused, r.code, "the migration is off")
 	assert.Contains(t, r.stderr, "orders is off; run the backfill in dualwrite")
 	ctl, err := flags.NewController(pg)
 	require.NoError(t, err)
@@ -99,6 +103,13 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	r = dimmer(t, store, "pause", "nope", "--reason", "x")
 	assert.Equal(t, exitUsage, r.code)
 	assert.Contains(t, r.stderr, `unknown job: "nope"`)
+	for _, args := range [][]string{{"status", "nope"}, {"verify", "nope"}, {"run", "nope", "--workers", "-1"}} {
+		r = dimmer(t, store, args...)
+		assert.Equal(t, exitUsage, r.code, "%v: %s", args, r.stderr)
+	}
+	r = dimmer(t, store, append([]string{"run", "copy2", "--workers", "-1"}, def...)...)
+	assert.Equal(t, exitUsage, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "Config.Workers")
 	r = dimmer(t, store, "pause", "copy")
 	assert.Equal(t, exitUsage, r.code)
 	r = dimmer(t, store, "pause", "copy", "--reason", "peak")
@@ -181,4 +192,61 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(1, 2000) g`
 	r = dimmer(t, store, "run", "copy", "--source", schema+".old_orders")
 	assert.Equal(t, exitUsage, r.code)
 	assert.Contains(t, r.stderr, "a definition needs all of")
+}
+
+// An interrupted run says how far it got and that running the same command
+// again resumes it, which it does.
+func TestCLIBackfillInterrupted(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, schema := dimmertest.Schema(t)
+	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, pg.Install(ctx))
+	flagstest.Set(t, pg, "orders", flags.DualWrite, nil)
+	_, err = pool.Exec(ctx, `CREATE TABLE old_orders (id bigint PRIMARY KEY, version bigint NOT NULL DEFAULT 1);
+CREATE TABLE new_orders (LIKE old_orders INCLUDING ALL);
+INSERT INTO old_orders (id) SELECT generate_series(1, 2000)`)
+	require.NoError(t, err)
+	args := []string{"--actor", "tester", "--store", dimmertest.PostgresURL(), "--schema", schema, "backfill", "--backfill-schema", schema,
+		"run", "slow", "--migration", "orders", "--source", schema + ".old_orders", "--target", schema + ".new_orders",
+		"--key", "id", "--version-column", "version", "--rows-per-second", "1000"}
+	// Interrupted once it has shown progress (not while it connects).
+	rctx, cancel := context.WithCancel(ctx)
+	progress := &cancelOnWrite{cancel: cancel}
+	var out, errOut bytes.Buffer
+	code := run(rctx, args, progress, &errOut)
+	assert.Equal(t, exitError, code)
+	assert.Regexp(t, `slow: interrupted at \d+ of ~2000 rows; run the same command again to resume from its checkpoints`, errOut.String())
+	errOut.Reset()
+	require.Equal(t, exitOK, run(ctx, append(args[:len(args)-2], "--rows-per-second", "0"), &out, &errOut), errOut.String())
+	assert.Contains(t, out.String(), "slow: done")
+}
+
+// cancelOnWrite cancels a run at its first line of output.
+type cancelOnWrite struct {
+	once   sync.Once
+	cancel context.CancelFunc
+}
+
+func (w *cancelOnWrite) Write(p []byte) (int, error) {
+	w.once.Do(w.cancel)
+	return len(p), nil
+}
+
+// A hold and its end are printed at once, not on the next second's line.
+func TestProgressLineShowsHoldAtOnce(t *testing.T) {
+	var out bytes.Buffer
+	l := &progressLine{out: &out}
+	l.update(backfill.Progress{Job: "j", RowsDone: 1})
+	l.update(backfill.Progress{Job: "j", RowsDone: 2})
+	l.update(backfill.Progress{Job: "j", RowsDone: 2, Held: "paused: peak"})
+	l.update(backfill.Progress{Job: "j", RowsDone: 2, Held: "paused: peak"})
+	l.update(backfill.Progress{Job: "j", RowsDone: 3})
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	require.Len(t, lines, 3, out.String())
+	assert.Contains(t, lines[0], "j: 1/")
+	assert.Contains(t, lines[1], "held: paused: peak")
+	assert.Contains(t, lines[2], "j: 3/")
+	assert.NotContains(t, lines[2], "held")
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -86,9 +87,10 @@ func exitCode(err error) int {
 	var refused *flags.RefusedError
 	var ue usageError
 	switch {
-	case errors.As(err, &ue), errors.Is(err, flags.ErrInvalidRequest):
+	case errors.As(err, &ue), errors.Is(err, flags.ErrInvalidRequest),
+		errors.Is(err, backfill.ErrInvalidJob), errors.Is(err, backfill.ErrUnknownJob):
 		return exitUsage
-	case errors.As(err, &refused):
+	case errors.As(err, &refused), errors.Is(err, backfill.ErrStageNotReady):
 		return exitRefused
 	case errors.Is(err, flags.ErrConflict):
 		return exitConflict
@@ -211,10 +213,11 @@ statement of the commands that read or flip state (backfill run and verify,
 and schema's steps, wait for locks within their own retries and lock
 timeouts). Passwords in URLs and DSNs are never printed.
 
-Exit codes: 0 done; 2 bad usage (an unknown stage or command, an unparsable
-URL, a bad number, a --reason over 1 KiB); 3 refused by the transition rules
-or guards; 4 conflict with a concurrent change; 1 other (a store that cannot
-be reached, a corrupt stored flag).`,
+Exit codes: 0 done; 2 bad usage (an unknown stage, command, job or column,
+an unparsable URL, a bad number, a --reason over 1 KiB); 3 refused by the
+transition rules or guards, or a backfill in a stage that allows none; 4
+conflict with a concurrent change; 1 other (a store that cannot be reached,
+a corrupt stored flag).`,
 	}
 	root.PersistentFlags().StringVar(&c.storeURL, "store", os.Getenv("DIMMER_STORE"), "flag store URL: postgres://... or redis://... (env DIMMER_STORE)")
 	root.PersistentFlags().StringVar(&c.schema, "schema", envOr("DIMMER_SCHEMA", "dimmer"), "Postgres schema of the flag store (env DIMMER_SCHEMA)")
