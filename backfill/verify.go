@@ -63,9 +63,10 @@ type Verification struct {
 	OK             bool
 	Chunks         int64
 	// Differing counts the ranges holding a lasting difference, Repaired
-	// those of them made equal again by Repair; DifferingKeys counts their
-	// differing keys. Any Differing range not Repaired fails the
-	// verification.
+	// those of them whose differing keys Repair made equal again (and
+	// their newer keys too, with OverwriteNewer); DifferingKeys counts
+	// their differing keys. A differing key left after any repair fails
+	// the verification, and so does a newer one (see NewerInTarget).
 	Differing, Repaired, DifferingKeys int64
 	// InFlight counts keys that differed while dual writes were landing on
 	// them and then settled: equal at a later look, or, still being
@@ -105,6 +106,8 @@ type RangeDiff struct {
 	NewerKeys     [][]string `json:"newer_keys,omitempty"`
 	// InFlight counts the range's keys that differed only while written.
 	InFlight int64
+	// Repaired: Repair made the differing keys equal again (and the newer
+	// ones, with OverwriteNewer).
 	Repaired bool
 }
 
@@ -559,16 +562,17 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 			v.NewerInTarget += d.NewerInTarget
 			if d.Repaired {
 				v.Repaired++
-			} else {
-				if d.left > 0 {
-					differingRanges++
-				}
-				newer += d.leftNewer
+			}
+			if d.left > 0 {
+				differingRanges++
 				for _, k := range d.Keys {
 					if len(examples) < 5 {
 						examples = append(examples, "("+strings.Join(k, ", ")+")")
 					}
 				}
+			}
+			if d.leftNewer > 0 {
+				newer += d.leftNewer
 				for _, k := range d.NewerKeys {
 					if len(newerExamples) < 5 {
 						newerExamples = append(newerExamples, "("+strings.Join(k, ", ")+")")
@@ -712,7 +716,6 @@ func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResu
 		return res, err
 	}
 	res.InFlight += n
-	res.Repaired = len(still) == 0
 	res.left, res.leftNewer = 0, 0
 	for _, k := range still {
 		if k.newer() {
@@ -721,6 +724,11 @@ func (v *verifier) compareRange(ctx context.Context, lo, hi []string) (rangeResu
 			res.left++
 		}
 	}
+	// Repaired: what the repair was asked to fix is fixed. Newer keys are
+	// only its business with OverwriteNewer; without it they stay, and
+	// fail the verification on their own account.
+	asked := res.DifferingKeys > 0 || v.o.OverwriteNewer && res.NewerInTarget > 0
+	res.Repaired = asked && res.left == 0 && (!v.o.OverwriteNewer || res.leftNewer == 0)
 	return res, nil
 }
 

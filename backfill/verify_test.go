@@ -370,6 +370,10 @@ func TestVerifyNewerInTarget(t *testing.T) {
 	assert.False(t, v.OK, "the version guard keeps the newer row")
 	assert.Equal(t, int64(1), v.NewerInTarget)
 	assert.Len(t, v.Problems, 1)
+	assert.Equal(t, int64(1), v.Repaired, "key 7 was repaired, though its range still holds the newer key 5")
+	if assert.Len(t, v.Ranges, 1) {
+		assert.True(t, v.Ranges[0].Repaired)
+	}
 	assert.Equal(t, int64(-1), count(t, e.pool, `SELECT amount::int8 FROM new_orders WHERE id = 5`))
 	assert.Equal(t, int64(1), count(t, e.pool, `SELECT count(*) FROM new_orders WHERE id = 7 AND note = 'n7'`), "the other key was repaired")
 
