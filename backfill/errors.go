@@ -20,6 +20,9 @@ var (
 	// lose rows (off: nothing dual-writes the rows created after the upper
 	// bound) or is pointless (complete).
 	ErrStageNotReady = errors.New("backfill: migration stage does not allow a backfill")
+	// ErrJobNotFinished: a verification was asked to repair a job that is
+	// still copying (or stopped before the end) at the current epoch.
+	ErrJobNotFinished = errors.New("backfill: job not finished")
 	// ErrEpochChanged: the migration went back to off while the job ran; the
 	// new side is stale and the job must start again.
 	ErrEpochChanged = errors.New("backfill: migration epoch changed")
@@ -43,7 +46,7 @@ type DefinitionChangedError struct {
 
 func (e *DefinitionChangedError) Error() string {
 	return fmt.Sprintf("backfill: job %q was started with another definition (stored %s, given %s); its checkpoints do not apply: "+
-		"finish it with the stored definition, or give the new definition another job name, or Reset the job\n  stored: %s\n  given:  %s",
+		"finish it with the stored definition, or give the new definition another job name\n  stored: %s\n  given:  %s",
 		e.Job, e.Stored, e.Given, e.StoredSpec, e.GivenSpec)
 }
 

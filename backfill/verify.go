@@ -521,7 +521,13 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 			return Verification{}, fmt.Errorf("%w: %s writes to %s; only Postgres tables and RedisSink hashes are read back", ErrNotVerifiable, j.Name, j.Sink.Describe())
 		}
 	}
-	if o.ChunkRows <= 0 {
+	switch {
+	case o.ChunkRows < 0:
+		return Verification{}, fieldErr("VerifyOptions.ChunkRows", "%d is negative", o.ChunkRows)
+	case o.OverwriteNewer && !o.Repair:
+		return Verification{}, fieldErr("VerifyOptions.OverwriteNewer", "takes effect only with Repair")
+	}
+	if o.ChunkRows == 0 {
 		o.ChunkRows = 10000
 	}
 	if o.RecheckDelay <= 0 {
@@ -531,7 +537,22 @@ func (b *Backfiller) Verify(ctx context.Context, j Job, o VerifyOptions) (Verifi
 	if err != nil {
 		return Verification{}, err
 	}
+	// A stored job still copying: the ranges it has not reached read as
+	// differing, and a repair would copy them in one transaction per range,
+	// past the job's rate limit and its checkpoints.
+	unfinished := ""
+	if js, err := b.Status(ctx, j.Name); err == nil && !js.Done && js.Epoch == st.Epoch {
+		unfinished = fmt.Sprintf("job %s has not finished its copy (%d of ~%d rows)", j.Name, js.RowsDone, js.EstimatedRows)
+		if o.Repair {
+			return Verification{}, fmt.Errorf("%w: %s: run it to the end before a verification repairs it", ErrJobNotFinished, unfinished)
+		}
+	} else if err != nil && !errors.Is(err, ErrUnknownJob) {
+		return Verification{}, err
+	}
 	v := Verification{Job: j.Name, Migration: j.Migration, Epoch: st.Epoch, StartedAt: time.Now().UTC()}
+	if unfinished != "" {
+		v.Problems = append(v.Problems, unfinished+": the ranges it has not reached read as differing")
+	}
 	vf, err := newVerifier(ctx, r, st, o)
 	if err != nil {
 		return Verification{}, err

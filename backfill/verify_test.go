@@ -394,6 +394,44 @@ func TestVerifyNewerInTarget(t *testing.T) {
 	assert.Zero(t, e.diff(t))
 }
 
+// A job stopped before the end is not repaired by a verification (which
+// would copy the rest past the job's rate limit and checkpoints), and a
+// plain verification says why its untouched ranges differ.
+func TestVerifyUnfinishedJob(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id, amount) SELECT g, g FROM generate_series(1, 2000) g`)
+	j := ordersJob("unfinished")
+	ctx, cancel := context.WithCancel(tctx(t))
+	j.Config.Progress = func(backfill.Progress) { cancel() }
+	_, err := e.bf.Run(ctx, j)
+	require.ErrorIs(t, err, context.Canceled)
+	j.Config.Progress = nil
+
+	opts := backfill.VerifyOptions{ChunkRows: 500, RecheckDelay: time.Millisecond}
+	v, err := e.bf.Verify(tctx(t), j, opts)
+	require.NoError(t, err)
+	assert.False(t, v.OK)
+	require.NotEmpty(t, v.Problems)
+	assert.Regexp(t, `job unfinished has not finished its copy \(\d+ of ~2000 rows\): the ranges it has not reached read as differing`, v.Problems[0])
+
+	opts.Repair = true
+	_, err = e.bf.Verify(tctx(t), j, opts)
+	require.ErrorIs(t, err, backfill.ErrJobNotFinished)
+	assert.Less(t, count(t, e.pool, `SELECT count(*) FROM new_orders`), int64(2000), "nothing copied past the job")
+
+	opts.Repair, opts.OverwriteNewer = false, true
+	_, err = e.bf.Verify(tctx(t), j, opts)
+	require.ErrorIs(t, err, backfill.ErrInvalidJob)
+	assert.ErrorContains(t, err, "VerifyOptions.OverwriteNewer")
+
+	_, err = e.bf.Run(tctx(t), j)
+	require.NoError(t, err)
+	v, err = e.bf.Verify(tctx(t), j, backfill.VerifyOptions{Repair: true})
+	require.NoError(t, err)
+	assert.True(t, v.OK, "%v", v.Problems)
+}
+
 // A repair rewrites its range in one transaction against the service's own
 // writes. One that loses a deadlock to them is retried, not failed.
 func TestVerifyRepairRetriesDeadlock(t *testing.T) {
