@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 
@@ -202,8 +203,8 @@ func (c Config) Validate() error {
 		return fieldErr("Config.MinChunk/MaxChunk/InitialChunk", "negative")
 	case c.MaxChunk > 0 && c.MinChunk > c.MaxChunk:
 		return fieldErr("Config.MinChunk", "%d is above MaxChunk %d", c.MinChunk, c.MaxChunk)
-	case c.RowsPerSecond < 0:
-		return fieldErr("Config.RowsPerSecond", "%v is negative", c.RowsPerSecond)
+	case math.IsNaN(c.RowsPerSecond) || math.IsInf(c.RowsPerSecond, 0) || c.RowsPerSecond < 0 || c.RowsPerSecond > 0 && c.RowsPerSecond < 1:
+		return fieldErr("Config.RowsPerSecond", "%v: want 0 (no limit) or a rate of at least 1 row/s", c.RowsPerSecond)
 	case c.TargetChunkTime < 0 || c.LeaseTTL < 0 || c.PollInterval < 0 || c.LockTime < 0:
 		return fieldErr("Config durations", "negative")
 	}

@@ -1,10 +1,12 @@
 package backfill_test
 
 import (
+	"math"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/backfill"
@@ -87,4 +89,18 @@ func TestRateLimitHolds(t *testing.T) {
 	t.Logf("worst of %d windows: %.1f%% off %d rows/s", windows, worst*100, rate)
 	require.LessOrEqual(t, worst, 0.10, "worst 5 s window deviates %.1f%% from %d rows/s (run %.0f rows/s overall)",
 		worst*100, rate, float64(res.Rows)/res.Elapsed.Seconds())
+}
+
+// A rate the pacer cannot keep is refused by name: NaN read as no limit,
+// +Inf shrank chunks to one row, and a rate far below a row a second made
+// the pacer's wait overflow into no limit at all.
+func TestRowsPerSecondValidated(t *testing.T) {
+	for _, rate := range []float64{math.NaN(), math.Inf(1), -5, 1e-300, 0.5} {
+		err := backfill.Config{RowsPerSecond: rate}.Validate()
+		require.ErrorIs(t, err, backfill.ErrInvalidJob, "%v", rate)
+		assert.ErrorContains(t, err, "Config.RowsPerSecond")
+	}
+	for _, rate := range []float64{0, 1, 50_000} {
+		assert.NoError(t, backfill.Config{RowsPerSecond: rate}.Validate(), "%v", rate)
+	}
 }
