@@ -71,6 +71,9 @@ func resolve(ctx context.Context, src querier, j *Job) (*shape, error) {
 		}
 		sh.keyTypes = append(sh.keyTypes, ty)
 	}
+	if _, ok := srcTypes[s.VersionColumn]; !ok && s.Exprs[s.VersionColumn] == "" {
+		return nil, fieldErr("Spec.VersionColumn", "column %q is not in %s and has no entry in Exprs (columns: %s)", s.VersionColumn, s.Source, strings.Join(srcCols, ", "))
+	}
 	sh.cols = s.Columns
 	if len(sh.cols) == 0 {
 		sh.cols = srcCols

@@ -112,6 +112,12 @@ func (b *Backfiller) open(ctx context.Context, j *Job) (*runner, error) {
 	} else {
 		r.sink = sink
 	}
+	if pg, ok := sink.(*PGSink); ok && !r.inPlace {
+		// An in-place fill updates the Exprs columns of rows that exist.
+		if err := pg.checkWritable(ctx, spec); err != nil {
+			return nil, err
+		}
+	}
 	desc := sink.Describe()
 	if r.txPG != nil {
 		// Whatever address each process reaches it by, this is the database

@@ -88,6 +88,55 @@ func TestDefinitionChangedRefused(t *testing.T) {
 	assert.Zero(t, e.diff(t))
 }
 
+// A target the copy cannot write correctly is refused before anything is
+// copied, by the field at fault: no unique index on the key (the upsert
+// needs one; a redone chunk would duplicate rows), a column only the server
+// may set, a version column the source lacks.
+func TestTargetRefusedUpFront(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	exec(t, e.pool, `CREATE TABLE src (id bigint PRIMARY KEY, n int, version bigint NOT NULL DEFAULT 1);
+INSERT INTO src (id, n) SELECT g, g FROM generate_series(1, 10) g;
+CREATE TABLE no_key (id bigint, n int, version bigint);
+CREATE TABLE partial_key (id bigint, n int, version bigint);
+CREATE UNIQUE INDEX ON partial_key (id) WHERE n > 0;
+CREATE TABLE wider_key (id bigint, n int, version bigint, PRIMARY KEY (id, n));
+CREATE TABLE identity_always (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n int, version bigint);
+CREATE TABLE generated_col (id bigint PRIMARY KEY, n int, version bigint, twice int GENERATED ALWAYS AS (n * 2) STORED);
+CREATE TABLE fine (id bigint, n int, version bigint, UNIQUE (id) INCLUDE (n))`)
+	job := func(target string) backfill.Job {
+		return backfill.Job{Name: "to_" + target, Migration: "orders", Spec: backfill.Spec{
+			Source: backfill.Table{Name: "src"}, Target: backfill.Table{Name: target}, Key: []string{"id"}, VersionColumn: "version"}}
+	}
+	for target, want := range map[string]string{
+		"no_key":          "invalid Spec.Key: the target no_key has no unique index or primary key on exactly (id)",
+		"partial_key":     "no unique index or primary key on exactly (id)",
+		"wider_key":       "no unique index or primary key on exactly (id)",
+		"identity_always": "invalid Spec.Columns: the target identity_always sets id itself (GENERATED ALWAYS)",
+	} {
+		_, err := e.bf.Run(tctx(t), job(target))
+		require.ErrorIs(t, err, backfill.ErrInvalidJob, target)
+		assert.ErrorContains(t, err, want, target)
+		assert.Zero(t, count(t, e.pool, `SELECT count(*) FROM `+target), "%s: nothing copied", target)
+	}
+	j := job("generated_col")
+	j.Spec.Columns = []string{"id", "n", "version", "twice"}
+	j.Spec.Exprs = map[string]string{"twice": "n * 2"}
+	_, err := e.bf.Run(tctx(t), j)
+	assert.ErrorContains(t, err, "sets twice itself")
+	j.Spec.Columns, j.Spec.Exprs = []string{"id", "n", "version"}, nil
+	_, err = e.bf.Run(tctx(t), j)
+	require.NoError(t, err, "generated columns left out are computed by the target")
+
+	j = job("fine")
+	j.Spec.VersionColumn = "vers"
+	_, err = e.bf.Run(tctx(t), j)
+	assert.ErrorContains(t, err, `invalid Spec.VersionColumn: column "vers" is not in src`)
+	_, err = e.bf.Run(tctx(t), job("fine"))
+	require.NoError(t, err, "a unique constraint with included columns is keyed by id alone")
+	assert.Equal(t, int64(10), count(t, e.pool, `SELECT count(*) FROM fine`))
+}
+
 // TestInPlaceFill fills a new column of the source table itself (Target =
 // Source) while single-row updates keep landing: every row gets its value,
 // a row updated meanwhile keeps its update, and chunks stay within the lock
