@@ -62,10 +62,16 @@ func ExampleCutover() {
 	defer cdc.DropSlot(context.Background(), pool, schema, migration, true)
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
-	go func() { defer close(done); _ = s.Run(runCtx) }()
+	var runErr error
+	go func() { defer close(done); runErr = s.Run(runCtx) }()
 	defer func() { stop(); <-done }()
 	for !s.Streaming() {
-		time.Sleep(10 * time.Millisecond)
+		select {
+		case <-done:
+			fmt.Println(runErr) // e.g. a server without wal_level = logical
+			return
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
 
 	fence, err := cdc.InstallFence(ctx, pool, cdc.FenceConfig{Migration: migration, Schema: schema, MaxWait: time.Second})
@@ -140,9 +146,14 @@ func ExampleStepBack() {
 	run := func(s *cdc.Sync) (stop func()) {
 		runCtx, cancel := context.WithCancel(ctx)
 		done := make(chan struct{})
-		go func() { defer close(done); _ = s.Run(runCtx) }()
+		var runErr error
+		go func() { defer close(done); runErr = s.Run(runCtx) }()
 		for !s.Streaming() {
-			time.Sleep(10 * time.Millisecond)
+			select {
+			case <-done:
+				panic(runErr) // e.g. a server without wal_level = logical
+			case <-time.After(10 * time.Millisecond):
+			}
 		}
 		return func() { cancel(); <-done }
 	}

@@ -109,10 +109,16 @@ func ExampleSync() {
 	defer cdc.DropSlot(context.Background(), pool, schema, name, true)
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
-	go func() { defer close(done); _ = s.Run(runCtx) }()
+	var runErr error
+	go func() { defer close(done); runErr = s.Run(runCtx) }()
 	defer func() { stop(); <-done }()
 	for !s.Streaming() {
-		time.Sleep(10 * time.Millisecond)
+		select {
+		case <-done:
+			fmt.Println(runErr) // e.g. a server without wal_level = logical
+			return
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
 	_, _ = pool.Exec(ctx, `UPDATE `+src+` SET v = 2, email = 'ada@example.org' WHERE id = 1`)
 	_, _ = pool.Exec(ctx, `INSERT INTO `+src+` VALUES (2, 1, 'grace@example.com')`)
