@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -32,7 +33,7 @@ func (o *Outbox) DeadLetters(ctx context.Context, db Querier, topic string, limi
 	if limit <= 0 {
 		limit = 100
 	}
-	rows, err := db.Query(ctx, `SELECT d.seq, d.id, d.key, d.topic, d.payload, d.headers, d.attempts, d.created_at,
+	rows, err := db.Query(ctx, `SELECT d.seq, d.id, d.key, d.topic, d.payload, d.headers::text, d.attempts, d.created_at,
 	coalesce(d.last_error, ''), d.dead_at,
 	(SELECT count(*) FROM `+o.table+` w WHERE w.bucket = d.bucket AND w.lane = d.lane AND w.seq > d.seq)
 FROM `+o.table+` d WHERE d.dead_at IS NOT NULL AND ($1 = '' OR d.topic = $1)
@@ -43,12 +44,12 @@ ORDER BY d.dead_at, d.seq LIMIT $2`, topic, limit)
 	var out []DeadLetter
 	var d DeadLetter
 	var key *string
-	var headers map[string]string
+	var headers []byte
 	_, err = pgx.ForEachRow(rows, []any{&d.Seq, &d.ID, &key, &d.Topic, &d.Payload, &headers, &d.Attempts, &d.CreatedAt, &d.LastError, &d.DeadAt, &d.Waiting}, func() error {
 		if key != nil {
 			d.Key = *key
 		}
-		d.Headers = headers
+		d.Headers = lenientHeaders(headers)
 		out = append(out, d)
 		d, key, headers = DeadLetter{}, nil, nil
 		return nil
@@ -78,9 +79,11 @@ WHERE id = $1 AND dead_at IS NOT NULL`, id)
 func (o *Outbox) SkipDead(ctx context.Context, db Querier, id uuid.UUID) (Record, error) {
 	var r Record
 	var key *string
+	var headers []byte
 	err := db.QueryRow(ctx, `DELETE FROM `+o.table+` WHERE id = $1 AND dead_at IS NOT NULL
-RETURNING seq, id, key, topic, payload, headers, attempts, created_at`, id).
-		Scan(&r.Seq, &r.ID, &key, &r.Topic, &r.Payload, &r.Headers, &r.Attempts, &r.CreatedAt)
+RETURNING seq, id, key, topic, payload, headers::text, attempts, created_at`, id).
+		Scan(&r.Seq, &r.ID, &key, &r.Topic, &r.Payload, &headers, &r.Attempts, &r.CreatedAt)
+	r.Headers = lenientHeaders(headers)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Record{}, fmt.Errorf("%w: %s", ErrNotDead, id)
 	}
@@ -124,4 +127,19 @@ FROM `+o.table+` WHERE `+where, arg).Scan(&s.Pending, &s.Dead, &age)
 	}
 	s.Oldest = time.Duration(age * float64(time.Second))
 	return s, nil
+}
+
+// lenientHeaders decodes stored headers for an operator's view of a dead
+// letter: headers edited into something else than an object of strings
+// (which is why such a message is dead) are left out rather than making
+// the dead letter unreadable; its LastError says what they were.
+func lenientHeaders(raw []byte) map[string]string {
+	if raw == nil {
+		return nil
+	}
+	var h map[string]string
+	if json.Unmarshal(raw, &h) != nil {
+		return nil
+	}
+	return h
 }

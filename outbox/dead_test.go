@@ -172,3 +172,86 @@ func TestCrowdedPrefixStillFlows(t *testing.T) {
 	require.Len(t, dead, 1)
 	assert.Equal(t, 199, dead[0].Waiting)
 }
+
+// Rows edited by hand into something the relay cannot publish hold back
+// their own key only: headers that are not an object of strings (or an
+// empty topic) make the row a dead letter at once, without a publish, and
+// the operator can list and skip it; a row whose bucket was edited out of
+// range is never published (no lease fences its acknowledgement, so it
+// would be published again and again).
+func TestHandEditedRowsHoldOnlyTheirKey(t *testing.T) {
+	t.Parallel()
+	pool, o := setup(t, outbox.Config{Buckets: 4})
+	ctx := tctx(t, 30*time.Second)
+	var mu sync.Mutex
+	published := map[string]int{}
+	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, r := range b {
+			published[r.Key+":"+string(r.Payload)]++
+		}
+		return make([]error, len(b))
+	})
+	enq := func(key, payload string) uuid.UUID {
+		id, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: key, Payload: []byte(payload), Headers: map[string]string{"h": "v"}})
+		require.NoError(t, err)
+		return id
+	}
+	table := o.Config().Schema + "." + o.Config().Table
+	edit := func(id uuid.UUID, set string) {
+		_, err := pool.Exec(ctx, `UPDATE `+table+` SET `+set+` WHERE id = $1`, id)
+		require.NoError(t, err)
+	}
+	badHeaders := enq("a", "1")
+	enq("a", "2")
+	edit(badHeaders, `headers = '[1, 2, 3]'`)
+	noTopic := enq("b", "1")
+	edit(noTopic, `topic = ''`)
+	outOfRange := enq("c", "1")
+	edit(outOfRange, `bucket = 9999`)
+	for i := range 10 {
+		enq(fmt.Sprint("good", i), "1")
+	}
+
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: 10 * time.Millisecond, Logger: quiet(t)})
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = r.Run(ctx) }()
+	defer func() { require.NoError(t, r.Shutdown(ctx)); <-done }()
+
+	var dead []outbox.DeadLetter
+	require.Eventually(t, func() bool {
+		mu.Lock()
+		good := 0
+		for i := range 10 {
+			good += published[fmt.Sprint("good", i)+":1"]
+		}
+		mu.Unlock()
+		dead, err = o.DeadLetters(ctx, pool, "", 10)
+		require.NoError(t, err)
+		return good == 10 && len(dead) == 2
+	}, 10*time.Second, 10*time.Millisecond, "the other keys flow; the two broken rows are dead letters")
+	byID := map[uuid.UUID]outbox.DeadLetter{}
+	for _, d := range dead {
+		byID[d.ID] = d
+	}
+	assert.Contains(t, byID[badHeaders].LastError, "not published: headers are not a JSON object of strings")
+	assert.Equal(t, 1, byID[badHeaders].Waiting, "a:2 waits behind it")
+	assert.Nil(t, byID[badHeaders].Headers)
+	assert.Contains(t, byID[noTopic].LastError, "not published: the topic is empty")
+	time.Sleep(200 * time.Millisecond) // many cycles
+	mu.Lock()
+	assert.Zero(t, published["a:1"]+published["a:2"]+published["b:1"], "nothing of the broken keys was published")
+	assert.Zero(t, published["c:1"], "the row outside every bucket is not published")
+	mu.Unlock()
+
+	rec, err := o.SkipDead(ctx, pool, badHeaders)
+	require.NoError(t, err, "a dead letter with broken headers can be skipped, and is returned")
+	assert.Equal(t, badHeaders, rec.ID)
+	require.Eventually(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return published["a:2"] == 1
+	}, 5*time.Second, 10*time.Millisecond, "the key flows again once the broken row is skipped")
+}

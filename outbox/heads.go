@@ -110,8 +110,14 @@ func (d *headDecoder) decode(v [][]byte, rec *Record, m *headMeta) error {
 			return fmt.Errorf("head column headers: unknown jsonb version")
 		}
 		if err := json.Unmarshal(v[8][1:], &rec.Headers); err != nil {
-			return fmt.Errorf("head column headers: %w", err)
+			// A row edited by hand: it becomes a dead letter of its own
+			// key, rather than an error that stops every key.
+			rec.Headers = nil
+			m.broken = "headers are not a JSON object of strings: " + err.Error()
 		}
+	}
+	if rec.Topic == "" {
+		m.broken = "the topic is empty"
 	}
 	rec.Attempts = 0
 	if v[9] != nil {

@@ -730,6 +730,9 @@ type headMeta struct {
 	bucket int32
 	lane   string
 	ready  bool
+	// broken says why the row cannot be published as it is stored (a hand
+	// edit): it is dead-lettered without a publish.
+	broken string
 }
 
 func (h *heads) add(rec Record, m headMeta) {
@@ -746,6 +749,11 @@ func (r *Relay) queryHeads(ctx context.Context, sql string, capacity int, args .
 	defer rows.Close()
 	var d headDecoder
 	if err := d.check(rows.FieldDescriptions()); err != nil {
+		// A statement that failed has no columns: its error is the news.
+		rows.Close()
+		if qerr := rows.Err(); qerr != nil {
+			return heads{}, qerr
+		}
 		return heads{}, err
 	}
 	hs := heads{recs: make([]Record, 0, capacity), meta: make([]headMeta, 0, capacity)}
@@ -819,20 +827,24 @@ func (r *Relay) fastSQLFor(buckets []int32) string {
 	}
 	filter := `WHERE t.bucket = ANY('{` + key.String() + `}'::int4[])`
 	if len(sorted) == r.o.cfg.Buckets {
-		filter = ""
+		// Every bucket: a range, so a row whose bucket was edited out of
+		// it (no lease fences it, so no acknowledgement would delete it)
+		// is not published over and over.
+		filter = fmt.Sprintf(`WHERE t.bucket BETWEEN 0 AND %d`, r.o.cfg.Buckets-1)
 	}
 	r.fastKey, r.fastText = key.String(), strings.Replace(r.fastSQL, bucketFilter, filter, 1)
 	return r.fastText
 }
 
 // fetch returns up to BatchSize ready heads of the leased buckets, in seq
-// order.
-func (r *Relay) fetch(ctx context.Context, buckets []int32) (heads, error) {
+// order, and the ready heads that cannot be published as stored.
+func (r *Relay) fetch(ctx context.Context, buckets []int32) (heads, heads, error) {
 	window := r.cfg.BatchSize
 	hs, err := r.queryHeads(ctx, r.fastSQLFor(buckets), window, window)
 	if err != nil {
-		return heads{}, fmt.Errorf("fetch: %w", err)
+		return heads{}, heads{}, fmt.Errorf("fetch: %w", err)
 	}
+	var broken heads
 	scanned := len(hs.recs)
 	// The batch is gathered in place, over the rows already read.
 	batch := heads{recs: hs.recs[:0], meta: hs.meta[:0]}
@@ -847,7 +859,10 @@ func (r *Relay) fetch(ctx context.Context, buckets []int32) (heads, error) {
 				continue
 			}
 			seen[m.lane] = struct{}{}
-			if m.ready && len(batch.recs) < r.cfg.BatchSize {
+			switch {
+			case m.ready && m.broken != "":
+				broken.add(from.recs[i], m)
+			case m.ready && len(batch.recs) < r.cfg.BatchSize:
 				batch.add(from.recs[i], m)
 			}
 		}
@@ -858,11 +873,11 @@ func (r *Relay) fetch(ctx context.Context, buckets []int32) (heads, error) {
 		// front of the queue. Find the other lanes' heads past them.
 		more, err := r.walk(ctx, buckets)
 		if err != nil {
-			return heads{}, fmt.Errorf("fetch: %w", err)
+			return heads{}, heads{}, fmt.Errorf("fetch: %w", err)
 		}
 		take(more)
 	}
-	return batch, nil
+	return batch, broken, nil
 }
 
 // cycle publishes one batch: the ready head of each lane found, at most
@@ -882,9 +897,17 @@ func (r *Relay) cycle(ctx context.Context) (int, error) {
 	for i, b := range buckets {
 		epochOf[b] = epochs[i]
 	}
-	hs, err := r.fetch(ctx, buckets)
-	if err != nil || len(hs.recs) == 0 {
+	hs, broken, err := r.fetch(ctx, buckets)
+	if err != nil {
 		return 0, err
+	}
+	if len(broken.recs) > 0 {
+		if err := r.deadLetter(ctx, broken, epochOf); err != nil {
+			return 0, err
+		}
+	}
+	if len(hs.recs) == 0 {
+		return len(broken.recs), nil
 	}
 	bucketOf := make([]int32, len(hs.meta))
 	for i, m := range hs.meta {
@@ -935,7 +958,7 @@ func (r *Relay) deliver(ctx context.Context, batch []Record, bucketOf []int32, e
 	}
 	if len(failSeqs) > 0 {
 		r.m.publishErrors.Add(ctx, int64(len(failSeqs)), r.m.attrs)
-		if err := r.fail(ctx, failSeqs, failB, epochOf, failErrs, failDelay); err != nil {
+		if err := r.fail(ctx, failSeqs, failB, epochOf, failErrs, failDelay, r.cfg.MaxAttempts); err != nil {
 			return len(batch), err
 		}
 	}
@@ -1044,9 +1067,26 @@ func (r *Relay) forceRenew(ctx context.Context) {
 	}
 }
 
-func (r *Relay) fail(ctx context.Context, seqs []int64, bs []int32, epochOf map[int32]int64, errs []string, delays []float64) error {
+// deadLetter records heads that cannot be published as stored as dead
+// letters at once: publishing them again would not help, and an operator
+// must fix or skip them (their keys wait meanwhile, as for any dead letter).
+func (r *Relay) deadLetter(ctx context.Context, hs heads, epochOf map[int32]int64) error {
+	seqs := make([]int64, len(hs.recs))
+	bs := make([]int32, len(hs.recs))
+	errs := make([]string, len(hs.recs))
+	delays := make([]float64, len(hs.recs))
+	for i, rec := range hs.recs {
+		seqs[i], bs[i], errs[i] = rec.Seq, hs.meta[i].bucket, "not published: "+hs.meta[i].broken
+	}
+	r.m.publishErrors.Add(ctx, int64(len(seqs)), r.m.attrs)
+	return r.fail(ctx, seqs, bs, epochOf, errs, delays, 1)
+}
+
+// fail records a failed attempt of each seq, fenced by the leases; one that
+// reaches maxAttempts becomes a dead letter.
+func (r *Relay) fail(ctx context.Context, seqs []int64, bs []int32, epochOf map[int32]int64, errs []string, delays []float64, maxAttempts int) error {
 	buckets, epochs := fenceArgs(bs, epochOf)
-	rows, err := r.pool.Query(ctx, r.failSQL, seqs, buckets, epochs, r.cfg.ID, r.cfg.MaxAttempts, errs, delays)
+	rows, err := r.pool.Query(ctx, r.failSQL, seqs, buckets, epochs, r.cfg.ID, maxAttempts, errs, delays)
 	if err != nil {
 		return fmt.Errorf("record failure: %w", err)
 	}
@@ -1061,7 +1101,7 @@ func (r *Relay) fail(ctx context.Context, seqs []int64, bs []int32, epochOf map[
 		if dead {
 			r.m.deadLetters.Add(ctx, 1, r.m.attrs)
 			r.log.Error("outbox message dead-lettered; its key is held until it is retried or skipped",
-				"id", id, "lane", lane, "seq", seq, "attempts", r.cfg.MaxAttempts, "err", lastErr)
+				"id", id, "lane", lane, "seq", seq, "max_attempts", maxAttempts, "err", lastErr)
 		} else {
 			r.m.retries.Add(ctx, 1, r.m.attrs)
 		}
