@@ -16,7 +16,7 @@ import (
 
 // ErrRetainedWAL: a slot keeps more WAL than the bound set for it, or has
 // lost WAL it needed (wal_status lost), or is registered but gone.
-var ErrRetainedWAL = errors.New("cdc: replication slot retains too much WAL")
+var ErrRetainedWAL = errors.New("cdc: replication slot over its WAL bound, lost or missing")
 
 // CheckSlots returns an error wrapping [ErrRetainedWAL] naming every
 // registered slot (in schema, default "dimmer") that retains more than

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -47,17 +46,15 @@ the controller's rules or guards.`,
 	cmd.PersistentFlags().StringVar(&db, "db", os.Getenv("DIMMER_CDC_DB"), "Postgres URL of the source database (env DIMMER_CDC_DB; default --store)")
 	open := func(cmd *cobra.Command) (*pgxpool.Pool, error) {
 		url := db
-		if url == "" && (strings.HasPrefix(c.storeURL, "postgres://") || strings.HasPrefix(c.storeURL, "postgresql://")) {
+		if url == "" && isPostgres(c.storeURL) {
 			url = c.storeURL
 		}
 		if url == "" {
 			return nil, usagef("no database: pass --db postgres://... (or a postgres --store), or set DIMMER_CDC_DB")
 		}
-		pool, err := pgxpool.New(cmd.Context(), url)
-		if err != nil {
-			return nil, usagef("--db: %v", err)
-		}
-		return pool, nil
+		// Connecting and each statement within --timeout, as every
+		// other command: a mute server or a locked registry costs seconds.
+		return c.openPool(cmd.Context(), "source database --db", url, true)
 	}
 	var maxRetained int64
 	status := &cobra.Command{
@@ -65,6 +62,9 @@ the controller's rules or guards.`,
 		Short: "List the slots: reader, confirmed position, lag and retained WAL",
 		Args:  exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if maxRetained < 0 {
+				return usagef("--max-retained %d: must be 0 (no bound) or a number of bytes", maxRetained)
+			}
 			pool, err := open(cmd)
 			if err != nil {
 				return err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,4 +83,23 @@ func (redisSlog) Printf(ctx context.Context, format string, v ...any) {
 func routeRedisLogs(l *slog.Logger) {
 	redisLog.Store(l)
 	redisLogOnce.Do(func() { redis.SetLogger(redisSlog{}) })
+}
+
+// brokerList splits a comma-separated list of Kafka seed brokers, each
+// host:port. Credentials or a URL in an entry are refused without echoing
+// it: the command line configures neither SASL nor TLS, and a resolver
+// would otherwise be asked to look the password up as a host name.
+func brokerList(flag, list string) ([]string, error) {
+	var seeds []string
+	for i, b := range strings.Split(list, ",") {
+		b = strings.TrimSpace(b)
+		switch {
+		case b == "":
+			continue
+		case strings.Contains(b, "@") || strings.Contains(b, "://"):
+			return nil, usagef("%s: entry %d is not host:port (it holds '@' or '://'): credentials and URLs are not taken here", flag, i+1)
+		}
+		seeds = append(seeds, b)
+	}
+	return seeds, nil
 }

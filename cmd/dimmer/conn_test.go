@@ -70,6 +70,8 @@ func TestCLIMuteServerTimesOut(t *testing.T) {
 		{[]string{"outbox", "status", "--db", "postgres://u@" + addr + "/db"}, "outbox database --db"},
 		{[]string{"backfill", "status", "--db", "postgres://u@" + addr + "/db"}, "backfill database --db"},
 		{[]string{"schema", "status", "--db", "postgres://u@" + addr + "/db"}, "schema database --db"},
+		{[]string{"cdc", "status", "--db", "postgres://u@" + addr + "/db"}, "source database --db"},
+		{[]string{"cdc", "drop", "s1", "--db", "postgres://u@" + addr + "/db"}, "source database --db"},
 	} {
 		start := time.Now()
 		res := dimmer(t, nil, append([]string{"--timeout", "1s"}, tc.args...)...)
@@ -78,6 +80,19 @@ func TestCLIMuteServerTimesOut(t *testing.T) {
 		assert.Less(t, took, 4*time.Second, "%v: a mute server must cost about --timeout", tc.args)
 		assert.Contains(t, res.stderr, tc.name, "%v: the error names the store", tc.args)
 		assert.Contains(t, res.stderr, "not reachable within --timeout 1s", "%v", tc.args)
+	}
+	// Kafka: a broker that accepts and never answers.
+	_, schema := dimmertest.Schema(t)
+	for _, args := range [][]string{
+		{"stream", "status", "orders", "--old-brokers", addr, "--new-brokers", addr},
+		{"stream", "lag", "orders", "--group", "g", "--old-brokers", addr, "--new-brokers", addr},
+		{"outbox", "relay", "--brokers", addr, "--db", dimmertest.PostgresURL(), "--schema", schema, "--buckets", "4"},
+	} {
+		start := time.Now()
+		res := dimmer(t, nil, append([]string{"--timeout", "1s"}, args...)...)
+		took := time.Since(start)
+		assert.Equal(t, exitError, res.code, "%v: %s", args, res.stderr)
+		assert.Less(t, took, 5*time.Second, "%v: a mute broker must cost about --timeout", args)
 	}
 	res := dimmer(t, nil, "--timeout", "0s", "--store", "redis://"+addr, "stage", "get", "orders")
 	assert.Equal(t, exitUsage, res.code)

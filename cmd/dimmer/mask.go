@@ -31,6 +31,9 @@ var (
 	// space or a character a parser stops at (#, /, ?) where it should
 	// have been percent-encoded: the parser's error quotes what it read.
 	argPW = regexp.MustCompile(`^[a-z][a-z0-9+.-]*://[^:/@\s]*:(.*)@[^@]*$`)
+	// brokerPW is user:password@host:port without a scheme, as a Kafka
+	// broker list given credentials reads.
+	brokerPW = regexp.MustCompile(`((?:^|[\s,"'=])[^\s:/@,"'=]+:)([^\s@,/]+)@`)
 	// urlStops are where a URL parser cuts a userinfo that holds them
 	// (pgx takes the host from the first '@').
 	urlStops = regexp.MustCompile(`[\s#/?@]+`)
@@ -41,6 +44,7 @@ const masked = "***"
 // maskDSN masks the passwords of connection strings inside s.
 func maskDSN(s string) string {
 	s = userinfoPW.ReplaceAllString(s, "${1}"+masked+"@")
+	s = brokerPW.ReplaceAllString(s, "${1}"+masked+"@")
 	return keywordPW.ReplaceAllString(s, "${1}"+masked)
 }
 
@@ -73,6 +77,9 @@ func secretsIn(s string) []string {
 		}
 	}
 	for _, m := range keywordPW.FindAllStringSubmatch(s, -1) {
+		add(m[2])
+	}
+	for _, m := range brokerPW.FindAllStringSubmatch(s, -1) {
 		add(m[2])
 	}
 	return out

@@ -23,6 +23,8 @@ func TestMaskDSN(t *testing.T) {
 		"redis://127.0.0.1:6379/0?password=pw1234":                "redis://127.0.0.1:6379/0?password=***",
 		"postgres://u@h/db":                                       "postgres://u@h/db",
 		"postgres://u:pw12@34@h:5432/db":                          "postgres://u:***@h:5432/db",
+		"user:pw1234@127.0.0.1:9092, 127.0.0.1:9093":              "user:***@127.0.0.1:9092, 127.0.0.1:9093",
+		"a:9092,user:pw1234@b:9092":                               "a:9092,user:***@b:9092",
 		"host=h password=pw12\\ 34 dbname=d":                      "host=h password=*** dbname=d",
 		"host=h password=pw12\\'34 dbname=d":                      "host=h password=*** dbname=d",
 	} {
@@ -73,6 +75,8 @@ func TestCLINoSecretInOutput(t *testing.T) {
 		{"backfill", "status", "--db", "host=127.0.0.1 port=1 password=Sup3r\\ S3cretPw connect_timeout=2"},
 		{"--store", "mysql://u:" + secret + "@127.0.0.1/db", "stage", "get", "orders"},
 		{"outbox", "status", "--db", "postgres://u:" + secret + "@127.0.0.1:1/db?connect_timeout=2"},
+		{"stream", "status", "orders", "--old-brokers", "user:" + secret + "@127.0.0.1:1", "--new-brokers", "127.0.0.1:1"},
+		{"outbox", "relay", "--brokers", "127.0.0.1:1,user:" + secret + "@127.0.0.1:1", "--db", goodPG, "--schema", schema},
 		{"schema", "status", "--db", "host=127.0.0.1 port=1 password=" + secret + " connect_timeout=2"},
 		{"backfill", "status", "--db", "postgresql://u:" + secret + "@127.0.0.1:1/db?connect_timeout=2"},
 		{"outbox", "relay", "--publisher", "redis", "--redis", "redis://:" + secret + "@127.0.0.1:1", "--db", goodPG, "--schema", schema},
@@ -103,7 +107,8 @@ func TestCLINoSecretInOutput(t *testing.T) {
 	t.Setenv("DIMMER_STORE", "postgres://u:"+secret+"@127.0.0.1:1/db")
 	t.Setenv("DIMMER_OUTBOX_DB", "host=127.0.0.1 password="+secret)
 	t.Setenv("DIMMER_REDIS_URL", "redis://:"+secret+"@127.0.0.1:1")
-	for _, args := range [][]string{{"--help"}, {"stage", "set", "--help"}, {"outbox", "--help"}, {"outbox", "relay", "--help"}, {"schema", "--help"}, {"backfill", "--help"}, {"stage", "get", "orders"}} {
+	t.Setenv("DIMMER_KAFKA_BROKERS", "user:"+secret+"@127.0.0.1:1")
+	for _, args := range [][]string{{"--help"}, {"stage", "set", "--help"}, {"outbox", "--help"}, {"outbox", "relay", "--help"}, {"schema", "--help"}, {"backfill", "--help"}, {"stream", "--help"}, {"stage", "get", "orders"}} {
 		r := dimmer(t, nil, args...)
 		check(args, r)
 		if args[len(args)-1] == "--help" {

@@ -204,25 +204,31 @@ func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func(), error) {
 	switch ro.publisher {
 	case "kafka":
-		var seeds []string
-		for _, b := range strings.Split(ro.brokers, ",") {
-			if b = strings.TrimSpace(b); b != "" {
-				seeds = append(seeds, b)
-			}
+		seeds, err := brokerList("--brokers", ro.brokers)
+		if err != nil {
+			return nil, nil, err
 		}
 		if len(seeds) == 0 {
 			return nil, nil, usagef("--publisher kafka needs --brokers host:port[,...] or DIMMER_KAFKA_BROKERS")
 		}
-		cl, err := kgo.NewClient(kafkasink.ClientOptions(seeds...)...)
+		// The cluster must answer within --timeout before the relay starts;
+		// the relay's own client keeps the producer's timeouts, which ride
+		// out a broker's restart.
+		probe, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.DialTimeout(c.timeout),
+			kgo.RequestTimeoutOverhead(c.timeout), kgo.RetryTimeout(c.timeout))
 		if err != nil {
 			return nil, nil, usagef("--brokers: %v", err)
 		}
 		pctx, cancel := context.WithTimeout(ctx, c.timeout)
-		err = cl.Ping(pctx)
+		err = probe.Ping(pctx)
 		cancel()
+		probe.Close()
 		if err != nil {
-			cl.Close()
-			return nil, nil, fmt.Errorf("kafka %s: %w", ro.brokers, err)
+			return nil, nil, fmt.Errorf("kafka %s: not reachable within --timeout %v: %w", strings.Join(seeds, ","), c.timeout, err)
+		}
+		cl, err := kgo.NewClient(kafkasink.ClientOptions(seeds...)...)
+		if err != nil {
+			return nil, nil, usagef("--brokers: %v", err)
 		}
 		p, err := kafkasink.New(cl)
 		if err != nil {

@@ -46,19 +46,29 @@ over --max-lag, an unreachable cluster, a group still running).`,
 }
 
 // opts returns each cluster's client options; a missing one is bad usage.
-func (o *streamOpts) opts() ([3][]kgo.Opt, error) {
+// Dialling and each request give up after timeout; oneShot commands also
+// stop retrying a request after it, where the mirror rides out an outage.
+func (o *streamOpts) opts(timeout time.Duration, oneShot bool) ([3][]kgo.Opt, error) {
 	var out [3][]kgo.Opt
 	for side, b := range map[flags.Side]string{flags.Old: o.oldBrokers, flags.New: o.newBrokers} {
-		if strings.TrimSpace(b) == "" {
-			return out, usagef("no %s cluster: pass --%s-brokers or set %s", side, side, map[flags.Side]string{flags.Old: "DIMMER_KAFKA_BROKERS", flags.New: "DIMMER_KAFKA_BROKERS_NEW"}[side])
+		flag := "--" + side.String() + "-brokers"
+		seeds, err := brokerList(flag, b)
+		if err != nil {
+			return out, err
 		}
-		out[side] = []kgo.Opt{kgo.SeedBrokers(strings.Split(b, ",")...)}
+		if len(seeds) == 0 {
+			return out, usagef("no %s cluster: pass %s or set %s", side, flag, map[flags.Side]string{flags.Old: "DIMMER_KAFKA_BROKERS", flags.New: "DIMMER_KAFKA_BROKERS_NEW"}[side])
+		}
+		out[side] = []kgo.Opt{kgo.SeedBrokers(seeds...), kgo.DialTimeout(timeout), kgo.RequestTimeoutOverhead(timeout)}
+		if oneShot {
+			out[side] = append(out[side], kgo.RetryTimeout(timeout))
+		}
 	}
 	return out, nil
 }
 
-func (o *streamOpts) admins() (old, new *kadm.Client, closeAll func(), err error) {
-	opts, err := o.opts()
+func (o *streamOpts) admins(timeout time.Duration) (old, new *kadm.Client, closeAll func(), err error) {
+	opts, err := o.opts(timeout, true)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -92,7 +102,7 @@ func (c *cli) streamStatusCmd(o *streamOpts) *cobra.Command {
 		Short: "Per partition: both clusters' ends, the mirror's position and the group's state",
 		Args:  exactArgs(1, "TOPIC"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			oldAdm, newAdm, closeAll, err := o.admins()
+			oldAdm, newAdm, closeAll, err := o.admins(c.timeout)
 			if err != nil {
 				return err
 			}
@@ -129,7 +139,7 @@ func (c *cli) streamLagCmd(o *streamOpts) *cobra.Command {
 			if group == "" {
 				return usagef("--group is required")
 			}
-			oldAdm, newAdm, closeAll, err := o.admins()
+			oldAdm, newAdm, closeAll, err := o.admins(c.timeout)
 			if err != nil {
 				return err
 			}
@@ -170,7 +180,7 @@ func (c *cli) streamMirrorCmd(o *streamOpts) *cobra.Command {
 			if err != nil {
 				return usagef("--from %q: want old or new", from)
 			}
-			opts, err := o.opts()
+			opts, err := o.opts(c.timeout, false)
 			if err != nil {
 				return err
 			}
@@ -219,7 +229,7 @@ func (c *cli) streamTranslateCmd(o *streamOpts) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			opts, err := o.opts()
+			opts, err := o.opts(c.timeout, true)
 			if err != nil {
 				return err
 			}
@@ -270,7 +280,7 @@ redo those records' effects once. The group must be stopped.`,
 			case !cmd.Flags().Changed("from-offset"):
 				return usagef("give --from-offset or --from-time")
 			}
-			opts, err := o.opts()
+			opts, err := o.opts(c.timeout, true)
 			if err != nil {
 				return err
 			}
