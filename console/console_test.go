@@ -6,11 +6,15 @@ import (
 	"net/url"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/dimmer-dev/dimmer/console"
 	"github.com/dimmer-dev/dimmer/flags"
@@ -337,4 +341,50 @@ func TestRollbackEndsACanary(t *testing.T) {
 	r = e.do(t, nil, "POST", "/m/orders/rollback", url.Values{"stage": {"shadow"}, "reason": {"again"}}, true, nil)
 	assert.Equal(t, http.StatusBadRequest, r.status, "nothing is ahead of shadow any more")
 	assert.Contains(t, r.body, "pick a stage before shadow")
+}
+
+// One corrupt stored flag does not blank the console: the overview and the
+// metrics show the other migrations, an alert names the corrupt one and the
+// way out, and its own page says it is corrupt rather than that the store
+// is unavailable.
+func TestCorruptFlagIsAnAlertNotAnOutage(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	walk(t, e)
+	_, err := e.pool.Exec(ctx(t), `INSERT INTO `+pgx.Identifier{e.store.Schema(), "stage_flags"}.Sanitize()+
+		` (migration, doc, revision) VALUES ('broken', '{"migration":"broken","stage":"sideways","revision":1}', 1)`)
+	require.NoError(t, err)
+
+	r := e.do(t, nil, "GET", "/api/overview", nil, true, nil)
+	require.Equal(t, http.StatusOK, r.status, r.body)
+	var ov console.Overview
+	require.NoError(t, json.Unmarshal([]byte(r.body), &ov))
+	require.Len(t, ov.Migrations, 1)
+	assert.Equal(t, "orders", ov.Migrations[0].Name)
+	texts := strings.Join(alertTexts(ov.Alerts), "\n")
+	assert.Contains(t, texts, "flag broken is corrupt in the store")
+	assert.Contains(t, texts, "dimmer stage set broken STAGE --force --reason TEXT")
+	page := e.do(t, nil, "GET", "/", nil, true, nil)
+	require.Equal(t, http.StatusOK, page.status)
+	assert.Contains(t, page.body, "flag broken is corrupt in the store")
+
+	r = e.do(t, nil, "GET", "/api/m/broken", nil, true, nil)
+	assert.Equal(t, http.StatusInternalServerError, r.status)
+	assert.Contains(t, r.body, "stored flag is corrupt")
+	assert.NotContains(t, r.body, "store unavailable")
+
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	reg, err := e.srv.RegisterMetrics(mp.Meter("console-test"))
+	require.NoError(t, err)
+	defer reg.Unregister()
+	var rm metricdata.ResourceMetrics
+	require.NoError(t, reader.Collect(ctx(t), &rm))
+	var names []string
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			names = append(names, m.Name)
+		}
+	}
+	assert.NotEmpty(t, names, "the other migrations' metrics are still collected")
 }

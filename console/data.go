@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"html/template"
 	"slices"
@@ -139,9 +140,13 @@ type Event struct {
 func (s *Server) overview(ctx context.Context) (Overview, error) {
 	ov := Overview{GeneratedAt: s.now().UTC(), Alerts: []Alert{}}
 	ctx = withFleetRead(ctx)
-	all, err := s.store.Migrations(ctx)
+	all, corrupt, err := s.migrations(ctx)
 	if err != nil {
 		return ov, fmt.Errorf("list migrations: %w", err)
+	}
+	for _, c := range corrupt {
+		ov.Alerts = append(ov.Alerts, Alert{Level: "critical", Text: c.Error() +
+			" (dimmer stage set " + c.Migration + " STAGE --force --reason TEXT)"})
 	}
 	insts, ferr := s.fleet.Instances(ctx)
 	ov.Fleet = fleetOf(insts, ferr)
@@ -402,4 +407,26 @@ func schemaAttr(attrs map[string]string) string {
 	}
 	slices.Sort(parts)
 	return strings.Join(parts, " ")
+}
+
+// migrations lists the stored flags. A corrupt flag is no reason to hide the
+// others: the corrupt ones come back apart, for an alert that names them.
+func (s *Server) migrations(ctx context.Context) ([]flags.State, []*flags.CorruptFlagError, error) {
+	all, err := s.store.Migrations(ctx)
+	if err == nil {
+		return all, nil, nil
+	}
+	var corrupt []*flags.CorruptFlagError
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	for _, e := range errs {
+		var c *flags.CorruptFlagError
+		if !errors.As(e, &c) {
+			return nil, nil, err
+		}
+		corrupt = append(corrupt, c)
+	}
+	return all, corrupt, nil
 }

@@ -89,7 +89,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 // SampleOnce records a sample of every migration now.
 func (s *Server) SampleOnce(ctx context.Context) error {
-	all, err := s.store.Migrations(ctx)
+	all, _, err := s.migrations(ctx)
 	if err != nil {
 		return err
 	}

@@ -81,7 +81,7 @@ func (s *Server) RegisterMetrics(meter metric.Meter) (metric.Registration, error
 	return meter.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		all, err := s.store.Migrations(ctx)
+		all, _, err := s.migrations(ctx)
 		if err != nil {
 			return err
 		}

@@ -117,10 +117,17 @@ func (s *Server) writeJSON(w http.ResponseWriter, v any) {
 	}
 }
 
-// fail answers a data error: a bad migration name is the caller's (400),
-// anything else is a store that could not answer (502).
+// fail answers a data error: a bad migration name is the caller's (400), a
+// corrupt stored flag the store's content (500, with the way out), anything
+// else is a store that could not answer (502).
 func (s *Server) fail(w http.ResponseWriter, err error) {
-	if errors.Is(err, flags.ErrInvalidName) {
+	var corrupt *flags.CorruptFlagError
+	switch {
+	case errors.As(err, &corrupt):
+		http.Error(w, "500 stored flag is corrupt: "+err.Error()+" (dimmer stage set "+corrupt.Migration+" STAGE --force --reason TEXT)",
+			http.StatusInternalServerError)
+		return
+	case errors.Is(err, flags.ErrInvalidName):
 		http.Error(w, "400 bad request: "+err.Error(), http.StatusBadRequest)
 		return
 	}
