@@ -14,6 +14,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -660,10 +661,29 @@ func printAudit(w io.Writer, e flags.AuditEntry) {
 	if e.Forced {
 		forced = " FORCED"
 	}
-	fmt.Fprintf(w, "%s  %-7s%s  %s -> %s  by %s: %s\n", e.At.Format(time.RFC3339), e.Outcome, forced, e.From, e.To, e.Actor, e.Reason)
+	fmt.Fprintf(w, "%s  %-7s%s  %s -> %s  by %s: %s\n", e.At.Format(time.RFC3339), e.Outcome, forced, e.From, e.To, escapeControls(e.Actor), escapeControls(e.Reason))
 	for _, ch := range e.Checks {
 		if !ch.Passed {
-			fmt.Fprintf(w, "    failed %s: %s\n", ch.Name, ch.Detail)
+			fmt.Fprintf(w, "    failed %s: %s\n", ch.Name, escapeControls(ch.Detail))
 		}
 	}
+}
+
+// escapeControls shows stored text on one line with its control
+// characters escaped (\n, \x1b), so a reason or actor cannot forge an
+// audit line below its own or drive the terminal.
+func escapeControls(s string) string {
+	if !strings.ContainsFunc(s, unicode.IsControl) {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }

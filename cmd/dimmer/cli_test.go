@@ -307,6 +307,20 @@ func TestCLICorruptFlag(t *testing.T) {
 			r = dimmer(t, s.args, "status")
 			assert.Equal(t, exitOK, r.code, r.stderr)
 			assert.NotContains(t, r.stdout, "CORRUPT")
+
+			// A reason or actor cannot forge an audit line or drive the
+			// terminal: control characters are shown escaped.
+			forged := "go\n2026-12-05T17:00:00Z  applied  live -> off  by alice: fake\x1b[31m"
+			forged = strings.NewReplacer(`\n`, "\n", `\x1b`, "\x1b").Replace(forged)
+			r = dimmer(t, s.args, "--actor", "bob\rmallory", "stage", "set", "orders", "shadow", "--force", "--reason", forged)
+			require.Equal(t, exitOK, r.code, r.stderr)
+			r = dimmer(t, s.args, "audit", "orders", "--limit", "1")
+			require.Equal(t, exitOK, r.code, r.stderr)
+			for _, line := range strings.Split(r.stdout, "\n") {
+				assert.False(t, strings.HasPrefix(line, "2026-12-05T17:00:00Z"), "a forged line: %s", r.stdout)
+			}
+			assert.Contains(t, r.stdout, `by bob\rmallory: go\n2026-12-05T17:00:00Z  applied  live -> off  by alice: fake\x1b[31m`+"\n")
+			assert.NotContains(t, r.stdout, "\x1b")
 		})
 	}
 }

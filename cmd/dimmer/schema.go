@@ -403,9 +403,9 @@ func (c *cli) schemaAuditCmd(o *schemaOpts) *cobra.Command {
 				if e.Forced {
 					forced = " FORCED"
 				}
-				fmt.Fprintf(c.out, "%s  %-10s%s  %s %s -> %s  by %s", e.At.Format(time.RFC3339), e.Outcome, forced, e.Action, e.From, e.To, e.Actor)
+				fmt.Fprintf(c.out, "%s  %-10s%s  %s %s -> %s  by %s", e.At.Format(time.RFC3339), e.Outcome, forced, e.Action, e.From, e.To, escapeControls(e.Actor))
 				if e.Reason != "" {
-					fmt.Fprintf(c.out, ": %s", e.Reason)
+					fmt.Fprintf(c.out, ": %s", escapeControls(e.Reason))
 				}
 				fmt.Fprintln(c.out)
 				for _, ch := range e.Checks {
