@@ -264,6 +264,10 @@ func (c *Controller) Set(ctx context.Context, r Request) (State, error) {
 	var refused *RefusedError
 	var corrupt *CorruptFlagError
 	switch {
+	case (err == nil || errors.As(err, &refused)) && sameServing(t.From, t.To):
+		// Nothing would change: no new revision for every instance to
+		// acknowledge, no audit entry, whatever the checks say.
+		return t.From, nil
 	case errors.As(err, &corrupt):
 		if !r.Force {
 			return State{}, err
@@ -292,6 +296,14 @@ func (c *Controller) Set(ctx context.Context, r Request) (State, error) {
 	c.logger.Info("stage changed", "migration", t.Migration, "from", t.From.String(), "to", stored.String(),
 		"revision", stored.Revision, "actor", r.Actor, "forced", r.Force, "reason", r.Reason)
 	return stored, nil
+}
+
+// sameServing reports whether two states serve every key the same stage.
+func sameServing(a, b State) bool {
+	if a.Stage != b.Stage || (a.Rollout == nil) != (b.Rollout == nil) {
+		return false
+	}
+	return a.Rollout == nil || *a.Rollout == *b.Rollout
 }
 
 // overwriteCorrupt replaces a stored document that does not decode, on a

@@ -289,6 +289,35 @@ func TestControllerRollout(t *testing.T) {
 	assert.Equal(t, flags.Rollout{Stage: flags.Live, Percent: 0.01}, *st.Rollout)
 }
 
+// A request that would serve every key what it is served already changes
+// nothing: no revision for the fleet to acknowledge again, no audit entry.
+func TestControllerNoOpChangesNothing(t *testing.T) {
+	t.Parallel()
+	store := newStore(t)
+	c, err := flags.NewController(store)
+	require.NoError(t, err)
+	st, err := c.Advance(ctx(t), "orders", "alice", "dualwrite")
+	require.NoError(t, err)
+	require.Equal(t, int64(1), st.Revision)
+	for _, r := range []flags.Request{
+		req("orders", flags.DualWrite, "same"),
+		{Migration: "orders", Stage: flags.DualWrite, Percent: 50, Actor: "alice", Reason: "same, as a rollout"},
+		{Migration: "orders", Stage: flags.DualWrite, Actor: "alice", Reason: "same, forced", Force: true},
+	} {
+		st, err = c.Set(ctx(t), r)
+		require.NoError(t, err, r.Reason)
+		assert.Equal(t, int64(1), st.Revision, r.Reason)
+	}
+	st, err = c.Rollout(ctx(t), "orders", flags.Shadow, 5, "alice", "canary")
+	require.NoError(t, err)
+	again, err := c.Rollout(ctx(t), "orders", flags.Shadow, 5, "alice", "canary again")
+	require.NoError(t, err)
+	assert.Equal(t, st.Revision, again.Revision)
+	audit, err := store.Audit(ctx(t), "orders", 10)
+	require.NoError(t, err)
+	assert.Len(t, audit, 2, "only the two changes are audited")
+}
+
 func TestControllerBadInput(t *testing.T) {
 	t.Parallel()
 	store := newStore(t)
