@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -44,8 +45,15 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 			pool.Close()
 			return nil, err
 		}
-		if err := s.Install(ctx); err != nil {
+		prepare := s.Install
+		if c.readOnly {
+			prepare = s.Check
+		}
+		if err := prepare(ctx); err != nil {
 			pool.Close()
+			if errors.Is(err, pgflags.ErrNotInstalled) {
+				return nil, fmt.Errorf("flag store %s: %w: nothing has been set there yet, or --schema names another schema (a change such as 'dimmer stage set' creates the store)", maskDSN(url), err)
+			}
 			return nil, fmt.Errorf("flag store %s: %w", maskDSN(url), err)
 		}
 		return &backend{store: s, fleet: s, pool: pool, schema: schema, close: pool.Close}, nil

@@ -49,6 +49,10 @@ type cli struct {
 	out      io.Writer
 	timeout  time.Duration
 	envErr   error // a DIMMER_* default that does not parse
+	// readOnly: the command only reads the flag store, which it then
+	// checks rather than installs (a misspelt --schema is an error, not an
+	// empty store, and a read-only role can read).
+	readOnly bool
 	logger   *slog.Logger
 	be       *backend
 	red      *redactor
@@ -331,6 +335,7 @@ func (c *cli) stageGetCmd() *cobra.Command {
 			if err := argName(args[0]); err != nil {
 				return err
 			}
+			c.readOnly = true
 			be, err := c.open(cmd.Context())
 			if err != nil {
 				return err
@@ -462,6 +467,7 @@ func (c *cli) statusCmd() *cobra.Command {
 			return nil
 		},
 		RunE: watchable(&watch, c, func(cmd *cobra.Command, args []string) error {
+			c.readOnly = true
 			be, ctrl, err := c.openController(cmd.Context())
 			if err != nil {
 				return err
@@ -634,6 +640,7 @@ func (c *cli) auditCmd() *cobra.Command {
 			if limit < 0 {
 				return usagef("--limit %d: must not be negative", limit)
 			}
+			c.readOnly = true
 			be, err := c.open(cmd.Context())
 			if err != nil {
 				return err

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -184,6 +185,40 @@ func TestCLIExitCodes(t *testing.T) {
 			assert.Equal(t, "dualwrite\n", st, "bad input changed nothing")
 		})
 	}
+}
+
+// The commands that only read check the flag store instead of installing
+// it: a misspelt --schema is an error naming it, not an empty store (nor a
+// new schema), and a role that may only read can read.
+func TestCLIReadersDoNotInstall(t *testing.T) {
+	t.Parallel()
+	pool, schema := dimmertest.Schema(t)
+	ctx := context.Background()
+	store := []string{"--store", dimmertest.PostgresURL(), "--schema", schema + "_typo"}
+	for _, args := range [][]string{{"stage", "get", "orders"}, {"status"}, {"status", "orders"}, {"audit", "orders"}} {
+		r := dimmer(t, store, args...)
+		assert.Equal(t, exitError, r.code, "%v: %s", args, r.stdout)
+		assert.Contains(t, r.stderr, `schema "`+schema+`_typo" holds no flag store`, "%v", args)
+	}
+	var n int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM pg_namespace WHERE nspname = $1`, schema+"_typo").Scan(&n))
+	assert.Zero(t, n, "no schema was created")
+
+	store = []string{"--store", dimmertest.PostgresURL(), "--schema", schema}
+	r := dimmer(t, store, "stage", "set", "orders", "dualwrite", "--reason", "go", "--force")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	role := dimmertest.Name("ro_")
+	_, err := pool.Exec(ctx, `CREATE ROLE `+role+` LOGIN; GRANT USAGE ON SCHEMA `+schema+` TO `+role+`; GRANT SELECT ON ALL TABLES IN SCHEMA `+schema+` TO `+role)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_, _ = pool.Exec(context.Background(), `DROP OWNED BY `+role+`; DROP ROLE `+role)
+	})
+	u, err := url.Parse(dimmertest.PostgresURL())
+	require.NoError(t, err)
+	u.User = url.User(role)
+	r = dimmer(t, []string{"--store", u.String(), "--schema", schema}, "stage", "get", "orders")
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "dualwrite\n", r.stdout)
 }
 
 func TestCLIStoreProblems(t *testing.T) {

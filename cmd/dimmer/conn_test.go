@@ -117,7 +117,7 @@ func TestCLIStatementTimeout(t *testing.T) {
 		_, _ = conn.Exec(context.Background(), `SELECT pg_advisory_unlock_all()`)
 	}()
 	start := time.Now()
-	r := dimmer(t, []string{"--timeout", "1s", "--store", dimmertest.PostgresURL(), "--schema", schema}, "stage", "get", "orders")
+	r := dimmer(t, []string{"--timeout", "1s", "--store", dimmertest.PostgresURL(), "--schema", schema}, "stage", "set", "orders", "dualwrite", "--reason", "go")
 	assert.Equal(t, exitError, r.code, r.stderr)
 	assert.Less(t, time.Since(start), 5*time.Second)
 	assert.Contains(t, r.stderr, "statement timeout")

@@ -224,6 +224,35 @@ CREATE TABLE IF NOT EXISTS `+s.t.version+` (
 	})
 }
 
+// ErrNotInstalled: the store's schema does not hold its tables ([Store.Install]
+// creates them), or holds an older version of them.
+var ErrNotInstalled = errors.New("pgflags: flag store not installed")
+
+// Check reports whether the schema holds the tables this build reads, and
+// changes nothing: for a reader whose role may not create tables, and so
+// that a misspelt schema is not answered as an empty store (Install would
+// create it).
+func (s *Store) Check(ctx context.Context) error {
+	var present bool
+	if err := s.pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, s.t.version).Scan(&present); err != nil {
+		return fmt.Errorf("pgflags: check %s: %w", s.cfg.schema, err)
+	}
+	cur := 0
+	if present {
+		if err := s.pool.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM `+s.t.version).Scan(&cur); err != nil {
+			return fmt.Errorf("pgflags: check %s: read version: %w", s.cfg.schema, err)
+		}
+	}
+	switch {
+	case cur > SchemaVersion:
+		return fmt.Errorf("pgflags: schema %s is at version %d, newer than this build supports (%d): upgrade dimmer",
+			s.cfg.schema, cur, SchemaVersion)
+	case cur < SchemaVersion:
+		return fmt.Errorf("%w: schema %q holds no flag store of this version (found %d, want %d)", ErrNotInstalled, s.cfg.schema, cur, SchemaVersion)
+	}
+	return nil
+}
+
 // Load implements [flags.Store].
 func (s *Store) Load(ctx context.Context, migration string) (flags.State, error) {
 	if err := flags.ValidateName(migration); err != nil {
