@@ -8,6 +8,9 @@ import (
 var (
 	// ErrSchemaMismatch: the backfill tables were installed by newer code.
 	ErrSchemaMismatch = errors.New("backfill: schema mismatch")
+	// ErrNotInstalled: the schema holds no backfill tables, or older ones
+	// ([Backfiller.Check]; [Backfiller.Install] creates or upgrades them).
+	ErrNotInstalled = errors.New("backfill: tables not installed")
 	// ErrDefinitionChanged: a job resumed with another definition than the one
 	// its checkpoints were made with. Details are in a *DefinitionChangedError.
 	ErrDefinitionChanged = errors.New("backfill: job definition changed")

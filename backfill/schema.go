@@ -72,6 +72,32 @@ CREATE INDEX ON ` + b.t.verifications + ` (migration, job, id DESC);`,
 	}
 }
 
+// Check reports whether the schema holds the backfill tables of this
+// version, and changes nothing: for a reader whose role may not create
+// tables, and so that a misspelt schema is not answered as one without
+// jobs (Install would create it). Missing or older tables are
+// [ErrNotInstalled], newer ones [ErrSchemaMismatch].
+func (b *Backfiller) Check(ctx context.Context) error {
+	var present bool
+	if err := b.pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, b.t.meta).Scan(&present); err != nil {
+		return fmt.Errorf("backfill: check schema %s: %w", b.schema, err)
+	}
+	version := 0
+	if present {
+		err := b.pool.QueryRow(ctx, `SELECT version FROM `+b.t.meta).Scan(&version)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("backfill: check schema %s: %w", b.schema, err)
+		}
+	}
+	switch {
+	case version > SchemaVersion:
+		return fmt.Errorf("%w: %s is at version %d, this code knows up to %d", ErrSchemaMismatch, b.t.meta, version, SchemaVersion)
+	case version < SchemaVersion:
+		return fmt.Errorf("%w: schema %q holds no backfill tables of this version (found %d, want %d)", ErrNotInstalled, b.schema, version, SchemaVersion)
+	}
+	return nil
+}
+
 // Install creates or upgrades the backfill tables (jobs, ranges with their
 // checkpoints and leases, verifications) in the configured schema. It is
 // idempotent and safe to run from every instance at start-up: concurrent

@@ -51,9 +51,10 @@ is a postgres:// URL).`,
 // backfiller opens the backfill tables; with a flag store it reads stages and
 // epochs (needed to run and verify).
 // backfiller opens the backfill's database. The commands that only read or
-// flip a job's state (bounded) give each statement --timeout; a run and a
-// verification wait for the service's locks as long as their chunks and
-// repairs do (their retries bound them).
+// flip a job's state (bounded) give each statement --timeout and check the
+// tables rather than install them; a run and a verification install them,
+// and wait for the service's locks as long as their chunks and repairs do
+// (their retries bound them).
 func (b *backfillCLI) backfiller(ctx context.Context, needFlags, bounded bool) (*backfill.Backfiller, error) {
 	url := b.db
 	if url == "" && isPostgres(b.storeURL) {
@@ -94,7 +95,17 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags, bounded bool) (
 	if err != nil {
 		return nil, err
 	}
-	if err := bf.Install(ctx); err != nil {
+	// Reading or flipping a job's state needs the tables to be there:
+	// installing them would answer a misspelt --backfill-schema with an
+	// empty one.
+	prepare := bf.Install
+	if bounded {
+		prepare = bf.Check
+	}
+	if err := prepare(ctx); err != nil {
+		if errors.Is(err, backfill.ErrNotInstalled) {
+			return nil, fmt.Errorf("backfill tables at %s: %w: no job has run there yet, or --backfill-schema names another schema", maskDSN(url), err)
+		}
 		return nil, fmt.Errorf("backfill tables at %s: %w", maskDSN(url), err)
 	}
 	return bf, nil

@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/flags"
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
@@ -470,7 +471,14 @@ func TestCLIInspectionBoundedByTimeout(t *testing.T) {
 	ctx := context.Background()
 	pool, schema := dimmertest.Schema(t)
 	store := []string{"--store", dimmertest.PostgresURL(), "--schema", schema, "--timeout", "1s"}
+	// Status reads: the tables must be there, it does not create them.
 	r := dimmer(t, store, "backfill", "--backfill-schema", schema, "status")
+	require.Equal(t, exitError, r.code, r.stderr)
+	assert.Contains(t, r.stderr, `schema "`+schema+`" holds no backfill tables`)
+	bf, err := backfill.New(pool, backfill.WithSchema(schema))
+	require.NoError(t, err)
+	require.NoError(t, bf.Install(ctx))
+	r = dimmer(t, store, "backfill", "--backfill-schema", schema, "status")
 	require.Equal(t, exitOK, r.code, r.stderr)
 	r = dimmer(t, store, "schema", "status")
 	require.Equal(t, exitOK, r.code, r.stderr)
