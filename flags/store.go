@@ -57,7 +57,22 @@ type Outcome string
 const (
 	Applied Outcome = "applied"
 	Refused Outcome = "refused"
+	// Unreadable marks a stored entry that does not decode (edited by
+	// hand, cut short): [DecodeAuditEntry] keeps its place in the log.
+	Unreadable Outcome = "unreadable"
 )
+
+// DecodeAuditEntry parses a stored audit entry of migration. One that does
+// not decode is returned as an [Unreadable] entry quoting it, rather than
+// an error: one bad entry must not hide the rest of the log.
+func DecodeAuditEntry(migration string, doc []byte) AuditEntry {
+	var e AuditEntry
+	if err := json.Unmarshal(doc, &e); err != nil {
+		return AuditEntry{Migration: migration, Outcome: Unreadable,
+			Reason: CapText(fmt.Sprintf("the stored entry does not decode (%v): %s", err, doc))}
+	}
+	return e
+}
 
 // AuditEntry is one transition request: who asked, when, from what to what,
 // why, what the guards said and whether it was applied.

@@ -57,6 +57,24 @@ func TestHandEdited(t *testing.T) {
 	})
 }
 
+// One undecodable audit entry keeps its place in the log and hides none of
+// the others.
+func TestUnreadableAuditEntry(t *testing.T) {
+	t.Parallel()
+	s, pool, schema := newStore(t)
+	ctx := flagstest.Context(t)
+	flagstest.Set(t, s, "orders", flags.DualWrite, nil)
+	_, err := pool.Exec(ctx, `INSERT INTO `+pgx.Identifier{schema, "stage_audit"}.Sanitize()+` (migration, at, entry) VALUES ('orders', now(), '{"at": 5}')`)
+	require.NoError(t, err)
+	flagstest.Set(t, s, "orders", flags.Shadow, nil)
+	audit, err := s.Audit(ctx, "orders", 10)
+	require.NoError(t, err)
+	require.Len(t, audit, 3)
+	assert.Equal(t, flags.Unreadable, audit[1].Outcome)
+	assert.Contains(t, audit[1].Reason, `the stored entry does not decode`)
+	assert.Equal(t, flags.Applied, audit[2].Outcome)
+}
+
 func TestFleet(t *testing.T) {
 	t.Parallel()
 	flagstest.RunFleet(t, func(t *testing.T) flags.FleetStore {

@@ -421,15 +421,11 @@ func (s *Store) Audit(ctx context.Context, migration string, limit int) ([]flags
 		return nil, fmt.Errorf("pgflags: audit %s: %w", migration, err)
 	}
 	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (flags.AuditEntry, error) {
-		var e flags.AuditEntry
 		var doc []byte
 		if err := r.Scan(&doc); err != nil {
-			return e, err
+			return flags.AuditEntry{}, err
 		}
-		if err := json.Unmarshal(doc, &e); err != nil {
-			return e, fmt.Errorf("decode audit entry: %w", err)
-		}
-		return e, nil
+		return flags.DecodeAuditEntry(migration, doc), nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("pgflags: audit %s: %w", migration, err)

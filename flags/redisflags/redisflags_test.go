@@ -84,6 +84,25 @@ func TestHandEdited(t *testing.T) {
 	})
 }
 
+// One undecodable audit entry keeps its place in the log and hides none of
+// the others.
+func TestUnreadableAuditEntry(t *testing.T) {
+	t.Parallel()
+	s, client, prefix := newStore(t)
+	ctx := flagstest.Context(t)
+	flagstest.Set(t, s, "orders", flags.DualWrite, nil)
+	require.NoError(t, client.LPush(ctx, prefix+"{stage}:audit:orders", "{bad json").Err())
+	flagstest.Set(t, s, "orders", flags.Shadow, nil)
+	audit, err := s.Audit(ctx, "orders", 10)
+	require.NoError(t, err)
+	require.Len(t, audit, 3)
+	assert.Equal(t, flags.Applied, audit[0].Outcome)
+	assert.Equal(t, flags.Unreadable, audit[1].Outcome)
+	assert.Contains(t, audit[1].Reason, "the stored entry does not decode")
+	assert.Contains(t, audit[1].Reason, "{bad json")
+	assert.Equal(t, flags.Applied, audit[2].Outcome)
+}
+
 func TestFleet(t *testing.T) {
 	t.Parallel()
 	flagstest.RunFleet(t, func(t *testing.T) flags.FleetStore {

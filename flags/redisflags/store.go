@@ -292,11 +292,7 @@ func (s *Store) Audit(ctx context.Context, migration string, limit int) ([]flags
 	}
 	out := make([]flags.AuditEntry, 0, len(docs))
 	for _, d := range docs {
-		var e flags.AuditEntry
-		if err := json.Unmarshal([]byte(d), &e); err != nil {
-			return nil, fmt.Errorf("redisflags: audit %s: decode entry: %w", migration, err)
-		}
-		out = append(out, e)
+		out = append(out, flags.DecodeAuditEntry(migration, []byte(d)))
 	}
 	return out, nil
 }
