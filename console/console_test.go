@@ -258,6 +258,8 @@ func TestForcedAdvance(t *testing.T) {
 		{url.Values{"reason": {"api-2 is gone"}, "force": {"yes"}, "revision": {rev}, "confirm": {"users"}}, "type the migration&#39;s name"},
 		{url.Values{"reason": {"api-2 is gone"}, "force": {"yes"}, "confirm": {"orders"}}, "needs the revision"},
 		{url.Values{"force": {"yes"}, "revision": {rev}, "confirm": {"orders"}}, "a reason is required"},
+		{url.Values{"reason": {strings.Repeat("x", flags.MaxText+1)}, "force": {"yes"}, "revision": {rev}, "confirm": {"orders"}},
+			"the reason is 1025 bytes; at most 1024 are kept in the audit log"},
 		{url.Values{"reason": {"x"}, "force": {"yes"}, "revision": {"1"}, "confirm": {"orders"}}, "changed since the page showed it"},
 	} {
 		r := force(bad.form)

@@ -262,8 +262,8 @@ func (s *Server) perform(r *http.Request, name, action string, res *ActionResult
 	if reason == "" {
 		return bad(http.StatusBadRequest, "a reason is required: say why, it goes to the audit log")
 	}
-	if len(reason) > 1000 {
-		return bad(http.StatusBadRequest, "the reason has %d characters: keep it under 1000", len(reason))
+	if len(reason) > flags.MaxText {
+		return bad(http.StatusBadRequest, "the reason is %d bytes; at most %d are kept in the audit log: shorten it", len(reason), flags.MaxText)
 	}
 	actor := principalOf(r.Context()).operator + " (console)"
 	switch action {
