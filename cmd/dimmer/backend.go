@@ -43,7 +43,7 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 		s, err := pgflags.NewStore(pool, pgflags.WithSchema(schema), pgflags.WithLogger(logger))
 		if err != nil {
 			pool.Close()
-			return nil, err
+			return nil, usageError{fmt.Errorf("--schema: %w", err)}
 		}
 		prepare := s.Install
 		if c.readOnly {
@@ -65,7 +65,7 @@ func (c *cli) openBackend(ctx context.Context, url, schema, prefix string, logge
 		s, err := redisflags.NewStore(client, redisflags.WithPrefix(prefix), redisflags.WithLogger(logger))
 		if err != nil {
 			client.Close()
-			return nil, err
+			return nil, usageError{fmt.Errorf("--prefix: %w", err)}
 		}
 		be := &backend{store: s, fleet: s, schema: "dimmer", redis: client, close: func() { client.Close() }}
 		if u := os.Getenv("DIMMER_GUARDS_DB"); u != "" {

@@ -165,6 +165,7 @@ func TestCLIExitCodes(t *testing.T) {
 				{"rollout", "orders", "dualwrite", "0.001"},
 				{"stage", "set", "orders", "off", "--reason", "x", "--actor", ""},
 				{"stage", "set", "orders", "off", "--reason", "  "},
+				{"ui", "--listen", "127.0.0.1:99999"},
 				{"outbox", "dlq"},
 				{"stage", "sideways", "orders"},
 				{"--store", "postgres://u:pw@127.0.0.1:5432/db?sslmode=bogus", "stage", "get", "orders"},
@@ -227,6 +228,13 @@ func TestCLIStoreProblems(t *testing.T) {
 	r := dimmer(t, nil, "--store", "", "stage", "get", "orders")
 	assert.Equal(t, exitUsage, r.code)
 	assert.Contains(t, r.stderr, "no store")
+
+	r = dimmer(t, nil, "--store", dimmertest.PostgresURL(), "--schema", "", "stage", "get", "orders")
+	assert.Equal(t, exitUsage, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "--schema")
+	r = dimmer(t, nil, "--store", dimmertest.RedisURL(), "--prefix", "", "stage", "get", "orders")
+	assert.Equal(t, exitUsage, r.code, r.stderr)
+	assert.Contains(t, r.stderr, "--prefix")
 
 	r = dimmer(t, nil, "--store", "mysql://x", "stage", "get", "orders")
 	assert.Equal(t, exitUsage, r.code)

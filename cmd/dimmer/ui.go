@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -68,9 +69,12 @@ a console started mid-migration draws what came before.`,
 			if token == "" {
 				return usagef("DIMMER_UI_TOKEN is not set: every console request must carry it (use at least %d random characters)", console.MinTokenLength)
 			}
-			host, _, err := net.SplitHostPort(listen)
+			host, port, err := net.SplitHostPort(listen)
 			if err != nil {
 				return usagef("--listen %q: %v", listen, err)
+			}
+			if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+				return usagef("--listen %q: the port must be a number from 0 to 65535", listen)
 			}
 			if ip := net.ParseIP(host); !allowRemote && (ip == nil || !ip.IsLoopback()) && host != "localhost" {
 				return usagef("--listen %q is not a loopback address: pass --allow-remote to serve other hosts (put TLS in front)", listen)
