@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 )
@@ -40,6 +42,12 @@ func (c *cli) openPool(ctx context.Context, what, url string, stmtTimeout bool) 
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
 		pool.Close()
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			// The server answered: the database, the role or a setting is
+			// wrong, not the network.
+			return nil, fmt.Errorf("%s %s: the server refused the connection: %w", what, maskDSN(url), err)
+		}
 		return nil, fmt.Errorf("%s %s: not reachable within --timeout %v: %w", what, maskDSN(url), c.timeout, err)
 	}
 	return pool, nil
@@ -59,6 +67,10 @@ func (c *cli) openRedis(ctx context.Context, what, url string) (*redis.Client, e
 	defer cancel()
 	if err := client.Ping(pctx).Err(); err != nil {
 		client.Close()
+		var redisErr redis.Error
+		if errors.As(err, &redisErr) {
+			return nil, fmt.Errorf("%s %s: the server refused the connection: %w", what, maskDSN(url), err)
+		}
 		return nil, fmt.Errorf("%s %s: not reachable within --timeout %v: %w", what, maskDSN(url), c.timeout, err)
 	}
 	return client, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"sync"
 	"testing"
@@ -121,4 +122,22 @@ func TestCLIStatementTimeout(t *testing.T) {
 	assert.Equal(t, exitError, r.code, r.stderr)
 	assert.Less(t, time.Since(start), 5*time.Second)
 	assert.Contains(t, r.stderr, "statement timeout")
+}
+
+// A server that answers with a refusal (no such database, an out-of-range
+// Redis database) is not called unreachable: the network is fine.
+func TestCLIRefusedIsNotUnreachable(t *testing.T) {
+	t.Parallel()
+	u, err := url.Parse(dimmertest.PostgresURL())
+	require.NoError(t, err)
+	u.Path = "/" + dimmertest.Name("nodb_")
+	ru, err := url.Parse(dimmertest.RedisURL())
+	require.NoError(t, err)
+	ru.Path = "/99" // past the default 16 databases
+	for _, store := range []string{u.String(), ru.String()} {
+		r := dimmer(t, nil, "--store", store, "stage", "get", "orders")
+		assert.Equal(t, exitError, r.code, r.stderr)
+		assert.Contains(t, r.stderr, "the server refused the connection", store)
+		assert.NotContains(t, r.stderr, "not reachable", store)
+	}
 }
