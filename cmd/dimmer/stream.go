@@ -100,7 +100,7 @@ func (c *cli) streamStatusCmd(o *streamOpts) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "status TOPIC",
 		Short: "Per partition: both clusters' ends, the mirror's position and the group's state",
-		Args:  exactArgs(1, "TOPIC"),
+		Args:  topicArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			oldAdm, newAdm, closeAll, err := o.admins(c.timeout)
 			if err != nil {
@@ -134,7 +134,7 @@ func (c *cli) streamLagCmd(o *streamOpts) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "lag TOPIC --group GROUP",
 		Short: "The group's lag on the cluster it reads and the mirror's lag; fails past --max-lag",
-		Args:  exactArgs(1, "TOPIC"),
+		Args:  topicArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if group == "" {
 				return usagef("--group is required")
@@ -174,7 +174,7 @@ func (c *cli) streamMirrorCmd(o *streamOpts) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "mirror TOPIC",
 		Short: "Copy the topic from old to new (or --from new: back) until SIGTERM or SIGINT, resuming where it stopped",
-		Args:  exactArgs(1, "TOPIC"),
+		Args:  topicArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			side, err := parseSide(from)
 			if err != nil {
@@ -189,7 +189,10 @@ func (c *cli) streamMirrorCmd(o *streamOpts) *cobra.Command {
 			if err != nil {
 				return usageError{err}
 			}
-			fmt.Fprintf(c.out, "mirroring %s from %s to %s\n", args[0], side, side.Other())
+			// Logged, not printed: the one line on stdout is the outcome,
+			// and a mirror that fails at once (an unknown topic) did not
+			// mirror anything.
+			c.logger.Info("mirror starting", "topic", args[0], "from", side.String(), "to", side.Other().String())
 			if err := m.Run(cmd.Context()); err != nil {
 				return streamErr(err)
 			}
@@ -220,7 +223,7 @@ func (c *cli) streamTranslateCmd(o *streamOpts) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "translate TOPIC --group GROUP --to old|new",
 		Short: "Print where the group would resume on a cluster: the first record it has not processed",
-		Args:  exactArgs(1, "TOPIC"),
+		Args:  topicArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if group == "" {
 				return usagef("--group is required")
@@ -260,14 +263,20 @@ func (c *cli) streamReplayCmd(o *streamOpts) *cobra.Command {
 --from-offset (every partition) or --from-time, and the records in between
 are marked unprocessed in its state, so that when its consumers start they
 redo those records' effects once. The group must be stopped.`,
-		Args: exactArgs(1, "TOPIC"),
+		Args: topicArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if group == "" {
 				return usagef("--group is required")
 			}
+			if side == "" {
+				return usagef("--side is required: old or new, the cluster the group reads")
+			}
 			s, err := parseSide(side)
 			if err != nil {
 				return err
+			}
+			if fromOffset < 0 {
+				return usagef("--from-offset %d: must not be negative", fromOffset)
 			}
 			cfg := streams.RewindConfig{Topic: args[0], Group: group, Side: s, FromOffset: fromOffset}
 			switch {
@@ -306,4 +315,15 @@ redo those records' effects once. The group must be stopped.`,
 	cmd.Flags().Int64Var(&fromOffset, "from-offset", 0, "replay from this offset in every partition")
 	cmd.Flags().StringVar(&fromTime, "from-time", "", "replay from the first record at or after this time (RFC 3339)")
 	return cmd
+}
+
+// topicArg takes exactly one TOPIC, not empty.
+func topicArg(cmd *cobra.Command, args []string) error {
+	if err := exactArgs(1, "TOPIC")(cmd, args); err != nil {
+		return err
+	}
+	if strings.TrimSpace(args[0]) == "" {
+		return usagef("TOPIC is empty")
+	}
+	return nil
 }

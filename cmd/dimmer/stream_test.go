@@ -158,9 +158,14 @@ func TestStreamCommands(t *testing.T) {
 		{"replay", "events", "--group", "billing", "--side", "new"},
 		{"translate", "events"},
 		{"mirror", "events", "--from", "mid"},
+		{"replay", "events", "--group", "billing", "--from-offset", "0"},
+		{"replay", "events", "--group", "billing", "--side", "new", "--from-offset", "-5"},
+		{"status", ""},
+		{"mirror", "nothing"},
 	} {
 		r := stream(bad...)
 		assert.Equal(t, exitUsage, r.code, "%v: %s", bad, r.stderr)
+		assert.Empty(t, r.stdout, "%v: nothing that reads as done", bad)
 	}
 	r = dimmer(t, nil, "stream", "status", "events", "--old-brokers", strings.Join(seeds[flags.Old], ","), "--new-brokers", "")
 	assert.Equal(t, exitUsage, r.code)
