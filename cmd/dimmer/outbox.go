@@ -269,7 +269,7 @@ func (c *cli) outboxStatusCmd(o *outboxOpts) *cobra.Command {
 	var topic string
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Print the backlog: pending messages, dead letters, age of the oldest",
+		Short: "Print the backlog: undelivered messages (dead letters included), dead letters, age of the oldest",
 		Args:  exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			pool, ob, err := c.openOutbox(cmd.Context(), o)
@@ -281,7 +281,8 @@ func (c *cli) outboxStatusCmd(o *outboxOpts) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(c.out, "pending %d\ndead %d\noldest %s\n", s.Pending, s.Dead, s.Oldest.Round(time.Millisecond))
+			// Pending counts every undelivered message, dead letters too.
+			fmt.Fprintf(c.out, "pending %d (dead letters included)\ndead %d\noldest %s\n", s.Pending, s.Dead, s.Oldest.Round(time.Millisecond))
 			return nil
 		},
 	}

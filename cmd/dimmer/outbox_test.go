@@ -186,7 +186,7 @@ func TestOutboxDeadCommands(t *testing.T) {
 
 	r = dimmer(t, nil, append([]string{"outbox", "status"}, db...)...)
 	require.Equal(t, exitOK, r.code, r.stderr)
-	assert.Contains(t, r.stdout, "pending 3\ndead 2\n")
+	assert.Contains(t, r.stdout, "pending 3 (dead letters included)\ndead 2\n")
 
 	r = dimmer(t, nil, append([]string{"outbox", "dead", "retry", first.String()}, db...)...)
 	require.Equal(t, exitOK, r.code, r.stderr)
