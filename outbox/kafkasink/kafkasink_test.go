@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
@@ -209,4 +210,23 @@ func TestPublishReturnsAtTheDeadlineBehindAnUnresponsiveBroker(t *testing.T) {
 	}
 	assert.Equal(t, []string{"created", "created", "paid"}, got,
 		"the held record was delivered after all (a duplicate of the retry), both before the key's next message")
+}
+
+// A record for a topic the cluster does not have fails with the broker's
+// UNKNOWN_TOPIC_OR_PARTITION within the publish's time, not with an
+// anonymous deadline: the most common cause in production says its name.
+func TestPublishToUnknownTopicSaysSo(t *testing.T) {
+	t.Parallel()
+	seeds := cluster(t)
+	cl, err := kgo.NewClient(kafkasink.ClientOptions(seeds...)...)
+	require.NoError(t, err)
+	defer cl.Close()
+	p, err := kafkasink.New(cl)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res := p.Publish(ctx, []outbox.Record{{Message: outbox.Message{ID: uuid.New(), Topic: dimmertest.Name("ghost_"), Payload: []byte("x")}}})
+	require.Len(t, res, 1)
+	require.Error(t, res[0])
+	assert.ErrorIs(t, res[0], kerr.UnknownTopicOrPartition, "%v", res[0])
 }
