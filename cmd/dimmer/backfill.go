@@ -2,8 +2,13 @@ package main
 
 import (
 	"context"
+	"database/sql/driver"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -166,7 +171,7 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 				fmt.Fprintf(b.out, "job %s (%s), definition %s, stored: %v\n", p.Job, p.Migration, p.Fingerprint, p.Stored)
 				fmt.Fprintf(b.out, "would copy ~%d rows up to key %v in %d ranges\n%s\n", p.EstimatedRows, p.UpperBound, len(p.Ranges), p.CopySQL)
 				for _, r := range p.Sample {
-					fmt.Fprintf(b.out, "  sample: %v\n", r)
+					fmt.Fprintf(b.out, "  sample: %s\n", formatRow(r))
 				}
 				return nil
 			}
@@ -452,4 +457,39 @@ func (b *backfillCLI) pauseCmd(pause bool) *cobra.Command {
 		cmd.Flags().StringVar(&reason, "reason", "", "why the job is held (required)")
 	}
 	return cmd
+}
+
+// formatRow shows a row as SQL would: columns in name order, values in
+// their text form (a numeric's digits, a bytea in hex, NULL).
+func formatRow(r backfill.Row) string {
+	var b strings.Builder
+	for i, col := range slices.Sorted(maps.Keys(r)) {
+		if i > 0 {
+			b.WriteString(" ")
+		}
+		b.WriteString(col + "=" + formatValue(r[col]))
+	}
+	return b.String()
+}
+
+func formatValue(v any) string {
+	if dv, ok := v.(driver.Valuer); ok {
+		if x, err := dv.Value(); err == nil {
+			if str, ok := x.(string); ok {
+				return str // a numeric's digits, an interval, ...
+			}
+			v = x
+		}
+	}
+	switch x := v.(type) {
+	case nil:
+		return "NULL"
+	case []byte:
+		return `\x` + hex.EncodeToString(x)
+	case time.Time:
+		return x.Format(time.RFC3339Nano)
+	case string:
+		return strconv.Quote(x)
+	}
+	return fmt.Sprint(v)
 }

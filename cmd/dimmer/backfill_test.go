@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -249,4 +250,13 @@ func TestProgressLineShowsHoldAtOnce(t *testing.T) {
 	assert.Contains(t, lines[1], "held: paused: peak")
 	assert.Contains(t, lines[2], "j: 3/")
 	assert.NotContains(t, lines[2], "held")
+}
+
+// A dry run's sample rows read as SQL values, not as Go structures.
+func TestFormatRow(t *testing.T) {
+	var n pgtype.Numeric
+	require.NoError(t, n.Scan("1.25"))
+	at := time.Date(2026, 12, 5, 10, 0, 0, 500, time.UTC)
+	got := formatRow(backfill.Row{"amount": n, "blob": []byte{0xc4, 0xca}, "note": nil, "id": int64(7), "at": at, "name": "a \"b\""})
+	assert.Equal(t, `amount=1.25 at=2026-12-05T10:00:00.0000005Z blob=\xc4ca id=7 name="a \"b\"" note=NULL`, got)
 }
