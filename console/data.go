@@ -2,7 +2,6 @@ package console
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"html/template"
 	"slices"
@@ -413,20 +412,9 @@ func schemaAttr(attrs map[string]string) string {
 // others: the corrupt ones come back apart, for an alert that names them.
 func (s *Server) migrations(ctx context.Context) ([]flags.State, []*flags.CorruptFlagError, error) {
 	all, err := s.store.Migrations(ctx)
-	if err == nil {
-		return all, nil, nil
-	}
-	var corrupt []*flags.CorruptFlagError
-	errs := []error{err}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		errs = j.Unwrap()
-	}
-	for _, e := range errs {
-		var c *flags.CorruptFlagError
-		if !errors.As(e, &c) {
-			return nil, nil, err
-		}
-		corrupt = append(corrupt, c)
+	corrupt, err := flags.SplitCorrupt(err)
+	if err != nil {
+		return nil, nil, err
 	}
 	return all, corrupt, nil
 }

@@ -68,6 +68,30 @@ func (e *CorruptFlagError) Error() string {
 // Unwrap returns ErrCorruptFlag and the decoding error.
 func (e *CorruptFlagError) Unwrap() []error { return []error{ErrCorruptFlag, e.Err} }
 
+// SplitCorrupt separates the corrupt flags in an error of
+// [Store.Migrations] (which joins one *CorruptFlagError per corrupt flag
+// and still returns the others) from any other error, so a caller can
+// show the good migrations and name the corrupt ones.
+func SplitCorrupt(err error) (corrupt []*CorruptFlagError, rest error) {
+	if err == nil {
+		return nil, nil
+	}
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	var others []error
+	for _, e := range errs {
+		var ce *CorruptFlagError
+		if errors.As(e, &ce) {
+			corrupt = append(corrupt, ce)
+			continue
+		}
+		others = append(others, e)
+	}
+	return corrupt, errors.Join(others...)
+}
+
 // UnknownStageError names the value that is not a stage.
 type UnknownStageError struct{ Value string }
 

@@ -2,6 +2,7 @@ package flags_test
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"testing"
@@ -167,4 +168,21 @@ func TestTopicRoutingTable(t *testing.T) {
 		got := row{s.ProduceAuthoritative(), s.ProduceSecondary(), s.Reads(), s.Compared()}
 		assert.Equal(t, w, got, "stage %s", s)
 	}
+}
+
+// SplitCorrupt picks the corrupt flags out of a store's joined error and
+// keeps the rest as an error of its own.
+func TestSplitCorrupt(t *testing.T) {
+	a := &flags.CorruptFlagError{Migration: "a", Err: errors.New("x")}
+	b := &flags.CorruptFlagError{Migration: "b", Err: errors.New("y")}
+	other := errors.New("connection reset")
+	corrupt, rest := flags.SplitCorrupt(errors.Join(fmt.Errorf("store: %w", a), b))
+	assert.Equal(t, []*flags.CorruptFlagError{a, b}, corrupt)
+	assert.NoError(t, rest)
+	corrupt, rest = flags.SplitCorrupt(errors.Join(a, other))
+	assert.Equal(t, []*flags.CorruptFlagError{a}, corrupt)
+	assert.ErrorIs(t, rest, other)
+	corrupt, rest = flags.SplitCorrupt(nil)
+	assert.Nil(t, corrupt)
+	assert.NoError(t, rest)
 }

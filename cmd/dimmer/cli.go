@@ -484,7 +484,7 @@ func (c *cli) statusCmd() *cobra.Command {
 				return nil
 			}
 			all, err := be.store.Migrations(cmd.Context())
-			corrupt, err := corruptFlags(err)
+			corrupt, err := flags.SplitCorrupt(err)
 			if err != nil {
 				return err
 			}
@@ -528,8 +528,12 @@ func (c *cli) statusCmd() *cobra.Command {
 			}
 			if len(corrupt) > 0 {
 				// Listed, and the exit code says something needs a hand.
+				names := make([]string, len(corrupt))
+				for i, ce := range corrupt {
+					names[i] = ce.Migration
+				}
 				return fmt.Errorf("%d corrupt flag(s): %s: see 'dimmer stage get MIGRATION', then overwrite with 'dimmer stage set MIGRATION STAGE --force --reason ...'",
-					len(corrupt), corrupt[0].Migration)
+					len(corrupt), strings.Join(names, ", "))
 			}
 			return nil
 		}),
@@ -541,28 +545,6 @@ func (c *cli) statusCmd() *cobra.Command {
 type statusRow struct {
 	name    string
 	corrupt *flags.CorruptFlagError
-}
-
-// corruptFlags splits the corrupt flags out of a Migrations error; rest is
-// what else went wrong.
-func corruptFlags(err error) (corrupt []*flags.CorruptFlagError, rest error) {
-	if err == nil {
-		return nil, nil
-	}
-	errs := []error{err}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		errs = j.Unwrap()
-	}
-	var others []error
-	for _, e := range errs {
-		var ce *flags.CorruptFlagError
-		if errors.As(e, &ce) {
-			corrupt = append(corrupt, ce)
-			continue
-		}
-		others = append(others, e)
-	}
-	return corrupt, errors.Join(others...)
 }
 
 func failing(checks []flags.CheckResult) int {
