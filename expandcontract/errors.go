@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/dimmer-dev/dimmer/flags"
 )
 
@@ -97,8 +99,26 @@ type StepError struct {
 }
 
 func (e *StepError) Error() string {
-	return fmt.Sprintf("plan %s: %s step %s failed after %d attempt(s) in %v: %v (run %s again to resume at this step)",
-		e.Plan, e.Phase, e.Step, e.Attempts, e.Elapsed.Round(time.Millisecond), e.Err, e.Phase)
+	return fmt.Sprintf("plan %s: %s step %s failed after %d attempt(s) in %v: %v%s (run %s again to resume at this step)",
+		e.Plan, e.Phase, e.Step, e.Attempts, e.Elapsed.Round(time.Millisecond), e.Err, serverDetail(e.Err), e.Phase)
+}
+
+// serverDetail is the server's DETAIL and HINT of a failed statement, which
+// PgError's own message leaves out: for a unique index that cannot be
+// built, the duplicated key.
+func serverDetail(err error) string {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return ""
+	}
+	var b strings.Builder
+	if pgErr.Detail != "" {
+		b.WriteString("; DETAIL: " + pgErr.Detail)
+	}
+	if pgErr.Hint != "" {
+		b.WriteString("; HINT: " + pgErr.Hint)
+	}
+	return b.String()
 }
 
 func (e *StepError) Unwrap() error { return e.Err }

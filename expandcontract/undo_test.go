@@ -41,6 +41,7 @@ func TestRollbackOfAnExpandThatCannotSucceed(t *testing.T) {
 		require.ErrorAs(t, err, &se)
 		assert.Equal(t, "unique-email", se.Step)
 		assert.ErrorContains(t, err, "could not create unique index")
+		assert.Regexp(t, `DETAIL: Key \(email\)=\(m\d+@example\.com\) is duplicated`, err.Error(), "the server says which key")
 		exists, valid := indexValid(t, e.pool, "idx_émail")
 		require.True(t, exists)
 		require.False(t, valid, "the failed build leaves an invalid index")
