@@ -95,7 +95,7 @@ func exitCode(err error) int {
 	case errors.As(err, &ue), errors.Is(err, flags.ErrInvalidRequest),
 		errors.Is(err, backfill.ErrInvalidJob), errors.Is(err, backfill.ErrUnknownJob):
 		return exitUsage
-	case errors.As(err, &refused), errors.Is(err, backfill.ErrStageNotReady):
+	case errors.As(err, &refused), errors.As(err, new(refusedErr)), errors.Is(err, backfill.ErrStageNotReady):
 		return exitRefused
 	case errors.Is(err, flags.ErrConflict):
 		return exitConflict

@@ -133,7 +133,7 @@ func schemaErr(plan, action string, err error) error {
 	case errors.Is(err, expandcontract.ErrUnknownPlan), errors.Is(err, expandcontract.ErrInvalidName):
 		return usageError{err}
 	case errors.Is(err, expandcontract.ErrWrongStage):
-		return &flags.RefusedError{Migration: plan, From: "-", To: action, Failed: []flags.CheckResult{{Name: "stage", Detail: err.Error()}}}
+		return refusedErr{err} // the package's message names both stages
 	case errors.Is(err, expandcontract.ErrBusy):
 		return fmt.Errorf("%w: %w", flags.ErrConflict, err)
 	}
@@ -423,3 +423,9 @@ func (c *cli) schemaAuditCmd(o *schemaOpts) *cobra.Command {
 	cmd.Flags().IntVar(&limit, "limit", 0, "newest N entries (0: all)")
 	return cmd
 }
+
+// refusedErr is a step refused by the rules (exit 3) that carries its own
+// message rather than a list of checks.
+type refusedErr struct{ error }
+
+func (e refusedErr) Unwrap() error { return e.error }

@@ -92,6 +92,7 @@ WHERE table_schema = $1 AND table_name = 'widgets'`, schema).Scan(&cols))
 	r = dimmer(t, store, "schema", "rollback", "widgets-color", "--force", "--reason", "regret")
 	assert.Equal(t, exitRefused, r.code)
 	assert.Contains(t, r.stderr, "rollback is refused after contract")
+	assert.NotContains(t, r.stderr, "transition -", "the refusal names the stages, not a placeholder")
 
 	r = dimmer(t, store, "schema", "audit", "widgets-color")
 	require.Equal(t, exitOK, r.code, r.stderr)
