@@ -52,7 +52,8 @@ type JobStatus struct {
 	LastVerification   *Verification
 }
 
-// LeaseStatus is a range currently held by a worker.
+// LeaseStatus is a range currently held by a live worker (see
+// [Backfiller.Status]).
 type LeaseStatus struct {
 	Range    int
 	Owner    string
@@ -116,8 +117,17 @@ FROM `+b.t.jobs+` j LEFT JOIN `+b.t.ranges+` r ON r.job = j.name WHERE j.name = 
 	if !s.Done && s.RowsPerSecond > 0 && s.EstimatedRows > s.RowsDone {
 		s.ETA = time.Duration(float64(s.EstimatedRows-s.RowsDone) / s.RowsPerSecond * float64(time.Second))
 	}
-	rows, err := b.pool.Query(ctx, `SELECT id, owner, lease_until, rows_done, cursor FROM `+b.t.ranges+`
-WHERE job = $1 AND owner IS NOT NULL AND lease_until > clock_timestamp() AND NOT done ORDER BY id`, job)
+	// A lease whose holder's session is gone (killed, crashed) is free to
+	// be retaken at once, so it is not shown as held; one renewed by a
+	// chunk in the last seconds is, in case its holder lost its session
+	// but not its work.
+	rows, err := b.pool.Query(ctx, `SELECT r.id, r.owner, r.lease_until, r.rows_done, r.cursor FROM `+b.t.ranges+` r
+WHERE r.job = $1 AND r.owner IS NOT NULL AND r.lease_until > clock_timestamp() AND NOT r.done
+AND (r.updated_at > clock_timestamp() - interval '5 seconds' OR EXISTS (SELECT FROM pg_locks k
+	WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
+	AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+	AND ((k.classid::int8 << 32) | k.objid::int8) = hashtextextended($2 || r.id, 0)))
+ORDER BY r.id`, job, lockPrefix(b.schema, job))
 	if err != nil {
 		return s, fmt.Errorf("backfill: status of %s: %w", job, err)
 	}

@@ -190,3 +190,35 @@ func TestInPlaceChunkShareOfTable(t *testing.T) {
 	assert.Zero(t, count(t, e.pool, `SELECT count(*) FROM old_orders WHERE cents IS DISTINCT FROM (amount * 100)::bigint`))
 	assert.GreaterOrEqual(t, res.Chunks, int64(100000/500), "an in-place chunk took more than 0.5% of the table")
 }
+
+// Status shows a lease as held only while its holder lives: a lease row
+// whose holder's session is gone (killed) and that no chunk renewed lately
+// is free to be retaken, and is not reported as a running worker.
+func TestStatusLeasesOfLiveHoldersOnly(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 100)`)
+	j := ordersJob("leases")
+	ctx, cancel := context.WithCancel(tctx(t))
+	j.Config.Progress = func(backfill.Progress) { cancel() }
+	_, err := e.bf.Run(ctx, j)
+	require.ErrorIs(t, err, context.Canceled)
+	// A holder that died an hour into its lease, its last chunk a minute ago.
+	exec(t, e.pool, `UPDATE `+e.schema+`.backfill_ranges SET owner = 'ghost', lease_until = now() + interval '1 hour',
+	updated_at = now() - interval '1 minute' WHERE job = 'leases' AND id = 0 AND NOT done`)
+	st, err := e.bf.Status(tctx(t), "leases")
+	require.NoError(t, err)
+	assert.Empty(t, st.Leases, "a dead holder's lease is not shown as held")
+
+	// The same lease while its holder's session holds the range's lock.
+	conn, err := e.pool.Acquire(tctx(t))
+	require.NoError(t, err)
+	defer conn.Release()
+	_, err = conn.Exec(tctx(t), `SELECT pg_advisory_lock(hashtextextended($1, 0))`, "dimmer.backfill.range/"+e.schema+"/leases/0")
+	require.NoError(t, err)
+	defer conn.Exec(context.Background(), `SELECT pg_advisory_unlock_all()`)
+	st, err = e.bf.Status(tctx(t), "leases")
+	require.NoError(t, err)
+	require.Len(t, st.Leases, 1)
+	assert.Equal(t, "ghost", st.Leases[0].Owner)
+}

@@ -37,7 +37,12 @@ func newSession(b *Backfiller, job string) *session {
 }
 
 func (s *session) lockKey(id int) string {
-	return "dimmer.backfill.range/" + s.b.schema + "/" + s.job + "/" + strconv.Itoa(id)
+	return lockPrefix(s.b.schema, s.job) + strconv.Itoa(id)
+}
+
+// lockPrefix starts the lock keys of a job's ranges; the range id ends them.
+func lockPrefix(schema, job string) string {
+	return "dimmer.backfill.range/" + schema + "/" + job + "/"
 }
 
 // connLocked returns the session's connection, opening it (again) when
