@@ -142,7 +142,12 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 			}
 			given := backfill.Job{Name: args[0], Migration: migration, Spec: spec}
 			if defined {
-				given.Spec.Source, given.Spec.Target = parseTable(source), parseTable(target)
+				if given.Spec.Source, err = parseTable("--source", source); err != nil {
+					return err
+				}
+				if given.Spec.Target, err = parseTable("--target", target); err != nil {
+					return err
+				}
 				given.Spec.Key = strings.Split(key, ",")
 			}
 			j, err := bf.StoredJob(ctx, args[0])
@@ -230,11 +235,48 @@ func definitionDiff(stored, given backfill.Job) string {
 	return strings.Join(d, "; ")
 }
 
-func parseTable(s string) backfill.Table {
-	if schema, name, ok := strings.Cut(s, "."); ok {
-		return backfill.Table{Schema: schema, Name: name}
+// parseTable reads [schema.]table as SQL writes it: a part in double quotes
+// is taken as quoted ("" for a quote, a dot inside it kept), a part without
+// them as given.
+func parseTable(flag, s string) (backfill.Table, error) {
+	var parts []string
+	var cur strings.Builder
+	quoted, inQuotes := false, false
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case inQuotes && c == '"' && i+1 < len(s) && s[i+1] == '"':
+			cur.WriteByte('"')
+			i++
+		case c == '"' && (inQuotes || cur.Len() == 0 && !quoted):
+			inQuotes = !inQuotes
+			quoted = true
+		case !inQuotes && c == '.':
+			parts = append(parts, cur.String())
+			cur.Reset()
+			quoted = false
+		case !inQuotes && quoted:
+			return backfill.Table{}, usagef("%s %q: text after a quoted name", flag, s)
+		default:
+			cur.WriteByte(c)
+		}
 	}
-	return backfill.Table{Name: s}
+	if inQuotes {
+		return backfill.Table{}, usagef("%s %q: a quote is not closed", flag, s)
+	}
+	parts = append(parts, cur.String())
+	for _, p := range parts {
+		if p == "" {
+			return backfill.Table{}, usagef("%s %q: want table or schema.table", flag, s)
+		}
+	}
+	switch len(parts) {
+	case 1:
+		return backfill.Table{Name: parts[0]}, nil
+	case 2:
+		return backfill.Table{Schema: parts[0], Name: parts[1]}, nil
+	}
+	return backfill.Table{}, usagef("%s %q: want table or schema.table", flag, s)
 }
 
 // progressLine prints at most one progress line a second.

@@ -260,3 +260,21 @@ func TestFormatRow(t *testing.T) {
 	got := formatRow(backfill.Row{"amount": n, "blob": []byte{0xc4, 0xca}, "note": nil, "id": int64(7), "at": at, "name": "a \"b\""})
 	assert.Equal(t, `amount=1.25 at=2026-12-05T10:00:00.0000005Z blob=\xc4ca id=7 name="a \"b\"" note=NULL`, got)
 }
+
+// Table names are read as SQL writes them.
+func TestParseTable(t *testing.T) {
+	for in, want := range map[string]backfill.Table{
+		"orders":             {Name: "orders"},
+		"app.orders":         {Schema: "app", Name: "orders"},
+		`app."Orders"`:       {Schema: "app", Name: "Orders"},
+		`"my.schema"."a""b"`: {Schema: "my.schema", Name: `a"b`},
+	} {
+		got, err := parseTable("--source", in)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, got, in)
+	}
+	for _, in := range []string{"", "a.", ".b", "a.b.c", `"open`, `"a"b`} {
+		_, err := parseTable("--source", in)
+		assert.Error(t, err, in)
+	}
+}
