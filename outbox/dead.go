@@ -74,6 +74,19 @@ WHERE id = $1 AND dead_at IS NOT NULL`, id)
 	return nil
 }
 
+// RetryAllDead makes every dead letter pending again with a fresh attempt
+// budget, optionally only of one topic ("" for all), and returns how many:
+// after an outage of the broker that outlasted MaxAttempts, every key it
+// held flows again, each in its own order.
+func (o *Outbox) RetryAllDead(ctx context.Context, db Execer, topic string) (int64, error) {
+	tag, err := db.Exec(ctx, `UPDATE `+o.table+` SET dead_at = NULL, attempts = 0, next_attempt_at = NULL
+WHERE dead_at IS NOT NULL AND ($1 = '' OR topic = $1)`, topic)
+	if err != nil {
+		return 0, fmt.Errorf("outbox: retry dead letters: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
 // SkipDead deletes a dead letter without publishing it and returns it (for
 // the operator's record); the messages it held back then flow.
 func (o *Outbox) SkipDead(ctx context.Context, db Querier, id uuid.UUID) (Record, error) {

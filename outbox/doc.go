@@ -109,8 +109,8 @@
 // all with several relays on one table. A failed publish is retried with exponential backoff
 // and jitter (BackoffMin..BackoffMax); after MaxAttempts it becomes a dead
 // letter that holds back only its own key until [Outbox.RetryDead] or
-// [Outbox.SkipDead] ([Outbox.DeadLetters]
-// lists them). Relays wake on LISTEN/NOTIFY (Enqueue notifies) and poll
+// [Outbox.SkipDead] ([Outbox.DeadLetters] lists them; after a broker
+// outage longer than the attempts, [Outbox.RetryAllDead] retries them all). Relays wake on LISTEN/NOTIFY (Enqueue notifies) and poll
 // every PollInterval as a fallback.
 //
 // Several relays share the work, but on one database their drain rate does

@@ -341,10 +341,26 @@ func parseIDs(args []string) ([]uuid.UUID, error) {
 }
 
 func (c *cli) outboxDeadRetryCmd(o *outboxOpts) *cobra.Command {
-	return &cobra.Command{
-		Use:   "retry ID...",
+	var all bool
+	var topic string
+	cmd := &cobra.Command{
+		Use:   "retry ID... | --all [--topic T]",
 		Short: "Make dead letters pending again with a fresh attempt budget (then their key flows again)",
-		Args:  minArgs(1, "ID..."),
+		Long: `Make the dead letters named by ID pending again, or with --all every dead
+letter (of --topic only, if given): after a broker outage that outlasted
+the relay's attempts, --all lets every held key flow again, each in its
+order.`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			switch {
+			case all && len(args) > 0:
+				return usagef("give IDs or --all, not both")
+			case !all && len(args) == 0:
+				return usagef("expected ID... or --all")
+			case topic != "" && !all:
+				return usagef("--topic goes with --all")
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ids, err := parseIDs(args)
 			if err != nil {
@@ -355,6 +371,14 @@ func (c *cli) outboxDeadRetryCmd(o *outboxOpts) *cobra.Command {
 				return err
 			}
 			defer pool.Close()
+			if all {
+				n, err := ob.RetryAllDead(cmd.Context(), pool, topic)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(c.out, "%d dead letter(s) pending again\n", n)
+				return nil
+			}
 			var failed []error
 			for _, id := range ids {
 				if err := ob.RetryDead(cmd.Context(), pool, id); err != nil {
@@ -366,6 +390,9 @@ func (c *cli) outboxDeadRetryCmd(o *outboxOpts) *cobra.Command {
 			return errors.Join(failed...)
 		},
 	}
+	cmd.Flags().BoolVar(&all, "all", false, "every dead letter (of --topic, if given)")
+	cmd.Flags().StringVar(&topic, "topic", "", "with --all, only this topic's dead letters")
+	return cmd
 }
 
 // skipped is what dead skip prints of each message it drops, so the

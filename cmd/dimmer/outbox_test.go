@@ -121,16 +121,18 @@ func TestOutboxRelayCommandUsage(t *testing.T) {
 	t.Parallel()
 	_, _, db := installOutbox(t, 4)
 	for name, args := range map[string][]string{
-		"unknown publisher":   append([]string{"outbox", "relay", "--publisher", "nats"}, db...),
-		"kafka, no brokers":   append([]string{"outbox", "relay", "--brokers", ""}, db...),
-		"redis, no URL":       append([]string{"outbox", "relay", "--publisher", "redis", "--redis", ""}, db...),
-		"bad relay config":    append([]string{"outbox", "relay", "--publisher", "redis", "--redis", dimmertest.RedisURL(), "--batch-size", "-1"}, db...),
-		"no database":         {"outbox", "status"},
-		"not installed":       {"outbox", "status", "--db", dimmertest.PostgresURL(), "--schema", dimmertest.Name("nothing_here_")},
-		"argument to relay":   append([]string{"outbox", "relay", "extra"}, db...),
-		"bad drain timeout":   append([]string{"outbox", "relay", "--drain-timeout", "0s"}, db...),
-		"not a message ID":    append([]string{"outbox", "dead", "retry", "not-a-uuid"}, db...),
-		"retry without an ID": append([]string{"outbox", "dead", "retry"}, db...),
+		"unknown publisher":     append([]string{"outbox", "relay", "--publisher", "nats"}, db...),
+		"kafka, no brokers":     append([]string{"outbox", "relay", "--brokers", ""}, db...),
+		"redis, no URL":         append([]string{"outbox", "relay", "--publisher", "redis", "--redis", ""}, db...),
+		"bad relay config":      append([]string{"outbox", "relay", "--publisher", "redis", "--redis", dimmertest.RedisURL(), "--batch-size", "-1"}, db...),
+		"no database":           {"outbox", "status"},
+		"not installed":         {"outbox", "status", "--db", dimmertest.PostgresURL(), "--schema", dimmertest.Name("nothing_here_")},
+		"argument to relay":     append([]string{"outbox", "relay", "extra"}, db...),
+		"bad drain timeout":     append([]string{"outbox", "relay", "--drain-timeout", "0s"}, db...),
+		"not a message ID":      append([]string{"outbox", "dead", "retry", "not-a-uuid"}, db...),
+		"retry without an ID":   append([]string{"outbox", "dead", "retry"}, db...),
+		"retry IDs and --all":   append([]string{"outbox", "dead", "retry", "--all", "0190f0a8-0000-7000-8000-000000000000"}, db...),
+		"--topic without --all": append([]string{"outbox", "dead", "retry", "--topic", "t", "0190f0a8-0000-7000-8000-000000000000"}, db...),
 	} {
 		t.Run(name, func(t *testing.T) {
 			r := dimmer(t, nil, args...)
@@ -213,4 +215,17 @@ func TestOutboxDeadCommands(t *testing.T) {
 	r = dimmer(t, nil, append([]string{"outbox", "dead", "list", "--topic", "other"}, db...)...)
 	require.Equal(t, exitOK, r.code, r.stderr)
 	assert.Equal(t, "no dead letters\n", r.stdout)
+
+	// After an outage every key's head is dead: --all brings them back.
+	_, err = pool.Exec(ctx, `UPDATE `+ob.Config().Schema+`.`+ob.Config().Table+` SET dead_at = now(), attempts = 10 WHERE id = $1`, first)
+	require.NoError(t, err)
+	r = dimmer(t, nil, append([]string{"outbox", "dead", "retry", "--all", "--topic", "other"}, db...)...)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "0 dead letter(s) pending again\n", r.stdout)
+	r = dimmer(t, nil, append([]string{"outbox", "dead", "retry", "--all"}, db...)...)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Equal(t, "1 dead letter(s) pending again\n", r.stdout)
+	d, err = ob.DeadLetters(ctx, pool, "", 10)
+	require.NoError(t, err)
+	assert.Empty(t, d)
 }
