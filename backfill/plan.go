@@ -7,6 +7,8 @@ import (
 	"slices"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/dimmer-dev/dimmer/flags"
 )
 
 // keyspace is the job's fixed work: the upper bound taken at start and the
@@ -122,6 +124,12 @@ type Plan struct {
 	// Sample holds up to 5 rows as they would reach the sink (after Exprs
 	// and Transform).
 	Sample []Row
+	// RowsDone counts the rows a stored job of this definition has copied
+	// already: a run resumes after them.
+	RowsDone int64
+	// Refused says why a run would be refused now (the migration's stage),
+	// empty when it would start.
+	Refused string
 }
 
 // KeyRange is a range of keys: Lo exclusive (nil: from the start), Hi inclusive.
@@ -147,6 +155,18 @@ func (b *Backfiller) DryRun(ctx context.Context, j Job) (Plan, error) {
 		p.Stored, p.StoredMatches = true, stored == r.fp
 	case !errors.Is(err, pgx.ErrNoRows):
 		return p, fmt.Errorf("backfill: dry run: %w", err)
+	}
+	if p.StoredMatches {
+		if err := b.pool.QueryRow(ctx, `SELECT coalesce(sum(rows_done), 0)::int8 FROM `+b.t.ranges+` WHERE job = $1`, j.Name).Scan(&p.RowsDone); err != nil {
+			return p, fmt.Errorf("backfill: dry run: %w", err)
+		}
+	}
+	st, err := b.stageOf(ctx, j.Migration)
+	if err != nil {
+		return p, err
+	}
+	if (st.Stage == flags.Off && !cfg.AllowStageOff) || st.Stage == flags.Complete {
+		p.Refused = fmt.Sprintf("%s is %s; a run needs %s or later (before complete)", j.Migration, st.Stage, flags.DualWrite)
 	}
 	p.Ranges = rangesOf(ks)
 	switch {

@@ -174,7 +174,14 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 					return err
 				}
 				fmt.Fprintf(b.out, "job %s (%s), definition %s, stored: %v\n", p.Job, p.Migration, p.Fingerprint, p.Stored)
-				fmt.Fprintf(b.out, "would copy ~%d rows up to key %v in %d ranges\n%s\n", p.EstimatedRows, p.UpperBound, len(p.Ranges), p.CopySQL)
+				resumes := ""
+				if p.RowsDone > 0 {
+					resumes = fmt.Sprintf(", %d of them copied already (a run resumes after them)", p.RowsDone)
+				}
+				fmt.Fprintf(b.out, "would copy ~%d rows up to key %v in %d ranges%s\n%s\n", p.EstimatedRows, p.UpperBound, len(p.Ranges), resumes, p.CopySQL)
+				if p.Refused != "" {
+					fmt.Fprintf(b.out, "a run would be refused now: %s\n", p.Refused)
+				}
 				for _, r := range p.Sample {
 					fmt.Fprintf(b.out, "  sample: %s\n", formatRow(r))
 				}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -45,6 +46,9 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	r = dimmer(t, store, append([]string{"run", "copy"}, def...)...)
 	assert.Equal(t, exitRefused, r.code, "the migration is off")
 	assert.Contains(t, r.stderr, "orders is off; run the backfill in dualwrite")
+	r = dimmer(t, store, append([]string{"run", "copy", "--dry-run"}, def...)...)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "a run would be refused now: orders is off")
 	ctl, err := flags.NewController(pg)
 	require.NoError(t, err)
 	_, err = ctl.Set(ctx, flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "t", Reason: "go"})
@@ -220,6 +224,10 @@ INSERT INTO old_orders (id) SELECT generate_series(1, 2000)`)
 	assert.Equal(t, exitError, code)
 	assert.Regexp(t, `slow: interrupted at \d+ of ~2000 rows; run the same command again to resume from its checkpoints`, errOut.String())
 	errOut.Reset()
+	require.Equal(t, exitOK, run(ctx, append(slices.Clone(args), "--dry-run"), &out, &errOut), errOut.String())
+	assert.Regexp(t, `would copy ~2000 rows up to key \[2000\] in 1 ranges, \d+ of them copied already \(a run resumes after them\)`, out.String())
+	assert.NotContains(t, out.String(), "refused")
+	out.Reset()
 	require.Equal(t, exitOK, run(ctx, append(args[:len(args)-2], "--rows-per-second", "0"), &out, &errOut), errOut.String())
 	assert.Contains(t, out.String(), "slow: done")
 }
