@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -20,14 +21,21 @@ import (
 	"github.com/dimmer-dev/dimmer/flags/pgflags"
 )
 
-func TestCLIBackfill(t *testing.T) {
-	t.Parallel()
-	ctx := context.Background()
+// flagStore gives a test a schema of its own holding a Postgres flag store.
+func flagStore(t *testing.T) (*pgxpool.Pool, string, *pgflags.Store) {
+	t.Helper()
 	pool, schema := dimmertest.Schema(t)
 	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
 	require.NoError(t, err)
-	require.NoError(t, pg.Install(ctx))
-	_, err = pool.Exec(ctx, `CREATE TABLE old_orders (id bigint PRIMARY KEY, amount numeric, version bigint NOT NULL DEFAULT 1);
+	require.NoError(t, pg.Install(context.Background()))
+	return pool, schema, pg
+}
+
+func TestCLIBackfill(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, schema, pg := flagStore(t)
+	_, err := pool.Exec(ctx, `CREATE TABLE old_orders (id bigint PRIMARY KEY, amount numeric, version bigint NOT NULL DEFAULT 1);
 CREATE TABLE new_orders (LIKE old_orders INCLUDING ALL);
 INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g`)
 	require.NoError(t, err)
@@ -131,10 +139,7 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 func TestCLIBackfillResumesAsStarted(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, schema := dimmertest.Schema(t)
-	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
-	require.NoError(t, err)
-	require.NoError(t, pg.Install(ctx))
+	pool, schema, pg := flagStore(t)
 	ctl, err := flags.NewController(pg)
 	require.NoError(t, err)
 	_, err = ctl.Set(ctx, flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "t", Reason: "go"})
@@ -204,12 +209,9 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(1, 2000) g`
 func TestCLIBackfillInterrupted(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, schema := dimmertest.Schema(t)
-	pg, err := pgflags.NewStore(pool, pgflags.WithSchema(schema))
-	require.NoError(t, err)
-	require.NoError(t, pg.Install(ctx))
+	pool, schema, pg := flagStore(t)
 	flagstest.Set(t, pg, "orders", flags.DualWrite, nil)
-	_, err = pool.Exec(ctx, `CREATE TABLE old_orders (id bigint PRIMARY KEY, version bigint NOT NULL DEFAULT 1);
+	_, err := pool.Exec(ctx, `CREATE TABLE old_orders (id bigint PRIMARY KEY, version bigint NOT NULL DEFAULT 1);
 CREATE TABLE new_orders (LIKE old_orders INCLUDING ALL);
 INSERT INTO old_orders (id) SELECT generate_series(1, 2000)`)
 	require.NoError(t, err)
