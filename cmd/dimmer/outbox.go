@@ -64,6 +64,9 @@ func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *ou
 	if url == "" {
 		return nil, nil, usagef("no database: pass --db postgres://... (or a postgres --store), or set DIMMER_OUTBOX_DB")
 	}
+	if strings.TrimSpace(o.table) == "" {
+		return nil, nil, usagef("--table is empty: name the outbox table (default %s)", outbox.DefaultTable)
+	}
 	if o.buckets < 0 || o.buckets > outbox.MaxBuckets {
 		return nil, nil, usagef("--buckets %d: must be 1..%d", o.buckets, outbox.MaxBuckets)
 	}

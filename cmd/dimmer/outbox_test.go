@@ -131,6 +131,7 @@ func TestOutboxRelayCommandUsage(t *testing.T) {
 		"bad drain timeout":     append([]string{"outbox", "relay", "--drain-timeout", "0s"}, db...),
 		"not a message ID":      append([]string{"outbox", "dead", "retry", "not-a-uuid"}, db...),
 		"retry without an ID":   append([]string{"outbox", "dead", "retry"}, db...),
+		"empty table":           append([]string{"outbox", "status", "--table", ""}, db...),
 		"retry IDs and --all":   append([]string{"outbox", "dead", "retry", "--all", "0190f0a8-0000-7000-8000-000000000000"}, db...),
 		"--topic without --all": append([]string{"outbox", "dead", "retry", "--topic", "t", "0190f0a8-0000-7000-8000-000000000000"}, db...),
 	} {
