@@ -168,3 +168,41 @@ func twoClustersWithTopic(t *testing.T, prefix string) (oldC, newC *kfake.Cluste
 	topic(t, newC.ListenAddrs(), name, 2)
 	return oldC, newC, name
 }
+
+// A stop while the cluster copied to has stopped answering (a round's
+// produce in flight) and the group's coordinator too (leaving the group)
+// takes about StopTimeout, not the round's and the leave's own timeouts:
+// it must fit in a termination grace period.
+func TestMirrorStopIsBoundedWhenClustersGoMute(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	oldC, newC, name := twoClustersWithTopic(t, "mutestop")
+	holdRequests(t, oldC, kmsg.LeaveGroup)
+	held := holdRequests(t, newC, kmsg.Produce)
+	m, err := streams.NewMirror(streams.MirrorConfig{Topic: name, StopTimeout: time.Second,
+		Old: []kgo.Opt{kgo.SeedBrokers(oldC.ListenAddrs()...)}, New: []kgo.Opt{kgo.SeedBrokers(newC.ListenAddrs()...)}})
+	require.NoError(t, err)
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(rctx) }()
+
+	prod, err := kgo.NewClient(kgo.SeedBrokers(oldC.ListenAddrs()...), kgo.DefaultProduceTopic(name))
+	require.NoError(t, err)
+	defer prod.Close()
+	require.NoError(t, prod.ProduceSync(ctx, &kgo.Record{Value: []byte("x")}).FirstErr())
+	select {
+	case <-held:
+	case <-ctx.Done():
+		t.Fatal("the mirror never produced to the new cluster")
+	}
+	start := time.Now()
+	stop()
+	select {
+	case err := <-done:
+		assert.NoError(t, err, "a stop is not a failure")
+	case <-ctx.Done():
+		t.Fatal("the mirror did not stop")
+	}
+	assert.Less(t, time.Since(start), 5*time.Second, "two StopTimeouts of 1s, and slack")
+}

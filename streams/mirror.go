@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -34,6 +35,13 @@ type MirrorConfig struct {
 	Group string
 	// MaxBatch bounds the records copied per round. Default 10000.
 	MaxBatch int
+	// StopTimeout bounds a stop: once Run's context ends, the round in
+	// flight has this long to be produced and committed (then a restart
+	// sends it again), and leaving the group as long again (then the
+	// group's session times out instead). Default 10s, so a stop fits in
+	// a 30s termination grace period even when a cluster stopped
+	// answering.
+	StopTimeout time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 }
@@ -50,6 +58,9 @@ func (c *MirrorConfig) withDefaults() {
 	}
 	if c.MaxBatch == 0 {
 		c.MaxBatch = 10000
+	}
+	if c.StopTimeout == 0 {
+		c.StopTimeout = 10 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -69,6 +80,8 @@ func (c MirrorConfig) Validate() error {
 		return fmt.Errorf("streams: MirrorConfig.From must be old or new, got %d", c.From)
 	case c.MaxBatch < 1:
 		return fmt.Errorf("streams: MirrorConfig.MaxBatch must be positive, got %d", c.MaxBatch)
+	case c.StopTimeout < 0:
+		return fmt.Errorf("streams: MirrorConfig.StopTimeout must not be negative, got %v", c.StopTimeout)
 	}
 	return nil
 }
@@ -160,7 +173,15 @@ func (m *Mirror) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("streams: mirror source client: %w", err)
 	}
-	defer src.Close()
+	defer func() {
+		// Leaving the group within StopTimeout: a coordinator that does
+		// not answer would otherwise hold Close for its retries.
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.StopTimeout)
+		defer cancel()
+		src.AllowRebalance()
+		_ = src.LeaveGroupContext(lctx)
+		src.Close()
+	}()
 	dst, err := kgo.NewClient(append(append([]kgo.Opt(nil), dstOpts...),
 		kgo.RecordPartitioner(kgo.ManualPartitioner()),
 		kgo.RequiredAcks(kgo.AllISRAcks()),
@@ -169,6 +190,10 @@ func (m *Mirror) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("streams: mirror target client: %w", err)
 	}
+	// A produce abandoned at a stop ends when dst closes (first, as defers
+	// run), and is waited for after.
+	var inFlight sync.WaitGroup
+	defer inFlight.Wait()
 	defer dst.Close()
 
 	for {
@@ -198,10 +223,17 @@ func (m *Mirror) Run(ctx context.Context) error {
 		// A stop (ctx) lets the round in flight finish: produced and
 		// committed, so a graceful stop re-sends nothing.
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		err := m.produce(rctx, dst, copies)
+		// ... but not past StopTimeout after the stop.
+		stopRound := context.AfterFunc(ctx, func() { time.AfterFunc(m.cfg.StopTimeout, cancel) })
+		err := m.produceWithin(rctx, &inFlight, dst, copies)
 		if err != nil {
+			stopRound()
 			cancel()
 			src.AllowRebalance()
+			if ctx.Err() != nil {
+				m.cfg.Logger.Warn("streams: mirror stopped with a round unfinished; a restart copies it again", "topic", m.cfg.Topic, "err", err)
+				return nil
+			}
 			return err
 		}
 		md := map[int32]string{}
@@ -209,14 +241,33 @@ func (m *Mirror) Run(ctx context.Context) error {
 			md[c.Partition] = mirrorMetaPrefix + strconv.FormatInt(c.Offset+1, 10)
 		}
 		err = commitWithMetadata(rctx, src, md)
+		stopRound()
 		cancel()
 		if err != nil {
 			src.AllowRebalance()
+			if ctx.Err() != nil {
+				m.cfg.Logger.Warn("streams: mirror stopped with a round uncommitted; a restart copies it again", "topic", m.cfg.Topic, "err", err)
+				return nil
+			}
 			return fmt.Errorf("streams: mirror commit: %w", err)
 		}
 		m.copied.Add(int64(len(copies)))
 		m.rounds.Add(1)
 		src.AllowRebalance()
+	}
+}
+
+// produceWithin produces copies, giving up waiting when ctx ends: a
+// request in flight to a broker that stopped answering is not cut by its
+// context, only by the client's close.
+func (m *Mirror) produceWithin(ctx context.Context, inFlight *sync.WaitGroup, dst *kgo.Client, copies []*kgo.Record) error {
+	done := make(chan error, 1)
+	inFlight.Go(func() { done <- m.produce(ctx, dst, copies) })
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("streams: mirror produce to the target cluster: %w", ctx.Err())
 	}
 }
 
