@@ -27,12 +27,21 @@ type keyspace struct {
 func planKeyspace(ctx context.Context, q querier, sh *shape, c Config) (keyspace, error) {
 	var ks keyspace
 	src := sh.spec.Source.sql()
-	err := q.QueryRow(ctx, `SELECT `+sh.cursor+` FROM `+src+` ORDER BY `+sh.keyDesc+` LIMIT 1`).Scan(&ks.upper)
+	// NULLs sort first descending: a key column holding one shows here.
+	var upper []*string
+	err := q.QueryRow(ctx, `SELECT `+sh.cursor+` FROM `+src+` ORDER BY `+sh.keyDesc+` LIMIT 1`).Scan(&upper)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return keyspace{}, nil
 	}
 	if err != nil {
 		return ks, fmt.Errorf("backfill: upper bound of %s: %w", sh.spec.Source, err)
+	}
+	for i, v := range upper {
+		if v == nil {
+			return ks, fieldErr("Spec.Key", "column %q of %s holds NULL: a row is copied, resumed and verified by its key, "+
+				"which NULL does not identify; key by columns that are never NULL (a primary key)", sh.spec.Key[i], sh.spec.Source)
+		}
+		ks.upper = append(ks.upper, *v)
 	}
 	var reltuples float64
 	var relpages, pages int64

@@ -128,6 +128,14 @@ CREATE TABLE fine (id bigint, n int, version bigint, UNIQUE (id) INCLUDE (n))`)
 	_, err = e.bf.Run(tctx(t), j)
 	require.NoError(t, err, "generated columns left out are computed by the target")
 
+	exec(t, e.pool, `CREATE TABLE nullable_src (id bigint, n int, version bigint NOT NULL DEFAULT 1);
+INSERT INTO nullable_src (id, n) VALUES (1, 1), (NULL, 2)`)
+	j = job("fine")
+	j.Spec.Source = backfill.Table{Name: "nullable_src"}
+	_, err = e.bf.Run(tctx(t), j)
+	require.ErrorIs(t, err, backfill.ErrInvalidJob)
+	assert.ErrorContains(t, err, `invalid Spec.Key: column "id" of nullable_src holds NULL`)
+
 	j = job("fine")
 	j.Spec.VersionColumn = "vers"
 	_, err = e.bf.Run(tctx(t), j)
