@@ -90,3 +90,19 @@ func ordersJob(name string) backfill.Job {
 		Config: backfill.Config{InitialChunk: 50, MinChunk: 10, MaxChunk: 200, PollInterval: 50 * time.Millisecond},
 	}
 }
+
+// stopAfterFirstChunk runs j until its first chunk is copied and stops it
+// there, as an interrupted run leaves a job: stored, partly copied, its
+// ranges released.
+func (e *env) stopAfterFirstChunk(t *testing.T, j backfill.Job) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(tctx(t))
+	defer cancel()
+	j.Config.Progress = func(p backfill.Progress) {
+		if p.RowsDone > 0 {
+			cancel()
+		}
+	}
+	_, err := e.bf.Run(ctx, j)
+	require.ErrorIs(t, err, context.Canceled)
+}

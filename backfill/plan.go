@@ -7,8 +7,6 @@ import (
 	"slices"
 
 	"github.com/jackc/pgx/v5"
-
-	"github.com/dimmer-dev/dimmer/flags"
 )
 
 // keyspace is the job's fixed work: the upper bound taken at start and the
@@ -174,8 +172,8 @@ func (b *Backfiller) DryRun(ctx context.Context, j Job) (Plan, error) {
 	if err != nil {
 		return p, err
 	}
-	if (st.Stage == flags.Off && !cfg.AllowStageOff) || st.Stage == flags.Complete {
-		p.Refused = fmt.Sprintf("%s is %s; a run needs %s or later (before complete)", j.Migration, st.Stage, flags.DualWrite)
+	if err := stageAllows(j.Migration, st, cfg); err != nil {
+		p.Refused = err.Error()
 	}
 	p.Ranges = rangesOf(ks)
 	switch {

@@ -141,6 +141,17 @@ const inPlaceLockTime = 20 * time.Millisecond
 // table's estimated rows (never below MinChunk).
 const inPlaceTableShare = 0.005
 
+// stageAllows refuses a run in a stage where a backfill would lose rows
+// (off: nothing dual-writes the rows created after the upper bound) or is
+// pointless (complete).
+func stageAllows(migration string, st flags.State, cfg Config) error {
+	if (st.Stage == flags.Off && !cfg.AllowStageOff) || st.Stage == flags.Complete {
+		return fmt.Errorf("%w: %s is %s; run the backfill in %s (every instance then writes new, so the rows created after the upper bound are covered)",
+			ErrStageNotReady, migration, st.Stage, flags.DualWrite)
+	}
+	return nil
+}
+
 // stageOf reads the migration's stage and epoch (off and 0 without a store).
 func (b *Backfiller) stageOf(ctx context.Context, migration string) (flags.State, error) {
 	if b.store == nil {
@@ -166,9 +177,8 @@ func (b *Backfiller) Run(ctx context.Context, j Job) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	if (st.Stage == flags.Off && !r.cfg.AllowStageOff) || st.Stage == flags.Complete {
-		return Result{}, fmt.Errorf("%w: %s is %s; run the backfill in %s (every instance then writes new, so the rows created after the upper bound are covered)",
-			ErrStageNotReady, j.Migration, st.Stage, flags.DualWrite)
+	if err := stageAllows(j.Migration, st, r.cfg); err != nil {
+		return Result{}, err
 	}
 	r.epoch = st.Epoch
 	res := Result{Job: j.Name, Epoch: st.Epoch}

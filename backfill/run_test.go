@@ -63,18 +63,10 @@ func TestDefinitionChangedRefused(t *testing.T) {
 	e := newEnv(t)
 	e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 100)`)
 	j := ordersJob("copy")
-	ctx, cancel := context.WithCancel(tctx(t))
-	j.Config.Progress = func(p backfill.Progress) {
-		if p.RowsDone > 0 {
-			cancel()
-		}
-	}
-	_, err := e.bf.Run(ctx, j)
-	require.ErrorIs(t, err, context.Canceled)
+	e.stopAfterFirstChunk(t, j)
 
-	j.Config.Progress = nil
 	j.Spec.Exprs = map[string]string{"note": "upper(note)"}
-	_, err = e.bf.Run(tctx(t), j)
+	_, err := e.bf.Run(tctx(t), j)
 	require.ErrorIs(t, err, backfill.ErrDefinitionChanged)
 	var dc *backfill.DefinitionChangedError
 	require.True(t, errors.As(err, &dc))
@@ -206,11 +198,7 @@ func TestStatusLeasesOfLiveHoldersOnly(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.orders(t, "id bigint", "id", `(id) SELECT generate_series(1, 100)`)
-	j := ordersJob("leases")
-	ctx, cancel := context.WithCancel(tctx(t))
-	j.Config.Progress = func(backfill.Progress) { cancel() }
-	_, err := e.bf.Run(ctx, j)
-	require.ErrorIs(t, err, context.Canceled)
+	e.stopAfterFirstChunk(t, ordersJob("leases"))
 	// A holder that died an hour into its lease, its last chunk a minute ago.
 	exec(t, e.pool, `UPDATE `+e.schema+`.backfill_ranges SET owner = 'ghost', lease_until = now() + interval '1 hour',
 	updated_at = now() - interval '1 minute' WHERE job = 'leases' AND id = 0 AND NOT done`)

@@ -144,8 +144,7 @@ func (s *Server) overview(ctx context.Context) (Overview, error) {
 		return ov, fmt.Errorf("list migrations: %w", err)
 	}
 	for _, c := range corrupt {
-		ov.Alerts = append(ov.Alerts, Alert{Level: "critical", Text: c.Error() +
-			" (dimmer stage set " + c.Migration + " STAGE --force --reason TEXT)"})
+		ov.Alerts = append(ov.Alerts, Alert{Level: "critical", Text: c.Error() + overwriteHint(c.Migration)})
 	}
 	insts, ferr := s.fleet.Instances(ctx)
 	ov.Fleet = fleetOf(insts, ferr)
@@ -417,4 +416,9 @@ func (s *Server) migrations(ctx context.Context) ([]flags.State, []*flags.Corrup
 		return nil, nil, err
 	}
 	return all, corrupt, nil
+}
+
+// overwriteHint is the command that overwrites a corrupt flag.
+func overwriteHint(migration string) string {
+	return " (dimmer stage set " + migration + " STAGE --force --reason TEXT)"
 }

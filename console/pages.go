@@ -124,8 +124,7 @@ func (s *Server) fail(w http.ResponseWriter, err error) {
 	var corrupt *flags.CorruptFlagError
 	switch {
 	case errors.As(err, &corrupt):
-		http.Error(w, "500 stored flag is corrupt: "+err.Error()+" (dimmer stage set "+corrupt.Migration+" STAGE --force --reason TEXT)",
-			http.StatusInternalServerError)
+		http.Error(w, "500 stored flag is corrupt: "+err.Error()+overwriteHint(corrupt.Migration), http.StatusInternalServerError)
 		return
 	case errors.Is(err, flags.ErrInvalidName):
 		http.Error(w, "400 bad request: "+err.Error(), http.StatusBadRequest)

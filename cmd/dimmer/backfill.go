@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
 	"github.com/dimmer-dev/dimmer/backfill"
@@ -535,6 +536,8 @@ func formatValue(v any) string {
 		return "NULL"
 	case []byte:
 		return `\x` + hex.EncodeToString(x)
+	case [16]byte: // a uuid, as pgx decodes one
+		return uuid.UUID(x).String()
 	case time.Time:
 		return x.Format(time.RFC3339Nano)
 	case string:

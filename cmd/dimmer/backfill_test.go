@@ -56,7 +56,7 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	assert.Contains(t, r.stderr, "orders is off; run the backfill in dualwrite")
 	r = dimmer(t, store, append([]string{"run", "copy", "--dry-run"}, def...)...)
 	require.Equal(t, exitOK, r.code, r.stderr)
-	assert.Contains(t, r.stdout, "a run would be refused now: orders is off")
+	assert.Regexp(t, `a run would be refused now: .*orders is off; run the backfill in dualwrite`, r.stdout)
 	ctl, err := flags.NewController(pg)
 	require.NoError(t, err)
 	_, err = ctl.Set(ctx, flags.Request{Migration: "orders", Stage: flags.DualWrite, Actor: "t", Reason: "go"})
@@ -267,8 +267,9 @@ func TestFormatRow(t *testing.T) {
 	var n pgtype.Numeric
 	require.NoError(t, n.Scan("1.25"))
 	at := time.Date(2026, 12, 5, 10, 0, 0, 500, time.UTC)
-	got := formatRow(backfill.Row{"amount": n, "blob": []byte{0xc4, 0xca}, "note": nil, "id": int64(7), "at": at, "name": "a \"b\""})
-	assert.Equal(t, `amount=1.25 at=2026-12-05T10:00:00.0000005Z blob=\xc4ca id=7 name="a \"b\"" note=NULL`, got)
+	ref := [16]byte{0x01, 0x90, 0xf0, 0xa8, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0x01}
+	got := formatRow(backfill.Row{"amount": n, "blob": []byte{0xc4, 0xca}, "note": nil, "id": int64(7), "at": at, "name": "a \"b\"", "ref": ref})
+	assert.Equal(t, `amount=1.25 at=2026-12-05T10:00:00.0000005Z blob=\xc4ca id=7 name="a \"b\"" note=NULL ref=0190f0a8-0000-7000-8000-000000000001`, got)
 }
 
 // Table names are read as SQL writes them.

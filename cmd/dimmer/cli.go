@@ -659,8 +659,8 @@ func printAudit(w io.Writer, e flags.AuditEntry) {
 }
 
 // escapeControls shows stored text on one line with its control
-// characters escaped (\n, \x1b), so a reason or actor cannot forge an
-// audit line below its own or drive the terminal.
+// characters escaped (\n, \x1b), so a reason, an actor or a message key
+// cannot forge a line below its own, break a table or drive the terminal.
 func escapeControls(s string) string {
 	if !strings.ContainsFunc(s, unicode.IsControl) {
 		return s

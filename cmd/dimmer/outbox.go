@@ -320,8 +320,8 @@ func (c *cli) outboxDeadListCmd(o *outboxOpts) *cobra.Command {
 			w := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "ID\tTOPIC\tKEY\tATTEMPTS\tDEAD AT\tWAITING\tLAST ERROR")
 			for _, d := range dead {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%s\n", d.ID, d.Topic, printable(d.Key), d.Attempts,
-					d.DeadAt.UTC().Format(time.RFC3339), d.Waiting, printable(oneLine(d.LastError, 120)))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%s\n", d.ID, d.Topic, escapeControls(d.Key), d.Attempts,
+					d.DeadAt.UTC().Format(time.RFC3339), d.Waiting, escapeControls(oneLine(d.LastError, 120)))
 			}
 			return w.Flush()
 		},
@@ -443,17 +443,6 @@ payload base64-encoded), so the operator keeps a record of what was skipped.`,
 			return errors.Join(failed...)
 		},
 	}
-}
-
-// printable quotes a string that would break the table (control
-// characters, e.g. a keyless message's lane marker).
-func printable(s string) string {
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f {
-			return fmt.Sprintf("%q", s)
-		}
-	}
-	return s
 }
 
 func oneLine(s string, n int) string {

@@ -126,7 +126,7 @@ func (c *cli) registry(ctx context.Context, o *schemaOpts, bounded bool) (*expan
 }
 
 // schemaErr maps the package's errors to the CLI's exit codes.
-func schemaErr(plan, action string, err error) error {
+func schemaErr(err error) error {
 	switch {
 	case err == nil:
 		return nil
@@ -167,7 +167,7 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 			req := expandcontract.Request{Actor: c.actor, Reason: reason, Force: force}
 			before, err := reg.Status(cmd.Context(), plan)
 			if err != nil {
-				return schemaErr(plan, action, err)
+				return schemaErr(err)
 			}
 			var st expandcontract.Status
 			switch action {
@@ -181,7 +181,7 @@ func (c *cli) schemaActionCmd(o *schemaOpts, action, short string) *cobra.Comman
 				st, err = reg.Rollback(cmd.Context(), plan, req)
 			}
 			if err != nil {
-				return schemaErr(plan, action, err)
+				return schemaErr(err)
 			}
 			if st.Revision == before.Revision {
 				fmt.Fprintf(c.out, "%s: %s (nothing to do)\n", plan, st.Stage)
@@ -226,7 +226,7 @@ migration is complete. Exits 1 when rows are pending.`,
 				if errors.Is(err, expandcontract.ErrInvalidPlan) {
 					return usageError{err}
 				}
-				return schemaErr(plan, "verify", err)
+				return schemaErr(err)
 			}
 			if v.Pending > 0 {
 				return fmt.Errorf("%s: %d row(s) not filled by the transform yet: copy them and verify again", plan, v.Pending)
@@ -262,7 +262,7 @@ func (c *cli) schemaStatusCmd(o *schemaOpts) *cobra.Command {
 			if len(args) == 1 {
 				st, err := reg.Status(cmd.Context(), args[0])
 				if err != nil {
-					return schemaErr(args[0], "status", err)
+					return schemaErr(err)
 				}
 				return printPlanStatus(cmd.Context(), c.out, reg, st)
 			}
