@@ -99,8 +99,8 @@ func routeRedisLogs(l *slog.Logger) {
 
 // brokerList splits a comma-separated list of Kafka seed brokers, each
 // host:port. Credentials or a URL in an entry are refused without echoing
-// it: the command line configures neither SASL nor TLS, and a resolver
-// would otherwise be asked to look the password up as a host name.
+// it: credentials go through the --sasl* flags, and a resolver would
+// otherwise be asked to look the password up as a host name.
 func brokerList(flag, list string) ([]string, error) {
 	var seeds []string
 	for i, b := range strings.Split(list, ",") {
@@ -109,7 +109,8 @@ func brokerList(flag, list string) ([]string, error) {
 		case b == "":
 			continue
 		case strings.Contains(b, "@") || strings.Contains(b, "://"):
-			return nil, usagef("%s: entry %d is not host:port (it holds '@' or '://'): credentials and URLs are not taken here", flag, i+1)
+			return nil, usagef("%s: entry %d is not host:port (it holds '@' or '://'): credentials and URLs are not taken here (SASL: --%[3]ssasl, --%[3]ssasl-user, --%[3]ssasl-password-file)", flag, i+1,
+				strings.TrimSuffix(strings.TrimPrefix(flag, "--"), "brokers"))
 		}
 		seeds = append(seeds, b)
 	}

@@ -5,8 +5,10 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
+	"sync"
 )
 
 // Passwords never reach the CLI's output. Two layers keep them out:
@@ -90,7 +92,10 @@ func secretsIn(s string) []string {
 const minSecret = 4
 
 // redactor replaces known passwords in text.
-type redactor struct{ secrets []string }
+type redactor struct {
+	mu      sync.RWMutex
+	secrets []string
+}
 
 // newRedactor learns the passwords in args and in the environment
 // variables dimmer and libpq read.
@@ -102,28 +107,36 @@ func newRedactor(args []string, environ []string) *redactor {
 	for _, kv := range environ {
 		k, v, _ := strings.Cut(kv, "=")
 		switch {
-		case k == "PGPASSWORD" || k == "REDIS_PASSWORD":
+		case k == "PGPASSWORD" || k == "REDIS_PASSWORD",
+			strings.HasPrefix(k, "DIMMER_") && strings.HasSuffix(strings.TrimSuffix(k, "_NEW"), "_PASSWORD"):
 			all = append(all, v)
 		case strings.HasPrefix(k, "DIMMER_") || strings.HasPrefix(k, "PG") || strings.HasPrefix(k, "REDIS"):
 			all = append(all, secretsIn(v)...)
 		}
 	}
-	seen := map[string]bool{}
 	r := &redactor{}
-	for _, s := range all {
-		if len(s) >= minSecret && !seen[s] {
-			seen[s] = true
+	r.learn(all...)
+	return r
+}
+
+// learn adds passwords read on the way, such as one from a file.
+func (r *redactor) learn(secrets ...string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, s := range secrets {
+		if len(s) >= minSecret && !slices.Contains(r.secrets, s) {
 			r.secrets = append(r.secrets, s)
 		}
 	}
 	// Longest first, so a password containing another is masked whole.
 	sort.Slice(r.secrets, func(i, j int) bool { return len(r.secrets[i]) > len(r.secrets[j]) })
-	return r
 }
 
 // String masks connection strings and every known password in s.
 func (r *redactor) String(s string) string {
 	s = maskDSN(s)
+	r.mu.RLock()
+	defer r.mu.RUnlock()
 	for _, sec := range r.secrets {
 		if strings.Contains(s, sec) {
 			s = strings.ReplaceAll(s, sec, masked)

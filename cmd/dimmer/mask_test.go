@@ -37,6 +37,12 @@ func TestMaskDSN(t *testing.T) {
 	// (and would look it up, so this is not run as a command).
 	r = newRedactor([]string{"--db", "postgres://u:Sup3r@S3cretPw@127.0.0.1:1/db"}, nil)
 	assert.Equal(t, "lookup ***@127.0.0.1: no such host", r.String("lookup S3cretPw@127.0.0.1: no such host"))
+	// A Kafka SASL password is a whole variable's value; one read from a
+	// file is learnt when read. The file's name is no secret.
+	r = newRedactor(nil, []string{"DIMMER_KAFKA_SASL_PASSWORD=kafka-pw-1", "DIMMER_KAFKA_SASL_PASSWORD_NEW=kafka-pw-2",
+		"DIMMER_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka"})
+	r.learn("from-a-file")
+	assert.Equal(t, "*** *** *** /run/secrets/kafka", r.String("kafka-pw-1 kafka-pw-2 from-a-file /run/secrets/kafka"))
 }
 
 // A battery of failing (and some succeeding) commands, each given a known

@@ -112,6 +112,7 @@ type relayOpts struct {
 	redisURL     string
 	streamPrefix string
 	maxLen       int64
+	auth         kafkaAuth
 	cfg          outbox.RelayConfig
 	drain        time.Duration
 }
@@ -132,7 +133,9 @@ flight short (its messages may be published again) and still hands the
 leases back.
 
 Kafka: --brokers (env DIMMER_KAFKA_BROKERS), idempotent producer, acks from
-all in-sync replicas. Redis: --redis URL (env DIMMER_REDIS_URL), one stream
+all in-sync replicas; --tls, --tls-ca and --sasl* reach a secured cluster,
+with the SASL password in --sasl-password-file or DIMMER_KAFKA_SASL_PASSWORD
+(never on the command line). Redis: --redis URL (env DIMMER_REDIS_URL), one stream
 per topic named --stream-prefix + topic, trimmed to about --maxlen entries.`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -142,6 +145,7 @@ per topic named --stream-prefix + topic, trimmed to about --maxlen entries.`,
 	f := cmd.Flags()
 	f.StringVar(&ro.publisher, "publisher", "kafka", "where to publish: kafka or redis")
 	f.StringVar(&ro.brokers, "brokers", os.Getenv("DIMMER_KAFKA_BROKERS"), "Kafka seed brokers, comma-separated (env DIMMER_KAFKA_BROKERS)")
+	ro.auth.register(f, c.red, "", "", "Kafka cluster")
 	f.StringVar(&ro.redisURL, "redis", os.Getenv("DIMMER_REDIS_URL"), "Redis URL for --publisher redis (env DIMMER_REDIS_URL)")
 	f.StringVar(&ro.streamPrefix, "stream-prefix", "", "prefix of the Redis stream names")
 	f.Int64Var(&ro.maxLen, "maxlen", 0, "trim each Redis stream to about this many entries (0: no trim)")
@@ -217,8 +221,12 @@ func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func()
 		// The cluster must answer within --timeout before the relay starts;
 		// the relay's own client keeps the producer's timeouts, which ride
 		// out a broker's restart.
-		probe, err := kgo.NewClient(kgo.SeedBrokers(seeds...), kgo.DialTimeout(c.timeout),
-			kgo.RequestTimeoutOverhead(c.timeout), kgo.RetryTimeout(c.timeout))
+		auth, err := ro.auth.opts()
+		if err != nil {
+			return nil, nil, err
+		}
+		probe, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(seeds...), kgo.DialTimeout(c.timeout),
+			kgo.RequestTimeoutOverhead(c.timeout), kgo.RetryTimeout(c.timeout)}, auth...)...)
 		if err != nil {
 			return nil, nil, usagef("--brokers: %v", err)
 		}
@@ -227,9 +235,9 @@ func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func()
 		cancel()
 		probe.Close()
 		if err != nil {
-			return nil, nil, fmt.Errorf("kafka %s: not reachable within --timeout %v: %w", strings.Join(seeds, ","), c.timeout, err)
+			return nil, nil, fmt.Errorf("kafka %s: not reachable within --timeout %v: %w", strings.Join(seeds, ","), c.timeout, saslHint(err, &ro.auth))
 		}
-		cl, err := kgo.NewClient(kafkasink.ClientOptions(seeds...)...)
+		cl, err := kgo.NewClient(append(kafkasink.ClientOptions(seeds...), auth...)...)
 		if err != nil {
 			return nil, nil, usagef("--brokers: %v", err)
 		}

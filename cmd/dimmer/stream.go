@@ -22,6 +22,7 @@ func init() {
 
 type streamOpts struct {
 	oldBrokers, newBrokers string
+	auth                   [3]kafkaAuth // by flags.Side
 }
 
 func (c *cli) streamCmd() *cobra.Command {
@@ -33,7 +34,12 @@ func (c *cli) streamCmd() *cobra.Command {
 with package streams.
 
 The clusters are --old-brokers (env DIMMER_KAFKA_BROKERS) and --new-brokers
-(env DIMMER_KAFKA_BROKERS_NEW); administration goes through kadm.
+(env DIMMER_KAFKA_BROKERS_NEW); administration goes through kadm. A secured
+cluster takes --old-tls, --old-tls-ca and --old-sasl* (env DIMMER_KAFKA_TLS,
+DIMMER_KAFKA_SASL, ...), and --new-* likewise (env DIMMER_KAFKA_*_NEW); a
+SASL password is read from --old-sasl-password-file or
+DIMMER_KAFKA_SASL_PASSWORD (DIMMER_KAFKA_SASL_PASSWORD_NEW for the new
+cluster), never from the command line.
 
 Exit codes: 0 done; 2 bad usage (an unknown topic or group, partition counts
 that differ, a range outside retention, a missing cluster); 1 other (a lag
@@ -41,6 +47,8 @@ over --max-lag, an unreachable cluster, a group still running).`,
 	}
 	cmd.PersistentFlags().StringVar(&o.oldBrokers, "old-brokers", os.Getenv("DIMMER_KAFKA_BROKERS"), "old cluster's seed brokers, comma-separated (env DIMMER_KAFKA_BROKERS)")
 	cmd.PersistentFlags().StringVar(&o.newBrokers, "new-brokers", os.Getenv("DIMMER_KAFKA_BROKERS_NEW"), "new cluster's seed brokers, comma-separated (env DIMMER_KAFKA_BROKERS_NEW)")
+	o.auth[flags.Old].register(cmd.PersistentFlags(), c.red, "old-", "", "old cluster")
+	o.auth[flags.New].register(cmd.PersistentFlags(), c.red, "new-", "_NEW", "new cluster")
 	cmd.AddCommand(c.streamStatusCmd(o), c.streamLagCmd(o), c.streamMirrorCmd(o), c.streamTranslateCmd(o), c.streamReplayCmd(o))
 	return cmd
 }
@@ -59,7 +67,11 @@ func (o *streamOpts) opts(timeout time.Duration, oneShot bool) ([3][]kgo.Opt, er
 		if len(seeds) == 0 {
 			return out, usagef("no %s cluster: pass %s or set %s", side, flag, map[flags.Side]string{flags.Old: "DIMMER_KAFKA_BROKERS", flags.New: "DIMMER_KAFKA_BROKERS_NEW"}[side])
 		}
-		out[side] = []kgo.Opt{kgo.SeedBrokers(seeds...), kgo.DialTimeout(timeout), kgo.RequestTimeoutOverhead(timeout)}
+		auth, err := o.auth[side].opts()
+		if err != nil {
+			return out, err
+		}
+		out[side] = append([]kgo.Opt{kgo.SeedBrokers(seeds...), kgo.DialTimeout(timeout), kgo.RequestTimeoutOverhead(timeout)}, auth...)
 		if oneShot {
 			out[side] = append(out[side], kgo.RetryTimeout(timeout))
 		}
@@ -84,8 +96,10 @@ func (o *streamOpts) admins(timeout time.Duration) (old, new *kadm.Client, close
 	return kadm.NewClient(ocl), kadm.NewClient(ncl), func() { ocl.Close(); ncl.Close() }, nil
 }
 
-// streamErr marks bad input as bad usage (exit 2).
-func streamErr(err error) error {
+// streamErr marks bad input as bad usage (exit 2), and says which
+// credentials to check when a cluster ended the connection.
+func (o *streamOpts) streamErr(err error) error {
+	err = saslHint(err, &o.auth[flags.Old], &o.auth[flags.New])
 	for _, e := range []error{streams.ErrUnknownTopic, streams.ErrUnknownGroup, streams.ErrPartitionMismatch,
 		streams.ErrOutOfRetention, streams.ErrMissingCluster} {
 		if errors.Is(err, e) {
@@ -112,7 +126,7 @@ func (c *cli) streamStatusCmd(o *streamOpts) *cobra.Command {
 			}
 			st, err := streams.GroupStatus(cmd.Context(), oldAdm, newAdm, args[0], group, mirrorGroup)
 			if err != nil {
-				return streamErr(err)
+				return o.streamErr(err)
 			}
 			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "PARTITION\tOLD END\tNEW END\tMIRROR FROM\tMIRROR AT\tMIRROR LAG\tGROUP ON\tEPOCH\tAT\tLAG\tHOLES")
@@ -149,7 +163,7 @@ func (c *cli) streamLagCmd(o *streamOpts) *cobra.Command {
 			}
 			st, err := streams.GroupStatus(cmd.Context(), oldAdm, newAdm, args[0], group, mirrorGroup)
 			if err != nil {
-				return streamErr(err)
+				return o.streamErr(err)
 			}
 			mirrorFrom := flags.Old
 			if len(st.Partitions) > 0 {
@@ -194,7 +208,7 @@ func (c *cli) streamMirrorCmd(o *streamOpts) *cobra.Command {
 			// mirror anything.
 			c.logger.Info("mirror starting", "topic", args[0], "from", side.String(), "to", side.Other().String())
 			if err := m.Run(cmd.Context()); err != nil {
-				return streamErr(err)
+				return o.streamErr(err)
 			}
 			s := m.Stats()
 			fmt.Fprintf(c.out, "mirror stopped: %d copied, %d copies not copied back\n", s.Copied, s.Skipped)
@@ -238,7 +252,7 @@ func (c *cli) streamTranslateCmd(o *streamOpts) *cobra.Command {
 			}
 			trs, err := streams.Translate(cmd.Context(), opts, args[0], group, side)
 			if err != nil {
-				return streamErr(err)
+				return o.streamErr(err)
 			}
 			tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "PARTITION\tSTATE ON\tAT\tNEXT ON %s\tSCANNED\n", strings.ToUpper(side.String()))
@@ -296,7 +310,7 @@ redo those records' effects once. The group must be stopped.`,
 			cfg.Opts = opts[s]
 			res, err := streams.Rewind(cmd.Context(), cfg)
 			if err != nil {
-				return streamErr(err)
+				return o.streamErr(err)
 			}
 			if len(res) == 0 {
 				fmt.Fprintln(c.out, "nothing to replay: the group is not past that point")
