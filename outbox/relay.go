@@ -1130,7 +1130,11 @@ func (r *Relay) backoff(attempt int) time.Duration {
 
 // maybeVacuum keeps dead tuples of delivered rows bounded: after
 // VacuumEvery deletions it vacuums the table in the background, one relay
-// at a time (a session advisory lock), without blocking publishing.
+// at a time (a session advisory lock), without blocking publishing. It
+// does not truncate the table: cutting its empty tail takes an exclusive
+// lock, which every Enqueue and fetch holds off (the vacuum retried it for
+// 50ms at a time, while the backlog of the next rounds grew the table), and
+// the space is reused by the next messages anyway.
 func (r *Relay) maybeVacuum(ctx context.Context) {
 	if r.cfg.VacuumEvery < 0 || r.deleted < r.cfg.VacuumEvery || !r.vacuuming.CompareAndSwap(false, true) {
 		return
@@ -1160,6 +1164,6 @@ func (o *Outbox) vacuum(ctx context.Context, pool *pgxpool.Pool) error {
 		return nil
 	}
 	defer c.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1::int4, -2)`, o.lockNS+1)
-	_, err = c.Exec(ctx, `VACUUM `+o.table)
+	_, err = c.Exec(ctx, `VACUUM (TRUNCATE false) `+o.table)
 	return err
 }
