@@ -25,112 +25,113 @@ import (
 // numbering and the seq order in step). The published stream must be,
 // per key, exactly the committed messages in commit order.
 func TestEnqueueBatchKeepsPerKeyCommitOrder(t *testing.T) {
-	t.Parallel()
-	pool, o := setup(t, outbox.Config{Buckets: 8})
-	ctx := tctx(t, 90*time.Second)
-	_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0);
+	forEachLayout(t, func(t *testing.T, partitions int) {
+		pool, o := setup(t, outbox.Config{Buckets: 8, Partitions: partitions})
+		ctx := tctx(t, 90*time.Second)
+		_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0);
 CREATE TABLE expected (key text, n int, id uuid, PRIMARY KEY (key, n))`)
-	require.NoError(t, err)
-	const nkeys = 150
-	keys := make([]string, nkeys)
-	for i := range keys {
-		keys[i] = fmt.Sprintf("k%03d", i)
-	}
-	_, err = pool.Exec(ctx, `INSERT INTO counters (key) SELECT unnest($1::text[])`, keys)
-	require.NoError(t, err)
+		require.NoError(t, err)
+		const nkeys = 150
+		keys := make([]string, nkeys)
+		for i := range keys {
+			keys[i] = fmt.Sprintf("k%03d", i)
+		}
+		_, err = pool.Exec(ctx, `INSERT INTO counters (key) SELECT unnest($1::text[])`, keys)
+		require.NoError(t, err)
 
-	var mu sync.Mutex
-	got := map[string][]uuid.UUID{}
-	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+		var mu sync.Mutex
+		got := map[string][]uuid.UUID{}
+		pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, r := range b {
+				if r.Key != "" {
+					got[r.Key] = append(got[r.Key], r.ID)
+				}
+			}
+			return make([]error, len(b))
+		})
+		r, err := o.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: 10 * time.Millisecond, BatchSize: 64, Logger: quiet(t)})
+		require.NoError(t, err)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = r.Run(ctx) }()
+
+		number := func(tx pgx.Tx, msgs []outbox.Message, ids []uuid.UUID) error {
+			for i, m := range msgs {
+				if m.Key == "" {
+					continue
+				}
+				var n int
+				if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, m.Key).Scan(&n); err != nil {
+					return err
+				}
+				if _, err := tx.Exec(ctx, `INSERT INTO expected VALUES ($1, $2, $3)`, m.Key, n, ids[i]); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		var wg sync.WaitGroup
+		for g := range 6 {
+			wg.Go(func() {
+				rng := rand.New(rand.NewPCG(uint64(g), 5))
+				for range 25 {
+					var msgs []outbox.Message
+					size := []int{1, 1 + rng.IntN(8), 70 + rng.IntN(80)}[rng.IntN(3)]
+					for range size {
+						k := ""
+						if rng.IntN(10) > 0 {
+							k = keys[rng.IntN(nkeys)]
+						}
+						msgs = append(msgs, outbox.Message{Topic: "t", Key: k, Payload: []byte("p")})
+					}
+					// Numbering updates counter rows in slice order; sort by
+					// key so that writers lock those rows in one order.
+					slices.SortStableFunc(msgs, func(a, b outbox.Message) int { return cmpString(a.Key, b.Key) })
+					err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+						var ids []uuid.UUID
+						if len(msgs) == 1 && rng.IntN(2) == 0 {
+							id, err := o.Enqueue(ctx, tx, msgs[0])
+							if err != nil {
+								return err
+							}
+							ids = []uuid.UUID{id}
+						} else {
+							var err error
+							if ids, err = o.EnqueueBatch(ctx, tx, msgs); err != nil {
+								return err
+							}
+						}
+						if rng.IntN(4) == 0 {
+							time.Sleep(time.Duration(rng.IntN(3)) * time.Millisecond) // a commit that comes late
+						}
+						return number(tx, msgs, ids)
+					})
+					if err != nil {
+						t.Errorf("writer: %v", err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		waitDrained(t, pool, o, 60*time.Second)
+		require.NoError(t, r.Shutdown(ctx))
+		<-done
+
+		want := map[string][]uuid.UUID{}
+		rows, err := pool.Query(ctx, `SELECT key, id FROM expected ORDER BY key, n`)
+		require.NoError(t, err)
+		var key string
+		var id uuid.UUID
+		total := 0
+		_, err = pgx.ForEachRow(rows, []any{&key, &id}, func() error { want[key] = append(want[key], id); total++; return nil })
+		require.NoError(t, err)
 		mu.Lock()
 		defer mu.Unlock()
-		for _, r := range b {
-			if r.Key != "" {
-				got[r.Key] = append(got[r.Key], r.ID)
-			}
-		}
-		return make([]error, len(b))
+		assert.Equal(t, want, got, "per key: every committed message once, in commit order")
+		t.Logf("%d keyed messages", total)
 	})
-	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: 10 * time.Millisecond, BatchSize: 64, Logger: quiet(t)})
-	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = r.Run(ctx) }()
-
-	number := func(tx pgx.Tx, msgs []outbox.Message, ids []uuid.UUID) error {
-		for i, m := range msgs {
-			if m.Key == "" {
-				continue
-			}
-			var n int
-			if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, m.Key).Scan(&n); err != nil {
-				return err
-			}
-			if _, err := tx.Exec(ctx, `INSERT INTO expected VALUES ($1, $2, $3)`, m.Key, n, ids[i]); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	var wg sync.WaitGroup
-	for g := range 6 {
-		wg.Go(func() {
-			rng := rand.New(rand.NewPCG(uint64(g), 5))
-			for range 25 {
-				var msgs []outbox.Message
-				size := []int{1, 1 + rng.IntN(8), 70 + rng.IntN(80)}[rng.IntN(3)]
-				for range size {
-					k := ""
-					if rng.IntN(10) > 0 {
-						k = keys[rng.IntN(nkeys)]
-					}
-					msgs = append(msgs, outbox.Message{Topic: "t", Key: k, Payload: []byte("p")})
-				}
-				// Numbering updates counter rows in slice order; sort by
-				// key so that writers lock those rows in one order.
-				slices.SortStableFunc(msgs, func(a, b outbox.Message) int { return cmpString(a.Key, b.Key) })
-				err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-					var ids []uuid.UUID
-					if len(msgs) == 1 && rng.IntN(2) == 0 {
-						id, err := o.Enqueue(ctx, tx, msgs[0])
-						if err != nil {
-							return err
-						}
-						ids = []uuid.UUID{id}
-					} else {
-						var err error
-						if ids, err = o.EnqueueBatch(ctx, tx, msgs); err != nil {
-							return err
-						}
-					}
-					if rng.IntN(4) == 0 {
-						time.Sleep(time.Duration(rng.IntN(3)) * time.Millisecond) // a commit that comes late
-					}
-					return number(tx, msgs, ids)
-				})
-				if err != nil {
-					t.Errorf("writer: %v", err)
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	waitDrained(t, pool, o, 60*time.Second)
-	require.NoError(t, r.Shutdown(ctx))
-	<-done
-
-	want := map[string][]uuid.UUID{}
-	rows, err := pool.Query(ctx, `SELECT key, id FROM expected ORDER BY key, n`)
-	require.NoError(t, err)
-	var key string
-	var id uuid.UUID
-	total := 0
-	_, err = pgx.ForEachRow(rows, []any{&key, &id}, func() error { want[key] = append(want[key], id); total++; return nil })
-	require.NoError(t, err)
-	mu.Lock()
-	defer mu.Unlock()
-	assert.Equal(t, want, got, "per key: every committed message once, in commit order")
-	t.Logf("%d keyed messages", total)
 }
 
 func cmpString(a, b string) int {

@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"time"
 
@@ -65,4 +66,59 @@ func Example() {
 	fmt.Println(<-got)
 	_ = relay.Shutdown(ctx)
 	// Output: orders order-42 {"status":"paid"}
+}
+
+// ExampleConfig_partitions installs an outbox split into 4 partitions by
+// bucket range, for a fleet of relays: two relays each hold two whole
+// partitions, so neither reads or writes the other's pages.
+func ExampleConfig_partitions() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	url := os.Getenv("DIMMER_POSTGRES_URL")
+	if url == "" {
+		url = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	}
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer pool.Close()
+	schema := fmt.Sprintf("dimmer_example_%d", time.Now().UnixNano())
+	defer pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+schema+" CASCADE")
+
+	ob, err := outbox.New(outbox.Config{Schema: schema, Buckets: 8, Partitions: 4})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	if err := ob.Install(ctx, pool); err != nil {
+		fmt.Println(err)
+		return
+	}
+	discard := outbox.PublisherFunc(func(_ context.Context, batch []outbox.Record) []error { return make([]error, len(batch)) })
+	holding := func(r *outbox.Relay, n int) {
+		for len(r.Buckets()) != n && ctx.Err() == nil {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	var relays []*outbox.Relay
+	for _, id := range []string{"relay-a", "relay-b"} {
+		r, err := ob.NewRelay(pool, discard, outbox.RelayConfig{ID: id, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			fmt.Println(err)
+			return
+		}
+		go r.Run(ctx)
+		defer r.Shutdown(context.Background())
+		relays = append(relays, r)
+		holding(r, 8/len(relays)) // the first takes every bucket, then shares
+	}
+	holding(relays[0], 4)
+	for _, r := range relays {
+		fmt.Println(r.ID(), "holds buckets", r.Buckets())
+	}
+	// Output:
+	// relay-a holds buckets [0 1 2 3]
+	// relay-b holds buckets [4 5 6 7]
 }

@@ -78,19 +78,34 @@ func TestHeadDecoderRefusesUnexpectedRows(t *testing.T) {
 // The fast path's statement names the leased buckets in a stable order (one
 // prepared statement per bucket set, whatever order leases come in), and
 // filters by range when the relay holds them all (a row edited out of
-// every bucket is no relay's to publish).
-func TestFastSQLForBuckets(t *testing.T) {
+// every bucket is no relay's to publish). The writes name no buckets on a
+// plain table; on a partitioned one they name the held buckets' ranges,
+// unless every bucket is held.
+func TestStatementsForBuckets(t *testing.T) {
+	pub := PublisherFunc(func(context.Context, []Record) []error { return nil })
 	o, err := New(Config{Buckets: 4})
 	require.NoError(t, err)
-	r, err := o.NewRelay(&pgxpool.Pool{}, PublisherFunc(func(context.Context, []Record) []error { return nil }), RelayConfig{})
+	r, err := o.NewRelay(&pgxpool.Pool{}, pub, RelayConfig{})
 	require.NoError(t, err)
-	some := r.fastSQLFor([]int32{3, 1})
+	some := r.statementsFor([]int32{3, 1}).fast
 	assert.Contains(t, some, `WHERE t.bucket = ANY('{1,3}'::int4[])`)
-	assert.Equal(t, some, r.fastSQLFor([]int32{1, 3}))
-	all := r.fastSQLFor([]int32{2, 0, 3, 1})
+	assert.Equal(t, some, r.statementsFor([]int32{1, 3}).fast)
+	assert.NotContains(t, r.statementsFor([]int32{1, 3}).ackSpan, "t.bucket BETWEEN")
+	all := r.statementsFor([]int32{2, 0, 3, 1}).fast
 	assert.Contains(t, all, "WHERE t.bucket BETWEEN 0 AND 3 ORDER BY")
 	assert.NotContains(t, all, bucketFilter)
 	assert.Contains(t, all, "ORDER BY t.seq LIMIT $1")
+
+	o, err = New(Config{Buckets: 8, Partitions: 4})
+	require.NoError(t, err)
+	r, err = o.NewRelay(&pgxpool.Pool{}, pub, RelayConfig{})
+	require.NoError(t, err)
+	st := r.statementsFor([]int32{5, 0, 1, 2, 7})
+	for _, sql := range []string{st.ack, st.ackSpan, st.ackEach, st.fail} {
+		assert.Contains(t, sql, "AND (t.bucket BETWEEN 0 AND 2 OR t.bucket BETWEEN 5 AND 5 OR t.bucket BETWEEN 7 AND 7)")
+		assert.NotContains(t, sql, pruneFilter)
+	}
+	assert.NotContains(t, r.statementsFor([]int32{0, 1, 2, 3, 4, 5, 6, 7}).ackSpan, "t.bucket BETWEEN")
 }
 
 // A batch is picked out of its range of seqs by a bitmap, bit i (least

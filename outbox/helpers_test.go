@@ -160,3 +160,19 @@ func (w tlog) Write(p []byte) (int, error) { w.t.Log(strings.TrimSpace(string(p)
 func quiet(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(tlog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
+
+// forEachLayout runs test, in parallel, on a plain table (partitions 1) and
+// on one of 4 partitions (Config.Partitions; a test of fewer buckets uses
+// fewer).
+func forEachLayout(t *testing.T, test func(t *testing.T, partitions int)) {
+	t.Parallel()
+	for _, layout := range []struct {
+		name       string
+		partitions int
+	}{{"plain", 1}, {"partitioned", 4}} {
+		t.Run(layout.name, func(t *testing.T) {
+			t.Parallel()
+			test(t, layout.partitions)
+		})
+	}
+}

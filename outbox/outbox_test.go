@@ -2,6 +2,7 @@ package outbox_test
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -24,6 +25,9 @@ func TestConfigValidation(t *testing.T) {
 		{outbox.Config{Buckets: outbox.MaxBuckets + 1}, "Buckets"},
 		{outbox.Config{Table: strings.Repeat("x", 57)}, "Table"},
 		{outbox.Config{MaxPayload: -5}, "MaxPayload"},
+		{outbox.Config{Buckets: 64, Partitions: 3}, "Partitions"},
+		{outbox.Config{Buckets: 4, Partitions: 8}, "Partitions"},
+		{outbox.Config{Partitions: -1}, "Partitions"},
 	} {
 		_, err := outbox.New(tc.cfg)
 		require.ErrorIs(t, err, outbox.ErrInvalidConfig)
@@ -63,6 +67,64 @@ func TestInstallIdempotentAndQuoted(t *testing.T) {
 	err = o2.Install(ctx, pool)
 	require.ErrorIs(t, err, outbox.ErrSchemaMismatch)
 	assert.Contains(t, err.Error(), "8 buckets")
+}
+
+// TestPartitionedInstall: Config.Partitions splits the table by bucket
+// range; each message lands in the partition of its bucket; the layout is
+// fixed, and the CLI's view of the installed outbox reports it.
+func TestPartitionedInstall(t *testing.T) {
+	t.Parallel()
+	pool, schema := dimmertest.Schema(t)
+	ctx := tctx(t, 30*time.Second)
+	o, err := outbox.New(outbox.Config{Schema: schema, Buckets: 8, Partitions: 4})
+	require.NoError(t, err)
+	require.NoError(t, o.Install(ctx, pool))
+	require.NoError(t, o.Install(ctx, pool), "idempotent")
+
+	keys := map[string]int{}
+	for i := range 40 {
+		key := fmt.Sprint("k", i)
+		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: key})
+		require.NoError(t, err)
+		keys[key] = o.Bucket(key)
+	}
+	rows, err := pool.Query(ctx, `SELECT c.relname, t.key, t.bucket FROM `+schema+`.outbox t JOIN pg_class c ON c.oid = t.tableoid`)
+	require.NoError(t, err)
+	perPartition := map[string]int{}
+	for rows.Next() {
+		var part, key string
+		var bucket int
+		require.NoError(t, rows.Scan(&part, &key, &bucket))
+		assert.Equal(t, keys[key], bucket)
+		assert.Equal(t, fmt.Sprintf("outbox_p%d", bucket/2), part, "bucket %d of key %s", bucket, key)
+		perPartition[part]++
+	}
+	require.NoError(t, rows.Err())
+	assert.Len(t, perPartition, 4, "40 keys reach every partition")
+
+	cfg, err := outbox.Installed(ctx, pool, schema, outbox.DefaultTable)
+	require.NoError(t, err)
+	assert.Equal(t, 4, cfg.Partitions)
+	assert.Equal(t, 8, cfg.Buckets)
+
+	for _, parts := range []int{1, 2} {
+		other, err := outbox.New(outbox.Config{Schema: schema, Buckets: 8, Partitions: parts})
+		require.NoError(t, err)
+		err = other.Install(ctx, pool)
+		require.ErrorIs(t, err, outbox.ErrSchemaMismatch)
+		assert.Contains(t, err.Error(), fmt.Sprintf("installed with 4 partitions, Config.Partitions is %d", parts))
+	}
+	// A plain table is not made partitioned by a later install either.
+	plainPool, plainSchema := dimmertest.Schema(t)
+	plain, err := outbox.New(outbox.Config{Schema: plainSchema})
+	require.NoError(t, err)
+	require.NoError(t, plain.Install(ctx, plainPool))
+	split, err := outbox.New(outbox.Config{Schema: plainSchema, Partitions: 4})
+	require.NoError(t, err)
+	require.ErrorIs(t, split.Install(ctx, plainPool), outbox.ErrSchemaMismatch)
+	cfg, err = outbox.Installed(ctx, plainPool, plainSchema, outbox.DefaultTable)
+	require.NoError(t, err)
+	assert.Equal(t, 1, cfg.Partitions)
 }
 
 func TestEnqueueValidation(t *testing.T) {

@@ -171,7 +171,14 @@ type Relay struct {
 
 	seen map[string]struct{} // fetch's lanes, kept between cycles to reuse its memory
 
-	fastKey, fastText string // the fast path's statement for the buckets in fastKey
+	stmts stmts // the statements for the buckets held at the last fetch
+}
+
+// stmts are the statements that name the buckets held, rebuilt when they
+// change (leases move seldom, so each set is prepared once).
+type stmts struct {
+	key                               string // the buckets, sorted, comma-separated
+	fast, ack, ackSpan, ackEach, fail string
 }
 
 // NewRelay returns a relay that publishes o's messages from pool through
@@ -216,7 +223,7 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	// of each lane is that lane's head. One walk of the primary key gives
 	// the heads of every lane present in the first $2 rows; only those are
 	// read in full, ready ones first. The leased buckets are written into
-	// the statement (see fastSQLFor).
+	// the statement (see statementsFor).
 	r.fastSQL = `SELECT ` + headColumns + ` FROM ` + t + ` t ` + bucketFilter + ` ORDER BY t.seq LIMIT $1`
 	// The slow path, for when the prefix is crowded by a few lanes (a hot
 	// key, a dead letter or a backing-off message holding many successors):
@@ -240,7 +247,7 @@ func (o *Outbox) NewRelay(pool *pgxpool.Pool, pub Publisher, cfg RelayConfig) (*
 	WHERE w.depth < $3
 )
 SELECT ` + headColumns + `
-FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t`
+FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq AND t.bucket = w.bucket) t`
 	// The fence: the statement that deletes (or records a failure) checks,
 	// in its own snapshot, that this relay still holds each bucket at the
 	// epoch it published under: the lease rows in held, of the batch's
@@ -258,7 +265,7 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	// deleted. Only then (a lease lost mid-batch) does ackEachSQL delete
 	// the rows of the buckets still held.
 	allHeld := `(SELECT count(*) ` + held + `) = cardinality($2::int4[])`
-	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + allHeld
+	r.ackSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) ` + pruneFilter + ` AND ` + allHeld
 	// A batch in a short range of seqs (all of it, for one relay holding
 	// every bucket on a backlog of distinct keys; every few seqs, when
 	// several relays share the table) is deleted by that range: one walk
@@ -267,9 +274,9 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	// takes in every version) picks the batch's rows out of it, so it is
 	// exact like the list: a row that came into the range since the fetch
 	// is not taken.
-	r.ackSpanSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8
+	r.ackSpanSQL = `DELETE FROM ` + t + ` t WHERE t.seq BETWEEN $1::int8 AND $5::int8 ` + pruneFilter + `
 	AND get_bit($6::bytea, (t.seq - $1::int8)::int4) = 1 AND ` + allHeld
-	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) AND ` + fence
+	r.ackEachSQL = `DELETE FROM ` + t + ` t WHERE t.seq = ANY($1::int8[]) ` + pruneFilter + ` AND ` + fence
 	// Recording a failure locks the lease rows it checks: unlike a
 	// deletion, an attempt counted under a lease being taken over would
 	// delay, or dead-letter, a message its new owner is publishing. A
@@ -279,7 +286,7 @@ FROM walk w CROSS JOIN LATERAL (SELECT * FROM ` + t + ` t WHERE t.seq = w.seq) t
 	next_attempt_at = clock_timestamp() + f.delay_ms * interval '1 millisecond',
 	dead_at = CASE WHEN t.attempts + 1 >= $5 THEN clock_timestamp() END
 FROM unnest($1::int8[], $6::text[], $7::float8[]) AS f(seq, err, delay_ms)
-WHERE t.seq = f.seq AND ` + lockedFence + `
+WHERE t.seq = f.seq ` + pruneFilter + ` AND ` + lockedFence + `
 RETURNING t.seq, t.id, t.lane, t.dead_at IS NOT NULL, t.last_error`
 	return r, nil
 }
@@ -803,16 +810,26 @@ func (r *Relay) walk(ctx context.Context, buckets []int32) (heads, error) {
 	return hs, nil
 }
 
-// bucketFilter marks where fastSQLFor writes the bucket filter.
-const bucketFilter = "/* buckets */"
+// bucketFilter marks where the fast path's statement filters by the leased
+// buckets; pruneFilter where the statements that write name them for a
+// partitioned table.
+const (
+	bucketFilter = "/* buckets */"
+	pruneFilter  = "/* prune */"
+)
 
-// fastSQLFor is the fast path's statement for the leased buckets. They are
-// written into it rather than passed: a parameter makes the planner's
-// generic plan search the array row by row, while a constant array is
-// searched by hash, and holding every bucket needs no filter at all. A
-// relay's bucket set changes only when leases move, so it prepares few
+// statementsFor returns the statements for the leased buckets. They are
+// written into them rather than passed:
+//   - in the fast path, a parameter makes the planner's generic plan
+//     search the array row by row, while a constant array is searched by
+//     hash, and holding every bucket needs no filter at all;
+//   - on a partitioned table, constant bucket ranges let the planner leave
+//     the other relays' partitions out of the writes, which would
+//     otherwise walk their rows in the same seq range.
+//
+// A relay's bucket set changes only when leases move, so it prepares few
 // statements.
-func (r *Relay) fastSQLFor(buckets []int32) string {
+func (r *Relay) statementsFor(buckets []int32) *stmts {
 	sorted := slices.Clone(buckets)
 	slices.Sort(sorted)
 	var key strings.Builder
@@ -822,25 +839,48 @@ func (r *Relay) fastSQLFor(buckets []int32) string {
 		}
 		key.WriteString(strconv.Itoa(int(b)))
 	}
-	if key.String() == r.fastKey {
-		return r.fastText
+	if key.String() == r.stmts.key {
+		return &r.stmts
 	}
+	all := len(sorted) == r.o.cfg.Buckets
 	filter := `WHERE t.bucket = ANY('{` + key.String() + `}'::int4[])`
-	if len(sorted) == r.o.cfg.Buckets {
+	if all {
 		// Every bucket: a range, so a row whose bucket was edited out of
 		// it (no lease fences it, so no acknowledgement would delete it)
 		// is not published over and over.
 		filter = fmt.Sprintf(`WHERE t.bucket BETWEEN 0 AND %d`, r.o.cfg.Buckets-1)
 	}
-	r.fastKey, r.fastText = key.String(), strings.Replace(r.fastSQL, bucketFilter, filter, 1)
-	return r.fastText
+	prune := ""
+	if r.o.cfg.Partitions > 1 && !all {
+		prune = "AND " + bucketRanges(sorted)
+	}
+	w := func(sql string) string { return strings.Replace(sql, pruneFilter, prune, 1) }
+	r.stmts = stmts{key: key.String(), fast: strings.Replace(r.fastSQL, bucketFilter, filter, 1),
+		ack: w(r.ackSQL), ackSpan: w(r.ackSpanSQL), ackEach: w(r.ackEachSQL), fail: w(r.failSQL)}
+	return &r.stmts
+}
+
+// bucketRanges is a condition true for the sorted buckets, as ranges: a
+// btree checks a range of the primary key's second column within the seq
+// range it walks, where a list would be searched element by element.
+func bucketRanges(sorted []int32) string {
+	var parts []string
+	for i := 0; i < len(sorted); {
+		j := i
+		for j+1 < len(sorted) && sorted[j+1] == sorted[j]+1 {
+			j++
+		}
+		parts = append(parts, fmt.Sprintf("t.bucket BETWEEN %d AND %d", sorted[i], sorted[j]))
+		i = j + 1
+	}
+	return "(" + strings.Join(parts, " OR ") + ")"
 }
 
 // fetch returns up to BatchSize ready heads of the leased buckets, in seq
 // order, and the ready heads that cannot be published as stored.
 func (r *Relay) fetch(ctx context.Context, buckets []int32) (heads, heads, error) {
 	window := r.cfg.BatchSize
-	hs, err := r.queryHeads(ctx, r.fastSQLFor(buckets), window, window)
+	hs, err := r.queryHeads(ctx, r.statementsFor(buckets).fast, window, window)
 	if err != nil {
 		return heads{}, heads{}, fmt.Errorf("fetch: %w", err)
 	}
@@ -1006,9 +1046,9 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	b.Queue(`SELECT set_config('synchronous_commit', 'off', true)`)
 	var del *pgx.QueuedQuery
 	if first, last := slices.Min(seqs), slices.Max(seqs); last-first < maxSpan*int64(len(seqs)) {
-		del = b.Queue(r.ackSpanSQL, first, buckets, epochs, r.cfg.ID, last, bitmap(seqs, first, last))
+		del = b.Queue(r.stmts.ackSpan, first, buckets, epochs, r.cfg.ID, last, bitmap(seqs, first, last))
 	} else {
-		del = b.Queue(r.ackSQL, seqs, buckets, epochs, r.cfg.ID)
+		del = b.Queue(r.stmts.ack, seqs, buckets, epochs, r.cfg.ID)
 	}
 	del.Exec(func(ct pgconn.CommandTag) error {
 		affected = ct.RowsAffected()
@@ -1021,7 +1061,7 @@ func (r *Relay) ack(ctx context.Context, seqs []int64, created []time.Time, bs [
 	}
 	if affected == 0 && len(buckets) > 1 {
 		// A bucket changed hands since fetch: delete what is still held.
-		ct, err := r.pool.Exec(ctx, r.ackEachSQL, seqs, buckets, epochs, r.cfg.ID)
+		ct, err := r.pool.Exec(ctx, r.stmts.ackEach, seqs, buckets, epochs, r.cfg.ID)
 		if err != nil {
 			return fmt.Errorf("ack: %w", err)
 		}
@@ -1086,7 +1126,7 @@ func (r *Relay) deadLetter(ctx context.Context, hs heads, epochOf map[int32]int6
 // reaches maxAttempts becomes a dead letter.
 func (r *Relay) fail(ctx context.Context, seqs []int64, bs []int32, epochOf map[int32]int64, errs []string, delays []float64, maxAttempts int) error {
 	buckets, epochs := fenceArgs(bs, epochOf)
-	rows, err := r.pool.Query(ctx, r.failSQL, seqs, buckets, epochs, r.cfg.ID, maxAttempts, errs, delays)
+	rows, err := r.pool.Query(ctx, r.stmts.fail, seqs, buckets, epochs, r.cfg.ID, maxAttempts, errs, delays)
 	if err != nil {
 		return fmt.Errorf("record failure: %w", err)
 	}
@@ -1144,26 +1184,41 @@ func (r *Relay) maybeVacuum(ctx context.Context) {
 	go func() {
 		defer r.bg.Done()
 		defer r.vacuuming.Store(false)
-		if err := r.o.vacuum(ctx, r.pool); err != nil && ctx.Err() == nil {
+		if err := r.o.vacuum(ctx, r.pool, r.Buckets()); err != nil && ctx.Err() == nil {
 			r.log.Warn("outbox vacuum failed; relying on autovacuum", "err", err)
 		}
 	}()
 }
 
-func (o *Outbox) vacuum(ctx context.Context, pool *pgxpool.Pool) error {
+// vacuum vacuums the table, or on a partitioned table the partitions
+// holding buckets (those the relay holds), each by one relay at a time.
+func (o *Outbox) vacuum(ctx context.Context, pool *pgxpool.Pool, buckets []int) error {
 	c, err := pool.Acquire(ctx)
 	if err != nil {
 		return err
 	}
 	defer c.Release()
-	var got bool
-	if err := c.QueryRow(ctx, `SELECT pg_try_advisory_lock($1::int4, -2)`, o.lockNS+1).Scan(&got); err != nil {
-		return err
+	targets := map[int]string{-2: o.table} // advisory lock key -> what to vacuum
+	if o.cfg.Partitions > 1 {
+		targets = map[int]string{}
+		for _, b := range buckets {
+			p := o.partitionOf(b)
+			targets[-1000-p] = o.partition(p)
+		}
 	}
-	if !got {
-		return nil
+	for key, target := range targets {
+		var got bool
+		if err := c.QueryRow(ctx, `SELECT pg_try_advisory_lock($1::int4, $2::int4)`, o.lockNS+1, key).Scan(&got); err != nil {
+			return err
+		}
+		if !got {
+			continue
+		}
+		_, err = c.Exec(ctx, `VACUUM (TRUNCATE false) `+target)
+		c.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1::int4, $2::int4)`, o.lockNS+1, key)
+		if err != nil {
+			return err
+		}
 	}
-	defer c.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1::int4, -2)`, o.lockNS+1)
-	_, err = c.Exec(ctx, `VACUUM (TRUNCATE false) `+o.table)
-	return err
+	return nil
 }

@@ -36,189 +36,190 @@ type killable struct {
 // The published stream must hold every committed message, none of the
 // rolled-back ones, and per key the first deliveries in commit order.
 func TestPerKeyOrderUnderChaos(t *testing.T) {
-	t.Parallel()
-	pool, o := setup(t, outbox.Config{Buckets: 16})
-	ctx := tctx(t, 90*time.Second)
-	seeds := brokers(t)
-	topic := dimmertest.Name("orders_")
-	createTopic(t, seeds, topic, 8)
+	forEachLayout(t, func(t *testing.T, partitions int) {
+		pool, o := setup(t, outbox.Config{Buckets: 16, Partitions: partitions})
+		ctx := tctx(t, 90*time.Second)
+		seeds := brokers(t)
+		topic := dimmertest.Name("orders_")
+		createTopic(t, seeds, topic, 8)
 
-	// Ground truth, written in the same transactions: a per-key counter
-	// row (its lock makes n the commit order per key) and the message id
-	// it numbered.
-	_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0);
+		// Ground truth, written in the same transactions: a per-key counter
+		// row (its lock makes n the commit order per key) and the message id
+		// it numbered.
+		_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0);
 CREATE TABLE expected (key text, n int, id uuid, PRIMARY KEY (key, n))`)
-	require.NoError(t, err)
-	const nkeys = 30
-	keys := make([]string, nkeys)
-	for i := range keys {
-		keys[i] = fmt.Sprintf("acct-%02d", i)
-		_, err := pool.Exec(ctx, `INSERT INTO counters (key) VALUES ($1)`, keys[i])
 		require.NoError(t, err)
-	}
-
-	var kills atomic.Int64
-	var mu sync.Mutex
-	relays := map[int]*killable{}
-	start := func(slot int) {
-		rp := relayPool(t)
-		cl, pub := producer(t, seeds)
-		k := &killable{pool: rp, done: make(chan struct{})}
-		rctx, cancel := context.WithCancel(ctx)
-		k.cancel = cancel
-		// Kill mid-batch: after the broker acknowledged, before the ack.
-		crashy := outbox.PublisherFunc(func(c context.Context, b []outbox.Record) []error {
-			res := pub.Publish(c, b)
-			if rand.IntN(8) == 0 {
-				kills.Add(1)
-				cancel()
-			}
-			return res
-		})
-		r, err := o.NewRelay(rp, crashy, outbox.RelayConfig{
-			ID: fmt.Sprintf("relay-%d-%d", slot, rand.Int()), LeaseTTL: 400 * time.Millisecond,
-			PollInterval: 50 * time.Millisecond, BatchSize: 64, Logger: quiet(t),
-		})
-		require.NoError(t, err)
-		k.relay = r
-		go func() {
-			defer close(k.done)
-			_ = r.Run(rctx)
-			rp.Close() // a crash takes its connections and producer with it
-			cl.Close()
-		}()
-		mu.Lock()
-		relays[slot] = k
-		mu.Unlock()
-	}
-	for slot := range 4 {
-		start(slot)
-	}
-	// The supervisor restarts crashed relays and crashes some more.
-	stopSup := make(chan struct{})
-	supDone := make(chan struct{})
-	go func() {
-		defer close(supDone)
-		tick := time.NewTicker(30 * time.Millisecond)
-		defer tick.Stop()
-		n := 0
-		for {
-			select {
-			case <-stopSup:
-				return
-			case <-tick.C:
-			}
-			n++
-			for slot := range 4 {
-				mu.Lock()
-				k := relays[slot]
-				mu.Unlock()
-				select {
-				case <-k.done:
-					start(slot)
-				default:
-					if n%10 == 0 && rand.IntN(4) == 0 {
-						kills.Add(1)
-						k.cancel() // killed at a random point
-					}
-				}
-			}
+		const nkeys = 30
+		keys := make([]string, nkeys)
+		for i := range keys {
+			keys[i] = fmt.Sprintf("acct-%02d", i)
+			_, err := pool.Exec(ctx, `INSERT INTO counters (key) VALUES ($1)`, keys[i])
+			require.NoError(t, err)
 		}
-	}()
 
-	began := time.Now()
-	var committed, rolledBack atomic.Int64
-	var wg sync.WaitGroup
-	for g := range 8 {
-		wg.Add(1)
+		var kills atomic.Int64
+		var mu sync.Mutex
+		relays := map[int]*killable{}
+		start := func(slot int) {
+			rp := relayPool(t)
+			cl, pub := producer(t, seeds)
+			k := &killable{pool: rp, done: make(chan struct{})}
+			rctx, cancel := context.WithCancel(ctx)
+			k.cancel = cancel
+			// Kill mid-batch: after the broker acknowledged, before the ack.
+			crashy := outbox.PublisherFunc(func(c context.Context, b []outbox.Record) []error {
+				res := pub.Publish(c, b)
+				if rand.IntN(8) == 0 {
+					kills.Add(1)
+					cancel()
+				}
+				return res
+			})
+			r, err := o.NewRelay(rp, crashy, outbox.RelayConfig{
+				ID: fmt.Sprintf("relay-%d-%d", slot, rand.Int()), LeaseTTL: 400 * time.Millisecond,
+				PollInterval: 50 * time.Millisecond, BatchSize: 64, Logger: quiet(t),
+			})
+			require.NoError(t, err)
+			k.relay = r
+			go func() {
+				defer close(k.done)
+				_ = r.Run(rctx)
+				rp.Close() // a crash takes its connections and producer with it
+				cl.Close()
+			}()
+			mu.Lock()
+			relays[slot] = k
+			mu.Unlock()
+		}
+		for slot := range 4 {
+			start(slot)
+		}
+		// The supervisor restarts crashed relays and crashes some more.
+		stopSup := make(chan struct{})
+		supDone := make(chan struct{})
 		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(g), 7))
-			for range 40 {
-				pick := rng.Perm(nkeys)[:1+rng.IntN(3)]
-				slices.Sort(pick) // a consistent lock order: no deadlocks
-				err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-					for _, i := range pick {
-						for range 1 + rng.IntN(2) {
-							id, err := o.Enqueue(ctx, tx, outbox.Message{Topic: topic, Key: keys[i], Payload: []byte(keys[i])})
-							if err != nil {
-								return err
-							}
-							if rng.IntN(3) == 0 {
-								time.Sleep(time.Duration(rng.IntN(1500)) * time.Microsecond)
-							}
-							var n int
-							if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, keys[i]).Scan(&n); err != nil {
-								return err
-							}
-							if _, err := tx.Exec(ctx, `INSERT INTO expected VALUES ($1, $2, $3)`, keys[i], n, id); err != nil {
-								return err
-							}
+			defer close(supDone)
+			tick := time.NewTicker(30 * time.Millisecond)
+			defer tick.Stop()
+			n := 0
+			for {
+				select {
+				case <-stopSup:
+					return
+				case <-tick.C:
+				}
+				n++
+				for slot := range 4 {
+					mu.Lock()
+					k := relays[slot]
+					mu.Unlock()
+					select {
+					case <-k.done:
+						start(slot)
+					default:
+						if n%10 == 0 && rand.IntN(4) == 0 {
+							kills.Add(1)
+							k.cancel() // killed at a random point
 						}
 					}
-					if rng.IntN(10) == 0 {
-						return errRollback
-					}
-					return nil
-				})
-				switch err {
-				case nil:
-					committed.Add(1)
-				case errRollback:
-					rolledBack.Add(1)
-				default:
-					t.Errorf("writer: %v", err)
-					return
 				}
 			}
 		}()
-	}
-	wg.Wait()
-	t.Logf("writers done after %v", time.Since(began))
-	waitDrained(t, pool, o, 45*time.Second)
-	t.Logf("drained after %v", time.Since(began))
-	close(stopSup)
-	<-supDone
-	mu.Lock()
-	for _, k := range relays {
-		_ = k.relay.Shutdown(ctx)
-		<-k.done
-	}
-	mu.Unlock()
-	t.Logf("relays stopped after %v", time.Since(began))
 
-	want := map[string][]string{}
-	rows, err := pool.Query(ctx, `SELECT key, id::text FROM expected ORDER BY key, n`)
-	require.NoError(t, err)
-	var key, id string
-	total := 0
-	_, err = pgx.ForEachRow(rows, []any{&key, &id}, func() error { want[key] = append(want[key], id); total++; return nil })
-	require.NoError(t, err)
-
-	got := map[string][]string{}
-	recs := consumeAll(t, seeds, topic)
-	for _, r := range recs {
-		got[string(r.Key)] = append(got[string(r.Key)], header(r, outbox.HeaderMessageID))
-	}
-	dups := 0
-	for _, k := range keys {
-		seen := map[string]bool{}
-		var first []string
-		for _, id := range got[k] {
-			if seen[id] {
-				dups++
-				continue
-			}
-			seen[id] = true
-			first = append(first, id)
+		began := time.Now()
+		var committed, rolledBack atomic.Int64
+		var wg sync.WaitGroup
+		for g := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rng := rand.New(rand.NewPCG(uint64(g), 7))
+				for range 40 {
+					pick := rng.Perm(nkeys)[:1+rng.IntN(3)]
+					slices.Sort(pick) // a consistent lock order: no deadlocks
+					err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+						for _, i := range pick {
+							for range 1 + rng.IntN(2) {
+								id, err := o.Enqueue(ctx, tx, outbox.Message{Topic: topic, Key: keys[i], Payload: []byte(keys[i])})
+								if err != nil {
+									return err
+								}
+								if rng.IntN(3) == 0 {
+									time.Sleep(time.Duration(rng.IntN(1500)) * time.Microsecond)
+								}
+								var n int
+								if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, keys[i]).Scan(&n); err != nil {
+									return err
+								}
+								if _, err := tx.Exec(ctx, `INSERT INTO expected VALUES ($1, $2, $3)`, keys[i], n, id); err != nil {
+									return err
+								}
+							}
+						}
+						if rng.IntN(10) == 0 {
+							return errRollback
+						}
+						return nil
+					})
+					switch err {
+					case nil:
+						committed.Add(1)
+					case errRollback:
+						rolledBack.Add(1)
+					default:
+						t.Errorf("writer: %v", err)
+						return
+					}
+				}
+			}()
 		}
-		require.Equal(t, want[k], first, "key %s: first deliveries must be every committed message, in commit order", k)
-	}
-	t.Logf("%d transactions committed, %d rolled back, %d messages, %d published records, %d duplicates, %d relay kills",
-		committed.Load(), rolledBack.Load(), total, len(recs), dups, kills.Load())
-	assert.Equal(t, total+dups, len(recs))
-	assert.Greater(t, kills.Load(), int64(3), "the test must actually kill relays")
-	assert.Greater(t, rolledBack.Load(), int64(0))
+		wg.Wait()
+		t.Logf("writers done after %v", time.Since(began))
+		waitDrained(t, pool, o, 45*time.Second)
+		t.Logf("drained after %v", time.Since(began))
+		close(stopSup)
+		<-supDone
+		mu.Lock()
+		for _, k := range relays {
+			_ = k.relay.Shutdown(ctx)
+			<-k.done
+		}
+		mu.Unlock()
+		t.Logf("relays stopped after %v", time.Since(began))
+
+		want := map[string][]string{}
+		rows, err := pool.Query(ctx, `SELECT key, id::text FROM expected ORDER BY key, n`)
+		require.NoError(t, err)
+		var key, id string
+		total := 0
+		_, err = pgx.ForEachRow(rows, []any{&key, &id}, func() error { want[key] = append(want[key], id); total++; return nil })
+		require.NoError(t, err)
+
+		got := map[string][]string{}
+		recs := consumeAll(t, seeds, topic)
+		for _, r := range recs {
+			got[string(r.Key)] = append(got[string(r.Key)], header(r, outbox.HeaderMessageID))
+		}
+		dups := 0
+		for _, k := range keys {
+			seen := map[string]bool{}
+			var first []string
+			for _, id := range got[k] {
+				if seen[id] {
+					dups++
+					continue
+				}
+				seen[id] = true
+				first = append(first, id)
+			}
+			require.Equal(t, want[k], first, "key %s: first deliveries must be every committed message, in commit order", k)
+		}
+		t.Logf("%d transactions committed, %d rolled back, %d messages, %d published records, %d duplicates, %d relay kills",
+			committed.Load(), rolledBack.Load(), total, len(recs), dups, kills.Load())
+		assert.Equal(t, total+dups, len(recs))
+		assert.Greater(t, kills.Load(), int64(3), "the test must actually kill relays")
+		assert.Greater(t, rolledBack.Load(), int64(0))
+	})
 }
 
 var errRollback = fmt.Errorf("test rollback")
@@ -226,54 +227,55 @@ var errRollback = fmt.Errorf("test rollback")
 // TestLeasesSplitAndFence: relays share the buckets fairly; a relay whose
 // lease was taken over cannot acknowledge (its rows stay for the owner).
 func TestLeasesSplitAndFence(t *testing.T) {
-	t.Parallel()
-	pool, o := setup(t, outbox.Config{Buckets: 8})
-	ctx := tctx(t, 30*time.Second)
-	var published atomic.Int64
-	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
-		published.Add(int64(len(b)))
-		return make([]error, len(b))
-	})
-	var rs []*outbox.Relay
-	var wg sync.WaitGroup
-	for i := range 3 {
-		r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: fmt.Sprint("r", i), LeaseTTL: 300 * time.Millisecond, PollInterval: 20 * time.Millisecond, Logger: quiet(t)})
-		require.NoError(t, err)
-		rs = append(rs, r)
-		wg.Add(1)
-		go func() { defer wg.Done(); _ = r.Run(ctx) }()
-	}
-	require.Eventually(t, func() bool {
-		all := map[int]int{}
-		for _, r := range rs {
-			bs := r.Buckets()
-			if len(bs) < 2 || len(bs) > 3 {
-				return false
-			}
-			for _, b := range bs {
-				all[b]++
-			}
+	forEachLayout(t, func(t *testing.T, partitions int) {
+		pool, o := setup(t, outbox.Config{Buckets: 8, Partitions: partitions})
+		ctx := tctx(t, 30*time.Second)
+		var published atomic.Int64
+		pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+			published.Add(int64(len(b)))
+			return make([]error, len(b))
+		})
+		var rs []*outbox.Relay
+		var wg sync.WaitGroup
+		for i := range 3 {
+			r, err := o.NewRelay(pool, pub, outbox.RelayConfig{ID: fmt.Sprint("r", i), LeaseTTL: 300 * time.Millisecond, PollInterval: 20 * time.Millisecond, Logger: quiet(t)})
+			require.NoError(t, err)
+			rs = append(rs, r)
+			wg.Add(1)
+			go func() { defer wg.Done(); _ = r.Run(ctx) }()
 		}
-		return len(all) == 8
-	}, 10*time.Second, 20*time.Millisecond, "8 buckets split 3/3/2 without overlap")
+		require.Eventually(t, func() bool {
+			all := map[int]int{}
+			for _, r := range rs {
+				bs := r.Buckets()
+				if len(bs) < 2 || len(bs) > 3 {
+					return false
+				}
+				for _, b := range bs {
+					all[b]++
+				}
+			}
+			return len(all) == 8
+		}, 10*time.Second, 20*time.Millisecond, "8 buckets split 3/3/2 without overlap")
 
-	// Graceful shutdown hands buckets over at once (well under a TTL).
-	require.NoError(t, rs[0].Shutdown(ctx))
-	require.Eventually(t, func() bool { return len(rs[1].Buckets())+len(rs[2].Buckets()) == 8 }, 5*time.Second, 10*time.Millisecond)
+		// Graceful shutdown hands buckets over at once (well under a TTL).
+		require.NoError(t, rs[0].Shutdown(ctx))
+		require.Eventually(t, func() bool { return len(rs[1].Buckets())+len(rs[2].Buckets()) == 8 }, 5*time.Second, 10*time.Millisecond)
 
-	for i := range 50 {
-		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i)})
-		require.NoError(t, err)
-	}
-	waitDrained(t, pool, o, 10*time.Second)
-	assert.GreaterOrEqual(t, published.Load(), int64(50))
-	for _, r := range rs[1:] {
-		require.NoError(t, r.Shutdown(ctx))
-	}
-	wg.Wait()
-	var owned int
-	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+o.Config().Schema+`.outbox_leases WHERE owner IS NOT NULL`).Scan(&owned))
-	assert.Zero(t, owned, "shutdown releases every lease")
+		for i := range 50 {
+			_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i)})
+			require.NoError(t, err)
+		}
+		waitDrained(t, pool, o, 10*time.Second)
+		assert.GreaterOrEqual(t, published.Load(), int64(50))
+		for _, r := range rs[1:] {
+			require.NoError(t, r.Shutdown(ctx))
+		}
+		wg.Wait()
+		var owned int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+o.Config().Schema+`.outbox_leases WHERE owner IS NOT NULL`).Scan(&owned))
+		assert.Zero(t, owned, "shutdown releases every lease")
+	})
 }
 
 // TestFencedAck: a relay stalled in Publish past its lease is fenced off.
@@ -355,53 +357,54 @@ func startRelay(t *testing.T, ctx context.Context, o *outbox.Outbox, pool *pgxpo
 // is taken over while the batch is published. The acknowledgement deletes
 // the row of the bucket still held and leaves the other for its new owner.
 func TestAckDeletesOnlyHeldBuckets(t *testing.T) {
-	t.Parallel()
-	pool, o := setup(t, outbox.Config{Buckets: 2})
-	ctx := tctx(t, 30*time.Second)
-	keyOf := map[int]string{}
-	for i := 0; len(keyOf) < 2; i++ {
-		k := fmt.Sprint("k", i)
-		if _, ok := keyOf[o.Bucket(k)]; !ok {
-			keyOf[o.Bucket(k)] = k
+	forEachLayout(t, func(t *testing.T, partitions int) {
+		pool, o := setup(t, outbox.Config{Buckets: 2, Partitions: min(partitions, 2)})
+		ctx := tctx(t, 30*time.Second)
+		keyOf := map[int]string{}
+		for i := 0; len(keyOf) < 2; i++ {
+			k := fmt.Sprint("k", i)
+			if _, ok := keyOf[o.Bucket(k)]; !ok {
+				keyOf[o.Bucket(k)] = k
+			}
 		}
-	}
-	for _, k := range keyOf {
-		_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: k})
-		require.NoError(t, err)
-	}
-	c := o.Config()
-	stalled := make(chan struct{})
-	release := make(chan struct{})
-	var once sync.Once
-	var mu sync.Mutex
-	published := map[string]int{}
-	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
-		mu.Lock()
-		for _, rec := range b {
-			published[rec.Key]++
+		for _, k := range keyOf {
+			_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: k})
+			require.NoError(t, err)
 		}
-		mu.Unlock()
-		once.Do(func() {
-			assert.Len(t, b, 2, "one batch carries both buckets' rows")
-			close(stalled)
-			<-release
+		c := o.Config()
+		stalled := make(chan struct{})
+		release := make(chan struct{})
+		var once sync.Once
+		var mu sync.Mutex
+		published := map[string]int{}
+		pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+			mu.Lock()
+			for _, rec := range b {
+				published[rec.Key]++
+			}
+			mu.Unlock()
+			once.Do(func() {
+				assert.Len(t, b, 2, "one batch carries both buckets' rows")
+				close(stalled)
+				<-release
+			})
+			return make([]error, len(b))
 		})
-		return make([]error, len(b))
+		_, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{})
+		<-stalled
+		_, err := pool.Exec(ctx, takeOverSQL(o, "bucket = 1"))
+		require.NoError(t, err)
+		close(release)
+		require.Eventually(t, func() bool { return pending(t, pool, o) == 1 }, 10*time.Second, 5*time.Millisecond,
+			"the held bucket's row is acknowledged")
+		stop()
+		var key string
+		require.NoError(t, pool.QueryRow(ctx, `SELECT key FROM `+c.Schema+`.`+c.Table).Scan(&key))
+		assert.Equal(t, keyOf[1], key, "the taken-over bucket's row stays for its new owner")
+		mu.Lock()
+		defer mu.Unlock()
+		assert.Equal(t, 1, published[keyOf[0]], "the held bucket's row was acknowledged by that batch, not published again")
 	})
-	_, stop := startRelay(t, ctx, o, pool, pub, outbox.RelayConfig{})
-	<-stalled
-	_, err := pool.Exec(ctx, takeOverSQL(o, "bucket = 1"))
-	require.NoError(t, err)
-	close(release)
-	require.Eventually(t, func() bool { return pending(t, pool, o) == 1 }, 10*time.Second, 5*time.Millisecond,
-		"the held bucket's row is acknowledged")
-	stop()
-	var key string
-	require.NoError(t, pool.QueryRow(ctx, `SELECT key FROM `+c.Schema+`.`+c.Table).Scan(&key))
-	assert.Equal(t, keyOf[1], key, "the taken-over bucket's row stays for its new owner")
-	mu.Lock()
-	defer mu.Unlock()
-	assert.Equal(t, 1, published[keyOf[0]], "the held bucket's row was acknowledged by that batch, not published again")
 }
 
 // TestFencedOffAckHoldsBackSuccessors: the bucket is taken over just as the
@@ -509,91 +512,92 @@ func TestFailureWaitsForTakeover(t *testing.T) {
 // still be exactly the committed ones in commit order, and no batch may
 // carry a key twice or a key still in flight.
 func TestPipelinedBatchesKeepOrder(t *testing.T) {
-	t.Parallel()
-	pool, o := setup(t, outbox.Config{Buckets: 8})
-	ctx := tctx(t, 60*time.Second)
-	_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0)`)
-	require.NoError(t, err)
-	const nkeys = 300
-	for i := range nkeys {
-		_, err := pool.Exec(ctx, `INSERT INTO counters (key) VALUES ($1)`, fmt.Sprint("k", i))
+	forEachLayout(t, func(t *testing.T, partitions int) {
+		pool, o := setup(t, outbox.Config{Buckets: 8, Partitions: partitions})
+		ctx := tctx(t, 60*time.Second)
+		_, err := pool.Exec(ctx, `CREATE TABLE counters (key text PRIMARY KEY, n int NOT NULL DEFAULT 0)`)
 		require.NoError(t, err)
-	}
+		const nkeys = 300
+		for i := range nkeys {
+			_, err := pool.Exec(ctx, `INSERT INTO counters (key) VALUES ($1)`, fmt.Sprint("k", i))
+			require.NoError(t, err)
+		}
 
-	var mu sync.Mutex
-	got := map[string][]int{}
-	inFlight := map[string]bool{}
-	full, batches := 0, 0
-	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
-		mu.Lock()
-		batches++
-		if len(b) == 16 {
-			full++
-		}
-		for _, r := range b {
-			if inFlight[r.Key] {
-				t.Errorf("key %s published while a message of it is in flight", r.Key)
+		var mu sync.Mutex
+		got := map[string][]int{}
+		inFlight := map[string]bool{}
+		full, batches := 0, 0
+		pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+			mu.Lock()
+			batches++
+			if len(b) == 16 {
+				full++
 			}
-			inFlight[r.Key] = true
+			for _, r := range b {
+				if inFlight[r.Key] {
+					t.Errorf("key %s published while a message of it is in flight", r.Key)
+				}
+				inFlight[r.Key] = true
+			}
+			mu.Unlock()
+			time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond) // the broker's round trip
+			errs := make([]error, len(b))
+			mu.Lock()
+			defer mu.Unlock()
+			for i, r := range b {
+				delete(inFlight, r.Key)
+				if rand.IntN(10) == 0 {
+					errs[i] = fmt.Errorf("leader not available")
+					continue
+				}
+				var n int
+				fmt.Sscan(string(r.Payload), &n)
+				got[r.Key] = append(got[r.Key], n)
+			}
+			return errs
+		})
+		// Writers first, so a backlog builds up across many keys.
+		var wg sync.WaitGroup
+		for g := range 6 {
+			wg.Go(func() {
+				rng := rand.New(rand.NewPCG(uint64(g), 11))
+				for range 150 {
+					key := fmt.Sprint("k", rng.IntN(nkeys))
+					require.NoError(t, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+						var n int
+						if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, key).Scan(&n); err != nil {
+							return err
+						}
+						_, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: key, Payload: []byte(fmt.Sprint(n))})
+						return err
+					}))
+				}
+			})
 		}
-		mu.Unlock()
-		time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond) // the broker's round trip
-		errs := make([]error, len(b))
+		wg.Wait()
+		r, err := o.NewRelay(pool, pub, outbox.RelayConfig{BatchSize: 16, PollInterval: 10 * time.Millisecond,
+			BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond, Logger: quiet(t)})
+		require.NoError(t, err)
+		runUntilDrained(t, ctx, pool, o, r, 40*time.Second)
+
+		rows, err := pool.Query(ctx, `SELECT key, n FROM counters WHERE n > 0`)
+		require.NoError(t, err)
+		var key string
+		var n int
+		want := map[string][]int{}
+		_, err = pgx.ForEachRow(rows, []any{&key, &n}, func() error {
+			for i := 1; i <= n; i++ {
+				want[key] = append(want[key], i)
+			}
+			return nil
+		})
+		require.NoError(t, err)
 		mu.Lock()
 		defer mu.Unlock()
-		for i, r := range b {
-			delete(inFlight, r.Key)
-			if rand.IntN(10) == 0 {
-				errs[i] = fmt.Errorf("leader not available")
-				continue
-			}
-			var n int
-			fmt.Sscan(string(r.Payload), &n)
-			got[r.Key] = append(got[r.Key], n)
-		}
-		return errs
+		assert.Equal(t, want, got, "per key: every committed message once, in commit order")
+		t.Logf("%d batches, %d of them full", batches, full)
+		assert.Greater(t, full, 10, "the backlog must give full batches")
 	})
-	// Writers first, so a backlog builds up across many keys.
-	var wg sync.WaitGroup
-	for g := range 6 {
-		wg.Go(func() {
-			rng := rand.New(rand.NewPCG(uint64(g), 11))
-			for range 150 {
-				key := fmt.Sprint("k", rng.IntN(nkeys))
-				require.NoError(t, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-					var n int
-					if err := tx.QueryRow(ctx, `UPDATE counters SET n = n + 1 WHERE key = $1 RETURNING n`, key).Scan(&n); err != nil {
-						return err
-					}
-					_, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: key, Payload: []byte(fmt.Sprint(n))})
-					return err
-				}))
-			}
-		})
-	}
-	wg.Wait()
-	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{BatchSize: 16, PollInterval: 10 * time.Millisecond,
-		BackoffMin: time.Millisecond, BackoffMax: 5 * time.Millisecond, Logger: quiet(t)})
-	require.NoError(t, err)
-	runUntilDrained(t, ctx, pool, o, r, 40*time.Second)
-
-	rows, err := pool.Query(ctx, `SELECT key, n FROM counters WHERE n > 0`)
-	require.NoError(t, err)
-	var key string
-	var n int
-	want := map[string][]int{}
-	_, err = pgx.ForEachRow(rows, []any{&key, &n}, func() error {
-		for i := 1; i <= n; i++ {
-			want[key] = append(want[key], i)
-		}
-		return nil
-	})
-	require.NoError(t, err)
-	mu.Lock()
-	defer mu.Unlock()
-	assert.Equal(t, want, got, "per key: every committed message once, in commit order")
-	t.Logf("%d batches, %d of them full", batches, full)
-	assert.Greater(t, full, 10, "the backlog must give full batches")
 }
 
 // warnings counts the records at Warn and above a relay logs.
@@ -743,122 +747,123 @@ func TestReleaseAndRegisterWhileReaped(t *testing.T) {
 // by its lease running out. Meanwhile a steady writer's messages must keep
 // flowing: none waits anywhere near a lease tick.
 func TestHandOffsAreImmediate(t *testing.T) {
-	t.Parallel()
-	pool, o := setup(t, outbox.Config{Buckets: 16})
-	ctx := tctx(t, 90*time.Second)
-	const ttl = 30 * time.Second
+	forEachLayout(t, func(t *testing.T, partitions int) {
+		pool, o := setup(t, outbox.Config{Buckets: 16, Partitions: partitions})
+		ctx := tctx(t, 90*time.Second)
+		const ttl = 30 * time.Second
 
-	var mu sync.Mutex
-	committed := map[string]time.Time{}
-	var worst time.Duration
-	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
-		now := time.Now()
-		mu.Lock()
-		for _, r := range b {
-			if t0, ok := committed[r.ID.String()]; ok {
-				worst = max(worst, now.Sub(t0))
-			}
-		}
-		mu.Unlock()
-		return make([]error, len(b))
-	})
-	type running struct {
-		r      *outbox.Relay
-		cancel context.CancelFunc
-		pool   *pgxpool.Pool
-		done   chan struct{}
-	}
-	start := func(id string) *running {
-		rp := relayPool(t)
-		// Connections open, as a service's pool has them: what is timed
-		// is the hand-off, not connection set-up on a loaded machine.
-		var cs []*pgxpool.Conn
-		for range rp.Config().MaxConns {
-			c, err := rp.Acquire(ctx)
-			require.NoError(t, err)
-			cs = append(cs, c)
-		}
-		for _, c := range cs {
-			c.Release()
-		}
-		r, err := o.NewRelay(rp, pub, outbox.RelayConfig{ID: id, LeaseTTL: ttl, Logger: quiet(t)})
-		require.NoError(t, err)
-		rctx, cancel := context.WithCancel(ctx)
-		x := &running{r: r, cancel: cancel, pool: rp, done: make(chan struct{})}
-		go func() { defer close(x.done); _ = r.Run(rctx) }()
-		return x
-	}
-	split := func(what string, rs ...*running) {
-		t.Helper()
-		began := time.Now()
-		require.Eventually(t, func() bool {
-			seen := map[int]bool{}
-			for _, x := range rs {
-				bs := x.r.Buckets()
-				if len(bs) < 16/len(rs) || len(bs) > (16+len(rs)-1)/len(rs) {
-					return false
-				}
-				for _, b := range bs {
-					seen[b] = true
-				}
-			}
-			return len(seen) == 16
-		}, 2*time.Second, 5*time.Millisecond, "%s: the buckets are shared fairly at once, not at a lease tick (%v)", what, ttl/3)
-		t.Logf("%s: shared fairly after %v", what, time.Since(began))
-	}
-
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
-			}
-			var id string
-			err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-				u, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%97)})
-				id = u.String()
-				return err
-			})
-			if err != nil {
-				t.Errorf("writer: %v", err)
-				return
-			}
+		var mu sync.Mutex
+		committed := map[string]time.Time{}
+		var worst time.Duration
+		pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+			now := time.Now()
 			mu.Lock()
-			committed[id] = time.Now()
+			for _, r := range b {
+				if t0, ok := committed[r.ID.String()]; ok {
+					worst = max(worst, now.Sub(t0))
+				}
+			}
 			mu.Unlock()
+			return make([]error, len(b))
+		})
+		type running struct {
+			r      *outbox.Relay
+			cancel context.CancelFunc
+			pool   *pgxpool.Pool
+			done   chan struct{}
 		}
+		start := func(id string) *running {
+			rp := relayPool(t)
+			// Connections open, as a service's pool has them: what is timed
+			// is the hand-off, not connection set-up on a loaded machine.
+			var cs []*pgxpool.Conn
+			for range rp.Config().MaxConns {
+				c, err := rp.Acquire(ctx)
+				require.NoError(t, err)
+				cs = append(cs, c)
+			}
+			for _, c := range cs {
+				c.Release()
+			}
+			r, err := o.NewRelay(rp, pub, outbox.RelayConfig{ID: id, LeaseTTL: ttl, Logger: quiet(t)})
+			require.NoError(t, err)
+			rctx, cancel := context.WithCancel(ctx)
+			x := &running{r: r, cancel: cancel, pool: rp, done: make(chan struct{})}
+			go func() { defer close(x.done); _ = r.Run(rctx) }()
+			return x
+		}
+		split := func(what string, rs ...*running) {
+			t.Helper()
+			began := time.Now()
+			require.Eventually(t, func() bool {
+				seen := map[int]bool{}
+				for _, x := range rs {
+					bs := x.r.Buckets()
+					if len(bs) < 16/len(rs) || len(bs) > (16+len(rs)-1)/len(rs) {
+						return false
+					}
+					for _, b := range bs {
+						seen[b] = true
+					}
+				}
+				return len(seen) == 16
+			}, 2*time.Second, 5*time.Millisecond, "%s: the buckets are shared fairly at once, not at a lease tick (%v)", what, ttl/3)
+			t.Logf("%s: shared fairly after %v", what, time.Since(began))
+		}
+
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(5 * time.Millisecond):
+				}
+				var id string
+				err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+					u, err := o.Enqueue(ctx, tx, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%97)})
+					id = u.String()
+					return err
+				})
+				if err != nil {
+					t.Errorf("writer: %v", err)
+					return
+				}
+				mu.Lock()
+				committed[id] = time.Now()
+				mu.Unlock()
+			}
+		})
+
+		a := start("a")
+		split("one relay", a)
+		b, c, d := start("b"), start("c"), start("d")
+		split("three joined", a, b, c, d)
+
+		// Killed: no Shutdown, its connections die with it.
+		c.cancel()
+		<-c.done
+		c.pool.Close()
+		split("one killed", a, b, d)
+		c = start("c") // restarted under the same ID
+		split("restarted", a, b, c, d)
+		require.NoError(t, d.r.Shutdown(ctx))
+		<-d.done
+		split("one left", a, b, c)
+
+		close(stop)
+		wg.Wait()
+		waitDrained(t, pool, o, 10*time.Second)
+		for _, x := range []*running{a, b, c} {
+			require.NoError(t, x.r.Shutdown(ctx))
+			<-x.done
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		t.Logf("%d messages, worst commit-to-publish %v", len(committed), worst)
+		assert.Less(t, worst, 2*time.Second, "no message waits for a lease to lapse or a lease tick")
 	})
-
-	a := start("a")
-	split("one relay", a)
-	b, c, d := start("b"), start("c"), start("d")
-	split("three joined", a, b, c, d)
-
-	// Killed: no Shutdown, its connections die with it.
-	c.cancel()
-	<-c.done
-	c.pool.Close()
-	split("one killed", a, b, d)
-	c = start("c") // restarted under the same ID
-	split("restarted", a, b, c, d)
-	require.NoError(t, d.r.Shutdown(ctx))
-	<-d.done
-	split("one left", a, b, c)
-
-	close(stop)
-	wg.Wait()
-	waitDrained(t, pool, o, 10*time.Second)
-	for _, x := range []*running{a, b, c} {
-		require.NoError(t, x.r.Shutdown(ctx))
-		<-x.done
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	t.Logf("%d messages, worst commit-to-publish %v", len(committed), worst)
-	assert.Less(t, worst, 2*time.Second, "no message waits for a lease to lapse or a lease tick")
 }
 
 // TestRegistrationSessionKilled: the server ends one relay's registration
@@ -867,75 +872,76 @@ func TestHandOffsAreImmediate(t *testing.T) {
 // relay stops publishing for them, registers again and gets its share back;
 // every message is still delivered once per key in order.
 func TestRegistrationSessionKilled(t *testing.T) {
-	t.Parallel()
-	pool, o := setup(t, outbox.Config{Buckets: 8})
-	ctx := tctx(t, 60*time.Second)
-	var mu sync.Mutex
-	got := map[string][]int{}
-	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, r := range b {
-			var n int
-			fmt.Sscan(string(r.Payload), &n)
-			got[r.Key] = append(got[r.Key], n)
-		}
-		return make([]error, len(b))
-	})
-	var rs []*outbox.Relay
-	var wg sync.WaitGroup
-	for _, id := range []string{"a", "b"} {
-		r, err := o.NewRelay(relayPool(t), pub, outbox.RelayConfig{ID: id, LeaseTTL: 30 * time.Second, Logger: quiet(t)})
-		require.NoError(t, err)
-		rs = append(rs, r)
-		wg.Go(func() { _ = r.Run(ctx) })
-	}
-	require.Eventually(t, func() bool { return len(rs[0].Buckets()) == 4 && len(rs[1].Buckets()) == 4 }, 10*time.Second, 5*time.Millisecond)
-
-	send := func(from, to int) {
-		for i := from; i < to; i++ {
-			_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%10), Payload: []byte(fmt.Sprint(i / 10))})
+	forEachLayout(t, func(t *testing.T, partitions int) {
+		pool, o := setup(t, outbox.Config{Buckets: 8, Partitions: partitions})
+		ctx := tctx(t, 60*time.Second)
+		var mu sync.Mutex
+		got := map[string][]int{}
+		pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, r := range b {
+				var n int
+				fmt.Sscan(string(r.Payload), &n)
+				got[r.Key] = append(got[r.Key], n)
+			}
+			return make([]error, len(b))
+		})
+		var rs []*outbox.Relay
+		var wg sync.WaitGroup
+		for _, id := range []string{"a", "b"} {
+			r, err := o.NewRelay(relayPool(t), pub, outbox.RelayConfig{ID: id, LeaseTTL: 30 * time.Second, Logger: quiet(t)})
 			require.NoError(t, err)
+			rs = append(rs, r)
+			wg.Go(func() { _ = r.Run(ctx) })
 		}
-	}
-	send(0, 100)
-	var pid int
-	require.NoError(t, pool.QueryRow(ctx, `SELECT pid FROM `+o.Config().Schema+`.outbox_relays WHERE id = 'a'`).Scan(&pid))
-	var killed bool
-	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, pid).Scan(&killed))
-	require.True(t, killed)
-	began := time.Now()
-	require.Eventually(t, func() bool { return len(rs[1].Buckets()) == 8 || len(rs[0].Buckets()) == 0 }, 2*time.Second, 5*time.Millisecond,
-		"the cut-off relay stops claiming its buckets, or the other takes them over, at once")
-	require.Eventually(t, func() bool { return len(rs[0].Buckets()) == 4 && len(rs[1].Buckets()) == 4 }, 5*time.Second, 5*time.Millisecond,
-		"the cut-off relay registers again and gets its share back")
-	var newPid int
-	require.NoError(t, pool.QueryRow(ctx, `SELECT pid FROM `+o.Config().Schema+`.outbox_relays WHERE id = 'a'`).Scan(&newPid))
-	assert.NotEqual(t, pid, newPid, "registered on a new session")
-	t.Logf("shared again %v after the session was killed", time.Since(began))
-	send(100, 200)
-	waitDrained(t, pool, o, 10*time.Second)
-	for _, r := range rs {
-		require.NoError(t, r.Shutdown(ctx))
-	}
-	wg.Wait()
-	mu.Lock()
-	defer mu.Unlock()
-	for k := range 10 {
-		var firsts []int
-		seen := map[int]bool{}
-		for _, n := range got[fmt.Sprint("k", k)] {
-			if !seen[n] {
-				seen[n] = true
-				firsts = append(firsts, n)
+		require.Eventually(t, func() bool { return len(rs[0].Buckets()) == 4 && len(rs[1].Buckets()) == 4 }, 10*time.Second, 5*time.Millisecond)
+
+		send := func(from, to int) {
+			for i := from; i < to; i++ {
+				_, err := o.EnqueuePool(ctx, pool, outbox.Message{Topic: "t", Key: fmt.Sprint("k", i%10), Payload: []byte(fmt.Sprint(i / 10))})
+				require.NoError(t, err)
 			}
 		}
-		want := make([]int, 20)
-		for i := range want {
-			want[i] = i
+		send(0, 100)
+		var pid int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT pid FROM `+o.Config().Schema+`.outbox_relays WHERE id = 'a'`).Scan(&pid))
+		var killed bool
+		require.NoError(t, pool.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, pid).Scan(&killed))
+		require.True(t, killed)
+		began := time.Now()
+		require.Eventually(t, func() bool { return len(rs[1].Buckets()) == 8 || len(rs[0].Buckets()) == 0 }, 2*time.Second, 5*time.Millisecond,
+			"the cut-off relay stops claiming its buckets, or the other takes them over, at once")
+		require.Eventually(t, func() bool { return len(rs[0].Buckets()) == 4 && len(rs[1].Buckets()) == 4 }, 5*time.Second, 5*time.Millisecond,
+			"the cut-off relay registers again and gets its share back")
+		var newPid int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT pid FROM `+o.Config().Schema+`.outbox_relays WHERE id = 'a'`).Scan(&newPid))
+		assert.NotEqual(t, pid, newPid, "registered on a new session")
+		t.Logf("shared again %v after the session was killed", time.Since(began))
+		send(100, 200)
+		waitDrained(t, pool, o, 10*time.Second)
+		for _, r := range rs {
+			require.NoError(t, r.Shutdown(ctx))
 		}
-		assert.Equal(t, want, firsts, "key k%d: every message, first deliveries in order", k)
-	}
+		wg.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		for k := range 10 {
+			var firsts []int
+			seen := map[int]bool{}
+			for _, n := range got[fmt.Sprint("k", k)] {
+				if !seen[n] {
+					seen[n] = true
+					firsts = append(firsts, n)
+				}
+			}
+			want := make([]int, 20)
+			for i := range want {
+				want[i] = i
+			}
+			assert.Equal(t, want, firsts, "key k%d: every message, first deliveries in order", k)
+		}
+	})
 }
 
 // TestRelayHandsOverRecordsAsEnqueued: the publisher gets every field of a

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -20,9 +21,11 @@ type Beginner interface {
 // entry once released: append a new one.
 func (o *Outbox) migrations() []string {
 	ident := func(s string) string { return pgx.Identifier{s}.Sanitize() }
-	return []string{
-		// v1
-		`CREATE TABLE ` + o.table + ` (
+	// Version 1's message table: one plain table, or (Config.Partitions,
+	// only ever at a fresh install) the same table split by bucket range.
+	v1 := o.partitionedV1()
+	if o.cfg.Partitions == 1 {
+		v1 = `CREATE TABLE ` + o.table + ` (
 	seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
 	id              uuid NOT NULL,
 	bucket          int NOT NULL,
@@ -39,7 +42,11 @@ func (o *Outbox) migrations() []string {
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000,
         autovacuum_vacuum_cost_delay = 0);
 CREATE INDEX ` + ident(o.cfg.Table+"_lane_idx") + ` ON ` + o.table + ` (bucket, lane, seq);
-CREATE INDEX ` + ident(o.cfg.Table+"_dead_idx") + ` ON ` + o.table + ` (id) WHERE dead_at IS NOT NULL;
+CREATE INDEX ` + ident(o.cfg.Table+"_dead_idx") + ` ON ` + o.table + ` (id) WHERE dead_at IS NOT NULL;`
+	}
+	return []string{
+		// v1
+		v1 + `
 CREATE TABLE ` + o.leases + ` (
 	bucket     int PRIMARY KEY,
 	owner      text,
@@ -57,6 +64,58 @@ CREATE TABLE ` + o.relays + ` (
 		// (NULL: registered by older code, alive while it heartbeats).
 		`ALTER TABLE ` + o.relays + ` ADD COLUMN pid int;`,
 	}
+}
+
+// partitionedV1 is version 1's message table split by bucket range
+// (Config.Partitions > 1): the same columns and indexes, with the
+// partition key in the primary key as PostgreSQL requires. The storage
+// parameters go on each partition, where the rows are.
+func (o *Outbox) partitionedV1() string {
+	ident := func(s string) string { return pgx.Identifier{s}.Sanitize() }
+	var b strings.Builder
+	b.WriteString(`CREATE TABLE ` + o.table + ` (
+	seq             bigint GENERATED ALWAYS AS IDENTITY,
+	id              uuid NOT NULL,
+	bucket          int NOT NULL,
+	lane            text COLLATE "C" NOT NULL,
+	key             text,
+	topic           text NOT NULL,
+	payload         bytea NOT NULL,
+	headers         jsonb,
+	created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+	attempts        int NOT NULL DEFAULT 0,
+	next_attempt_at timestamptz,
+	last_error      text,
+	dead_at         timestamptz,
+	PRIMARY KEY (seq, bucket)
+) PARTITION BY RANGE (bucket);
+`)
+	size := o.cfg.Buckets / o.cfg.Partitions
+	for i := range o.cfg.Partitions {
+		fmt.Fprintf(&b, `CREATE TABLE %s PARTITION OF %s FOR VALUES FROM (%d) TO (%d)
+WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000, autovacuum_vacuum_cost_delay = 0);
+`, o.partition(i), o.table, i*size, (i+1)*size)
+	}
+	b.WriteString(`CREATE INDEX ` + ident(o.cfg.Table+"_lane_idx") + ` ON ` + o.table + ` (bucket, lane, seq);
+CREATE INDEX ` + ident(o.cfg.Table+"_dead_idx") + ` ON ` + o.table + ` (id) WHERE dead_at IS NOT NULL;`)
+	return b.String()
+}
+
+// partition is the quoted name of partition i.
+func (o *Outbox) partition(i int) string {
+	return pgx.Identifier{o.cfg.Schema, fmt.Sprintf("%s_p%d", o.cfg.Table, i)}.Sanitize()
+}
+
+// partitionOf is the partition holding bucket b.
+func (o *Outbox) partitionOf(b int) int { return b / (o.cfg.Buckets / o.cfg.Partitions) }
+
+// installedPartitions counts the message table's partitions: 1 for a
+// plain table.
+func installedPartitions(ctx context.Context, db Querier, table string) (int, error) {
+	var n int
+	err := db.QueryRow(ctx, `SELECT CASE WHEN c.relkind = 'p' THEN (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid) ELSE 1 END
+FROM pg_class c WHERE c.oid = $1::regclass`, table).Scan(&n)
+	return n, err
 }
 
 // Install creates or upgrades the outbox tables in Config.Schema. It is
@@ -109,6 +168,13 @@ func (o *Outbox) Install(ctx context.Context, db Beginner) error {
 			return fmt.Errorf("outbox: install %s: migrate to version %d: %w", o.table, v+1, err)
 		}
 	}
+	parts, err := installedPartitions(ctx, tx, o.table)
+	if err != nil {
+		return fmt.Errorf("outbox: install: read %s: %w", o.table, err)
+	}
+	if parts != o.cfg.Partitions {
+		return fmt.Errorf("%w: %s was installed with %d partitions, Config.Partitions is %d (the layout cannot change)", ErrSchemaMismatch, o.table, parts, o.cfg.Partitions)
+	}
 	if version < SchemaVersion {
 		if _, err := tx.Exec(ctx, `INSERT INTO `+o.meta+` (version, buckets) VALUES ($1, $2)
 ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version`, SchemaVersion, o.cfg.Buckets); err != nil {
@@ -151,6 +217,9 @@ func Installed(ctx context.Context, db Querier, schema, table string) (Config, e
 	}
 	if version > SchemaVersion {
 		return Config{}, fmt.Errorf("%w: %s is at version %d, this code knows up to %d", ErrSchemaMismatch, probe.table, version, SchemaVersion)
+	}
+	if cfg.Partitions, err = installedPartitions(ctx, db, probe.table); err != nil {
+		return Config{}, fmt.Errorf("outbox: read %s: %w", probe.table, err)
 	}
 	cfg.withDefaults()
 	return cfg, nil

@@ -26,9 +26,10 @@ func init() {
 }
 
 type outboxOpts struct {
-	db      string
-	table   string
-	buckets int
+	db         string
+	table      string
+	buckets    int
+	partitions int
 }
 
 func (c *cli) outboxCmd() *cobra.Command {
@@ -48,6 +49,7 @@ unreachable database or broker).`,
 	cmd.PersistentFlags().StringVar(&o.db, "db", os.Getenv("DIMMER_OUTBOX_DB"), "Postgres URL of the outbox's database (env DIMMER_OUTBOX_DB; default --store)")
 	cmd.PersistentFlags().StringVar(&o.table, "table", outbox.DefaultTable, "outbox table name (in --schema)")
 	cmd.PersistentFlags().IntVar(&o.buckets, "buckets", 0, "install the outbox with this many buckets if it is missing (default: use the installed outbox, never install)")
+	cmd.PersistentFlags().IntVar(&o.partitions, "partitions", 0, "with --buckets: split the table into this many partitions, one per relay expected (default 1: one table)")
 	dead := &cobra.Command{Use: "dead", Short: "List, retry or skip dead letters (messages that failed every attempt)"}
 	dead.AddCommand(c.outboxDeadListCmd(o), c.outboxDeadRetryCmd(o), c.outboxDeadSkipCmd(o))
 	cmd.AddCommand(c.outboxRelayCmd(o), c.outboxStatusCmd(o), dead)
@@ -70,6 +72,9 @@ func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *ou
 	if o.buckets < 0 || o.buckets > outbox.MaxBuckets {
 		return nil, nil, usagef("--buckets %d: must be 1..%d", o.buckets, outbox.MaxBuckets)
 	}
+	if o.partitions != 0 && o.buckets == 0 {
+		return nil, nil, usagef("--partitions %d without --buckets: the layout is chosen when the outbox is installed", o.partitions)
+	}
 	pool, err := c.openPool(ctx, "outbox database --db", url, true)
 	if err != nil {
 		return nil, nil, err
@@ -84,7 +89,7 @@ func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *ou
 
 func (c *cli) installedOutbox(ctx context.Context, pool *pgxpool.Pool, o *outboxOpts) (*outbox.Outbox, error) {
 	if o.buckets > 0 {
-		ob, err := outbox.New(outbox.Config{Schema: c.schema, Table: o.table, Buckets: o.buckets})
+		ob, err := outbox.New(outbox.Config{Schema: c.schema, Table: o.table, Buckets: o.buckets, Partitions: o.partitions})
 		if err != nil {
 			return nil, usageError{err}
 		}

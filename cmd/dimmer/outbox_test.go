@@ -134,6 +134,8 @@ func TestOutboxRelayCommandUsage(t *testing.T) {
 		"empty table":           append([]string{"outbox", "status", "--table", ""}, db...),
 		"retry IDs and --all":   append([]string{"outbox", "dead", "retry", "--all", "0190f0a8-0000-7000-8000-000000000000"}, db...),
 		"--topic without --all": append([]string{"outbox", "dead", "retry", "--topic", "t", "0190f0a8-0000-7000-8000-000000000000"}, db...),
+		"--partitions alone":    append([]string{"outbox", "status", "--partitions", "2"}, db...),
+		"--partitions uneven":   append([]string{"outbox", "status", "--buckets", "8", "--partitions", "3"}, db...),
 	} {
 		t.Run(name, func(t *testing.T) {
 			r := dimmer(t, nil, args...)
