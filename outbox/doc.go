@@ -118,11 +118,12 @@
 // relays' rows, and prunes the pages they deleted from, so several relays
 // cost the database more per message than one, and their drain rate does
 // not add up (on 2 cores, 4 relays spent twice one relay's database CPU
-// per message). Config.Partitions splits the table by bucket range; a
-// relay leases buckets in ascending order and releases its highest first,
-// so with as many relays as partitions (or a divisor of them) each relay's
-// buckets fill whole partitions, and its reads and writes touch only
-// those: on 4 partitions, 2 and 4 relays each cost one relay's database
+// per message). Config.Partitions splits the table by bucket range, and
+// each relay's share is then a range of buckets of its own (the shares laid
+// end to end in ID order; buckets outside its range go back at once to the
+// relay whose range they are in, after relays join or leave), so with as
+// many relays as partitions (or a divisor of them) each relay holds whole
+// partitions, and its reads and writes touch only those: on 4 partitions, 2 and 4 relays each cost one relay's database
 // CPU per message and drained a backlog about 1.2-1.5 times as fast as
 // one relay on a plain table. One relay on a partitioned table reads its
 // partitions in step (a merge of their indexes) and is slower than on a

@@ -115,3 +115,28 @@ func TestBitmapOfSeqs(t *testing.T) {
 	assert.Equal(t, []byte{0b0000_0111, 0b0000_0010}, bits)
 	assert.Equal(t, []byte{1}, bitmap([]int64{9}, 9, 9))
 }
+
+// The relays' shares, laid end to end in ID order, are ranges that cover
+// the buckets once: 16 buckets on 4 partitions and 2 or 4 relays are whole
+// partitions each.
+func TestShareRanges(t *testing.T) {
+	pub := PublisherFunc(func(context.Context, []Record) []error { return nil })
+	o, err := New(Config{Buckets: 16, Partitions: 4})
+	require.NoError(t, err)
+	ranges := func(ids ...string) [][2]int {
+		var out [][2]int
+		for _, id := range ids {
+			r, err := o.NewRelay(&pgxpool.Pool{}, pub, RelayConfig{ID: id})
+			require.NoError(t, err)
+			fair, live, lo, hi := r.share(ids)
+			assert.Equal(t, len(ids), live)
+			assert.Equal(t, fair, hi-lo)
+			out = append(out, [2]int{lo, hi})
+		}
+		return out
+	}
+	assert.Equal(t, [][2]int{{0, 8}, {8, 16}}, ranges("a", "b"))
+	assert.Equal(t, [][2]int{{0, 4}, {4, 8}, {8, 12}, {12, 16}}, ranges("a", "b", "c", "d"))
+	assert.Equal(t, [][2]int{{0, 6}, {6, 11}, {11, 16}}, ranges("a", "b", "c"))
+	assert.Equal(t, [][2]int{{0, 16}}, ranges("a"))
+}

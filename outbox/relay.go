@@ -632,25 +632,46 @@ RETURNING l.bucket`, r.cfg.ID, ttl, bs, es).Query(func(rows pgx.Rows) error {
 		r.log.Warn("outbox leases lost", "buckets", lost)
 	}
 
-	fair, live := r.share(liveIDs)
+	fair, live, lo, hi := r.share(liveIDs)
 	announce := freed > 0
+	var surplus []int
 	switch {
+	case r.o.cfg.Partitions > 1:
+		// Each relay's share is a range of its own ([lo, hi)), so with
+		// as many relays as partitions, or a divisor of them, each holds
+		// whole partitions; after relays leave and join, the buckets
+		// outside a relay's range go back to the relay whose range they
+		// are in, at once.
+		for _, b := range r.Buckets() {
+			if b < lo || b >= hi {
+				surplus = append(surplus, b)
+			}
+		}
 	case have > fair:
-		surplus := r.Buckets()[fair:]
+		surplus = r.Buckets()[fair:]
+		fallthrough
+	default:
+		lo, hi = 0, r.o.cfg.Buckets // one table: any bucket, lowest first
+	}
+	if len(surplus) > 0 {
 		r.drop(surplus...)
 		if _, err := r.pool.Exec(ctx, `UPDATE `+r.o.leases+` SET owner = NULL, expires_at = '-infinity'
 WHERE owner = $1 AND bucket = ANY($2::int4[])`, r.cfg.ID, toInt32(surplus)); err != nil {
 			return fmt.Errorf("release surplus leases: %w", err)
 		}
 		announce = true
+		have -= len(surplus)
 		r.log.Info("outbox leases released to balance", "buckets", surplus, "relays", live)
-	case have < fair:
+	}
+	if have < fair {
+		// Free buckets of the relay's own range first, then any, lowest
+		// first: nothing stays unowned while its relay is yet to take it.
 		rows, err := r.pool.Query(ctx, `UPDATE `+r.o.leases+` l SET owner = $1, epoch = l.epoch + 1,
 	expires_at = now() + $2 * interval '1 millisecond'
 WHERE l.bucket IN (SELECT bucket FROM `+r.o.leases+`
 	WHERE owner IS NULL OR expires_at < now()
-	ORDER BY bucket LIMIT $3 FOR UPDATE SKIP LOCKED)
-RETURNING l.bucket, l.epoch`, r.cfg.ID, ttl, fair-have)
+	ORDER BY bucket >= $4 AND bucket < $5 DESC, bucket LIMIT $3 FOR UPDATE SKIP LOCKED)
+RETURNING l.bucket, l.epoch`, r.cfg.ID, ttl, fair-have, lo, hi)
 		if err != nil {
 			return fmt.Errorf("acquire leases: %w", err)
 		}
@@ -682,8 +703,10 @@ RETURNING l.bucket, l.epoch`, r.cfg.ID, ttl, fair-have)
 // share is this relay's fair share of the buckets among the live relays
 // (sorted by ID): buckets/live, plus one for the first buckets%live of
 // them, so the shares add up to the bucket count exactly and the relays
-// settle evenly (6/5/5 of 16) rather than leave one short (6/6/4).
-func (r *Relay) share(liveIDs []string) (fair, live int) {
+// settle evenly (6/5/5 of 16) rather than leave one short (6/6/4). The
+// shares laid end to end in ID order give each relay a range of buckets,
+// [lo, hi), which a relay on a partitioned table holds.
+func (r *Relay) share(liveIDs []string) (fair, live, lo, hi int) {
 	rank, found := slices.BinarySearch(liveIDs, r.cfg.ID)
 	if !found {
 		// Not seen as live (a clock or visibility race): count in.
@@ -695,7 +718,8 @@ func (r *Relay) share(liveIDs []string) (fair, live int) {
 	if rank < n%live {
 		fair++
 	}
-	return fair, live
+	lo = rank*(n/live) + min(rank, n%live)
+	return fair, live, lo, lo + fair
 }
 
 // release gives back every lease and deregisters, in one round trip. It

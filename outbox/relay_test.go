@@ -805,9 +805,14 @@ func TestHandOffsAreImmediate(t *testing.T) {
 					for _, b := range bs {
 						seen[b] = true
 					}
+					// On 4 partitions, 1, 2 or 4 relays hold whole
+					// partitions each: a range of 16/relays buckets.
+					if partitions > 1 && 4%len(rs) == 0 && (bs[0]%len(bs) != 0 || bs[len(bs)-1] != bs[0]+len(bs)-1) {
+						return false
+					}
 				}
 				return len(seen) == 16
-			}, 2*time.Second, 5*time.Millisecond, "%s: the buckets are shared fairly at once, not at a lease tick (%v)", what, ttl/3)
+			}, 2*time.Second, 5*time.Millisecond, "%s: the buckets are shared fairly at once, not at a lease tick (%v), on whole partitions", what, ttl/3)
 			t.Logf("%s: shared fairly after %v", what, time.Since(began))
 		}
 
