@@ -139,10 +139,10 @@ type Config struct {
 	// relays leasing different ranges write and read different heap pages.
 	// On one table, every relay passes over the others' rows and prunes the
 	// pages they delete from: on 2 cores, 4 relays spent twice the
-	// database CPU per message one relay did, and drained slower than it;
-	// on 4 partitions their cost per message was one relay's and the drain
-	// rate grew with them. Set it to the number of relays a service
-	// expects to run (or a multiple); 1 (the default) is one plain table.
+	// database CPU per message one relay did; on 4 partitions their cost
+	// per message was one relay's and the drain rate grew with them. Set
+	// it to the number of relays a service expects to run; 1 (the default)
+	// is one plain table, the faster layout for a single relay.
 	// Fixed at install, like Buckets.
 	Partitions int
 	// MaxPayload is the largest payload Enqueue accepts, in bytes. Default 1 MiB.
