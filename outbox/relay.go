@@ -664,13 +664,15 @@ WHERE owner = $1 AND bucket = ANY($2::int4[])`, r.cfg.ID, toInt32(surplus)); err
 		r.log.Info("outbox leases released to balance", "buckets", surplus, "relays", live)
 	}
 	if have < fair {
-		// Free buckets of the relay's own range first, then any, lowest
-		// first: nothing stays unowned while its relay is yet to take it.
+		// Free buckets of the relay's range only: one outside it would go
+		// back at the next tick, and two relays each holding the other's
+		// would trade them back and forth for ever. Every bucket is in the
+		// range of a live relay, which takes it when it is freed.
 		rows, err := r.pool.Query(ctx, `UPDATE `+r.o.leases+` l SET owner = $1, epoch = l.epoch + 1,
 	expires_at = now() + $2 * interval '1 millisecond'
 WHERE l.bucket IN (SELECT bucket FROM `+r.o.leases+`
-	WHERE owner IS NULL OR expires_at < now()
-	ORDER BY bucket >= $4 AND bucket < $5 DESC, bucket LIMIT $3 FOR UPDATE SKIP LOCKED)
+	WHERE (owner IS NULL OR expires_at < now()) AND bucket >= $4 AND bucket < $5
+	ORDER BY bucket LIMIT $3 FOR UPDATE SKIP LOCKED)
 RETURNING l.bucket, l.epoch`, r.cfg.ID, ttl, fair-have, lo, hi)
 		if err != nil {
 			return fmt.Errorf("acquire leases: %w", err)
