@@ -17,17 +17,9 @@ type Beginner interface {
 	Begin(ctx context.Context) (pgx.Tx, error)
 }
 
-// migrations[i] brings the schema from version i to i+1. Never edit an
-// entry once released: append a new one.
-func (o *Outbox) migrations() []string {
-	ident := func(s string) string { return pgx.Identifier{s}.Sanitize() }
-	// Version 1's message table: one plain table, or (Config.Partitions,
-	// only ever at a fresh install) the same table split by bucket range.
-	v1 := o.partitionedV1()
-	if o.cfg.Partitions == 1 {
-		v1 = `CREATE TABLE ` + o.table + ` (
-	seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-	id              uuid NOT NULL,
+// messageColumns are the message table's columns after seq, in either
+// layout.
+const messageColumns = `	id              uuid NOT NULL,
 	bucket          int NOT NULL,
 	lane            text COLLATE "C" NOT NULL,
 	key             text,
@@ -38,7 +30,19 @@ func (o *Outbox) migrations() []string {
 	attempts        int NOT NULL DEFAULT 0,
 	next_attempt_at timestamptz,
 	last_error      text,
-	dead_at         timestamptz
+	dead_at         timestamptz`
+
+// migrations[i] brings the schema from version i to i+1. Never edit an
+// entry once released: append a new one.
+func (o *Outbox) migrations() []string {
+	ident := func(s string) string { return pgx.Identifier{s}.Sanitize() }
+	// Version 1's message table: one plain table, or (Config.Partitions,
+	// only ever at a fresh install) the same table split by bucket range.
+	v1 := o.partitionedV1()
+	if o.cfg.Partitions == 1 {
+		v1 = `CREATE TABLE ` + o.table + ` (
+	seq             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+` + messageColumns + `
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 20000,
         autovacuum_vacuum_cost_delay = 0);
 CREATE INDEX ` + ident(o.cfg.Table+"_lane_idx") + ` ON ` + o.table + ` (bucket, lane, seq);
@@ -75,18 +79,7 @@ func (o *Outbox) partitionedV1() string {
 	var b strings.Builder
 	b.WriteString(`CREATE TABLE ` + o.table + ` (
 	seq             bigint GENERATED ALWAYS AS IDENTITY,
-	id              uuid NOT NULL,
-	bucket          int NOT NULL,
-	lane            text COLLATE "C" NOT NULL,
-	key             text,
-	topic           text NOT NULL,
-	payload         bytea NOT NULL,
-	headers         jsonb,
-	created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-	attempts        int NOT NULL DEFAULT 0,
-	next_attempt_at timestamptz,
-	last_error      text,
-	dead_at         timestamptz,
+` + messageColumns + `,
 	PRIMARY KEY (seq, bucket)
 ) PARTITION BY RANGE (bucket);
 `)
