@@ -376,6 +376,10 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 		}
 		switch {
 		case l != nil:
+			// A claim is something to split for a worker of this process
+			// that found nothing: it may have looked before the claim
+			// committed, and would otherwise wait out PollInterval.
+			r.idle.signal()
 		case remaining == 0:
 			return nil
 		case paused != "":
