@@ -22,18 +22,29 @@ var ErrPartitionMismatch = errors.New("streams: partition counts differ")
 // ErrMissingCluster is returned when a cluster's client options are missing.
 var ErrMissingCluster = errors.New("streams: cluster not configured")
 
+// ClusterError is a request to one of the two clusters that failed: Side
+// says which, for a caller that holds each cluster's settings (its
+// credentials, say). Its message is Err's.
+type ClusterError struct {
+	Side flags.Side
+	Err  error
+}
+
+func (e *ClusterError) Error() string { return e.Err.Error() }
+func (e *ClusterError) Unwrap() error { return e.Err }
+
 // partitions returns the partition count of topic on the cluster behind adm.
 func partitions(ctx context.Context, adm *kadm.Client, side flags.Side, topic string) (int, error) {
 	ds, err := adm.ListTopics(ctx, topic)
 	if err != nil {
-		return 0, fmt.Errorf("streams: list topic %q on %s cluster: %w", topic, side, err)
+		return 0, &ClusterError{side, fmt.Errorf("streams: list topic %q on %s cluster: %w", topic, side, err)}
 	}
 	d, ok := ds[topic]
 	if !ok || errors.Is(d.Err, kerr.UnknownTopicOrPartition) {
 		return 0, fmt.Errorf("%w %q on the %s cluster", ErrUnknownTopic, topic, side)
 	}
 	if d.Err != nil {
-		return 0, fmt.Errorf("streams: topic %q on %s cluster: %w", topic, side, d.Err)
+		return 0, &ClusterError{side, fmt.Errorf("streams: topic %q on %s cluster: %w", topic, side, d.Err)}
 	}
 	return len(d.Partitions), nil
 }

@@ -677,14 +677,14 @@ func (c *Consumer) spill(ctx context.Context) error {
 func (c *Consumer) members(ctx context.Context, side flags.Side) (int, error) {
 	ds, err := c.adm[side].DescribeGroups(ctx, c.cfg.Group)
 	if err != nil {
-		return 0, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, err)
+		return 0, &ClusterError{side, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, err)}
 	}
 	d, ok := ds[c.cfg.Group]
 	if !ok || d.Err != nil && errors.Is(d.Err, kerr.GroupIDNotFound) {
 		return 0, nil
 	}
 	if d.Err != nil {
-		return 0, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, d.Err)
+		return 0, &ClusterError{side, fmt.Errorf("streams: describe group %q on the %s cluster: %w", c.cfg.Group, side, d.Err)}
 	}
 	return len(d.Members), nil
 }

@@ -31,14 +31,15 @@ type kafkaAuth struct {
 	sasl         string
 	user         string
 	passwordFile string
-	envErr       error
+	envErr       error // a DIMMER_KAFKA_TLS that does not parse, unless --tls is given
+	flags        *pflag.FlagSet
 	getenv       func(string) string
 	learn        func(...string) // tells the redactor a password read from a file
 }
 
 // register adds the flags, each defaulting to its DIMMER_KAFKA_* variable.
 func (a *kafkaAuth) register(f *pflag.FlagSet, red *redactor, flagPrefix, envSuffix, cluster string) {
-	a.flagPrefix, a.envSuffix, a.getenv, a.learn = flagPrefix, envSuffix, os.Getenv, red.learn
+	a.flagPrefix, a.envSuffix, a.getenv, a.learn, a.flags = flagPrefix, envSuffix, os.Getenv, red.learn, f
 	if v := os.Getenv(a.env("TLS")); v != "" {
 		on, err := strconv.ParseBool(v)
 		if err != nil {
@@ -59,8 +60,12 @@ func (a *kafkaAuth) env(name string) string  { return "DIMMER_KAFKA_" + name + a
 // opts returns the client options of the flags given, or bad usage naming
 // the flag that is wrong. A password is never quoted.
 func (a *kafkaAuth) opts() ([]kgo.Opt, error) {
-	if a.envErr != nil {
+	explicitTLS := a.flags != nil && a.flags.Changed(a.flag("tls"))
+	if a.envErr != nil && !explicitTLS {
 		return nil, a.envErr
+	}
+	if explicitTLS && !a.tls && a.tlsCA != "" {
+		return nil, usagef("--%s=false with --%s: a CA file is for TLS; drop one of them", a.flag("tls"), a.flag("tls-ca"))
 	}
 	var out []kgo.Opt
 	if a.tls || a.tlsCA != "" {
@@ -126,7 +131,13 @@ func (a *kafkaAuth) password() (string, error) {
 	if a.passwordFile != "" {
 		b, err := os.ReadFile(a.passwordFile)
 		if err != nil {
-			return "", usagef("--%s: %v", a.flag("sasl-password-file"), err)
+			// Not the path: a password put where the path goes (the
+			// variables differ by _FILE only) would be printed.
+			var pe *os.PathError
+			if errors.As(err, &pe) {
+				err = pe.Err
+			}
+			return "", usagef("--%s: the file cannot be read: %v", a.flag("sasl-password-file"), err)
 		}
 		pw := strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
 		if pw == "" {
@@ -142,11 +153,15 @@ func (a *kafkaAuth) password() (string, error) {
 }
 
 // saslHint says which credentials to check when a cluster given SASL
-// credentials refused them. A broker answers SASL_AUTHENTICATION_FAILED and
-// closes the connection; some close it without an answer, which reads as an
-// EOF that would otherwise look like a network fault.
+// credentials ended the connection. A broker answers
+// SASL_AUTHENTICATION_FAILED and closes it; some close it without an
+// answer, which reads as an EOF that would otherwise look like a network
+// fault. Where the client already named a likelier cause (TLS or SASL
+// missing on one end), its word stands alone.
 func saslHint(err error, auths ...*kafkaAuth) error {
-	if err == nil || !(errors.Is(err, kerr.SaslAuthenticationFailed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
+	var diagnosed *kgo.ErrFirstReadEOF
+	if err == nil || errors.As(err, &diagnosed) ||
+		!(errors.Is(err, kerr.SaslAuthenticationFailed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
 		return err
 	}
 	var who []string
@@ -158,5 +173,6 @@ func saslHint(err error, auths ...*kafkaAuth) error {
 	if len(who) == 0 {
 		return err
 	}
-	return fmt.Errorf("%w (a cluster that refuses SASL credentials ends the connection: check the user and password of %s)", err, strings.Join(who, ", "))
+	return fmt.Errorf("%w (a cluster ends the connection when it refuses SASL credentials or takes no SASL: check the user and password of %s, and that the cluster uses SASL)",
+		err, strings.Join(who, ", "))
 }

@@ -161,6 +161,14 @@ func TestStreamSecuredClusters(t *testing.T) {
 	assert.Equal(t, exitError, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
 	assert.Contains(t, r.stderr, "certificate")
 	assert.Less(t, time.Since(start), 15*time.Second)
+
+	// SASL to the TLS cluster without TLS: the client says TLS is
+	// missing, and the credentials are not blamed.
+	r = dimmer(t, nil, append([]string{"stream", "status", "events", "--old-sasl", "plain", "--old-sasl-user", "mover", "--old-sasl-password-file", pwFile,
+		"--new-sasl", "plain", "--new-sasl-user", "mover", "--new-sasl-password-file", pwFile}, brokers...)...)
+	assert.Equal(t, exitError, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
+	assert.Contains(t, r.stderr, "is TLS missing?")
+	assert.NotContains(t, r.stderr, "check the user and password")
 }
 
 // TestKafkaAuthUsage: every wrong combination is bad usage naming the
@@ -177,16 +185,19 @@ func TestKafkaAuthUsage(t *testing.T) {
 		"unknown mechanism":     {[]string{"--sasl", "gssapi", "--sasl-user", "u", "--sasl-password-file", pw}, `--sasl "gssapi": unknown mechanism`},
 		"no user":               {[]string{"--sasl", "plain", "--sasl-password-file", pw}, "--sasl plain needs --sasl-user"},
 		"no password":           {[]string{"--sasl", "scram-sha-256", "--sasl-user", "u"}, "needs a password: --sasl-password-file FILE or DIMMER_KAFKA_SASL_PASSWORD"},
-		"missing password file": {[]string{"--sasl", "plain", "--sasl-user", "u", "--sasl-password-file", "/nonexistent/pw"}, "--sasl-password-file: open /nonexistent/pw"},
+		"missing password file": {[]string{"--sasl", "plain", "--sasl-user", "u", "--sasl-password-file", "/nonexistent/pw"}, "--sasl-password-file: the file cannot be read: no such file or directory"},
 		"empty password file":   {[]string{"--sasl", "plain", "--sasl-user", "u", "--sasl-password-file", secretFile(t, "\n")}, "the file is empty"},
 		"user, no mechanism":    {[]string{"--sasl-user", "u"}, "without --sasl: name the mechanism"},
 		"missing CA file":       {[]string{"--tls-ca", "/nonexistent/ca.pem"}, "--tls-ca: open /nonexistent/ca.pem"},
 		"CA file not PEM":       {[]string{"--tls-ca", notPEM}, "no PEM certificate in the file"},
+		"CA without TLS":        {[]string{"--tls=false", "--tls-ca", notPEM}, "--tls=false with --tls-ca"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			r := dimmer(t, nil, append(append([]string{"outbox", "relay", "--brokers", "127.0.0.1:9"}, db...), tc.args...)...)
 			assert.Equal(t, exitUsage, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
 			assert.Contains(t, r.stderr, tc.want)
+			// A password put where its file's path goes is not echoed.
+			assert.NotContains(t, r.stderr, "/nonexistent/pw")
 		})
 	}
 	r := dimmer(t, nil, "stream", "status", "events", "--old-brokers", "127.0.0.1:9", "--new-brokers", "127.0.0.1:9",
@@ -229,9 +240,14 @@ func TestKafkaAuthFromEnvironment(t *testing.T) {
 	assert.Equal(t, exitError, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
 	assert.NotContains(t, r.stdout+r.stderr, "Wrong-"+password)
 	assert.Contains(t, r.stderr, `--new-sasl scram-sha-256 (user "envuser")`, r.stderr)
+	assert.NotContains(t, r.stderr, "--old-sasl", "the old cluster's credentials worked: only the failing side is named")
 
+	t.Setenv("DIMMER_KAFKA_SASL_PASSWORD_NEW", password)
 	t.Setenv("DIMMER_KAFKA_TLS", "yes please")
 	r = dimmer(t, nil, "stream", "status", "envtopic")
 	assert.Equal(t, exitUsage, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
 	assert.Contains(t, r.stderr, `DIMMER_KAFKA_TLS="yes please": want true or false`)
+	// The flag given on the command line overrides the variable.
+	r = dimmer(t, nil, "stream", "status", "envtopic", "--old-tls=false", "--timeout", "2s")
+	assert.Equal(t, exitOK, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
 }

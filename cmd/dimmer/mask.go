@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Passwords never reach the CLI's output. Two layers keep them out:
@@ -139,11 +141,43 @@ func (r *redactor) String(s string) string {
 	defer r.mu.RUnlock()
 	for _, sec := range r.secrets {
 		if strings.Contains(s, sec) {
-			s = strings.ReplaceAll(s, sec, masked)
+			s = replaceWhole(s, sec)
 		}
 	}
 	return s
 }
+
+// replaceWhole masks each occurrence of sec that is not part of a longer
+// word: a password "pass" masked inside "password" ("***word") or "kafka"
+// in "kafka 127.0.0.1" would show the password to anyone who knows the
+// message. A side of sec that is not a letter or digit is a boundary
+// already.
+func replaceWhole(s, sec string) string {
+	first, _ := utf8.DecodeRuneInString(sec)
+	last, _ := utf8.DecodeLastRuneInString(sec)
+	var b strings.Builder
+	from := 0 // s[:from] is written
+	for at := 0; ; {
+		i := strings.Index(s[at:], sec)
+		if i < 0 {
+			b.WriteString(s[from:])
+			return b.String()
+		}
+		i += at
+		end := i + len(sec)
+		before, _ := utf8.DecodeLastRuneInString(s[:i])
+		after, _ := utf8.DecodeRuneInString(s[end:])
+		if (i > 0 && isWordRune(first) && isWordRune(before)) || (end < len(s) && isWordRune(last) && isWordRune(after)) {
+			at = i + 1 // part of a longer word: look further on
+			continue
+		}
+		b.WriteString(s[from:i])
+		b.WriteString(masked)
+		from, at = end, end
+	}
+}
+
+func isWordRune(r rune) bool { return unicode.IsLetter(r) || unicode.IsDigit(r) }
 
 // writer wraps w so nothing written through it carries a known password.
 func (r *redactor) writer(w io.Writer) io.Writer { return &redactWriter{w: w, r: r} }

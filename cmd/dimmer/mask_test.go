@@ -43,6 +43,13 @@ func TestMaskDSN(t *testing.T) {
 		"DIMMER_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka"})
 	r.learn("from-a-file")
 	assert.Equal(t, "*** *** *** /run/secrets/kafka", r.String("kafka-pw-1 kafka-pw-2 from-a-file /run/secrets/kafka"))
+	// A password is masked where it stands whole, not inside a longer
+	// word, where the mask would spell it out ("***word").
+	r = newRedactor(nil, nil)
+	r.learn("pass", "p w@:x", "#tok#")
+	assert.Equal(t, "check the user and password; it was ***, or ***.", r.String("check the user and password; it was pass, or p w@:x."))
+	assert.Equal(t, "u:***@host passpass ***. a***b", r.String("u:pass@host passpass pass. a#tok#b"),
+		"a side of the password that is no letter or digit is a boundary itself")
 }
 
 // A battery of failing (and some succeeding) commands, each given a known

@@ -58,7 +58,8 @@ over --max-lag, an unreachable cluster, a group still running).`,
 // stop retrying a request after it, where the mirror rides out an outage.
 func (o *streamOpts) opts(timeout time.Duration, oneShot bool) ([3][]kgo.Opt, error) {
 	var out [3][]kgo.Opt
-	for side, b := range map[flags.Side]string{flags.Old: o.oldBrokers, flags.New: o.newBrokers} {
+	for _, side := range []flags.Side{flags.Old, flags.New} {
+		b := map[flags.Side]string{flags.Old: o.oldBrokers, flags.New: o.newBrokers}[side]
 		flag := "--" + side.String() + "-brokers"
 		seeds, err := brokerList(flag, b)
 		if err != nil {
@@ -99,7 +100,11 @@ func (o *streamOpts) admins(timeout time.Duration) (old, new *kadm.Client, close
 // streamErr marks bad input as bad usage (exit 2), and says which
 // credentials to check when a cluster ended the connection.
 func (o *streamOpts) streamErr(err error) error {
-	err = saslHint(err, &o.auth[flags.Old], &o.auth[flags.New])
+	if ce := (*streams.ClusterError)(nil); errors.As(err, &ce) {
+		err = saslHint(err, &o.auth[ce.Side])
+	} else {
+		err = saslHint(err, &o.auth[flags.Old], &o.auth[flags.New])
+	}
 	for _, e := range []error{streams.ErrUnknownTopic, streams.ErrUnknownGroup, streams.ErrPartitionMismatch,
 		streams.ErrOutOfRetention, streams.ErrMissingCluster} {
 		if errors.Is(err, e) {
