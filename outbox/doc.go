@@ -121,9 +121,10 @@
 // per message). Config.Partitions splits the table by bucket range, and
 // each relay's share is then a range of buckets of its own (the shares laid
 // end to end in ID order; buckets outside its range go back at once to the
-// relay whose range they are in, after relays join or leave), so with as
-// many relays as partitions (or a divisor of them) each relay holds whole
-// partitions, and its reads and writes touch only those: on 4 separate partitions, 4 relays each cost one relay's database
+// relay whose range they are in, after relays join or leave, so relays
+// should keep their IDs across restarts), so with as many relays as
+// partitions (or a divisor of them) each relay holds whole partitions, and
+// its reads and writes touch only those: on 4 separate partitions, 4 relays each cost one relay's database
 // CPU per message, and 2 relays on 2 partitions and 4 on 4 drained a
 // backlog 1.3-1.7 times as fast as one relay on a plain table. One relay on a partitioned table reads its
 // partitions in step (a merge of their indexes) and is slower than on a

@@ -24,6 +24,11 @@ const (
 	DefaultMaxPayload = 1 << 20
 	// MaxBuckets bounds Config.Buckets: a bucket is the unit a relay leases.
 	MaxBuckets = 4096
+	// MaxPartitions bounds Config.Partitions: installing a partition takes
+	// locks on it and its indexes until the install commits, and 4096
+	// partitions ran a default server (max_locks_per_transaction 64) out
+	// of shared memory. It is far more relays than one table serves.
+	MaxPartitions = 256
 )
 
 // Sentinel errors callers branch on.
@@ -33,7 +38,7 @@ var (
 	// ErrInvalidConfig: a Config or RelayConfig field is out of range.
 	ErrInvalidConfig = errors.New("outbox: invalid config")
 	// ErrSchemaMismatch: the installed schema disagrees with the Config
-	// (another bucket count) or is newer than this code.
+	// (another bucket count or partition count) or is newer than this code.
 	ErrSchemaMismatch = errors.New("outbox: installed schema does not match")
 	// ErrRecordTooLarge: the message as a whole (payload, key, headers and
 	// the broker's per-record overhead) is larger than the publisher's
@@ -141,9 +146,13 @@ type Config struct {
 	// pages they delete from: on 2 cores, 4 relays spent twice the
 	// database CPU per message one relay did; on 4 partitions their cost
 	// per message was one relay's and the drain rate grew with them. Set
-	// it to the number of relays a service expects to run; 1 (the default)
-	// is one plain table, the faster layout for a single relay.
-	// Fixed at install, like Buckets.
+	// it to the number of relays a service expects to run, and give each
+	// relay a stable RelayConfig.ID: a relay's range follows its ID's
+	// rank, so a relay back under a new ID moves the others' ranges. 1
+	// (the default) is one plain table, the faster layout for a single
+	// relay. At most MaxPartitions; fixed at install, like Buckets. Unlike
+	// a plain table, a partitioned one refuses a row edited to a bucket
+	// outside 0..Buckets-1.
 	Partitions int
 	// MaxPayload is the largest payload Enqueue accepts, in bytes. Default 1 MiB.
 	MaxPayload int
@@ -195,8 +204,8 @@ func (c Config) Validate() error {
 	if c.Buckets < 1 || c.Buckets > MaxBuckets {
 		return badConfig("Buckets", "must be 1..%d, got %d", MaxBuckets, c.Buckets)
 	}
-	if c.Partitions < 1 || c.Partitions > c.Buckets || c.Buckets%c.Partitions != 0 {
-		return badConfig("Partitions", "must divide Buckets (%d) evenly, got %d", c.Buckets, c.Partitions)
+	if c.Partitions < 1 || c.Partitions > min(c.Buckets, MaxPartitions) || c.Buckets%c.Partitions != 0 {
+		return badConfig("Partitions", "must be 1..%d and divide Buckets (%d) evenly, got %d", min(c.Buckets, MaxPartitions), c.Buckets, c.Partitions)
 	}
 	if c.MaxPayload < 1 {
 		return badConfig("MaxPayload", "must be positive, got %d", c.MaxPayload)

@@ -1,6 +1,7 @@
 package outbox_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -28,6 +29,7 @@ func TestConfigValidation(t *testing.T) {
 		{outbox.Config{Buckets: 64, Partitions: 3}, "Partitions"},
 		{outbox.Config{Buckets: 4, Partitions: 8}, "Partitions"},
 		{outbox.Config{Partitions: -1}, "Partitions"},
+		{outbox.Config{Buckets: 4096, Partitions: 512}, "Partitions"},
 	} {
 		_, err := outbox.New(tc.cfg)
 		require.ErrorIs(t, err, outbox.ErrInvalidConfig)
@@ -113,6 +115,18 @@ func TestPartitionedInstall(t *testing.T) {
 		err = other.Install(ctx, pool)
 		require.ErrorIs(t, err, outbox.ErrSchemaMismatch)
 		assert.Contains(t, err.Error(), fmt.Sprintf("installed with 4 partitions, Config.Partitions is %d", parts))
+	}
+	// A relay-only process (no Install) configured for another layout, or
+	// another bucket count, refuses to relay the table.
+	for _, cfg := range []outbox.Config{{Schema: schema, Buckets: 8}, {Schema: schema, Buckets: 16, Partitions: 4}} {
+		other, err := outbox.New(cfg)
+		require.NoError(t, err)
+		r, err := other.NewRelay(pool, outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error { return make([]error, len(b)) }),
+			outbox.RelayConfig{Logger: quiet(t)})
+		require.NoError(t, err)
+		err = r.Run(ctx)
+		require.ErrorIs(t, err, outbox.ErrSchemaMismatch)
+		assert.Empty(t, r.Buckets(), "it leased nothing")
 	}
 	// A plain table is not made partitioned by a later install either.
 	plainPool, plainSchema := dimmertest.Schema(t)

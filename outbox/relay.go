@@ -26,7 +26,11 @@ import (
 // RelayConfig tunes a [Relay]. Zero fields take the documented defaults.
 type RelayConfig struct {
 	// ID names the relay in leases and logs; default host-pid-random. Two
-	// live relays must not share an ID.
+	// live relays must not share an ID. On a partitioned table (see
+	// Config.Partitions) give each relay a stable one: a relay's bucket
+	// range follows its ID's rank among the live relays, so one that comes
+	// back under its old ID takes its old range back, where a new ID
+	// moves the other relays' ranges too.
 	ID string
 	// BatchSize bounds the messages one cycle publishes (one per key).
 	// Default 1000 (it drained a backlog faster than 500 or 2000, each
@@ -320,6 +324,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		return ErrRelayRunning
 	}
 	defer close(r.done)
+	if err := r.checkLayout(ctx); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	r.cancel.Store(&cancel)
 	defer func() {
@@ -385,6 +392,26 @@ func (r *Relay) Run(ctx context.Context) error {
 		}
 		t.Stop()
 	}
+}
+
+// checkLayout refuses to relay a table installed with another bucket count
+// or partition count than the relay's Config: it would lease buckets that
+// are not the table's, or lease a plain table's way on a partitioned one.
+// A relay-only process does not install, so this is where it learns. A
+// database that does not answer yet is not a mismatch: the relay rides
+// that out as always.
+func (r *Relay) checkLayout(ctx context.Context) error {
+	var buckets, parts int
+	err := r.pool.QueryRow(ctx, `SELECT (SELECT buckets FROM `+r.o.meta+`), `+partitionCount, r.o.table).Scan(&buckets, &parts)
+	switch {
+	case err != nil:
+		r.log.Warn("outbox relay could not check the installed layout", "err", err)
+	case buckets != r.o.cfg.Buckets:
+		return fmt.Errorf("%w: %s was installed with %d buckets, Config.Buckets is %d", ErrSchemaMismatch, r.o.table, buckets, r.o.cfg.Buckets)
+	case parts != r.o.cfg.Partitions:
+		return fmt.Errorf("%w: %s was installed with %d partitions, Config.Partitions is %d", ErrSchemaMismatch, r.o.table, parts, r.o.cfg.Partitions)
+	}
+	return nil
 }
 
 // Shutdown stops the relay gracefully: the batch in flight completes, its

@@ -102,12 +102,14 @@ func (o *Outbox) partition(i int) string {
 // partitionOf is the partition holding bucket b.
 func (o *Outbox) partitionOf(b int) int { return b / (o.cfg.Buckets / o.cfg.Partitions) }
 
-// installedPartitions counts the message table's partitions: 1 for a
+// partitionCount counts the message table's partitions ($1): 1 for a
 // plain table.
+const partitionCount = `CASE WHEN c.relkind = 'p' THEN (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid) ELSE 1 END
+FROM pg_class c WHERE c.oid = $1::regclass`
+
 func installedPartitions(ctx context.Context, db Querier, table string) (int, error) {
 	var n int
-	err := db.QueryRow(ctx, `SELECT CASE WHEN c.relkind = 'p' THEN (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid) ELSE 1 END
-FROM pg_class c WHERE c.oid = $1::regclass`, table).Scan(&n)
+	err := db.QueryRow(ctx, `SELECT `+partitionCount, table).Scan(&n)
 	return n, err
 }
 
@@ -115,7 +117,7 @@ FROM pg_class c WHERE c.oid = $1::regclass`, table).Scan(&n)
 // idempotent and safe to run from every instance at start-up: concurrent
 // installs serialise on an advisory lock, and the version reached is stored
 // in <Table>_meta. It refuses ([ErrSchemaMismatch]) a table installed with
-// another bucket count, or by newer code.
+// another bucket count or partition count, or by newer code.
 func (o *Outbox) Install(ctx context.Context, db Beginner) error {
 	tx, err := db.Begin(ctx)
 	if err != nil {
@@ -184,7 +186,8 @@ ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version`, SchemaVersion
 var ErrNotInstalled = errors.New("outbox: not installed")
 
 // Installed returns the configuration of the outbox installed as
-// schema.table (Buckets as installed, other fields defaulted), for tools
+// schema.table (Buckets and Partitions as installed, other fields
+// defaulted), for tools
 // that operate an outbox a service installed, such as the dimmer CLI. It
 // returns [ErrNotInstalled] when there is none.
 func Installed(ctx context.Context, db Querier, schema, table string) (Config, error) {

@@ -89,7 +89,15 @@ func (c *cli) openOutbox(ctx context.Context, o *outboxOpts) (*pgxpool.Pool, *ou
 
 func (c *cli) installedOutbox(ctx context.Context, pool *pgxpool.Pool, o *outboxOpts) (*outbox.Outbox, error) {
 	if o.buckets > 0 {
-		ob, err := outbox.New(outbox.Config{Schema: c.schema, Table: o.table, Buckets: o.buckets, Partitions: o.partitions})
+		partitions := o.partitions
+		if partitions == 0 {
+			// Not asked: the installed layout, if any (--buckets only
+			// installs what is missing).
+			if cfg, err := outbox.Installed(ctx, pool, c.schema, o.table); err == nil {
+				partitions = cfg.Partitions
+			}
+		}
+		ob, err := outbox.New(outbox.Config{Schema: c.schema, Table: o.table, Buckets: o.buckets, Partitions: partitions})
 		if err != nil {
 			return nil, usageError{err}
 		}

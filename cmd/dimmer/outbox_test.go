@@ -232,3 +232,23 @@ func TestOutboxDeadCommands(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, d)
 }
+
+// The CLI installs a partitioned outbox; --buckets alone later takes the
+// layout installed (it installs only what is missing); another layout is
+// refused.
+func TestOutboxPartitionedFromCLI(t *testing.T) {
+	t.Parallel()
+	pool, schema := dimmertest.Schema(t)
+	db := []string{"--db", dimmertest.PostgresURL(), "--schema", schema}
+	r := dimmer(t, nil, append([]string{"outbox", "status", "--buckets", "8", "--partitions", "4"}, db...)...)
+	require.Equal(t, exitOK, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
+	cfg, err := outbox.Installed(context.Background(), pool, schema, outbox.DefaultTable)
+	require.NoError(t, err)
+	assert.Equal(t, 4, cfg.Partitions)
+
+	r = dimmer(t, nil, append([]string{"outbox", "status", "--buckets", "8"}, db...)...)
+	assert.Equal(t, exitOK, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
+	r = dimmer(t, nil, append([]string{"outbox", "status", "--buckets", "8", "--partitions", "2"}, db...)...)
+	assert.Equal(t, exitError, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
+	assert.Contains(t, r.stderr, "installed with 4 partitions")
+}
