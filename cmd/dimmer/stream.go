@@ -1,10 +1,13 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -39,7 +42,9 @@ cluster takes --old-tls, --old-tls-ca and --old-sasl* (env DIMMER_KAFKA_TLS,
 DIMMER_KAFKA_SASL, ...), and --new-* likewise (env DIMMER_KAFKA_*_NEW); a
 SASL password is read from --old-sasl-password-file or
 DIMMER_KAFKA_SASL_PASSWORD (DIMMER_KAFKA_SASL_PASSWORD_NEW for the new
-cluster), never from the command line.
+cluster), never from the command line. status, lag, translate and replay
+first ask the clusters they use for an answer, all at once, so clusters
+that do not answer cost one --timeout.
 
 Exit codes: 0 done; 2 bad usage (an unknown topic or group, partition counts
 that differ, a range outside retention, a missing cluster); 1 other (a lag
@@ -80,9 +85,12 @@ func (o *streamOpts) opts(timeout time.Duration, oneShot bool) ([3][]kgo.Opt, er
 	return out, nil
 }
 
-func (o *streamOpts) admins(timeout time.Duration) (old, new *kadm.Client, closeAll func(), err error) {
+func (o *streamOpts) admins(ctx context.Context, timeout time.Duration) (old, new *kadm.Client, closeAll func(), err error) {
 	opts, err := o.opts(timeout, true)
 	if err != nil {
+		return nil, nil, nil, err
+	}
+	if err := o.reach(ctx, timeout, opts, flags.Old, flags.New); err != nil {
 		return nil, nil, nil, err
 	}
 	ocl, err := kgo.NewClient(opts[flags.Old]...)
@@ -95,6 +103,37 @@ func (o *streamOpts) admins(timeout time.Duration) (old, new *kadm.Client, close
 		return nil, nil, nil, usagef("--new-brokers: %v", err)
 	}
 	return kadm.NewClient(ocl), kadm.NewClient(ncl), func() { ocl.Close(); ncl.Close() }, nil
+}
+
+// reach asks each cluster for an answer, all at once and within timeout,
+// before a one-shot command starts: its requests then go to clusters that
+// answer, and two mute clusters cost one timeout, not one each.
+func (o *streamOpts) reach(ctx context.Context, timeout time.Duration, opts [3][]kgo.Opt, sides ...flags.Side) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	errs := make([]error, len(sides))
+	var wg sync.WaitGroup
+	for i, side := range sides {
+		wg.Go(func() {
+			cl, err := kgo.NewClient(opts[side]...)
+			if err != nil {
+				errs[i] = usagef("--%s-brokers: %v", side, err)
+				return
+			}
+			defer cl.Close()
+			if err := cl.Ping(ctx); err != nil {
+				brokers := map[flags.Side]string{flags.Old: o.oldBrokers, flags.New: o.newBrokers}[side]
+				var ne net.Error
+				if ctx.Err() != nil || errors.As(err, &ne) && ne.Timeout() {
+					errs[i] = fmt.Errorf("%s cluster %s: no answer within --timeout %v: %w", side, brokers, timeout, saslHint(err, &o.auth[side]))
+				} else {
+					errs[i] = fmt.Errorf("%s cluster %s: %w", side, brokers, saslHint(err, &o.auth[side]))
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // streamErr marks bad input as bad usage (exit 2), and says which
@@ -121,7 +160,7 @@ func (c *cli) streamStatusCmd(o *streamOpts) *cobra.Command {
 		Short: "Per partition: both clusters' ends, the mirror's position and the group's state",
 		Args:  topicArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			oldAdm, newAdm, closeAll, err := o.admins(c.timeout)
+			oldAdm, newAdm, closeAll, err := o.admins(cmd.Context(), c.timeout)
 			if err != nil {
 				return err
 			}
@@ -158,7 +197,7 @@ func (c *cli) streamLagCmd(o *streamOpts) *cobra.Command {
 			if group == "" {
 				return usagef("--group is required")
 			}
-			oldAdm, newAdm, closeAll, err := o.admins(c.timeout)
+			oldAdm, newAdm, closeAll, err := o.admins(cmd.Context(), c.timeout)
 			if err != nil {
 				return err
 			}
@@ -255,6 +294,9 @@ func (c *cli) streamTranslateCmd(o *streamOpts) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if err := o.reach(cmd.Context(), c.timeout, opts, flags.Old, flags.New); err != nil {
+				return err
+			}
 			trs, err := streams.Translate(cmd.Context(), opts, args[0], group, side)
 			if err != nil {
 				return o.streamErr(err)
@@ -310,6 +352,9 @@ redo those records' effects once. The group must be stopped.`,
 			}
 			opts, err := o.opts(c.timeout, true)
 			if err != nil {
+				return err
+			}
+			if err := o.reach(cmd.Context(), c.timeout, opts, s); err != nil {
 				return err
 			}
 			cfg.Opts = opts[s]
