@@ -33,13 +33,12 @@ type kafkaAuth struct {
 	passwordFile string
 	envErr       error // a DIMMER_KAFKA_TLS that does not parse, unless --tls is given
 	flags        *pflag.FlagSet
-	getenv       func(string) string
 	learn        func(...string) // tells the redactor a password read from a file
 }
 
 // register adds the flags, each defaulting to its DIMMER_KAFKA_* variable.
 func (a *kafkaAuth) register(f *pflag.FlagSet, red *redactor, flagPrefix, envSuffix, cluster string) {
-	a.flagPrefix, a.envSuffix, a.getenv, a.learn, a.flags = flagPrefix, envSuffix, os.Getenv, red.learn, f
+	a.flagPrefix, a.envSuffix, a.learn, a.flags = flagPrefix, envSuffix, red.learn, f
 	if v := os.Getenv(a.env("TLS")); v != "" {
 		on, err := strconv.ParseBool(v)
 		if err != nil {
@@ -146,7 +145,7 @@ func (a *kafkaAuth) password() (string, error) {
 		a.learn(pw)
 		return pw, nil
 	}
-	if pw := a.getenv(a.env("SASL_PASSWORD")); pw != "" {
+	if pw := os.Getenv(a.env("SASL_PASSWORD")); pw != "" {
 		return pw, nil
 	}
 	return "", usagef("--%s %s needs a password: --%s FILE or %s", a.flag("sasl"), strings.ToLower(a.sasl), a.flag("sasl-password-file"), a.env("SASL_PASSWORD"))
