@@ -124,13 +124,14 @@
 // relay whose range they are in, after relays join or leave, so relays
 // should keep their IDs across restarts), so with as many relays as
 // partitions (or a divisor of them) each relay holds whole partitions, and
-// its reads and writes touch only those: on 4 separate partitions, 4 relays each cost one relay's database
-// CPU per message, and 2 relays on 2 partitions and 4 on 4 drained a
-// backlog 1.3-1.7 times as fast as one relay on a plain table. One relay on a partitioned table reads its
-// partitions in step (a merge of their indexes) and is slower than on a
-// plain one, so choose Partitions for the relays a service runs. The
-// relay's statements that write name its buckets' ranges, so the planner
-// leaves the other partitions out of them.
+// its reads and writes touch only those. Over 4 separate tables, 4 relays
+// each cost one relay's database CPU per message; in
+// BenchmarkRelayThroughput, 2 relays on 2 partitions and 4 on 4 drained a
+// backlog 1.3-1.7 times as fast as one relay on a plain table. One relay
+// on a partitioned table reads its partitions in step (a merge of their
+// indexes) and is slower than on a plain one, so choose Partitions for the
+// relays a service runs. The relay's statements that write name its
+// buckets' ranges, so the planner leaves the other partitions out of them.
 //
 // Retention: delivered rows are deleted in bulk by the acknowledging
 // statement; the relay runs VACUUM on the table (on a partitioned one, on

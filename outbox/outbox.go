@@ -144,8 +144,8 @@ type Config struct {
 	// relays leasing different ranges write and read different heap pages.
 	// On one table, every relay passes over the others' rows and prunes the
 	// pages they delete from: on 2 cores, 4 relays spent twice the
-	// database CPU per message one relay did; on 4 partitions their cost
-	// per message was one relay's and the drain rate grew with them. Set
+	// database CPU per message one relay did, and over 4 separate tables
+	// one relay's; on 4 partitions their drain rate grew with them. Set
 	// it to the number of relays a service expects to run, and give each
 	// relay a stable RelayConfig.ID: a relay's range follows its ID's
 	// rank, so a relay back under a new ID moves the others' ranges. 1

@@ -662,8 +662,7 @@ RETURNING l.bucket`, r.cfg.ID, ttl, bs, es).Query(func(rows pgx.Rows) error {
 	fair, live, lo, hi := r.share(liveIDs)
 	announce := freed > 0
 	var surplus []int
-	switch {
-	case r.o.cfg.Partitions > 1:
+	if r.o.cfg.Partitions > 1 {
 		// Each relay's share is a range of its own ([lo, hi)), so with
 		// as many relays as partitions, or a divisor of them, each holds
 		// whole partitions; after relays leave and join, the buckets
@@ -674,11 +673,13 @@ RETURNING l.bucket`, r.cfg.ID, ttl, bs, es).Query(func(rows pgx.Rows) error {
 				surplus = append(surplus, b)
 			}
 		}
-	case have > fair:
-		surplus = r.Buckets()[fair:]
-		fallthrough
-	default:
-		lo, hi = 0, r.o.cfg.Buckets // one table: any bucket, lowest first
+	} else {
+		// One table: the highest buckets over the share go, and any free
+		// bucket is taken, lowest first.
+		if have > fair {
+			surplus = r.Buckets()[fair:]
+		}
+		lo, hi = 0, r.o.cfg.Buckets
 	}
 	if len(surplus) > 0 {
 		r.drop(surplus...)

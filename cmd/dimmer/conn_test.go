@@ -99,8 +99,8 @@ func TestCLIMuteServerTimesOut(t *testing.T) {
 		assert.Equal(t, exitError, res.code, "%v: %s", args, res.stderr)
 		assert.Less(t, took, 1900*time.Millisecond, "%v: a mute broker must cost about --timeout", args)
 		if args[0] == "stream" && args[1] != "replay" {
-			assert.Contains(t, res.stderr, "old cluster "+addr+": no answer within --timeout 1s", args)
-			assert.Contains(t, res.stderr, "new cluster "+addr+": no answer within --timeout 1s", args)
+			assert.Contains(t, res.stderr, "old cluster "+addr+": not reachable within --timeout 1s", args)
+			assert.Contains(t, res.stderr, "new cluster "+addr+": not reachable within --timeout 1s", args)
 		}
 	}
 	res := dimmer(t, nil, "--timeout", "0s", "--store", "redis://"+addr, "stage", "get", "orders")

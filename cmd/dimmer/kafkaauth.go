@@ -1,14 +1,17 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -149,6 +152,24 @@ func (a *kafkaAuth) password() (string, error) {
 		return pw, nil
 	}
 	return "", usagef("--%s %s needs a password: --%s FILE or %s", a.flag("sasl"), strings.ToLower(a.sasl), a.flag("sasl-password-file"), a.env("SASL_PASSWORD"))
+}
+
+// pingKafka asks the cluster behind cl for an answer within timeout. One
+// that gives none is "not reachable", as a mute database is; one that
+// answers with a refusal is named with it and, given SASL credentials,
+// what to check.
+func pingKafka(ctx context.Context, cl *kgo.Client, timeout time.Duration, what string, auth *kafkaAuth) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	err := cl.Ping(ctx)
+	if err == nil {
+		return nil
+	}
+	var ne net.Error
+	if ctx.Err() != nil || errors.As(err, &ne) && ne.Timeout() {
+		return fmt.Errorf("%s: not reachable within --timeout %v: %w", what, timeout, saslHint(err, auth))
+	}
+	return fmt.Errorf("%s: %w", what, saslHint(err, auth))
 }
 
 // saslHint says which credentials to check when a cluster given SASL

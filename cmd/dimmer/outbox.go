@@ -243,12 +243,10 @@ func (ro *relayOpts) open(ctx context.Context, c *cli) (outbox.Publisher, func()
 		if err != nil {
 			return nil, nil, usagef("--brokers: %v", err)
 		}
-		pctx, cancel := context.WithTimeout(ctx, c.timeout)
-		err = probe.Ping(pctx)
-		cancel()
+		err = pingKafka(ctx, probe, c.timeout, "kafka "+strings.Join(seeds, ","), &ro.auth)
 		probe.Close()
 		if err != nil {
-			return nil, nil, fmt.Errorf("kafka %s: not reachable within --timeout %v: %w", strings.Join(seeds, ","), c.timeout, saslHint(err, &ro.auth))
+			return nil, nil, err
 		}
 		cl, err := kgo.NewClient(append(kafkasink.ClientOptions(seeds...), auth...)...)
 		if err != nil {

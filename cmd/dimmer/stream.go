@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"strings"
 	"sync"
@@ -109,8 +108,6 @@ func (o *streamOpts) admins(ctx context.Context, timeout time.Duration) (old, ne
 // before a one-shot command starts: its requests then go to clusters that
 // answer, and two mute clusters cost one timeout, not one each.
 func (o *streamOpts) reach(ctx context.Context, timeout time.Duration, opts [3][]kgo.Opt, sides ...flags.Side) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
 	errs := make([]error, len(sides))
 	var wg sync.WaitGroup
 	for i, side := range sides {
@@ -121,15 +118,8 @@ func (o *streamOpts) reach(ctx context.Context, timeout time.Duration, opts [3][
 				return
 			}
 			defer cl.Close()
-			if err := cl.Ping(ctx); err != nil {
-				brokers := map[flags.Side]string{flags.Old: o.oldBrokers, flags.New: o.newBrokers}[side]
-				var ne net.Error
-				if ctx.Err() != nil || errors.As(err, &ne) && ne.Timeout() {
-					errs[i] = fmt.Errorf("%s cluster %s: no answer within --timeout %v: %w", side, brokers, timeout, saslHint(err, &o.auth[side]))
-				} else {
-					errs[i] = fmt.Errorf("%s cluster %s: %w", side, brokers, saslHint(err, &o.auth[side]))
-				}
-			}
+			brokers := map[flags.Side]string{flags.Old: o.oldBrokers, flags.New: o.newBrokers}[side]
+			errs[i] = pingKafka(ctx, cl, timeout, fmt.Sprintf("%s cluster %s", side, brokers), &o.auth[side])
 		})
 	}
 	wg.Wait()
