@@ -507,7 +507,7 @@ func TestFailureWaitsForTakeover(t *testing.T) {
 }
 
 // TestPipelinedBatchesKeepOrder: with far more keys than the batch size the
-// relay publishes full batches back to back (many keys in flight at once),
+// relay publishes batches of many keys back to back (many keys in flight),
 // and failed publishes are retried; per key, the acknowledged messages must
 // still be exactly the committed ones in commit order, and no batch may
 // carry a key twice or a key still in flight.
@@ -526,13 +526,11 @@ func TestPipelinedBatchesKeepOrder(t *testing.T) {
 		var mu sync.Mutex
 		got := map[string][]int{}
 		inFlight := map[string]bool{}
-		full, batches := 0, 0
+		published, batches := 0, 0
 		pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error {
 			mu.Lock()
 			batches++
-			if len(b) == 16 {
-				full++
-			}
+			published += len(b)
 			for _, r := range b {
 				if inFlight[r.Key] {
 					t.Errorf("key %s published while a message of it is in flight", r.Key)
@@ -595,8 +593,13 @@ func TestPipelinedBatchesKeepOrder(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		assert.Equal(t, want, got, "per key: every committed message once, in commit order")
-		t.Logf("%d batches, %d of them full", batches, full)
-		assert.Greater(t, full, 10, "the backlog must give full batches")
+		// How many batches come out full is chance: the window is the first
+		// 16 rows by seq, so it depends on how the writers' keys interleave
+		// and which publishes failed (a backing-off head holds its slot).
+		// What the backlog must give is batches of many keys, not one.
+		mean := float64(published) / float64(batches)
+		t.Logf("%d records in %d batches, %.1f a batch", published, batches, mean)
+		assert.GreaterOrEqual(t, mean, 8.0, "the backlog must give batches of many keys")
 	})
 }
 
