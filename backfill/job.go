@@ -125,7 +125,8 @@ type Config struct {
 	// job back (replica lag, the service's own latency).
 	Signals []Signal
 	// LeaseTTL is how long a range stays with a worker that stopped
-	// renewing it (it renews with every chunk) before another takes it (30s).
+	// renewing it (it renews with every chunk) before another takes it
+	// (30s; at least 1s and two TargetChunkTime).
 	LeaseTTL time.Duration
 	// PollInterval is how often a paused or waiting worker looks again (1s).
 	PollInterval time.Duration
@@ -192,6 +193,11 @@ func (c Config) rangesFor(estimate int64) int {
 	return min(max(n, d.Workers), d.Ranges)
 }
 
+// minLeaseTTL is the shortest lease a worker of c keeps while it copies.
+func minLeaseTTL(c Config) time.Duration {
+	return max(time.Second, 2*c.withDefaults().TargetChunkTime)
+}
+
 // Validate reports the first invalid field.
 func (c Config) Validate() error {
 	switch {
@@ -205,8 +211,19 @@ func (c Config) Validate() error {
 		return fieldErr("Config.MinChunk", "%d is above MaxChunk %d", c.MinChunk, c.MaxChunk)
 	case math.IsNaN(c.RowsPerSecond) || math.IsInf(c.RowsPerSecond, 0) || c.RowsPerSecond < 0 || c.RowsPerSecond > 0 && c.RowsPerSecond < 1:
 		return fieldErr("Config.RowsPerSecond", "%v: want 0 (no limit) or a rate of at least 1 row/s", c.RowsPerSecond)
-	case c.TargetChunkTime < 0 || c.LeaseTTL < 0 || c.PollInterval < 0 || c.LockTime < 0:
-		return fieldErr("Config durations", "negative")
+	case c.TargetChunkTime < 0:
+		return fieldErr("Config.TargetChunkTime", "%v is negative", c.TargetChunkTime)
+	case c.LockTime < 0:
+		return fieldErr("Config.LockTime", "%v is negative", c.LockTime)
+	case c.PollInterval < 0:
+		return fieldErr("Config.PollInterval", "%v is negative", c.PollInterval)
+	case c.LeaseTTL < 0:
+		return fieldErr("Config.LeaseTTL", "%v is negative", c.LeaseTTL)
+	case c.LeaseTTL > 0 && c.LeaseTTL < minLeaseTTL(c):
+		// A worker renews its lease once a chunk: a lease shorter than
+		// two chunks lapses under a live worker, and every other worker
+		// then takes the range and fences off the chunk in progress.
+		return fieldErr("Config.LeaseTTL", "%v is shorter than %v (1s, and two TargetChunkTime)", c.LeaseTTL, minLeaseTTL(c))
 	}
 	for i, s := range c.Signals {
 		if s == nil {

@@ -104,3 +104,33 @@ func TestRowsPerSecondValidated(t *testing.T) {
 		assert.NoError(t, backfill.Config{RowsPerSecond: rate}.Validate(), "%v", rate)
 	}
 }
+
+// Each duration a Config refuses is named, and a lease that would lapse
+// under a worker between two renewals (one a chunk) is refused.
+func TestConfigDurationsNamed(t *testing.T) {
+	for field, cfg := range map[string]backfill.Config{
+		"Config.TargetChunkTime": {TargetChunkTime: -time.Second},
+		"Config.LockTime":        {LockTime: -time.Second},
+		"Config.PollInterval":    {PollInterval: -time.Second},
+		"Config.LeaseTTL":        {LeaseTTL: -time.Second},
+	} {
+		err := cfg.Validate()
+		require.ErrorIs(t, err, backfill.ErrInvalidJob, field)
+		var fe *backfill.FieldError
+		require.ErrorAs(t, err, &fe)
+		assert.Equal(t, field, fe.Field)
+	}
+	for _, cfg := range []backfill.Config{
+		{LeaseTTL: 500 * time.Millisecond},
+		{LeaseTTL: 3 * time.Second, TargetChunkTime: 2 * time.Second},
+	} {
+		var fe *backfill.FieldError
+		require.ErrorAs(t, cfg.Validate(), &fe, "%+v", cfg)
+		assert.Equal(t, "Config.LeaseTTL", fe.Field)
+	}
+	for _, cfg := range []backfill.Config{
+		{}, {LeaseTTL: time.Second}, {LeaseTTL: 4 * time.Second, TargetChunkTime: 2 * time.Second},
+	} {
+		assert.NoError(t, cfg.Validate(), "%+v", cfg)
+	}
+}

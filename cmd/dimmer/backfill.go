@@ -117,6 +117,10 @@ func (b *backfillCLI) backfiller(ctx context.Context, needFlags, bounded bool) (
 	return bf, nil
 }
 
+// runFlags are the Config fields backfill run's flags set.
+var runFlags = fieldFlags{"Config.Workers": "workers", "Config.RowsPerSecond": "rows-per-second",
+	"Config.TargetChunkTime": "chunk-time", "Config.LeaseTTL": "lease-ttl"}
+
 func (b *backfillCLI) runCmd() *cobra.Command {
 	var spec backfill.Spec
 	var source, target, key, migration string
@@ -133,6 +137,12 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 		Args: exactArgs(1, "JOB"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
+			if err := noZero(cmd, "workers", "chunk-time", "lease-ttl"); err != nil {
+				return err
+			}
+			if err := runFlags.explain(cfg.Validate()); err != nil {
+				return err
+			}
 			bf, err := b.backfiller(ctx, true, false)
 			if err != nil {
 				return err
@@ -217,7 +227,7 @@ next run resumes. --dry-run shows what would be copied and writes nothing.`,
 	f.Float64Var(&cfg.RowsPerSecond, "rows-per-second", 0, "rate limit of this process (0: none)")
 	f.DurationVar(&cfg.TargetChunkTime, "chunk-time", 500*time.Millisecond, "target time of a chunk")
 	f.BoolVar(&cfg.LockSourceRows, "lock-source-rows", false, "lock each chunk's source rows (FOR KEY SHARE) so a row deleted during the copy is not brought back (without it, verify --repair removes such rows)")
-	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", 30*time.Second, "how long a range stays with a worker that stopped renewing it and whose database session is still open")
+	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", 30*time.Second, "how long a range stays with a worker that stopped renewing it and whose database session is still open (at least 1s and two --chunk-time)")
 	f.StringVar(&b.workerID, "worker-id", envOr("DIMMER_BACKFILL_WORKER_ID", ""), "this process's name in range leases (env DIMMER_BACKFILL_WORKER_ID; default host-pid-random)")
 	f.BoolVar(&dry, "dry-run", false, "show what would be copied; write nothing")
 	return cmd

@@ -122,7 +122,7 @@ INSERT INTO old_orders (id, amount) SELECT g, g FROM generate_series(-99, 400) g
 	}
 	r = dimmer(t, store, append([]string{"run", "copy2", "--workers", "-1"}, def...)...)
 	assert.Equal(t, exitUsage, r.code, r.stderr)
-	assert.Contains(t, r.stderr, "Config.Workers")
+	assert.Contains(t, r.stderr, "--workers: -1 is negative")
 	r = dimmer(t, store, "pause", "copy")
 	assert.Equal(t, exitUsage, r.code)
 	r = dimmer(t, store, "pause", "copy", "--reason", "peak")

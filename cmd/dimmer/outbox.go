@@ -171,10 +171,16 @@ per topic named --stream-prefix + topic, trimmed to about --maxlen entries.`,
 	return cmd
 }
 
+// relayFlags are the RelayConfig fields outbox relay's flags set.
+var relayFlags = fieldFlags{"BatchSize": "batch-size", "PollInterval": "poll", "LeaseTTL": "lease-ttl", "MaxAttempts": "max-attempts", "ID": "id"}
+
 func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 	ctx := cmd.Context()
 	if ro.drain <= 0 {
 		return usagef("--drain-timeout %v: must be positive", ro.drain)
+	}
+	if err := noZero(cmd, "batch-size", "poll", "lease-ttl", "max-attempts"); err != nil {
+		return err
 	}
 	pub, closePub, err := ro.open(ctx, c)
 	if err != nil {
@@ -191,7 +197,7 @@ func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 	relay, err := ob.NewRelay(pool, pub, cfg)
 	if err != nil {
 		if errors.Is(err, outbox.ErrInvalidConfig) {
-			return usageError{err}
+			return usageError{relayFlags.explain(err)}
 		}
 		return err
 	}

@@ -228,6 +228,12 @@ func (c *cli) streamMirrorCmd(o *streamOpts) *cobra.Command {
 			if err != nil {
 				return usagef("--from %q: want old or new", from)
 			}
+			if cfg.MaxBatch < 0 {
+				return usagef("--batch %d: must be positive", cfg.MaxBatch)
+			}
+			if err := noZero(cmd, "batch"); err != nil {
+				return err
+			}
 			opts, err := o.opts(c.timeout, false)
 			if err != nil {
 				return err
