@@ -102,6 +102,16 @@ func (c *cli) installedOutbox(ctx context.Context, pool *pgxpool.Pool, o *outbox
 			return nil, usageError{err}
 		}
 		if err := ob.Install(ctx, pool); err != nil {
+			if installed, ierr := outbox.Installed(ctx, pool, c.schema, o.table); errors.Is(err, outbox.ErrSchemaMismatch) && ierr == nil {
+				// The flags asked for another layout than the one
+				// installed: bad usage, in the flags' words.
+				given := fmt.Sprintf("--buckets %d", o.buckets)
+				if o.partitions != 0 {
+					given += fmt.Sprintf(" --partitions %d", o.partitions)
+				}
+				return nil, usagef("%s: %s.%s is installed with --buckets %d --partitions %d, and a layout cannot change (leave out --buckets and --partitions to use it as it is)",
+					given, c.schema, o.table, installed.Buckets, installed.Partitions)
+			}
 			return nil, err
 		}
 		return ob, nil

@@ -248,7 +248,12 @@ func TestOutboxPartitionedFromCLI(t *testing.T) {
 
 	r = dimmer(t, nil, append([]string{"outbox", "status", "--buckets", "8"}, db...)...)
 	assert.Equal(t, exitOK, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
+	// Another layout is a wrong flag, named as such.
 	r = dimmer(t, nil, append([]string{"outbox", "status", "--buckets", "8", "--partitions", "2"}, db...)...)
-	assert.Equal(t, exitError, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
-	assert.Contains(t, r.stderr, "installed with 4 partitions")
+	assert.Equal(t, exitUsage, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
+	assert.Contains(t, r.stderr, "--buckets 8 --partitions 2: "+schema+".outbox is installed with --buckets 8 --partitions 4")
+	r = dimmer(t, nil, append([]string{"outbox", "status", "--buckets", "16"}, db...)...)
+	assert.Equal(t, exitUsage, r.code, "stdout: %s\nstderr: %s", r.stdout, r.stderr)
+	assert.Contains(t, r.stderr, "--buckets 16: "+schema+".outbox is installed with --buckets 8 --partitions 4")
+	assert.NotContains(t, r.stderr, "Config.")
 }
