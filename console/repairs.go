@@ -21,7 +21,7 @@ type RepairLog interface {
 	TopicStats(ctx context.Context, topic string) (outbox.Stats, error)
 	DeadLetters(ctx context.Context, topic string, limit int) ([]outbox.DeadLetter, error)
 	RetryDead(ctx context.Context, id uuid.UUID) error
-	SkipDead(ctx context.Context, id uuid.UUID) (outbox.Record, error)
+	SkipDead(ctx context.Context, id uuid.UUID) (outbox.DeadLetter, error)
 }
 
 // RepairDB is the database holding the outbox: *pgxpool.Pool fits.
@@ -47,7 +47,7 @@ func (o outboxRepairs) DeadLetters(ctx context.Context, topic string, limit int)
 func (o outboxRepairs) RetryDead(ctx context.Context, id uuid.UUID) error {
 	return o.ob.RetryDead(ctx, o.db, id)
 }
-func (o outboxRepairs) SkipDead(ctx context.Context, id uuid.UUID) (outbox.Record, error) {
+func (o outboxRepairs) SkipDead(ctx context.Context, id uuid.UUID) (outbox.DeadLetter, error) {
 	return o.ob.SkipDead(ctx, o.db, id)
 }
 
@@ -158,7 +158,7 @@ func (s *Server) deadAction(r *http.Request, name, action string, res *ActionRes
 		err = s.repairs.RetryDead(r.Context(), id)
 		res.Describe, done = fmt.Sprintf("dead letter %s is pending again", id), "retried"
 	} else {
-		var rec outbox.Record
+		var rec outbox.DeadLetter
 		rec, err = s.repairs.SkipDead(r.Context(), id)
 		res.Describe, done = fmt.Sprintf("dead letter %s (key %s) skipped", id, rec.Key), "skipped (key "+rec.Key+")"
 	}

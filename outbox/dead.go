@@ -25,6 +25,10 @@ type DeadLetter struct {
 	DeadAt    time.Time
 	// Waiting counts the later messages of the same key held back by it.
 	Waiting int
+	// RawHeaders holds the stored headers when they are not a JSON object
+	// of strings (Headers is then nil): a hand-edited row is dead for
+	// that, and an operator who skips it keeps what it held.
+	RawHeaders string
 }
 
 // DeadLetters lists up to limit dead letters, oldest first, optionally only
@@ -49,7 +53,7 @@ ORDER BY d.dead_at, d.seq LIMIT $2`, topic, limit)
 		if key != nil {
 			d.Key = *key
 		}
-		d.Headers = lenientHeaders(headers)
+		d.Headers, d.RawHeaders = lenientHeaders(headers)
 		out = append(out, d)
 		d, key, headers = DeadLetter{}, nil, nil
 		return nil
@@ -87,26 +91,27 @@ WHERE dead_at IS NOT NULL AND ($1 = '' OR topic = $1)`, topic)
 	return tag.RowsAffected(), nil
 }
 
-// SkipDead deletes a dead letter without publishing it and returns it (for
-// the operator's record); the messages it held back then flow.
-func (o *Outbox) SkipDead(ctx context.Context, db Querier, id uuid.UUID) (Record, error) {
-	var r Record
+// SkipDead deletes a dead letter without publishing it and returns it,
+// whole, for the operator's record (Waiting: the messages it let flow).
+func (o *Outbox) SkipDead(ctx context.Context, db Querier, id uuid.UUID) (DeadLetter, error) {
+	var d DeadLetter
 	var key *string
 	var headers []byte
-	err := db.QueryRow(ctx, `DELETE FROM `+o.table+` WHERE id = $1 AND dead_at IS NOT NULL
-RETURNING seq, id, key, topic, payload, headers::text, attempts, created_at`, id).
-		Scan(&r.Seq, &r.ID, &key, &r.Topic, &r.Payload, &headers, &r.Attempts, &r.CreatedAt)
-	r.Headers = lenientHeaders(headers)
+	err := db.QueryRow(ctx, `DELETE FROM `+o.table+` d WHERE id = $1 AND dead_at IS NOT NULL
+RETURNING seq, id, key, topic, payload, headers::text, attempts, created_at, coalesce(last_error, ''), dead_at,
+	(SELECT count(*) FROM `+o.table+` w WHERE w.bucket = d.bucket AND w.lane = d.lane AND w.seq > d.seq)`, id).
+		Scan(&d.Seq, &d.ID, &key, &d.Topic, &d.Payload, &headers, &d.Attempts, &d.CreatedAt, &d.LastError, &d.DeadAt, &d.Waiting)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return Record{}, fmt.Errorf("%w: %s", ErrNotDead, id)
+		return DeadLetter{}, fmt.Errorf("%w: %s", ErrNotDead, id)
 	}
 	if err != nil {
-		return Record{}, fmt.Errorf("outbox: skip dead letter %s: %w", id, err)
+		return DeadLetter{}, fmt.Errorf("outbox: skip dead letter %s: %w", id, err)
 	}
+	d.Headers, d.RawHeaders = lenientHeaders(headers)
 	if key != nil {
-		r.Key = *key
+		d.Key = *key
 	}
-	return r, nil
+	return d, nil
 }
 
 // Stats describes the whole outbox.
@@ -144,15 +149,14 @@ FROM `+o.table+` WHERE `+where, arg).Scan(&s.Pending, &s.Dead, &age)
 
 // lenientHeaders decodes stored headers for an operator's view of a dead
 // letter: headers edited into something else than an object of strings
-// (which is why such a message is dead) are left out rather than making
-// the dead letter unreadable; its LastError says what they were.
-func lenientHeaders(raw []byte) map[string]string {
+// (which is why such a message is dead) come back as they are stored,
+// rather than making the dead letter unreadable.
+func lenientHeaders(raw []byte) (headers map[string]string, stored string) {
 	if raw == nil {
-		return nil
+		return nil, ""
 	}
-	var h map[string]string
-	if json.Unmarshal(raw, &h) != nil {
-		return nil
+	if json.Unmarshal(raw, &headers) != nil {
+		return nil, string(raw)
 	}
-	return h
+	return headers, ""
 }

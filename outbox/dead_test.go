@@ -103,6 +103,9 @@ func TestPoisonBlocksOnlyItsKey(t *testing.T) {
 		rec, err := o.SkipDead(ctx, pool, p2)
 		require.NoError(t, err)
 		assert.Equal(t, "poison", string(rec.Payload))
+		assert.Equal(t, 1, rec.Waiting, "bad:5 was held back by it")
+		assert.NotEmpty(t, rec.LastError)
+		assert.False(t, rec.DeadAt.IsZero())
 		waitDrained(t, pool, o, 10*time.Second)
 		mu.Lock()
 		assert.Equal(t, "bad:5", got[len(got)-1])
@@ -249,6 +252,7 @@ func TestHandEditedRowsHoldOnlyTheirKey(t *testing.T) {
 		assert.Contains(t, byID[badHeaders].LastError, "not published: headers are not a JSON object of strings")
 		assert.Equal(t, 1, byID[badHeaders].Waiting, "a:2 waits behind it")
 		assert.Nil(t, byID[badHeaders].Headers)
+		assert.Equal(t, "[1, 2, 3]", byID[badHeaders].RawHeaders, "what made it dead is shown as stored")
 		assert.Contains(t, byID[noTopic].LastError, "not published: the topic is empty")
 		time.Sleep(200 * time.Millisecond) // many cycles
 		mu.Lock()
@@ -259,6 +263,7 @@ func TestHandEditedRowsHoldOnlyTheirKey(t *testing.T) {
 		rec, err := o.SkipDead(ctx, pool, badHeaders)
 		require.NoError(t, err, "a dead letter with broken headers can be skipped, and is returned")
 		assert.Equal(t, badHeaders, rec.ID)
+		assert.Equal(t, "[1, 2, 3]", rec.RawHeaders, "the operator's record keeps the broken headers")
 		require.Eventually(t, func() bool {
 			mu.Lock()
 			defer mu.Unlock()

@@ -436,13 +436,17 @@ order.`,
 // skipped is what dead skip prints of each message it drops, so the
 // operator keeps a record of it (payload as base64).
 type skipped struct {
-	ID        uuid.UUID         `json:"id"`
-	Topic     string            `json:"topic"`
-	Key       string            `json:"key,omitempty"`
-	Headers   map[string]string `json:"headers,omitempty"`
-	Payload   []byte            `json:"payload"`
-	Attempts  int               `json:"attempts"`
-	CreatedAt time.Time         `json:"created_at"`
+	ID      uuid.UUID         `json:"id"`
+	Topic   string            `json:"topic"`
+	Key     string            `json:"key,omitempty"`
+	Headers map[string]string `json:"headers,omitempty"`
+	// HeadersStored: headers that are not an object of strings, as stored.
+	HeadersStored string    `json:"headers_stored,omitempty"`
+	Payload       []byte    `json:"payload"`
+	Attempts      int       `json:"attempts"`
+	CreatedAt     time.Time `json:"created_at"`
+	LastError     string    `json:"last_error,omitempty"`
+	DeadAt        time.Time `json:"dead_at"`
 }
 
 func (c *cli) outboxDeadSkipCmd(o *outboxOpts) *cobra.Command {
@@ -471,7 +475,8 @@ payload base64-encoded), so the operator keeps a record of what was skipped.`,
 					failed = append(failed, err)
 					continue
 				}
-				if err := enc.Encode(skipped{ID: r.ID, Topic: r.Topic, Key: r.Key, Headers: r.Headers, Payload: r.Payload, Attempts: r.Attempts, CreatedAt: r.CreatedAt}); err != nil {
+				if err := enc.Encode(skipped{ID: r.ID, Topic: r.Topic, Key: r.Key, Headers: r.Headers, HeadersStored: r.RawHeaders,
+					Payload: r.Payload, Attempts: r.Attempts, CreatedAt: r.CreatedAt, LastError: r.LastError, DeadAt: r.DeadAt}); err != nil {
 					failed = append(failed, err)
 				}
 			}
