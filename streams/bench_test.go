@@ -61,24 +61,30 @@ func mirrorRun(b testing.TB, oldSeeds, newSeeds []string, src, dst, group string
 }
 
 // BenchmarkMirrorThroughput: the mirror against a hand-written franz-go
-// consume→produce→commit loop over the same clusters, interleaved.
+// consume→produce→commit loop over the same clusters, interleaved. A run
+// of either takes a quarter second, and on a shared machine one round's
+// ratio ranged 0.7–1.3 from one run of the benchmark to the next, so the
+// goal is the median of seven rounds' ratios.
 func BenchmarkMirrorThroughput(b *testing.B) {
 	oldSeeds, newSeeds := clusters(b)
 	src := uniqueTopic("mtp")
 	topic(b, oldSeeds, src, 3)
 	const n = 150000
+	const rounds = 7
 	w := newWriter(b, oldSeeds, src, 100)
 	for range n / 5000 {
 		w.produce(b, context.Background(), 5000)
 	}
 	var hand, mirror time.Duration
-	for round := range 3 {
+	ratios := make([]float64, 0, rounds)
+	for round := range rounds {
 		dh, dm := uniqueTopic("mtph"), uniqueTopic("mtpm")
 		topic(b, newSeeds, dh, 3)
 		topic(b, newSeeds, dm, 3)
-		runHand := func() { hand += handLoop(b, oldSeeds, newSeeds, src, dh, fmt.Sprintf("hand-%s-%d", src, round), n) }
+		var h, m time.Duration
+		runHand := func() { h = handLoop(b, oldSeeds, newSeeds, src, dh, fmt.Sprintf("hand-%s-%d", src, round), n) }
 		runMirror := func() {
-			mirror += mirrorRun(b, oldSeeds, newSeeds, src, dm, fmt.Sprintf("mirror-%s-%d", src, round), n)
+			m = mirrorRun(b, oldSeeds, newSeeds, src, dm, fmt.Sprintf("mirror-%s-%d", src, round), n)
 		}
 		if round%2 == 0 { // neither always goes first
 			runHand()
@@ -87,10 +93,12 @@ func BenchmarkMirrorThroughput(b *testing.B) {
 			runMirror()
 			runHand()
 		}
+		hand, mirror = hand+h, mirror+m
+		ratios = append(ratios, h.Seconds()/m.Seconds())
 	}
-	ratio := hand.Seconds() / mirror.Seconds()
-	b.Logf("hand loop %.0f rec/s, mirror %.0f rec/s", 3*n/hand.Seconds(), 3*n/mirror.Seconds())
-	benchgoal.Report(b, "streams_mirror_throughput_vs_hand_loop", ratio, "x", benchgoal.AtLeast, 0.8)
+	slices.Sort(ratios)
+	b.Logf("hand loop %.0f rec/s, mirror %.0f rec/s over %d rounds; per-round ratios %.2f", rounds*n/hand.Seconds(), rounds*n/mirror.Seconds(), rounds, ratios)
+	benchgoal.Report(b, "streams_mirror_throughput_vs_hand_loop", ratios[rounds/2], "x", benchgoal.AtLeast, 0.8)
 }
 
 // BenchmarkDualProduceLatency: the caller's latency of a dual produce (old
