@@ -34,13 +34,15 @@ var (
 	// argPW is userinfo in an argument that is one URL, which may hold a
 	// space or a character a parser stops at (#, /, ?) where it should
 	// have been percent-encoded: the parser's error quotes what it read.
-	argPW = regexp.MustCompile(`^[a-z][a-z0-9+.-]*://[^:/@\s]*:(.*)@[^@]*$`)
+	argPW = regexp.MustCompile(`(?i)^[a-z][a-z0-9+.-]*://[^:/@\s]*:(.*)@[^@]*$`)
 	// brokerPW is user:password@host:port without a scheme, as a Kafka
 	// broker list given credentials reads.
 	brokerPW = regexp.MustCompile(`((?:^|[\s,"'=])[^\s:/@,"'=]+:)([^\s@,/]+)@`)
 	// urlStops are where a URL parser cuts a userinfo that holds them
 	// (pgx takes the host from the first '@').
 	urlStops = regexp.MustCompile(`[\s#/?@]+`)
+	// backslash is an escaped character of a keyword value.
+	backslash = regexp.MustCompile(`\\(.)`)
 )
 
 const masked = "***"
@@ -82,6 +84,15 @@ func secretsIn(s string) []string {
 	}
 	for _, m := range keywordPW.FindAllStringSubmatch(s, -1) {
 		add(m[2])
+		// pgx masks a value up to its first escaped space or an
+		// unterminated quote's first space and quotes the rest, so each
+		// piece is a secret of its own.
+		v := strings.Trim(m[2], "'")
+		unescaped := backslash.ReplaceAllString(v, "$1")
+		add(unescaped)
+		for _, piece := range strings.Fields(unescaped) {
+			add(piece)
+		}
 	}
 	for _, m := range brokerPW.FindAllStringSubmatch(s, -1) {
 		add(m[2])
@@ -105,13 +116,23 @@ func newRedactor(args []string, environ []string) *redactor {
 	var all []string
 	for _, a := range args {
 		all = append(all, secretsIn(a)...)
+		if name, v, ok := strings.Cut(a, "="); ok && strings.HasPrefix(name, "-") {
+			all = append(all, secretsIn(v)...) // --store=URL
+		}
 	}
 	for _, kv := range environ {
 		k, v, _ := strings.Cut(kv, "=")
+		name := strings.TrimSuffix(k, "_NEW")
 		switch {
 		case k == "PGPASSWORD" || k == "REDIS_PASSWORD",
-			strings.HasPrefix(k, "DIMMER_") && strings.HasSuffix(strings.TrimSuffix(k, "_NEW"), "_PASSWORD"):
+			strings.HasPrefix(k, "DIMMER_") && strings.HasSuffix(name, "_PASSWORD"):
 			all = append(all, v)
+		case strings.HasPrefix(k, "DIMMER_") && strings.HasSuffix(name, "_PASSWORD_FILE"):
+			// A file's name is no secret; a value that names no file
+			// is most likely the password, set in the wrong variable.
+			if _, err := os.Stat(v); err != nil {
+				all = append(all, v)
+			}
 		case strings.HasPrefix(k, "DIMMER_") || strings.HasPrefix(k, "PG") || strings.HasPrefix(k, "REDIS"):
 			all = append(all, secretsIn(v)...)
 		}
@@ -144,6 +165,37 @@ func (r *redactor) String(s string) string {
 			s = replaceWhole(s, sec)
 		}
 	}
+	return r.maskCut(s)
+}
+
+// cutMarks end an argument echoed cut short (flags.Echo, oneLine).
+var cutMarks = []string{"…", "..."}
+
+// maskCut masks the start of a password that an echo cut short: the
+// password is not in the text whole, so String's search misses it.
+func (r *redactor) maskCut(s string) string {
+	for _, mark := range cutMarks {
+		for at := 0; ; {
+			i := strings.Index(s[at:], mark)
+			if i < 0 {
+				break
+			}
+			i += at
+			longest := 0
+			for _, sec := range r.secrets {
+				for k := len(sec) - 1; k > longest && k >= minSecret; k-- {
+					if strings.HasSuffix(s[:i], sec[:k]) {
+						longest = k
+					}
+				}
+			}
+			if longest > 0 {
+				s = s[:i-longest] + masked + s[i:]
+				i += len(masked) - longest
+			}
+			at = i + len(mark)
+		}
+	}
 	return s
 }
 
@@ -167,6 +219,9 @@ func replaceWhole(s, sec string) string {
 		end := i + len(sec)
 		before, _ := utf8.DecodeLastRuneInString(s[:i])
 		after, _ := utf8.DecodeRuneInString(s[end:])
+		if i >= 2 && s[i-2] == '\\' && strings.IndexByte("abfnrtv", s[i-1]) >= 0 {
+			before = ' ' // a quoted control character ("\tpw") ends a word
+		}
 		if (i > 0 && isWordRune(first) && isWordRune(before)) || (end < len(s) && isWordRune(last) && isWordRune(after)) {
 			at = i + 1 // part of a longer word: look further on
 			continue

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -39,10 +41,12 @@ func TestMaskDSN(t *testing.T) {
 	assert.Equal(t, "lookup ***@127.0.0.1: no such host", r.String("lookup S3cretPw@127.0.0.1: no such host"))
 	// A Kafka SASL password is a whole variable's value; one read from a
 	// file is learnt when read. The file's name is no secret.
+	file := filepath.Join(t.TempDir(), "kafka")
+	require.NoError(t, os.WriteFile(file, []byte("from-a-file"), 0o600))
 	r = newRedactor(nil, []string{"DIMMER_KAFKA_SASL_PASSWORD=kafka-pw-1", "DIMMER_KAFKA_SASL_PASSWORD_NEW=kafka-pw-2",
-		"DIMMER_KAFKA_SASL_PASSWORD_FILE=/run/secrets/kafka"})
+		"DIMMER_KAFKA_SASL_PASSWORD_FILE=" + file})
 	r.learn("from-a-file")
-	assert.Equal(t, "*** *** *** /run/secrets/kafka", r.String("kafka-pw-1 kafka-pw-2 from-a-file /run/secrets/kafka"))
+	assert.Equal(t, "*** *** *** "+file, r.String("kafka-pw-1 kafka-pw-2 from-a-file "+file))
 	// A password is masked where it stands whole, not inside a longer
 	// word, where the mask would spell it out ("***word").
 	r = newRedactor(nil, nil)
@@ -50,6 +54,34 @@ func TestMaskDSN(t *testing.T) {
 	assert.Equal(t, "check the user and password; it was ***, or ***.", r.String("check the user and password; it was pass, or p w@:x."))
 	assert.Equal(t, "u:***@host passpass ***. a***b", r.String("u:pass@host passpass pass. a#tok#b"),
 		"a side of the password that is no letter or digit is a boundary itself")
+	assert.Equal(t, `"***\t*** x"`, r.String(`"pass\tpass x"`), "a quoted control character ends a word")
+
+	// The forms found where a password still showed:
+	for _, tc := range []struct {
+		args, env []string
+		out       string
+	}{
+		// --flag=value, and a scheme in capitals, each with a space the
+		// URL parser quotes back;
+		{args: []string{"--store=redis://:Cut S3cretPw@127.0.0.1:6379/0"}, out: `parse "redis://:Cut S3cretPw@127.0.0.1:6379/0"`},
+		{args: []string{"--store", "REDIS://:Cut S3cretPw@127.0.0.1:6379/0"}, out: `--store "REDIS://:Cut S3cretPw@127.0.0.1:6379/0"`},
+		{env: []string{"DIMMER_STORE=Postgres://u:Cut S3cretPw@127.0.0.1/db"}, out: `(default "Postgres://u:Cut S3cretPw@127.0.0.1/db")`},
+		// an argument echoed cut short, mid-password;
+		{args: []string{"postgres://u:Cut0S3cretPwAndMore@h/db"}, out: `unknown command "postgres://u:Cut0S3cretPwAn..." for "dimmer"`},
+		{args: []string{"postgres://u:Cut0S3cretPwAndMore@h/db"}, out: `invalid name "postgres://u:Cut0S3cr… (40 bytes)"`},
+		// what pgx leaves of a keyword value it masked up to a space;
+		{args: []string{`host=h password=Cut\ S3cretPw port=x`}, out: "cannot parse `host=h password=xxxxx S3cretPw port=x`"},
+		{args: []string{"host=h password='Cut S3cretPw"}, out: "cannot parse `host=h password=xxxxx S3cretPw`"},
+		// a password set in the variable meant for its file's name.
+		{env: []string{"DIMMER_KAFKA_SASL_PASSWORD_FILE=Cut0S3cretPw"}, out: `(default "Cut0S3cretPw")`},
+	} {
+		got := newRedactor(tc.args, tc.env).String(tc.out)
+		assert.NotContains(t, got, "S3cr", "%v %v: %s", tc.args, tc.env, got)
+		assert.Contains(t, got, masked, "%v %v", tc.args, tc.env)
+	}
+	r = newRedactor([]string{"postgres://u:Cut0S3cretPwAndMore@h/db"}, nil)
+	assert.Equal(t, "waiting... done... Cut... ***...", r.String("waiting... done... Cut... Cut0S3cr..."),
+		"a cut short of minSecret, or text that only ends like one, is left")
 }
 
 // A battery of failing (and some succeeding) commands, each given a known
@@ -94,6 +126,15 @@ func TestCLINoSecretInOutput(t *testing.T) {
 		{"backfill", "status", "--db", "postgresql://u:" + secret + "@127.0.0.1:1/db?connect_timeout=2"},
 		{"outbox", "relay", "--publisher", "redis", "--redis", "redis://:" + secret + "@127.0.0.1:1", "--db", goodPG, "--schema", schema},
 		{"frobnicate", "postgres://u:" + secret + "@h/db"},
+		// --flag=value, a scheme in capitals, an argument echoed cut
+		// short, and what pgx leaves of a keyword value it masked;
+		{"--store=redis://:" + secret + " x@127.0.0.1:6379/0", "stage", "get", "orders"},
+		{"--store", "REDIS://:" + secret + " x@127.0.0.1:6379/0", "stage", "get", "orders"},
+		{"--store", "Postgres://u:" + secret + " x@127.0.0.1:1/db", "stage", "get", "orders"},
+		{"postgres://postgres:" + secret + strings.Repeat("a", 83) + "@127.0.0.1:5432/test", "status"},
+		{"--store", goodPG, "stage", "get", "postgres://postgres:" + secret + strings.Repeat("a", 40) + "@h/db"},
+		{"--store", "host=127.0.0.1 password=Sup3r\\ " + secret + " port=notaport", "stage", "get", "orders"},
+		{"--store", "host=127.0.0.1 user=postgres password='Sup3r " + secret, "stage", "get", "orders"},
 		{"stage", "get", "password=" + secret},
 		append(append([]string{}, valid...), "status"),
 		append(append([]string{"--actor", "ops postgres://a:" + secret + "@h/db"}, valid...),
@@ -119,7 +160,8 @@ func TestCLINoSecretInOutput(t *testing.T) {
 	// Defaults taken from the environment are shown by every --help.
 	t.Setenv("DIMMER_STORE", "postgres://u:"+secret+"@127.0.0.1:1/db")
 	t.Setenv("DIMMER_OUTBOX_DB", "host=127.0.0.1 password="+secret)
-	t.Setenv("DIMMER_REDIS_URL", "redis://:"+secret+"@127.0.0.1:1")
+	t.Setenv("DIMMER_REDIS_URL", "REDIS://:"+secret+" x@127.0.0.1:1")
+	t.Setenv("DIMMER_KAFKA_SASL_PASSWORD_FILE", secret) // the password, in the variable for its file
 	t.Setenv("DIMMER_KAFKA_BROKERS", "user:"+secret+"@127.0.0.1:1")
 	for _, args := range [][]string{{"--help"}, {"stage", "set", "--help"}, {"outbox", "--help"}, {"outbox", "relay", "--help"}, {"schema", "--help"}, {"backfill", "--help"}, {"stream", "--help"}, {"stage", "get", "orders"}} {
 		r := dimmer(t, nil, args...)

@@ -216,6 +216,10 @@ migration is complete. Exits 1 when rows are pending.`,
 			if err := expandcontract.ValidateName(plan); err != nil {
 				return usageError{err}
 			}
+			reason, err := c.reasonArg(reason)
+			if err != nil {
+				return err
+			}
 			reg, closeDB, err := c.registry(cmd.Context(), o, false)
 			if err != nil {
 				return err

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -223,9 +224,18 @@ INSERT INTO films SELECT g, 'd' || g FROM generate_series(1, 100) g`)
 	assert.Contains(t, r.stderr, "100 row(s) not filled by the transform yet")
 	_, err = plan.Transform.Apply(ctx, pool, 0, 100)
 	require.NoError(t, err)
-	r = dimmer(t, store, "schema", "verify", plan.Name)
+	// The reason is masked before it is stored: a later reader (another
+	// run, the console) does not know the password to mask it.
+	const secret = "Verify5ecretPw"
+	withPW := strings.Replace(dimmertest.PostgresURL(), "://postgres@", "://postgres:"+secret+"@", 1)
+	require.Contains(t, withPW, secret)
+	r = dimmer(t, nil, "--store", withPW, "--schema", schema, "schema", "verify", plan.Name, "--reason", "checked with "+secret)
 	require.Equal(t, exitOK, r.code, r.stderr)
 	assert.Equal(t, "films-maker: transform verified, 0 rows pending (migration dualwrite, epoch 0)\n", r.stdout)
+	r = dimmer(t, store, "schema", "audit", plan.Name)
+	require.Equal(t, exitOK, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "checked with ***")
+	assert.NotContains(t, r.stdout, secret)
 
 	for _, s := range []flags.Stage{flags.Shadow, flags.Live, flags.RampDown, flags.Complete} {
 		flagstest.Set(t, fs, plan.Migration, s, nil)
