@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/dimmer-dev/dimmer/internal/connstr"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
 
@@ -166,7 +167,7 @@ func NewRelay(connString string, pub outbox.Publisher, cfg RelayConfig) (*Relay,
 		return nil, badConfig("Publisher", "is nil")
 	}
 	if _, err := pgconn.ParseConfig(connString); err != nil {
-		return nil, badConfig("connString", "does not parse: %v", err)
+		return nil, badConfig("connString", "does not parse: %v", connstr.ParseError(err))
 	}
 	cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {

@@ -1,6 +1,7 @@
 package cdc_test
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -9,8 +10,10 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
+	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/cdc"
 	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/outbox"
 )
 
 // A slot without a reader keeps the WAL written after it: the gauges show
@@ -51,4 +54,18 @@ func TestSlotMetricsAndGuard(t *testing.T) {
 	require.ErrorIs(t, err, cdc.ErrRetainedWAL)
 	assert.Contains(t, err.Error(), name)
 	require.NoError(t, cdc.SlotGuard{Pool: pool, MaxRetained: 1 << 40}.Check(ctx, flags.Transition{}))
+}
+
+// A connection string that does not parse is refused without quoting it:
+// pgx's own mask stops at an escaped or quoted space, so the rest of the
+// password would show.
+func TestUnparsableConnStringNotQuoted(t *testing.T) {
+	for _, s := range []string{`host=127.0.0.1 password=Cut\ S3cretPw port=notaport`, `host=127.0.0.1 password='Cut S3cretPw`} {
+		_, err := cdc.NewSync(s, nil, cdc.SyncConfig{Name: "s", Source: backfill.Table{Name: "a"}, Target: backfill.Table{Name: "b"}})
+		require.ErrorIs(t, err, cdc.ErrInvalidConfig)
+		assert.NotContains(t, err.Error(), "S3cretPw")
+		_, err = cdc.NewRelay(s, outbox.PublisherFunc(func(context.Context, []outbox.Record) []error { return nil }), cdc.RelayConfig{})
+		require.ErrorIs(t, err, cdc.ErrInvalidConfig)
+		assert.NotContains(t, err.Error(), "S3cretPw")
+	}
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/dimmer-dev/dimmer/backfill"
 	"github.com/dimmer-dev/dimmer/flags"
+	"github.com/dimmer-dev/dimmer/internal/connstr"
 )
 
 // ErrSchemaChanged: the source table's shape changed while it was synced
@@ -256,7 +257,7 @@ type Sync struct {
 // nothing until [Sync.Run].
 func NewSync(sourceURL string, target *pgxpool.Pool, cfg SyncConfig) (*Sync, error) {
 	if _, err := pgconn.ParseConfig(sourceURL); err != nil {
-		return nil, badConfig("sourceURL", "does not parse: %v", err)
+		return nil, badConfig("sourceURL", "does not parse: %v", connstr.ParseError(err))
 	}
 	cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {

@@ -15,6 +15,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/dimmer-dev/dimmer/internal/connstr"
 )
 
 const (
@@ -79,12 +81,12 @@ func Database(t testing.TB) string {
 	t.Helper()
 	admin, err := pgx.Connect(ctx(t), PostgresURL())
 	if err != nil {
-		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
+		Unavailable(t, "PostgreSQL at "+connstr.Where(PostgresURL()), err)
 	}
 	defer admin.Close(context.Background())
 	u, err := url.Parse(PostgresURL())
 	if err != nil {
-		t.Fatalf("DIMMER_POSTGRES_URL: %v", err)
+		t.Fatalf("DIMMER_POSTGRES_URL: %v", connstr.ParseError(err))
 	}
 	name := Name("dimmer_t_")
 	_, err = admin.Exec(ctx(t), "CREATE DATABASE "+name)
@@ -174,7 +176,7 @@ func Conn(t testing.TB) *pgx.Conn {
 	t.Helper()
 	c, err := pgx.Connect(ctx(t), PostgresURL())
 	if err != nil {
-		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
+		Unavailable(t, "PostgreSQL at "+connstr.Where(PostgresURL()), err)
 	}
 	t.Cleanup(func() { c.Close(context.Background()) })
 	return c
@@ -225,13 +227,13 @@ func Schema(t testing.TB) (*pgxpool.Pool, string) {
 	name := Name("dimmer_s_")
 	admin, err := pgx.Connect(ctx(t), PostgresURL())
 	if err != nil {
-		Unavailable(t, "PostgreSQL at "+PostgresURL(), err)
+		Unavailable(t, "PostgreSQL at "+connstr.Where(PostgresURL()), err)
 	}
 	defer admin.Close(context.Background())
 	createSchema(t, admin, name)
 	cfg, err := pgxpool.ParseConfig(PostgresURL())
 	if err != nil {
-		t.Fatalf("DIMMER_POSTGRES_URL: %v", err)
+		t.Fatalf("DIMMER_POSTGRES_URL: %v", connstr.ParseError(err))
 	}
 	cfg.ConnConfig.RuntimeParams["search_path"] = name
 	pool, err := pgxpool.NewWithConfig(ctx(t), cfg)
@@ -250,12 +252,12 @@ func Redis(t testing.TB) (*redis.Client, string) {
 	t.Helper()
 	opts, err := redis.ParseURL(RedisURL())
 	if err != nil {
-		t.Fatalf("DIMMER_REDIS_URL: %v", err)
+		t.Fatalf("DIMMER_REDIS_URL: %v", connstr.ParseError(err))
 	}
 	client := redis.NewClient(opts)
 	if err := client.Ping(ctx(t)).Err(); err != nil {
 		client.Close()
-		Unavailable(t, "Redis at "+RedisURL(), err)
+		Unavailable(t, "Redis at "+connstr.Where(RedisURL()), err)
 	}
 	prefix := "dimmer:" + Name("t") + ":"
 	t.Cleanup(func() {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/dimmer-dev/dimmer/internal/connstr"
 )
 
 // LogicalPostgresURL is the admin URL of a test server whose wal_level is
@@ -89,7 +91,7 @@ func LogicalDatabase(t testing.TB) string {
 	})
 	u, err := url.Parse(admin)
 	if err != nil {
-		t.Fatalf("DIMMER_LOGICAL_POSTGRES_URL: %v", err)
+		t.Fatalf("DIMMER_LOGICAL_POSTGRES_URL: %v", connstr.ParseError(err))
 	}
 	u.Path = "/" + name
 	return u.String()
