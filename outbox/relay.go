@@ -324,15 +324,38 @@ func (r *Relay) Run(ctx context.Context) error {
 		return ErrRelayRunning
 	}
 	defer close(r.done)
-	if err := r.checkLayout(ctx); err != nil {
-		return err
-	}
+	// Cancellable before the first statement: a Shutdown whose ctx ends
+	// while the layout check waits on a database that does not answer
+	// must be able to stop it.
 	ctx, cancel := context.WithCancel(ctx)
 	r.cancel.Store(&cancel)
 	defer func() {
 		cancel() // stops the listener and any vacuum
 		r.bg.Wait()
 	}()
+	// A Shutdown that came first (Run not yet running) also stops the
+	// check: nothing else would, on a database that does not answer.
+	checkCtx, stopCheck := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-r.stop:
+			stopCheck()
+		case <-checkCtx.Done():
+		}
+	}()
+	err := r.checkLayout(checkCtx)
+	stopCheck()
+	select {
+	case <-r.stop:
+		return nil
+	default:
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return err
+	}
 
 	r.bg.Add(2)
 	go func() {
@@ -414,6 +437,10 @@ func (r *Relay) checkLayout(ctx context.Context) error {
 	return nil
 }
 
+// releaseGrace is how long Shutdown may still spend handing the leases
+// back once its ctx has ended.
+const releaseGrace = time.Second
+
 // Shutdown stops the relay gracefully: the batch in flight completes, its
 // leases are released so other relays take over at once, the relay is
 // deregistered, and background work is waited for. If ctx ends first the
@@ -422,8 +449,11 @@ func (r *Relay) checkLayout(ctx context.Context) error {
 // The leases are released and the relay deregistered in every case, even
 // when ctx or Run's context has already ended (as with `go relay.Run(ctx);
 // defer relay.Shutdown(ctx)`): that clean-up runs on a context of its own,
-// detached from ctx and bounded by LeaseTTL, after which the leases would
-// have lapsed anyway. Calling Shutdown again does nothing more.
+// bounded by LeaseTTL (after which the leases would have lapsed anyway) and
+// by a second past ctx's end, so Shutdown returns within about a second of
+// ctx even when the database does not answer; other relays then take the
+// buckets over when they see this relay's session gone. Calling Shutdown
+// again does nothing more.
 func (r *Relay) Shutdown(ctx context.Context) error {
 	r.stopOnce.Do(func() { close(r.stop) })
 	if !r.running.Load() {
@@ -445,8 +475,17 @@ func (r *Relay) Shutdown(ctx context.Context) error {
 	}
 	// Run has returned: nothing of this relay is in flight any more.
 	r.releaseOnce.Do(func() {
+		// Once the caller has stopped waiting, the release gets a grace
+		// period, enough for a database that answers; one that does not
+		// would otherwise hold Shutdown for LeaseTTL past ctx.
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.LeaseTTL)
 		defer cancel()
+		if ctx.Err() != nil {
+			rctx, cancel = context.WithTimeout(rctx, releaseGrace)
+			defer cancel()
+		} else {
+			defer context.AfterFunc(ctx, func() { time.AfterFunc(releaseGrace, cancel) })()
+		}
 		if r.release(rctx) {
 			r.log.Info("outbox relay stopped; leases released")
 		}
