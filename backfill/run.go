@@ -282,7 +282,7 @@ func (r *runner) prepare(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("backfill: %s: %w", r.j.Name, err)
 	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
+	defer rollback(ctx, tx)
 	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('dimmer.backfill.job/' || $1, 0))`, b.schema+"/"+r.j.Name); err != nil {
 		return false, fmt.Errorf("backfill: %s: %w", r.j.Name, err)
 	}
@@ -416,7 +416,9 @@ func (r *runner) work(ctx context.Context, w *worker) error {
 		case errors.Is(err, errPaused):
 			r.release(ctx, l)
 		case err != nil:
-			r.release(context.WithoutCancel(ctx), l)
+			rctx, cancel := detached(ctx)
+			r.release(rctx, l)
+			cancel()
 			return err
 		}
 	}
@@ -589,7 +591,7 @@ func (r *runner) chunk(ctx context.Context, w *worker, l *lease, size int) (n in
 	if err != nil {
 		return 0, false, err
 	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
+	defer rollback(ctx, tx)
 	// Renew the lease and lock the range row for the chunk: a worker taking
 	// the range over waits for this chunk, and a stale token aborts it.
 	// The range's end is read again: a stealer may have split it (under
@@ -662,7 +664,7 @@ WHERE job = $1 AND id = $2 AND token = $3 RETURNING hi, (SELECT paused FROM `+b.
 		if err != nil {
 			return 0, false, err
 		}
-		defer tx.Rollback(context.WithoutCancel(ctx))
+		defer rollback(ctx, tx)
 	}
 	if err != nil {
 		return 0, false, err

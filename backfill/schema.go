@@ -109,7 +109,7 @@ func (b *Backfiller) Install(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("backfill: install: %w", err)
 	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
+	defer rollback(ctx, tx)
 	steps := []string{
 		`SELECT pg_advisory_xact_lock(hashtextextended('dimmer.backfill.install/' || $1, 0))`,
 		`CREATE SCHEMA IF NOT EXISTS ` + pgx.Identifier{b.schema}.Sanitize(),

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -52,7 +53,7 @@ func (s *session) connLocked(ctx context.Context) (*pgx.Conn, error) {
 		return s.conn, nil
 	}
 	if s.conn != nil {
-		_ = s.conn.Close(context.WithoutCancel(ctx))
+		s.closeConn(ctx)
 		s.conn = nil
 		clear(s.held)
 	}
@@ -109,7 +110,9 @@ func (s *session) unlock(ctx context.Context, id int) {
 	if s.conn == nil || s.broken {
 		return
 	}
-	if _, err := s.conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, s.lockKey(id)); err != nil {
+	uctx, cancel := detached(ctx)
+	defer cancel()
+	if _, err := s.conn.Exec(uctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, s.lockKey(id)); err != nil {
 		s.broken = true
 		s.b.logger.Warn("backfill: unlock range", "job", s.job, "range", id, "err", err)
 	}
@@ -120,8 +123,34 @@ func (s *session) close(ctx context.Context) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn != nil {
-		_ = s.conn.Close(context.WithoutCancel(ctx))
+		s.closeConn(ctx)
 		s.conn = nil
 	}
 	clear(s.held)
+}
+
+// closeConn closes the session's connection, within cleanupTimeout
+// whatever ctx's state.
+func (s *session) closeConn(ctx context.Context) {
+	cctx, cancel := detached(ctx)
+	defer cancel()
+	_ = s.conn.Close(cctx)
+}
+
+// cleanupTimeout bounds what is still done after ctx ended (a rollback,
+// an unlock, a lease release): a database that does not answer would
+// otherwise hold Run for ever after its ctx. What is not done then is
+// done by the session's end (its locks) or the lease's expiry.
+const cleanupTimeout = 2 * time.Second
+
+// detached is ctx without its cancellation, bounded by cleanupTimeout.
+func detached(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+}
+
+// rollback ends tx, also after ctx ended, within cleanupTimeout.
+func rollback(ctx context.Context, tx pgx.Tx) {
+	rctx, cancel := detached(ctx)
+	defer cancel()
+	_ = tx.Rollback(rctx)
 }
