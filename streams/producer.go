@@ -235,8 +235,14 @@ func (p *Producer) Produce(ctx context.Context, rec *kgo.Record) (Origin, error)
 			p.enqueueCopy(second, copyOf(p.topic, r, o), o)
 		}
 	})
-	res := <-ch
-	return res.o, res.err
+	// franz-go's ctx bounds only the wait for buffer room: once sent, a
+	// record waits for a broker that may never answer.
+	select {
+	case res := <-ch:
+		return res.o, res.err
+	case <-ctx.Done():
+		return Origin{}, fmt.Errorf("streams: produce to the %s cluster: %w (the record may still be written, and then copied)", auth, ctx.Err())
+	}
 }
 
 func (p *Producer) enqueueCopy(target flags.Side, cp *kgo.Record, o Origin) {
