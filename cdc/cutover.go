@@ -495,6 +495,15 @@ func (f *Fence) where(ctx context.Context) (string, error) {
 	return fmt.Sprintf("%s in %s of database %s on cluster %s", f.cfg.Migration, f.table, db, cluster), nil
 }
 
+// settleTimeout bounds what a cutover still does once its ctx ended or its
+// pause ran out (roll back or commit the fence, read the stage back): on a
+// database that stopped answering it would otherwise never return.
+const settleTimeout = 2 * time.Second
+
+func settling(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+}
+
 func (f *flip) run(ctx context.Context) (CutoverResult, error) {
 	migration := f.fence.cfg.Migration
 	req := flags.Request{Migration: migration, Stage: f.stage, Actor: f.actor, Reason: f.reason}
@@ -521,11 +530,13 @@ func (f *flip) run(ctx context.Context) (CutoverResult, error) {
 		if committed {
 			return
 		}
-		_ = tx.Rollback(context.WithoutCancel(ctx))
+		sctx, cancel := settling(ctx)
+		defer cancel()
+		_ = tx.Rollback(sctx)
 		res.Pause = time.Since(start)
 		if otherOpened && f.recut {
 			// Nobody was sent to the other side: keep it fenced as it was.
-			_ = f.other.cut(context.WithoutCancel(ctx))
+			_ = f.other.cut(sctx)
 		}
 	}()
 	tag, err := tx.Exec(pctx, `UPDATE `+f.fence.table+` SET state = 'cut', changed_at = now() WHERE migration = $1 AND state = 'open'`, migration)
@@ -550,7 +561,9 @@ func (f *flip) run(ctx context.Context) (CutoverResult, error) {
 	if err != nil {
 		// The swap may have landed before the error: the stored state
 		// decides whether it did.
-		cur, lerr := f.ctl.Store().Load(context.WithoutCancel(ctx), migration)
+		sctx, cancel := settling(ctx)
+		cur, lerr := f.ctl.Store().Load(sctx, migration)
+		cancel()
 		if lerr != nil || cur.Revision == t.From.Revision {
 			return res, fmt.Errorf("cdc: %s %s: flip the stage: %w", f.what, migration, err)
 		}
@@ -558,7 +571,9 @@ func (f *flip) run(ctx context.Context) (CutoverResult, error) {
 	}
 	res.Flip = time.Since(start) - res.Drain - res.CatchUp
 	res.State = st
-	if err := tx.Commit(context.WithoutCancel(ctx)); err != nil {
+	sctx, cancelCommit := settling(ctx)
+	defer cancelCommit()
+	if err := tx.Commit(sctx); err != nil {
 		committed = true // nothing left to undo: the stage moved
 		return res, fmt.Errorf("cdc: %s %s: stage is %s but the fence in %s was released open: keep the sync running (it carries the writes made since) and check the fence: %w", f.what, migration, st, f.fence.table, err)
 	}
