@@ -19,6 +19,11 @@
 // schema of its own (see there), so the same tests run on a server where
 // the test user cannot create databases.
 //
+// [NewHangingProxy] stands between a client and a server on loopback and,
+// once told to [HangingProxy.Hang], stops answering without closing
+// anything: how a test shows that a call returns at its ctx when the
+// database or broker goes quiet mid-run.
+//
 // When a server does not answer, the test is skipped, unless CI=true, where it
 // fails: `make test` always starts the servers, so a skip there would hide a
 // broken set-up.
