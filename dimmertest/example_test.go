@@ -2,7 +2,9 @@ package dimmertest_test
 
 import (
 	"context"
+	"errors"
 	"testing"
+	"time"
 
 	"github.com/dimmer-dev/dimmer/dimmertest"
 )
@@ -34,5 +36,25 @@ func ExampleDatabase() {
 	pool := dimmertest.Pool(t, dimmertest.Database(t))
 	if err := pool.Ping(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// ExampleNewHangingProxy shows that a call returns at its ctx when the
+// database stops answering mid-run: the pool reaches the server through the
+// proxy, which then hangs.
+func ExampleNewHangingProxy() {
+	var t *testing.T // func TestReadGivesUpOnAHungDatabase(t *testing.T) {
+	ctx := context.Background()
+	proxy := dimmertest.NewHangingProxy(t, "127.0.0.1:5432")
+	pool := dimmertest.Pool(t, proxy.URL(t, dimmertest.PostgresURL()))
+	t.Cleanup(proxy.Close) // before the pool's own: pgx gives a cancelled connection 15 s to close
+	if err := pool.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	proxy.Hang()
+	qctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := pool.Ping(qctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("want the ctx's deadline, got %v", err)
 	}
 }
