@@ -78,6 +78,10 @@ type Producer struct {
 	wake    chan struct{}
 	closed  bool
 	done    chan struct{}
+	// recording is the repair recorder's context; Close cancels it when
+	// its own ctx ends, and what is unrecorded then is logged whole.
+	recording     context.Context
+	stopRecording context.CancelFunc
 }
 
 type laneKey struct {
@@ -152,6 +156,7 @@ func NewProducer(migration, topic string, source StageSource, old, new []kgo.Opt
 	}
 	p := &Producer{migration: migration, topic: topic, source: source, cfg: cfg, lanes: map[laneKey]*lane{}, done: make(chan struct{})}
 	p.wake = make(chan struct{}, 1)
+	p.recording, p.stopRecording = context.WithCancel(context.Background())
 	durable := []kgo.Opt{kgo.RequiredAcks(kgo.AllISRAcks()), kgo.DefaultProduceTopic(topic), kgo.ProducerLinger(0)}
 	for side, o := range map[flags.Side][]kgo.Opt{flags.Old: old, flags.New: new} {
 		prim, err := kgo.NewClient(append(append([]kgo.Opt(nil), o...), durable...)...)
@@ -339,7 +344,6 @@ func (p *Producer) expireLocked(now time.Time) {
 // is unavailable, and takes lanes out of repair mode once the log is empty.
 func (p *Producer) recordRepairs() {
 	defer close(p.done)
-	ctx := context.Background()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	lastCheck := time.Now()
@@ -358,7 +362,11 @@ func (p *Producer) recordRepairs() {
 		p.mu.Unlock()
 
 		if next != nil {
-			err := p.cfg.log.Record(ctx, next.r)
+			// Each attempt is bounded: a log that does not answer is
+			// retried like one that fails.
+			rctx, cancel := context.WithTimeout(p.recording, recordTimeout)
+			err := p.cfg.log.Record(rctx, next.r)
+			cancel()
 			p.mu.Lock()
 			switch {
 			case err == nil:
@@ -378,7 +386,9 @@ func (p *Producer) recordRepairs() {
 		}
 		if repairing && time.Since(lastCheck) >= p.cfg.healCheck {
 			lastCheck = time.Now()
-			p.heal(ctx)
+			hctx, cancel := context.WithTimeout(p.recording, recordTimeout)
+			p.heal(hctx)
+			cancel()
 		}
 		select {
 		case <-p.wake:
@@ -481,8 +491,12 @@ func (p *Producer) Flush(ctx context.Context) error {
 	}
 }
 
+// recordTimeout bounds one attempt to record a repair.
+const recordTimeout = 5 * time.Second
+
 // Close flushes (bounded by ctx), then stops: copies still unsettled become
-// repairs, and repairs that cannot be recorded are logged with the record.
+// repairs, and repairs that cannot be recorded (within a second of ctx's
+// end, on a log that does not answer) are logged with the record.
 func (p *Producer) Close(ctx context.Context) error {
 	ferr := p.Flush(ctx)
 	p.mu.Lock()
@@ -508,7 +522,12 @@ func (p *Producer) Close(ctx context.Context) error {
 	p.closed = true
 	p.mu.Unlock()
 	p.signal()
+	// The repairs still to record get a second past ctx: enough for a
+	// log that answers, and Close stays bounded on one that does not.
+	stop := context.AfterFunc(ctx, func() { time.AfterFunc(time.Second, p.stopRecording) })
 	<-p.done
+	stop()
+	p.stopRecording()
 	p.closeClients()
 	return ferr
 }
