@@ -478,14 +478,10 @@ func (r *Relay) Shutdown(ctx context.Context) error {
 		// Once the caller has stopped waiting, the release gets a grace
 		// period, enough for a database that answers; one that does not
 		// would otherwise hold Shutdown for LeaseTTL past ctx.
+		// (AfterFunc on a ctx that has ended already runs at once.)
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.LeaseTTL)
 		defer cancel()
-		if ctx.Err() != nil {
-			rctx, cancel = context.WithTimeout(rctx, releaseGrace)
-			defer cancel()
-		} else {
-			defer context.AfterFunc(ctx, func() { time.AfterFunc(releaseGrace, cancel) })()
-		}
+		defer context.AfterFunc(ctx, func() { time.AfterFunc(releaseGrace, cancel) })()
 		if r.release(rctx) {
 			r.log.Info("outbox relay stopped; leases released")
 		}

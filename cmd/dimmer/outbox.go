@@ -207,7 +207,7 @@ func (c *cli) runRelay(cmd *cobra.Command, o *outboxOpts, ro *relayOpts) error {
 	relay, err := ob.NewRelay(pool, pub, cfg)
 	if err != nil {
 		if errors.Is(err, outbox.ErrInvalidConfig) {
-			return usageError{relayFlags.explain(err)}
+			return relayFlags.explain(usageError{err})
 		}
 		return err
 	}
