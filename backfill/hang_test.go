@@ -2,11 +2,9 @@ package backfill_test
 
 import (
 	"context"
-	"net/url"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -22,18 +20,7 @@ func TestRunReturnsWhenDatabaseHangs(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.orders(t, "id bigint", "id", `(id, amount, note) SELECT g, g, 'n' || g FROM generate_series(1, 5000) g`)
-	target, err := url.Parse(dimmertest.PostgresURL())
-	require.NoError(t, err)
-	p := dimmertest.NewHangingProxy(t, target.Host)
-	cfg, err := pgxpool.ParseConfig(p.URL(t, dimmertest.PostgresURL()))
-	require.NoError(t, err)
-	cfg.ConnConfig.RuntimeParams["search_path"] = e.schema
-	pool, err := pgxpool.NewWithConfig(tctx(t), cfg)
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		p.Close() // first: pgx gives a cancelled connection 15 s to close
-		pool.Close()
-	})
+	p, pool := dimmertest.HangingPool(t, e.schema)
 	store, err := pgflags.NewStore(pool, pgflags.WithSchema(e.schema))
 	require.NoError(t, err)
 	bf, err := backfill.New(pool, backfill.WithSchema(e.schema), backfill.WithFlagStore(store))

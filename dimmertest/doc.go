@@ -22,7 +22,8 @@
 // [NewHangingProxy] stands between a client and a server on loopback and,
 // once told to [HangingProxy.Hang], stops answering without closing
 // anything: how a test shows that a call returns at its ctx when the
-// database or broker goes quiet mid-run.
+// database or broker goes quiet mid-run. [HangingPool] opens a pool on the
+// test database through one.
 //
 // When a server does not answer, the test is skipped, unless CI=true, where it
 // fails: `make test` always starts the servers, so a skip there would hide a

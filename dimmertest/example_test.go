@@ -39,15 +39,13 @@ func ExampleDatabase() {
 	}
 }
 
-// ExampleNewHangingProxy shows that a call returns at its ctx when the
-// database stops answering mid-run: the pool reaches the server through the
+// ExampleHangingPool shows that a call returns at its ctx when the
+// database stops answering mid-run: the pool reaches the server through a
 // proxy, which then hangs.
-func ExampleNewHangingProxy() {
+func ExampleHangingPool() {
 	var t *testing.T // func TestReadGivesUpOnAHungDatabase(t *testing.T) {
 	ctx := context.Background()
-	proxy := dimmertest.NewHangingProxy(t, "127.0.0.1:5432")
-	pool := dimmertest.Pool(t, proxy.URL(t, dimmertest.PostgresURL()))
-	t.Cleanup(proxy.Close) // before the pool's own: pgx gives a cancelled connection 15 s to close
+	proxy, pool := dimmertest.HangingPool(t, "")
 	if err := pool.Ping(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -2,10 +2,14 @@ package dimmertest
 
 import (
 	"net"
-	"net/url"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/dimmer-dev/dimmer/internal/connstr"
 )
 
 // HangingProxy forwards loopback connections to a server until [HangingProxy.Hang];
@@ -55,23 +59,42 @@ func NewHangingProxy(t testing.TB, target string) *HangingProxy {
 // Addr is the proxy's host:port.
 func (p *HangingProxy) Addr() string { return p.ln.Addr().String() }
 
-// URL is u (a URL of the target) with its host replaced by the proxy's.
-func (p *HangingProxy) URL(t testing.TB, u string) string {
+// HangingPool opens a pool on DIMMER_POSTGRES_URL's database through a
+// [HangingProxy] of its own, with search_path set to schema (unless ""). It
+// connects lazily, so a proxy hung at once is a database that never
+// answered. When the test ends the proxy is closed before the pool: pgx
+// gives a connection whose statement was cancelled 15 s to close on a
+// server that does not answer.
+func HangingPool(t testing.TB, schema string) (*HangingProxy, *pgxpool.Pool) {
 	t.Helper()
-	pu, err := url.Parse(u)
+	cfg, err := pgxpool.ParseConfig(PostgresURL())
 	if err != nil {
-		t.Fatalf("hanging proxy: %v", err)
+		t.Fatalf("DIMMER_POSTGRES_URL: %v", connstr.ParseError(err))
 	}
-	pu.Host = p.Addr()
-	return pu.String()
+	p := NewHangingProxy(t, net.JoinHostPort(cfg.ConnConfig.Host, strconv.Itoa(int(cfg.ConnConfig.Port))))
+	host, port, _ := net.SplitHostPort(p.Addr())
+	portN, _ := strconv.Atoi(port)
+	cfg.ConnConfig.Host, cfg.ConnConfig.Port = host, uint16(portN)
+	cfg.ConnConfig.Fallbacks = nil
+	if schema != "" {
+		cfg.ConnConfig.RuntimeParams["search_path"] = schema
+	}
+	pool, err := pgxpool.NewWithConfig(ctx(t), cfg)
+	if err != nil {
+		t.Fatalf("open pool: %v", err)
+	}
+	t.Cleanup(func() {
+		p.Close()
+		pool.Close()
+	})
+	return p, pool
 }
 
 // Hang stops all forwarding, for good.
 func (p *HangingProxy) Hang() { p.hung.Store(true) }
 
 // Close closes the listener and every connection: a client's next read
-// fails at once. Clients that close after a cancelled statement (pgx gives
-// such a connection 15 s) should be closed after the proxy.
+// fails at once.
 func (p *HangingProxy) Close() {
 	p.ln.Close()
 	p.mu.Lock()

@@ -2,29 +2,15 @@ package outbox_test
 
 import (
 	"context"
-	"net/url"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/dimmer-dev/dimmer/dimmertest"
 	"github.com/dimmer-dev/dimmer/outbox"
 )
-
-// poolThrough opens a pool on the test database through p, closed after
-// p when the test ends (see [dimmertest.HangingProxy.Close]).
-func poolThrough(t *testing.T, p *dimmertest.HangingProxy) *pgxpool.Pool {
-	pool, err := pgxpool.New(context.Background(), p.URL(t, dimmertest.PostgresURL()))
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		p.Close()
-		pool.Close()
-	})
-	return pool
-}
 
 // TestShutdownBoundedOnMuteDatabase: Shutdown returns about when its ctx
 // ends although the database stopped answering, whether it hung from the
@@ -33,16 +19,13 @@ func poolThrough(t *testing.T, p *dimmertest.HangingProxy) *pgxpool.Pool {
 func TestShutdownBoundedOnMuteDatabase(t *testing.T) {
 	t.Parallel()
 	_, o := setup(t, outbox.Config{Buckets: 4})
-	target, err := url.Parse(dimmertest.PostgresURL())
-	require.NoError(t, err)
 	pub := outbox.PublisherFunc(func(_ context.Context, b []outbox.Record) []error { return make([]error, len(b)) })
 
 	for _, muteFromStart := range []bool{true, false} {
-		p := dimmertest.NewHangingProxy(t, target.Host)
+		p, pool := dimmertest.HangingPool(t, "")
 		if muteFromStart {
 			p.Hang()
 		}
-		pool := poolThrough(t, p)
 		r, err := o.NewRelay(pool, pub, outbox.RelayConfig{PollInterval: 20 * time.Millisecond, Logger: quiet(t)})
 		require.NoError(t, err)
 		ran := make(chan error, 1)
@@ -80,9 +63,9 @@ func TestShutdownBoundedOnMuteDatabase(t *testing.T) {
 
 	// Shutdown before Run got going: Run stops at once rather than wait
 	// on the database for ever.
-	p := dimmertest.NewHangingProxy(t, target.Host)
+	p, pool := dimmertest.HangingPool(t, "")
 	p.Hang()
-	r, err := o.NewRelay(poolThrough(t, p), pub, outbox.RelayConfig{Logger: quiet(t)})
+	r, err := o.NewRelay(pool, pub, outbox.RelayConfig{Logger: quiet(t)})
 	require.NoError(t, err)
 	require.NoError(t, r.Shutdown(context.Background()))
 	ran := make(chan error, 1)
