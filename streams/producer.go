@@ -240,14 +240,11 @@ func (p *Producer) Produce(ctx context.Context, rec *kgo.Record) (Origin, error)
 			p.enqueueCopy(second, copyOf(p.topic, r, o), o)
 		}
 	})
-	// franz-go's ctx bounds only the wait for buffer room: once sent, a
-	// record waits for a broker that may never answer.
-	select {
-	case res := <-ch:
-		return res.o, res.err
-	case <-ctx.Done():
-		return Origin{}, fmt.Errorf("streams: produce to the %s cluster: %w (the record may still be written, and then copied)", auth, ctx.Err())
-	}
+	// As franz-go's ProduceSync, the answer is the broker's: ctx bounds
+	// the wait for buffer room, and a record sent is waited for, so that
+	// an acknowledged record is never reported as failed.
+	res := <-ch
+	return res.o, res.err
 }
 
 func (p *Producer) enqueueCopy(target flags.Side, cp *kgo.Record, o Origin) {
